@@ -1,0 +1,42 @@
+"""Atomic output folders: build beside the target, rename into place only on success."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import InputError
+
+
+class AtomicDir:
+    """Context manager yielding a temp dir beside `target`; on success it replaces `target`, on error it is removed.
+
+    A non-empty existing `target` is refused unless `force` (so a finished output is never half-overwritten).
+    """
+
+    def __init__(self, target: str | Path, force: bool = False):
+        self.target = Path(target)
+        self.force = force
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())) and not self.force:
+            raise InputError(f"{self.target} exists and is not empty.\nHint: pass --force to replace it, or choose another folder.")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            os.replace(self.target, old / "x")
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.target)

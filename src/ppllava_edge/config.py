@@ -1,0 +1,395 @@
+"""Model configuration read from a released checkpoint's config.json (no torch).
+
+The released PPLLaVA Vicuna checkpoints store a LLaVA-NeXT style config.json: top-level PPLLaVA keys
+(`pooling`, `pooling_kernel`, `extend_clip`, `clip_weight`, `btadapter`, ...), a `vision_config` and a
+`text_config` that record only the values that differ from the HF class defaults. Missing values are
+filled with the defaults of transformers' `CLIPVisionConfig` / `LlamaConfig`, exactly as
+`from_pretrained` does, so a real checkpoint gets the real dims.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# Known config of the separate CLIP model named by `clip_weight` in the released checkpoints
+# (openai/clip-vit-large-patch14-336), kept here so no hub access is needed.
+OPENAI_CLIP_L14_336 = {
+    "text_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "eos_token_id": 2,
+        "projection_dim": 768,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 768,
+    },
+    "projection_dim": 768,
+    "logit_scale_init_value": 2.6592,
+}
+KNOWN_CLIP_CONFIGS = {"openai/clip-vit-large-patch14-336": OPENAI_CLIP_L14_336}
+
+# Defaults of transformers' config classes for the keys a LLaVA-NeXT config.json may omit.
+_CLIP_VISION_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "num_channels": 3,
+}
+_LLAMA_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": None,
+}
+
+CLIP_KEEP_LEN = 20  # positions < 20 use `position_embedding`, >= 20 `position_embedding_res` (§5)
+EXTENDED_CLIP_LEN = 248  # 4 * 77 - 3 * 20
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    hidden_act: str
+    layer_norm_eps: float
+    btadapter_depth: int
+    max_t: int
+    num_channels: int = 3
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class ClipTextConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int  # of the original table (77); the extended table has `context_length` rows
+    vocab_size: int
+    hidden_act: str
+    layer_norm_eps: float
+    eos_token_id: int
+    projection_dim: int
+    clip_vision_hidden_size: int  # width of `clip_visual_ln` / input of `clip_visual_projection`
+    context_length: int  # 248 with extend_clip, else max_position_embeddings
+
+
+@dataclass(frozen=True)
+class LlamaTextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    hidden_act: str
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int | None
+    extra: dict = field(default_factory=dict)  # other keys, passed through to LlamaConfig
+
+    @property
+    def head_dim(self) -> int:
+        return self.extra.get("head_dim") or self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class PPLLaVAConfig:
+    vision: VisionConfig
+    clip_text: ClipTextConfig
+    text: LlamaTextConfig
+    pooling_kernel: tuple[int, int, int]
+    pooling_stride: tuple[int, int, int]
+    image_pooling_kernel: tuple[int, int, int]
+    image_pooling_stride: tuple[int, int, int]
+    frame_shape: tuple[int, int]
+    pooling_temp: float
+    extend_clip: bool
+    clip_weight: str
+    vision_feature_layer: int
+    image_token_index: int
+    pad_token_id: int
+    projector_hidden_act: str
+    use_image_newline_parameter: bool
+    torch_dtype: str
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def max_frames(self) -> int:
+        return self.vision.max_t
+
+    def visual_tokens(self, num_frames: int) -> int:
+        """Number of pooled visual tokens for a video of `num_frames` frames (no newline)."""
+        kt, kh, kw = self.pooling_kernel
+        st, sh, sw = self.pooling_stride
+        h, w = self.frame_shape
+        t_out = (num_frames - kt) // st + 1 if num_frames >= kt else 0
+        return t_out * ((h - kh) // sh + 1) * ((w - kw) // sw + 1)
+
+    def image_tokens(self) -> int:
+        """Pooled tokens for one image tile, plus the `image_newline` row."""
+        kt, kh, kw = self.image_pooling_kernel
+        st, sh, sw = self.image_pooling_stride
+        h, w = self.frame_shape
+        return ((h - kh) // sh + 1) * ((w - kw) // sw + 1) + (1 if self.use_image_newline_parameter else 0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+def _triple(value: Any, name: str) -> tuple[int, int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ConfigError(f"config.json: '{name}' must be a list of 3 ints, got {value!r}")
+    return tuple(int(v) for v in value)  # type: ignore[return-value]
+
+
+def _filled(section: dict, defaults: dict) -> dict:
+    out = dict(defaults)
+    out.update({k: v for k, v in section.items() if v is not None or k not in defaults})
+    return out
+
+
+def resolve_clip_config(clip_weight: str, checkpoint_dir: Path | None) -> dict:
+    """Hyper-parameters of the separate CLIP model named by `clip_weight`.
+
+    A known hub id uses the copy kept in this package; a folder (relative to the checkpoint folder
+    or absolute) is read from its config.json, which is how users point at a local copy offline.
+    """
+    candidates = []
+    if checkpoint_dir is not None:
+        candidates.append(Path(checkpoint_dir) / clip_weight)
+    candidates.append(Path(clip_weight))
+    for folder in candidates:
+        cfg = folder / "config.json"
+        if folder.is_dir() and cfg.is_file():
+            try:
+                return json.loads(cfg.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{cfg}: not valid JSON ({exc})") from exc
+    if clip_weight in KNOWN_CLIP_CONFIGS:
+        return KNOWN_CLIP_CONFIGS[clip_weight]
+    raise ConfigError(
+        f"clip_weight {clip_weight!r} is neither a known CLIP model "
+        f"({', '.join(KNOWN_CLIP_CONFIGS)}) nor a folder with a config.json "
+        f"(looked in: {', '.join(str(c) for c in candidates)}).\n"
+        "Hint: point clip_weight at a local copy of the CLIP model's folder (config.json is enough)."
+    )
+
+
+def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVAConfig:
+    """Build a PPLLaVAConfig from a released config.json dict.
+
+    Raises:
+        ConfigError: legacy keys (`long_clip`, pooling `clipST_3d`), unsupported pooling, bad values.
+    """
+    if "long_clip" in raw:
+        raise ConfigError(
+            "config.json uses the legacy key 'long_clip' (first upload of the PPLLaVA weights).\n"
+            "Hint: rename 'long_clip' to 'extend_clip' in config.json, as the current release does."
+        )
+    pooling = raw.get("pooling", "avp")
+    if pooling == "clipST_3d":
+        raise ConfigError(
+            "config.json has the legacy value \"pooling\": \"clipST_3d\".\n"
+            "Hint: rename it to \"pooling\": \"ppllava\", as the current release does."
+        )
+    if pooling != "ppllava":
+        raise ConfigError(
+            f"config.json: pooling={pooling!r} is not supported; ppllava-edge runs the prompt-guided "
+            "pooling model (\"pooling\": \"ppllava\")."
+        )
+    if not raw.get("btadapter", False):
+        raise ConfigError("config.json: btadapter is false; only the BT-Adapter vision tower of the released Vicuna checkpoints is supported.")
+    model_type = raw.get("model_type", "llava_next")
+    if model_type != "llava_next":
+        raise ConfigError(f"config.json: model_type {model_type!r} is not supported (expected 'llava_next', the Vicuna/CLIP release).")
+    if raw.get("pllava_pooling_shape") is not None:
+        raise ConfigError("config.json: pllava_pooling_shape is set; only kernel/stride pooling (the released setting) is supported.")
+
+    vraw = _filled(raw.get("vision_config", {}), _CLIP_VISION_DEFAULTS)
+    depth = int(raw.get("btadapter_depth", vraw.get("depth", 4)))
+    max_t = int(raw.get("max_T", vraw.get("max_T", 64)))
+    vision = VisionConfig(
+        hidden_size=int(vraw["hidden_size"]),
+        intermediate_size=int(vraw["intermediate_size"]),
+        num_hidden_layers=int(vraw["num_hidden_layers"]),
+        num_attention_heads=int(vraw["num_attention_heads"]),
+        image_size=int(vraw["image_size"]),
+        patch_size=int(vraw["patch_size"]),
+        hidden_act=str(vraw["hidden_act"]),
+        layer_norm_eps=float(vraw["layer_norm_eps"]),
+        btadapter_depth=depth,
+        max_t=max_t,
+        num_channels=int(vraw.get("num_channels", 3)),
+    )
+    if depth < 1 or depth > vision.num_hidden_layers:
+        raise ConfigError(f"config.json: btadapter_depth={depth} must be in 1..{vision.num_hidden_layers}")
+    layer = int(raw.get("vision_feature_layer", -2))
+    if layer != -2:
+        raise ConfigError(f"config.json: vision_feature_layer={layer}; only -2 (the released value) is supported.")
+    if raw.get("vision_feature_select_strategy", "default") != "default":
+        raise ConfigError("config.json: vision_feature_select_strategy must be 'default' (drop CLS).")
+
+    traw = _filled(raw.get("text_config", {}), _LLAMA_DEFAULTS)
+    if traw.get("num_key_value_heads") is None:
+        traw["num_key_value_heads"] = traw["num_attention_heads"]
+    known = set(_LLAMA_DEFAULTS)
+    extra = {k: v for k, v in traw.items() if k not in known and k not in {"architectures", "_name_or_path", "model_type", "torch_dtype"}}
+    text = LlamaTextConfig(
+        vocab_size=int(traw["vocab_size"]),
+        hidden_size=int(traw["hidden_size"]),
+        intermediate_size=int(traw["intermediate_size"]),
+        num_hidden_layers=int(traw["num_hidden_layers"]),
+        num_attention_heads=int(traw["num_attention_heads"]),
+        num_key_value_heads=int(traw["num_key_value_heads"]),
+        hidden_act=str(traw["hidden_act"]),
+        max_position_embeddings=int(traw["max_position_embeddings"]),
+        rms_norm_eps=float(traw["rms_norm_eps"]),
+        rope_theta=float(traw.get("rope_theta", 10000.0)),
+        tie_word_embeddings=bool(traw["tie_word_embeddings"]),
+        attention_bias=bool(traw["attention_bias"]),
+        mlp_bias=bool(traw["mlp_bias"]),
+        bos_token_id=int(traw["bos_token_id"]),
+        eos_token_id=int(traw["eos_token_id"]),
+        pad_token_id=traw["pad_token_id"],
+        extra=extra,
+    )
+
+    extend_clip = bool(raw.get("extend_clip", False))
+    clip_weight = raw.get("clip_weight")
+    if not clip_weight:
+        raise ConfigError("config.json: 'clip_weight' is missing; it names the CLIP model whose text encoder the projector holds.")
+    craw = resolve_clip_config(str(clip_weight), checkpoint_dir)
+    ct = _filled(craw.get("text_config", {}), OPENAI_CLIP_L14_336["text_config"])
+    cv = _filled(craw.get("vision_config", {}), OPENAI_CLIP_L14_336["vision_config"])
+    n_pos = int(ct["max_position_embeddings"])
+    clip_text = ClipTextConfig(
+        hidden_size=int(ct["hidden_size"]),
+        intermediate_size=int(ct["intermediate_size"]),
+        num_hidden_layers=int(ct["num_hidden_layers"]),
+        num_attention_heads=int(ct["num_attention_heads"]),
+        max_position_embeddings=n_pos,
+        vocab_size=int(ct["vocab_size"]),
+        hidden_act=str(ct["hidden_act"]),
+        layer_norm_eps=float(ct["layer_norm_eps"]),
+        eos_token_id=int(ct.get("eos_token_id", 2)),
+        projection_dim=int(craw.get("projection_dim", ct.get("projection_dim", 768))),
+        clip_vision_hidden_size=int(cv["hidden_size"]),
+        context_length=4 * n_pos - 3 * CLIP_KEEP_LEN if extend_clip else n_pos,
+    )
+
+    kernel = _triple(raw.get("pooling_kernel"), "pooling_kernel")
+    stride = _triple(raw.get("pooling_stride", kernel), "pooling_stride")
+    ikernel = _triple(raw.get("image_pooling_kernel") or kernel, "image_pooling_kernel")
+    istride = _triple(raw.get("image_pooling_stride") or ikernel, "image_pooling_stride")
+    frame_shape = tuple(int(v) for v in raw.get("frame_shape", (vision.grid, vision.grid)))
+    if frame_shape != (vision.grid, vision.grid):
+        raise ConfigError(
+            f"config.json: frame_shape {list(frame_shape)} does not match the vision patch grid "
+            f"{vision.grid}x{vision.grid} (image_size {vision.image_size} / patch_size {vision.patch_size})."
+        )
+    for name, k, s in (("pooling", kernel, stride), ("image_pooling", ikernel, istride)):
+        if k != s:
+            raise ConfigError(f"config.json: {name}_kernel {list(k)} != {name}_stride {list(s)}; only kernel == stride is supported.")
+        if frame_shape[0] % k[1] or frame_shape[1] % k[2]:
+            raise ConfigError(f"config.json: patch grid {list(frame_shape)} is not divisible by {name}_kernel {list(k)}.")
+    if vision.hidden_size != clip_text.clip_vision_hidden_size:
+        raise ConfigError(
+            f"CLIP model config: vision hidden_size {clip_text.clip_vision_hidden_size} != the tower's "
+            f"{vision.hidden_size}; clip_visual_ln is applied to the tower's features."
+        )
+
+    return PPLLaVAConfig(
+        vision=vision,
+        clip_text=clip_text,
+        text=text,
+        pooling_kernel=kernel,
+        pooling_stride=stride,
+        image_pooling_kernel=ikernel,
+        image_pooling_stride=istride,
+        frame_shape=frame_shape,  # type: ignore[arg-type]
+        pooling_temp=float(raw.get("pooling_temp", 0.01)),
+        extend_clip=extend_clip,
+        clip_weight=str(clip_weight),
+        vision_feature_layer=layer,
+        image_token_index=int(raw.get("image_token_index", 32000)),
+        pad_token_id=int(raw.get("pad_token_id", 0) or 0),
+        projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
+        use_image_newline_parameter=bool(raw.get("use_image_newline_parameter", True)),
+        torch_dtype=str(raw.get("torch_dtype", "float32")),
+        raw=raw,
+    )
+
+
+def load_config(checkpoint_dir: str | Path) -> PPLLaVAConfig:
+    """Read `<checkpoint_dir>/config.json`."""
+    folder = Path(checkpoint_dir)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: not a checkpoint folder (no such directory).")
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing. A PPLLaVA checkpoint folder holds config.json, model.safetensors.index.json and the shards.")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    return config_from_dict(raw, folder)

@@ -1,0 +1,51 @@
+"""Exception hierarchy. The library raises these; only the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class PPLLaVAEdgeError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class MissingDependencyError(PPLLaVAEdgeError, ImportError):
+    """An optional dependency (an extra) is not installed."""
+
+
+class ConfigError(PPLLaVAEdgeError, ValueError):
+    """A config.json / manifest / option value is invalid."""
+
+
+class CheckpointError(PPLLaVAEdgeError):
+    """A checkpoint folder is missing files or tensors, or has unexpected ones."""
+
+
+class InputError(PPLLaVAEdgeError, ValueError):
+    """A user input (frames, question, array) is invalid."""
+
+
+class VideoError(InputError):
+    """A video or image file cannot be read or has no usable frames."""
+
+
+class TokenizerError(PPLLaVAEdgeError):
+    """Tokenizer files are missing or malformed."""
+
+
+class ExportError(PPLLaVAEdgeError):
+    """ONNX export failed."""
+
+
+class AccuracyError(PPLLaVAEdgeError):
+    """A parity / accuracy check failed."""
+
+
+class CalibrationError(PPLLaVAEdgeError):
+    """Calibration inputs are invalid."""
+
+
+class EngineBuildError(PPLLaVAEdgeError):
+    """A TensorRT engine could not be built or loaded."""
+
+
+class InferenceError(PPLLaVAEdgeError):
+    """Running a graph failed, or its inputs do not match its contract."""

@@ -1,0 +1,724 @@
+"""Reading videos and images, frame sampling and CLIP pixel preprocessing (no torch).
+
+Used by both the PyTorch reference and the torch-free runtime, so it imports only the standard
+library, numpy and Pillow at module top; PyAV (`av`) is imported inside the functions that need it.
+
+Sampling and preprocessing follow the authors' inference code (see ppllava-model.md §2):
+segment-centre frame indices, each frame squashed to S×S with bicubic resampling (no aspect ratio,
+no crop), then `x/255` and CLIP mean/std normalisation, giving float32 `[T, 3, S, S]`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ._deps import require
+from .errors import InputError, VideoError
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+"""Suffixes `input_kind` treats as still images. `.gif` is not one: PyAV reads it as a video."""
+
+MediaKind = Literal["video", "image", "npy"]
+DecodeStrategy = Literal["auto", "sequential", "seek"]
+
+# Decode-strategy rule (see `_choose_strategy`). Measured on this machine (2 CPUs, av 18.1.0,
+# libx264 default GOP 250 / closed GOP, 640x360):
+#   - demuxing packets (no decoding) costs ~0.5-1 % of decoding the same frames sequentially;
+#   - one seek (seek + decoder flush + restart at a keyframe) costs about as much as decoding
+#     SEEK_COST_FRAMES frames.
+# Clips up to SEQUENTIAL_MAX_FRAMES frames are always decoded sequentially: the demux pass that
+# the seek planner needs is not worth it there.
+SEEK_COST_FRAMES = 4
+SEQUENTIAL_MAX_FRAMES = 256
+SEEK_MIN_GAIN = 0.75  # seek only when its estimated cost is below this fraction of sequential
+
+_MARKER = 16  # side of each corner block that carries the frame index in `write_test_video`
+_MARKER_BASE = 16
+_MARKER_DIGITS = 3  # indices up to 16**3 - 1 = 4095 are encoded exactly
+
+
+# --------------------------------------------------------------------------------------------
+# Frame sampling
+
+
+def segment_centre_indices(num_total: int, num_frames: int) -> list[int]:
+    """Frame indices at segment centres, the authors' eval/demo rule (ppllava-model.md §2.1).
+
+    With `max_frame = num_total - 1` and `seg = max_frame / num_frames`, index k is
+    `int(seg / 2 + round(seg * k))` for k = 0..num_frames-1. `round` is Python's (banker's
+    rounding), exactly as in the authors' code, so results match theirs bit for bit.
+
+    Short clips: when `num_total < num_frames` the formula repeats frames (e.g. 3 frames, N = 8 →
+    [0, 0, 0, 1, 1, 1, 2, 2]), so T always equals `num_frames`. We ship this behaviour on purpose:
+    the model needs a fixed, even T. A one-frame clip gives `num_frames` copies of frame 0.
+
+    Args:
+        num_total: number of frames in the clip (>= 1).
+        num_frames: number of frames to sample, N (>= 1).
+
+    Returns:
+        `num_frames` non-decreasing indices, each in [0, num_total - 1].
+
+    Raises:
+        VideoError: `num_total < 1` (the clip has no frames).
+        InputError: `num_frames < 1`.
+    """
+    if int(num_frames) != num_frames or num_frames < 1:
+        raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if num_total < 1:
+        raise VideoError(f"Cannot sample {num_frames} frames from a clip with {num_total} frames")
+    max_frame = num_total - 1
+    seg = max_frame / num_frames
+    return [int(seg / 2 + round(seg * k)) for k in range(num_frames)]
+
+
+# --------------------------------------------------------------------------------------------
+# Video decoding
+
+
+@dataclass
+class VideoFrames:
+    """Frames sampled from a video.
+
+    Attributes:
+        frames: uint8 `[T, H, W, 3]` RGB, one row per entry of `indices`.
+        indices: the sampled frame indices (may repeat for clips shorter than T).
+        num_total: number of frames in the clip that `indices` were computed from.
+        fps: average frame rate from the container, or None when unknown.
+        path: the file read.
+        strategy: how the frames were decoded, "sequential" or "seek".
+    """
+
+    frames: np.ndarray
+    indices: list[int]
+    num_total: int
+    fps: float | None
+    path: str
+    strategy: str = field(default="sequential", compare=False)
+
+
+@dataclass(frozen=True)
+class _PacketIndex:
+    """Presentation timestamps of every video packet, sorted, and which positions are keyframes."""
+
+    pts: list[int]  # sorted; pts[k] is the presentation timestamp of frame k
+    keyframes: list[int]  # sorted frame positions k that start a decodable GOP
+
+
+class _NeedSequential(Exception):
+    """Internal: the seek path cannot guarantee the same frames as sequential decoding."""
+
+
+def _av() -> ModuleType:
+    return require("av", "video", "Reading video files")
+
+
+def _open_container(av: Any, path: str) -> Any:
+    """av.open with every failure mapped to a VideoError naming the file."""
+    try:
+        return av.open(path, mode="r", metadata_errors="ignore")
+    except av.error.FileNotFoundError as exc:
+        raise VideoError(f"Video file not found: {path}") from exc
+    except av.error.IsADirectoryError as exc:
+        raise VideoError(f"Video path is a directory, not a file: {path}") from exc
+    except av.error.PermissionError as exc:
+        raise VideoError(f"Video file is not readable (permission denied): {path}") from exc
+    except av.error.InvalidDataError as exc:
+        size = _file_size(path)
+        what = "is empty (0 bytes)" if size == 0 else "is corrupt or not a media file"
+        raise VideoError(f"Cannot open video {path}: the file {what}\nNote: {exc}") from exc
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError(f"Cannot open video {path}: {exc}") from exc
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _video_stream(container: Any, path: str) -> Any:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise VideoError(
+            f"No video stream in {path} (streams found: {', '.join(kinds)})"
+            + ("\nHint: this looks like an audio-only file" if kinds == ["audio"] else "")
+        )
+    stream = container.streams.video[0]
+    cc = stream.codec_context
+    if cc is None or getattr(cc, "codec", None) is None:
+        raise VideoError(f"Unsupported video codec in {path}: no decoder in this FFmpeg build")
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _decode_error(path: str, codec: str, position: int, exc: BaseException) -> VideoError:
+    return VideoError(
+        f"Decoding video {path} failed after {position} frames (codec {codec}): {exc}"
+        if position
+        else f"Cannot decode video {path} (codec {codec}): {exc}"
+    )
+
+
+def _codec_name(stream: Any) -> str:
+    try:
+        return str(stream.codec_context.name)
+    except Exception:  # noqa: BLE001 - only used in error messages
+        return "unknown"
+
+
+def _fps(stream: Any) -> float | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return float(rate)
+    return None
+
+
+def _demux_index(container: Any, stream: Any, path: str) -> _PacketIndex:
+    """Read every packet of `stream` without decoding; return sorted pts and keyframe positions."""
+    entries: list[tuple[int | None, bool]] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:  # flush packets / edit-list pre-roll
+                continue
+            entries.append((packet.pts, bool(packet.is_keyframe)))
+    except av_errors() as exc:
+        raise VideoError(f"Cannot read packets of video {path}: {exc}") from exc
+    if any(p is None for p, _ in entries):
+        return _PacketIndex(pts=[], keyframes=[])  # count is still len(entries) via a sentinel
+    entries.sort(key=lambda e: e[0])
+    pts = [p for p, _ in entries]
+    keyframes = [k for k, (_, key) in enumerate(entries) if key]
+    return _PacketIndex(pts=pts, keyframes=keyframes)
+
+
+def av_errors() -> tuple[type[BaseException], ...]:
+    """Exception types PyAV raises while reading (for `except`)."""
+    av = _av()
+    return (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+def _count_packets(container: Any, stream: Any, path: str) -> int:
+    n = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size and not packet.is_discard:
+                n += 1
+    except av_errors() as exc:
+        raise VideoError(f"Cannot read packets of video {path}: {exc}") from exc
+    return n
+
+
+def _to_rgb(frame: Any, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+
+
+def _decode_sequential(container: Any, stream: Any, wanted: list[int], path: str) -> tuple[dict[int, np.ndarray], int]:
+    """Decode from the start, keep the frames at `wanted` (sorted, unique), stop after the last.
+
+    Returns the kept frames and the number of frames decoded (== last + 1 unless the stream ended early).
+    """
+    wanted_set = set(wanted)
+    last = wanted[-1]
+    got: dict[int, np.ndarray] = {}
+    size: tuple[int, int] | None = None
+    i = -1
+    try:
+        for frame in container.decode(stream):
+            i += 1
+            if i in wanted_set:
+                if size is None:
+                    size = (frame.width, frame.height)
+                got[i] = _to_rgb(frame, size)
+            if i >= last:
+                break
+    except av_errors() as exc:
+        raise _decode_error(path, _codec_name(stream), i + 1, exc) from exc
+    return got, i + 1
+
+
+def _decode_seek(
+    container: Any, stream: Any, wanted: list[int], index: _PacketIndex, path: str
+) -> dict[int, np.ndarray]:
+    """Decode only the GOPs that hold `wanted` frames: seek to a target's keyframe unless the
+    decoder is already inside that GOP, then decode forward to the target's pts.
+
+    Raises _NeedSequential when a decoded pts does not match the packet index.
+    """
+    got: dict[int, np.ndarray] = {}
+    size: tuple[int, int] | None = None
+    frames_iter = None
+    pos = -1  # index of the last frame handed out by the decoder, in the current run
+    try:
+        for t in wanted:
+            target = index.pts[t]
+            k = bisect.bisect_right(index.keyframes, t) - 1
+            if k < 0:
+                raise _NeedSequential(f"no keyframe at or before frame {t}")
+            kf = index.keyframes[k]
+            if frames_iter is None or kf > pos:
+                container.seek(index.pts[kf], stream=stream, backward=True, any_frame=False)
+                frames_iter = container.decode(stream)
+                pos = -1
+            for frame in frames_iter:
+                if frame.pts is None:
+                    raise _NeedSequential("decoded frame without pts")
+                if frame.pts < target:
+                    pos = max(pos, bisect.bisect_left(index.pts, frame.pts))
+                    continue
+                if frame.pts != target:
+                    raise _NeedSequential(f"expected pts {target} for frame {t}, decoder gave {frame.pts}")
+                if size is None:
+                    size = (frame.width, frame.height)
+                got[t] = _to_rgb(frame, size)
+                pos = t
+                break
+            else:
+                raise _NeedSequential(f"stream ended before frame {t}")
+    except av_errors() as exc:
+        raise _decode_error(path, _codec_name(stream), len(got), exc) from exc
+    return got
+
+
+def _seek_cost(wanted: list[int], keyframes: list[int]) -> tuple[int, int]:
+    """(frames decoded, seeks) for `_decode_seek` on `wanted`, given keyframe positions."""
+    decoded = seeks = 0
+    pos = -1
+    for t in wanted:
+        kf = keyframes[max(bisect.bisect_right(keyframes, t) - 1, 0)]
+        if pos < 0 or kf > pos:
+            seeks += 1
+            decoded += t - kf + 1
+        else:
+            decoded += t - pos
+        pos = t
+    return decoded, seeks
+
+
+def _choose_strategy(wanted: list[int], index: _PacketIndex) -> str:
+    """Seek when the GOP-aware seek plan decodes clearly fewer frames than sequential decoding.
+
+    Cost, in decoded-frame units: sequential = last wanted index + 1; seek = frames decoded from
+    each needed keyframe to its target(s) + SEEK_COST_FRAMES per seek.
+    """
+    if not index.pts or not index.keyframes or index.keyframes[0] != 0:
+        return "sequential"
+    decoded, seeks = _seek_cost(wanted, index.keyframes)
+    seq = wanted[-1] + 1
+    return "seek" if decoded + SEEK_COST_FRAMES * seeks < SEEK_MIN_GAIN * seq else "sequential"
+
+
+def load_video(
+    path: str | os.PathLike[str],
+    num_frames: int,
+    *,
+    strategy: DecodeStrategy = "auto",
+) -> VideoFrames:
+    """Decode `num_frames` frames at segment centres (`segment_centre_indices`) with PyAV.
+
+    The frame count is `stream.frames` from the container, or the number of video packets when
+    the container does not record it. If the stream ends before the last sampled frame (the header
+    over-counted), indices are recomputed from the frames actually decoded.
+
+    Decoding: "sequential" decodes from the first frame up to the last sampled one. "seek" demuxes
+    the packet index, then decodes only the GOPs that hold sampled frames (seeking to a GOP's
+    keyframe unless already inside it). "auto" uses sequential for clips of at most
+    SEQUENTIAL_MAX_FRAMES frames, and otherwise the cheaper of the two by the decoded-frame cost
+    model in `_choose_strategy`. All strategies return the same frames; seek falls back to
+    sequential when timestamps are missing or do not match.
+
+    Args:
+        path: video file (anything FFmpeg demuxes: mp4, mkv, webm, avi, mov, gif, ...).
+        num_frames: frames to sample, T.
+        strategy: "auto", "sequential" or "seek" (the last two force a path; for tests and benchmarks).
+
+    Returns:
+        VideoFrames with uint8 RGB frames `[T, H, W, 3]` (all frames at the first decoded frame's size).
+
+    Raises:
+        VideoError: missing, unreadable, empty or corrupt file; no video stream; no decodable frames;
+            unsupported codec. The message names the file.
+        InputError: bad `num_frames` or `strategy`.
+    """
+    if strategy not in ("auto", "sequential", "seek"):
+        raise InputError(f"strategy must be 'auto', 'sequential' or 'seek', got {strategy!r}")
+    if int(num_frames) != num_frames or num_frames < 1:
+        raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    av = _av()
+    spath = os.fspath(path)
+    if not os.path.exists(spath):
+        raise VideoError(f"Video file not found: {spath}")
+    if os.path.isfile(spath) and _file_size(spath) == 0:
+        raise VideoError(f"Cannot open video {spath}: the file is empty (0 bytes)")
+
+    with _open_container(av, spath) as container:
+        stream = _video_stream(container, spath)
+        fps = _fps(stream)
+        header_total = int(stream.frames or 0)
+        index: _PacketIndex | None = None
+        if header_total > 0:
+            num_total = header_total
+        else:
+            index = _demux_index(container, stream, spath)
+            num_total = len(index.pts) if index.pts else None  # type: ignore[assignment]
+    if num_total is None:  # packets without pts: count them plainly
+        with _open_container(av, spath) as container:
+            num_total = _count_packets(container, _video_stream(container, spath), spath)
+    if num_total < 1:
+        raise VideoError(f"No decodable frames in video {spath} (the video stream has no packets)")
+
+    indices = segment_centre_indices(num_total, num_frames)
+    wanted = sorted(set(indices))
+
+    chosen = strategy
+    if strategy != "sequential" and (strategy == "seek" or num_total > SEQUENTIAL_MAX_FRAMES):
+        if index is None:
+            with _open_container(av, spath) as container:
+                index = _demux_index(container, _video_stream(container, spath), spath)
+        if len(index.pts) != num_total:
+            chosen = "sequential"  # header count and packet count disagree: trust the decoder
+            if strategy == "seek":
+                log.warning("%s: %d frames in header but %d packets; decoding sequentially",
+                            spath, num_total, len(index.pts))
+        elif strategy == "auto":
+            chosen = _choose_strategy(wanted, index)
+        elif not index.keyframes or index.keyframes[0] != 0:
+            chosen = "sequential"
+    else:
+        chosen = "sequential"
+
+    got: dict[int, np.ndarray] | None = None
+    if chosen == "seek":
+        assert index is not None
+        with _open_container(av, spath) as container:
+            try:
+                got = _decode_seek(container, _video_stream(container, spath), wanted, index, spath)
+            except _NeedSequential as why:
+                log.warning("%s: seek decoding not exact (%s); decoding sequentially", spath, why)
+                got, chosen = None, "sequential"
+
+    if got is None:
+        with _open_container(av, spath) as container:
+            stream = _video_stream(container, spath)
+            codec = _codec_name(stream)
+            got, decoded = _decode_sequential(container, stream, wanted, spath)
+        if decoded < 1:
+            raise VideoError(
+                f"No decodable frames in video {spath} (codec {codec}, {num_total} frames announced)"
+            )
+        if len(got) < len(wanted):
+            # The stream ended early: resample from what really decodes (second pass).
+            log.warning("%s: %d frames announced but only %d decoded; resampling", spath, num_total, decoded)
+            num_total = decoded
+            indices = segment_centre_indices(num_total, num_frames)
+            wanted = sorted(set(indices))
+            with _open_container(av, spath) as container:
+                got, _ = _decode_sequential(container, _video_stream(container, spath), wanted, spath)
+            if len(got) < len(wanted):
+                raise VideoError(f"Video {spath} decodes inconsistently ({decoded} frames, then fewer)")
+
+    frames = np.stack([got[i] for i in indices])
+    return VideoFrames(frames=frames, indices=indices, num_total=num_total, fps=fps, path=spath, strategy=chosen)
+
+
+# --------------------------------------------------------------------------------------------
+# Images, preprocessing, dispatch
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as uint8 RGB `[H, W, 3]` (Pillow, `convert("RGB")`, as the authors do).
+
+    EXIF orientation is not applied and alpha is dropped, matching `Image.open(p).convert("RGB")`.
+
+    Raises:
+        VideoError: missing, unreadable or non-image file (the message names the file).
+    """
+    spath = os.fspath(path)
+    if not os.path.exists(spath):
+        raise VideoError(f"Image file not found: {spath}")
+    try:
+        with Image.open(spath) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except UnidentifiedImageError as exc:
+        size = _file_size(spath)
+        what = "is empty (0 bytes)" if size == 0 else "is corrupt or not an image"
+        raise VideoError(f"Cannot open image {spath}: the file {what}") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise VideoError(f"Cannot read image {spath}: {exc}") from exc
+
+
+def preprocess_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
+    """CLIP preprocessing of the authors' video processor: uint8 `[T, H, W, 3]` → float32 `[T, 3, S, S]`.
+
+    Each frame is resized straight to (S, S) with Pillow BICUBIC (aspect ratio not kept, no crop),
+    then `x / 255` and `(x - CLIP_MEAN) / CLIP_STD` in float32, and HWC → CHW.
+
+    Raises:
+        InputError: `frames` is not uint8 `[T, H, W, 3]` with T >= 1, or `image_size < 1`.
+    """
+    if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        desc = f"{frames.dtype} {list(frames.shape)}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise InputError(f"frames must be uint8 [T, H, W, 3], got {desc}")
+    if frames.shape[0] < 1 or frames.shape[1] < 1 or frames.shape[2] < 1:
+        raise InputError(f"frames must be non-empty uint8 [T, H, W, 3], got {list(frames.shape)}")
+    if int(image_size) != image_size or image_size < 1:
+        raise InputError(f"image_size must be a positive integer, got {image_size!r}")
+    s = int(image_size)
+    out = np.empty((frames.shape[0], s, s, 3), dtype=np.float32)
+    for t in range(frames.shape[0]):
+        img = Image.fromarray(np.ascontiguousarray(frames[t]), mode="RGB")
+        if img.size != (s, s):
+            img = img.resize((s, s), resample=Image.Resampling.BICUBIC)
+        out[t] = np.asarray(img, dtype=np.float32)
+    out /= np.float32(255.0)
+    out -= np.asarray(CLIP_MEAN, dtype=np.float32)
+    out /= np.asarray(CLIP_STD, dtype=np.float32)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def input_kind(path: str | os.PathLike[str]) -> MediaKind:
+    """"npy" for `.npy`, "image" for IMAGE_EXTENSIONS, otherwise "video" (by extension, case-insensitive)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return "npy"
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    return "video"
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """Where `pixel_values` came from.
+
+    Attributes:
+        path: the input file.
+        kind: "video", "image" or "npy".
+        num_total: frames in the video (1 for an image, None for .npy).
+        indices: sampled frame indices (video), (0,) (image) or () (.npy).
+        fps: video frame rate, when known.
+        source_size: (H, W) of the decoded frames before resizing; None for .npy.
+        strategy: video decode strategy used, or None.
+    """
+
+    path: str
+    kind: MediaKind
+    num_total: int | None
+    indices: tuple[int, ...]
+    fps: float | None
+    source_size: tuple[int, int] | None
+    strategy: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "num_total": self.num_total,
+            "indices": list(self.indices),
+            "fps": self.fps,
+            "source_size": list(self.source_size) if self.source_size else None,
+            "strategy": self.strategy,
+        }
+
+
+def load_npy_pixel_values(path: str | os.PathLike[str], image_size: int | None = None) -> np.ndarray:
+    """Load already-preprocessed pixel values float32 `[T, 3, H, W]` from a `.npy` file, unchanged.
+
+    Raises:
+        InputError: missing/unreadable file, or wrong ndim, channels, dtype, or (when `image_size` is
+            given) spatial size; the message names the file and the shape.
+    """
+    spath = os.fspath(path)
+    if not os.path.exists(spath):
+        raise InputError(f"Pixel-values file not found: {spath}")
+    try:
+        arr = np.load(spath, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"Cannot read pixel values from {spath}: not a valid .npy array ({exc})") from exc
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"Cannot read pixel values from {spath}: expected one array, got {type(arr).__name__}")
+    expect = f"float32 [T, 3, {image_size or 'H'}, {image_size or 'W'}]"
+    got = f"{arr.dtype} {list(arr.shape)}"
+    if arr.ndim != 4 or arr.shape[1] != 3 or arr.shape[0] < 1:
+        raise InputError(f"Pixel values in {spath} must be {expect}, got shape {got}")
+    if arr.dtype != np.float32:
+        raise InputError(f"Pixel values in {spath} must be {expect}, got dtype {got}")
+    if image_size is not None and arr.shape[2:] != (image_size, image_size):
+        raise InputError(f"Pixel values in {spath} must be {expect}, got spatial size {got}")
+    return arr
+
+
+def load_pixel_values(
+    path: str | os.PathLike[str],
+    num_frames: int,
+    image_size: int,
+    *,
+    strategy: DecodeStrategy = "auto",
+) -> tuple[np.ndarray, MediaKind, MediaInfo]:
+    """Model-ready pixel values float32 `[T, 3, S, S]` from a video, an image or a `.npy` file.
+
+    - video: `num_frames` frames at segment centres, preprocessed (T = num_frames).
+    - image: one frame, preprocessed (T = 1).
+    - .npy: already preprocessed `[T, 3, S, S]` float32, returned as stored (T is not checked
+      against `num_frames`; S must equal `image_size`).
+
+    Raises:
+        VideoError: the video or image cannot be read.
+        InputError: bad arguments, or a `.npy` with the wrong ndim/channels/dtype/size.
+    """
+    spath = os.fspath(path)
+    kind = input_kind(spath)
+    if kind == "npy":
+        pv = load_npy_pixel_values(spath, image_size)
+        return pv, kind, MediaInfo(spath, kind, None, (), None, None)
+    if kind == "image":
+        img = load_image(spath)
+        pv = preprocess_frames(img[None], image_size)
+        return pv, kind, MediaInfo(spath, kind, 1, (0,), None, (img.shape[0], img.shape[1]))
+    vf = load_video(spath, num_frames, strategy=strategy)
+    pv = preprocess_frames(vf.frames, image_size)
+    info = MediaInfo(
+        spath, kind, vf.num_total, tuple(vf.indices), vf.fps, (vf.frames.shape[1], vf.frames.shape[2]), vf.strategy
+    )
+    return pv, kind, info
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic test media
+
+
+def _marker_digits(index: int) -> list[int]:
+    return [(index // _MARKER_BASE**k) % _MARKER_BASE for k in range(_MARKER_DIGITS)]
+
+
+def read_frame_marker(frame: np.ndarray) -> int:
+    """Frame index that `write_test_video` encoded in the top-left corner of an RGB frame.
+
+    The corner holds `_MARKER_DIGITS` grey 16×16 blocks side by side (least significant first).
+    Block k's red channel is `8 + 16 * digit_k` (green and blue are equal to it, so the value is
+    carried by luma, which codecs keep accurately). Each block is read as the median red value of
+    its inner 8×8 pixels, so a codec error below 8 levels still decodes exactly.
+    """
+    index = 0
+    for k in range(_MARKER_DIGITS):
+        x0 = k * _MARKER
+        block = frame[4:_MARKER - 4, x0 + 4:x0 + _MARKER - 4, 0].astype(np.float64)
+        digit = int(np.clip(np.floor(np.median(block) / 16), 0, _MARKER_BASE - 1))
+        index += digit * _MARKER_BASE**k
+    return index
+
+
+def make_test_frame(index: int, size: tuple[int, int] = (128, 96), num_frames: int = 48) -> np.ndarray:
+    """The deterministic RGB frame `index` of `write_test_video`: uint8 `[H, W, 3]`."""
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    frame = np.empty((h, w, 3), dtype=np.uint8)
+    frame[..., 0] = (xs * 255 // max(w - 1, 1)).astype(np.uint8)  # horizontal red ramp
+    frame[..., 1] = (ys * 255 // max(h - 1, 1)).astype(np.uint8)  # vertical green ramp
+    frame[..., 2] = 96
+    phase = index / max(num_frames, 1)
+    # a yellow square moving left → right along the bottom
+    side = max(h // 5, 4)
+    x0 = int(phase * max(w - side, 1))
+    y0 = h - side - max(h // 10, 1)
+    frame[y0:y0 + side, x0:x0 + side] = (240, 220, 30)
+    # a cyan disc moving top → bottom on the right, below the marker row
+    radius = max(h // 8, 3)
+    cx = w - radius - 2
+    cy = int(2 * _MARKER + radius + phase * max(h - 2 * _MARKER - 2 * radius, 1))
+    frame[(xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2] = (20, 200, 230)
+    for k, digit in enumerate(_marker_digits(index)):
+        frame[:_MARKER, k * _MARKER:(k + 1) * _MARKER] = 8 + 16 * digit
+    return frame
+
+
+def write_test_video(
+    path: str | os.PathLike[str],
+    num_frames: int = 48,
+    size: tuple[int, int] = (128, 96),
+    fps: int = 24,
+    codec: str = "libx264",
+    *,
+    gop_size: int | None = None,
+) -> Path:
+    """Write a deterministic synthetic clip (yuv420p) for demos and tests.
+
+    Frame i (see `make_test_frame`) has colour ramps, a moving square and disc, and its index
+    encoded in grey blocks along the top-left corner (read it back with `read_frame_marker`).
+
+    Args:
+        path: output file; the container comes from the suffix (.mp4, .mkv, .avi, ...).
+        num_frames: frames to write (>= 1).
+        size: (W, H), both even and >= 16.
+        fps: frame rate.
+        codec: "libx264" (alias "h264") or "mpeg4". (mjpeg needs yuvj420p and is not supported here.)
+        gop_size: keyframe interval; None keeps the encoder default (250 for libx264).
+
+    Returns:
+        The path written.
+    """
+    w, h = size
+    if num_frames < 1:
+        raise InputError(f"num_frames must be >= 1, got {num_frames}")
+    min_w = _MARKER * _MARKER_DIGITS
+    if w < min_w or h < 2 * _MARKER or w % 2 or h % 2:
+        raise InputError(f"size (W, H) must be even and at least ({min_w}, {2 * _MARKER}), got {size}")
+    av = _av()
+    out = Path(path)
+    with av.open(str(out), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        if gop_size is not None:
+            stream.codec_context.gop_size = int(gop_size)
+        if stream.codec_context.name == "libx264":
+            stream.codec_context.options = {"crf": "18"}
+        else:
+            stream.codec_context.bit_rate = max(2_000_000, w * h * fps // 2)
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(make_test_frame(i, size, num_frames), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out
+
+
+def write_test_audio(path: str | os.PathLike[str], seconds: float = 0.5, sample_rate: int = 16000) -> Path:
+    """Write an audio-only file (a sine tone): `.wav` → pcm_s16le, anything else (.m4a, .mp4) → aac."""
+    av = _av()
+    out = Path(path)
+    n = max(int(seconds * sample_rate), 1)
+    tone = (0.3 * np.sin(2 * np.pi * 440.0 * np.arange(n) / sample_rate) * 32767).astype(np.int16)
+    wav = out.suffix.lower() == ".wav"
+    with av.open(str(out), mode="w") as container:
+        stream = container.add_stream("pcm_s16le" if wav else "aac", rate=sample_rate)
+        stream.layout = "mono"
+        chunk = 1024
+        for start in range(0, n, chunk):
+            frame = av.AudioFrame.from_ndarray(tone[None, start:start + chunk], format="s16", layout="mono")
+            frame.sample_rate = sample_rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out

@@ -1,0 +1,60 @@
+"""Reference generation with the PyTorch model: input file -> pixels -> ids -> visual tokens -> greedy answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..media import load_pixel_values
+from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
+from .checkpoint import load_model
+from .ppllava import PPLLaVAForConditionalGeneration
+
+
+
+@dataclass
+class Answer:
+    text: str
+    output_ids: list[int]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the dump arrays (see ppllava_edge.dump.DUMP_NAMES)
+    kind: str = "video"
+
+
+class ReferenceModel:
+    """The PyTorch model plus the tokenizers of its checkpoint folder."""
+
+    def __init__(self, checkpoint: str | Path, dtype: str = "fp32"):
+        self.checkpoint = Path(checkpoint)
+        self.model: PPLLaVAForConditionalGeneration = load_model(self.checkpoint, dtype=dtype)
+        self.cfg = self.model.cfg
+        self.llama = LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(self.checkpoint), image_token_id=self.cfg.image_token_index)
+        self.clip = ClipTokenizer()
+
+    def tokenize(self, question: str) -> tuple[np.ndarray, np.ndarray]:
+        clip_ids = self.clip.encode(question, length=self.cfg.clip_text.context_length)
+        input_ids = np.asarray(self.llama.prompt_ids(question), dtype=np.int64)
+        return clip_ids, input_ids
+
+    @torch.no_grad()
+    def answer_pixels(self, pixel_values: np.ndarray, question: str, image: bool, max_new_tokens: int = 64, num_beams: int = 1) -> Answer:
+        clip_ids, input_ids = self.tokenize(question)
+        out = self.model.visual_tokens(torch.from_numpy(pixel_values), torch.from_numpy(clip_ids)[None], image=image)
+        embeds = self.model.embed_prompt(torch.from_numpy(input_ids), out.visual_tokens)
+        ids = self.model.generate(embeds, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        arrays = {
+            "pixel_values": pixel_values.astype(np.float32),
+            "clip_ids": clip_ids.astype(np.int64),
+            "input_ids": input_ids,
+            "features": out.features.float().numpy(),
+            "relevance": out.relevance.float().numpy(),
+            "visual_tokens": out.visual_tokens.float().numpy(),
+            "output_ids": np.asarray(ids, dtype=np.int64),
+        }
+        return Answer(text=self.llama.decode(ids), output_ids=ids, arrays=arrays, kind="image" if image else "video")
+
+    def answer(self, path: str | Path, question: str, num_frames: int = 8, max_new_tokens: int = 64, num_beams: int = 1) -> Answer:
+        pixel_values, kind, _ = load_pixel_values(path, num_frames, self.cfg.vision.image_size)
+        return self.answer_pixels(pixel_values, question, image=(kind == "image" or pixel_values.shape[0] == 1), max_new_tokens=max_new_tokens, num_beams=num_beams)

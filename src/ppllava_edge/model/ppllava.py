@@ -1,0 +1,180 @@
+"""The PPLLaVA model (Vicuna / CLIP release): BT-Adapter tower, prompt-guided pooling projector, LLaMA LLM."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PPLLaVAConfig
+from ..errors import InputError
+from .clip import CLIPTextTransformer, CLIPVisionTower, l2_normalize
+from .pooling import pool_windows, relevance
+
+log = logging.getLogger(__name__)
+
+
+def check_num_frames(num_frames: int, max_frames: int) -> None:
+    """Videos need 2 <= T <= max_T; an odd T is allowed (last frame dropped by the pooling) with a warning."""
+    if num_frames < 2 or num_frames > max_frames:
+        raise InputError(
+            f"num_frames={num_frames} is out of range: a video needs 2 <= T <= {max_frames} frames "
+            f"(the BT-Adapter time table has {max_frames} rows; T=1 gives no pooled token).\n"
+            "Hint: pass an even frame count such as 8, 16 or 32; single images take the image path."
+        )
+    if num_frames % 2:
+        log.warning(
+            "num_frames=%d is odd: all %d frames go through the tower and the relevance softmax, "
+            "but the (2,3,3) pooling drops the last frame, as the authors' code does.",
+            num_frames,
+            num_frames,
+        )
+
+
+@dataclass
+class VisualOutput:
+    features: torch.Tensor  # F [T, P, Dv]
+    relevance: torch.Tensor  # g [T, h, w] float32
+    visual_tokens: torch.Tensor  # V' [N, D_llm]
+
+
+class PPLLaVAProjector(nn.Module):
+    """`multi_modal_projector`: MLP (linear_1, GELU, linear_2) + CLIP text encoder / visual head for the relevance."""
+
+    def __init__(self, cfg: PPLLaVAConfig):
+        super().__init__()
+        self.cfg = cfg
+        dv, dl, ct = cfg.vision.hidden_size, cfg.text.hidden_size, cfg.clip_text
+        self.linear_1 = nn.Linear(dv, dl)
+        self.linear_2 = nn.Linear(dl, dl)
+        self.clip_text_model = CLIPTextTransformer(ct, cfg.extend_clip)
+        self.clip_text_projection = nn.Linear(ct.hidden_size, ct.projection_dim, bias=False)
+        self.clip_visual_ln = nn.LayerNorm(ct.clip_vision_hidden_size, eps=ct.layer_norm_eps)
+        self.clip_visual_projection = nn.Linear(ct.clip_vision_hidden_size, ct.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.projector_hidden_act != "gelu":
+            raise NotImplementedError(self.cfg.projector_hidden_act)
+        return F.gelu(x)  # exact erf GELU
+
+    def values(self, features: torch.Tensor) -> torch.Tensor:
+        """GELU(linear_1(F)): [T, P, D_llm] (linear_2 runs after pooling, §6.1 rewrite)."""
+        return self.act(self.linear_1(features))
+
+    def keys(self, features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised CLIP visual projections of every patch: [T*P, E]."""
+        e = self.clip_visual_projection(self.clip_visual_ln(features))
+        return l2_normalize(e.reshape(-1, e.shape[-1]))
+
+    def text_query(self, clip_ids: torch.Tensor) -> torch.Tensor:
+        """Normalised CLIP text embedding of the question: [1, E]."""
+        return l2_normalize(self.clip_text_projection(self.clip_text_model(clip_ids)))
+
+    def pool(self, keys: torch.Tensor, values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relevance g [T,h,w] and pooled visual tokens linear_2(pool(values)) [N, D_llm]."""
+        num_frames = values.shape[0]
+        g = relevance(keys, self.text_query(clip_ids), self.logit_scale, num_frames, self.cfg.frame_shape)
+        kernel = self.cfg.image_pooling_kernel if image else self.cfg.pooling_kernel
+        pooled = pool_windows(values, g, kernel, self.cfg.pooling_temp)
+        return g, self.linear_2(pooled)
+
+
+class PPLLaVAForConditionalGeneration(nn.Module):
+    """Module tree mirrors the checkpoint: `vision_tower.vision_model.*`, `multi_modal_projector.*`,
+    `language_model.{model,lm_head}.*`, `image_newline`."""
+
+    def __init__(self, cfg: PPLLaVAConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.cfg = cfg
+        t = cfg.text
+        self.vision_tower = CLIPVisionTower(cfg.vision)
+        self.multi_modal_projector = PPLLaVAProjector(cfg)
+        llama_cfg = LlamaConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads,
+            hidden_act=t.hidden_act,
+            max_position_embeddings=t.max_position_embeddings,
+            rms_norm_eps=t.rms_norm_eps,
+            rope_theta=t.rope_theta,
+            tie_word_embeddings=t.tie_word_embeddings,
+            attention_bias=t.attention_bias,
+            mlp_bias=t.mlp_bias,
+            bos_token_id=t.bos_token_id,
+            eos_token_id=t.eos_token_id,
+            pad_token_id=cfg.pad_token_id,
+            **{k: v for k, v in t.extra.items() if k in {"head_dim", "rope_scaling", "pretraining_tp"}},
+        )
+        llama_cfg._attn_implementation = attn_implementation
+        self.language_model = LlamaForCausalLM(llama_cfg)
+        self.image_newline = nn.Parameter(torch.zeros(t.hidden_size))
+
+    # ---- vision side -------------------------------------------------------------------------
+    def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """F [T, P, Dv] from pixel_values [T, 3, H, W]."""
+        return self.vision_tower(pixel_values)
+
+    def visual_tokens(self, pixel_values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False) -> VisualOutput:
+        """Video: 2 <= T <= max_T frames, kernel (2,3,3). Image: T = 1 tile, kernel (1,3,3), then `image_newline`."""
+        num_frames = pixel_values.shape[0]
+        if image:
+            if num_frames != 1:
+                raise InputError(f"an image is one tile: pixel_values has {num_frames} frames")
+        else:
+            check_num_frames(num_frames, self.cfg.max_frames)
+        size = self.cfg.vision.image_size
+        if tuple(pixel_values.shape[1:]) != (self.cfg.vision.num_channels, size, size):
+            raise InputError(
+                f"pixel_values has shape {list(pixel_values.shape)}; this checkpoint needs [T, 3, {size}, {size}]."
+            )
+        dtype = self.image_newline.dtype
+        features = self.encode_video(pixel_values.to(dtype))
+        proj = self.multi_modal_projector
+        keys, values = proj.keys(features), proj.values(features)
+        g, tokens = proj.pool(keys, values, clip_ids, image=image)
+        if image and self.cfg.use_image_newline_parameter:
+            tokens = torch.cat((tokens, self.image_newline[None].to(tokens.dtype)), dim=0)
+        return VisualOutput(features=features, relevance=g, visual_tokens=tokens)
+
+    # ---- LLM side ----------------------------------------------------------------------------
+    def embed_prompt(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with the single image token replaced by the visual tokens: [1, L - 1 + N, D]."""
+        ids = input_ids.reshape(-1)
+        where = (ids == self.cfg.image_token_index).nonzero().flatten()
+        if where.numel() != 1:
+            raise InputError(f"the prompt must hold exactly one image token ({self.cfg.image_token_index}); found {where.numel()}")
+        i = int(where[0])
+        emb = self.language_model.get_input_embeddings()
+        before, after = emb(ids[:i]), emb(ids[i + 1 :])
+        return torch.cat((before, visual_tokens.to(before.dtype), after), dim=0)[None]
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> list[int]:
+        """Greedy (or beam) decoding with transformers' generate; returns the new token ids (prompt excluded)."""
+        n = inputs_embeds.shape[1]
+        limit = self.cfg.text.max_position_embeddings
+        if n + max_new_tokens > limit:
+            raise InputError(
+                f"prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the LLM context of {limit} tokens.\n"
+                "Hint: use fewer frames or a shorter question."
+            )
+        mask = torch.ones(1, n, dtype=torch.long)
+        out = self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=num_beams,
+            eos_token_id=self.cfg.text.eos_token_id,
+            pad_token_id=self.cfg.pad_token_id,
+        )
+        return [int(x) for x in out[0].tolist()]

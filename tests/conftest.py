@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_LLAMA_TOKENIZER = SHARED / "data" / "llama-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny random-weight checkpoint in the released layout (made once per session)."""
+    pytest.importorskip("torch")
+    from ppllava_edge.model.presets import make_checkpoint
+
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt):
+    from ppllava_edge.model.checkpoint import load_model
+
+    return load_model(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def sample_video(tmp_path_factory) -> Path:
+    from ppllava_edge.media import write_test_video
+
+    path = tmp_path_factory.mktemp("media") / "clip.mp4"
+    write_test_video(path, num_frames=48)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory) -> list[Path]:
+    """Three different synthetic clips."""
+    from ppllava_edge.media import write_test_video
+
+    folder = tmp_path_factory.mktemp("videos")
+    out = []
+    for i, (n, size) in enumerate([(48, (128, 96)), (30, (96, 96)), (75, (160, 90))]):
+        p = folder / f"clip{i}.mp4"
+        write_test_video(p, num_frames=n, size=size)
+        out.append(p)
+    return out
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
