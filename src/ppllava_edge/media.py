@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -685,6 +686,8 @@ def write_test_video(
     out = Path(path)
     with av.open(str(out), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
+        time_base = Fraction(1, int(fps))
+        stream.codec_context.time_base = time_base
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         if gop_size is not None:
@@ -695,6 +698,8 @@ def write_test_video(
             stream.codec_context.bit_rate = max(2_000_000, w * h * fps // 2)
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(make_test_frame(i, size, num_frames), format="rgb24")
+            frame.pts = i
+            frame.time_base = time_base
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode(None):

@@ -374,7 +374,10 @@ def write_spm_model(path: str | Path, model: SpmModel) -> Path:
 
 _SPACE = "\u2581"  # sentencepiece's whitespace symbol
 _NEG_INF_SCORE = -1e9  # LLaMA gives its whitespace-run pieces this score (but low ids)
-_MAX_SPACE_RUN = 16
+# Run lengths of LLaMA's whitespace pieces in id order (259 `▁▁`, 268 `▁▁▁▁`, 308 `▁`x8, ...). All score -1e9, so
+# sentencepiece breaks ties by position (leftmost first) and a merge list breaks them by rank (id); this order makes
+# the two agree (runs of n spaces become 16+16+...+(n mod 16) either way).
+_SPACE_RUN_ORDER = (2, 4, 8, 5, 16, 6, 12, 13, 10, 14, 3, 9, 7, 11, 15)
 
 _WORDS = """
 the of and to a in is it you that he was for on are with as i his they be at one have this from or had by
@@ -433,20 +436,28 @@ def _synthetic_pieces(n_merged: int, seed: int) -> tuple[str, ...]:
         freqs[_SPACE + w] = freqs.get(_SPACE + w, 0) + f
         freqs[_SPACE + w.capitalize()] = freqs.get(_SPACE + w.capitalize(), 0) + max(1, f // 8)
         freqs[w] = freqs.get(w, 0) + max(1, f // 16)  # word-internal use (after punctuation, etc.)
-    n_words = max(4000, n_merged * 2)
-    for rank in range(n_words):
-        w = "".join(
-            rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))
-        )
-        if rng.random() < 0.15:
+    n_words = max(2000, n_merged // 2)
+    n_syllables = rng.choices((1, 2, 3, 4), weights=(1, 2, 2, 1), k=n_words)
+    total = sum(n_syllables)
+    onsets, nuclei, codas = (rng.choices(part, k=total) for part in (_ONSETS, _NUCLEI, _CODAS))
+    flags = [rng.random() for _ in range(2 * n_words)]
+    k = 0
+    for rank, n in enumerate(n_syllables):
+        w = "".join(onsets[k + s] + nuclei[k + s] + codas[k + s] for s in range(n))
+        k += n
+        if flags[2 * rank] < 0.15:
             w = w.capitalize()
-        key = _SPACE + w if rng.random() < 0.8 else w
+        key = _SPACE + w if flags[2 * rank + 1] < 0.8 else w
         freqs[key] = freqs.get(key, 0) + max(1, int(3000 / (rank + 30)))
     return tuple(_train_bpe(freqs, n_merged, reserved=set(_CHARS)))
 
 
 def _train_bpe(word_freqs: Mapping[str, int], n_pieces: int, reserved: set[str]) -> list[str]:
-    """A small deterministic BPE trainer; returns `n_pieces` new pieces in merge order."""
+    """A small deterministic BPE trainer; returns `n_pieces` new pieces in merge order.
+
+    Pair counts are updated only around each merged occurrence, and the heap is lazy: an entry may hold a count
+    that is too high (it is re-pushed when popped), never one that is too low. Ties go to the smaller pair.
+    """
     words = [list(w) for w in word_freqs]
     freqs = list(word_freqs.values())
     counts: dict[tuple[str, str], int] = {}
@@ -463,41 +474,46 @@ def _train_bpe(word_freqs: Mapping[str, int], n_pieces: int, reserved: set[str])
         if not heap:
             raise InputError(f"The synthetic corpus ran out of merges after {len(out)} pieces (wanted {n_pieces}).")
         negc, a, b = heapq.heappop(heap)
-        if counts.get((a, b), 0) != -negc or negc == 0:
-            continue  # stale heap entry
+        c = counts.get((a, b), 0)
+        if c != -negc:  # stale: the count went down since this entry was pushed
+            if c > 0:
+                heapq.heappush(heap, (-c, a, b))
+            continue
         merged = a + b
         if merged not in seen:
             seen.add(merged)
             out.append(merged)
-        changed: set[tuple[str, str]] = set()
-        for i in sorted(where.pop((a, b), ())):
+        grown: set[tuple[str, str]] = set()
+        for i in where.pop((a, b), ()):
             w, f = words[i], freqs[i]
-            if len(w) < 2:
-                continue
-            for pair in zip(w, w[1:]):
-                counts[pair] -= f
-                changed.add(pair)
-            new: list[str] = []
             j = 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    new.append(merged)
-                    j += 2
-                else:
-                    new.append(w[j])
-                    j += 1
-            words[i] = new
-            for pair in zip(new, new[1:]):
-                counts[pair] = counts.get(pair, 0) + f
-                where.setdefault(pair, set()).add(i)
-                changed.add(pair)
+            while True:
+                try:
+                    j = w.index(a, j)
+                except ValueError:
+                    break
+                if j + 1 < len(w) and w[j + 1] == b:
+                    if j > 0:
+                        left = w[j - 1]
+                        counts[(left, a)] -= f
+                        pair = (left, merged)
+                        counts[pair] = counts.get(pair, 0) + f
+                        where.setdefault(pair, set()).add(i)
+                        grown.add(pair)
+                    if j + 2 < len(w):
+                        right = w[j + 2]
+                        counts[(b, right)] -= f
+                        pair = (merged, right)
+                        counts[pair] = counts.get(pair, 0) + f
+                        where.setdefault(pair, set()).add(i)
+                        grown.add(pair)
+                    w[j : j + 2] = [merged]
+                j += 1
         counts.pop((a, b), None)
-        for pair in sorted(changed):
+        for pair in grown:
             c = counts.get(pair, 0)
             if c > 0:
                 heapq.heappush(heap, (-c, pair[0], pair[1]))
-            else:
-                counts.pop(pair, None)
     return out
 
 
@@ -505,8 +521,8 @@ def synthetic_llama_spm(vocab_size: int = 32000, seed: int = 0) -> SpmModel:
     """A deterministic LLaMA-like sentencepiece BPE model (we cannot ship the real one).
 
     Layout: `<unk>` `<s>` `</s>` (ids 0-2), the 256 byte pieces `<0x00>`..`<0xFF>` (ids 3-258), the 15 whitespace
-    runs `▁▁`..`▁`x16 with score -1e9 at ids 259-273 (low ids, as in LLaMA, so merges ranked by id would be
-    wrong), then NORMAL pieces grown by a small BPE over built-in English words and generated syllables
+    runs `▁▁`..`▁`x16 with score -1e9 at ids 259-273 (low ids in LLaMA's relative order, so merges ranked by id
+    are wrong as with LLaMA), then NORMAL pieces grown by a small BPE over built-in English words and generated syllables
     (decreasing scores; each is two earlier pieces joined), then single characters (`▁` included).
 
     Args:
@@ -518,7 +534,7 @@ def synthetic_llama_spm(vocab_size: int = 32000, seed: int = 0) -> SpmModel:
     """
     specials: list[tuple[str, float, int]] = [("<unk>", 0.0, SPM_UNKNOWN), ("<s>", 0.0, SPM_CONTROL), ("</s>", 0.0, SPM_CONTROL)]
     specials += [(f"<0x{b:02X}>", 0.0, SPM_BYTE) for b in range(256)]
-    specials += [(_SPACE * n, _NEG_INF_SCORE, SPM_NORMAL) for n in range(2, _MAX_SPACE_RUN + 1)]
+    specials += [(_SPACE * n, _NEG_INF_SCORE, SPM_NORMAL) for n in _SPACE_RUN_ORDER]
     n_merged = vocab_size - len(specials) - len(_CHARS)
     if n_merged < 0:
         raise InputError(f"vocab_size={vocab_size} is too small: the synthetic vocabulary needs at least {len(specials) + len(_CHARS)}.")

@@ -241,9 +241,9 @@ class CLIPTextEmbeddings(nn.Module):
             return self.position_embedding.weight
         return torch.cat((self.position_embedding[:CLIP_KEEP_LEN], self.position_embedding_res[CLIP_KEEP_LEN:]), dim=0)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_table()[:n]
+    def forward(self, input_ids: torch.Tensor, position_table: torch.Tensor | None = None) -> torch.Tensor:
+        table = self.position_table() if position_table is None else position_table
+        return self.token_embedding(input_ids) + table[: input_ids.shape[1]]
 
 
 class CLIPTextTransformer(nn.Module):
@@ -265,9 +265,12 @@ class CLIPTextTransformer(nn.Module):
             return input_ids.to(torch.int64).argmax(dim=-1)
         return (input_ids == self.cfg.eos_token_id).to(torch.int64).argmax(dim=-1)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Pooled EOT state [B, D]. The padding mask is omitted: causal attention makes it irrelevant at EOT (§4)."""
-        x = self.embeddings(input_ids)
+    def forward(self, input_ids: torch.Tensor, position_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled EOT state [B, D]. The padding mask is omitted: causal attention makes it irrelevant at EOT (§4).
+
+        `position_table` lets an exporter pass the two extended tables folded into one constant.
+        """
+        x = self.embeddings(input_ids, position_table)
         for layer in self.encoder.layers:
             x = layer(x, causal=True)
         x = self.final_layer_norm(x)

@@ -70,14 +70,16 @@ class PPLLaVAProjector(nn.Module):
         e = self.clip_visual_projection(self.clip_visual_ln(features))
         return l2_normalize(e.reshape(-1, e.shape[-1]))
 
-    def text_query(self, clip_ids: torch.Tensor) -> torch.Tensor:
+    def text_query(self, clip_ids: torch.Tensor, position_table: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised CLIP text embedding of the question: [1, E]."""
-        return l2_normalize(self.clip_text_projection(self.clip_text_model(clip_ids)))
+        return l2_normalize(self.clip_text_projection(self.clip_text_model(clip_ids, position_table)))
 
-    def pool(self, keys: torch.Tensor, values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def pool(
+        self, keys: torch.Tensor, values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False, position_table: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Relevance g [T,h,w] and pooled visual tokens linear_2(pool(values)) [N, D_llm]."""
         num_frames = values.shape[0]
-        g = relevance(keys, self.text_query(clip_ids), self.logit_scale, num_frames, self.cfg.frame_shape)
+        g = relevance(keys, self.text_query(clip_ids, position_table), self.logit_scale, num_frames, self.cfg.frame_shape)
         kernel = self.cfg.image_pooling_kernel if image else self.cfg.pooling_kernel
         pooled = pool_windows(values, g, kernel, self.cfg.pooling_temp)
         return g, self.linear_2(pooled)

@@ -1,0 +1,71 @@
+"""The exported graphs as small nn.Modules over the reference model (same parameters, same maths).
+
+- VisionGraph:      pixel_values [T,3,H,W] -> values [T,P,D_llm] = GELU(linear_1(F)), keys [T*P,E] (normalised)
+- PromptPoolGraph:  clip_ids [1,L], keys, values -> visual_tokens [T//2*(h/3)*(w/3), D_llm], relevance [T,h,w]
+- ImagePoolGraph:   the same for one image tile with the (1,3,3) kernel, plus the image_newline row
+- DecoderGraph:     inputs_embeds, attention_mask, position_ids, past.{i}.key/value -> logits [B,V], present.*
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.ppllava import PPLLaVAForConditionalGeneration
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model: PPLLaVAForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.encode_video(pixel_values)
+        proj = self.model.multi_modal_projector
+        return proj.values(features), proj.keys(features)
+
+
+class PromptPoolGraph(nn.Module):
+    """Text encoder (folded position table) + relevance (fp32) + windowed pooling + linear_2."""
+
+    def __init__(self, model: PPLLaVAForConditionalGeneration, image: bool = False):
+        super().__init__()
+        self.model = model
+        self.image = image
+        table = model.multi_modal_projector.clip_text_model.embeddings.position_table().detach().clone()
+        self.position_table = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, clip_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        proj = self.model.multi_modal_projector
+        g, tokens = proj.pool(keys, values, clip_ids, image=self.image, position_table=self.position_table)
+        if self.image and self.model.cfg.use_image_newline_parameter:
+            tokens = torch.cat((tokens, self.model.image_newline[None].to(tokens.dtype)), dim=0)
+        return tokens, g
+
+
+class DecoderGraph(nn.Module):
+    """One KV-cache graph for prefill (empty past) and decode; the transformers cache is flattened to tensors."""
+
+    def __init__(self, model: PPLLaVAForConditionalGeneration):
+        super().__init__()
+        self.lm = model.language_model
+        self.num_layers = model.cfg.text.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        flat = []
+        for layer in out.cache.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits[:, -1, :], *flat)

@@ -1,0 +1,63 @@
+"""The export folder contract (`export.json`), read by the torch-free runtime, calibration, engine and bench."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+MANIFEST_NAME = "export.json"
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT: "
+GRAPHS = ("vision", "prompt_pool", "image_pool", "decoder")
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    folder: Path
+    data: dict
+
+    def path(self, name: str) -> Path:
+        """File of a graph ('vision', ...) or an entry of `embeddings` / `tokenizers`."""
+        if name in self.data["graphs"]:
+            return self.folder / self.data["graphs"][name]["file"]
+        if name == "embeddings":
+            return self.folder / self.data["embeddings"]["file"]
+        return self.folder / self.data["tokenizers"][name]
+
+    def graph(self, name: str) -> dict:
+        return self.data["graphs"][name]
+
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+    @property
+    def frames(self) -> tuple[int, int, int]:
+        f = self.data["frames"]
+        return f["min"], f["opt"], f["max"]
+
+    def visual_tokens(self, num_frames: int) -> int:
+        return (num_frames // self.data["pooling"]["kernel"][0]) * self.data["visual_tokens_per_frame_pair"]
+
+
+def load_manifest(folder: str | Path) -> ExportManifest:
+    """Read and check `<folder>/export.json` (every file it names must exist)."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such export folder.\nHint: create one with `ppllava-edge export CHECKPOINT {folder}`.")
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; {folder} is not an export folder.\nHint: create one with `ppllava-edge export CHECKPOINT OUT`.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if data.get("format") != "ppllava-edge-export":
+        raise ConfigError(f"{path}: not a ppllava-edge export manifest (format={data.get('format')!r})")
+    manifest = ExportManifest(folder, data)
+    missing = [str(manifest.path(n)) for n in (*data["graphs"], "embeddings", *data["tokenizers"]) if not manifest.path(n).is_file()]
+    if missing:
+        raise ConfigError(f"{path}: files named by the manifest are missing: {', '.join(missing)}")
+    return manifest

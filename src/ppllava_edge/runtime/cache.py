@@ -1,0 +1,78 @@
+"""Per-video feature cache: the vision graph's `values`/`keys` keyed by (content, frames, export).
+
+In memory: an LRU bounded in bytes. Optionally on disk: one .npz per key in a folder (written atomically).
+A second question on the same video then runs only prompt_pool + decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+
+def content_key(*parts: bytes | str | int) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, max_bytes: int = 2 << 30, folder: str | Path | None = None):
+        self.max_bytes = max_bytes
+        self.folder = Path(folder) if folder else None
+        self._items: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        if self.folder is not None and (self.folder / f"{key}.npz").is_file():
+            with np.load(self.folder / f"{key}.npz") as z:
+                item = (z["values"], z["keys"])
+            self._put_memory(key, item)
+            self.hits += 1
+            return item
+        self.misses += 1
+        return None
+
+    def put(self, key: str, values: np.ndarray, keys: np.ndarray) -> None:
+        self._put_memory(key, (values, keys))
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{key}.tmp.npz"
+            np.savez(tmp, values=values, keys=keys)
+            tmp.replace(self.folder / f"{key}.npz")
+
+    def _put_memory(self, key: str, item: tuple[np.ndarray, np.ndarray]) -> None:
+        size = item[0].nbytes + item[1].nbytes
+        if size > self.max_bytes:
+            return
+        if key in self._items:
+            old = self._items.pop(key)
+            self.bytes -= old[0].nbytes + old[1].nbytes
+        self._items[key] = item
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (v, k) = self._items.popitem(last=False)
+            self.bytes -= v.nbytes + k.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
