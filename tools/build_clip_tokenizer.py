@@ -43,7 +43,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(2**8 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def read_merges(source: Path) -> list[tuple[str, str]]:
@@ -89,7 +89,7 @@ def build_clip_tokenizer(merges: list[tuple[str, str]]) -> Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.RobertaProcessing((EOS, 49407), (BOS, 49406), False, False)  # positional only
-    tok.add_special_tokens([AddedToken(BOS, normalized=True, special=True), AddedToken(EOS, normalized=True, special=True)])
+    tok.add_special_tokens([AddedToken(t, normalized=True, special=True) for t in (BOS, EOS)])
     tok.enable_truncation(max_length=LENGTH)  # keeps room for the 2 template ids: EOT at index 247
     tok.enable_padding(length=LENGTH, pad_id=49407, pad_token=EOS)
     return tok

@@ -38,16 +38,21 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", 
 MediaKind = Literal["video", "image", "npy"]
 DecodeStrategy = Literal["auto", "sequential", "seek"]
 
-# Decode-strategy rule (see `_choose_strategy`). Measured on this machine (2 CPUs, av 18.1.0,
-# libx264 default GOP 250 / closed GOP, 640x360):
-#   - demuxing packets (no decoding) costs ~0.5-1 % of decoding the same frames sequentially;
-#   - one seek (seek + decoder flush + restart at a keyframe) costs about as much as decoding
-#     SEEK_COST_FRAMES frames.
-# Clips up to SEQUENTIAL_MAX_FRAMES frames are always decoded sequentially: the demux pass that
-# the seek planner needs is not worth it there.
-SEEK_COST_FRAMES = 4
+# Decode-strategy rule for strategy="auto" (see `_choose_strategy`). Cost is counted in
+# decoded-frame units. Measured here (2 CPUs, av 18.1.0, libx264 640x360 30 fps, thread_type AUTO):
+#   - decoding one frame: 0.33-0.55 ms; converting a kept frame to RGB: 0.5-0.8 ms;
+#   - demuxing one packet without decoding: 0.004-0.007 ms (~0.01 frame), e.g. 12 ms for 1800 frames;
+#   - one seek (seek, decoder flush, restart at the keyframe): 3-7 ms including the first frame,
+#     ~7-12 frames, of which ~2 are frames the pipeline decodes anyway -> SEEK_COST_FRAMES = 8.
+# Seek is chosen only when its estimate is below SEEK_MIN_GAIN x sequential, because it needs a
+# second open and falls back to a full sequential pass if timestamps do not line up.
+# Clips of at most SEQUENTIAL_MAX_FRAMES frames (whose count the header gives) go straight to
+# sequential decoding without reading the packet index: with the usual GOPs (libx264 default 250)
+# such clips have 1-2 keyframes and seeking cannot win; the 300-frame/32-sample case from the
+# toolchain notes measured 156 ms sequential vs 125 ms GOP-aware seek vs 231 ms naive per-target seek.
+SEEK_COST_FRAMES = 8
+SEEK_MIN_GAIN = 0.9
 SEQUENTIAL_MAX_FRAMES = 256
-SEEK_MIN_GAIN = 0.75  # seek only when its estimated cost is below this fraction of sequential
 
 _MARKER = 16  # side of each corner block that carries the frame index in `write_test_video`
 _MARKER_BASE = 16
@@ -116,8 +121,9 @@ class VideoFrames:
 
 @dataclass(frozen=True)
 class _PacketIndex:
-    """Presentation timestamps of every video packet, sorted, and which positions are keyframes."""
+    """The video packets of a file: how many, their presentation timestamps (sorted), keyframes."""
 
+    count: int
     pts: list[int]  # sorted; pts[k] is the presentation timestamp of frame k
     keyframes: list[int]  # sorted frame positions k that start a decodable GOP
 
@@ -144,6 +150,8 @@ def _open_container(av: Any, path: str) -> Any:
         size = _file_size(path)
         what = "is empty (0 bytes)" if size == 0 else "is corrupt or not a media file"
         raise VideoError(f"Cannot open video {path}: the file {what}\nNote: {exc}") from exc
+    except av.error.EOFError as exc:
+        raise VideoError(f"Cannot open video {path}: the file ends before any media data (truncated?)") from exc
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise VideoError(f"Cannot open video {path}: {exc}") from exc
 
@@ -192,39 +200,32 @@ def _fps(stream: Any) -> float | None:
     return None
 
 
-def _demux_index(container: Any, stream: Any, path: str) -> _PacketIndex:
-    """Read every packet of `stream` without decoding; return sorted pts and keyframe positions."""
-    entries: list[tuple[int | None, bool]] = []
-    try:
-        for packet in container.demux(stream):
-            if packet.size == 0 or packet.is_discard:  # flush packets / edit-list pre-roll
-                continue
-            entries.append((packet.pts, bool(packet.is_keyframe)))
-    except av_errors() as exc:
-        raise VideoError(f"Cannot read packets of video {path}: {exc}") from exc
-    if any(p is None for p, _ in entries):
-        return _PacketIndex(pts=[], keyframes=[])  # count is still len(entries) via a sentinel
-    entries.sort(key=lambda e: e[0])
-    pts = [p for p, _ in entries]
-    keyframes = [k for k, (_, key) in enumerate(entries) if key]
-    return _PacketIndex(pts=pts, keyframes=keyframes)
-
-
-def av_errors() -> tuple[type[BaseException], ...]:
+def _av_errors() -> tuple[type[BaseException], ...]:
     """Exception types PyAV raises while reading (for `except`)."""
     av = _av()
     return (av.FFmpegError, OSError, ValueError, EOFError)
 
 
-def _count_packets(container: Any, stream: Any, path: str) -> int:
-    n = 0
+def _demux_index(container: Any, stream: Any, path: str) -> _PacketIndex:
+    """Read every packet of `stream` without decoding: count, sorted pts and keyframe positions.
+
+    Flush (empty) packets and packets the demuxer marks for discard (edit-list pre-roll) are
+    skipped. When some packet has no pts, `pts` and `keyframes` are left empty (no seeking).
+    """
+    entries: list[tuple[int | None, bool]] = []
     try:
         for packet in container.demux(stream):
-            if packet.size and not packet.is_discard:
-                n += 1
-    except av_errors() as exc:
-        raise VideoError(f"Cannot read packets of video {path}: {exc}") from exc
-    return n
+            if packet.size == 0 or packet.is_discard:
+                continue
+            entries.append((packet.pts, bool(packet.is_keyframe)))
+    except _av_errors() as exc:
+        raise VideoError(f"Cannot read the packets of video {path}: {exc}") from exc
+    if any(p is None for p, _ in entries):
+        return _PacketIndex(count=len(entries), pts=[], keyframes=[])
+    entries.sort(key=lambda e: e[0])  # type: ignore[arg-type, return-value]
+    pts = [p for p, _ in entries]
+    keyframes = [k for k, (_, key) in enumerate(entries) if key]
+    return _PacketIndex(count=len(entries), pts=pts, keyframes=keyframes)  # type: ignore[arg-type]
 
 
 def _to_rgb(frame: Any, size: tuple[int, int] | None) -> np.ndarray:
@@ -252,7 +253,7 @@ def _decode_sequential(container: Any, stream: Any, wanted: list[int], path: str
                 got[i] = _to_rgb(frame, size)
             if i >= last:
                 break
-    except av_errors() as exc:
+    except _av_errors() as exc:
         raise _decode_error(path, _codec_name(stream), i + 1, exc) from exc
     return got, i + 1
 
@@ -295,7 +296,7 @@ def _decode_seek(
                 break
             else:
                 raise _NeedSequential(f"stream ended before frame {t}")
-    except av_errors() as exc:
+    except _av_errors() as exc:
         raise _decode_error(path, _codec_name(stream), len(got), exc) from exc
     return got
 
@@ -342,10 +343,12 @@ def load_video(
 
     Decoding: "sequential" decodes from the first frame up to the last sampled one. "seek" demuxes
     the packet index, then decodes only the GOPs that hold sampled frames (seeking to a GOP's
-    keyframe unless already inside it). "auto" uses sequential for clips of at most
-    SEQUENTIAL_MAX_FRAMES frames, and otherwise the cheaper of the two by the decoded-frame cost
-    model in `_choose_strategy`. All strategies return the same frames; seek falls back to
-    sequential when timestamps are missing or do not match.
+    keyframe unless already inside it). "auto" decodes sequentially when the header gives at most
+    SEQUENTIAL_MAX_FRAMES frames; otherwise it reads the packet index (~1 % of the cost of
+    decoding) and picks the cheaper plan by the decoded-frame cost model in `_choose_strategy`
+    (seek when frames-decoded + SEEK_COST_FRAMES per seek < SEEK_MIN_GAIN x frames up to the last
+    sample). All strategies return the same frames; seek falls back to sequential when timestamps
+    are missing or do not match.
 
     Args:
         path: video file (anything FFmpeg demuxes: mp4, mkv, webm, avi, mov, gif, ...).
@@ -378,12 +381,9 @@ def load_video(
         index: _PacketIndex | None = None
         if header_total > 0:
             num_total = header_total
-        else:
+        else:  # the container does not record a frame count (mkv, webm, some avi): demux to count
             index = _demux_index(container, stream, spath)
-            num_total = len(index.pts) if index.pts else None  # type: ignore[assignment]
-    if num_total is None:  # packets without pts: count them plainly
-        with _open_container(av, spath) as container:
-            num_total = _count_packets(container, _video_stream(container, spath), spath)
+            num_total = index.count
     if num_total < 1:
         raise VideoError(f"No decodable frames in video {spath} (the video stream has no packets)")
 
@@ -391,7 +391,7 @@ def load_video(
     wanted = sorted(set(indices))
 
     chosen = strategy
-    if strategy != "sequential" and (strategy == "seek" or num_total > SEQUENTIAL_MAX_FRAMES):
+    if strategy == "seek" or (strategy == "auto" and (index is not None or num_total > SEQUENTIAL_MAX_FRAMES)):
         if index is None:
             with _open_container(av, spath) as container:
                 index = _demux_index(container, _video_stream(container, spath), spath)

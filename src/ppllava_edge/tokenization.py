@@ -15,6 +15,7 @@ sentencepiece or protobuf), so the runtime can tokenize on a device that has non
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import heapq
 import json
@@ -251,7 +252,9 @@ def _encode_scalar(fn: int, kind: str, value: Any) -> bytes:
     return _len_record(fn, data)
 
 
-def _parse_submessage(buf: bytes, spec: Mapping[str, tuple[int, str, Any]]) -> tuple[dict[str, Any], tuple[Record, ...]]:
+def _parse_submessage(
+    buf: bytes, spec: Mapping[str, tuple[int, str, Any]]
+) -> tuple[dict[str, Any], tuple[Record, ...]]:
     by_number = {fn: (name, kind) for name, (fn, kind, _) in spec.items()}
     values: dict[str, Any] = {name: default for name, (_, _, default) in spec.items()}
     records: list[Record] = []
@@ -259,10 +262,8 @@ def _parse_submessage(buf: bytes, spec: Mapping[str, tuple[int, str, Any]]) -> t
         records.append((fn, bytes(buf[start:end])))
         if fn in by_number:
             name, kind = by_number[fn]
-            try:
+            with contextlib.suppress(ValueError):  # wrong wire type: kept as an unknown record only
                 values[name] = _decode_scalar(kind, buf, wt, payload, end)
-            except ValueError:
-                pass
     return values, tuple(records)
 
 
@@ -463,7 +464,7 @@ def _train_bpe(word_freqs: Mapping[str, int], n_pieces: int, reserved: set[str])
     counts: dict[tuple[str, str], int] = {}
     where: dict[tuple[str, str], set[int]] = {}
     for i, w in enumerate(words):
-        for pair in zip(w, w[1:]):
+        for pair in zip(w, w[1:], strict=False):
             counts[pair] = counts.get(pair, 0) + freqs[i]
             where.setdefault(pair, set()).add(i)
     heap = [(-c, a, b) for (a, b), c in counts.items()]
@@ -522,7 +523,8 @@ def synthetic_llama_spm(vocab_size: int = 32000, seed: int = 0) -> SpmModel:
 
     Layout: `<unk>` `<s>` `</s>` (ids 0-2), the 256 byte pieces `<0x00>`..`<0xFF>` (ids 3-258), the 15 whitespace
     runs `▁▁`..`▁`x16 with score -1e9 at ids 259-273 (low ids in LLaMA's relative order, so merges ranked by id
-    are wrong as with LLaMA), then NORMAL pieces grown by a small BPE over built-in English words and generated syllables
+    are wrong as with LLaMA), then NORMAL pieces grown by a small BPE over built-in English words and generated
+    syllables
     (decreasing scores; each is two earlier pieces joined), then single characters (`▁` included).
 
     Args:
@@ -532,12 +534,19 @@ def synthetic_llama_spm(vocab_size: int = 32000, seed: int = 0) -> SpmModel:
     Returns:
         An `SpmModel` that the `sentencepiece` library loads.
     """
-    specials: list[tuple[str, float, int]] = [("<unk>", 0.0, SPM_UNKNOWN), ("<s>", 0.0, SPM_CONTROL), ("</s>", 0.0, SPM_CONTROL)]
+    specials: list[tuple[str, float, int]] = [
+        ("<unk>", 0.0, SPM_UNKNOWN),
+        ("<s>", 0.0, SPM_CONTROL),
+        ("</s>", 0.0, SPM_CONTROL),
+    ]
     specials += [(f"<0x{b:02X}>", 0.0, SPM_BYTE) for b in range(256)]
     specials += [(_SPACE * n, _NEG_INF_SCORE, SPM_NORMAL) for n in _SPACE_RUN_ORDER]
     n_merged = vocab_size - len(specials) - len(_CHARS)
     if n_merged < 0:
-        raise InputError(f"vocab_size={vocab_size} is too small: the synthetic vocabulary needs at least {len(specials) + len(_CHARS)}.")
+        raise InputError(
+            f"vocab_size={vocab_size} is too small: the synthetic vocabulary needs at least "
+            f"{len(specials) + len(_CHARS)}."
+        )
     pieces = list(specials)
     for p in _synthetic_pieces(n_merged, seed):
         pieces.append((p, -float(len(pieces) - len(specials) + 1), SPM_NORMAL))
@@ -617,6 +626,21 @@ def build_llama_tokenizer(
     if not 0 <= spm.unk_id < len(spm.pieces):
         raise TokenizerError(f"unk_id={spm.unk_id} is outside the vocabulary ({len(spm.pieces)} pieces).")
     unk = spm.pieces[spm.unk_id][0]
+    extra = sorted(((c, int(i)) for c, i in (added_tokens or {}).items()), key=lambda kv: kv[1])
+    next_id = len(spm.pieces)
+    for content, token_id in extra:
+        if 0 <= token_id < len(spm.pieces):
+            if spm.pieces[token_id][0] != content:
+                raise TokenizerError(
+                    f"Added token {content!r} has id {token_id}, which is the piece {spm.pieces[token_id][0]!r}."
+                )
+        elif token_id != next_id:
+            raise TokenizerError(
+                f"Added token {content!r} has id {token_id}; expected {next_id} (added ids must follow the "
+                f"{len(spm.pieces)}-piece vocabulary without gaps)."
+            )
+        else:
+            next_id += 1
     prefix = spm.add_dummy_prefix if add_prefix_space is None else add_prefix_space
     model = models.BPE(
         vocab=vocab, merges=_spm_merges(spm), unk_token=unk, fuse_unk=True, byte_fallback=spm.byte_fallback
@@ -646,21 +670,7 @@ def build_llama_tokenizer(
     user = [p for p, _, t in spm.pieces if t == SPM_USER_DEFINED]
     if user:
         tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in user])
-    next_id = len(spm.pieces)
-    for content, token_id in sorted((added_tokens or {}).items(), key=lambda kv: kv[1]):
-        token_id = int(token_id)
-        if token_id < len(spm.pieces):
-            if spm.pieces[token_id][0] != content:
-                raise TokenizerError(
-                    f"Added token {content!r} has id {token_id}, which is the piece {spm.pieces[token_id][0]!r}."
-                )
-        elif token_id != next_id:
-            raise TokenizerError(
-                f"Added token {content!r} has id {token_id}; expected {next_id} (added ids must follow the "
-                f"{len(spm.pieces)}-piece vocabulary without gaps)."
-            )
-        else:
-            next_id += 1
+    for content, token_id in extra:
         token = added(content)
         (tok.add_special_tokens if token.special else tok.add_tokens)([token])
         if tok.token_to_id(content) != token_id:
@@ -712,9 +722,7 @@ def _merge_order_problem(tok_json: Mapping[str, Any]) -> str | None:
     if runs[0] > last_other:
         return None
     a, b = merges[runs[0]]
-    return (
-        f"merge {a!r} + {b!r} has rank {runs[0]} of {len(merges)}, before {last_other - runs[0]} ordinary merges"
-    )
+    return f"merge {a!r} + {b!r} has rank {runs[0]} of {len(merges)}, before {last_other - runs[0]} ordinary merges"
 
 
 def check_llama_merge_order(tokenizer: Tokenizer | Mapping[str, Any], source: str = "tokenizer.json") -> None:
@@ -826,7 +834,7 @@ def load_llama_tokenizer_from_checkpoint(folder: str | Path) -> Tokenizer:
 
     legacy = config.get("legacy")
     if legacy is None:
-        log.warning("%s: tokenizer_config.json has no 'legacy' key; using legacy=True as transformers 4.45 does.", folder)
+        log.warning("%s: tokenizer_config.json has no 'legacy' key; using legacy=True (transformers 4.45)", folder)
         legacy = True
     return build_llama_tokenizer(
         spm,
@@ -902,8 +910,9 @@ class LlamaPromptTokenizer:
         bos_token: str = "<s>",
         eos_token: str = "</s>",
         check_merges: bool = True,
+        _tok_json: dict[str, Any] | None = None,
     ) -> None:
-        tok_json = json.loads(tokenizer.to_str())
+        tok_json = json.loads(tokenizer.to_str()) if _tok_json is None else _tok_json
         if check_merges:
             check_llama_merge_order(tok_json, "the LLaMA tokenizer")
         self.tokenizer = tokenizer
@@ -922,13 +931,14 @@ class LlamaPromptTokenizer:
         if not path.is_file():
             raise TokenizerError(f"Missing tokenizer file {path.name} in {path.parent}.")
         try:
-            tok = Tokenizer.from_file(str(path))
+            text = path.read_text(encoding="utf-8")
+            tok = Tokenizer.from_str(text)
+            tok_json = json.loads(text)
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"Cannot load tokenizer file {path}: {exc}") from exc
-        if kwargs.get("check_merges", True):
-            check_llama_merge_order(tok, str(path))
-            kwargs["check_merges"] = False
-        return cls(tok, image_token_id, **kwargs)
+        if kwargs.pop("check_merges", True):
+            check_llama_merge_order(tok_json, str(path))
+        return cls(tok, image_token_id, check_merges=False, _tok_json=tok_json, **kwargs)
 
     @classmethod
     def from_checkpoint(
@@ -1018,6 +1028,9 @@ class ClipTokenizer:
             tokenizer = Tokenizer.from_str(data)
         self.tokenizer = tokenizer
         self._by_length: dict[int, Tokenizer] = {}
+        trunc, pad = tokenizer.truncation, tokenizer.padding
+        if trunc and pad and trunc.get("max_length") == pad.get("length") and pad.get("pad_id") == CLIP_EOS_ID:
+            self._by_length[int(pad["length"])] = tokenizer  # already fixed-length: use it as it is
 
     @classmethod
     def from_file(cls, path: str | Path) -> ClipTokenizer:
@@ -1063,7 +1076,7 @@ class ClipTokenizer:
             path = path / "clip_tokenizer.json"
         data = self.tokenizer.to_str()
         if path.suffix == ".gz":
-            path.write_bytes(gzip.compress(data.encode("utf-8"), mtime=0))
+            path.write_bytes(gzip.compress(data.encode("utf-8"), compresslevel=6, mtime=0))
         else:
             path.write_text(data, encoding="utf-8")
         return path

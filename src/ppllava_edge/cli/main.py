@@ -96,3 +96,7 @@ def generate_cmd(checkpoint: Path, input_path: Path, question: str, num_frames: 
 
 def main() -> None:
     cli(obj={})
+
+
+# Commands living in their own modules register themselves on `cli` when imported.
+from . import demo_cmd, export_cmd, runtime_cmd  # noqa: E402,F401

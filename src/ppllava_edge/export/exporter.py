@@ -220,6 +220,7 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
         "export_seconds": round(sum(timings.values()), 3),
         "opset": opts.opset,
         "dtype": opts.dtype,
+        "graphs": graphs,
         "versions": _versions(),
         "frames": {"min": opts.frames[0], "opt": opts.frames[1], "max": opts.frames[2]},
         "visual_tokens_per_frame_pair": cfg.visual_tokens(2),

@@ -79,13 +79,13 @@ class OrtKVDecoder:
         io.bind_cpu_input("inputs_embeds", embeds)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", pos)
+        io.bind_output("logits", "cpu")  # bound first: copy_outputs_to_cpu() follows binding order
         nxt = 1 - self._cur
         for i, (pn, qn) in enumerate(zip(self.past_names, self.present_names)):
             past = self._view(self._cur, i, b, self.length)
             io.bind_input(pn, "cpu", 0, self.dtype, past.shape, past.ctypes.data)
             present = self._view(nxt, i, b, total)
             io.bind_output(qn, "cpu", 0, self.dtype, present.shape, present.ctypes.data)
-        io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
         logits = io.copy_outputs_to_cpu()[0]
         self._cur, self.length = nxt, total

@@ -1,0 +1,108 @@
+"""`ppllava-edge ask` and `ppllava-edge chat`: the torch-free runtime on an export folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ._progress import err_console
+from .main import cli, frames_option
+
+
+def generation_options(f):
+    opts = [
+        click.option("--max-new-tokens", type=int, default=32, show_default=True),
+        click.option("--temperature", type=float, default=1.0, show_default=True, help="Used with --sample."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Used with --sample (0 = off)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Used with --sample."),
+        click.option("--sample", is_flag=True, help="Sample instead of greedy decoding."),
+        click.option("--seed", type=int, default=None, help="Seed for --sample."),
+        click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search (the authors' demo uses 5)."),
+        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True),
+        click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Also keep per-video features on disk here."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams):
+    from ..runtime.generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams)
+
+
+@cli.command("ask")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("question")
+@frames_option()
+@generation_options
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (text, ids, timings) instead of text.")
+@click.option("--dump", type=click.Path(path_type=Path), default=None, help="Write the intermediate arrays as .npy into this folder.")
+def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, threads, cache_dir, stream, as_json, dump):
+    """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime."""
+    from ..runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir)
+    gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
+    streamer = _Streamer(pipe) if stream and not as_json else None
+    result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None)
+    if dump is not None:
+        from ..dump import write_dump
+
+        write_dump(dump, result.arrays)
+        err_console.print(f"dumped {len(result.arrays)} arrays to {dump}")
+    if as_json:
+        click.echo(json.dumps({"text": result.text, "ids": result.ids, "visual_tokens": result.visual_tokens, "context_len": result.context_len, "provider": pipe.provider, "timings_ms": result.timings.as_dict()}))
+    else:
+        if streamer is not None:
+            streamer.finish()
+        else:
+            click.echo(result.text)
+        err_console.print(f"provider {pipe.provider}: {result.visual_tokens} visual tokens, context {result.context_len} | {result.timings.line()}")
+
+
+class _Streamer:
+    """Prints the decoded text incrementally (re-decoding the id list keeps multi-byte pieces right)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.ids, self.printed = pipe, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(int(token))
+        text = self.pipe.llama.decode(self.ids)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+@cli.command("chat")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="VIDEO", type=click.Path(path_type=Path))
+@frames_option()
+@generation_options
+@click.option("-q", "--question", "questions", multiple=True, help="Questions to ask in order (otherwise read lines from stdin).")
+def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, threads, cache_dir, questions):
+    """Several questions on one video: the vision graph runs once, later questions hit the feature cache."""
+    from ..runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir)
+    gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
+    source = list(questions) if questions else (line.strip() for line in sys.stdin)
+    for q in source:
+        if not q:
+            continue
+        result = pipe.ask(input_path, q, num_frames=num_frames, generation=gen)
+        click.echo(f"Q: {q}\nA: {result.text}")
+        err_console.print(f"   {result.timings.line()}")
