@@ -51,3 +51,13 @@ def sample_videos(tmp_path_factory) -> list[Path]:
 def cosine(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported to ONNX once per session (fp32, frames 2:8:16, validated)."""
+    from ppllava_edge.export.exporter import ExportOptions, export_checkpoint
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_checkpoint(tiny_ckpt, out, ExportOptions(frames=(2, 8, 16)))
+    return out

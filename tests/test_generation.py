@@ -210,7 +210,7 @@ def test_sampling_filters_follow_transformers(temperature, top_k, top_p):
     """Sampled ids stay inside the set transformers' warpers (temperature → top-k → top-p) keep, and cover it."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    logits = np.random.default_rng(3).standard_normal(64).astype(np.float32) * 2
+    logits = np.random.default_rng(3).standard_normal(64).astype(np.float32) * 0.7
     scores = torch.from_numpy(logits)[None]
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(None, scores)

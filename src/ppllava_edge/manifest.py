@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 MANIFEST_NAME = "export.json"
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT: "
-GRAPHS = ("vision", "prompt_pool", "image_pool", "decoder")
+GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head", "decoder")
 
 
 @dataclass(frozen=True)

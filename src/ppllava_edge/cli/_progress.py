@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.table import Table
 
-err_console = Console(stderr=True, highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False, width=None if sys.stderr.isatty() else 160)
 out_console = Console(highlight=False, soft_wrap=True)
 
 

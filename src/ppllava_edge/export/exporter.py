@@ -28,7 +28,7 @@ from ..manifest import MANIFEST_NAME, PROMPT_TEMPLATE
 from ..model.checkpoint import checkpoint_hash, load_model
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
-from .graphs import DecoderGraph, PromptPoolGraph, VisionGraph
+from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
 from .validate import ValidationReport, validate_export
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,12 @@ def export_graphs(model: PPLLaVAForConditionalGeneration, tmp: Path, opts: Expor
     )
     timings["image_pool"] = time.perf_counter() - t0
 
+    on_stage("projector_head.onnx")
+    t0 = time.perf_counter()
+    tokens = Dim("tokens", min=1, max=65536)
+    _onnx_export(ProjectorHeadGraph(model), (values.reshape(-1, values.shape[-1])[:8],), tmp / "projector_head.onnx", ["values"], ["tokens"], ({0: tokens},), opts.opset, False)
+    timings["projector_head"] = time.perf_counter() - t0
+
     on_stage("decoder.onnx")
     t0 = time.perf_counter()
     t = cfg.text
@@ -208,7 +214,7 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
     preset_file = checkpoint / "ppllava_edge.json"
     preset = json.loads(preset_file.read_text()).get("preset") if preset_file.is_file() else None
     graphs = {}
-    for name in ("vision", "prompt_pool", "image_pool", "decoder"):
+    for name in ("vision", "prompt_pool", "image_pool", "projector_head", "decoder"):
         graphs[name] = {"file": f"{name}.onnx", "precision": opts.dtype, **graph_io(tmp / f"{name}.onnx"), "export_seconds": round(timings.get(name, 0.0), 3)}
     h, w = cfg.frame_shape
     return {

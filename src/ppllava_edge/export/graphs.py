@@ -3,6 +3,7 @@
 - VisionGraph:      pixel_values [T,3,H,W] -> values [T,P,D_llm] = GELU(linear_1(F)), keys [T*P,E] (normalised)
 - PromptPoolGraph:  clip_ids [1,L], keys, values -> visual_tokens [T//2*(h/3)*(w/3), D_llm], relevance [T,h,w]
 - ImagePoolGraph:   the same for one image tile with the (1,3,3) kernel, plus the image_newline row
+- ProjectorHeadGraph: values [N,D_llm] -> linear_2(values) (baselines without prompt-guided pooling)
 - DecoderGraph:     inputs_embeds, attention_mask, position_ids, past.{i}.key/value -> logits [B,V], present.*
 """
 
@@ -41,6 +42,18 @@ class PromptPoolGraph(nn.Module):
         if self.image and self.model.cfg.use_image_newline_parameter:
             tokens = torch.cat((tokens, self.model.image_newline[None].to(tokens.dtype)), dim=0)
         return tokens, g
+
+
+class ProjectorHeadGraph(nn.Module):
+    """linear_2 alone: values [N, D_llm] -> tokens [N, D_llm]. Used by the bench's no-pooling / average-pooling
+    baselines (LLaVA-NeXT without prompt-guided pooling on the same backbone)."""
+
+    def __init__(self, model: PPLLaVAForConditionalGeneration):
+        super().__init__()
+        self.linear_2 = model.multi_modal_projector.linear_2
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(values)
 
 
 class DecoderGraph(nn.Module):

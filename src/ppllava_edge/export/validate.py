@@ -123,6 +123,9 @@ def validate_export(model: PPLLaVAForConditionalGeneration, folder: Path, manife
         tokens, g = image_pool.run(None, {"clip_ids": short.numpy(), "keys": ref_keys.numpy().astype(np_dtype), "values": ref_values.numpy().astype(np_dtype)})
         record("image_pool", "1 tile", "visual_tokens", ref_tokens.numpy(), tokens)
         record("image_pool", "1 tile", "relevance", ref_g.numpy(), g)
+        head = _session(folder / "projector_head.onnx")
+        flat = ref_values.reshape(-1, ref_values.shape[-1])
+        record("projector_head", f"N={flat.shape[0]}", "tokens", model.multi_modal_projector.linear_2(flat).numpy(), head.run(None, {"values": flat.numpy().astype(np_dtype)})[0])
 
         t = cfg.text
         dg = DecoderGraph(model)
