@@ -14,6 +14,7 @@ _INSTALL_HINTS = {
     "gpu": "pip uninstall -y onnxruntime && pip install 'ppllava-edge[gpu]'",
     "bench": "pip install 'ppllava-edge[bench]'",
     "dev": "pip install 'ppllava-edge[dev]'",
+    "video": "pip install av==18.1.0 (part of the plain ppllava-edge install)",
 }
 
 

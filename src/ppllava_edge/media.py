@@ -498,7 +498,7 @@ def preprocess_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
     s = _positive_int("image_size", image_size)
     out = np.empty((frames.shape[0], s, s, 3), dtype=np.float32)
     for t in range(frames.shape[0]):
-        img = Image.fromarray(np.ascontiguousarray(frames[t]), mode="RGB")
+        img = Image.fromarray(np.ascontiguousarray(frames[t]))
         if img.size != (s, s):
             img = img.resize((s, s), resample=Image.Resampling.BICUBIC)
         out[t] = np.asarray(img, dtype=np.float32)

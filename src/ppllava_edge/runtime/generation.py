@@ -308,7 +308,7 @@ def _beam_search(
         hyp_len = max_len if (early == "never" and lp > 0.0) else cur_len
         best_running = run_scores[0] / np.float32(float(hyp_len) ** lp)
         worst_finished = np.where(fin_done, fin_scores.min(), _NEG)
-        improvable = bool(np.any(best_running > worst_finished))
+        improvable = improvable and bool(np.any(best_running > worst_finished))
         still_open = not (fin_done.all() and early is True)
         can_continue = not hits.all()
 

@@ -1,0 +1,414 @@
+"""Collect calibration feeds for every graph by running the real fp32 pipeline over videos and questions.
+
+    summary = collect_calibration("export/", "videos/", "questions.jsonl", "calib/", frames=[8], samples=32)
+
+Questions file (JSON Lines, one object per line, blank lines ignored):
+
+    {"video": "cooking.mp4", "question": "What is the person doing?"}   # this question, this video only
+    {"question": "Describe the video."}                                  # asked about every video
+
+`video` is a path relative to the videos folder. Unknown keys are errors (a typo such as "vidoe" must not
+silently turn a per-video question into a global one). Every video gets its own questions plus the global ones;
+a video with no question at all is an error.
+
+What is stored in CALIB (numpy only, no torch; `readers.py` turns it into ONNX Runtime data readers):
+
+- ``vision/NNNN.npz``: ``pixel_values [T,3,S,S]``, one per video (T cycles through ``frames``);
+- ``prompt_pool/NNNN.npz``: ``clip_ids [1,248]``, ``keys``, ``values`` (from the fp32 vision graph), one per
+  (video, question) pair;
+- ``image_pool/NNNN.npz``: the same for the video's first frame run as a single image;
+- ``decoder/NNNN.npz``: ``inputs_embeds [1,L,D]`` (the real prompt: text embeddings with the pooled visual tokens
+  spliced in at the image token), the fp32 greedy continuation ``step_ids [k]`` / ``step_embeds [k,1,D]``, and
+  ``past.{i}.key|value [1,KV,L+k-1,HD]``, the KV cache after prefill and the first k-1 steps. Decode step j uses
+  the first L+j positions of it (causal, so they equal the cache at that step); storing the longest cache once
+  instead of one per step keeps CALIB small.
+- ``index.json``: the export it belongs to, the (video, question) sources with their split, and one record per
+  feed (graph, file, kind, shapes, split). Sources of held-out videos (the last ``holdout`` fraction, at least one,
+  when there are two or more videos; otherwise held-out questions) are not used for calibration: the accuracy gate
+  of ``quantize`` measures on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import AtomicDir
+from ..errors import CalibrationError, VideoError
+from ..manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "ppllava-edge-calibration"
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".gif", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"})
+GRAPHS = ("vision", "prompt_pool", "image_pool", "decoder")
+_MAX_LISTED = 10
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Question:
+    line: int
+    question: str
+    video: str | None  # None: asked about every video
+
+
+@dataclass
+class CalibrationSummary:
+    """What `collect_calibration` stored."""
+
+    folder: Path
+    videos: int
+    skipped: list[tuple[str, str]]  # (video, reason)
+    sources: int
+    holdout_sources: int
+    feeds: dict[str, int]  # graph -> feeds stored (decode steps counted separately as 'decoder (decode)')
+    shapes: dict[str, str]  # graph -> shape range, e.g. "T 4..8"
+    bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    HEADER = ["graph", "feeds", "shapes"]
+
+    def rows(self) -> list[list[str]]:
+        return [[g, str(n), self.shapes.get(g, "")] for g, n in self.feeds.items()]
+
+    def as_dict(self) -> dict:
+        return {
+            "videos": self.videos, "skipped": [{"video": v, "reason": r} for v, r in self.skipped],
+            "sources": self.sources, "holdout_sources": self.holdout_sources, "feeds": self.feeds,
+            "shapes": self.shapes, "bytes": self.bytes, "seconds": round(self.seconds, 3), "notes": self.notes,
+        }
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+def read_questions(path: str | Path) -> list[Question]:
+    """Parse the questions JSONL; every malformed line is reported (with its number) in one CalibrationError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: no such questions file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{path}: cannot read the questions file ({exc})") from exc
+    out: list[Question] = []
+    problems: list[str] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        unknown = sorted(set(obj) - {"video", "question"})
+        if unknown:
+            problems.append(f"{path}:{n}: unknown key(s) {', '.join(map(repr, unknown))} (allowed: 'video', 'question')")
+            continue
+        q, v = obj.get("question"), obj.get("video")
+        if not isinstance(q, str) or not q.strip():
+            problems.append(f"{path}:{n}: 'question' must be a non-empty string, got {q!r}")
+            continue
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            problems.append(f"{path}:{n}: 'video' must be a file name (string), got {v!r}")
+            continue
+        out.append(Question(n, q.strip(), v.strip() if v is not None else None))
+    if problems:
+        more = f"\n... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise CalibrationError(
+            f"{path}: {len(problems)} malformed line(s):\n" + "\n".join(problems[:_MAX_LISTED]) + more
+            + '\nHint: one JSON object per line: {"video": "name.mp4", "question": "..."} or {"question": "..."} for every video.'
+        )
+    if not out:
+        raise CalibrationError(f"{path}: no questions (the file is empty).")
+    return out
+
+
+def list_videos(folder: str | Path) -> list[Path]:
+    """Video files directly in `folder` (by extension, sorted; hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrationError(f"{folder}: no such videos folder.")
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+def _pairs(videos: list[Path], questions: list[Question], folder: Path, qpath: Path) -> list[tuple[Path, Question]]:
+    """(video, question) pairs: each video's own questions, then the global ones."""
+    names = {p.name: p for p in videos}
+    per_video: dict[Path, list[Question]] = {p: [] for p in videos}
+    missing = []
+    for q in questions:
+        if q.video is None:
+            continue
+        p = names.get(q.video)
+        if p is None:
+            cand = folder / q.video
+            if cand.is_file() and cand.resolve().is_relative_to(folder.resolve()):
+                p = cand
+                per_video.setdefault(p, [])
+            else:
+                missing.append(f"{qpath}:{q.line}: video {q.video!r} is not in {folder}")
+                continue
+        per_video[p].append(q)
+    if missing:
+        raise CalibrationError("\n".join(missing[:_MAX_LISTED]) + ("\n..." if len(missing) > _MAX_LISTED else ""))
+    shared = [q for q in questions if q.video is None]
+    pairs = []
+    for p in sorted(per_video):
+        qs = per_video[p] + shared
+        pairs.extend((p, q) for q in qs)
+    return pairs
+
+
+def _select(pairs: list[tuple[Path, Question]], samples: int) -> list[tuple[Path, Question]]:
+    """At most `samples` pairs, round-robin over videos so every video is covered first."""
+    if len(pairs) <= samples:
+        return pairs
+    by_video: dict[Path, list[tuple[Path, Question]]] = {}
+    for pq in pairs:
+        by_video.setdefault(pq[0], []).append(pq)
+    chosen: list[tuple[Path, Question]] = []
+    rnd = 0
+    while len(chosen) < samples:
+        for v in sorted(by_video):
+            if rnd < len(by_video[v]) and len(chosen) < samples:
+                chosen.append(by_video[v][rnd])
+        rnd += 1
+    return sorted(chosen, key=lambda pq: (str(pq[0]), pq[1].line))
+
+
+def _range(values: Sequence[int], name: str) -> str:
+    lo, hi = min(values), max(values)
+    return f"{name} {lo}" if lo == hi else f"{name} {lo}..{hi}"
+
+
+# ---- collection ------------------------------------------------------------------------------------
+def collect_calibration(
+    export_dir: str | Path,
+    videos_dir: str | Path,
+    questions: str | Path,
+    out: str | Path,
+    frames: int | Sequence[int] | None = None,
+    samples: int = 32,
+    decode_steps: int = 2,
+    holdout: float = 0.25,
+    on_bad_video: str = "skip",
+    force: bool = False,
+    progress: Progress | None = None,
+    threads: int | None = None,
+) -> CalibrationSummary:
+    """Run the fp32 export over videos × questions and store per-graph calibration feeds in `out` (atomically).
+
+    Args:
+        export_dir: an fp32 export folder (the feeds are specific to it).
+        videos_dir: folder of videos (files directly inside it, by extension).
+        questions: JSONL file (see the module docstring).
+        out: CALIB folder to create.
+        frames: frame counts; video i is sampled with frames[i % len(frames)] (several values give the
+            mixed-shape calibration set). Default: the export's `opt` frame count.
+        samples: maximum (video, question) pairs, chosen round-robin over videos.
+        decode_steps: decode-step feeds stored per pair (the fp32 greedy continuation), >= 0.
+        holdout: fraction of videos (or of pairs, with one video) kept out of calibration for the accuracy gate.
+        on_bad_video: "skip" (warn, list in the summary) or "fail" (CalibrationError listing all of them).
+        force: replace a non-empty `out`.
+        progress: called as progress(done, total) after each video and each pair.
+        threads: ONNX Runtime intra-op threads.
+
+    Raises:
+        CalibrationError: empty folder, unreadable videos with on_bad_video="fail" (or all unreadable), malformed
+            JSONL (line numbers), bad options.
+    """
+    from ..runtime.pipeline import Pipeline, Timings
+
+    t_start = time.perf_counter()
+    if on_bad_video not in ("skip", "fail"):
+        raise CalibrationError(f"on_bad_video must be 'skip' or 'fail', got {on_bad_video!r}")
+    if samples < 1:
+        raise CalibrationError(f"samples must be >= 1, got {samples}")
+    if decode_steps < 0:
+        raise CalibrationError(f"decode_steps must be >= 0, got {decode_steps}")
+    if not 0.0 <= holdout < 1.0:
+        raise CalibrationError(f"holdout must be in [0, 1), got {holdout}")
+    manifest = load_manifest(export_dir)
+    precisions = {g: manifest.graph(g).get("precision", "fp32") for g in manifest.data["graphs"]}
+    if any(p != "fp32" for p in precisions.values()):
+        raise CalibrationError(
+            f"{export_dir}: calibration needs the fp32 export, but it holds {precisions}.\n"
+            "Hint: point calibrate at the folder written by `ppllava-edge export`."
+        )
+    fmin, fopt, fmax = manifest.frames
+    frame_list = [fopt] if frames is None else ([int(frames)] if isinstance(frames, (int, np.integer)) else [int(f) for f in frames])
+    bad_frames = [f for f in frame_list if not max(fmin, 2) <= f <= fmax]
+    if not frame_list or bad_frames:
+        raise CalibrationError(f"frames {bad_frames or frame_list} outside this export's frame range {max(fmin, 2)}..{fmax}")
+
+    videos_dir, qpath = Path(videos_dir), Path(questions)
+    qs = read_questions(qpath)
+    videos = list_videos(videos_dir)
+    if not videos:
+        raise CalibrationError(
+            f"{videos_dir}: no video files in this folder (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})."
+        )
+    pairs = _pairs(videos, qs, videos_dir, qpath)
+    videos = sorted({p for p, _ in pairs} | set(videos))
+    lonely = [p.name for p in videos if not any(v == p for v, _ in pairs)]
+    if lonely:
+        raise CalibrationError(f"{qpath}: no question applies to video(s) {', '.join(lonely[:_MAX_LISTED])}.\nHint: add a line without \"video\" to ask it about every video.")
+
+    pipe = Pipeline.from_export(export_dir, provider="cpu", threads=threads)
+    m = manifest.model
+    clip_len = m["clip_text_length"]
+    ctx = m["max_position_embeddings"]
+    total = len(videos) + min(len(pairs), samples)
+    done = 0
+
+    # 1) vision: one clip per video (also rejects unreadable videos before any pair runs)
+    feats: dict[Path, dict] = {}
+    skipped: list[tuple[str, str]] = []
+    for i, path in enumerate(videos):
+        t = frame_list[i % len(frame_list)]
+        try:
+            values, keys, vin = pipe.features(path, t, Timings(), need_pixels=True)
+        except VideoError as exc:
+            skipped.append((str(path), str(exc).splitlines()[0]))
+            log.warning("skipping unreadable video %s: %s", path, exc)
+        else:
+            px = vin.pixel_values
+            iv, ik = pipe.sessions["vision"].run(None, {"pixel_values": np.ascontiguousarray(px[:1])})
+            feats[path] = {"frames": t, "pixel_values": px, "values": values, "keys": keys, "image_values": iv, "image_keys": ik}
+        done += 1
+        if progress:
+            progress(done, total)
+    if skipped and (on_bad_video == "fail" or not feats):
+        listed = "\n".join(f"  {v}: {r}" for v, r in skipped[:_MAX_LISTED])
+        more = f"\n  ... and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
+        why = "no readable video left" if not feats else "--on-bad-video fail"
+        raise CalibrationError(
+            f"{len(skipped)} of {len(videos)} video(s) could not be read ({why}):\n{listed}{more}"
+            + ("\nHint: --on-bad-video skip leaves them out." if feats else "")
+        )
+    pairs = _select([pq for pq in pairs if pq[0] in feats], samples)
+    total = done + len(pairs)
+    good_videos = sorted(feats)
+
+    # split: held-out videos (>= 2 videos) or held-out pairs (1 video)
+    notes: list[str] = []
+    if holdout == 0 or len(pairs) < 2:
+        held_video: set[Path] = set()
+        held_pair: set[int] = set()
+        notes.append("no held-out samples: the accuracy gate measures on calibration samples")
+    elif len(good_videos) >= 2:
+        n = min(len(good_videos) - 1, max(1, math.ceil(holdout * len(good_videos))))
+        held_video, held_pair = set(good_videos[-n:]), set()
+    else:
+        n = min(len(pairs) - 1, max(1, math.ceil(holdout * len(pairs))))
+        held_video, held_pair = set(), set(range(len(pairs) - n, len(pairs)))
+
+    def split_of(video: Path, pair: int | None) -> str:
+        return "holdout" if video in held_video or (pair is not None and pair in held_pair) else "calib"
+
+    with AtomicDir(out, force) as tmp:
+        for g in GRAPHS:
+            (tmp / g).mkdir()
+        records: dict[str, list[dict]] = {g: [] for g in GRAPHS}
+        video_ids = {p: k for k, p in enumerate(good_videos)}
+        for p in good_videos:
+            k = video_ids[p]
+            f = feats[p]
+            name = f"vision/{k:04d}.npz"
+            np.savez(tmp / name, pixel_values=f["pixel_values"])
+            records["vision"].append({"file": name, "video": k, "source": None, "split": split_of(p, None), "frames": f["frames"]})
+        sources = []
+        for s, (path, q) in enumerate(pairs):
+            f = feats[path]
+            split = split_of(path, s)
+            vid = video_ids[path]
+            input_ids = np.asarray(pipe.llama.prompt_ids(q.question), dtype=np.int64)
+            clip_ids = pipe.clip.encode(q.question, clip_len)[None].astype(np.int64)
+            tokens, _ = pipe.sessions["prompt_pool"].run(None, {"clip_ids": clip_ids, "keys": f["keys"], "values": f["values"]})
+            np.savez(tmp / f"prompt_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["keys"], values=f["values"])
+            records["prompt_pool"].append({"file": f"prompt_pool/{s:04d}.npz", "source": s, "video": vid, "split": split, "frames": f["frames"]})
+            np.savez(tmp / f"image_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["image_keys"], values=f["image_values"])
+            records["image_pool"].append({"file": f"image_pool/{s:04d}.npz", "source": s, "video": vid, "split": split, "frames": 1})
+            embeds = pipe.embed_prompt(input_ids, tokens)[None]  # [1, L, D]
+            L = int(embeds.shape[1])
+            steps = min(decode_steps, ctx - L)
+            if steps < 0:
+                raise CalibrationError(f"{q.question!r} on {path.name}: the prompt of {L} tokens exceeds the LLM context of {ctx}; use fewer frames")
+            dec = pipe.decoder
+            dec.reset(1)
+            logits = dec.forward(embeds)
+            ids, step_embeds = [], []
+            for j in range(steps):
+                tok = int(np.argmax(logits[0]))
+                ids.append(tok)
+                step_embeds.append(pipe.embed(np.asarray([tok]))[0])
+                if j < steps - 1:
+                    logits = dec.forward(step_embeds[-1][None])
+            past = {n: np.array(a) for n, a in zip(dec.past_names, dec.past())}  # [1, KV, L+steps-1 (or L), HD]
+            d = pipe.embed_table.shape[1]
+            np.savez(
+                tmp / f"decoder/{s:04d}.npz", inputs_embeds=embeds.astype(np.float32), input_ids=input_ids,
+                step_ids=np.asarray(ids, np.int64), step_embeds=np.asarray(step_embeds, np.float32).reshape(steps, 1, d), **past,
+            )
+            records["decoder"].append({"file": f"decoder/{s:04d}.npz", "source": s, "video": vid, "split": split, "kind": "prefill", "seq": L})
+            for j in range(steps):
+                records["decoder"].append({"file": f"decoder/{s:04d}.npz", "source": s, "video": vid, "split": split, "kind": "decode", "step": j, "past": L + j})
+            sources.append({"id": s, "video_index": vid, "video": str(path.relative_to(videos_dir)) if path.is_relative_to(videos_dir) else str(path),
+                            "question": q.question, "line": q.line, "frames": f["frames"], "prompt_tokens": L, "split": split})
+            done += 1
+            if progress:
+                progress(done, total)
+
+        feeds = {
+            "vision": len(records["vision"]),
+            "prompt_pool": len(records["prompt_pool"]),
+            "image_pool": len(records["image_pool"]),
+            "decoder (prefill)": sum(r["kind"] == "prefill" for r in records["decoder"]),
+            "decoder (decode)": sum(r["kind"] == "decode" for r in records["decoder"]),
+        }
+        shapes = {
+            "vision": _range([r["frames"] for r in records["vision"]], "T"),
+            "prompt_pool": _range([r["frames"] for r in records["prompt_pool"]], "T"),
+            "image_pool": "T 1",
+            "decoder (prefill)": _range([r["seq"] for r in records["decoder"] if r["kind"] == "prefill"], "L"),
+        }
+        if feeds["decoder (decode)"]:
+            shapes["decoder (decode)"] = _range([r["past"] for r in records["decoder"] if r["kind"] == "decode"], "past")
+        nbytes = sum(p.stat().st_size for p in tmp.rglob("*.npz"))
+        summary = CalibrationSummary(
+            folder=Path(out), videos=len(good_videos), skipped=skipped, sources=len(sources),
+            holdout_sources=sum(s["split"] == "holdout" for s in sources), feeds=feeds, shapes=shapes,
+            bytes=nbytes, seconds=time.perf_counter() - t_start, notes=notes,
+        )
+        index = {
+            "format": INDEX_FORMAT,
+            "format_version": 1,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "export": {"path": str(Path(export_dir).resolve()), "created": manifest.data.get("created"),
+                       "checkpoint_sha256": manifest.data["checkpoint"]["sha256"]},
+            "videos_dir": str(videos_dir.resolve()),
+            "questions": str(qpath.resolve()),
+            "frames": frame_list,
+            "decode_steps": decode_steps,
+            "holdout": holdout,
+            "sources": sources,
+            "records": records,
+            "summary": summary.as_dict(),
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    return summary

@@ -1,0 +1,187 @@
+"""Read a CALIB folder (written by `collect.py`) as feed dicts and as ONNX Runtime `CalibrationDataReader`s.
+
+    calib = load_calibration("calib/")
+    reader = make_reader(calib, "decoder", split="calib")   # for quantize_static
+    for feed in calib.feeds("vision", split="holdout"): ...
+
+`onnxruntime.quantization` (which imports `onnx`, part of the `export` extra) is imported only inside
+`make_reader` and `histogram_shape_fix`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CalibrationError
+from .collect import GRAPHS, INDEX_FORMAT, INDEX_NAME
+
+_POOL_INPUTS = ("clip_ids", "keys", "values")
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    folder: Path
+    index: dict
+
+    def records(self, graph: str, split: str = "calib") -> list[dict]:
+        """Feed records of `graph` in split 'calib', 'holdout' or 'all'."""
+        if graph not in GRAPHS:
+            raise CalibrationError(f"no calibration feeds for graph {graph!r} (CALIB has {', '.join(GRAPHS)})")
+        recs = self.index["records"][graph]
+        return recs if split == "all" else [r for r in recs if r["split"] == split]
+
+    def has_holdout(self) -> bool:
+        return any(s["split"] == "holdout" for s in self.index["sources"])
+
+    def eval_records(self, graph: str) -> list[dict]:
+        """The held-out records, or all records when CALIB has no held-out split."""
+        return self.records(graph, "holdout") if self.has_holdout() else self.records(graph, "all")
+
+    def load(self, record: dict) -> dict[str, np.ndarray]:
+        path = self.folder / record["file"]
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"{path}: cannot read calibration feed ({exc})") from exc
+
+    def feed(self, graph: str, record: dict, arrays: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The graph's input dict for one record (decoder masks / positions / past slices built here)."""
+        a = arrays if arrays is not None else self.load(record)
+        if graph == "vision":
+            return {"pixel_values": a["pixel_values"]}
+        if graph in ("prompt_pool", "image_pool"):
+            return {k: a[k] for k in _POOL_INPUTS}
+        past_names = sorted((k for k in a if k.startswith("past.")), key=_past_order)
+        if record["kind"] == "prefill":
+            e = a["inputs_embeds"]
+            n = e.shape[1]
+            feed = {"inputs_embeds": e, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n, dtype=np.int64)[None]}
+            for k in past_names:
+                shp = a[k].shape
+                feed[k] = np.zeros((shp[0], shp[1], 0, shp[3]), a[k].dtype)
+            return feed
+        j, p = record["step"], record["past"]
+        feed = {"inputs_embeds": a["step_embeds"][j:j + 1], "attention_mask": np.ones((1, p + 1), np.int64), "position_ids": np.asarray([[p]], np.int64)}
+        for k in past_names:
+            feed[k] = np.ascontiguousarray(a[k][:, :, :p])
+        return feed
+
+    def feeds(self, graph: str, split: str = "calib") -> Iterator[dict[str, np.ndarray]]:
+        for r in self.records(graph, split):
+            yield self.feed(graph, r)
+
+
+def _past_order(name: str) -> tuple[int, int]:
+    _, i, kv = name.split(".")
+    return int(i), 0 if kv == "key" else 1
+
+
+def load_calibration(folder: str | Path, manifest=None) -> CalibrationSet:
+    """Read `<folder>/index.json`; with `manifest` (an ExportManifest), check CALIB was collected on that model."""
+    folder = Path(folder)
+    path = folder / INDEX_NAME
+    if not path.is_file():
+        raise CalibrationError(f"{path}: missing; {folder} is not a calibration folder.\nHint: create one with `ppllava-edge calibrate EXPORT --videos DIR --questions FILE.jsonl --out {folder}`.")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{path}: not valid JSON ({exc})") from exc
+    if index.get("format") != INDEX_FORMAT:
+        raise CalibrationError(f"{path}: not a ppllava-edge calibration index (format={index.get('format')!r})")
+    missing = sorted({r["file"] for g in GRAPHS for r in index["records"][g] if not (folder / r["file"]).is_file()})
+    if missing:
+        raise CalibrationError(f"{folder}: calibration files named by index.json are missing: {', '.join(missing[:10])}")
+    if manifest is not None:
+        want = manifest.data["checkpoint"]["sha256"]
+        got = index["export"]["checkpoint_sha256"]
+        if got != want:
+            raise CalibrationError(
+                f"{folder} was collected on another model (checkpoint sha256 {got[:12]}…), not {manifest.folder} ({want[:12]}…).\n"
+                "Hint: run `ppllava-edge calibrate` on this export."
+            )
+    return CalibrationSet(folder, index)
+
+
+def make_reader(calib: CalibrationSet, graph: str, split: str = "calib", input_names: list[str] | None = None):
+    """An `onnxruntime.quantization.CalibrationDataReader` over one graph's feeds (loaded lazily, one at a time).
+
+    `input_names` (the model's inputs) drops feed entries the graph does not take, e.g. when a pre-processed
+    graph lost an unused input.
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    records = calib.records(graph, split)
+    if not records:
+        raise CalibrationError(f"{calib.folder}: no '{split}' calibration feeds for graph {graph!r}")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.pos = 0
+            self.start, self.end = 0, len(records)
+            self._file: tuple[str, dict] | None = None
+
+        def __len__(self) -> int:
+            return len(records)
+
+        def _arrays(self, rec: dict) -> dict:
+            if self._file is None or self._file[0] != rec["file"]:  # decode steps of one pair share a file
+                self._file = (rec["file"], calib.load(rec))
+            return self._file[1]
+
+        def get_next(self):
+            if self.pos >= self.end:
+                return None
+            rec = records[self.pos]
+            self.pos += 1
+            feed = calib.feed(graph, rec, self._arrays(rec))
+            return feed if input_names is None else {k: v for k, v in feed.items() if k in input_names}
+
+        def rewind(self) -> None:
+            self.pos = self.start
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.start, self.end = start_index, min(end_index, len(records))
+            self.pos = self.start
+
+    return _Reader()
+
+
+def _flatten_lists(name_to_arr: dict) -> dict:
+    """Each tensor's list of per-sample arrays (of different shapes) -> one flat array."""
+    out = {}
+    for k, v in name_to_arr.items():
+        if isinstance(v, (list, tuple)):
+            v = np.concatenate([np.asarray(a).ravel() for a in v]) if len(v) else np.zeros(0, np.float32)
+        out[k] = v
+    return out
+
+
+@contextmanager
+def histogram_shape_fix():
+    """Scoped patch of ORT's HistogramCollector (Percentile / Entropy) for samples of different shapes.
+
+    ORT 1.32 stacks each tensor's per-sample list with `np.asarray(list)`, which raises "setting an array element
+    with a sequence ... inhomogeneous shape" when sequence lengths or frame counts differ (toolchain-notes
+    pitfall 9). Histograms only need the values, so the list is flattened and concatenated first. The original
+    method is restored on exit.
+    """
+    from onnxruntime.quantization import calibrate
+
+    cls = calibrate.HistogramCollector
+    original = cls.collect
+
+    def collect(self, name_to_arr):
+        return original(self, _flatten_lists(name_to_arr))
+
+    cls.collect = collect
+    try:
+        yield
+    finally:
+        cls.collect = original

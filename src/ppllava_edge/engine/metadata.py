@@ -1,0 +1,198 @@
+"""`engines.json`: what an engine folder was built with, and the checks before loading it. Pure (no TensorRT).
+
+A serialized TensorRT engine only loads with the TensorRT version that built it and runs only on GPUs of the
+same compute capability (unless built version- or hardware-compatible, which we do not do). So engine file names
+carry both (`decoder.trt10.3.0.sm87.engine`, as clip_trt does) and `check_compatible` refuses a mismatch with a
+message that says to rebuild, instead of TensorRT's deserialization error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import ConfigError, EngineBuildError
+
+ENGINES_JSON = "engines.json"
+FORMAT = "ppllava-edge-engines"
+FORMAT_VERSION = 1
+
+
+def normalize_trt_version(version: str) -> str:
+    """'10.3.0.30' -> '10.3.0' (major.minor.patch: the part engine compatibility depends on)."""
+    parts = re.findall(r"\d+", str(version))
+    if not parts:
+        raise ConfigError(f"not a TensorRT version: {version!r}")
+    return ".".join((parts + ["0", "0"])[:3])
+
+
+def trt_major(version: str) -> int:
+    return int(normalize_trt_version(version).split(".")[0])
+
+
+def sm_of(compute_capability: str | tuple[int, int] | int) -> int:
+    """(8, 7) / '8.7' / 87 -> 87; (12, 0) -> 120."""
+    if isinstance(compute_capability, int):
+        return compute_capability
+    if isinstance(compute_capability, str):
+        if "." not in compute_capability:
+            return int(compute_capability.removeprefix("sm"))
+        major, minor = compute_capability.split(".", 1)
+        return int(major) * 10 + int(minor)
+    major, minor = compute_capability
+    return int(major) * 10 + int(minor)
+
+
+def engine_file_name(graph: str, trt_version: str, sm: int | str) -> str:
+    """'{graph}.trt{version}.sm{XY}.engine', e.g. 'vision.trt10.3.0.sm87.engine' (for humans; engines.json is the truth)."""
+    version = normalize_trt_version(trt_version) if trt_version != "unknown" else "unknown"
+    return f"{graph}.trt{version}.sm{sm}.engine"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_files(export_dir: Path, onnx_name: str) -> list[Path]:
+    """The ONNX file of a graph and its external-data files (`decoder.onnx`, `decoder.onnx.data`, ...)."""
+    main = export_dir / onnx_name
+    return [main] + sorted(p for p in export_dir.glob(onnx_name + "*") if p != main and p.is_file())
+
+
+def onnx_hashes(export_dir: Path, onnx_name: str) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in onnx_files(export_dir, onnx_name)}
+
+
+def new_metadata(
+    *,
+    trt_version: str,
+    gpu: dict,
+    export: dict,
+    limits: dict,
+    options: dict,
+    jetson: dict | None = None,
+) -> dict:
+    """Skeleton of engines.json; `engines` is filled per built engine with `engine_entry`."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tensorrt": normalize_trt_version(trt_version),
+        "tensorrt_full": str(trt_version),
+        "gpu": gpu,  # {"name", "compute_capability": "8.7", "sm": 87, "cuda_driver": "12.6", "cuda_runtime", "memory_bytes"}
+        "jetson": jetson,  # {"model", "l4t", "jetpack", "power_mode", ...} or None
+        "export": export,  # {"folder", "manifest_sha256", "created", "checkpoint_sha256", "dtype"}
+        "limits": limits,
+        "options": options,
+        "engines": {},
+    }
+
+
+def engine_entry(
+    *,
+    file: str,
+    onnx: str,
+    onnx_sha256: dict[str, str],
+    precision: str,
+    strongly_typed: bool,
+    profiles: list[dict],
+    device: str,
+    size_bytes: int,
+    build_seconds: float,
+    trtexec: str,
+    inputs: list[dict] | None = None,
+    outputs: list[dict] | None = None,
+) -> dict:
+    return {
+        "file": file,
+        "onnx": onnx,
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "device": device,
+        "profiles": profiles,
+        "inputs": inputs or [],
+        "outputs": outputs or [],
+        "size_bytes": size_bytes,
+        "build_seconds": round(build_seconds, 3),
+        "trtexec": trtexec,
+    }
+
+
+def export_fingerprint(export_dir: Path, data: dict) -> dict:
+    """What identifies the export the engines come from (checked again at load time)."""
+    return {
+        "folder": str(export_dir),
+        "manifest_sha256": sha256_file(export_dir / "export.json"),
+        "created": data.get("created", ""),
+        "checkpoint_sha256": data.get("checkpoint", {}).get("sha256", ""),
+        "dtype": data.get("dtype", ""),
+    }
+
+
+def write_metadata(folder: Path, meta: dict) -> Path:
+    path = Path(folder) / ENGINES_JSON
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_metadata(folder: str | Path) -> dict:
+    """Read `<folder>/engines.json` and check that every engine it names exists."""
+    folder = Path(folder)
+    path = folder / ENGINES_JSON
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: missing; {folder} is not an engine folder.\nHint: build one with `ppllava-edge build EXPORT --out {folder}`."
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a ppllava-edge engines file (format={meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{path}: format_version {meta['format_version']} is newer than this ppllava-edge understands ({FORMAT_VERSION})")
+    missing = [e["file"] for e in meta.get("engines", {}).values() if not (folder / e["file"]).is_file()]
+    if missing:
+        raise ConfigError(f"{path}: engine files named in it are missing: {', '.join(missing)}")
+    return meta
+
+
+def check_compatible(meta: dict, trt_version: str, sm: int) -> None:
+    """Refuse engines built by another TensorRT version or for another GPU architecture (EngineBuildError)."""
+    built_v, built_sm = meta.get("tensorrt", "?"), meta.get("gpu", {}).get("sm")
+    have_v = normalize_trt_version(trt_version)
+    problems = []
+    if built_v != have_v:
+        problems.append(f"TensorRT {built_v} built them, this machine has TensorRT {have_v}")
+    if built_sm is not None and int(built_sm) != int(sm):
+        problems.append(f"they target sm{built_sm} ({meta.get('gpu', {}).get('name', '?')}), this GPU is sm{sm}")
+    if problems:
+        src = meta.get("export", {}).get("folder", "EXPORT")
+        raise EngineBuildError(
+            f"the engines cannot run here: {'; '.join(problems)}.\n"
+            "Note: a TensorRT engine only loads with the TensorRT version that built it, on GPUs of the same compute capability.\n"
+            f"Hint: rebuild them on this machine: ppllava-edge build {src} --out ENGINES --force"
+        )
+
+
+def check_export(meta: dict, data: dict, export_dir: Path | None = None) -> None:
+    """Refuse engines built from a different export (checkpoint or export run) than the one being served."""
+    exp = meta.get("export", {})
+    mine = {"checkpoint_sha256": data.get("checkpoint", {}).get("sha256", ""), "created": data.get("created", "")}
+    bad = [k for k, v in mine.items() if exp.get(k) and v and exp[k] != v]
+    if bad:
+        where = export_dir or exp.get("folder", "EXPORT")
+        raise EngineBuildError(
+            f"the engines were built from another export ({', '.join(f'{k} {exp[k][:16]} != {mine[k][:16]}' for k in bad)}).\n"
+            f"Hint: rebuild them from this export: ppllava-edge build {where} --out ENGINES --force"
+        )

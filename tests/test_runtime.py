@@ -1,0 +1,182 @@
+"""The torch-free runtime: parity with the PyTorch reference, feature cache, sampling, beam search, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ppllava_edge.cli.main import cli
+from ppllava_edge.errors import InferenceError, InputError, VideoError
+from ppllava_edge.runtime.generation import GenerationConfig
+from ppllava_edge.runtime.pipeline import Pipeline
+
+QUESTIONS = ["What is happening in the video?", "What colour is the square?", "Count the   objects, please."]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_export):
+    return Pipeline.from_export(tiny_export, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    pytest.importorskip("torch")
+    from ppllava_edge.model.generate import ReferenceModel
+
+    return ReferenceModel(tiny_ckpt)
+
+
+def test_runtime_is_torch_free_and_answers(tiny_export, sample_video):
+    """Import the runtime where importing torch/transformers fails, and run a full answer."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'transformers', 'tensorrt'):
+                    raise ImportError('blocked for this test: ' + name)
+        sys.meta_path.insert(0, Block())
+        from ppllava_edge.runtime.pipeline import Pipeline
+        from ppllava_edge.runtime.generation import GenerationConfig
+        pipe = Pipeline.from_export({str(tiny_export)!r}, provider='cpu')
+        r = pipe.ask({str(sample_video)!r}, 'What happens?', num_frames=8, generation=GenerationConfig(max_new_tokens=6))
+        assert len(r.ids) >= 1 and isinstance(r.text, str)
+        assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)
+        print('OK', len(r.ids))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("OK")
+
+
+@pytest.mark.parametrize("frames", [8, 16])
+def test_greedy_ask_equals_generate(pipe, reference, sample_videos, frames):
+    for video in sample_videos:
+        for q in QUESTIONS:
+            want = reference.answer(video, q, num_frames=frames, max_new_tokens=12)
+            got = pipe.ask(video, q, num_frames=frames, generation=GenerationConfig(max_new_tokens=12), keep_arrays=True)
+            assert got.ids == want.output_ids, (video.name, q, frames)
+            assert got.visual_tokens == frames // 2 * 4
+            np.testing.assert_array_equal(got.arrays["input_ids"], want.arrays["input_ids"])
+            np.testing.assert_array_equal(got.arrays["clip_ids"], want.arrays["clip_ids"])
+            assert np.abs(got.arrays["visual_tokens"] - want.arrays["visual_tokens"]).max() <= 1e-4
+
+
+def test_image_input_uses_image_path(pipe, reference, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "frame.png"
+    Image.fromarray((np.random.default_rng(1).random((60, 90, 3)) * 255).astype(np.uint8)).save(img)
+    want = reference.answer(img, "What is this?", max_new_tokens=8)
+    got = pipe.ask(img, "What is this?", generation=GenerationConfig(max_new_tokens=8))
+    assert got.visual_tokens == 5 and got.ids == want.output_ids
+
+
+def test_second_question_hits_the_feature_cache(tiny_export, sample_video):
+    pipe = Pipeline.from_export(tiny_export, provider="cpu")
+    first = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=8))
+    assert pipe.vision_runs == 1 and not first.timings.cache_hit
+    second = pipe.ask(sample_video, QUESTIONS[1], generation=GenerationConfig(max_new_tokens=8))
+    again = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=8))
+    assert pipe.vision_runs == 1 and second.timings.cache_hit and again.timings.cache_hit
+    assert second.timings.vision == 0.0 and second.timings.decode_video == 0.0
+    assert again.ids == first.ids
+    pipe.ask(sample_video, QUESTIONS[0], num_frames=16, generation=GenerationConfig(max_new_tokens=2))
+    assert pipe.vision_runs == 2  # other frame count -> other key
+
+
+def test_disk_cache_survives_a_new_pipeline(tiny_export, sample_video, tmp_path):
+    a = Pipeline.from_export(tiny_export, provider="cpu", cache_dir=tmp_path / "cache")
+    first = a.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=4))
+    b = Pipeline.from_export(tiny_export, provider="cpu", cache_dir=tmp_path / "cache")
+    second = b.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=4))
+    assert b.vision_runs == 0 and second.timings.cache_hit and second.ids == first.ids
+
+
+def test_sampling_is_reproducible_with_a_seed(pipe, sample_video):
+    cfg = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
+    a = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(seed=7, **cfg))
+    b = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(seed=7, **cfg))
+    outs = {tuple(pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(seed=s, **cfg)).ids) for s in range(4)}
+    assert a.ids == b.ids and len(outs) > 1
+
+
+@pytest.mark.parametrize("beams", [3, 5])
+def test_beam_search_equals_transformers(pipe, reference, sample_video, beams):
+    want = reference.answer(sample_video, QUESTIONS[0], num_frames=8, max_new_tokens=10, num_beams=beams)
+    got = pipe.ask(sample_video, QUESTIONS[0], num_frames=8, generation=GenerationConfig(max_new_tokens=10, num_beams=beams))
+    assert got.ids == want.output_ids
+
+
+def test_kv_cache_is_allocated_once(tiny_export, sample_video):
+    pipe = Pipeline.from_export(tiny_export, provider="cpu")
+    r = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=12, ignore_eos=True))
+    assert len(r.ids) == 12 and len(r.timings.decode_steps) == 11
+    assert pipe.decoder.allocations == 1
+    pipe.ask(sample_video, QUESTIONS[1], generation=GenerationConfig(max_new_tokens=12, ignore_eos=True))
+    assert pipe.decoder.allocations == 1
+
+
+def test_prompt_longer_than_context_fails_before_compute(pipe, sample_video):
+    with pytest.raises(InputError, match="exceeds the LLM context"):
+        pipe.ask(sample_video, "q", generation=GenerationConfig(max_new_tokens=5000))
+    assert pipe.cache.misses == pipe.cache.misses  # nothing ran: no exception from the graphs
+
+
+def test_unknown_or_missing_provider(tiny_export):
+    with pytest.raises(InferenceError, match="not available"):
+        Pipeline.from_export(tiny_export, provider="tensorrt")
+
+
+def _bad_inputs(tmp_path):
+    from ppllava_edge.media import write_test_audio
+
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    audio = write_test_audio(tmp_path / "sound.m4a")
+    bad_npy = tmp_path / "frames.npy"
+    np.save(bad_npy, np.zeros((4, 84, 84), np.float32))
+    return {"missing": tmp_path / "nope.mp4", "corrupt": text, "empty": empty, "audio-only": audio, "bad npy": bad_npy}
+
+
+def test_bad_inputs_raise_video_errors(pipe, tmp_path):
+    for label, path in _bad_inputs(tmp_path).items():
+        with pytest.raises((VideoError, InputError)) as err:
+            pipe.ask(path, "q", generation=GenerationConfig(max_new_tokens=2))
+        assert path.name in str(err.value), label
+
+
+def test_cli_bad_inputs_exit_nonzero_without_traceback(tiny_export, sample_video, tmp_path):
+    runner = CliRunner()
+    cases = [[str(tiny_export), str(p), "q"] for p in _bad_inputs(tmp_path).values()]
+    cases.append([str(tiny_export), str(sample_video), "q", "--frames", "40"])
+    cases.append([str(tiny_export), str(sample_video), "q", "--provider", "cuda"])
+    cases.append([str(tmp_path / "no-export"), str(sample_video), "q"])
+    for args in cases:
+        res = runner.invoke(cli, ["ask", *args])
+        assert res.exit_code == 1, (args, res.output)
+        assert "error:" in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+def test_cli_ask_dump_equals_generate_dump(tiny_export, tiny_ckpt, sample_video, tmp_path):
+    pytest.importorskip("torch")
+    runner = CliRunner()
+    g = runner.invoke(cli, ["generate", str(tiny_ckpt), str(sample_video), "What happens?", "--dump", str(tmp_path / "g"), "--max-new-tokens", "12"])
+    assert g.exit_code == 0, g.output
+    a = runner.invoke(cli, ["ask", str(tiny_export), str(sample_video), "What happens?", "--dump", str(tmp_path / "a"), "--max-new-tokens", "12", "--json"])
+    assert a.exit_code == 0, a.output
+    for name in ("relevance", "visual_tokens"):
+        ga, aa = np.load(tmp_path / "g" / f"{name}.npy"), np.load(tmp_path / "a" / f"{name}.npy")
+        assert ga.shape == aa.shape and np.abs(ga - aa).max() <= 1e-4, name
+    for name in ("output_ids", "input_ids", "clip_ids", "pixel_values"):
+        np.testing.assert_array_equal(np.load(tmp_path / "g" / f"{name}.npy"), np.load(tmp_path / "a" / f"{name}.npy"))
+    assert os.path.exists(tmp_path / "g" / "features.npy")
