@@ -69,8 +69,7 @@ class FixedLogitsDecoder:
         self.batch = beam_idx.shape[0]
 
 
-@pytest.fixture(scope="module")
-def lm():
+def _make_lm(eos_weight: float):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -90,8 +89,15 @@ def lm():
     with torch.no_grad():
         # EOS reads one hidden channel alone, so it wins at some positions and not at others.
         model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[EOS, 0] = 1.0
+        model.lm_head.weight[EOS, 0] = eos_weight
     return model
+
+
+# 1.0: EOS ends some greedy runs early. 2.0: beam search often fills all num_beams finished slots before
+# max_new_tokens, so the early-stop heuristic, early_stopping=True and several EOS candidates per step matter.
+@pytest.fixture(scope="module", params=[1.0, 2.0], ids=["eos1", "eos2"])
+def lm(request):
+    return _make_lm(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -221,12 +221,23 @@ def select_profile(profiles: list[Profile], shapes: dict[str, Shape]) -> int:
     return -1
 
 
-def profiles_to_json(profiles: list[Profile], names: list[str]) -> list[dict]:
-    """JSON form for engines.json: [{"name", "shapes": {input: {"min", "opt", "max"}}}]."""
+def profiles_to_json(profiles: list[Profile], names: list[str], symbols: list[dict] | None = None) -> list[dict]:
+    """JSON form for engines.json: [{"name", "dims": {symbol: [min, opt, max]}, "shapes": {input: {"min", "opt", "max"}}}]."""
+    symbols = symbols or [{} for _ in profiles]
     return [
-        {"name": n, "shapes": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in p.items()}}
-        for n, p in zip(names, profiles)
+        {
+            "name": n,
+            "dims": {k: list(v) for k, v in sym.items()},
+            "shapes": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in p.items()},
+        }
+        for n, p, sym in zip(names, profiles, symbols)
     ]
+
+
+def format_symbols(symbols: dict[str, tuple[int, int, int]]) -> str:
+    """'seq 1..80..384, past 0' (fixed symbols once, ranges as min..opt..max); 'static' when there are none."""
+    parts = [f"{k} {lo}" if lo == hi else f"{k} {lo}..{opt}..{hi}" for k, (lo, opt, hi) in symbols.items()]
+    return ", ".join(parts) or "static"
 
 
 def profiles_from_json(items: list[dict]) -> list[Profile]:

@@ -1,0 +1,649 @@
+"""Quantize an fp32 export folder into a complete export folder Q, then gate it on accuracy.
+
+    result = quantize_export("export/", "calib/", "export-int8/", vision="int8", pool="int8", llm="int4-weight")
+    print(result.report.passed, result.folder)
+
+Per graph (`export.json` records the precision of each graph and a `quantization` block; `ask` runs Q unchanged):
+
+- ``int8`` (vision, prompt_pool/image_pool, decoder): static QDQ from the CALIB feeds. Activations uint8 asymmetric,
+  weights int8 symmetric per channel. By default (``op_types="weights"``) only MatMul/Gemm/Conv nodes with a
+  constant weight operand are quantized: LayerNorm, Softmax, residual Adds, attention Q·Kᵀ / P·V and, in the pools,
+  the relevance path (keys · text, the softmaxes, the weighted pooling ``w @ v``) stay float. ``op_types="matmul"``
+  also quantizes activation×activation MatMuls of vision and decoder (the pools stay weights-only).
+  ``op_types="all"`` is ORT's default (every quantizable op type, Softmax/Add/... included): it exists to show the
+  accuracy gate failing; do not ship it.
+- ``int8-weight`` / ``int4-weight`` (decoder): weight-only ``MatMulNBits`` (symmetric, blocks of ``block_size``
+  along K, ``accuracy_level`` 4 = int8 activations inside the kernel), no calibration needed.
+- ``fp16`` (vision): ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``; I/O stays
+  float32. ORT CPU has few fp16 kernels and inserts Casts, so this is a size / GPU format, not a CPU speed-up.
+- ``fp32``: the graph file is copied. ``projector_head`` (the no-pooling baseline graph) is always copied.
+
+Accuracy gate (written to ``Q/accuracy.json``), on the held-out CALIB samples (all samples if CALIB has none):
+
+- vision, prompt_pool, image_pool: per output, the minimum over samples of the cosine to the fp32 export
+  (gated, default ≥ 0.99) and the maximum |difference| (reported). Pools get fp32 inputs, so each graph is judged
+  on its own; the row ``pipeline`` reports Q-vision → Q-pool against fp32 for information.
+- decoder (the graph returns only the last position's logits):
+  ``logits cosine`` — min cosine of the last-position logits over the held-out prefill and decode-step feeds
+  (gated, ≥ 0.99); ``top-1 prefill`` — top-1 agreement at ``prefill_positions`` cut points of each held-out prompt
+  (each cut is one prefill of that prefix, so every position is compared with identical inputs; gated, ≥ 0.90);
+  ``top-1 decode`` — teacher forcing: the fp32 greedy continuation is fed to both exports for ``greedy_tokens``
+  steps and the argmax compared at each step (gated, ≥ 0.90); ``greedy`` — the full pipeline (Q vision → Q pool →
+  Q decoder vs all-fp32) generates ``greedy_tokens`` tokens greedily; the value is the mean fraction of tokens
+  before the first divergence (reported, gated only if ``Thresholds.greedy`` is set: on random-weight models the
+  logits are nearly flat and one early flip changes the rest of the sequence, so it is not a stable gate).
+
+Below a threshold, `quantize_export` raises AccuracyError (nothing is written to `out`) unless `accept_degraded`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import AtomicDir
+from ..errors import AccuracyError, CalibrationError, InputError
+from ..manifest import MANIFEST_NAME, load_manifest
+from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
+
+log = logging.getLogger(__name__)
+
+VISION_PRECISIONS = ("int8", "fp16", "fp32")
+POOL_PRECISIONS = ("int8", "fp32")
+LLM_PRECISIONS = ("int8", "int8-weight", "int4-weight", "fp32")
+METHODS = ("minmax", "percentile", "entropy")
+OP_TYPES = ("weights", "matmul", "all")
+ACCURACY_NAME = "accuracy.json"
+TRT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
+_WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+_POOLS = ("prompt_pool", "image_pool")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Gate thresholds; all metrics are 'higher is better'. None = reported only."""
+
+    cosine: float = 0.99  # vision / pool outputs
+    decoder_cosine: float = 0.99  # last-position logits
+    top1: float = 0.90  # prefill positions and teacher-forced decode steps
+    greedy: float | None = None  # mean fraction of greedy tokens before the first divergence
+
+
+@dataclass(frozen=True)
+class Check:
+    graph: str
+    precision: str
+    metric: str
+    value: float
+    threshold: float | None
+    samples: int
+
+    @property
+    def passed(self) -> bool:
+        return self.threshold is None or self.value >= self.threshold
+
+
+@dataclass
+class AccuracyReport:
+    checks: list[Check]
+    held_out: bool
+    thresholds: Thresholds
+    notes: list[str] = field(default_factory=list)
+
+    HEADER = ["graph", "precision", "metric", "value", "threshold", "n", "result"]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def rows(self) -> list[list[str]]:
+        def fmt(v: float) -> str:
+            return f"{v:.2e}" if (v != 0 and abs(v) < 1e-3) or abs(v) >= 1e4 else f"{v:.4f}"
+
+        return [
+            [c.graph, c.precision, c.metric, fmt(c.value), "" if c.threshold is None else f">= {c.threshold:g}", str(c.samples),
+             "info" if c.threshold is None else ("ok" if c.passed else "FAIL")]
+            for c in self.checks
+        ]
+
+    def as_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "held_out": self.held_out,
+            "thresholds": asdict(self.thresholds),
+            "checks": [{**asdict(c), "passed": c.passed} for c in self.checks],
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class QuantizeResult:
+    folder: Path
+    manifest: dict
+    report: AccuracyReport
+    graphs: dict[str, dict]  # graph -> {"precision", "seconds", "bytes", "nodes_quantized"}
+    seconds: float
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantization tools print progress to stdout and log at INFO: keep stdout for results."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization",
+                                              "onnxruntime.tools.symbolic_shape_infer", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if buf.getvalue().strip():
+            log.debug("onnxruntime.quantization output:\n%s", buf.getvalue())
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a @ b / (na * nb + 1e-300))
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+
+
+def _weight_nodes(model, op_types: Sequence[str] = _WEIGHT_OPS) -> list[str]:
+    """Names of `op_types` nodes that have an initializer operand (the weight MatMuls / Gemms / Convs)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in op_types and any(i in inits for i in n.input)]
+
+
+def _relevance_nodes(model) -> list[str]:
+    """The weight nodes that feed the pools' relevance directly: walking up from the MatMul that takes the graph
+    input `keys` (keys · text) through non-weight nodes, the first weight nodes met (the CLIP text projection).
+    Their error is multiplied by 1/temperature (100) inside softmax(g / 0.01), so they stay float by default."""
+    inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    start = [n for n in model.graph.node if n.op_type == "MatMul" and "keys" in n.input]
+    found, seen = [], set()
+    stack = [i for n in start for i in n.input if i != "keys"]
+    while stack:
+        t = stack.pop()
+        n = producer.get(t)
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type in _WEIGHT_OPS and any(i in inits for i in n.input):
+            found.append(n.name)
+            continue
+        stack.extend(n.input)
+    return found
+
+
+def _preprocess(src: Path, dst: Path) -> str:
+    """ORT's quant_pre_process; graphs whose symbolic shape inference fails (the pools' derived dims) are
+    pre-processed with skip_symbolic_shape=True (export-notes pitfall 3). Returns which one ran."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with _quiet():
+            quant_pre_process(str(src), str(dst))
+        return "default"
+    except Exception as exc:  # symbolic shape inference raises bare Exception / TypeError
+        log.info("%s: quant_pre_process failed (%s); retrying with skip_symbolic_shape=True", src.name, exc)
+        with _quiet():
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return "skip_symbolic_shape"
+
+
+def _exclude_target(entry: str, graph: str) -> str | None:
+    """The node name an --exclude-node entry names in `graph`, or None if it does not apply to it.
+
+    "GRAPH:NAME" applies to that graph ("pool:NAME" to both pools); a plain name to every graph."""
+    g, sep, n = entry.partition(":")
+    if sep and g in ("vision", "prompt_pool", "image_pool", "decoder", "pool"):
+        return n if g == graph or (g == "pool" and graph in _POOLS) else None
+    return entry
+
+
+def _split_excludes(exclude_nodes: Sequence[str], graph: str) -> list[str]:
+    return [n for n in (_exclude_target(e, graph) for e in exclude_nodes) if n is not None]
+
+
+def _ranges_to_trt_cache(ranges_json: Path, dst: Path, graph_tensors: set[str]) -> int:
+    """TensorRT calibration cache (text): header line, then `tensor: <hex of the big-endian float32 scale>` per
+    tensor, scale = max(|lo|, |hi|) / 127 (TensorRT INT8 is symmetric). Only tensors of the fp32 graph are kept
+    (TensorRT consumes the fp32 ONNX with this cache). Returns the number of tensors written."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    data = load_tensors_data(ranges_json)
+    lines = [TRT_CACHE_HEADER]
+    for name, td in sorted(data.items()):
+        if name not in graph_tensors:
+            continue
+        lo, hi = (float(np.asarray(v).max() if i else np.asarray(v).min()) for i, v in enumerate(td.range_value))
+        amax = max(abs(lo), abs(hi), 1e-12)
+        lines.append(f"{name}: {struct.pack('>f', amax / 127.0).hex()}")
+    dst.write_text("\n".join(lines) + "\n")
+    return len(lines) - 1
+
+
+# ---- per-graph conversions ------------------------------------------------------------------------------
+def _cal_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[name]
+
+
+# Histogram settings. ORT's quantize_static does not forward num_bins, and its Entropy default (128 bins, 128
+# quantized bins) can never clip, i.e. equals MinMax; so the calibrator is created here with TensorRT-like bins.
+_CALIB_OPTIONS = {
+    "minmax": {"symmetric": False},
+    "percentile": {"num_bins": 2048, "percentile": 99.999, "symmetric": True},
+    "entropy": {"num_bins": 512, "num_quantized_bins": 128, "symmetric": False},
+}
+_CHUNK = 4  # samples per collect_data call: histogram calibrators keep every intermediate tensor of a chunk in memory
+
+
+def calibrate_ranges(model_path: Path, calib: CalibrationSet, graph: str, method: str, op_types: list[str] | None, out: Path, work: Path) -> None:
+    """Activation ranges of `model_path` over CALIB's calibration feeds, saved with ORT's save_tensors_data (the
+    format quantize_static reads back through calibration_cache_path)."""
+    import onnx
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    input_names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
+    reader = make_reader(calib, graph, "calib", input_names)
+    try:
+        with histogram_shape_fix(), _quiet():
+            calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(work / f"{graph}.augmented.onnx"),
+                                           calibrate_method=_cal_method(method), extra_options=dict(_CALIB_OPTIONS[method]))
+            for start in range(0, len(reader), _CHUNK):
+                reader.set_range(start, start + _CHUNK)
+                calibrator.collect_data(reader)
+            ranges = calibrator.compute_data()
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CalibrationError(
+            f"{graph}: {method} calibration failed: {exc}\n"
+            "Hint: --method minmax is the most robust; with --op-types all, Entropy overflows on the attention-mask bias."
+        ) from exc
+    save_tensors_data(ranges, out)
+
+
+def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, method: str, op_types: str, excludes: list[str], work: Path, trt_dir: Path | None) -> dict:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    pre = work / f"{graph}.pre.onnx"
+    how = _preprocess(src, pre)
+    model = onnx.load(str(pre))
+    names = {n.name for n in model.graph.node}
+    unknown = [e for e in excludes if e not in names]
+    user_excludes = list(excludes)
+    if graph in _POOLS and op_types != "all":
+        excludes = [*excludes, *_relevance_nodes(model)]
+    if graph in _POOLS or op_types == "weights":
+        nodes = [n for n in _weight_nodes(model) if n not in excludes]
+        types = list(_WEIGHT_OPS)
+    elif op_types == "matmul":
+        nodes = [n.name for n in model.graph.node if n.op_type in _WEIGHT_OPS and n.name not in excludes]
+        types = list(_WEIGHT_OPS)
+    else:  # "all": ORT's defaults, everything quantizable
+        nodes, types = None, None
+    if graph in _POOLS and op_types == "all":
+        nodes, types = None, None
+    if nodes is not None and not nodes:
+        shutil.copyfile(src, dst)
+        return {"scheme": "none (no weight nodes)", "nodes_quantized": 0, "preprocess": how, "unknown_excludes": unknown}
+    ranges = work / f"{graph}.ranges.json"
+    calibrate_ranges(pre, calib, graph, method, types, ranges, work)
+    try:
+        with _quiet():
+            quantize_static(
+                str(pre), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=types, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                nodes_to_exclude=[e for e in excludes if e in names], calibrate_method=_cal_method(method),
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, calibration_cache_path=str(ranges),
+            )
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+        raise CalibrationError(f"{graph}: ONNX Runtime static quantization failed: {exc}") from exc
+    q = onnx.load(str(dst))
+    nq = sum(n.op_type == "DequantizeLinear" for n in q.graph.node)
+    info = {"scheme": "static QDQ (u8 asym activations, s8 sym per-channel weights)", "method": method,
+            "op_types": op_types, "nodes_quantized": len(nodes) if nodes is not None else None,
+            "dequantize_nodes": nq, "preprocess": how, "kept_float": sorted(set(excludes) - set(user_excludes)),
+            "unknown_excludes": unknown}
+    if trt_dir is not None:
+        fp32_tensors = {o for n in onnx.load(str(src)).graph.node for o in (*n.input, *n.output)} | {i.name for i in onnx.load(str(src)).graph.input}
+        trt_dir.mkdir(exist_ok=True)
+        n = _ranges_to_trt_cache(ranges, trt_dir / f"{graph}.cache", fp32_tensors)
+        info["trt_calibration_cache"] = {"file": f"trt_calibration/{graph}.cache", "tensors": n}
+    return info
+
+
+def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str]) -> dict:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    names = {n.name for n in model.graph.node}
+    with _quiet():
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                 nodes_to_exclude=[e for e in excludes if e in names], op_types_to_quantize=("MatMul",))
+        q.process()
+        q.model.save_model_to_file(str(dst), False)
+    n = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(dst)).graph.node)
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4)",
+            "nodes_quantized": n, "unknown_excludes": [e for e in excludes if e not in names]}
+
+
+def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    names = {n.name for n in model.graph.node}
+    with _quiet():
+        m16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=[e for e in excludes if e in names] or None)
+    onnx.save(m16, str(dst))
+    return {"scheme": "fp16 (convert_float_to_float16, keep_io_types=True)", "unknown_excludes": [e for e in excludes if e not in names]}
+
+
+# ---- accuracy gate ---------------------------------------------------------------------------------------
+def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th: Thresholds) -> list[Check]:
+    recs = calib.eval_records(graph)
+    outs = [o.name for o in ref.sessions[graph].get_outputs()]
+    cos = {o: [] for o in outs}
+    mabs = {o: [] for o in outs}
+    for r in recs:
+        feed = calib.feed(graph, r)
+        a = ref.sessions[graph].run(None, feed)
+        b = qs.sessions[graph].run(None, feed)
+        for o, x, y in zip(outs, a, b):
+            cos[o].append(_cosine(x, y))
+            mabs[o].append(_max_abs(x, y))
+    checks = []
+    for o in outs:
+        checks.append(Check(graph, precision, f"{o} cosine (min)", min(cos[o]), th.cosine, len(recs)))
+        checks.append(Check(graph, precision, f"{o} max-abs", max(mabs[o]), None, len(recs)))
+    return checks
+
+
+def _decoder_feed(embeds: np.ndarray, kv: tuple[int, int], names: list[str]) -> dict:
+    n = embeds.shape[1]
+    feed = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32), "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None]}
+    for k in names:
+        feed[k] = np.zeros((1, kv[0], 0, kv[1]), np.float32)
+    return feed
+
+
+def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds, positions: int, tokens: int) -> tuple[list[Check], list[str]]:
+    from ..runtime.generation import GenerationConfig, generate
+
+    notes = []
+    m = ref.manifest.model
+    kv = (m["num_kv_heads"], m["head_dim"])
+    past_names = ref.decoder.past_names
+    recs = calib.eval_records("decoder")
+    # 1) last-position logits on the stored feeds (prefill + decode steps)
+    cos = []
+    for r in recs:
+        feed = calib.feed("decoder", r)
+        a = ref.sessions["decoder"].run(["logits"], feed)[0]
+        b = qs.sessions["decoder"].run(["logits"], feed)[0]
+        cos.append(_cosine(a, b))
+    checks = [Check("decoder", precision, "logits cosine (min)", min(cos), th.decoder_cosine, len(recs))]
+    prefills = [r for r in recs if r["kind"] == "prefill"]
+    # 2) top-1 over prefill positions: one prefill per prefix cut
+    agree = total = 0
+    for r in prefills:
+        e = calib.load(r)["inputs_embeds"]
+        L = e.shape[1]
+        for p in sorted({int(round(x)) for x in np.linspace(max(2, L // 8), L, positions)}):
+            feed = _decoder_feed(e[:, :p], kv, past_names)
+            a = ref.sessions["decoder"].run(["logits"], feed)[0]
+            b = qs.sessions["decoder"].run(["logits"], feed)[0]
+            agree += int(np.argmax(a[0]) == np.argmax(b[0]))
+            total += 1
+    checks.append(Check("decoder", precision, "top-1 prefill positions", agree / max(total, 1), th.top1, total))
+    # 3) teacher-forced decode steps on the fp32 greedy continuation
+    agree = total = 0
+    for r in prefills:
+        e = calib.load(r)["inputs_embeds"]
+        ref.decoder.reset(1)
+        qs.decoder.reset(1)
+        la, lb = ref.decoder.forward(e), qs.decoder.forward(e)
+        steps = min(tokens, m["max_position_embeddings"] - e.shape[1])
+        for _ in range(steps):
+            ta = int(np.argmax(la[0]))
+            agree += int(ta == int(np.argmax(lb[0])))
+            total += 1
+            x = ref.embed(np.asarray([ta]))
+            la, lb = ref.decoder.forward(x), qs.decoder.forward(x)
+    checks.append(Check("decoder", precision, "top-1 decode (teacher-forced)", agree / max(total, 1), th.top1, total))
+    # 4) greedy through the whole pipeline (vision -> pool -> decoder), Q vs fp32
+    prefix, exact = [], 0
+    cfg = GenerationConfig(max_new_tokens=tokens, ignore_eos=True)
+    vis = {rr["video"]: rr for rr in calib.records("vision", "all")}
+    for r in prefills:
+        arrs = calib.load(r)
+        pool_rec = next(x for x in calib.records("prompt_pool", "all") if x["source"] == r["source"])
+        pool = calib.load(pool_rec)
+        px = calib.load(vis[r["video"]])["pixel_values"]
+        ids = []
+        for pipe in (ref, qs):
+            values, keys = pipe.sessions["vision"].run(None, {"pixel_values": px})
+            vt, _ = pipe.sessions["prompt_pool"].run(None, {"clip_ids": pool["clip_ids"], "keys": keys, "values": values})
+            embeds = pipe.embed_prompt(arrs["input_ids"], vt)
+            ids.append(list(generate(pipe.decoder, pipe.embed, embeds, cfg).ids))
+        a, b = ids
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix.append(n / max(len(a), 1))
+        exact += int(a == b)
+    checks.append(Check("pipeline", "", f"greedy {tokens} tokens: prefix agreement (mean)", float(np.mean(prefix)) if prefix else 1.0, th.greedy, len(prefills)))
+    checks.append(Check("pipeline", "", f"greedy {tokens} tokens: exact sequences", exact / max(len(prefills), 1), None, len(prefills)))
+    return checks, notes
+
+
+def _pipeline_tokens_check(ref, qs, calib: CalibrationSet) -> Check:
+    """Q vision -> Q prompt_pool against the fp32 pair (information: the decoder sees this)."""
+    vis = {r["video"]: r for r in calib.records("vision", "all")}
+    cos = []
+    for r in calib.eval_records("prompt_pool"):
+        pool = calib.load(r)
+        px = calib.load(vis[r["video"]])["pixel_values"]
+        outs = []
+        for pipe in (ref, qs):
+            values, keys = pipe.sessions["vision"].run(None, {"pixel_values": px})
+            outs.append(pipe.sessions["prompt_pool"].run(None, {"clip_ids": pool["clip_ids"], "keys": keys, "values": values})[0])
+        cos.append(_cosine(*outs))
+    return Check("pipeline", "", "visual_tokens cosine (vision+pool, min)", min(cos) if cos else 1.0, None, len(cos))
+
+
+def evaluate_accuracy(
+    ref_dir: str | Path,
+    q_dir: str | Path,
+    calib: CalibrationSet,
+    precisions: dict[str, str],
+    thresholds: Thresholds = Thresholds(),
+    prefill_positions: int = 8,
+    greedy_tokens: int = 16,
+) -> AccuracyReport:
+    """Compare export `q_dir` against the fp32 export `ref_dir` on CALIB's held-out samples (see module doc)."""
+    from ..runtime.pipeline import Pipeline
+
+    ref = Pipeline.from_export(ref_dir, provider="cpu")
+    qs = Pipeline.from_export(q_dir, provider="cpu")
+    checks: list[Check] = []
+    notes: list[str] = []
+    if not calib.has_holdout():
+        notes.append("CALIB has no held-out samples: measured on the calibration samples themselves")
+    for g in ("vision", "prompt_pool", "image_pool"):
+        if precisions.get(g, "fp32") != "fp32":
+            checks += _graph_checks(g, precisions[g], ref, qs, calib, thresholds)
+    if precisions.get("vision", "fp32") != "fp32" or precisions.get("prompt_pool", "fp32") != "fp32":
+        checks.append(_pipeline_tokens_check(ref, qs, calib))
+    if any(p != "fp32" for p in precisions.values()):
+        dec, n = _decoder_checks(precisions.get("decoder", "fp32"), ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
+        if precisions.get("decoder", "fp32") == "fp32":
+            dec = [c for c in dec if c.graph == "pipeline"]  # decoder unchanged: only the end-to-end greedy
+        checks += dec
+        notes += n
+    return AccuracyReport(checks, calib.has_holdout(), thresholds, notes)
+
+
+# ---- the whole folder ------------------------------------------------------------------------------------
+def quantize_export(
+    export_dir: str | Path,
+    calib_dir: str | Path,
+    out: str | Path,
+    vision: str = "int8",
+    pool: str = "int8",
+    llm: str = "int8",
+    method: str = "minmax",
+    exclude_nodes: Sequence[str] = (),
+    op_types: str = "weights",
+    block_size: int = 32,
+    accept_degraded: bool = False,
+    thresholds: Thresholds = Thresholds(),
+    prefill_positions: int = 8,
+    greedy_tokens: int = 16,
+    trt_cache: bool = False,
+    force: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Write a complete quantized export folder `out` from the fp32 `export_dir` and CALIB, then gate it.
+
+    Args:
+        export_dir: the fp32 export folder CALIB was collected on.
+        calib_dir: CALIB from `collect_calibration` (needed for any int8; weight-only / fp16 only use it for the gate).
+        out: the folder to write (atomically: it appears only when everything, gate included, succeeded).
+        vision: "int8" | "fp16" | "fp32".
+        pool: "int8" | "fp32" (prompt_pool and image_pool).
+        llm: "int8" | "int8-weight" | "int4-weight" | "fp32" (decoder).
+        method: static calibration method "minmax" | "percentile" | "entropy".
+        exclude_nodes: node names kept float ("graph:name" for one graph, or a plain name for every graph;
+            names of the graph after ORT pre-processing, which keeps the exporter's names for MatMul/Gemm nodes).
+        op_types: "weights" (default) | "matmul" | "all" (see module doc; "all" is the broken configuration).
+        block_size: MatMulNBits block size (16, 32, 64, 128, ...).
+        accept_degraded: write `out` even when the gate fails (accuracy.json records the failure).
+        thresholds: gate thresholds.
+        prefill_positions: prefix cuts per held-out prompt for decoder top-1.
+        greedy_tokens: tokens for the teacher-forced and the greedy pipeline comparison.
+        trt_cache: also write `trt_calibration/<graph>.cache` (TensorRT text calibration cache) for int8 graphs.
+        force: replace a non-empty `out`.
+        on_stage: called with a stage label before each stage (for progress output).
+
+    Raises:
+        InputError: bad option values, unknown --exclude-node names.
+        CalibrationError: CALIB missing / from another model / quantization failed.
+        AccuracyError: the gate failed (the report is `exc.report`) and `accept_degraded` is False.
+    """
+    t_start = time.perf_counter()
+    stage = on_stage or (lambda s: None)
+    for name, value, allowed in (("vision", vision, VISION_PRECISIONS), ("pool", pool, POOL_PRECISIONS), ("llm", llm, LLM_PRECISIONS),
+                                 ("method", method, METHODS), ("op_types", op_types, OP_TYPES)):
+        if value not in allowed:
+            raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(f"block_size must be a power of two >= 16, got {block_size}")
+    manifest = load_manifest(export_dir)
+    src_prec = {g: manifest.graph(g).get("precision", "fp32") for g in manifest.data["graphs"]}
+    if any(p != "fp32" for p in src_prec.values()):
+        raise InputError(f"{export_dir} is already quantized ({src_prec}); quantize the fp32 export instead.")
+    calib = load_calibration(calib_dir, manifest)
+    precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32"}
+    precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
+
+    graphs_info: dict[str, dict] = {}
+    with AtomicDir(out, force) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        trt_dir = tmp / "trt_calibration" if trt_cache else None
+        data = json.loads(json.dumps(manifest.data))
+        for entry in (manifest.path("embeddings"), *(manifest.path(t) for t in manifest.data["tokenizers"])):
+            shutil.copyfile(entry, tmp / entry.name)
+        present: dict[str, set[str]] = {}  # graph -> --exclude-node names found in it
+        for g, prec in precisions.items():
+            src = manifest.path(g)
+            t0 = time.perf_counter()
+            suffix = "" if prec == "fp32" else f".{prec}"
+            dst_name = f"{Path(manifest.graph(g)['file']).stem}{suffix}.onnx"
+            dst = tmp / dst_name
+            excl = _split_excludes(exclude_nodes, g)
+            if prec == "fp32":
+                shutil.copyfile(src, dst)
+                info = {"scheme": "fp32 (copied)"}
+            else:
+                stage(f"{g} -> {prec}")
+                if prec == "int8":
+                    info = _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)
+                elif prec in ("int8-weight", "int4-weight"):
+                    info = _quantize_nbits(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl)
+                else:
+                    info = _to_fp16(src, dst, excl)
+                present[g] = set(excl) - set(info.pop("unknown_excludes", []))
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            info["bytes"] = dst.stat().st_size
+            graphs_info[g] = {"precision": prec, **info}
+            data["graphs"][g]["file"] = dst_name
+            data["graphs"][g]["precision"] = prec
+            data["graphs"][g]["quantization"] = info
+        missing = [e for e in exclude_nodes if not any(_exclude_target(e, g) in names for g, names in present.items())]
+        if missing:
+            raise InputError(
+                f"--exclude-node {', '.join(missing)}: no such node in the quantized graph(s) {', '.join(sorted(present)) or '(none)'}.\n"
+                "Hint: use node names of the exported graph (e.g. node_MatMul_17), optionally as GRAPH:NAME."
+            )
+        shutil.rmtree(work)
+        data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")  # new id: feature caches must not mix exports
+        data["quantization"] = {
+            "source_export": {"path": str(Path(export_dir).resolve()), "created": manifest.data.get("created")},
+            "calibration": {"path": str(Path(calib_dir).resolve()), "created": calib.index.get("created"),
+                            "sources": len(calib.index["sources"]), "held_out": calib.has_holdout()},
+            "vision": vision, "pool": pool, "llm": llm, "method": method, "op_types": op_types,
+            "block_size": block_size, "exclude_nodes": list(exclude_nodes), "accept_degraded": accept_degraded,
+            "tool": {"onnxruntime": _ort_version()},
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
+        stage("accuracy gate")
+        report = evaluate_accuracy(export_dir, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens)
+        data["quantization"]["accuracy"] = {"passed": report.passed, "file": ACCURACY_NAME}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
+        (tmp / ACCURACY_NAME).write_text(json.dumps(report.as_dict(), indent=2))
+        if not report.passed and not accept_degraded:
+            fails = "; ".join(f"{c.graph} {c.metric} = {c.value:.4f} < {c.threshold:g}" for c in report.failures())
+            err = AccuracyError(
+                f"accuracy gate failed: {fails}.\nNothing was written to {out}.\n"
+                "Hint: keep the failing graph in higher precision (--vision/--pool/--llm), exclude nodes (--exclude-node), "
+                "try another --method, or pass --accept-degraded to write it anyway."
+            )
+            err.report = report  # type: ignore[attr-defined]
+            raise err
+    return QuantizeResult(Path(out), data, report, graphs_info, time.perf_counter() - t_start)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,183 @@
+"""One description of the machine, for `ppllava-edge env`, engines.json and benchmark reports.
+
+    env = collect_environment()      # plain dict, JSON-serializable
+    print(format_environment(env))   # the text block `ppllava-edge env` prints
+
+Nothing here fails: a tool or library that is missing is reported as such ("not installed", "none").
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+from .. import __version__
+from .availability import cuda_python_version, tensorrt_version
+from .jetson import Runner, detect_jetson, read_meminfo, run_command
+
+NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,driver_version,compute_cap,memory.total", "--format=csv,noheader,nounits"]
+
+
+def cpu_model(root: Path = Path("/")) -> str:
+    try:
+        text = (root / "proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for key in ("model name", "Model", "Hardware", "cpu model"):
+        m = re.search(rf"^{key}\s*:\s*(.+)$", text, flags=re.M)
+        if m:
+            return m.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_cores() -> dict:
+    try:
+        import psutil
+
+        return {"logical": psutil.cpu_count(logical=True), "physical": psutil.cpu_count(logical=False)}
+    except ImportError:
+        return {"logical": os.cpu_count(), "physical": None}
+
+
+def memory(root: Path = Path("/")) -> dict:
+    info = read_meminfo(root)
+    if info and info.get("total_bytes"):
+        return {"total_bytes": info["total_bytes"], "available_bytes": info["available_bytes"]}
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"total_bytes": int(vm.total), "available_bytes": int(vm.available)}
+    except ImportError:
+        return {"total_bytes": None, "available_bytes": None}
+
+
+def parse_nvidia_smi(query_out: str | None, header_out: str | None) -> dict:
+    """GPUs from `nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total` and the CUDA version in its header."""
+    gpus = []
+    for line in (query_out or "").strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 4:
+            mem = int(float(parts[3])) * (1 << 20) if re.match(r"^[\d.]+$", parts[3]) else None
+            gpus.append({"name": parts[0], "driver": parts[1], "compute_capability": parts[2], "memory_bytes": mem})
+    m = re.search(r"CUDA Version:\s*([\d.]+)", header_out or "")
+    return {"gpus": gpus, "driver": gpus[0]["driver"] if gpus else None, "cuda_driver": m.group(1) if m else None}
+
+
+def gpu_info(run: Runner) -> dict:
+    """GPUs via nvidia-smi, refined with cuda-python when installed; source says where it came from."""
+    q = run(NVIDIA_SMI_QUERY)
+    smi = parse_nvidia_smi(q, run(["nvidia-smi"]) if q is not None else None)
+    info = {"gpus": smi["gpus"], "driver": smi["driver"], "cuda_driver": smi["cuda_driver"], "cuda_runtime": None,
+            "source": "nvidia-smi" if q is not None else "nvidia-smi not found"}
+    if cuda_python_version():
+        try:
+            from ..runtime.cuda import device_count, device_info
+
+            n = device_count()
+            if n:
+                dev = device_info(0)
+                info["cuda_driver"] = info["cuda_driver"] or dev["cuda_driver"]
+                info["cuda_runtime"] = dev["cuda_runtime"]
+                if not info["gpus"]:  # e.g. Jetson, where nvidia-smi may be absent or limited
+                    info["gpus"] = [{"name": dev["name"], "driver": None, "compute_capability": dev["compute_capability"], "memory_bytes": dev["memory_bytes"]}]
+                    info["source"] = "cuda-python"
+        except Exception as exc:  # a broken CUDA install is reported, not raised
+            info["cuda_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def onnxruntime_info() -> dict:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"version": None, "providers": []}
+    return {"version": ort.__version__, "providers": list(ort.get_available_providers())}
+
+
+def git_commit(path: Path, run: Runner) -> dict | None:
+    """{"commit", "dirty"} of the git checkout holding `path`, or None when it is not in one."""
+    top = run(["git", "-C", str(path), "rev-parse", "--show-toplevel"])
+    if not top:
+        return None
+    commit = run(["git", "-C", str(path), "rev-parse", "HEAD"])
+    status = run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"])
+    if not commit:
+        return None
+    return {"commit": commit.strip(), "dirty": bool(status and status.strip())}
+
+
+def _module_version(name: str) -> str | None:
+    try:
+        return str(importlib.import_module(name).__version__)
+    except Exception:
+        return None
+
+
+def collect_environment(root: str | Path = "/", run: Runner | None = None) -> dict:
+    """The machine, its accelerator stack and this package, as a JSON-serializable dict."""
+    root = Path(root)
+    run = run or run_command
+    package_dir = Path(__file__).resolve().parents[1]
+    return {
+        "ppllava_edge": {"version": __version__, "path": str(package_dir), "git": git_commit(package_dir, run)},
+        "python": {"version": platform.python_version(), "implementation": platform.python_implementation(), "executable": sys.executable},
+        "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(), "platform": platform.platform()},
+        "cpu": {"model": cpu_model(root), **cpu_cores()},
+        "memory": memory(root),
+        "gpu": gpu_info(run),
+        "tensorrt": tensorrt_version(),
+        "cuda_python": cuda_python_version(),
+        "onnxruntime": onnxruntime_info(),
+        "numpy": _module_version("numpy"),
+        "jetson": detect_jetson(root, run),
+    }
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n else "?"
+
+
+def format_environment(env: dict) -> str:
+    """`key: value` lines (grep-friendly; the Jetson block is indented)."""
+    lines = []
+    pkg = env["ppllava_edge"]
+    git = pkg.get("git")
+    lines.append(f"ppllava-edge: {pkg['version']}" + (f" (git {git['commit'][:12]}{', dirty' if git['dirty'] else ''})" if git else " (not a git checkout)"))
+    py = env["python"]
+    lines.append(f"python: {py['version']} ({py['implementation']}, {py['executable']})")
+    lines.append(f"platform: {env['platform']['platform']}")
+    cpu = env["cpu"]
+    lines.append(f"cpu: {cpu['model']} ({cpu['logical']} logical cores" + (f", {cpu['physical']} physical)" if cpu.get("physical") else ")"))
+    mem = env["memory"]
+    lines.append(f"memory: {_gib(mem['total_bytes'])} total, {_gib(mem['available_bytes'])} available")
+    gpu = env["gpu"]
+    if gpu["gpus"]:
+        for i, g in enumerate(gpu["gpus"]):
+            lines.append(f"gpu {i}: {g['name']} (sm {g['compute_capability']}, {_gib(g['memory_bytes'])})")
+    else:
+        lines.append(f"gpu: none detected ({gpu['source']})")
+    lines.append(f"nvidia driver: {gpu['driver'] or 'n/a'}")
+    lines.append(f"CUDA: driver {gpu['cuda_driver'] or 'n/a'}, runtime {gpu['cuda_runtime'] or 'n/a'}")
+    lines.append(f"TensorRT: {env['tensorrt'] or 'not installed'}")
+    lines.append(f"cuda-python: {env['cuda_python'] or 'not installed'}")
+    ort = env["onnxruntime"]
+    lines.append(f"onnxruntime: {ort['version'] or 'not installed'} (providers: {', '.join(ort['providers']) or 'none'})")
+    lines.append(f"numpy: {env['numpy'] or 'not installed'}")
+    j = env["jetson"]
+    if not j:
+        lines.append("jetson: no")
+    else:
+        lines.append(f"jetson: {j['model'] or 'unknown model'}" + (f" ({j['soc_name']})" if j.get("soc_name") else ""))
+        lines.append(f"  L4T: {j['l4t'] or '?'} (JetPack {j['jetpack'] or '?'}, {j['jetpack_source']})")
+        pm = j["power_mode"]
+        lines.append(f"  power mode: {pm['name'] or '?'} (id {pm['id'] if pm['id'] is not None else '?'}, {pm['source']})")
+        lines.append(f"  jetson_clocks: {j['jetson_clocks']['state']}")
+        jm = j.get("memory") or {}
+        lines.append(f"  memory: {_gib(jm.get('total_bytes'))} total, {_gib(jm.get('available_bytes'))} available, swap {_gib(jm.get('swap_total_bytes'))}")
+    return "\n".join(lines)
+

@@ -1,0 +1,366 @@
+"""Native TensorRT backend: the engines of `ppllava-edge build`, run with cuda-python device buffers.
+
+- `TrtGraphRunner` runs one engine (vision, prompt_pool, image_pool, projector_head) with the same
+  `run(output_names, feed) -> list[np.ndarray]` call as an onnxruntime InferenceSession, so the pipeline can
+  swap it in for a session.
+- `TrtKVDecoder` implements runtime.generation.KVDecoder over the decoder engine: one execution context per
+  optimization profile (context = prefill, generation = one token), the KV cache preallocated on the device as
+  two ping-pong buffer sets sized for max_batch x max_seq_len (TensorRT writes `present.*` straight into the
+  other set, as OrtKVDecoder does on the CPU), and optionally each decode step captured in a CUDA graph that is
+  replayed whenever the same (batch, cache length) comes again (benchmarks repeating a run hit it every step).
+- `open_engines(engines_dir, manifest)` checks engines.json against this machine (TensorRT version, GPU SM)
+  and the export, then loads everything.
+
+Shape bookkeeping, profile choice and the pre-load checks are pure functions (tested without a GPU); tensorrt
+and cuda-python are imported only when an engine is opened.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine.metadata import check_compatible, check_export, load_metadata
+from ..engine.profiles import CONTEXT, GENERATION, Profile, profiles_from_json, select_profile
+from ..errors import EngineBuildError, InferenceError
+from ..manifest import ExportManifest
+
+RUNNER_GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head")
+
+
+# ---- pure helpers (tested without TensorRT) --------------------------------------------------------
+def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return past, [n.replace("past", "present", 1) for n in past]
+
+
+def decoder_input_shapes(batch: int, past: int, seq: int, num_layers: int, num_kv_heads: int, head_dim: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Input shapes of one decoder call with `past` cached positions and `seq` new ones."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "inputs_embeds": (batch, seq, hidden),
+        "attention_mask": (batch, past + seq),
+        "position_ids": (batch, seq),
+    }
+    for name in kv_names(num_layers)[0]:
+        shapes[name] = (batch, num_kv_heads, past, head_dim)
+    return shapes
+
+
+def plan_forward(length: int, seq: int, max_input_len: int, max_seq_len: int) -> list[tuple[int, int, int]]:
+    """How to run `seq` new positions after `length` cached ones: [(profile, start, stop)] over the new positions.
+
+    An empty cache takes up to max_input_len positions in one context-profile call; everything else (a longer
+    prompt's tail, or several positions after a non-empty cache, which neither profile covers) runs one position
+    at a time with the generation profile - the same attention, just slower.
+    """
+    if seq < 1:
+        raise InferenceError(f"decoder: nothing to run (seq={seq})")
+    if length + seq > max_seq_len:
+        raise InferenceError(
+            f"decoder: {length + seq} positions exceed the engines' max_seq_len {max_seq_len}.\n"
+            "Hint: rebuild with a larger --max-seq-len, or use fewer frames / new tokens."
+        )
+    steps: list[tuple[int, int, int]] = []
+    start = 0
+    if length == 0:
+        first = min(seq, max_input_len)
+        steps.append((CONTEXT, 0, first))
+        start = first
+    steps += [(GENERATION, i, i + 1) for i in range(start, seq)]
+    return steps
+
+
+def reorder_copies(beam_idx: np.ndarray, row_bytes: int) -> list[tuple[int, int, int]]:
+    """(dst_offset, src_offset, nbytes) device copies that gather cache rows `beam_idx` into a new buffer.
+
+    Consecutive rows that stay consecutive are merged into one copy.
+    """
+    copies: list[tuple[int, int, int]] = []
+    for dst, src in enumerate(np.asarray(beam_idx, dtype=np.int64).tolist()):
+        if copies and copies[-1][1] + copies[-1][2] == src * row_bytes and copies[-1][0] + copies[-1][2] == dst * row_bytes:
+            d, s, n = copies[-1]
+            copies[-1] = (d, s, n + row_bytes)
+        else:
+            copies.append((dst * row_bytes, src * row_bytes, row_bytes))
+    return copies
+
+
+def graph_key(batch: int, past: int, parity: int) -> tuple[int, int, int]:
+    """A captured decode step is only valid for the same shapes and buffer addresses: batch, cache length, ping-pong side."""
+    return (batch, past, parity)
+
+
+def check_engine_dir(meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",)) -> None:
+    """Everything checked before any engine is deserialized: TensorRT version, GPU SM, export, graphs present."""
+    check_compatible(meta, trt_version, sm)
+    if manifest is not None:
+        check_export(meta, manifest.data, manifest.folder)
+    missing = [g for g in need if g not in meta.get("engines", {})]
+    if missing:
+        raise EngineBuildError(f"the engine folder has no {', '.join(missing)} engine(s) (has: {', '.join(meta.get('engines', {}))}).\nHint: rebuild it with `ppllava-edge build`.")
+
+
+def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int, max_seq_len: int, itemsize: int) -> int:
+    """Device memory of the preallocated KV cache (two ping-pong sets)."""
+    return 2 * 2 * num_layers * max_batch * num_kv_heads * max_seq_len * head_dim * itemsize
+
+
+# ---- TensorRT objects ----------------------------------------------------------------------------
+class TrtEngine:
+    """A deserialized engine, its I/O tensors and one execution context per optimization profile."""
+
+    def __init__(self, trt: Any, runtime: Any, path: Path, stream: Any, profiles: list[Profile]):
+        self.trt, self.path = trt, Path(path)
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise EngineBuildError(f"{path}: TensorRT could not deserialize the engine.\nHint: rebuild it with `ppllava-edge build ... --force`.")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.profiles = profiles
+        self.contexts = []
+        for idx in range(max(1, self.engine.num_optimization_profiles)):
+            ctx = self.engine.create_execution_context()
+            if ctx is None:
+                raise EngineBuildError(f"{path}: could not create an execution context (out of device memory?)")
+            if self.engine.num_optimization_profiles > 1:
+                ctx.set_optimization_profile_async(idx, stream.handle)
+            self.contexts.append(ctx)
+        stream.synchronize()
+
+    def max_shape(self, name: str, profile: int = 0) -> tuple[int, ...]:
+        shape = tuple(self.engine.get_tensor_shape(name))
+        if all(d >= 0 for d in shape):
+            return shape
+        return tuple(self.engine.get_tensor_profile_shape(name, profile)[2])
+
+
+class TrtGraphRunner:
+    """One non-decoder engine with an onnxruntime-like `run(output_names, feed)`; buffers sized for the profile max."""
+
+    def __init__(self, engine: TrtEngine, output_order: list[str], stream: Any):
+        from .cuda import DeviceBuffer
+
+        self.engine, self.stream = engine, stream
+        self.output_order = output_order
+        self.ctx = engine.contexts[0]
+        self.buffers = {}
+        for name in engine.inputs:
+            shape = engine.max_shape(name)
+            self.ctx.set_input_shape(name, shape)
+            self.buffers[name] = DeviceBuffer(int(np.prod(shape)) * engine.dtypes[name].itemsize)
+        for name in engine.outputs:
+            shape = tuple(self.ctx.get_tensor_shape(name))  # at the max input shapes
+            self.buffers[name] = DeviceBuffer(int(np.prod(shape)) * engine.dtypes[name].itemsize)
+        for name, buf in self.buffers.items():
+            self.ctx.set_tensor_address(name, buf.ptr)
+
+    def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        shapes = {k: tuple(np.shape(v)) for k, v in feed.items()}
+        if self.engine.profiles and select_profile(self.engine.profiles, shapes) < 0:
+            raise InferenceError(f"{self.engine.path.name}: input shapes {shapes} are outside the engine's profile.\nHint: rebuild with a wider --frames range.")
+        for name in self.engine.inputs:
+            if name not in feed:
+                raise InferenceError(f"{self.engine.path.name}: missing input {name!r}")
+            arr = np.ascontiguousarray(feed[name], dtype=self.engine.dtypes[name])
+            if not self.ctx.set_input_shape(name, arr.shape):
+                raise InferenceError(f"{self.engine.path.name}: TensorRT refused shape {arr.shape} for {name!r}")
+            self.buffers[name].copy_from_host(arr, self.stream)
+        if not self.ctx.execute_async_v3(self.stream.handle):
+            raise InferenceError(f"{self.engine.path.name}: execute_async_v3 failed")
+        outs = {}
+        for name in self.engine.outputs:
+            host = np.empty(tuple(self.ctx.get_tensor_shape(name)), self.engine.dtypes[name])
+            self.buffers[name].copy_to_host(host, self.stream)
+            outs[name] = host
+        self.stream.synchronize()
+        return [outs[n] for n in (output_names or self.output_order)]
+
+    def close(self) -> None:
+        for buf in self.buffers.values():
+            buf.free()
+
+
+@dataclass
+class _Step:
+    profile: int
+    batch: int
+    past: int
+    seq: int
+
+
+class TrtKVDecoder:
+    """runtime.generation.KVDecoder over the decoder engine, with the KV cache on the device."""
+
+    def __init__(self, engine: TrtEngine, model: dict, limits: dict, stream: Any, cuda_graph: bool = False, max_graphs: int = 1024):
+        from .cuda import DeviceBuffer, HostBuffer
+
+        if len(engine.contexts) < 2:
+            raise EngineBuildError(f"{engine.path.name}: expected the context and generation profiles, found {len(engine.contexts)} profile(s).\nHint: rebuild with `ppllava-edge build`.")
+        self.engine, self.stream = engine, stream
+        self.layers, self.kv, self.hd, self.hidden = model["num_layers"], model["num_kv_heads"], model["head_dim"], model["hidden_size"]
+        self.vocab = model["vocab_size"]
+        self.max_batch, self.max_input_len, self.max_seq_len = limits["max_batch"], limits["max_input_len"], limits["max_seq_len"]
+        self.past_names, self.present_names = kv_names(self.layers)
+        self.kv_dtype = engine.dtypes[self.past_names[0]]
+        self.embed_dtype = engine.dtypes["inputs_embeds"]
+        self.logits_dtype = engine.dtypes["logits"]
+        b, t = self.max_batch, self.max_seq_len
+        kv_bytes = b * self.kv * t * self.hd * self.kv_dtype.itemsize
+        self.kv_sets = [[DeviceBuffer(kv_bytes) for _ in self.past_names] for _ in range(2)]
+        self.embeds = DeviceBuffer(b * self.max_input_len * self.hidden * self.embed_dtype.itemsize)
+        self.mask_dtype, self.pos_dtype = engine.dtypes["attention_mask"], engine.dtypes["position_ids"]
+        self.mask = DeviceBuffer(b * t * self.mask_dtype.itemsize)
+        self.mask.copy_from_host(np.ones(b * t, self.mask_dtype), stream)  # the mask is all ones; only its shape changes
+        self.positions = DeviceBuffer(b * self.max_input_len * self.pos_dtype.itemsize)
+        self.logits = DeviceBuffer(b * self.vocab * self.logits_dtype.itemsize)
+        self.host_logits = HostBuffer((b, self.vocab), self.logits_dtype)
+        self.cuda_graph, self.max_graphs = cuda_graph, max_graphs
+        self.graphs: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
+        self.batch = self.length = 0
+        self._cur = 0
+        stream.synchronize()
+
+    # -- KVDecoder protocol ---------------------------------------------------------------------
+    def reset(self, batch: int) -> None:
+        if not 1 <= batch <= self.max_batch:
+            raise InferenceError(f"decoder: batch {batch} outside the engines' 1..{self.max_batch}.\nHint: rebuild with --max-batch {batch} (beam search needs --max-batch >= --num-beams).")
+        self.batch, self.length = batch, 0
+
+    def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        b, s, d = inputs_embeds.shape
+        if b != self.batch:
+            raise InferenceError(f"decoder: inputs_embeds batch {b} != cache batch {self.batch}")
+        if d != self.hidden:
+            raise InferenceError(f"decoder: inputs_embeds hidden size {d} != {self.hidden}")
+        logits = None
+        for profile, start, stop in plan_forward(self.length, s, self.max_input_len, self.max_seq_len):
+            logits = self._step(profile, inputs_embeds[:, start:stop])
+        assert logits is not None
+        return logits
+
+    def reorder(self, beam_idx: np.ndarray) -> None:
+        beam_idx = np.asarray(beam_idx, dtype=np.int64)
+        new_b = int(beam_idx.shape[0])
+        if new_b > self.max_batch:
+            raise InferenceError(f"decoder: {new_b} beams exceed the engines' max batch {self.max_batch}.\nHint: rebuild with --max-batch {new_b}.")
+        if beam_idx.size and (beam_idx.min() < 0 or beam_idx.max() >= self.batch):
+            raise InferenceError(f"decoder: beam_idx {beam_idx.tolist()} out of range for batch {self.batch}")
+        row = self.kv * self.length * self.hd * self.kv_dtype.itemsize
+        nxt = 1 - self._cur
+        copies = reorder_copies(beam_idx, row)
+        for src_buf, dst_buf in zip(self.kv_sets[self._cur], self.kv_sets[nxt]):
+            for dst, src, n in copies:
+                dst_buf.copy_from_device(src_buf, n, self.stream, dst_offset=dst, src_offset=src)
+        self._cur, self.batch = nxt, new_b
+
+    # -- one engine call ------------------------------------------------------------------------
+    def _step(self, profile: int, chunk: np.ndarray) -> np.ndarray:
+        b, s, _ = chunk.shape
+        past, total = self.length, self.length + s
+        ctx = self.engine.contexts[profile]
+        self.embeds.copy_from_host(np.ascontiguousarray(chunk, dtype=self.embed_dtype), self.stream)
+        self.positions.copy_from_host(np.broadcast_to(np.arange(past, total, dtype=self.pos_dtype), (b, s)).copy(), self.stream)
+        key = graph_key(b, past, self._cur)
+        use_graph = self.cuda_graph and profile == GENERATION
+        if use_graph and key in self.graphs:
+            self.graphs.move_to_end(key)
+            self.graphs[key].launch(self.stream)
+        else:
+            self._bind(ctx, b, past, s)
+            if not ctx.execute_async_v3(self.stream.handle):
+                raise InferenceError("decoder: execute_async_v3 failed")
+            if use_graph:
+                self._capture(ctx, key)
+        host = self.host_logits.array[:b]
+        self.logits.copy_to_host(host, self.stream)
+        self.stream.synchronize()
+        self._cur, self.length = 1 - self._cur, total
+        return np.asarray(host, dtype=np.float32).copy()
+
+    def _bind(self, ctx: Any, b: int, past: int, s: int) -> None:
+        shapes = decoder_input_shapes(b, past, s, self.layers, self.kv, self.hd, self.hidden)
+        for name, shape in shapes.items():
+            if not ctx.set_input_shape(name, shape):
+                raise InferenceError(f"decoder: TensorRT refused shape {shape} for {name!r}")
+        ctx.set_tensor_address("inputs_embeds", self.embeds.ptr)
+        ctx.set_tensor_address("attention_mask", self.mask.ptr)
+        ctx.set_tensor_address("position_ids", self.positions.ptr)
+        ctx.set_tensor_address("logits", self.logits.ptr)
+        for i, (pn, qn) in enumerate(zip(self.past_names, self.present_names)):
+            ctx.set_tensor_address(pn, self.kv_sets[self._cur][i].ptr)
+            ctx.set_tensor_address(qn, self.kv_sets[1 - self._cur][i].ptr)
+
+    def _capture(self, ctx: Any, key: tuple[int, int, int]) -> None:
+        """Capture the enqueue just run (shapes and addresses already set) for replay at the same key."""
+        from .cuda import CudaGraph
+
+        graph = CudaGraph()
+        with graph.capture(self.stream):
+            ctx.execute_async_v3(self.stream.handle)
+        self.graphs[key] = graph
+        while len(self.graphs) > self.max_graphs:
+            _, old = self.graphs.popitem(last=False)
+            old.close()
+
+    def close(self) -> None:
+        for g in self.graphs.values():
+            g.close()
+        self.graphs.clear()
+        for bufs in self.kv_sets:
+            for buf in bufs:
+                buf.free()
+        for buf in (self.embeds, self.mask, self.positions, self.logits):
+            buf.free()
+        self.host_logits.free()
+
+
+@dataclass
+class TrtEngines:
+    """Everything `ppllava-edge ask --backend trt` needs: runners replacing the ORT sessions, and the decoder."""
+
+    folder: Path
+    metadata: dict
+    runners: dict[str, TrtGraphRunner]
+    decoder: TrtKVDecoder
+    stream: Any
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+        self.decoder.close()
+        self.stream.close()
+
+
+def open_engines(engines_dir: str | Path, manifest: ExportManifest, cuda_graph: bool = False) -> TrtEngines:
+    """Check and load an engine folder for `manifest`'s export.
+
+    Raises MissingDependencyError without TensorRT / cuda-python / GPU, EngineBuildError when the engines were
+    built by another TensorRT version, for another GPU SM or from another export (the message says to rebuild).
+    """
+    from ..engine.availability import require_tensorrt
+
+    trt, _ = require_tensorrt("The TensorRT backend (--backend trt)")
+    from .cuda import Stream, device_info
+
+    folder = Path(engines_dir)
+    meta = load_metadata(folder)
+    check_engine_dir(meta, trt.__version__, device_info(0)["sm"], manifest)
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    stream = Stream()
+    runners: dict[str, TrtGraphRunner] = {}
+    for graph, entry in meta["engines"].items():
+        if graph == "decoder":
+            continue
+        eng = TrtEngine(trt, runtime, folder / entry["file"], stream, profiles_from_json(entry["profiles"]))
+        runners[graph] = TrtGraphRunner(eng, [o["name"] for o in manifest.graph(graph)["outputs"]], stream)
+    entry = meta["engines"]["decoder"]
+    dec_engine = TrtEngine(trt, runtime, folder / entry["file"], stream, profiles_from_json(entry["profiles"]))
+    decoder = TrtKVDecoder(dec_engine, manifest.model, meta["limits"], stream, cuda_graph=cuda_graph)
+    return TrtEngines(folder, meta, runners, decoder, stream)

@@ -1,0 +1,101 @@
+"""CLI: the acceptance commands, help for every command, clean errors, missing extras."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ppllava_edge.cli.main import cli
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    commands = [line.split()[0] for line in res.output.split("Commands:")[1].strip().splitlines()]
+    assert {"make-checkpoint", "generate", "export", "ask", "chat", "demo"} <= set(commands)
+    for name in commands:
+        sub = runner.invoke(cli, [name, "--help"])
+        assert sub.exit_code == 0 and "Usage:" in sub.output, name
+
+
+def test_make_checkpoint_and_generate_dump_shapes(tmp_path, sample_video):
+    pytest.importorskip("torch")
+    runner = CliRunner()
+    ck = tmp_path / "T"
+    res = runner.invoke(cli, ["make-checkpoint", "--preset", "tiny", str(ck)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in ck.glob("model-*.safetensors")) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for f in ("config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json"):
+        assert (ck / f).is_file(), f
+    d = tmp_path / "D"
+    res = runner.invoke(cli, ["generate", str(ck), str(sample_video), "What happens?", "--dump", str(d), "--max-new-tokens", "8"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip()  # the answer
+    arrays = {p.stem: np.load(p) for p in d.glob("*.npy")}
+    assert set(arrays) == {"pixel_values", "clip_ids", "input_ids", "features", "relevance", "visual_tokens", "output_ids"}
+    assert arrays["pixel_values"].shape == (8, 3, 84, 84) and arrays["pixel_values"].dtype == np.float32
+    assert arrays["clip_ids"].shape == (248,) and arrays["clip_ids"].dtype == np.int64
+    assert arrays["input_ids"].dtype == np.int64 and int((arrays["input_ids"] == 32000).sum()) == 1
+    assert arrays["features"].shape == (8, 36, 48) and arrays["features"].dtype == np.float32
+    assert arrays["relevance"].shape == (8, 6, 6) and abs(float(arrays["relevance"].sum()) - 1) < 1e-5
+    assert arrays["visual_tokens"].shape == (16, 64) and arrays["visual_tokens"].dtype == np.float32
+    assert arrays["output_ids"].dtype == np.int64 and 1 <= arrays["output_ids"].size <= 8
+
+
+def test_make_checkpoint_refuses_non_empty_out(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "f").write_text("keep")
+    res = CliRunner().invoke(cli, ["make-checkpoint", str(out)])
+    assert res.exit_code == 1 and "--force" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "/nonexistent/ckpt", "v.mp4", "q"], "no such directory"),
+        (["export", "/nonexistent/ckpt", "/tmp/out-never"], "no such directory"),
+        (["ask", "/nonexistent/export", "v.mp4", "q"], "no such export folder"),
+    ],
+)
+def test_missing_folders_are_one_line_errors(args, needle):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output
+
+
+def test_generate_odd_and_out_of_range_frames(tiny_ckpt, sample_video, tmp_path):
+    pytest.importorskip("torch")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["generate", str(tiny_ckpt), str(sample_video), "q", "--frames", "65"])
+    assert res.exit_code == 1 and "2 <= T <= 64" in res.output
+    res = runner.invoke(cli, ["generate", str(tiny_ckpt), str(sample_video), "q", "--frames", "5", "--max-new-tokens", "2", "--dump", str(tmp_path / "d")])
+    assert res.exit_code == 0 and "odd" in res.output
+    assert np.load(tmp_path / "d" / "visual_tokens.npy").shape[0] == 2 * 4
+
+
+def test_missing_extra_names_the_extra(tiny_ckpt, sample_video):
+    """Without torch, torch-needing commands say which extra to install (and exit 1, no traceback)."""
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'transformers'):
+                    raise ImportError('No module named ' + repr(name))
+        sys.meta_path.insert(0, Block())
+        from ppllava_edge.cli.main import main
+        sys.argv = ['ppllava-edge'] + sys.argv[1:]
+        main()
+        """
+    )
+    for args in (["generate", str(tiny_ckpt), str(sample_video), "q"], ["export", str(tiny_ckpt), "/tmp/never-written"], ["make-checkpoint", "/tmp/never-written"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out.stderr
+        assert "ppllava-edge[export]" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -1,0 +1,557 @@
+"""TensorRT engines, backend and Jetson awareness, tested without TensorRT or a GPU.
+
+Pure logic (profiles, metadata checks, engine naming, trtexec lines, Jetson detection from fixture files, decoder
+shape bookkeeping) runs everywhere; the missing-TensorRT error paths run where TensorRT is not installed; the
+real build + run is marked `gpu` and skipped without TensorRT and a CUDA device.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ppllava_edge._deps import has_module
+from ppllava_edge.cli.main import cli
+from ppllava_edge.engine.builder import BuildOptions, EnginePlan, plan_build, resolve_precision, shape_spec, trtexec_command
+from ppllava_edge.engine.environment import format_environment, parse_nvidia_smi
+from ppllava_edge.engine.jetson import clocks_state, detect_jetson, parse_nvpmodel_query, parse_tegra_release
+from ppllava_edge.engine.metadata import (
+    check_compatible,
+    check_export,
+    engine_entry,
+    engine_file_name,
+    load_metadata,
+    new_metadata,
+    normalize_trt_version,
+    onnx_hashes,
+    sm_of,
+    write_metadata,
+)
+from ppllava_edge.engine.profiles import (
+    CONTEXT,
+    GENERATION,
+    eval_dim,
+    graph_profiles,
+    profiles_from_json,
+    profiles_to_json,
+    resolve_limits,
+    select_profile,
+)
+from ppllava_edge.errors import ConfigError, EngineBuildError, InferenceError, InputError, MissingDependencyError
+from ppllava_edge.manifest import ExportManifest, load_manifest
+from ppllava_edge.runtime.trt_backend import check_engine_dir, decoder_input_shapes, kv_cache_bytes, plan_forward, reorder_copies
+
+HAVE_TRT = has_module("tensorrt")
+no_trt = pytest.mark.skipif(HAVE_TRT, reason="tests the error path when TensorRT is not installed")
+
+
+# ---- manifests -------------------------------------------------------------------------------------
+def make_manifest(image=336, patch=14, hidden=768, layers=16, kv=12, head_dim=64, vocab=32064, clip_dim=512, frames=(2, 8, 64), dtype="fp32", context=4096) -> dict:
+    """An export.json dict with the graph dims the exporter writes (small preset by default)."""
+    g = image // patch
+    p = g * g
+    pooled = (g // 3) ** 2
+    past = ["batch", kv, "past", head_dim]
+    present = ["batch", kv, "past + seq", head_dim]
+    f32 = "float16" if dtype == "fp16" else "float32"
+
+    def io(name, dims, t=f32):
+        return {"name": name, "dims": dims, "dtype": t}
+
+    graphs = {
+        "vision": {"inputs": [io("pixel_values", ["frames", 3, image, image])], "outputs": [io("values", ["frames", p, hidden]), io("keys", [f"{p}*frames", clip_dim])]},
+        "prompt_pool": {
+            "inputs": [io("clip_ids", [1, 248], "int64"), io("keys", [f"{p}*frames", clip_dim]), io("values", ["frames", p, hidden])],
+            "outputs": [io("visual_tokens", [f"{pooled}*((frames//2))", hidden]), io("relevance", ["frames", g, g])],
+        },
+        "image_pool": {
+            "inputs": [io("clip_ids", [1, 248], "int64"), io("keys", [p, clip_dim]), io("values", [1, p, hidden])],
+            "outputs": [io("visual_tokens", [pooled + 1, hidden]), io("relevance", [1, g, g])],
+        },
+        "projector_head": {"inputs": [io("values", ["tokens", hidden])], "outputs": [io("tokens", ["tokens", hidden])]},
+        "decoder": {
+            "inputs": [io("inputs_embeds", ["batch", "seq", hidden]), io("attention_mask", ["batch", "total"], "int64"), io("position_ids", ["batch", "seq"], "int64")]
+            + [io(f"past.{i}.{k}", past) for i in range(layers) for k in ("key", "value")],
+            "outputs": [io("logits", ["batch", vocab])] + [io(f"present.{i}.{k}", present) for i in range(layers) for k in ("key", "value")],
+        },
+    }
+    for name, spec in graphs.items():
+        spec.update(file=f"{name}.onnx", precision=dtype)
+    return {
+        "format": "ppllava-edge-export",
+        "dtype": dtype,
+        "created": "2026-11-25T00:00:00+00:00",
+        "checkpoint": {"sha256": "ab" * 32},
+        "graphs": graphs,
+        "frames": {"min": frames[0], "opt": frames[1], "max": frames[2]},
+        "visual_tokens_per_frame_pair": pooled,
+        "pooling": {"kernel": [2, 3, 3]},
+        "image_tokens": pooled + 1,
+        "model": {"image_size": image, "patches_per_frame": p, "hidden_size": hidden, "num_layers": layers, "num_kv_heads": kv, "head_dim": head_dim,
+                  "vocab_size": vocab, "max_position_embeddings": context, "max_frames": 64},
+    }
+
+
+SMALL = make_manifest()
+
+
+def fake_export(tmp_path: Path, data: dict) -> ExportManifest:
+    for spec in data["graphs"].values():
+        (tmp_path / spec["file"]).write_bytes(b"onnx")
+    (tmp_path / "export.json").write_text(json.dumps(data))
+    return ExportManifest(tmp_path, data)
+
+
+# ---- dims and profiles -----------------------------------------------------------------------------
+def test_eval_dim_expressions():
+    assert eval_dim(64, {}) == 64
+    assert eval_dim("36*frames", {"frames": 8}) == 288
+    assert eval_dim("4*((frames//2))", {"frames": 5}) == 8
+    assert eval_dim("past + seq", {"past": 7, "seq": 1}) == 8
+    with pytest.raises(ConfigError, match="no value for symbol"):
+        eval_dim("frames", {})
+    with pytest.raises(ConfigError):
+        eval_dim("__import__('os')", {})
+
+
+def test_tiny_export_profiles(tiny_export):
+    data = load_manifest(tiny_export).data  # exported with frames 2:8:16
+    limits = resolve_limits(data)
+    assert limits.frames == (2, 8, 16) and limits.max_seq_len == 4096
+    assert limits.max_input_len == 8 * 4 + 256  # visual tokens at 16 frames + text headroom
+    prof = graph_profiles(data, limits)
+    assert prof["vision"] == [{"pixel_values": ((1, 3, 84, 84), (8, 3, 84, 84), (16, 3, 84, 84))}]  # min 1: the image path
+    pool = prof["prompt_pool"][0]
+    assert pool["keys"] == ((72, 32), (288, 32), (576, 32)) and pool["values"] == ((2, 36, 64), (8, 36, 64), (16, 36, 64))
+    assert pool["clip_ids"] == ((1, 248),) * 3
+    assert prof["projector_head"] == [{"values": ((1, 64), (288, 64), (576, 64))}]
+    assert prof["image_pool"] == [{"clip_ids": ((1, 248),) * 3, "keys": ((36, 32),) * 3, "values": ((1, 36, 64),) * 3}]
+    ctx, gen = prof["decoder"]
+    assert ctx["inputs_embeds"] == ((1, 1, 64), (1, 80, 64), (1, 288, 64))
+    assert ctx["attention_mask"] == ((1, 1), (1, 80), (1, 288))
+    assert ctx["past.1.value"] == ((1, 4, 0, 16),) * 3
+    assert gen["inputs_embeds"] == ((1, 1, 64),) * 3 and gen["position_ids"] == ((1, 1),) * 3
+    assert gen["past.0.key"] == ((1, 4, 1, 16), (1, 4, 112, 16), (1, 4, 4095, 16))
+    assert gen["attention_mask"] == ((1, 2), (1, 113), (1, 4096))
+
+
+def test_small_preset_profiles_with_overrides():
+    limits = resolve_limits(SMALL, frames=(4, 16, 32), max_input_len=1500, max_seq_len=2048, max_batch=5)
+    prof = graph_profiles(SMALL, limits)
+    assert prof["vision"][0]["pixel_values"] == ((4, 3, 336, 336), (16, 3, 336, 336), (32, 3, 336, 336))
+    assert prof["prompt_pool"][0]["keys"] == ((4 * 576, 512), (16 * 576, 512), (32 * 576, 512))
+    assert prof["projector_head"][0]["values"] == ((1, 768), (16 * 576, 768), (32 * 576, 768))
+    ctx, gen = prof["decoder"]
+    assert len(ctx) == 3 + 32  # embeds, mask, positions + 16 layers x (key, value)
+    assert ctx["inputs_embeds"] == ((1, 1, 768), (1, 8 * 64 + 64, 768), (5, 1500, 768))
+    assert ctx["past.15.key"] == ((1, 12, 0, 64), (1, 12, 0, 64), (5, 12, 0, 64))
+    assert gen["past.0.value"] == ((1, 12, 1, 64), (1, 12, 8 * 64 + 64 + 32, 64), (5, 12, 2047, 64))
+    assert gen["attention_mask"][2] == (5, 2048)
+
+
+def test_small_preset_default_limits():
+    limits = resolve_limits(SMALL)
+    assert limits.frames == (2, 8, 64)
+    assert limits.max_input_len == 32 * 64 + 256 and limits.max_seq_len == 4096 and limits.max_batch == 1
+    assert graph_profiles(SMALL, limits)["vision"][0]["pixel_values"][0] == (1, 3, 336, 336)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"frames": (2, 8, 128)}, "outside the export's frame range"),
+        ({"frames": (8, 4, 16)}, "MIN <= OPT <= MAX"),
+        ({"max_seq_len": 5000}, "max_position_embeddings"),
+        ({"max_input_len": 3000, "max_seq_len": 2048}, "--max-input-len"),
+        ({"max_batch": 0}, "--max-batch"),
+    ],
+)
+def test_bad_limits_are_rejected(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        resolve_limits(SMALL, **kwargs)
+
+
+def test_export_starting_above_two_frames_has_no_image_profile():
+    data = make_manifest(frames=(4, 8, 16))
+    with pytest.raises(InputError, match="frame range 4..16"):
+        resolve_limits(data, frames=(2, 8, 16))
+    assert graph_profiles(data, resolve_limits(data))["vision"][0]["pixel_values"][0][0] == 4
+
+
+def test_profile_selection_and_json_round_trip():
+    prof = graph_profiles(SMALL, resolve_limits(SMALL, max_batch=2))["decoder"]
+    shapes = lambda b, past, seq: decoder_input_shapes(b, past, seq, 16, 12, 64, 768)  # noqa: E731
+    assert select_profile(prof, shapes(1, 0, 300)) == CONTEXT
+    assert select_profile(prof, shapes(1, 0, 1)) == CONTEXT
+    assert select_profile(prof, shapes(2, 300, 1)) == GENERATION
+    assert select_profile(prof, shapes(1, 300, 4)) == -1  # several positions after a cache: neither profile
+    assert select_profile(prof, shapes(3, 10, 1)) == -1  # batch above --max-batch
+    assert profiles_from_json(profiles_to_json(prof, ["context", "generation"])) == prof
+
+
+# ---- decoder bookkeeping ---------------------------------------------------------------------------
+def test_plan_forward():
+    assert plan_forward(0, 300, 512, 4096) == [(CONTEXT, 0, 300)]
+    assert plan_forward(300, 1, 512, 4096) == [(GENERATION, 0, 1)]
+    assert plan_forward(0, 514, 512, 4096) == [(CONTEXT, 0, 512), (GENERATION, 512, 513), (GENERATION, 513, 514)]
+    assert plan_forward(10, 3, 512, 4096) == [(GENERATION, 0, 1), (GENERATION, 1, 2), (GENERATION, 2, 3)]
+    with pytest.raises(InferenceError, match="max_seq_len"):
+        plan_forward(4090, 7, 512, 4096)
+
+
+def test_reorder_copies_gather_and_merge():
+    assert reorder_copies(np.zeros(3, np.int64), 10) == [(0, 0, 10), (10, 0, 10), (20, 0, 10)]
+    assert reorder_copies(np.array([0, 1, 2]), 10) == [(0, 0, 30)]
+    assert reorder_copies(np.array([2, 0, 1]), 10) == [(0, 20, 10), (10, 0, 20)]
+    # the gather these copies describe equals numpy's take along the batch axis
+    rows = np.arange(4 * 10, dtype=np.uint8).reshape(4, 10)
+    idx = np.array([3, 3, 0, 1])
+    out = np.zeros_like(rows).ravel()
+    for dst, src, n in reorder_copies(idx, 10):
+        out[dst : dst + n] = rows.ravel()[src : src + n]
+    np.testing.assert_array_equal(out.reshape(4, 10), rows[idx])
+
+
+def test_decoder_input_shapes_and_cache_size():
+    s = decoder_input_shapes(2, 7, 1, 2, 4, 16, 64)
+    assert s["inputs_embeds"] == (2, 1, 64) and s["attention_mask"] == (2, 8) and s["position_ids"] == (2, 1)
+    assert s["past.1.value"] == (2, 4, 7, 16) and len(s) == 3 + 4
+    # small preset, fp16, batch 1, 4096 positions: 2 sets x 32 tensors x 12 x 4096 x 64 x 2 bytes
+    assert kv_cache_bytes(16, 12, 64, 1, 4096, 2) == 2 * 32 * 12 * 4096 * 64 * 2
+
+
+# ---- metadata --------------------------------------------------------------------------------------
+def test_engine_naming():
+    assert engine_file_name("vision", "10.3.0.30", 87) == "vision.trt10.3.0.sm87.engine"
+    assert engine_file_name("decoder", "11.4.0.106", sm_of((12, 0))) == "decoder.trt11.4.0.sm120.engine"
+    assert normalize_trt_version("10.7") == "10.7.0"
+    assert sm_of("8.6") == 86 and sm_of("87") == 87 and sm_of(89) == 89
+
+
+def _meta(trt="10.3.0", sm=87) -> dict:
+    return new_metadata(trt_version=trt, gpu={"name": "Orin", "compute_capability": "8.7", "sm": sm}, export={"folder": "exp", "checkpoint_sha256": "ab" * 32, "created": "2026-11-25T00:00:00+00:00"}, limits={}, options={})
+
+
+def test_compatibility_checks():
+    check_compatible(_meta(), "10.3.0.30", 87)  # same version (build number ignored) and SM
+    with pytest.raises(EngineBuildError, match=r"TensorRT 10\.3\.0 built them, this machine has TensorRT 10\.7\.0(.|\n)*rebuild"):
+        check_compatible(_meta(), "10.7.0", 87)
+    with pytest.raises(EngineBuildError, match=r"sm87(.|\n)*this GPU is sm86(.|\n)*ppllava-edge build exp --out ENGINES --force"):
+        check_compatible(_meta(), "10.3.0", 86)
+    with pytest.raises(EngineBuildError, match="TensorRT 11.4.0; they target sm87"):
+        check_compatible(_meta(), "11.4.0.106", 89)
+    check_export(_meta(), SMALL)
+    with pytest.raises(EngineBuildError, match="another export"):
+        check_export(_meta(), {**SMALL, "checkpoint": {"sha256": "cd" * 32}})
+
+
+def test_check_engine_dir_needs_a_decoder():
+    with pytest.raises(EngineBuildError, match="no decoder engine"):
+        check_engine_dir(_meta(), "10.3.0", 87)
+
+
+def test_metadata_round_trip_and_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="not an engine folder"):
+        load_metadata(tmp_path)
+    meta = _meta()
+    (tmp_path / "decoder.onnx").write_bytes(b"graph")
+    (tmp_path / "decoder.onnx.data").write_bytes(b"weights")
+    hashes = onnx_hashes(tmp_path, "decoder.onnx")
+    assert list(hashes) == ["decoder.onnx", "decoder.onnx.data"]  # external data is hashed too
+    meta["engines"]["decoder"] = engine_entry(file="decoder.trt10.3.0.sm87.engine", onnx="decoder.onnx", onnx_sha256=hashes, precision="fp16", strongly_typed=False,
+                                              profiles=[], device="gpu", size_bytes=5, build_seconds=1.0, trtexec="trtexec ...")
+    write_metadata(tmp_path, meta)
+    with pytest.raises(ConfigError, match="missing: decoder.trt10.3.0.sm87.engine"):
+        load_metadata(tmp_path)
+    (tmp_path / "decoder.trt10.3.0.sm87.engine").write_bytes(b"plan")
+    assert load_metadata(tmp_path)["engines"]["decoder"]["onnx_sha256"] == hashes
+
+
+# ---- build planning and trtexec lines --------------------------------------------------------------
+def test_precision_rules():
+    assert resolve_precision("fp32", False, "10.3.0") == ("fp32", True, False)
+    assert resolve_precision("fp32", True, "10.3.0") == ("fp16", False, True)  # weak typing + BuilderFlag.FP16
+    assert resolve_precision("fp16", True, "10.3.0") == ("fp16", True, False)
+    assert resolve_precision("int8", False, "11.4.0") == ("int8", True, False)  # Q/DQ: strongly typed
+    with pytest.raises(EngineBuildError, match="--dtype fp16"):
+        resolve_precision("fp32", True, "11.4.0.106")
+
+
+def test_trtexec_lines_for_vision_on_dla(tmp_path):
+    m = fake_export(tmp_path, make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16)))
+    opts = BuildOptions(fp16=True, workspace_mb=2048, builder_level=4, timing_cache=Path("/cache/tc.bin"), dla_core=0)
+    plans = {p.graph: p for p in plan_build(m, Path("/engines"), opts, "10.3.0.30", 87)}
+    assert plans["vision"].device == "dla:0" and plans["decoder"].device == "gpu"
+    assert trtexec_command(plans["vision"], Path("/engines"), opts, "10.3.0.30") == (
+        f"trtexec --onnx={tmp_path}/vision.onnx --saveEngine=/engines/vision.trt10.3.0.sm87.engine --fp16 "
+        "--minShapes=pixel_values:1x3x84x84 --optShapes=pixel_values:8x3x84x84 --maxShapes=pixel_values:16x3x84x84 "
+        "--memPoolSize=workspace:2048M --builderOptimizationLevel=4 --timingCacheFile=/cache/tc.bin --useDLACore=0 --allowGPUFallback --skipInference"
+    )
+    static = trtexec_command(plans["image_pool"], Path("/engines"), opts, "10.3.0.30")
+    assert "Shapes" not in static and "--useDLACore" not in static
+
+
+def test_trtexec_decoder_has_one_shape_group_per_profile(tmp_path):
+    m = fake_export(tmp_path, make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16)))
+    opts = BuildOptions(max_input_len=100, max_seq_len=200)
+    dec = next(p for p in plan_build(m, Path("/e"), opts, "10.3.0", 87) if p.graph == "decoder")
+    line = trtexec_command(dec, Path("/e"), opts, "10.3.0")
+    assert line.count("--minShapes=") == 2 and line.count("--maxShapes=") == 2
+    assert "--stronglyTyped" in line and "--fp16" not in line
+    assert "--maxShapes=inputs_embeds:1x100x64,attention_mask:1x100,position_ids:1x100,past.0.key:1x4x0x16" in line
+    assert "--maxShapes=inputs_embeds:1x1x64,attention_mask:1x200,position_ids:1x1,past.0.key:1x4x199x16" in line
+    assert shape_spec(dec.profiles[1], 0).startswith("inputs_embeds:1x1x64,attention_mask:1x2,")
+    line11 = trtexec_command(next(p for p in plan_build(m, Path("/e"), opts, "11.4.0.106", 120) if p.graph == "decoder"), Path("/e"), opts, "11.4.0.106")
+    assert "--stronglyTyped" not in line11 and "decoder.trt11.4.0.sm120.engine" in line11  # always strongly typed in TRT 11
+
+
+def test_int8_and_dla_option_checks(tmp_path):
+    data = make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))
+    m = fake_export(tmp_path, data)
+    with pytest.raises(InputError, match="--int8 needs a quantized"):
+        plan_build(m, Path("/e"), BuildOptions(int8=True), "10.3.0", 87)
+    with pytest.raises(InputError, match="DLA has no fp32"):
+        plan_build(m, Path("/e"), BuildOptions(dla_core=0), "10.3.0", 87)
+    data["graphs"]["decoder"]["precision"] = "int8"  # a Q/DQ decoder, as the INT8 export will record it
+    plans = {p.graph: p for p in plan_build(ExportManifest(tmp_path, data), Path("/e"), BuildOptions(int8=True, fp16=True), "10.3.0", 87)}
+    assert (plans["decoder"].precision, plans["decoder"].strongly_typed, plans["decoder"].fp16_flag) == ("int8", True, False)
+    assert (plans["vision"].precision, plans["vision"].fp16_flag) == ("fp16", True)
+    assert "--fp16" not in trtexec_command(plans["decoder"], Path("/e"), BuildOptions(int8=True, fp16=True), "10.3.0")
+
+
+def test_engine_plan_is_static_only_for_image_pool(tmp_path):
+    m = fake_export(tmp_path, make_manifest(frames=(2, 8, 16)))
+    plans = {p.graph: p for p in plan_build(m, Path("/e"), BuildOptions(), "10.3.0", 87)}
+    assert [g for g, p in plans.items() if not p.dynamic] == ["image_pool"]
+    assert isinstance(plans["decoder"], EnginePlan) and plans["decoder"].profile_names == ["context", "generation"]
+
+
+# ---- Jetson ----------------------------------------------------------------------------------------
+ORIN_RELEASE = "# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13 04:36:44 UTC 2024\n# KERNEL_VARIANT: oot\n"
+NVPMODEL_CONF = "< POWER_MODEL ID=0 NAME=MAXN >\nCPU_ONLINE CORE_0 1\n< POWER_MODEL ID=1 NAME=MODE_15W >\n< POWER_MODEL ID=2 NAME=MODE_30W >\n< PM_CONFIG DEFAULT=2 >\n"
+MEMINFO = "MemTotal:       64335836 kB\nMemFree:        50000000 kB\nMemAvailable:   60000000 kB\nSwapTotal:      32167912 kB\nSwapFree:       32167912 kB\n"
+
+
+def make_jetson_root(root: Path, locked: bool = True) -> Path:
+    files = {
+        "etc/nv_tegra_release": ORIN_RELEASE,
+        "proc/device-tree/model": "NVIDIA Jetson AGX Orin Developer Kit\x00",
+        "proc/device-tree/compatible": "nvidia,p3737-0000+p3701-0005\x00nvidia,p3701-0005\x00nvidia,tegra234\x00",
+        "etc/nvpmodel.conf": NVPMODEL_CONF,
+        "var/lib/nvpmodel/status": "pmode:0002 fmode:quiet\n",
+        "proc/meminfo": MEMINFO,
+        "sys/devices/system/cpu/cpu0/cpufreq/scaling_min_freq": "2201600\n" if locked else "115200\n",
+        "sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq": "2201600\n",
+        "sys/class/devfreq/17000000.gpu/min_freq": "1300500000\n" if locked else "306000000\n",
+        "sys/class/devfreq/17000000.gpu/max_freq": "1300500000\n",
+    }
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return root
+
+
+def no_commands(cmd):
+    return None
+
+
+def test_orin_r36_detection_from_files(tmp_path):
+    info = detect_jetson(make_jetson_root(tmp_path), run=no_commands)
+    assert info["model"] == "NVIDIA Jetson AGX Orin Developer Kit" and info["soc"] == "tegra234" and info["soc_name"] == "Orin"
+    assert info["l4t"] == "36.4.0" and info["jetpack"] == "6.1" and info["jetpack_source"] == "L4T release table"
+    pm = info["power_mode"]
+    assert (pm["name"], pm["id"], pm["default"]) == ("MODE_30W", 2, 2) and pm["source"] == "/var/lib/nvpmodel/status"
+    assert info["jetson_clocks"]["state"] == "on"
+    assert info["memory"]["total_bytes"] == 64335836 * 1024 and info["memory"]["available_bytes"] == 60000000 * 1024
+
+
+def test_orin_with_nvpmodel_and_dpkg(tmp_path):
+    outputs = {"nvpmodel": "NV Power Mode: MAXN\n0\n", "dpkg-query": "6.2.1+b38"}
+    info = detect_jetson(make_jetson_root(tmp_path, locked=False), run=lambda cmd: outputs.get(cmd[0]))
+    assert info["power_mode"]["name"] == "MAXN" and info["power_mode"]["id"] == 0 and info["power_mode"]["source"] == "nvpmodel -q"
+    assert info["jetpack"] == "6.2.1" and info["jetpack_source"] == "dpkg nvidia-jetpack"
+    assert info["jetson_clocks"] == {"state": "off", "evidence": {"cpu_min_eq_max": False, "gpu_min_eq_max": False}}
+
+
+def test_not_a_jetson(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text(MEMINFO)
+    assert detect_jetson(tmp_path, run=no_commands) is None
+    assert clocks_state(tmp_path)["state"] == "unknown"
+
+
+def test_jetson_parsers():
+    rel = parse_tegra_release("# R35 (release), REVISION: 5.0, GCID: 1, BOARD: t186ref, EABI: aarch64")
+    assert rel["l4t"] == "35.5.0" and rel["board"] == "t186ref"
+    assert parse_tegra_release("garbage") is None
+    assert parse_nvpmodel_query("NVPM WARN: ...\nNV Power Mode: 15W\n1\n") == {"name": "15W", "id": 1}
+
+
+# ---- environment -----------------------------------------------------------------------------------
+def test_nvidia_smi_parsing():
+    smi = parse_nvidia_smi("NVIDIA L4, 570.86.15, 8.9, 23034\n", "| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: 12.8 |")
+    assert smi["gpus"] == [{"name": "NVIDIA L4", "driver": "570.86.15", "compute_capability": "8.9", "memory_bytes": 23034 << 20}]
+    assert smi["driver"] == "570.86.15" and smi["cuda_driver"] == "12.8"
+    assert parse_nvidia_smi(None, None) == {"gpus": [], "driver": None, "cuda_driver": None}
+
+
+def test_environment_block_with_a_jetson(tmp_path):
+    from ppllava_edge.engine.environment import collect_environment
+
+    env = collect_environment(make_jetson_root(tmp_path), run=no_commands)
+    text = format_environment(env)
+    assert "jetson: NVIDIA Jetson AGX Orin Developer Kit (Orin)" in text
+    assert "  L4T: 36.4.0 (JetPack 6.1, L4T release table)" in text
+    assert "  power mode: MODE_30W (id 2, /var/lib/nvpmodel/status)" in text and "  jetson_clocks: on" in text
+    assert env["memory"]["total_bytes"] == 64335836 * 1024
+    json.dumps(env)  # serializable for bench reports
+
+
+def test_env_command_on_this_machine():
+    import onnxruntime
+
+    res = CliRunner().invoke(cli, ["env"])
+    assert res.exit_code == 0, res.output
+    assert f"onnxruntime: {onnxruntime.__version__} (providers: " in res.output
+    assert "CPUExecutionProvider" in res.output
+    for key in ("python:", "platform:", "cpu:", "memory:", "nvidia driver:", "CUDA:", "numpy:", "jetson:"):
+        assert key in res.output
+    if not HAVE_TRT:
+        assert "TensorRT: not installed" in res.output
+    env = json.loads(CliRunner().invoke(cli, ["env", "--json"]).output)
+    assert env["onnxruntime"]["version"] == onnxruntime.__version__ and "CPUExecutionProvider" in env["onnxruntime"]["providers"]
+
+
+# ---- missing TensorRT: clean errors, no traceback --------------------------------------------------
+def assert_install_message(res):
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert "pip install 'ppllava-edge[tensorrt]'" in res.output and "python3-libnvinfer" in res.output
+    assert "'tensorrt'" in res.output  # names what is missing
+
+
+@no_trt
+def test_build_without_tensorrt_fails_cleanly(tiny_export, tmp_path):
+    res = CliRunner().invoke(cli, ["build", str(tiny_export), "--out", str(tmp_path / "engines"), "--fp16", "--timing-cache", str(tmp_path / "tc.bin")])
+    assert_install_message(res)
+    assert res.output.startswith("error: Building TensorRT engines needs TensorRT")
+    assert not (tmp_path / "engines").exists() and not (tmp_path / "tc.bin").exists()
+
+
+def test_build_dry_run_prints_trtexec_lines(tiny_export, tmp_path):
+    res = CliRunner().invoke(cli, ["build", str(tiny_export), "--out", str(tmp_path / "e"), "--dry-run", "--max-batch", "5"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.splitlines() if line.startswith("trtexec ")]
+    assert len(lines) == 5 and all("--skipInference" in line for line in lines)
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_option_errors_come_before_the_dependency_check(tiny_export, tmp_path):
+    res = CliRunner().invoke(cli, ["build", str(tiny_export), "--out", str(tmp_path / "e"), "--int8"])
+    assert res.exit_code == 1 and "--int8 needs a quantized" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["build", str(tiny_export), "--out", str(tmp_path / "e"), "--builder-level", "9"])
+    assert res.exit_code == 2  # usage error
+
+
+def _fake_engine_dir(folder: Path, export_dir: Path) -> Path:
+    from ppllava_edge.engine.metadata import export_fingerprint
+
+    data = load_manifest(export_dir).data
+    meta = new_metadata(trt_version="10.3.0", gpu={"name": "Orin", "compute_capability": "8.7", "sm": 87}, export=export_fingerprint(export_dir, data),
+                        limits={"frames": [2, 8, 16], "max_input_len": 288, "max_seq_len": 4096, "max_batch": 1}, options={})
+    folder.mkdir()
+    for g in data["graphs"]:
+        name = engine_file_name(g, "10.3.0", 87)
+        (folder / name).write_bytes(b"not a real engine")
+        meta["engines"][g] = engine_entry(file=name, onnx=f"{g}.onnx", onnx_sha256={}, precision="fp32", strongly_typed=True, profiles=[], device="gpu",
+                                          size_bytes=17, build_seconds=0.0, trtexec="")
+    write_metadata(folder, meta)
+    return folder
+
+
+@no_trt
+def test_trt_backend_without_tensorrt_fails_cleanly(tiny_export, tmp_path):
+    engines = _fake_engine_dir(tmp_path / "engines", tiny_export)
+    res = CliRunner().invoke(cli, ["engines", str(engines)])
+    assert res.exit_code == 0, res.output
+    assert "cannot check here: TensorRT is not installed" in res.stdout
+    res = CliRunner().invoke(cli, ["engines", str(engines), "--load"])
+    assert_install_message(res)
+    assert "The TensorRT backend (--backend trt) needs TensorRT" in res.output
+    from ppllava_edge.runtime.trt_backend import open_engines
+
+    with pytest.raises(MissingDependencyError, match="python3-libnvinfer"):
+        open_engines(engines, load_manifest(tiny_export))
+
+
+def test_cuda_wrappers_without_cuda_python():
+    if has_module("cuda"):
+        pytest.skip("cuda-python is installed")
+    from ppllava_edge.runtime.cuda import DeviceBuffer
+
+    with pytest.raises(MissingDependencyError, match="cuda-python"):
+        DeviceBuffer(16)
+
+
+def test_engine_modules_import_no_heavy_dependencies():
+    code = textwrap.dedent(
+        """
+        import sys
+        import ppllava_edge.cli.main, ppllava_edge.engine.builder, ppllava_edge.engine.environment, ppllava_edge.runtime.trt_backend, ppllava_edge.runtime.cuda
+        heavy = [m for m in ('tensorrt', 'cuda', 'torch', 'onnx') if m in sys.modules]
+        print(heavy)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# ---- on a GPU with TensorRT ------------------------------------------------------------------------
+def _gpu_ready() -> bool:
+    if not (HAVE_TRT and has_module("cuda")):
+        return False
+    from ppllava_edge.runtime.cuda import device_count
+
+    return device_count() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs TensorRT, cuda-python and a CUDA GPU")
+def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
+    from ppllava_edge.engine.builder import build_engines
+    from ppllava_edge.runtime.decoder import OrtKVDecoder
+    from ppllava_edge.runtime.session import create_session
+    from ppllava_edge.runtime.trt_backend import open_engines
+
+    manifest = load_manifest(tiny_export)
+    result = build_engines(tiny_export, tmp_path / "engines", BuildOptions(max_input_len=64, max_seq_len=128, max_batch=2, timing_cache=tmp_path / "tc.bin"))
+    assert len(result.engines) == 5 and (tmp_path / "tc.bin").stat().st_size > 0
+    engines = open_engines(tmp_path / "engines", manifest, cuda_graph=True)
+    try:
+        rng = np.random.default_rng(0)
+        px = rng.standard_normal((4, 3, 84, 84)).astype(np.float32)
+        vision = create_session(manifest.path("vision"), "cpu")
+        for ref, got in zip(vision.run(None, {"pixel_values": px}), engines.runners["vision"].run(None, {"pixel_values": px})):
+            np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-3)
+        m = manifest.model
+        ort_dec = OrtKVDecoder(create_session(manifest.path("decoder"), "cpu"), m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"])
+        for dec in (ort_dec, engines.decoder):
+            dec.reset(1)
+        prompt = rng.standard_normal((1, 20, m["hidden_size"])).astype(np.float32)
+        np.testing.assert_allclose(engines.decoder.forward(prompt), ort_dec.forward(prompt), rtol=1e-2, atol=1e-3)
+        for dec in (ort_dec, engines.decoder):
+            dec.reorder(np.zeros(2, np.int64))
+        for _ in range(3):  # decode steps (the CUDA graph is captured on the first and reused on repeats)
+            step = rng.standard_normal((2, 1, m["hidden_size"])).astype(np.float32)
+            np.testing.assert_allclose(engines.decoder.forward(step), ort_dec.forward(step), rtol=1e-2, atol=1e-3)
+    finally:
+        engines.close()
