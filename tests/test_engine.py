@@ -550,7 +550,7 @@ def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
         np.testing.assert_allclose(engines.decoder.forward(prompt), ort_dec.forward(prompt), rtol=1e-2, atol=1e-3)
         for dec in (ort_dec, engines.decoder):
             dec.reorder(np.zeros(2, np.int64))
-        for _ in range(3):  # decode steps (the CUDA graph is captured on the first and reused on repeats)
+        for _ in range(3):  # decode steps: the first runs plainly, later ones as captured CUDA graphs
             step = rng.standard_normal((2, 1, m["hidden_size"])).astype(np.float32)
             np.testing.assert_allclose(engines.decoder.forward(step), ort_dec.forward(step), rtol=1e-2, atol=1e-3)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -69,6 +70,16 @@ class FixedLogitsDecoder:
         self.batch = beam_idx.shape[0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The model is tiny: extra threads only add overhead (and stall badly on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
 def _make_lm(eos_weight: float):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
@@ -102,7 +113,11 @@ def lm(request):
 
 @pytest.fixture(scope="module")
 def embed(lm):
-    table = lm.model.embed_tokens.weight.detach().numpy().copy()
+    return _embedder(lm)
+
+
+def _embedder(model):
+    table = model.model.embed_tokens.weight.detach().numpy().copy()
     return lambda ids: table[ids][:, None, :]
 
 
@@ -111,16 +126,22 @@ def _prompt(seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _hf_generate(lm, prompt: np.ndarray, **kwargs) -> list[int]:
-    e = torch.from_numpy(prompt)[None]
-    out = lm.generate(
-        inputs_embeds=e,
-        attention_mask=torch.ones(1, e.shape[1], dtype=torch.long),
-        eos_token_id=EOS,
-        pad_token_id=0,
-        **kwargs,
-    )
-    return out[0].tolist()
+def _hf_generate_counted(lm, prompt: np.ndarray, **kwargs) -> tuple[list[int], int]:
+    """transformers' new ids, and how many forward passes it ran (prefill included)."""
+    calls = []
+    hook = lm.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        e = torch.from_numpy(prompt)[None]
+        out = lm.generate(
+            inputs_embeds=e,
+            attention_mask=torch.ones(1, e.shape[1], dtype=torch.long),
+            eos_token_id=EOS,
+            pad_token_id=0,
+            **kwargs,
+        )
+    finally:
+        hook.remove()
+    return out[0].tolist(), len(calls)
 
 
 def _ours(lm, embed, prompt, **kwargs) -> GenerationOutput:
@@ -138,9 +159,10 @@ def test_greedy_matches_transformers(lm, embed):
     early_eos = 0
     for seed in GREEDY_SEEDS:
         prompt = _prompt(seed)
-        ref = _hf_generate(lm, prompt, do_sample=False, max_new_tokens=20)
+        ref, ref_calls = _hf_generate_counted(lm, prompt, do_sample=False, max_new_tokens=20)
         out = _ours(lm, embed, prompt, max_new_tokens=20)
         assert out.ids == ref, seed
+        assert 1 + len(out.step_ms) == ref_calls
         assert out.finished_by_eos == (ref[-1] == EOS)
         assert len(out.step_ms) == len(out.ids) - 1 and out.prefill_ms > 0
         early_eos += out.finished_by_eos and len(out.ids) < 20
@@ -159,21 +181,24 @@ BEAM_SEEDS = range(6)
 def test_beam_search_matches_transformers(lm, embed, num_beams, max_new_tokens):
     for seed in BEAM_SEEDS:
         prompt = _prompt(seed)
-        ref = _hf_generate(lm, prompt, do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                           length_penalty=1.0, early_stopping=False)
+        ref, ref_calls = _hf_generate_counted(lm, prompt, do_sample=False, num_beams=num_beams,
+                                              max_new_tokens=max_new_tokens, length_penalty=1.0, early_stopping=False)
         out = _ours(lm, embed, prompt, num_beams=num_beams, max_new_tokens=max_new_tokens)
         assert out.ids == ref, (seed, out.ids, ref)
+        assert 1 + len(out.step_ms) == ref_calls  # same stopping step
         assert out.finished_by_eos == (ref[-1] == EOS)
 
 
-def test_beam_search_cases_include_eos(lm, embed):
-    """The beam cases above cover hypotheses that end with EOS before max_new_tokens and ones that do not."""
+def test_beam_search_cases_include_eos():
+    """The beam cases cover best hypotheses that end with EOS before max_new_tokens and ones that run to it."""
     ends = set()
-    for seed in BEAM_SEEDS:
-        for n in (2, 3, 5):
-            out = _ours(lm, embed, _prompt(seed), num_beams=n, max_new_tokens=20)
-            ends.add("eos" if out.finished_by_eos and len(out.ids) < 20 else "len" if len(out.ids) == 20 else "?")
-    assert {"eos", "len"} <= ends, ends
+    for eos_weight in (1.0, 2.0):
+        model = _make_lm(eos_weight)
+        for seed in BEAM_SEEDS:
+            for n in (2, 3, 5):
+                out = _ours(model, _embedder(model), _prompt(seed), num_beams=n, max_new_tokens=20)
+                ends.add("eos" if out.finished_by_eos and len(out.ids) < 20 else "len" if len(out.ids) == 20 else "?")
+    assert ends == {"eos", "len"}, ends
 
 
 @pytest.mark.parametrize(
@@ -183,7 +208,10 @@ def test_beam_search_options_match_transformers(lm, embed, length_penalty, early
     for seed in BEAM_SEEDS:
         prompt = _prompt(seed)
         kw = dict(num_beams=3, max_new_tokens=12, length_penalty=length_penalty, early_stopping=early_stopping)
-        assert _ours(lm, embed, prompt, **kw).ids == _hf_generate(lm, prompt, do_sample=False, **kw), seed
+        ref, ref_calls = _hf_generate_counted(lm, prompt, do_sample=False, **kw)
+        out = _ours(lm, embed, prompt, **kw)
+        assert out.ids == ref, seed
+        assert 1 + len(out.step_ms) == ref_calls, seed  # same stopping step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,11 +232,12 @@ def test_sampling_is_reproducible_per_seed(lm, embed):
         assert a != c
 
 
-def test_top_k_1_is_greedy(lm, embed):
+def test_top_k_1_and_tiny_top_p_are_greedy(lm, embed):
     for p in SAMPLE_SEEDS:
         prompt = _prompt(p)
         greedy = _ours(lm, embed, prompt, max_new_tokens=16).ids
         assert _ours(lm, embed, prompt, do_sample=True, top_k=1, seed=p, temperature=0.5, max_new_tokens=16).ids == greedy
+        assert _ours(lm, embed, prompt, do_sample=True, top_p=1e-6, seed=p, max_new_tokens=16).ids == greedy
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 0.6), (0.7, 20, 1.0), (1.5, 40, 0.8), (0.3, 0, 0.9)])

@@ -285,7 +285,7 @@ def collect_calibration(
             values, keys, vin = pipe.features(path, t, Timings(), need_pixels=True)
         except VideoError as exc:
             skipped.append((str(path), str(exc).splitlines()[0]))
-            log.warning("skipping unreadable video %s: %s", path, exc)
+            log.info("skipping unreadable video %s: %s", path, exc)
         else:
             px = vin.pixel_values
             iv, ik = pipe.sessions["vision"].run(None, {"pixel_values": np.ascontiguousarray(px[:1])})

@@ -76,7 +76,7 @@ class Thresholds:
 
     cosine: float = 0.99  # vision / pool outputs
     decoder_cosine: float = 0.99  # last-position logits
-    top1: float = 0.90  # prefill positions and teacher-forced decode steps
+    top1: float = 0.60  # prefill positions and teacher-forced decode steps (see the module doc)
     greedy: float | None = None  # mean fraction of greedy tokens before the first divergence
 
 

@@ -17,8 +17,11 @@ from .main import cli
 @click.option("--question", default="What is happening in the video?", show_default=True)
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max_new_tokens: int) -> None:
-    """Make a checkpoint and a video, answer with the PyTorch reference, export to ONNX, answer torch-free, compare."""
+    """Make a checkpoint and a video, answer with the PyTorch reference, export to ONNX, answer torch-free, compare,
+    then a one-iteration bench (runtime vs PyTorch vs the no-pooling baselines)."""
     from .._deps import require
+    from ..bench.report import markdown
+    from ..bench.runner import BenchOptions, run_bench
 
     require("torch", "export", "demo (it makes a checkpoint and exports it)")
     from ..export.exporter import ExportOptions, export_checkpoint
@@ -44,6 +47,16 @@ def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max
         ans = pipe.ask(video, question, num_frames=num_frames, generation=GenerationConfig(max_new_tokens=max_new_tokens))
         log(f"ask again (second question on the same video)")
         again = pipe.ask(video, "Describe the colours.", num_frames=num_frames, generation=GenerationConfig(max_new_tokens=max_new_tokens))
+        del pipe
+        log("bench (1 iteration: runtime vs PyTorch vs the no-pooling baselines)")
+        bench_frames = max(2, num_frames - num_frames % 2)  # the bench takes even frame counts only
+        bench_cmd = (f"ppllava-edge bench {export_dir} --video {video} --frames {bench_frames} --backend ort,torch "
+                     f"--baseline nopool,avgpool --max-new-tokens {max_new_tokens}")
+        bench = run_bench(BenchOptions(
+            exports=[export_dir], video=video, frames=[bench_frames], questions=2, max_new_tokens=max_new_tokens, warmup=0, iterations=1,
+            provider="cpu", backends=("ort", "torch"), baselines=("nopool", "avgpool"), bandwidth_mb=128, gemm_n=1024,
+            command=bench_cmd + " --iterations 1 --warmup 0",
+        ))
     worst = max(c.max_abs / max(c.scale, 1e-12) for c in result.report.checks)
     same = ans.ids == ref.output_ids
     out_console.print(f"question:        {question}")
@@ -52,6 +65,9 @@ def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max
     out_console.print(f"token-identical: {'yes' if same else 'NO'} ({len(ans.ids)} tokens); export validation: {len(result.report.checks)} checks passed, worst relative max-abs {worst:.1e}")
     out_console.print(f"timings:         {ans.timings.line()}")
     out_console.print(f"second question: {again.timings.line()}")
+    out_console.print("")
+    out_console.print(f"bench (one iteration, no warm-up; for real numbers: {bench_cmd} --iterations 5 --warmup 1):")
+    click.echo(markdown(bench), nl=False)
     if not same:
         err_console.print("error: the runtime's greedy ids differ from the PyTorch reference")
         raise SystemExit(1)

@@ -55,7 +55,7 @@ def _target_for_dry_run() -> tuple[str, str]:
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Timing cache file, loaded if present and saved after every engine.")
 @click.option("--workspace", "workspace_mb", type=int, default=None, metavar="MB", help="Builder workspace limit in MiB (default: TensorRT's).")
 @click.option("--builder-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level 0-5 (TensorRT default 3).")
-@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX).")
+@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX). DLA runs static shapes only: pair it with --frames N:N:N (N > 2).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the equivalent trtexec commands; build nothing (works without TensorRT).")
 def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_len, max_batch, timing_cache, workspace_mb, builder_level, dla_core, force, dry_run):
@@ -104,7 +104,7 @@ def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_le
 @click.argument("engines_dir", metavar="ENGINES", type=click.Path(path_type=Path))
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None, help="Export folder the engines serve (default: the one recorded in engines.json).")
 @click.option("--load", is_flag=True, help="Also deserialize every engine with the native TensorRT backend (needs TensorRT and a GPU).")
-@click.option("--cuda-graph", is_flag=True, help="With --load: enable CUDA-graph capture of decode steps.")
+@click.option("--cuda-graph", is_flag=True, help="With --load: launch decode steps as CUDA graphs.")
 def engines_command(engines_dir, export_dir, load, cuda_graph):
     """Show an engine folder (engines.json), check it against this machine, optionally load it."""
     from ..engine.availability import tensorrt_version
@@ -128,9 +128,10 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
         from ..engine.jetson import run_command
 
         gpus = parse_nvidia_smi(run_command(NVIDIA_SMI_QUERY), None)["gpus"]
+        sm = sm_of(gpus[0]["compute_capability"]) if gpus else None
         try:
-            check_compatible(meta, have, sm_of(gpus[0]["compute_capability"]) if gpus else gpu.get("sm", 0))
-            status = f"compatible with this machine (TensorRT {have})"
+            check_compatible(meta, have, sm if sm is not None else gpu.get("sm", 0))
+            status = f"compatible with this machine (TensorRT {have}" + (f", sm{sm})" if sm is not None else "; GPU not checked: nvidia-smi not found)")
         except EngineBuildError as exc:
             status = f"NOT compatible: {str(exc).splitlines()[0]}"
     click.echo(status)

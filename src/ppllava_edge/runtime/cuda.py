@@ -178,31 +178,59 @@ class HostBuffer:
 
 
 class CudaGraph:
-    """A captured CUDA graph: `with graph.capture(stream): enqueue...` then `graph.launch(stream)`."""
+    """A CUDA graph re-captured for every use and patched into one executable (TensorRT-LLM's pattern).
+
+        graph = CudaGraph()
+        with graph.capture(stream):      # enqueue work on `stream`; it is recorded, not run
+            context.execute_async_v3(stream.handle)
+        graph.launch(stream)
+
+    The first capture instantiates the executable graph; later captures update it in place with
+    cudaGraphExecUpdate (much cheaper than instantiating), falling back to a new instantiation when the
+    topology changed. Capturing right before launching keeps the graph valid whatever changed in between.
+    """
 
     def __init__(self) -> None:
         self._cudart = import_cudart()
-        self.graph = None
         self.exec = None
+        self.instantiations = 0
+        self.updates = 0
 
     @contextmanager
     def capture(self, stream: Stream):
         cudart = self._cudart
-        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
         check(cudart.cudaStreamBeginCapture(stream.stream, mode), "cudaStreamBeginCapture")
+        ok = False
         try:
             yield self
+            ok = True
         finally:
-            self.graph = check(cudart.cudaStreamEndCapture(stream.stream), "cudaStreamEndCapture")
-        self.exec = check(cudart.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
+            graph = check(cudart.cudaStreamEndCapture(stream.stream), "cudaStreamEndCapture")
+            try:
+                if ok:
+                    self._load(graph)
+            finally:
+                check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+
+    def _load(self, graph: Any) -> None:
+        cudart = self._cudart
+        if self.exec is not None:
+            err = cudart.cudaGraphExecUpdate(self.exec, graph)[0]
+            if err == cudart.cudaError_t.cudaSuccess:
+                self.updates += 1
+                return
+            check(cudart.cudaGraphExecDestroy(self.exec), "cudaGraphExecDestroy")
+            self.exec = None
+        self.exec = check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        self.instantiations += 1
 
     def launch(self, stream: Stream) -> None:
+        if self.exec is None:
+            raise InferenceError("CudaGraph.launch before any capture")
         check(self._cudart.cudaGraphLaunch(self.exec, stream.stream), "cudaGraphLaunch")
 
     def close(self) -> None:
         if self.exec is not None:
             check(self._cudart.cudaGraphExecDestroy(self.exec), "cudaGraphExecDestroy")
             self.exec = None
-        if self.graph is not None:
-            check(self._cudart.cudaGraphDestroy(self.graph), "cudaGraphDestroy")
-            self.graph = None

@@ -291,6 +291,8 @@ def _beam_search(
         # f. finished continuations among the top n enter the hypotheses with length-normalised scores
         just_done = hits & in_top_n
         cand = top_scores / np.float32(float(cur_len + 1) ** lp)
+        # The next two penalties never fire for a single prompt (the loop has already stopped in both cases);
+        # they are kept so that this block reads line by line like transformers' _update_finished_beams.
         if early is True and fin_done.all():
             cand = cand + _NEG
         if not improvable:

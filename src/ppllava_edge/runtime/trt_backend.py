@@ -6,8 +6,9 @@
 - `TrtKVDecoder` implements runtime.generation.KVDecoder over the decoder engine: one execution context per
   optimization profile (context = prefill, generation = one token), the KV cache preallocated on the device as
   two ping-pong buffer sets sized for max_batch x max_seq_len (TensorRT writes `present.*` straight into the
-  other set, as OrtKVDecoder does on the CPU), and optionally each decode step captured in a CUDA graph that is
-  replayed whenever the same (batch, cache length) comes again (benchmarks repeating a run hit it every step).
+  other set, as OrtKVDecoder does on the CPU), and optionally each decode step launched as a CUDA graph
+  (captured per step and patched into one executable with cudaGraphExecUpdate, as TensorRT-LLM's Python
+  runtime does: one launch instead of one per kernel).
 - `open_engines(engines_dir, manifest)` checks engines.json against this machine (TensorRT version, GPU SM)
   and the export, then loads everything.
 
@@ -17,7 +18,6 @@ and cuda-python are imported only when an engine is opened.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,6 @@ def reorder_copies(beam_idx: np.ndarray, row_bytes: int) -> list[tuple[int, int,
         else:
             copies.append((dst * row_bytes, src * row_bytes, row_bytes))
     return copies
-
-
-def graph_key(batch: int, past: int, parity: int) -> tuple[int, int, int]:
-    """A captured decode step is only valid for the same shapes and buffer addresses: batch, cache length, ping-pong side."""
-    return (batch, past, parity)
 
 
 def check_engine_dir(meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",)) -> None:
@@ -186,18 +181,10 @@ class TrtGraphRunner:
             buf.free()
 
 
-@dataclass
-class _Step:
-    profile: int
-    batch: int
-    past: int
-    seq: int
-
-
 class TrtKVDecoder:
     """runtime.generation.KVDecoder over the decoder engine, with the KV cache on the device."""
 
-    def __init__(self, engine: TrtEngine, model: dict, limits: dict, stream: Any, cuda_graph: bool = False, max_graphs: int = 1024):
+    def __init__(self, engine: TrtEngine, model: dict, limits: dict, stream: Any, cuda_graph: bool = False):
         from .cuda import DeviceBuffer, HostBuffer
 
         if len(engine.contexts) < 2:
@@ -220,8 +207,12 @@ class TrtKVDecoder:
         self.positions = DeviceBuffer(b * self.max_input_len * self.pos_dtype.itemsize)
         self.logits = DeviceBuffer(b * self.vocab * self.logits_dtype.itemsize)
         self.host_logits = HostBuffer((b, self.vocab), self.logits_dtype)
-        self.cuda_graph, self.max_graphs = cuda_graph, max_graphs
-        self.graphs: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
+        self.graph = None
+        if cuda_graph:
+            from .cuda import CudaGraph
+
+            self.graph = CudaGraph()
+        self._warm = [False] * len(engine.contexts)  # a context enqueues once before its first capture
         self.batch = self.length = 0
         self._cur = 0
         stream.synchronize()
@@ -266,17 +257,14 @@ class TrtKVDecoder:
         ctx = self.engine.contexts[profile]
         self.embeds.copy_from_host(np.ascontiguousarray(chunk, dtype=self.embed_dtype), self.stream)
         self.positions.copy_from_host(np.broadcast_to(np.arange(past, total, dtype=self.pos_dtype), (b, s)).copy(), self.stream)
-        key = graph_key(b, past, self._cur)
-        use_graph = self.cuda_graph and profile == GENERATION
-        if use_graph and key in self.graphs:
-            self.graphs.move_to_end(key)
-            self.graphs[key].launch(self.stream)
-        else:
-            self._bind(ctx, b, past, s)
-            if not ctx.execute_async_v3(self.stream.handle):
-                raise InferenceError("decoder: execute_async_v3 failed")
-            if use_graph:
-                self._capture(ctx, key)
+        self._bind(ctx, b, past, s)
+        if self.graph is not None and profile == GENERATION and self._warm[profile]:
+            with self.graph.capture(self.stream):
+                ctx.execute_async_v3(self.stream.handle)
+            self.graph.launch(self.stream)
+        elif not ctx.execute_async_v3(self.stream.handle):
+            raise InferenceError("decoder: execute_async_v3 failed")
+        self._warm[profile] = True
         host = self.host_logits.array[:b]
         self.logits.copy_to_host(host, self.stream)
         self.stream.synchronize()
@@ -296,22 +284,9 @@ class TrtKVDecoder:
             ctx.set_tensor_address(pn, self.kv_sets[self._cur][i].ptr)
             ctx.set_tensor_address(qn, self.kv_sets[1 - self._cur][i].ptr)
 
-    def _capture(self, ctx: Any, key: tuple[int, int, int]) -> None:
-        """Capture the enqueue just run (shapes and addresses already set) for replay at the same key."""
-        from .cuda import CudaGraph
-
-        graph = CudaGraph()
-        with graph.capture(self.stream):
-            ctx.execute_async_v3(self.stream.handle)
-        self.graphs[key] = graph
-        while len(self.graphs) > self.max_graphs:
-            _, old = self.graphs.popitem(last=False)
-            old.close()
-
     def close(self) -> None:
-        for g in self.graphs.values():
-            g.close()
-        self.graphs.clear()
+        if self.graph is not None:
+            self.graph.close()
         for bufs in self.kv_sets:
             for buf in bufs:
                 buf.free()

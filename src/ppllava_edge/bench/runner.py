@@ -1,0 +1,819 @@
+"""The benchmark loop: every variant on the same video, questions and token budget, side by side.
+
+    opts = BenchOptions(exports=[Path("E2")], video=Path("clip.mp4"), frames=[32], backends=("ort", "torch"),
+                        baselines=("nopool", "avgpool"), iterations=3)
+    result = run_bench(opts, progress=lambda done, total, msg: ...)   # a JSON-ready dict (see bench/report.py)
+
+Variants, in this order (the first is the reference of every ratio):
+
+- each EXPORT folder x each runtime backend (`ort`: ONNX Runtime with --provider; `trt`: the engines of
+  `ppllava-edge build`, given with `engines=`);
+- `torch`: the PyTorch reference model loaded from the checkpoint recorded in the first export's manifest;
+- the paper's baselines on the same backbone, run on the first export with ONNX Runtime: `nopool` (LLaVA-NeXT
+  without pooling: 8 frames x all P patch tokens through linear_2 into the LLM) and `avgpool` (the T frames
+  averaged: P tokens).
+
+Rules (llama-bench's): warm-up runs are not timed; every run generates exactly `max_new_tokens` tokens (EOS
+ignored); each timed iteration starts cold (empty feature cache); progress is reported only between timed runs.
+With `questions >= 2` each iteration of a runtime variant then asks the other questions on the same video, which
+hit the feature cache: that is the feature-cache measure (second question vs first).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import resource
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, InputError, PPLLaVAEdgeError
+from ..manifest import ExportManifest, load_manifest
+from . import hardware
+from .stats import mean_std, summarize
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("ort", "trt", "torch")
+BASELINES = ("nopool", "avgpool")
+STAGES = ("decode_video", "preprocess", "vision", "pool", "prefill", "decode_step", "e2e")
+"""Timed stages (ms). `decode_step` pools every decode step of every run (TPOT)."""
+DERIVED_STAGES = ("ttft", "decode")
+"""Per run: `ttft` = e2e minus the decode steps (time to first token); `decode` = all decode steps."""
+DEFAULT_FRAMES = (8, 16, 32, 64)
+NOPOOL_FRAMES = 8
+"""LLaVA-NeXT's video setting in the paper: 8 frames x 576 patch tokens = 4608 visual tokens."""
+HEADLINE_FRAMES = 32
+"""Top-level numbers and targets use 32 frames (the paper's setting) when measured, else the largest frames."""
+QUESTIONS = (
+    "What is happening in the video?",
+    "Describe the colours and the shapes you can see.",
+    "Which object moves fastest, and in which direction?",
+    "How many distinct objects appear in the clip?",
+    "Summarise the video in one sentence.",
+    "What changes between the beginning and the end?",
+    "Is there any text or number visible?",
+    "Where is the square at the end of the clip?",
+)
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+# ---- options and validation ---------------------------------------------------------------------------------
+@dataclass
+class BenchOptions:
+    exports: list[Path]
+    video: Path | None = None
+    synthetic: bool = False
+    frames: list[int] | None = None  # None: DEFAULT_FRAMES within every export's range
+    questions: int = 2
+    max_new_tokens: int = 32
+    warmup: int = 1
+    iterations: int = 5
+    provider: str = "auto"
+    backends: tuple[str, ...] = ("ort",)
+    baselines: tuple[str, ...] = ()
+    threads: int | None = None
+    engines: tuple[Path, ...] = ()  # one TensorRT engine folder per export, for backend "trt"
+    hardware: bool = True  # measure bandwidth / GEMM FLOP/s (a few seconds)
+    bandwidth_mb: int = 256
+    gemm_n: int = 1536
+    workdir: Path | None = None  # where --synthetic writes its video (default: a temporary folder)
+    raise_errors: bool = False  # re-raise a failing variant's exception instead of recording it
+    command: str | None = None
+
+
+def parse_choices(value: str | list[str] | tuple[str, ...] | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """'a,b' (or a list) -> ('a', 'b'), each checked against `allowed`; duplicates dropped, order kept."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [v for part in value for v in str(part).split(",")]
+    out: list[str] = []
+    for raw in items:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in allowed:
+            raise InputError(f"unknown {what} {raw.strip()!r}; choose from: {', '.join(allowed)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def parse_frames(value: str | list[int] | None) -> list[int] | None:
+    """'8,16,32' -> [8, 16, 32]; every value must be an even integer >= 2."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    frames: list[int] = []
+    for raw in items:
+        text = str(raw).strip()
+        if not text:
+            continue
+        try:
+            f = int(text)
+        except ValueError:
+            raise InputError(f"--frames: {text!r} is not an integer (expected a list such as 8,16,32)") from None
+        if f < 2 or f % 2:
+            raise InputError(
+                f"--frames {f}: frame counts must be even and >= 2 (the (2,3,3) pooling pairs frames, so the token "
+                "count is T/2 x tokens per pair).\nHint: use 8,16,32 or 64."
+            )
+        if f not in frames:
+            frames.append(f)
+    if not frames:
+        raise InputError("--frames is empty; give a list such as 8,16,32")
+    return frames
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    kind: str  # "export" | "torch" | "baseline"
+    backend: str  # "ort" | "trt" | "torch"
+    manifest: ExportManifest
+    frames: list[int]
+    baseline: str | None = None
+    engines: Path | None = None
+    precision: str = "fp32"
+
+
+def precision_label(manifest: ExportManifest) -> str:
+    """'fp32' when every graph has one precision, else 'vision int8 / llm fp32' style."""
+    graphs = manifest.data["graphs"]
+    precs = {g.get("precision", manifest.data.get("dtype", "fp32")) for g in graphs.values()}
+    if len(precs) == 1:
+        return precs.pop()
+    vis = graphs.get("vision", {}).get("precision", "?")
+    llm = graphs.get("decoder", {}).get("precision", "?")
+    return f"vis {vis} / llm {llm}"
+
+
+def _check_frames(manifest: ExportManifest, frames: list[int], what: str) -> None:
+    fmin, _, fmax = manifest.frames
+    lo = max(fmin, 2)
+    bad = [f for f in frames if not lo <= f <= fmax]
+    if bad:
+        raise InputError(
+            f"{what} {','.join(map(str, bad))} outside the frame range {lo}..{fmax} of export {manifest.folder}.\n"
+            "Hint: re-export with --frames MIN:OPT:MAX covering it, or bench fewer frames."
+        )
+
+
+def _prompt_len(manifest: ExportManifest, questions: int) -> int:
+    """Longest prompt (text ids, image token excluded) of the first `questions` questions."""
+    from ..tokenization import LlamaPromptTokenizer
+
+    tok = LlamaPromptTokenizer.from_file(manifest.path("llama"), image_token_id=manifest.data["image_token_id"])
+    return max(len(tok.prompt_ids(q)) - 1 for q in QUESTIONS[:questions])
+
+
+def plan(opts: BenchOptions) -> list[VariantSpec]:
+    """Check the options against the exports and list the variants; raises InputError / ConfigError."""
+    if not opts.exports:
+        raise InputError("give at least one EXPORT folder")
+    for name, value, low in (("--iterations", opts.iterations, 1), ("--warmup", opts.warmup, 0), ("--questions", opts.questions, 1), ("--max-new-tokens", opts.max_new_tokens, 1)):
+        if value < low:
+            raise InputError(f"{name} must be >= {low}, got {value}")
+    if opts.questions > len(QUESTIONS):
+        raise InputError(f"--questions must be <= {len(QUESTIONS)}, got {opts.questions}")
+    if opts.video is not None and opts.synthetic:
+        raise InputError("give either --video FILE or --synthetic, not both")
+    if opts.threads is not None and opts.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {opts.threads}")
+    backends = parse_choices(list(opts.backends), BACKENDS, "backend")
+    baselines = parse_choices(list(opts.baselines), BASELINES, "baseline")
+    if not backends and not baselines:
+        raise InputError("nothing to run: give at least one --backend or --baseline")
+    manifests = [load_manifest(e) for e in opts.exports]
+    if "trt" in backends and len(opts.engines) != len(manifests):
+        raise ConfigError(
+            f"--backend trt needs one --engines folder per EXPORT ({len(manifests)} export(s), {len(opts.engines)} --engines given).\n"
+            "Hint: build them with `ppllava-edge build EXPORT --out ENGINES` and pass --engines ENGINES."
+        )
+    if any(b in backends for b in ("ort", "trt")) or baselines:
+        from ..runtime.session import resolve_provider
+
+        resolve_provider(opts.provider)  # unknown / unavailable provider -> InferenceError
+
+    if opts.frames is None:
+        frames = [f for f in DEFAULT_FRAMES if all(max(m.frames[0], 2) <= f <= m.frames[2] for m in manifests)]
+        frames = frames or [manifests[0].frames[1] + manifests[0].frames[1] % 2]
+    else:
+        frames = parse_frames(opts.frames)
+    for m in manifests:
+        _check_frames(m, frames, "--frames")
+        limit = m.model["max_position_embeddings"]
+        longest = _prompt_len(m, opts.questions) + m.visual_tokens(max(frames)) + opts.max_new_tokens
+        if longest > limit:
+            raise InputError(
+                f"{max(frames)} frames ({m.visual_tokens(max(frames))} visual tokens) + prompt + --max-new-tokens "
+                f"{opts.max_new_tokens} = {longest} positions exceed the LLM context of {limit} ({m.folder}).\n"
+                "Hint: bench fewer frames or fewer new tokens."
+            )
+    if "nopool" in baselines:
+        _check_frames(manifests[0], [NOPOOL_FRAMES], "the nopool baseline's frames")
+
+    labels = [m.folder.name or str(m.folder) for m in manifests]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab}#{i + 1}" for i, lab in enumerate(labels)]
+    specs: list[VariantSpec] = []
+    for i, (m, label) in enumerate(zip(manifests, labels)):
+        for b in backends:
+            if b == "torch":
+                continue
+            name = label if b == "ort" else f"{label} {b}"
+            specs.append(VariantSpec(name, "export", b, m, frames, engines=opts.engines[i] if b == "trt" else None, precision=precision_label(m)))
+    if "torch" in backends:
+        seen: list[str] = []
+        for m in manifests:
+            ck = m.data["checkpoint"]["path"]
+            if ck in seen:
+                continue
+            seen.append(ck)
+        for ck in seen:
+            m = next(x for x in manifests if x.data["checkpoint"]["path"] == ck)
+            name = "torch" if len(seen) == 1 else f"torch {Path(ck).name}"
+            specs.append(VariantSpec(name, "torch", "torch", m, frames, precision="fp32"))
+    for b in baselines:
+        m = manifests[0]
+        specs.append(VariantSpec(b, "baseline", "ort", m, [NOPOOL_FRAMES] if b == "nopool" else frames, baseline=b, precision=precision_label(m)))
+    return specs
+
+
+def headline_frames(frames: list[int]) -> int:
+    return HEADLINE_FRAMES if HEADLINE_FRAMES in frames else max(frames)
+
+
+# ---- memory sampling ----------------------------------------------------------------------------------------
+def _device_used_bytes() -> int | None:
+    try:
+        from ..runtime.cuda import mem_get_info
+
+        free, total = mem_get_info()
+        return int(total - free)
+    except Exception:
+        return None
+
+
+class MemorySampler:
+    """Peak process RSS (psutil, sampled every `interval` s on a background thread) and, with a GPU, peak device
+    memory in use (cudaMemGetInfo, the whole device). The thread holds the GIL for a few microseconds per sample."""
+
+    def __init__(self, interval: float = 0.01, device: bool = False):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.device = device and _device_used_bytes() is not None
+        self.peak_rss = 0
+        self.peak_device: int | None = None
+        self.device_base: int | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="bench-memory", daemon=True)
+
+    def rss(self) -> int:
+        return int(self.proc.memory_info().rss)
+
+    def _sample(self) -> None:
+        rss = self.rss()
+        dev = _device_used_bytes() if self.device else None
+        with self._lock:
+            self.peak_rss = max(self.peak_rss, rss)
+            if dev is not None:
+                self.peak_device = dev if self.peak_device is None else max(self.peak_device, dev)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> MemorySampler:
+        self.reset()
+        self._thread.start()
+        return self
+
+    def reset(self) -> int:
+        """Start a new peak; returns the current RSS."""
+        rss = self.rss()
+        with self._lock:
+            self.peak_rss = rss
+            self.device_base = _device_used_bytes() if self.device else None
+            self.peak_device = self.device_base
+        return rss
+
+    def peaks(self) -> tuple[int, int | None]:
+        self._sample()
+        with self._lock:
+            return self.peak_rss, self.peak_device
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+# ---- one run ------------------------------------------------------------------------------------------------
+@dataclass
+class RunRecord:
+    """One answer: stage times (ms), decode steps, token counts."""
+
+    stages: dict[str, float]
+    decode_steps: list[float]
+    visual_tokens: int
+    context_len: int
+    new_tokens: int
+    cache_hit: bool = False
+
+    @property
+    def ttft(self) -> float:
+        return self.stages["e2e"] - float(sum(self.decode_steps))
+
+
+def _generation(max_new_tokens: int):
+    from ..runtime.generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
+
+
+def _file_bytes(path: Path) -> int:
+    size = path.stat().st_size if path.is_file() else 0
+    for extra in (path.with_name(path.name + ".data"), path.with_suffix(".onnx_data"), path.with_suffix(".data")):
+        if extra != path and extra.is_file():
+            size += extra.stat().st_size
+    return size
+
+
+class _PipelineRunner:
+    """A pooled export variant: Pipeline.ask (ONNX Runtime sessions, or TensorRT engines swapped in)."""
+
+    uses_cache = True
+
+    def __init__(self, spec: VariantSpec, opts: BenchOptions):
+        from ..runtime.pipeline import Pipeline
+
+        self.spec = spec
+        self.pipe = Pipeline(spec.manifest, provider=opts.provider, threads=opts.threads)
+        self.provider = self.pipe.provider
+        self.engines = None
+        if spec.backend == "trt":
+            from ..runtime.trt_backend import open_engines
+
+            self.engines = open_engines(spec.engines, spec.manifest)
+            self.pipe.sessions.update(self.engines.runners)
+            self.pipe.decoder = self.engines.decoder
+            self.provider = "tensorrt (native)"
+        self.gen = _generation(opts.max_new_tokens)
+        m = spec.manifest
+        self.itemsize = np.dtype(self.pipe.dtype).itemsize
+        graphs = self._graphs()
+        self.weight_bytes = sum(_file_bytes(m.path(g)) for g in graphs) + _file_bytes(m.path("embeddings"))
+        self.decoder_weight_bytes = _file_bytes(m.path("decoder"))
+        self.notes: list[str] = []
+
+    def _graphs(self) -> tuple[str, ...]:
+        return ("vision", "prompt_pool", "decoder")
+
+    def kv_allocated_bytes(self) -> int | None:
+        dec = self.pipe.decoder
+        if getattr(dec, "io_binding", False) and getattr(dec, "_capacity", 0):
+            return hardware.kv_cache_bytes(self.spec.manifest.model, dec.max_len, self.itemsize, dec._capacity) * 2
+        return None
+
+    def clear_cache(self) -> None:
+        from ..runtime.cache import FeatureCache
+
+        self.pipe.cache = FeatureCache(self.pipe.cache.max_bytes)
+
+    def run(self, video: Path, question: str, frames: int) -> RunRecord:
+        r = self.pipe.ask(video, question, num_frames=frames, generation=self.gen)
+        t = r.timings
+        stages = {"decode_video": t.decode_video, "preprocess": t.preprocess, "vision": t.vision, "pool": t.pool, "prefill": t.prefill, "e2e": t.e2e}
+        return RunRecord(stages, list(t.decode_steps), r.visual_tokens, r.context_len, len(r.ids), t.cache_hit)
+
+    def close(self) -> None:
+        if self.engines is not None:
+            self.engines.close()
+        self.pipe = None
+
+
+class _BaselineRunner(_PipelineRunner):
+    """`nopool` / `avgpool` on the export's graphs: vision -> (all T*P tokens | mean over T) -> projector_head
+    (linear_2) -> LLM. The `pool` stage is the reshape / mean plus projector_head."""
+
+    uses_cache = False
+
+    def __init__(self, spec: VariantSpec, opts: BenchOptions):
+        super().__init__(spec, opts)
+        m = spec.manifest.model
+        if spec.baseline == "nopool":
+            need = _prompt_len(spec.manifest, 1) + NOPOOL_FRAMES * m["patches_per_frame"] + opts.max_new_tokens
+            if need > m["max_position_embeddings"]:
+                from ..runtime.decoder import OrtKVDecoder
+
+                dec = self.pipe.decoder
+                self.pipe.decoder = OrtKVDecoder(dec.session, m["num_layers"], m["num_kv_heads"], m["head_dim"], need, dtype=self.pipe.dtype, io_binding=dec.io_binding)
+                self.notes.append(
+                    f"context {need} > max_position_embeddings {m['max_position_embeddings']}: the decoder runs past its "
+                    "trained context (RoPE extrapolates; timing only, as LLaVA-NeXT-Video extends the context)"
+                )
+
+    def _graphs(self) -> tuple[str, ...]:
+        return ("vision", "projector_head", "decoder")
+
+    def run(self, video: Path, question: str, frames: int) -> RunRecord:
+        from ..media import load_video, preprocess_frames
+        from ..runtime.generation import generate
+
+        pipe = self.pipe
+        s: dict[str, float] = {}
+        start = time.perf_counter()
+        input_ids = np.asarray(pipe.llama.prompt_ids(question), dtype=np.int64)
+        t0 = time.perf_counter()
+        raw = load_video(video, frames).frames
+        t1 = time.perf_counter()
+        px = preprocess_frames(raw, pipe.manifest.model["image_size"])
+        t2 = time.perf_counter()
+        values, _keys = pipe.sessions["vision"].run(None, {"pixel_values": px.astype(pipe.dtype)})
+        t3 = time.perf_counter()
+        values = np.asarray(values)
+        flat = values.reshape(-1, values.shape[-1]) if self.spec.baseline == "nopool" else values.mean(axis=0)
+        (tokens,) = pipe.sessions["projector_head"].run(None, {"values": np.ascontiguousarray(flat, dtype=pipe.dtype)})
+        t4 = time.perf_counter()
+        embeds = pipe.embed_prompt(input_ids, np.asarray(tokens))
+        out = generate(pipe.decoder, pipe.embed, embeds, self.gen)
+        s.update(decode_video=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3, vision=(t3 - t2) * 1e3, pool=(t4 - t3) * 1e3, prefill=out.prefill_ms)
+        s["e2e"] = (time.perf_counter() - start) * 1e3
+        return RunRecord(s, list(out.step_ms), int(tokens.shape[0]), int(embeds.shape[0]), len(out.ids))
+
+
+class _TorchRunner:
+    """The PyTorch reference (fp32, sdpa) timed stage by stage on the same inputs; greedy decoding with a manual
+    KV-cache loop (transformers DynamicCache), exactly `max_new_tokens` tokens."""
+
+    uses_cache = False
+
+    def __init__(self, spec: VariantSpec, opts: BenchOptions):
+        from .._deps import require
+
+        torch = require("torch", "export", "--backend torch (the PyTorch reference)")
+        require("transformers", "export", "--backend torch (the PyTorch reference)")
+        ck = Path(spec.manifest.data["checkpoint"]["path"])
+        if not (ck / "config.json").is_file():
+            raise ConfigError(
+                f"--backend torch: the checkpoint recorded in {spec.manifest.folder}/export.json ({ck}) is not there.\n"
+                "Hint: bench on the machine that exported, or drop torch from --backend."
+            )
+        from ..model.generate import ReferenceModel
+
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        self.torch = torch
+        self.spec = spec
+        self.ref = ReferenceModel(ck)
+        self.model = self.ref.model.eval()
+        self.max_new_tokens = opts.max_new_tokens
+        self.provider = f"cpu ({torch.get_num_threads()} threads)"
+        params = list(self.model.parameters())
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        lm = self.model.language_model
+        emb = lm.get_input_embeddings().weight
+        self.decoder_weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) - emb.numel() * emb.element_size()
+        self.itemsize = 4
+        self.notes: list[str] = []
+
+    def kv_allocated_bytes(self) -> int | None:
+        return None  # DynamicCache grows with the context
+
+    def clear_cache(self) -> None:
+        pass
+
+    def run(self, video: Path, question: str, frames: int) -> RunRecord:
+        from ..media import load_video, preprocess_frames
+
+        torch, model = self.torch, self.model
+        proj, lm = model.multi_modal_projector, model.language_model
+        s: dict[str, float] = {}
+        steps: list[float] = []
+        start = time.perf_counter()
+        clip_ids, input_ids = self.ref.tokenize(question)
+        t0 = time.perf_counter()
+        raw = load_video(video, frames).frames
+        t1 = time.perf_counter()
+        px = preprocess_frames(raw, model.cfg.vision.image_size)
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            feats = model.encode_video(torch.from_numpy(px))
+            keys, values = proj.keys(feats), proj.values(feats)
+            t3 = time.perf_counter()
+            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None])
+            t4 = time.perf_counter()
+            embeds = model.embed_prompt(torch.from_numpy(input_ids), tokens)  # [1, L, D]
+            t5 = time.perf_counter()
+            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            tok = int(out.logits[0, -1].argmax())
+            t6 = time.perf_counter()
+            cache = out.cache
+            ids = [tok]
+            table = lm.get_input_embeddings()
+            while len(ids) < self.max_new_tokens:
+                a = time.perf_counter()
+                out = lm(inputs_embeds=table(torch.tensor([[tok]])), cache=cache, use_cache=True, logits_to_keep=1)
+                cache = out.cache
+                tok = int(out.logits[0, -1].argmax())
+                ids.append(tok)
+                steps.append((time.perf_counter() - a) * 1e3)
+        s.update(decode_video=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3, vision=(t3 - t2) * 1e3, pool=(t4 - t3) * 1e3, prefill=(t6 - t5) * 1e3)
+        s["e2e"] = (time.perf_counter() - start) * 1e3
+        return RunRecord(s, steps, int(tokens.shape[0]), int(embeds.shape[1]), len(ids))
+
+    def close(self) -> None:
+        self.model = self.ref = None
+
+
+def _open(spec: VariantSpec, opts: BenchOptions):
+    if spec.kind == "torch":
+        return _TorchRunner(spec, opts)
+    if spec.kind == "baseline":
+        return _BaselineRunner(spec, opts)
+    return _PipelineRunner(spec, opts)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+def _stage_stats(records: list[RunRecord]) -> dict:
+    out = {}
+    for st in STAGES:
+        if st == "decode_step":
+            samples = [x for r in records for x in r.decode_steps]
+        else:
+            samples = [r.stages[st] for r in records]
+        out[st] = {**summarize(samples), "samples": [round(x, 4) for x in samples]}
+    out["ttft"] = {**summarize([r.ttft for r in records]), "samples": [round(r.ttft, 4) for r in records]}
+    dec = [float(sum(r.decode_steps)) for r in records]
+    out["decode"] = {**summarize(dec), "samples": [round(x, 4) for x in dec]}
+    return out
+
+
+def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: list[RunRecord], seconds: list[RunRecord],
+           peak_rss: int, rss_before: int, peak_dev: int | None, dev_base: int | None, hw: dict) -> dict:
+    m = spec.manifest.model
+    first = records[0]
+    # tokens/s per run (llama-bench: rates per sample, then averaged): decode tokens over decode time, and new
+    # tokens over the whole answer.
+    tps = [len(r.decode_steps) / (sum(r.decode_steps) / 1e3) for r in records if r.decode_steps and sum(r.decode_steps) > 0]
+    tps_mean, tps_std = mean_std(tps)
+    e2e_tps, _ = mean_std([r.new_tokens / (r.stages["e2e"] / 1e3) for r in records])
+    stages = _stage_stats(records)
+    positions = first.context_len + first.new_tokens - 1
+    vis_frames = frames
+    vflops = hardware.vision_flops(m, vis_frames)
+    pflops = hardware.prefill_flops(m, first.context_len)
+    gflops = hw.get("gemm_gflops")
+    bw = hw.get("memory_bandwidth_gbs")
+    cache = None
+    if seconds:
+        f_ms = stages["e2e"]["mean"]
+        s_ms, s_std = mean_std([r.stages["e2e"] for r in seconds])
+        cache = {
+            "first_ms": f_ms,
+            "second_ms": s_ms,
+            "second_stddev_ms": s_std,
+            "ratio": s_ms / f_ms if f_ms else None,
+            "second_hits": sum(r.cache_hit for r in seconds),
+            "second_runs": len(seconds),
+            "second_stages": {st: summarize([r.stages[st] for r in seconds])["mean"] for st in ("vision", "pool", "prefill", "e2e")},
+        }
+    return {
+        "name": spec.name,
+        "kind": spec.kind,
+        "backend": spec.backend,
+        "baseline": spec.baseline,
+        "provider": runner.provider,
+        "export": str(spec.manifest.folder),
+        "precision": spec.precision,
+        "frames": frames,
+        "questions": opts.questions if runner.uses_cache else 1,
+        "warmup": opts.warmup,
+        "iterations": len(records),
+        "visual_tokens": first.visual_tokens,
+        "context_len": first.context_len,
+        "new_tokens": first.new_tokens,
+        "tokens_per_s": tps_mean,
+        "tokens_per_s_stddev": tps_std,
+        "tokens_per_s_samples": [round(x, 4) for x in tps],
+        "e2e_tokens_per_s": e2e_tps,
+        "peak_rss_mb": peak_rss / 2**20,
+        "rss_before_mb": rss_before / 2**20,
+        "peak_device_mb": peak_dev / 2**20 if peak_dev is not None else None,
+        "device_before_mb": dev_base / 2**20 if dev_base is not None else None,
+        "weight_bytes": int(runner.weight_bytes),
+        "decoder_weight_bytes": int(runner.decoder_weight_bytes),
+        "kv_cache_bytes": hardware.kv_cache_bytes(m, positions, runner.itemsize),
+        "kv_cache_allocated_bytes": runner.kv_allocated_bytes(),
+        "vision_flops": vflops,
+        "prefill_flops": pflops,
+        "vision_efficiency": hardware.compute_efficiency(vflops, stages["vision"]["mean"], gflops),
+        "prefill_efficiency": hardware.compute_efficiency(pflops, stages["prefill"]["mean"], gflops),
+        "decode_efficiency": hardware.decode_efficiency(runner.decoder_weight_bytes, tps_mean, bw),
+        "stages": stages,
+        "runs": [{"visual_tokens": r.visual_tokens, "context_len": r.context_len, "new_tokens": r.new_tokens, "e2e_ms": round(r.stages["e2e"], 4)} for r in records],
+        "cache": cache,
+        "notes": list(runner.notes),
+        "error": None,
+    }
+
+
+def _failed(spec: VariantSpec, frames: int, exc: BaseException) -> dict:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return {"name": spec.name, "kind": spec.kind, "backend": spec.backend, "baseline": spec.baseline, "export": str(spec.manifest.folder),
+            "precision": spec.precision, "frames": frames, "error": f"{type(exc).__name__}: {msg}"}
+
+
+def _environment(provider: str, threads: int | None) -> dict:
+    try:
+        from ..engine.environment import collect_environment
+
+        env = collect_environment()
+    except Exception as exc:  # the environment block never stops a benchmark
+        import platform
+
+        env = {"python": {"version": platform.python_version()}, "platform": {"platform": platform.platform()},
+               "cpu": {"model": platform.processor(), "logical": os.cpu_count()}, "error": f"{type(exc).__name__}: {exc}"}
+    env["provider"] = provider
+    env["threads"] = threads
+    env["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return env
+
+
+def _video(opts: BenchOptions, frames: list[int], tmp: list) -> tuple[Path, dict]:
+    from ..media import input_kind, write_test_video
+
+    if opts.video is not None:
+        video = Path(opts.video)
+        if not video.is_file():
+            raise InputError(f"--video {video}: no such file")
+        if input_kind(video) != "video":
+            raise InputError(f"--video {video}: not a video (the bench samples frames from a clip)")
+        return video, {"path": str(video), "synthetic": False, "bytes": video.stat().st_size}
+    folder = opts.workdir
+    if folder is None:
+        td = tempfile.TemporaryDirectory(prefix="ppllava-bench-")
+        tmp.append(td)
+        folder = Path(td.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = max(96, 2 * max(frames + [NOPOOL_FRAMES]))
+    video = write_test_video(folder / "synthetic.mp4", num_frames=n, size=(640, 360))
+    return video, {"path": str(video), "synthetic": True, "frames": n, "size": [640, 360], "bytes": video.stat().st_size}
+
+
+def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
+    """Run every variant and return the report dict (environment, hardware, variants, cache, targets...)."""
+    specs = plan(opts)
+    all_frames = sorted({f for s in specs for f in s.frames})
+    pooled_frames = specs[0].frames
+    head = headline_frames(pooled_frames)
+    tmp: list = []
+    per_entry = opts.warmup + opts.iterations
+    total = sum(len(s.frames) for s in specs) * per_entry + len(specs) + (2 if opts.hardware else 0)
+    done = 0
+
+    def tick(msg: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, msg)
+
+    try:
+        video, video_info = _video(opts, all_frames, tmp)
+        provider = specs[0].backend
+        if any(s.backend in ("ort", "trt") for s in specs):
+            from ..runtime.session import resolve_provider
+
+            provider = resolve_provider(opts.provider)
+        env = _environment(provider, opts.threads)
+        hw: dict = {}
+        if opts.hardware:
+            bw = hardware.memory_bandwidth(opts.bandwidth_mb)
+            tick(f"memory bandwidth {bw['gbs']:.1f} GB/s")
+            mm = hardware.gemm_flops(opts.gemm_n, threads=opts.threads)
+            tick(f"fp32 GEMM {mm['gflops']:.1f} GFLOP/s")
+            hw = {"memory_bandwidth_gbs": bw["gbs"], "gemm_gflops": mm["gflops"], "bandwidth_probe": bw, "gemm_probe": mm}
+
+        gpu = provider in ("cuda", "tensorrt") or any(s.backend == "trt" for s in specs)
+        sampler = MemorySampler(device=gpu).start()
+        entries: list[dict] = []
+        questions = QUESTIONS[: opts.questions]
+        try:
+            for spec in specs:
+                rss_before = sampler.reset()
+                dev_base = sampler.device_base
+                try:
+                    runner = _open(spec, opts)
+                except Exception as exc:
+                    if opts.raise_errors or isinstance(exc, KeyboardInterrupt):
+                        raise
+                    log.warning("%s: %s", spec.name, exc)
+                    entries += [_failed(spec, f, exc) for f in spec.frames]
+                    done += len(spec.frames) * per_entry + 1
+                    if progress is not None:
+                        progress(done, total, f"{spec.name}: failed to load ({type(exc).__name__})")
+                    continue
+                tick(f"{spec.name}: loaded ({runner.provider})")
+                try:
+                    for frames in spec.frames:
+                        label = f"{spec.name} {frames}f"
+                        try:
+                            for i in range(opts.warmup):
+                                runner.clear_cache()
+                                runner.run(video, questions[0], frames)
+                                tick(f"{label}: warm-up {i + 1}/{opts.warmup}")
+                            records: list[RunRecord] = []
+                            seconds: list[RunRecord] = []
+                            for i in range(opts.iterations):
+                                runner.clear_cache()
+                                rec = runner.run(video, questions[0], frames)
+                                records.append(rec)
+                                if runner.uses_cache:
+                                    for q in questions[1:]:
+                                        seconds.append(runner.run(video, q, frames))
+                                tick(f"{label}: {i + 1}/{opts.iterations} e2e {rec.stages['e2e']:.0f} ms")
+                            peak_rss, peak_dev = sampler.peaks()
+                            entries.append(_entry(spec, runner, frames, opts, records, seconds, peak_rss, rss_before, peak_dev, dev_base, hw))
+                        except Exception as exc:
+                            if opts.raise_errors or isinstance(exc, KeyboardInterrupt):
+                                raise
+                            log.warning("%s: %s", label, exc)
+                            entries.append(_failed(spec, frames, exc))
+                finally:
+                    runner.close()
+                    del runner
+                    gc.collect()
+        finally:
+            sampler.stop()
+    finally:
+        for td in tmp:
+            td.cleanup()
+
+    _add_ratios(entries, head)
+    result = {
+        "schema": "ppllava-edge-bench/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": opts.command,
+        "environment": env,
+        "config": {
+            "exports": [str(e) for e in opts.exports], "video": video_info, "frames": pooled_frames, "headline_frames": head,
+            "nopool_frames": NOPOOL_FRAMES, "questions": list(questions), "max_new_tokens": opts.max_new_tokens, "warmup": opts.warmup,
+            "iterations": opts.iterations, "provider": opts.provider, "threads": opts.threads,
+            "backends": sorted({s.backend for s in specs if s.kind != "baseline"}, key=BACKENDS.index),
+            "baselines": [s.baseline for s in specs if s.baseline], "ignore_eos": True,
+        },
+        "hardware": hw,
+        "memory_bandwidth_gbs": hw.get("memory_bandwidth_gbs"),
+        "gemm_gflops": hw.get("gemm_gflops"),
+        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "variants": entries,
+    }
+    ref = reference_entry(entries, head)
+    result["reference"] = {"name": ref["name"], "frames": ref["frames"]} if ref else None
+    for key in ("decode_efficiency", "vision_efficiency", "prefill_efficiency"):
+        result[key] = ref.get(key) if ref else None
+    result["cache"] = (dict(ref["cache"], variant=ref["name"], frames=ref["frames"]) if ref and ref.get("cache") else None)
+    from .report import evaluate_targets
+
+    result["targets"] = evaluate_targets(result)
+    result["failed"] = sum(1 for e in entries if e.get("error"))
+    return result
+
+
+def reference_entry(entries: list[dict], frames: int) -> dict | None:
+    """The first variant's entry at `frames` (the reference of ratios and headline numbers), if it ran."""
+    if not entries:
+        return None
+    first = entries[0]["name"]
+    return next((e for e in entries if e["name"] == first and e["frames"] == frames and not e.get("error")), None)
+
+
+def _add_ratios(entries: list[dict], head: int) -> None:
+    """Speed-up of each entry vs the first variant at the same frames (nopool: at the headline frames):
+    reference time / this time, so > 1 is faster than the reference."""
+    if not entries:
+        return
+    first = entries[0]["name"]
+    refs = {e["frames"]: e for e in entries if e["name"] == first and not e.get("error")}
+    for e in entries:
+        if e.get("error"):
+            continue
+        ref = refs.get(head if e.get("baseline") == "nopool" else e["frames"])
+        e["reference"] = f"{ref['name']} {ref['frames']}f" if ref else None
+        e["ratios"] = {}
+        for st in ("e2e", "ttft", "prefill", "vision", "decode_step"):
+            a, b = (ref["stages"][st]["mean"] if ref else None), e["stages"][st]["mean"]
+            e["ratios"][st] = a / b if a and b else None

@@ -1,0 +1,135 @@
+"""`ppllava-edge calibrate` and `ppllava-edge quantize`: real-data calibration, Q/DQ and weight-only graphs, accuracy gate.
+
+    ppllava-edge calibrate export/ --videos videos/ --questions questions.jsonl --out calib/ --frames 8
+    ppllava-edge quantize export/ --calib calib/ --out export-int8/ --llm int4-weight
+    ppllava-edge ask export-int8/ clip.mp4 "What happens?"
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ._progress import err_console, out_console, stages, table
+from .main import cli
+
+
+def _frames(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected N or N,M,... (frame counts), got {value!r}") from None
+    if not out:
+        raise click.BadParameter("no frame count given")
+    return out
+
+
+class _Bar:
+    """progress(done, total) on stderr: a bar on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self, label: str):
+        self.label, self.bar, self.last = label, None, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            if self.bar is None:
+                self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+                self.bar.__enter__()
+            self.bar.length = total
+            self.bar.update(done - self.bar.pos)
+            return
+        step = max(1, total // 10)
+        if done == total or done // step != self.last:
+            self.last = done // step
+            err_console.print(f"{self.label}: {done}/{total}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@cli.command("calibrate")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--videos", "videos", required=True, type=click.Path(path_type=Path), help="Folder of videos (files directly inside it).")
+@click.option("--questions", required=True, type=click.Path(path_type=Path),
+              help='JSON Lines: {"video": "name.mp4", "question": "..."} or {"question": "..."} (asked about every video).')
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="CALIB folder to write.")
+@click.option("--frames", "frames", default=None, help="Frames per clip: N, or N,M,... cycled over videos (mixed shapes). Default: the export's opt.")
+@click.option("--samples", type=int, default=32, show_default=True, help="Maximum (video, question) pairs, round-robin over videos.")
+@click.option("--decode-steps", type=int, default=2, show_default=True, help="Decode-step feeds (with their KV cache) per pair.")
+@click.option("--holdout", type=float, default=0.25, show_default=True, help="Fraction of videos kept out of calibration for the accuracy gate.")
+@click.option("--on-bad-video", type=click.Choice(["skip", "fail"]), default="skip", show_default=True, help="Unreadable videos: list and skip them, or stop.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def calibrate_command(export_dir, videos, questions, out, frames, samples, decode_steps, holdout, on_bad_video, threads, force):
+    """Run the fp32 EXPORT over videos × questions and store calibration feeds for every graph in --out."""
+    from ..calibration.collect import collect_calibration
+
+    bar = _Bar("calibrate")
+    try:
+        summary = collect_calibration(export_dir, videos, questions, out, frames=_frames(frames), samples=samples, decode_steps=decode_steps,
+                                      holdout=holdout, on_bad_video=on_bad_video, force=force, progress=bar, threads=threads)
+    finally:
+        bar.close()
+    for video, reason in summary.skipped:
+        err_console.print(f"skipped {video}: {reason}")
+    title = (f"calibration: {summary.sources} (video, question) pairs from {summary.videos} videos, "
+             f"{summary.holdout_sources} held out; {summary.bytes / 1e6:.1f} MB in {summary.seconds:.1f} s")
+    err_console.print(table(title, summary.HEADER, summary.rows(), right={1}))
+    for note in summary.notes:
+        err_console.print(f"note: {note}")
+    out_console.print(str(out))
+
+
+@cli.command("quantize")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path), help="CALIB folder from `ppllava-edge calibrate`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Quantized export folder to write.")
+@click.option("--vision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
+@click.option("--pool", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True, help="prompt_pool and image_pool.")
+@click.option("--llm", type=click.Choice(["int8", "int8-weight", "int4-weight", "fp32"]), default="int8", show_default=True, help="The decoder.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="Activation calibration (int8).")
+@click.option("--op-types", type=click.Choice(["weights", "matmul", "all"]), default="weights", show_default=True,
+              help="int8 scope: weight MatMul/Gemm/Conv; + activation MatMuls; or every op type (breaks accuracy; for tests).")
+@click.option("--exclude-node", "exclude_nodes", multiple=True, help="Keep this node float (NAME or GRAPH:NAME); repeatable.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only block size.")
+@click.option("--min-cosine", type=float, default=0.99, show_default=True, help="Gate: vision / pool output cosine.")
+@click.option("--min-logits-cosine", type=float, default=0.99, show_default=True, help="Gate: decoder logits cosine.")
+@click.option("--min-top1", type=float, default=0.60, show_default=True, help="Gate: decoder top-1 agreement (raise to ~0.9 for trained checkpoints).")
+@click.option("--min-greedy", type=float, default=None, help="Gate: greedy prefix agreement (default: reported only).")
+@click.option("--greedy-tokens", type=int, default=16, show_default=True)
+@click.option("--trt-cache", is_flag=True, help="Also write TensorRT calibration caches (trt_calibration/<graph>.cache) for int8 graphs.")
+@click.option("--accept-degraded", is_flag=True, help="Write --out even if the accuracy gate fails.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_types, exclude_nodes, block_size, min_cosine, min_logits_cosine,
+                     min_top1, min_greedy, greedy_tokens, trt_cache, accept_degraded, force):
+    """Write a quantized copy of the fp32 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
+    from .._deps import require
+
+    require("onnx", "export", "quantize")
+    from ..calibration.quantize import Thresholds, quantize_export
+    from ..errors import AccuracyError
+
+    th = Thresholds(cosine=min_cosine, decoder_cosine=min_logits_cosine, top1=min_top1, greedy=min_greedy)
+    try:
+        with stages("quantize") as log:
+            result = quantize_export(export_dir, calib_dir, out, vision=vision, pool=pool, llm=llm, method=method, exclude_nodes=exclude_nodes,
+                                     op_types=op_types, block_size=block_size, accept_degraded=accept_degraded, thresholds=th,
+                                     greedy_tokens=greedy_tokens, trt_cache=trt_cache, force=force, on_stage=log)
+    except AccuracyError as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            err_console.print(table("accuracy vs fp32 (FAILED)", report.HEADER, report.rows(), right={3, 5}))
+        raise
+    rows = [[g, i["precision"], f"{i['bytes'] / 1e6:.1f}", f"{i['seconds']:.1f}"] for g, i in result.graphs.items()]
+    err_console.print(table("graphs", ["graph", "precision", "MB", "s"], rows, right={2, 3}))
+    report = result.report
+    status = "passed" if report.passed else "FAILED (written anyway: --accept-degraded)"
+    err_console.print(table(f"accuracy vs fp32: {status}", report.HEADER, report.rows(), right={3, 5}))
+    for note in report.notes:
+        err_console.print(f"note: {note}")
+    out_console.print(str(out))

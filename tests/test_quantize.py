@@ -1,0 +1,242 @@
+"""calibrate -> quantize -> ask on the tiny export: every precision mode, the accuracy gate, mixed shapes, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("onnx")
+
+from ppllava_edge.calibration.collect import collect_calibration  # noqa: E402
+from ppllava_edge.calibration.quantize import Thresholds, quantize_export  # noqa: E402
+from ppllava_edge.calibration.readers import histogram_shape_fix, load_calibration  # noqa: E402
+from ppllava_edge.errors import AccuracyError, CalibrationError  # noqa: E402
+
+# a cheaper gate for tests (fewer prefix cuts and greedy tokens); thresholds are the defaults
+FAST = {"prefill_positions": 3, "greedy_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    from ppllava_edge.media import write_test_video
+
+    folder = tmp_path_factory.mktemp("calib_videos")
+    for i, (n, size) in enumerate([(24, (96, 64)), (30, (64, 64)), (20, (80, 64))]):
+        write_test_video(folder / f"clip{i}.mp4", num_frames=n, size=size)
+    (folder / "notes.txt").write_text("not a video, ignored")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "questions.jsonl"
+    lines = [
+        {"question": "What happens in this video?"},
+        {"video": "clip1.mp4", "question": "Describe the moving square and the disc in detail, including their colours."},
+        {"video": "clip2.mp4", "question": "Is there any text?"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_export, videos, questions, tmp_path_factory):
+    """Mixed shapes: T alternates 2 / 4 over videos, prompts have different lengths."""
+    out = tmp_path_factory.mktemp("calib") / "calib"
+    seen = []
+    summary = collect_calibration(tiny_export, videos, questions, out, frames=[2, 4], samples=8, decode_steps=2, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1]
+    assert summary.videos == 3 and summary.sources == 5 and summary.holdout_sources == 2  # clip2: its own + the shared question
+    return out
+
+
+def _ask(folder, video, n=4):
+    from ppllava_edge.runtime.generation import GenerationConfig
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_export(folder, provider="cpu")
+    return pipe.ask(video, "What is happening?", num_frames=4, generation=GenerationConfig(max_new_tokens=n, ignore_eos=True))
+
+
+def test_calibration_feeds(calib, tiny_export):
+    import onnxruntime as ort
+
+    c = load_calibration(calib)
+    idx = c.index
+    assert {r["frames"] for r in idx["records"]["vision"]} == {2, 4}
+    assert len({r["seq"] for r in c.records("decoder", "all") if r["kind"] == "prefill"}) > 1
+    assert c.records("vision", "holdout") and c.records("decoder", "calib")
+    # prefill embeds hold the pooled visual tokens at the image token; decode feeds slice the stored past
+    sess = {g: ort.InferenceSession(str(tiny_export / f"{g}.onnx")) for g in ("prompt_pool", "decoder")}
+    pre = c.records("decoder", "all")[0]
+    arrays = c.load(pre)
+    tokens = sess["prompt_pool"].run(None, c.feed("prompt_pool", c.records("prompt_pool", "all")[0]))[0]
+    where = int(np.flatnonzero(arrays["input_ids"] == 32000)[0])
+    np.testing.assert_allclose(arrays["inputs_embeds"][0, where:where + len(tokens)], tokens, atol=1e-6)
+    steps = [r for r in c.records("decoder", "all") if r["source"] == pre["source"] and r["kind"] == "decode"]
+    assert [r["past"] for r in steps] == [pre["seq"], pre["seq"] + 1]
+    logits = sess["decoder"].run(["logits"], c.feed("decoder", pre))[0]
+    assert int(np.argmax(logits)) == int(arrays["step_ids"][0])
+    logits = sess["decoder"].run(["logits"], c.feed("decoder", steps[0]))[0]
+    assert int(np.argmax(logits)) == int(arrays["step_ids"][1])
+
+
+def test_histogram_fix_is_scoped():
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    data = {"t": [np.ones((2, 3), np.float32), np.arange(8, dtype=np.float32).reshape(2, 4)]}
+    original = HistogramCollector.collect
+    with pytest.raises(ValueError):
+        HistogramCollector("percentile", False, 64, 128, 99.9, "same").collect(dict(data))
+    with histogram_shape_fix():
+        h = HistogramCollector("percentile", False, 64, 128, 99.9, "same")
+        h.collect(dict(data))
+        assert int(h.histogram_dict["t"][0].sum()) == 14
+    assert HistogramCollector.collect is original
+
+
+def test_default_int8_passes_gate_and_answers(tiny_export, calib, videos, tmp_path):
+    from ppllava_edge.cli.main import cli
+
+    out = tmp_path / "q"
+    res = quantize_export(tiny_export, calib, out, trt_cache=True, **FAST)
+    assert res.report.passed
+    manifest = json.loads((out / "export.json").read_text())
+    assert {g: manifest["graphs"][g]["precision"] for g in manifest["graphs"]} == {
+        "vision": "int8", "prompt_pool": "int8", "image_pool": "int8", "projector_head": "fp32", "decoder": "int8"}
+    assert manifest["quantization"]["llm"] == "int8" and manifest["created"] != json.loads((tiny_export / "export.json").read_text())["created"]
+    # LayerNorm / Softmax / Add / the relevance path stay float: only weight MatMul/Gemm/Conv inputs get Q/DQ
+    import onnx
+
+    g = onnx.load(str(out / manifest["graphs"]["prompt_pool"]["file"])).graph
+    producers = {o: n for n in g.node for o in n.output}
+    for n in g.node:
+        if n.op_type in ("Softmax", "LayerNormalization", "Add") or n.name == "node_matmul":
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input), n.name
+    assert "node_linear_12" in manifest["graphs"]["prompt_pool"]["quantization"]["kept_float"]
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["passed"] and acc["held_out"]
+    metrics = {(c["graph"], c["metric"]) for c in acc["checks"]}
+    assert ("decoder", "top-1 prefill positions") in metrics and ("vision", "values cosine (min)") in metrics
+    lines = (out / "trt_calibration" / "vision.cache").read_text().splitlines()
+    assert lines[0].startswith("TRT-") and lines[0].endswith("EntropyCalibration2") and len(lines) > 10
+    name, hexscale = lines[1].split(": ")
+    assert struct.unpack(">f", bytes.fromhex(hexscale))[0] > 0
+    # the quantized folder answers through the library and `ppllava-edge ask`
+    video = videos / "clip0.mp4"
+    assert len(_ask(out, video).ids) == 4
+    r = CliRunner().invoke(cli, ["ask", str(out), str(video), "What is happening?", "--frames", "4", "--max-new-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])["ids"]) >= 1
+
+
+def test_weight_only_and_fp16(tiny_export, calib, videos, tmp_path):
+    import onnx
+
+    out = tmp_path / "w8"
+    res = quantize_export(tiny_export, calib, out, vision="fp16", pool="fp32", llm="int8-weight", **FAST)
+    assert res.report.passed
+    m = json.loads((out / "export.json").read_text())
+    assert m["graphs"]["vision"]["precision"] == "fp16" and m["graphs"]["decoder"]["precision"] == "int8-weight"
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(out / m["graphs"]["decoder"]["file"])).graph.node) == 15
+    assert len(_ask(out, videos / "clip1.mp4").ids) == 4
+    # int4 weight-only on a 64-wide random model is measurably degraded: written only with accept_degraded
+    out4 = tmp_path / "w4"
+    res4 = quantize_export(tiny_export, calib, out4, vision="fp32", pool="fp32", llm="int4-weight", block_size=16, accept_degraded=True, **FAST)
+    m4 = json.loads((out4 / "export.json").read_text())
+    assert m4["graphs"]["decoder"]["precision"] == "int4-weight" and m4["quantization"]["block_size"] == 16
+    assert json.loads((out4 / "accuracy.json").read_text())["passed"] == res4.report.passed
+    assert len(_ask(out4, videos / "clip1.mp4").ids) == 4
+
+
+def test_gate_fails_on_all_op_types(tiny_export, calib, tmp_path):
+    from ppllava_edge.cli.main import cli
+
+    out = tmp_path / "broken"
+    with pytest.raises(AccuracyError, match="decoder logits cosine") as info:
+        quantize_export(tiny_export, calib, out, vision="fp32", pool="fp32", llm="int8", op_types="all", **FAST)
+    assert not out.exists()
+    assert not info.value.report.passed
+    # the CLI: exit 1, the table and the error on stderr, no traceback, nothing written
+    r = CliRunner().invoke(cli, ["quantize", str(tiny_export), "--calib", str(calib), "--out", str(out), "--vision", "fp32", "--pool", "fp32",
+                                 "--op-types", "all", "--greedy-tokens", "4"])
+    assert r.exit_code == 1
+    assert "accuracy gate failed" in r.stderr and "FAIL" in r.stderr and "Traceback" not in r.output + r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method,kw", [("percentile", {"vision": "int8", "pool": "fp32", "llm": "int8"}),
+                                        ("entropy", {"vision": "fp32", "pool": "int8", "llm": "int8"})])
+def test_mixed_shapes_histogram_methods(tiny_export, calib, videos, tmp_path, method, kw):
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    original = HistogramCollector.collect
+    out = tmp_path / method
+    res = quantize_export(tiny_export, calib, out, method=method, accept_degraded=True, **kw, **FAST)
+    assert HistogramCollector.collect is original
+    m = json.loads((out / "export.json").read_text())
+    assert m["quantization"]["method"] == method
+    cos = {(c.graph, c.metric): c.value for c in res.report.checks}
+    assert cos[("decoder", "logits cosine (min)")] > 0.98
+    assert len(_ask(out, videos / "clip2.mp4").ids) == 4
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------
+def _run(args):
+    from ppllava_edge.cli.main import cli
+
+    r = CliRunner().invoke(cli, args)
+    assert "Traceback" not in r.output + r.stderr
+    return r
+
+
+def test_bad_inputs(tiny_export, videos, questions, tmp_path):
+    from ppllava_edge.media import write_test_video
+
+    out = str(tmp_path / "c")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _run(["calibrate", str(tiny_export), "--videos", str(empty), "--questions", str(questions), "--out", out])
+    assert r.exit_code == 1 and str(empty) in r.stderr and "no video files" in r.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok"}\n{"question": \n[1, 2]\n{"vidoe": "clip0.mp4", "question": "typo"}\n{"question": ""}\n')
+    r = _run(["calibrate", str(tiny_export), "--videos", str(videos), "--questions", str(bad), "--out", out])
+    assert r.exit_code == 1
+    for n in (2, 3, 4, 5):
+        assert f"{bad}:{n}:" in r.stderr
+    assert f"{bad}:1:" not in r.stderr
+
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"video": "nope.mp4", "question": "where?"}\n{"question": "q"}\n')
+    r = _run(["calibrate", str(tiny_export), "--videos", str(videos), "--questions", str(missing), "--out", out])
+    assert r.exit_code == 1 and f"{missing}:1" in r.stderr and "nope.mp4" in r.stderr
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_test_video(mixed / "good.mp4", num_frames=12, size=(64, 64))
+    (mixed / "broken.mp4").write_bytes(b"not a video at all")
+    (mixed / "empty.mkv").write_bytes(b"")
+    r = _run(["calibrate", str(tiny_export), "--videos", str(mixed), "--questions", str(questions), "--out", out, "--frames", "2", "--on-bad-video", "fail"])
+    assert r.exit_code == 1 and "broken.mp4" in r.stderr and "empty.mkv" in r.stderr and "2 of 3" in r.stderr
+    assert not (tmp_path / "c").exists()
+    r = _run(["calibrate", str(tiny_export), "--videos", str(mixed), "--questions", str(questions), "--out", out, "--frames", "2", "--samples", "1"])
+    assert r.exit_code == 0, r.stderr
+    assert "skipped" in r.stderr and "broken.mp4" in r.stderr and r.stdout.strip() == out
+    calib = load_calibration(out)
+    assert calib.index["summary"]["skipped"] and not calib.has_holdout()
+
+    r = _run(["calibrate", str(tiny_export), "--videos", str(videos), "--questions", str(questions), "--out", out, "--frames", "99"])
+    assert r.exit_code == 1 and "frame range" in r.stderr
+
+    r = _run(["quantize", str(tiny_export), "--calib", str(tmp_path / "nope"), "--out", str(tmp_path / "q")])
+    assert r.exit_code == 1 and "index.json" in r.stderr
+    r = _run(["quantize", str(tiny_export), "--calib", out, "--out", str(tmp_path / "q"), "--vision", "fp32", "--pool", "fp32",
+              "--llm", "int8-weight", "--exclude-node", "no_such_node"])
+    assert r.exit_code == 1 and "no_such_node" in r.stderr and not (tmp_path / "q").exists()
+    with pytest.raises(CalibrationError, match="on_bad_video"):
+        collect_calibration(tiny_export, videos, questions, out, on_bad_video="ignore")
