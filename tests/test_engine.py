@@ -103,6 +103,7 @@ SMALL = make_manifest()
 
 
 def fake_export(tmp_path: Path, data: dict) -> ExportManifest:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for spec in data["graphs"].values():
         (tmp_path / spec["file"]).write_bytes(b"onnx")
     (tmp_path / "export.json").write_text(json.dumps(data))
@@ -555,3 +556,192 @@ def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
             np.testing.assert_allclose(engines.decoder.forward(step), ort_dec.forward(step), rtol=1e-2, atol=1e-3)
     finally:
         engines.close()
+
+
+# ---- the int8 exports of `ppllava-edge quantize` ---------------------------------------------------
+def test_calibration_cache_header_follows_the_installed_tensorrt():
+    from ppllava_edge.engine.builder import retag_calibration_cache, trt_version_code
+
+    assert trt_version_code("8.6.1") == 8601 and trt_version_code("10.3.0.30") == 100300
+    text = "TRT-8601-EntropyCalibration2\nx: 3c010a14\n"
+    assert retag_calibration_cache(text, "10.3.0") == "TRT-100300-EntropyCalibration2\nx: 3c010a14\n"
+
+
+def quantized_export(tmp_path: Path, decoder: str = "int8", cache: bool = True) -> ExportManifest:
+    """A source fp32 export and its quantized copy, with the manifest fields `ppllava-edge quantize` writes."""
+    src = tmp_path / "fp32"
+    small = make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))
+    fake_export(src, small)
+    q = tmp_path / "int8"
+    q.mkdir(parents=True)
+    data = json.loads(json.dumps(small))
+    data["quantization"] = {"source_export": {"path": str(src)}}
+    spec = data["graphs"]["decoder"]
+    spec["file"], spec["precision"] = f"decoder.{decoder}.onnx", decoder
+    if decoder == "int8":
+        spec["quantization"] = {"scheme": "static QDQ (u8 asym activations, s8 sym per-channel weights)"}
+        if cache:
+            spec["quantization"]["trt_calibration_cache"] = {"file": "trt_calibration/decoder.cache", "tensors": 3}
+            (q / "trt_calibration").mkdir()
+            (q / "trt_calibration/decoder.cache").write_text("TRT-8601-EntropyCalibration2\n")
+    return fake_export(q, data)
+
+
+def test_ort_int8_graphs_build_from_the_source_with_the_calibration_cache(tmp_path):
+    m = quantized_export(tmp_path)
+    opts = BuildOptions(int8=True, fp16=True)
+    dec = next(p for p in plan_build(m, Path("/e"), opts, "10.3.0", 87) if p.graph == "decoder")
+    assert dec.onnx == tmp_path / "fp32/decoder.onnx" and dec.calibration_cache == tmp_path / "int8/trt_calibration/decoder.cache"
+    assert (dec.precision, dec.strongly_typed, dec.int8_flag, dec.fp16_flag) == ("int8", False, True, True)
+    line = trtexec_command(dec, Path("/e"), opts, "10.3.0")
+    assert f"--onnx={tmp_path}/fp32/decoder.onnx" in line and f"--fp16 --int8 --calib={tmp_path}/int8/trt_calibration/decoder.cache" in line
+    assert "--stronglyTyped" not in line
+    with pytest.raises(EngineBuildError, match="implicit INT8 - removed in TensorRT 11.4.0"):
+        plan_build(m, Path("/e"), BuildOptions(int8=True), "11.4.0", 120)
+
+
+def test_unbuildable_quantized_graphs_are_refused(tmp_path):
+    with pytest.raises(EngineBuildError, match="no TensorRT calibration cache(.|\n)*--trt-cache"):
+        plan_build(quantized_export(tmp_path / "a", cache=False), Path("/e"), BuildOptions(), "10.3.0", 87)
+    with pytest.raises(EngineBuildError, match="MatMulNBits"):
+        plan_build(quantized_export(tmp_path / "b", decoder="int4-weight"), Path("/e"), BuildOptions(), "10.3.0", 87)
+    m = quantized_export(tmp_path / "c")
+    m.data["quantization"]["source_export"]["path"] = str(tmp_path / "gone")
+    with pytest.raises(EngineBuildError, match="missing: .*gone"):
+        plan_build(m, Path("/e"), BuildOptions(), "10.3.0", 87)
+
+
+# ---- build_engines' calls into the TensorRT API, with a recording stand-in -------------------------
+class _Recorder:
+    """Stands in for the `tensorrt` module to check which TensorRT API calls build_engines makes and what it writes.
+    It builds nothing: the "plans" it returns are placeholder bytes."""
+
+    def __init__(self, version="10.3.0.30"):
+        import types
+
+        rec = self
+        self.calls: list[tuple] = []
+        m = types.ModuleType("tensorrt")
+        m.__version__ = version
+        m.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+        m.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+        m.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK")
+        m.DeviceType = types.SimpleNamespace(DLA="DLA")
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, severity):
+                pass
+
+        class Cache:
+            def __init__(self, data):
+                self.data = bytes(data) + b"+"
+
+            def serialize(self):
+                return self.data
+
+        class Config:
+            def __init__(self):
+                self.graph = None
+
+            def set_memory_pool_limit(self, pool, size):
+                rec.calls.append(("pool", pool, size))
+
+            def set_flag(self, flag):
+                rec.calls.append(("flag", flag))
+
+            def create_timing_cache(self, data):
+                rec.calls.append(("timing_cache_in", bytes(data)))
+                self.cache = Cache(data)
+                return self.cache
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+            def add_optimization_profile(self, profile):
+                rec.calls.append(("profile", dict(profile.shapes)))
+
+            def __setattr__(self, name, value):
+                if name == "builder_optimization_level":
+                    rec.calls.append(("level", value))
+                object.__setattr__(self, name, value)
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+        class Network:
+            def __init__(self, flags):
+                self.flags = flags
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                rec.calls.append(("parse", Path(path).name, self.network.flags))
+                return True
+
+        class Builder:
+            num_DLA_cores = 0
+
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return Network(flags)
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"placeholder plan"
+
+        m.Logger, m.Builder, m.OnnxParser = Logger, Builder, Parser
+        self.module = m
+
+
+def test_build_engines_calls_and_outputs(tiny_export, tmp_path, monkeypatch):
+    import ppllava_edge.engine.availability as availability
+    import ppllava_edge.runtime.cuda as cuda
+    from ppllava_edge.engine.builder import build_engines
+
+    rec = _Recorder()
+    monkeypatch.setattr(availability, "require_tensorrt", lambda purpose: (rec.module, None))
+    monkeypatch.setattr(cuda, "device_info", lambda device=0: {"name": "Stand-in", "compute_capability": "8.7", "sm": 87, "cuda_driver": "12.6", "cuda_runtime": "12.6"})
+    tc = tmp_path / "tc.bin"
+    tc.write_bytes(b"old")
+    opts = BuildOptions(fp16=True, timing_cache=tc, workspace_mb=512, builder_level=2, max_input_len=64, max_seq_len=128)
+    result = build_engines(tiny_export, tmp_path / "engines", opts)
+
+    parses = [c for c in rec.calls if c[0] == "parse"]
+    assert [p[1] for p in parses] == ["vision.onnx", "prompt_pool.onnx", "image_pool.onnx", "projector_head.onnx", "decoder.onnx"]
+    assert all(p[2] == 0 for p in parses)  # fp32 export + --fp16 on TensorRT 10: weakly typed
+    assert rec.calls.count(("flag", "FP16")) == 5 and rec.calls.count(("pool", "WORKSPACE", 512 << 20)) == 5 and ("level", 2) in rec.calls
+    profiles = [c[1] for c in rec.calls if c[0] == "profile"]
+    assert len(profiles) == 1 + 1 + 1 + 2  # image_pool is static: no profile
+    assert profiles[-1]["past.0.key"] == ((1, 4, 1, 16), (1, 4, 96, 16), (1, 4, 127, 16))
+    assert [c[1] for c in rec.calls if c[0] == "timing_cache_in"] == [b"old", b"old+", b"old++", b"old+++", b"old++++"]
+    assert tc.read_bytes() == b"old+++++"
+
+    meta = load_metadata(tmp_path / "engines")
+    assert meta["tensorrt"] == "10.3.0" and meta["gpu"]["sm"] == 87 and meta["limits"]["max_seq_len"] == 128
+    assert sorted(meta["engines"]) == sorted(load_manifest(tiny_export).data["graphs"])
+    dec = meta["engines"]["decoder"]
+    assert dec["file"] == "decoder.trt10.3.0.sm87.engine" and dec["precision"] == "fp16" and not dec["strongly_typed"]
+    assert [p["name"] for p in dec["profiles"]] == ["context", "generation"] and dec["profiles"][1]["dims"]["past"] == [1, 96, 127]
+    assert list(dec["onnx_sha256"]) == ["decoder.onnx"] and dec["trtexec"].startswith("trtexec --onnx=")
+    assert [e.trtexec for e in result.engines] == [meta["engines"][e.plan.graph]["trtexec"] for e in result.engines]
+    check_engine_dir(meta, "10.3.0", 87, load_manifest(tiny_export))

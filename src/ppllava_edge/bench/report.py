@@ -104,7 +104,7 @@ COLUMNS = (
     ("frames", True, lambda e: str(e["frames"])),
     ("vis tok", True, lambda e: str(e["visual_tokens"])),
     ("ctx", True, lambda e: str(e["context_len"])),
-    ("decode ms", True, lambda e: _pm(e["stages"]["decode_video"])),
+    ("video ms", True, lambda e: _pm(e["stages"]["decode_video"])),
     ("prep ms", True, lambda e: _pm(e["stages"]["preprocess"])),
     ("vision ms", True, lambda e: _pm(e["stages"]["vision"])),
     ("pool ms", True, lambda e: _pm(e["stages"]["pool"])),
@@ -114,6 +114,7 @@ COLUMNS = (
     ("tok/s", True, lambda e: "-" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:.2f} ± {e['tokens_per_s_stddev']:.2f}"),
     ("e2e ms", True, lambda e: _pm(e["stages"]["e2e"])),
     ("peak RSS MB", True, lambda e: f"{e['peak_rss_mb']:.0f}"),
+    ("weights MB", True, lambda e: f"{e['weight_bytes'] / 1e6:.0f}"),
     ("e2e ×", True, lambda e: _x(e.get("ratios", {}).get("e2e"))),
     ("TTFT ×", True, lambda e: _x(e.get("ratios", {}).get("ttft"))),
     ("prefill ×", True, lambda e: _x(e.get("ratios", {}).get("prefill"))),
@@ -124,7 +125,7 @@ OPTIONAL = {"precision", "frames"}  # shown only when they vary (llama-bench pri
 def _table(entries: list[dict]) -> list[str]:
     cols = list(COLUMNS)
     if any(e.get("peak_device_mb") is not None for e in entries if not e.get("error")):
-        cols.insert(16, ("peak dev MB", True, lambda e: "-" if e.get("peak_device_mb") is None else f"{e['peak_device_mb']:.0f}"))
+        cols.insert(next(i for i, c in enumerate(cols) if c[0] == "peak RSS MB") + 1, ("peak dev MB", True, lambda e: "-" if e.get("peak_device_mb") is None else f"{e['peak_device_mb']:.0f}"))
     ok = [e for e in entries if not e.get("error")]
     keep = []
     for c in cols:

@@ -8,10 +8,11 @@ Variants, in this order (the first is the reference of every ratio):
 
 - each EXPORT folder x each runtime backend (`ort`: ONNX Runtime with --provider; `trt`: the engines of
   `ppllava-edge build`, given with `engines=`);
-- `torch`: the PyTorch reference model loaded from the checkpoint recorded in the first export's manifest;
 - the paper's baselines on the same backbone, run on the first export with ONNX Runtime: `nopool` (LLaVA-NeXT
   without pooling: 8 frames x all P patch tokens through linear_2 into the LLM) and `avgpool` (the T frames
-  averaged: P tokens).
+  averaged: P tokens);
+- `torch`: the PyTorch reference model loaded from the checkpoint recorded in the manifest (last, because
+  importing torch raises the process RSS for good and would inflate the others' peak RSS).
 
 Rules (llama-bench's): warm-up runs are not timed; every run generates exactly `max_new_tokens` tokens (EOS
 ignored); each timed iteration starts cold (empty feature cache); progress is reported only between timed runs.
@@ -29,13 +30,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, InputError, PPLLaVAEdgeError
+from ..errors import ConfigError, InputError
 from ..manifest import ExportManifest, load_manifest
 from . import hardware
 from .stats import mean_std, summarize
@@ -147,14 +148,14 @@ class VariantSpec:
 
 
 def precision_label(manifest: ExportManifest) -> str:
-    """'fp32' when every graph has one precision, else 'vision int8 / llm fp32' style."""
+    """Precision of the graphs a pooled answer runs: 'fp32' when vision, prompt_pool and decoder agree, else
+    'vis int8 / pool fp32 / llm int8'."""
     graphs = manifest.data["graphs"]
-    precs = {g.get("precision", manifest.data.get("dtype", "fp32")) for g in graphs.values()}
-    if len(precs) == 1:
-        return precs.pop()
-    vis = graphs.get("vision", {}).get("precision", "?")
-    llm = graphs.get("decoder", {}).get("precision", "?")
-    return f"vis {vis} / llm {llm}"
+    default = manifest.data.get("dtype", "fp32")
+    precs = [graphs.get(g, {}).get("precision", default) for g in ("vision", "prompt_pool", "decoder")]
+    if len(set(precs)) == 1:
+        return precs[0]
+    return " / ".join(f"{short} {p}" for short, p in zip(("vis", "pool", "llm"), precs))
 
 
 def _check_frames(manifest: ExportManifest, frames: list[int], what: str) -> None:
@@ -232,6 +233,9 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
                 continue
             name = label if b == "ort" else f"{label} {b}"
             specs.append(VariantSpec(name, "export", b, m, frames, engines=opts.engines[i] if b == "trt" else None, precision=precision_label(m)))
+    for b in baselines:
+        m = manifests[0]
+        specs.append(VariantSpec(b, "baseline", "ort", m, [NOPOOL_FRAMES] if b == "nopool" else frames, baseline=b, precision=precision_label(m)))
     if "torch" in backends:
         seen: list[str] = []
         for m in manifests:
@@ -243,9 +247,6 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
             m = next(x for x in manifests if x.data["checkpoint"]["path"] == ck)
             name = "torch" if len(seen) == 1 else f"torch {Path(ck).name}"
             specs.append(VariantSpec(name, "torch", "torch", m, frames, precision="fp32"))
-    for b in baselines:
-        m = manifests[0]
-        specs.append(VariantSpec(b, "baseline", "ort", m, [NOPOOL_FRAMES] if b == "nopool" else frames, baseline=b, precision=precision_label(m)))
     return specs
 
 

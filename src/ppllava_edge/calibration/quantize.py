@@ -23,15 +23,21 @@ Accuracy gate (written to ``Q/accuracy.json``), on the held-out CALIB samples (a
 - vision, prompt_pool, image_pool: per output, the minimum over samples of the cosine to the fp32 export
   (gated, default ≥ 0.99) and the maximum |difference| (reported). Pools get fp32 inputs, so each graph is judged
   on its own; the row ``pipeline`` reports Q-vision → Q-pool against fp32 for information.
-- decoder (the graph returns only the last position's logits):
+- decoder (the graph returns only the last position's logits, so "all positions" are reached by re-running):
   ``logits cosine`` — min cosine of the last-position logits over the held-out prefill and decode-step feeds
-  (gated, ≥ 0.99); ``top-1 prefill`` — top-1 agreement at ``prefill_positions`` cut points of each held-out prompt
-  (each cut is one prefill of that prefix, so every position is compared with identical inputs; gated, ≥ 0.90);
-  ``top-1 decode`` — teacher forcing: the fp32 greedy continuation is fed to both exports for ``greedy_tokens``
-  steps and the argmax compared at each step (gated, ≥ 0.90); ``greedy`` — the full pipeline (Q vision → Q pool →
-  Q decoder vs all-fp32) generates ``greedy_tokens`` tokens greedily; the value is the mean fraction of tokens
-  before the first divergence (reported, gated only if ``Thresholds.greedy`` is set: on random-weight models the
-  logits are nearly flat and one early flip changes the rest of the sequence, so it is not a stable gate).
+  (gated, ≥ 0.98); ``top-1 prefill positions`` — top-1 agreement at ``prefill_positions`` cut points of each
+  held-out prompt (each cut is one prefill of that prefix, so every position is compared on identical inputs;
+  gated, ≥ 0.60); ``top-1 decode`` — teacher forcing: the fp32 greedy continuation is fed to both exports for
+  ``greedy_tokens`` steps and the argmax compared at each step (gated, ≥ 0.60); ``greedy`` — the full pipeline
+  (Q vision → Q pool → Q decoder vs all-fp32) generates ``greedy_tokens`` tokens; the value is the mean fraction
+  of tokens before the first divergence (reported; gated only if ``Thresholds.greedy`` is set).
+
+  Why these decoder numbers: the presets have random weights, whose next-token distribution is nearly uniform
+  (max probability ≈ 0.0004 over 32k tokens on tiny; top-1/top-2 logit gaps ≈ 0.1–0.2 against a logit std of
+  0.65), so a logit error of a few percent flips near-ties. Measured: default int8 → logits cosine 0.996 (tiny) /
+  0.986 (small), top-1 0.72–0.94; ``op_types="all"`` → cosine 0.87, top-1 0.38. 0.98 / 0.60 separate these.
+  For a trained checkpoint, whose logits are peaked, raise top-1 to ≈ 0.9 and logits cosine to 0.99
+  (``Thresholds`` / ``--min-top1`` / ``--min-logits-cosine``).
 
 Below a threshold, `quantize_export` raises AccuracyError (nothing is written to `out`) unless `accept_degraded`.
 """
@@ -75,7 +81,7 @@ class Thresholds:
     """Gate thresholds; all metrics are 'higher is better'. None = reported only."""
 
     cosine: float = 0.99  # vision / pool outputs
-    decoder_cosine: float = 0.99  # last-position logits
+    decoder_cosine: float = 0.98  # last-position logits
     top1: float = 0.60  # prefill positions and teacher-forced decode steps (see the module doc)
     greedy: float | None = None  # mean fraction of greedy tokens before the first divergence
 

@@ -10,6 +10,7 @@ runs (never inside one). Exit code 1 when the options are invalid or any variant
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def bench_command(ctx, exports, video, synthetic, frames, questions, max_new_tok
         exports=list(exports), video=video, synthetic=synthetic, frames=frames, questions=questions, max_new_tokens=max_new_tokens,
         warmup=warmup, iterations=iterations, provider=provider, backends=backend_list, baselines=baseline_list, threads=threads,
         engines=tuple(engines), hardware=not no_hardware, raise_errors=bool(ctx.obj and ctx.obj.get("debug")),
-        command="ppllava-edge " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else None,
+        command=("ppllava-edge " + shlex.join(sys.argv[1:])) if "bench" in sys.argv[1:] else None,
     )
     progress = _Progress(quiet)
     try:

@@ -98,7 +98,7 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
 @click.option("--exclude-node", "exclude_nodes", multiple=True, help="Keep this node float (NAME or GRAPH:NAME); repeatable.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only block size.")
 @click.option("--min-cosine", type=float, default=0.99, show_default=True, help="Gate: vision / pool output cosine.")
-@click.option("--min-logits-cosine", type=float, default=0.99, show_default=True, help="Gate: decoder logits cosine.")
+@click.option("--min-logits-cosine", type=float, default=0.98, show_default=True, help="Gate: decoder logits cosine.")
 @click.option("--min-top1", type=float, default=0.60, show_default=True, help="Gate: decoder top-1 agreement (raise to ~0.9 for trained checkpoints).")
 @click.option("--min-greedy", type=float, default=None, help="Gate: greedy prefix agreement (default: reported only).")
 @click.option("--greedy-tokens", type=int, default=16, show_default=True)

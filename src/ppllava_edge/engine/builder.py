@@ -5,7 +5,11 @@ typing, device and optimization profiles, and `trtexec_command` renders the equi
 `build_engines` then runs the TensorRT builder for each plan:
 
 - the ONNX file is parsed with `OnnxParser.parse_from_file` (which resolves external data next to the file);
-- Q/DQ (int8) and fp16 exports build as strongly typed networks (precision comes from the graph);
+- fp16 exports and symmetric int8 Q/DQ graphs build as strongly typed networks (precision comes from the graph);
+- the int8 graphs of `ppllava-edge quantize` (ONNX Runtime Q/DQ, uint8 asymmetric activations, which TensorRT's
+  explicit quantization does not accept) build on TensorRT 10 from their fp32 source graph with BuilderFlag.INT8
+  and the TensorRT calibration cache `quantize --trt-cache` wrote; TensorRT 11 refuses them (no implicit INT8);
+- ONNX Runtime's weight-only MatMulNBits graphs (int4-weight / int8-weight) are refused (no TensorRT parser support);
 - fp32 exports build fp32 (TF32 allowed), or with `--fp16` as a weakly typed network with BuilderFlag.FP16 on
   TensorRT 10 (TensorRT 11 removed weak typing: re-export with `--dtype fp16` instead);
 - one optimization profile per graph, two for the decoder (context / generation), from `profiles.py`;
@@ -17,6 +21,7 @@ typing, device and optimization profiles, and `trtexec_command` renders the equi
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import time
@@ -26,7 +31,7 @@ from typing import Callable
 
 from ..errors import ConfigError, EngineBuildError, InputError
 from ..manifest import ExportManifest, load_manifest
-from .metadata import engine_file_name, trt_major
+from .metadata import engine_file_name, normalize_trt_version, trt_major
 from .profiles import BuildLimits, Profile, graph_profiles, is_static, resolve_limits, symbol_ranges
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,8 @@ class EnginePlan:
     device: str  # "gpu" | "dla:N"
     profiles: list[Profile]
     profile_names: list[str]
+    int8_flag: bool = False  # implicit INT8 from a calibration cache (TensorRT 10 only)
+    calibration_cache: Path | None = None
     symbols: list[dict[str, tuple[int, int, int]]] = field(default_factory=list)  # per profile: dim symbol -> (min, opt, max)
 
     @property
@@ -111,6 +118,64 @@ def resolve_precision(graph_precision: str, fp16: bool, trt_version: str) -> tup
     return "fp16", False, True
 
 
+def is_asymmetric_qdq(spec: dict) -> bool:
+    """Q/DQ graphs from `ppllava-edge quantize` (ONNX Runtime static QDQ) use uint8 asymmetric activations."""
+    return "asym" in str(spec.get("quantization", {}).get("scheme", ""))
+
+
+def trt_version_code(trt_version: str) -> int:
+    """NV_TENSORRT_VERSION as in calibration cache headers: 8.6.1 -> 8601, 10.3.0 -> 100300."""
+    major, minor, patch = (int(x) for x in normalize_trt_version(trt_version).split("."))
+    return major * 1000 + minor * 100 + patch if major < 10 else major * 10000 + minor * 100 + patch
+
+
+def retag_calibration_cache(text: str, trt_version: str) -> str:
+    """Give a text calibration cache the header of the installed TensorRT ('TRT-100300-EntropyCalibration2').
+
+    The per-tensor scales do not depend on the TensorRT version, but TensorRT ignores a cache whose header names
+    another version (and would then try to calibrate, which needs data we do not feed).
+    """
+    lines = text.splitlines()
+    algo = lines[0].split("-", 2)[2] if lines and lines[0].startswith("TRT-") and lines[0].count("-") >= 2 else "EntropyCalibration2"
+    return "\n".join([f"TRT-{trt_version_code(trt_version)}-{algo}", *lines[1:]]) + "\n"
+
+
+def implicit_int8_source(manifest: ExportManifest, graph: str, trt_version: str) -> tuple[Path, Path]:
+    """(fp32 ONNX, calibration cache) for building an asymmetric-QDQ int8 graph with TensorRT 10's implicit INT8.
+
+    TensorRT's explicit quantization takes only symmetric int8 Q/DQ (zero point 0; uint8 only on DLA), so the
+    quantized graph itself cannot be built. `ppllava-edge quantize` also writes the same calibration as a TensorRT
+    cache for the source fp32 graph, which TensorRT 10 consumes with BuilderFlag.INT8 (deprecated since 10.1,
+    removed in 11).
+    """
+    spec = manifest.graph(graph)
+    if _major(trt_version) >= 11:
+        raise EngineBuildError(
+            f"{graph}: this int8 graph is ONNX Runtime static Q/DQ with uint8 asymmetric activations, which TensorRT builds "
+            f"only from its calibration cache with implicit INT8 - removed in TensorRT {trt_version}.\n"
+            "Hint: build the fp16 / fp32 source export instead, or use TensorRT 10 (JetPack 6)."
+        )
+    cache_entry = spec.get("quantization", {}).get("trt_calibration_cache")
+    if not cache_entry:
+        raise EngineBuildError(
+            f"{graph}: this int8 graph is uint8-asymmetric Q/DQ (not buildable by TensorRT) and the export has no TensorRT calibration cache for it.\n"
+            "Hint: re-run `ppllava-edge quantize ... --trt-cache`, or build the fp32 source export."
+        )
+    cache = manifest.folder / cache_entry["file"]
+    source = Path(manifest.data.get("quantization", {}).get("source_export", {}).get("path", "") or "<no source export recorded>")
+    try:
+        onnx = source / json.loads((source / "export.json").read_text())["graphs"][graph]["file"]
+    except (OSError, ValueError, KeyError):
+        onnx = source / f"export.json (graph {graph})"  # reported as missing below
+    missing = [str(p) for p in (cache, onnx) if not p.is_file()]
+    if missing:
+        raise EngineBuildError(
+            f"{graph}: implicit INT8 needs the fp32 source graph and its calibration cache; missing: {', '.join(missing)}.\n"
+            "Hint: copy the source export (recorded in export.json: quantization.source_export.path) next to this one."
+        )
+    return onnx, cache
+
+
 def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_version: str, sm: int | str, limits: BuildLimits | None = None) -> list[EnginePlan]:
     """One EnginePlan per graph: file name, precision/typing, device, profiles. Raises on inconsistent options."""
     data = manifest.data
@@ -124,7 +189,7 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         raise InputError(
             "--int8 needs a quantized (Q/DQ) export, but no graph of this export records precision int8 "
             f"({', '.join(f'{g}={p}' for g, p in precisions.items())}).\n"
-            "Note: TensorRT's implicit INT8 calibration is deprecated; int8 engines are built from Q/DQ ONNX graphs, strongly typed."
+            "Hint: make one with `ppllava-edge quantize` (or build this export without --int8)."
         )
     if opts.builder_level is not None and not 0 <= opts.builder_level <= 5:
         raise InputError(f"--builder-level {opts.builder_level}: must be 0..5")
@@ -133,7 +198,17 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
     profiles = graph_profiles(data, limits, names)
     plans = []
     for g in names:
-        precision, strongly, fp16_flag = resolve_precision(precisions[g], opts.fp16, trt_version)
+        onnx, cache, int8_flag = manifest.path(g), None, False
+        if precisions[g] in ("int8-weight", "int4-weight"):
+            raise EngineBuildError(
+                f"{g}: precision {precisions[g]} is ONNX Runtime's weight-only MatMulNBits operator, which TensorRT's ONNX parser does not implement.\n"
+                "Hint: build engines from the fp32 / fp16 export (or an int8 Q/DQ one); keep MatMulNBits exports for `ppllava-edge ask`."
+            )
+        if precisions[g] == "int8" and is_asymmetric_qdq(data["graphs"][g]):
+            onnx, cache = implicit_int8_source(manifest, g, trt_version)
+            precision, strongly, fp16_flag, int8_flag = "int8", False, opts.fp16, True
+        else:
+            precision, strongly, fp16_flag = resolve_precision(precisions[g], opts.fp16, trt_version)
         device = "gpu"
         if opts.dla_core is not None and g in DLA_GRAPHS:
             if opts.dla_core < 0:
@@ -147,7 +222,7 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         plans.append(
             EnginePlan(
                 graph=g,
-                onnx=manifest.path(g),
+                onnx=onnx,
                 engine_file=engine_file_name(g, trt_version, sm),
                 precision=precision,
                 strongly_typed=strongly,
@@ -156,6 +231,8 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
                 profiles=profiles[g],
                 profile_names=[n for n, _ in symbol_ranges(g, data, limits)],
                 symbols=[r for _, r in symbol_ranges(g, data, limits)],
+                int8_flag=int8_flag,
+                calibration_cache=cache,
             )
         )
     return plans
@@ -174,6 +251,8 @@ def trtexec_command(plan: EnginePlan, out_dir: Path, opts: BuildOptions, trt_ver
         args.append("--stronglyTyped")
     if plan.fp16_flag:
         args.append("--fp16")
+    if plan.int8_flag:
+        args += ["--int8", f"--calib={plan.calibration_cache}"]
     if plan.dynamic:
         for prof in plan.profiles:
             args += [f"--minShapes={shape_spec(prof, 0)}", f"--optShapes={shape_spec(prof, 1)}", f"--maxShapes={shape_spec(prof, 2)}"]
@@ -205,13 +284,19 @@ def _parse_onnx(trt, builder, logger, plan: EnginePlan):
 
 
 def _config(trt, builder, plan: EnginePlan, opts: BuildOptions, cache_bytes: bytes):
+    """(builder config, calibrator or None); the caller keeps the calibrator alive until the build is done."""
     config = builder.create_builder_config()
+    calibrator = None
     if opts.workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_mb) << 20)
     if opts.builder_level is not None:
         config.builder_optimization_level = int(opts.builder_level)
     if plan.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
+    if plan.int8_flag:
+        config.set_flag(trt.BuilderFlag.INT8)
+        calibrator = _cache_calibrator(trt, Path(plan.calibration_cache).read_bytes())
+        config.int8_calibrator = calibrator
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, False)
     if plan.device.startswith("dla:"):
@@ -225,12 +310,36 @@ def _config(trt, builder, plan: EnginePlan, opts: BuildOptions, cache_bytes: byt
         config.DLA_core = core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     if plan.dynamic:
-        for prof in plan.profiles:
+        for i, prof in enumerate(plan.profiles):
             p = builder.create_optimization_profile()
             for name, (lo, opt, hi) in prof.items():
                 p.set_shape(name, lo, opt, hi)
             config.add_optimization_profile(p)
-    return config
+            if plan.int8_flag and i == 0:
+                config.set_calibration_profile(p)
+    return config, calibrator
+
+
+def _cache_calibrator(trt, cache: bytes):
+    """An entropy calibrator that only serves a calibration cache (created at call time, as Polygraphy does)."""
+
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names):  # no data: TensorRT must take every scale from the cache
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, data) -> None:
+            return None
+
+    return CacheCalibrator()
 
 
 def build_engines(
@@ -284,11 +393,20 @@ def build_engines(
     builder = trt.Builder(logger)
     with AtomicDir(out_dir, force=opts.force) as tmp:
         for plan in plans:
+            if plan.calibration_cache is not None:  # a copy with this TensorRT's header, referenced by engines.json and trtexec
+                name = f"{plan.graph}.calibration.cache"
+                (tmp / name).write_text(retag_calibration_cache(Path(plan.calibration_cache).read_text(), trt.__version__))
+                plan.calibration_cache = out_dir / name
+        for plan in plans:
             if on_engine:
                 on_engine(plan.graph)
             t0 = time.perf_counter()
             network, _parser = _parse_onnx(trt, builder, logger, plan)
-            config = _config(trt, builder, plan, opts, cache_bytes)
+            calib = plan.calibration_cache
+            if calib is not None:  # read from the copy being built (out_dir does not exist until the end)
+                plan.calibration_cache = tmp / Path(calib).name
+            config, calibrator = _config(trt, builder, plan, opts, cache_bytes)
+            plan.calibration_cache = calib
             serialized = builder.build_serialized_network(network, config)
             if serialized is None:
                 raise EngineBuildError(
@@ -308,8 +426,8 @@ def build_engines(
             result.engines.append(built)
             meta["engines"][plan.graph] = engine_entry(
                 file=plan.engine_file,
-                onnx=spec["file"],
-                onnx_sha256=onnx_hashes(export_dir, spec["file"]),
+                onnx=str(plan.onnx) if plan.int8_flag else spec["file"],
+                onnx_sha256=onnx_hashes(plan.onnx.parent, plan.onnx.name),
                 precision=plan.precision,
                 strongly_typed=plan.strongly_typed,
                 profiles=profiles_to_json(plan.profiles, plan.profile_names, plan.symbols),
@@ -320,7 +438,7 @@ def build_engines(
                 inputs=spec["inputs"],
                 outputs=spec["outputs"],
             )
-            del network, config
+            del network, config, calibrator
         result.seconds = time.perf_counter() - start
         meta["build_seconds"] = round(result.seconds, 3)
         write_metadata(tmp, meta)

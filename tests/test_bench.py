@@ -1,0 +1,219 @@
+"""`ppllava-edge bench` on the tiny export: report fields and their consistency, statistics, FLOP counts, errors.
+
+The issue's performance targets are printed by the bench as measured ratios; nothing here asserts them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ppllava_edge.bench import hardware
+from ppllava_edge.bench.stats import STATS, mean_std, percentile, stddev, summarize
+from ppllava_edge.cli.main import cli
+
+STAGES = ("decode_video", "preprocess", "vision", "pool", "prefill", "decode_step", "e2e")
+MAX_NEW = 4
+ITERATIONS = 2
+
+
+# ---- statistics ---------------------------------------------------------------------------------------------
+def _direct_percentile(xs, q):
+    s = sorted(xs)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 101])
+def test_summarize_matches_direct_computation(n):
+    xs = list(np.random.default_rng(n).gamma(2.0, 10.0, size=n))
+    s = summarize(xs)
+    assert set(STATS) <= set(s) and s["n"] == n
+    assert s["min"] == min(xs) and s["max"] == max(xs)
+    assert s["mean"] == pytest.approx(sum(xs) / n, rel=1e-12)
+    for k, q in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99)):
+        assert s[k] == pytest.approx(_direct_percentile(xs, q), rel=1e-12)
+    expected_std = statistics.stdev(xs) if n > 1 else 0.0  # sample stddev (N-1), 0 for one sample
+    assert s["stddev"] == pytest.approx(expected_std, rel=1e-12, abs=1e-12)
+    assert s["min"] <= s["p50"] <= s["p90"] <= s["p95"] <= s["p99"] <= s["max"]
+
+
+def test_stats_edge_cases():
+    one = summarize([7.5])
+    assert all(one[k] == 7.5 for k in ("min", "mean", "p50", "p90", "p95", "p99", "max")) and one["stddev"] == 0.0
+    empty = summarize([])
+    assert empty["n"] == 0 and all(empty[k] is None for k in STATS)
+    assert stddev([1.0, 3.0]) == pytest.approx(math.sqrt(2.0))  # N-1: ((1)^2 + (1)^2) / 1
+    assert stddev([]) == 0.0 and stddev([4.0]) == 0.0
+    assert mean_std([]) == (None, None) and mean_std([2.0, 4.0]) == (3.0, pytest.approx(math.sqrt(2.0)))
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+
+
+# ---- FLOP counts and efficiencies -----------------------------------------------------------------------
+TINY_MODEL = {  # the tiny preset's manifest `model` block
+    "image_size": 84, "patch_size": 14, "patches_per_frame": 36, "vision_hidden_size": 48, "vision_layers": 6, "btadapter_depth": 4,
+    "max_frames": 64, "clip_embed_dim": 32, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 4,
+    "head_dim": 16, "intermediate_size": 128, "vocab_size": 32064, "vision_params": 270384, "llm_params": 4186432,
+}
+
+
+def test_flop_counts_follow_the_dims():
+    m = TINY_MODEL
+    # one CLIP layer: 4 D^2 (attention) + 2 D I (MLP, I = 96 for tiny) plus biases / norms: within a few percent
+    assert hardware.vision_layer_weights(m) == pytest.approx(4 * 48 * 48 + 2 * 48 * 96, rel=0.06)
+    f2, f4, f8 = (hardware.vision_flops(m, t) for t in (2, 4, 8))
+    assert 0 < f2 < f4 < f8 and f8 / f4 == pytest.approx(2.0, rel=0.1)  # ~linear in T (temporal attention is T^2 but tiny)
+    layer = 64 * 64 * 4 + 3 * 64 * 128
+    assert hardware.llm_layer_weights(m) == layer
+    n = 100
+    expected = 2 * n * 2 * layer + 2 * 2 * 4 * 16 * n * (n + 1) + 2 * 64 * 32064
+    assert hardware.prefill_flops(m, n) == expected
+    assert hardware.kv_cache_bytes(m, 10, 4) == 2 * 2 * 4 * 10 * 16 * 4
+    assert hardware.decode_efficiency(1e9, 10.0, 20.0) == pytest.approx(0.5)
+    assert hardware.compute_efficiency(1e9, 100.0, 20.0) == pytest.approx(0.5)
+    assert hardware.decode_efficiency(1e9, None, 20.0) is None
+
+
+def test_hardware_probes_are_positive():
+    bw = hardware.memory_bandwidth(size_mb=16, repeats=2)
+    mm = hardware.gemm_flops(n=128, repeats=2)
+    assert bw["gbs"] > 0 and bw["gbs"] == max(bw["probes"].values())
+    assert mm["gflops"] > 0 and mm["gflops"] == max(mm["probes"].values())
+
+
+# ---- the bench on the tiny export ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench_run(tiny_export, sample_video, tmp_path_factory):
+    """ORT + torch + both baselines at 2 and 4 frames, written as JSON / CSV / PNG through the CLI."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("bench")
+    res = CliRunner().invoke(cli, [
+        "bench", str(tiny_export), "--video", str(sample_video), "--frames", "2,4", "--iterations", str(ITERATIONS), "--warmup", "1",
+        "--max-new-tokens", str(MAX_NEW), "--questions", "2", "--backend", "ort,torch", "--baseline", "nopool,avgpool", "--provider", "cpu",
+        "--json", str(out / "b.json"), "--csv", str(out / "b.csv"), "--plot", str(out / "b.png"), "--quiet",
+    ])
+    assert res.exit_code == 0, res.output
+    return res, json.loads((out / "b.json").read_text()), out
+
+
+def test_bench_json_fields_present_and_consistent(bench_run, tiny_export):
+    res, data, _ = bench_run
+    manifest = json.loads((tiny_export / "export.json").read_text())
+    per_pair, patches = manifest["visual_tokens_per_frame_pair"], manifest["model"]["patches_per_frame"]
+    from ppllava_edge.tokenization import LlamaPromptTokenizer
+
+    tok = LlamaPromptTokenizer.from_file(tiny_export / manifest["tokenizers"]["llama"], image_token_id=manifest["image_token_id"])
+    prompt = len(tok.prompt_ids(data["config"]["questions"][0])) - 1
+
+    env = data["environment"]
+    assert env["provider"] == "cpu" and env["cpu"]["logical"] and env["onnxruntime"]["version"] and env["numpy"]
+    assert "jetson" in env and "gpu" in env and "ppllava_edge" in env
+    for key in ("memory_bandwidth_gbs", "gemm_gflops", "decode_efficiency", "vision_efficiency", "prefill_efficiency"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    assert data["cache"]["first_ms"] > 0 and data["cache"]["second_ms"] > 0
+    assert data["failed"] == 0
+
+    names = [(v["name"], v["frames"]) for v in data["variants"]]
+    assert names == [(tiny_export.name, 2), (tiny_export.name, 4), ("nopool", 8), ("avgpool", 2), ("avgpool", 4), ("torch", 2), ("torch", 4)]
+    for v in data["variants"]:
+        assert v["error"] is None
+        for key in ("name", "visual_tokens", "context_len", "tokens_per_s", "peak_rss_mb", "stages"):
+            assert v[key] is not None, (v["name"], key)
+        assert v["peak_rss_mb"] > 10 and v["weight_bytes"] > 0 and v["kv_cache_bytes"] > 0
+        for st in STAGES:
+            s = v["stages"][st]
+            assert set(STATS) <= set(s), (v["name"], st)
+            assert s["min"] <= s["p50"] <= s["p90"] <= s["p95"] <= s["p99"] <= s["max"]
+            assert s["stddev"] >= 0
+        # every run did exactly the same work: MAX_NEW tokens, EOS ignored
+        assert v["new_tokens"] == MAX_NEW and [r["new_tokens"] for r in v["runs"]] == [MAX_NEW] * ITERATIONS
+        assert v["stages"]["decode_step"]["n"] == ITERATIONS * (MAX_NEW - 1)
+        assert v["stages"]["e2e"]["n"] == ITERATIONS
+        # the stages are parts of the end-to-end time
+        parts = sum(v["stages"][st]["mean"] for st in ("decode_video", "preprocess", "vision", "pool", "prefill", "decode"))
+        assert parts <= v["stages"]["e2e"]["mean"] + 1e-6
+        assert v["stages"]["ttft"]["mean"] <= v["stages"]["e2e"]["mean"]
+        # token counts follow the formulas
+        t = v["frames"]
+        expected = {None: (t // 2) * per_pair, "nopool": 8 * patches, "avgpool": patches}[v["baseline"]]
+        assert v["visual_tokens"] == expected, v["name"]
+        assert v["context_len"] == prompt + expected
+        assert v["kv_cache_bytes"] == hardware.kv_cache_bytes(manifest["model"], v["context_len"] + MAX_NEW - 1, 4)
+    pooled = data["variants"][1]
+    assert pooled["cache"]["second_hits"] == ITERATIONS and pooled["cache"]["second_stages"]["vision"] == 0.0
+    assert data["variants"][0]["ratios"]["e2e"] == pytest.approx(1.0)
+    nopool = next(v for v in data["variants"] if v["baseline"] == "nopool")
+    assert nopool["visual_tokens"] == 8 * 36  # T*P on the tiny preset
+    for t in data["targets"]:  # reported with a verdict, never asserted
+        assert isinstance(t["passed"], bool) and t["value"] is not None
+
+
+def test_bench_markdown_csv_and_png(bench_run):
+    res, data, out = bench_run
+    md = res.stdout
+    assert md.startswith("| variant |") and "e2e ×" in md and "build: ppllava-edge" in md and "targets (" in md
+    assert "Traceback" not in res.output
+    for v in data["variants"]:
+        assert f"| {v['name']} |" in md
+    with (out / "b.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["variants"])
+    for row, v in zip(rows, data["variants"]):
+        assert row["name"] == v["name"] and int(row["visual_tokens"]) == v["visual_tokens"]
+        for st in STAGES:
+            assert float(row[f"{st}_p50_ms"]) <= float(row[f"{st}_p99_ms"])
+            assert float(row[f"{st}_mean_ms"]) == pytest.approx(v["stages"][st]["mean"])
+    png = (out / "b.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_bench_json_on_stdout(tiny_export, sample_video):
+    res = CliRunner().invoke(cli, ["bench", str(tiny_export), "--video", str(sample_video), "--frames", "2", "--iterations", "1",
+                                   "--warmup", "0", "--max-new-tokens", "2", "--no-hardware", "-o", "json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)  # stdout carries the result only
+    assert data["memory_bandwidth_gbs"] is None and data["variants"][0]["visual_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frames", "3"], "even"),
+        (["--frames", "4,7"], "even"),
+        (["--provider", "nosuch"], "unknown provider"),
+        (["--frames", "32"], "outside the frame range"),
+        (["--backend", "onnx"], "unknown backend"),
+        (["--baseline", "meanpool"], "unknown baseline"),
+        (["--iterations", "0"], "--iterations"),
+        (["--backend", "trt"], "--engines"),
+    ],
+)
+def test_bench_bad_arguments_are_clear_errors(tiny_export, sample_video, args, message):
+    res = CliRunner().invoke(cli, ["bench", str(tiny_export), "--video", str(sample_video), "--no-hardware", *args])
+    assert res.exit_code == 1, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert res.stdout == ""  # nothing on stdout
+
+
+def test_bench_modules_do_not_import_torch():
+    code = textwrap.dedent(
+        """
+        import sys
+        import ppllava_edge.bench.runner, ppllava_edge.bench.report, ppllava_edge.bench.hardware, ppllava_edge.bench.stats
+        import ppllava_edge.cli.bench_cmd
+        bad = [m for m in ("torch", "onnxruntime", "tensorrt", "matplotlib") if m in sys.modules]
+        assert not bad, bad
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
