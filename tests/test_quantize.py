@@ -12,7 +12,7 @@ from click.testing import CliRunner
 pytest.importorskip("onnx")
 
 from ppllava_edge.calibration.collect import collect_calibration  # noqa: E402
-from ppllava_edge.calibration.quantize import Thresholds, quantize_export  # noqa: E402
+from ppllava_edge.calibration.quantize import quantize_export  # noqa: E402
 from ppllava_edge.calibration.readers import histogram_shape_fix, load_calibration  # noqa: E402
 from ppllava_edge.errors import AccuracyError, CalibrationError  # noqa: E402
 

@@ -180,3 +180,13 @@ def test_cli_ask_dump_equals_generate_dump(tiny_export, tiny_ckpt, sample_video,
     for name in ("output_ids", "input_ids", "clip_ids", "pixel_values"):
         np.testing.assert_array_equal(np.load(tmp_path / "g" / f"{name}.npy"), np.load(tmp_path / "a" / f"{name}.npy"))
     assert os.path.exists(tmp_path / "g" / "features.npy")
+
+
+def test_cli_trt_backend_without_tensorrt_says_how_to_install(tiny_export, sample_video):
+    from ppllava_edge.engine.availability import tensorrt_version
+
+    if tensorrt_version() is not None:
+        pytest.skip("TensorRT is installed here")
+    res = CliRunner().invoke(cli, ["ask", str(tiny_export), str(sample_video), "q", "--backend", "trt"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "pip install 'ppllava-edge[tensorrt]'" in res.output and "python3-libnvinfer" in res.output

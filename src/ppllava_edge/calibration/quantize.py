@@ -403,87 +403,92 @@ def _decoder_feed(embeds: np.ndarray, kv: tuple[int, int], names: list[str]) -> 
     return feed
 
 
-def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds, positions: int, tokens: int) -> tuple[list[Check], list[str]]:
-    from ..runtime.generation import GenerationConfig, generate
-
-    notes = []
+def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds, positions: int, tokens: int) -> list[Check]:
+    """Logits cosine, top-1 over prefill positions and over teacher-forced decode steps (decoder graph alone)."""
     m = ref.manifest.model
     kv = (m["num_kv_heads"], m["head_dim"])
-    past_names = ref.decoder.past_names
     recs = calib.eval_records("decoder")
     # 1) last-position logits on the stored feeds (prefill + decode steps)
     cos = []
     for r in recs:
         feed = calib.feed("decoder", r)
-        a = ref.sessions["decoder"].run(["logits"], feed)[0]
-        b = qs.sessions["decoder"].run(["logits"], feed)[0]
-        cos.append(_cosine(a, b))
+        cos.append(_cosine(ref.sessions["decoder"].run(["logits"], feed)[0], qs.sessions["decoder"].run(["logits"], feed)[0]))
     checks = [Check("decoder", precision, "logits cosine (min)", min(cos), th.decoder_cosine, len(recs))]
     prefills = [r for r in recs if r["kind"] == "prefill"]
-    # 2) top-1 over prefill positions: one prefill per prefix cut
+    # 2) top-1 over prefill positions: the graph returns the last position only, so one prefill per prefix cut
     agree = total = 0
     for r in prefills:
         e = calib.load(r)["inputs_embeds"]
         L = e.shape[1]
         for p in sorted({int(round(x)) for x in np.linspace(max(2, L // 8), L, positions)}):
-            feed = _decoder_feed(e[:, :p], kv, past_names)
+            feed = _decoder_feed(e[:, :p], kv, ref.decoder.past_names)
             a = ref.sessions["decoder"].run(["logits"], feed)[0]
             b = qs.sessions["decoder"].run(["logits"], feed)[0]
             agree += int(np.argmax(a[0]) == np.argmax(b[0]))
             total += 1
     checks.append(Check("decoder", precision, "top-1 prefill positions", agree / max(total, 1), th.top1, total))
-    # 3) teacher-forced decode steps on the fp32 greedy continuation
+    # 3) teacher forcing: both decoders get the fp32 greedy continuation; compare the argmax at every step
     agree = total = 0
     for r in prefills:
         e = calib.load(r)["inputs_embeds"]
         ref.decoder.reset(1)
         qs.decoder.reset(1)
         la, lb = ref.decoder.forward(e), qs.decoder.forward(e)
-        steps = min(tokens, m["max_position_embeddings"] - e.shape[1])
-        for _ in range(steps):
+        for _ in range(min(tokens, m["max_position_embeddings"] - e.shape[1])):
             ta = int(np.argmax(la[0]))
             agree += int(ta == int(np.argmax(lb[0])))
             total += 1
             x = ref.embed(np.asarray([ta]))
             la, lb = ref.decoder.forward(x), qs.decoder.forward(x)
     checks.append(Check("decoder", precision, "top-1 decode (teacher-forced)", agree / max(total, 1), th.top1, total))
-    # 4) greedy through the whole pipeline (vision -> pool -> decoder), Q vs fp32
-    prefix, exact = [], 0
-    cfg = GenerationConfig(max_new_tokens=tokens, ignore_eos=True)
-    vis = {rr["video"]: rr for rr in calib.records("vision", "all")}
-    for r in prefills:
-        arrs = calib.load(r)
-        pool_rec = next(x for x in calib.records("prompt_pool", "all") if x["source"] == r["source"])
-        pool = calib.load(pool_rec)
-        px = calib.load(vis[r["video"]])["pixel_values"]
-        ids = []
-        for pipe in (ref, qs):
+    return checks
+
+
+class _VisionCache:
+    """Vision outputs per (pipeline, video) so the end-to-end checks run each vision graph once per video."""
+
+    def __init__(self, calib: CalibrationSet):
+        self.calib = calib
+        self.records = {r["video"]: r for r in calib.records("vision", "all")}
+        self.out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, pipe, video: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (id(pipe), video)
+        if key not in self.out:
+            px = self.calib.load(self.records[video])["pixel_values"]
             values, keys = pipe.sessions["vision"].run(None, {"pixel_values": px})
-            vt, _ = pipe.sessions["prompt_pool"].run(None, {"clip_ids": pool["clip_ids"], "keys": keys, "values": values})
-            embeds = pipe.embed_prompt(arrs["input_ids"], vt)
-            ids.append(list(generate(pipe.decoder, pipe.embed, embeds, cfg).ids))
+            self.out[key] = (values, keys)
+        return self.out[key]
+
+
+def _pipeline_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int, pooled: bool) -> list[Check]:
+    """End to end, Q (vision -> prompt_pool -> decoder) against fp32: pooled visual tokens (information) and greedy."""
+    from ..runtime.generation import GenerationConfig, generate
+
+    vision = _VisionCache(calib)
+    pool_by_source = {r["source"]: r for r in calib.records("prompt_pool", "all")}
+    cfg = GenerationConfig(max_new_tokens=tokens, ignore_eos=True)
+    cos, prefix, exact = [], [], 0
+    prefills = [r for r in calib.eval_records("decoder") if r["kind"] == "prefill"]
+    for r in prefills:
+        clip_ids = calib.load(pool_by_source[r["source"]])["clip_ids"]
+        input_ids = calib.load(r)["input_ids"]
+        vts, ids = [], []
+        for pipe in (ref, qs):
+            values, keys = vision(pipe, r["video"])
+            vt, _ = pipe.sessions["prompt_pool"].run(None, {"clip_ids": clip_ids, "keys": keys, "values": values})
+            vts.append(vt)
+            ids.append(list(generate(pipe.decoder, pipe.embed, pipe.embed_prompt(input_ids, vt), cfg).ids))
+        cos.append(_cosine(*vts))
         a, b = ids
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         prefix.append(n / max(len(a), 1))
         exact += int(a == b)
-    checks.append(Check("pipeline", "", f"greedy {tokens} tokens: prefix agreement (mean)", float(np.mean(prefix)) if prefix else 1.0, th.greedy, len(prefills)))
-    checks.append(Check("pipeline", "", f"greedy {tokens} tokens: exact sequences", exact / max(len(prefills), 1), None, len(prefills)))
-    return checks, notes
-
-
-def _pipeline_tokens_check(ref, qs, calib: CalibrationSet) -> Check:
-    """Q vision -> Q prompt_pool against the fp32 pair (information: the decoder sees this)."""
-    vis = {r["video"]: r for r in calib.records("vision", "all")}
-    cos = []
-    for r in calib.eval_records("prompt_pool"):
-        pool = calib.load(r)
-        px = calib.load(vis[r["video"]])["pixel_values"]
-        outs = []
-        for pipe in (ref, qs):
-            values, keys = pipe.sessions["vision"].run(None, {"pixel_values": px})
-            outs.append(pipe.sessions["prompt_pool"].run(None, {"clip_ids": pool["clip_ids"], "keys": keys, "values": values})[0])
-        cos.append(_cosine(*outs))
-    return Check("pipeline", "", "visual_tokens cosine (vision+pool, min)", min(cos) if cos else 1.0, None, len(cos))
+    n = len(prefills)
+    checks = [Check("pipeline", "", "visual_tokens cosine (vision+pool, min)", min(cos), None, n)] if pooled and cos else []
+    checks.append(Check("pipeline", "", f"greedy {tokens} tokens: prefix agreement (mean)", float(np.mean(prefix)) if prefix else 1.0, th.greedy, n))
+    checks.append(Check("pipeline", "", f"greedy {tokens} tokens: exact sequences", exact / max(n, 1), None, n))
+    return checks
 
 
 def evaluate_accuracy(
@@ -507,14 +512,11 @@ def evaluate_accuracy(
     for g in ("vision", "prompt_pool", "image_pool"):
         if precisions.get(g, "fp32") != "fp32":
             checks += _graph_checks(g, precisions[g], ref, qs, calib, thresholds)
-    if precisions.get("vision", "fp32") != "fp32" or precisions.get("prompt_pool", "fp32") != "fp32":
-        checks.append(_pipeline_tokens_check(ref, qs, calib))
+    if precisions.get("decoder", "fp32") != "fp32":
+        checks += _decoder_checks(precisions["decoder"], ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
     if any(p != "fp32" for p in precisions.values()):
-        dec, n = _decoder_checks(precisions.get("decoder", "fp32"), ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
-        if precisions.get("decoder", "fp32") == "fp32":
-            dec = [c for c in dec if c.graph == "pipeline"]  # decoder unchanged: only the end-to-end greedy
-        checks += dec
-        notes += n
+        pooled = precisions.get("vision", "fp32") != "fp32" or precisions.get("prompt_pool", "fp32") != "fp32"
+        checks += _pipeline_checks(ref, qs, calib, thresholds, greedy_tokens, pooled)
     return AccuracyReport(checks, calib.has_holdout(), thresholds, notes)
 
 

@@ -21,7 +21,10 @@ def generation_options(f):
         click.option("--sample", is_flag=True, help="Sample instead of greedy decoding."),
         click.option("--seed", type=int, default=None, help="Seed for --sample."),
         click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search (the authors' demo uses 5)."),
-        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True),
+        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (tensorrt = ORT's TensorRT EP)."),
+        click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ort: ONNX Runtime; trt: native TensorRT engines from `ppllava-edge build`."),
+        click.option("--engines", type=click.Path(path_type=Path), default=None, help="Engine folder for --backend trt (default: EXPORT/engines)."),
+        click.option("--cuda-graph", is_flag=True, help="With --backend trt: launch decode steps as CUDA graphs."),
         click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Also keep per-video features on disk here."),
     ]
@@ -45,11 +48,11 @@ def _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams):
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (text, ids, timings) instead of text.")
 @click.option("--dump", type=click.Path(path_type=Path), default=None, help="Write the intermediate arrays as .npy into this folder.")
-def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, threads, cache_dir, stream, as_json, dump):
+def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, stream, as_json, dump):
     """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime."""
     from ..runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir)
+    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
     gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     streamer = _Streamer(pipe) if stream and not as_json else None
     result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None)
@@ -93,11 +96,11 @@ class _Streamer:
 @frames_option()
 @generation_options
 @click.option("-q", "--question", "questions", multiple=True, help="Questions to ask in order (otherwise read lines from stdin).")
-def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, threads, cache_dir, questions):
+def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, questions):
     """Several questions on one video: the vision graph runs once, later questions hit the feature cache."""
     from ..runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir)
+    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
     gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     source = list(questions) if questions else (line.strip() for line in sys.stdin)
     for q in source:

@@ -77,32 +77,72 @@ class VideoInput:
 
 
 class Pipeline:
-    def __init__(self, manifest: ExportManifest, provider: str = "auto", threads: int | None = None, cache: FeatureCache | None = None, trt_cache_dir: Path | None = None):
+    def __init__(
+        self,
+        manifest: ExportManifest,
+        provider: str = "auto",
+        threads: int | None = None,
+        cache: FeatureCache | None = None,
+        trt_cache_dir: Path | None = None,
+        backend: str = "ort",
+        engines: str | Path | None = None,
+        cuda_graph: bool = False,
+    ):
         self.manifest = manifest
-        self.provider = resolve_provider(provider)
         m = manifest.model
         fp16 = manifest.data["dtype"] == "fp16"
         self.dtype = np.float16 if fp16 else np.float32
+        self.trt = None
+        if backend not in ("ort", "trt"):
+            raise InputError(f"--backend {backend!r}: choose ort (ONNX Runtime) or trt (native TensorRT engines)")
+        if backend == "trt":
+            from .trt_backend import open_engines  # lazy: needs tensorrt + cuda-python + a GPU
+
+            self.trt = open_engines(engines or manifest.folder / "engines", manifest, cuda_graph=cuda_graph)
+        self.provider = "tensorrt-native" if self.trt is not None else resolve_provider(provider)
+        ort_provider = "cpu" if self.trt is not None else self.provider
         trt_cache = trt_cache_dir or manifest.folder / "trt_cache"
-        self.sessions = {name: create_session(manifest.path(name), self.provider, threads, trt_cache, fp16) for name in manifest.data["graphs"]}
+        self.sessions = dict(self.trt.runners) if self.trt is not None else {}
+        for name in manifest.data["graphs"]:
+            if name not in self.sessions:
+                self.sessions[name] = create_session(manifest.path(name), ort_provider, threads, trt_cache, fp16)
         self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
         self.llama = LlamaPromptTokenizer.from_file(manifest.path("llama"), image_token_id=manifest.data["image_token_id"])
         self.clip = ClipTokenizer.from_file(manifest.path("clip"))
-        self.decoder = OrtKVDecoder(
-            self.sessions["decoder"], m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"],
-            dtype=self.dtype, io_binding=self.provider == "cpu",
-        )
+        if self.trt is not None:
+            self.decoder = self.trt.decoder
+        else:
+            self.decoder = OrtKVDecoder(
+                self.sessions["decoder"], m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"],
+                dtype=self.dtype, io_binding=self.provider == "cpu",
+            )
         self.cache = cache if cache is not None else FeatureCache()
         self.vision_runs = 0
         self.export_id = manifest.data.get("created", "") + manifest.data["checkpoint"]["sha256"]
 
+    def close(self) -> None:
+        if self.trt is not None:
+            self.trt.close()
+
     @classmethod
-    def from_export(cls, folder: str | Path, provider: str = "auto", threads: int | None = None, cache_dir: str | Path | None = None, cache_bytes: int = 2 << 30) -> Pipeline:
-        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir))
+    def from_export(
+        cls,
+        folder: str | Path,
+        provider: str = "auto",
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        cache_bytes: int = 2 << 30,
+        backend: str = "ort",
+        engines: str | Path | None = None,
+        cuda_graph: bool = False,
+    ) -> Pipeline:
+        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines, cuda_graph=cuda_graph)
 
     # ---- inputs -----------------------------------------------------------------------------
     def _check_frames(self, num_frames: int) -> None:
         fmin, _, fmax = self.manifest.frames
+        if self.trt is not None:  # engines may have been built for a narrower range
+            fmin, _, fmax = self.trt.metadata["limits"]["frames"]
         if not (max(fmin, 2) <= num_frames <= fmax):
             raise InputError(
                 f"--frames {num_frames} is outside this export's frame range {max(fmin, 2)}..{fmax}.\n"
