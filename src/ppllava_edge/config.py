@@ -9,12 +9,12 @@ filled with the defaults of transformers' `CLIPVisionConfig` / `LlamaConfig`, ex
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .jsonfile import read_json
 
 # Known config of the separate CLIP model named by `clip_weight` in the released checkpoints
 # (openai/clip-vit-large-patch14-336), kept here so no hub access is needed.
@@ -221,10 +221,7 @@ def resolve_clip_config(clip_weight: str, checkpoint_dir: Path | None) -> dict:
     for folder in candidates:
         cfg = folder / "config.json"
         if folder.is_dir() and cfg.is_file():
-            try:
-                return json.loads(cfg.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{cfg}: not valid JSON ({exc})") from exc
+            return read_json(cfg, "missing")
     if clip_weight in KNOWN_CLIP_CONFIGS:
         return KNOWN_CLIP_CONFIGS[clip_weight]
     raise ConfigError(
@@ -386,10 +383,5 @@ def load_config(checkpoint_dir: str | Path) -> PPLLaVAConfig:
     path = folder / "config.json"
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a checkpoint folder (no such directory).")
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing. A PPLLaVA checkpoint folder holds config.json, model.safetensors.index.json and the shards.")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    raw = read_json(path, "missing. A PPLLaVA checkpoint folder holds config.json, model.safetensors.index.json and the shards.")
     return config_from_dict(raw, folder)

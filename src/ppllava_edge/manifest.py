@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .jsonfile import read_json
 
 MANIFEST_NAME = "export.json"
+MANIFEST_FORMAT = "ppllava-edge-export"
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT: "
 GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head", "decoder")
 
@@ -48,14 +49,7 @@ def load_manifest(folder: str | Path) -> ExportManifest:
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such export folder.\nHint: create one with `ppllava-edge export CHECKPOINT {folder}`.")
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; {folder} is not an export folder.\nHint: create one with `ppllava-edge export CHECKPOINT OUT`.")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if data.get("format") != "ppllava-edge-export":
-        raise ConfigError(f"{path}: not a ppllava-edge export manifest (format={data.get('format')!r})")
+    data = read_json(path, f"missing; {folder} is not an export folder.\nHint: create one with `ppllava-edge export CHECKPOINT OUT`.", fmt=MANIFEST_FORMAT)
     manifest = ExportManifest(folder, data)
     missing = [str(manifest.path(n)) for n in (*data["graphs"], "embeddings", *data["tokenizers"]) if not manifest.path(n).is_file()]
     if missing:

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ConfigError, EngineBuildError
+from ..jsonfile import read_json
 
 ENGINES_JSON = "engines.json"
 FORMAT = "ppllava-edge-engines"
@@ -149,16 +150,7 @@ def load_metadata(folder: str | Path) -> dict:
     """Read `<folder>/engines.json` and check that every engine it names exists."""
     folder = Path(folder)
     path = folder / ENGINES_JSON
-    if not path.is_file():
-        raise ConfigError(
-            f"{path}: missing; {folder} is not an engine folder.\nHint: build one with `ppllava-edge build EXPORT --out {folder}`."
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a ppllava-edge engines file (format={meta.get('format')!r})")
+    meta = read_json(path, f"missing; {folder} is not an engine folder.\nHint: build one with `ppllava-edge build EXPORT --out {folder}`.", fmt=FORMAT)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ConfigError(f"{path}: format_version {meta['format_version']} is newer than this ppllava-edge understands ({FORMAT_VERSION})")
     missing = [e["file"] for e in meta.get("engines", {}).values() if not (folder / e["file"]).is_file()]
