@@ -195,11 +195,24 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
     if not backends and not baselines:
         raise InputError("nothing to run: give at least one --backend or --baseline")
     manifests = [load_manifest(e) for e in opts.exports]
-    if "trt" in backends and len(opts.engines) != len(manifests):
-        raise ConfigError(
-            f"--backend trt needs one --engines folder per EXPORT ({len(manifests)} export(s), {len(opts.engines)} --engines given).\n"
-            "Hint: build them with `ppllava-edge build EXPORT --out ENGINES` and pass --engines ENGINES."
-        )
+    engines: list[Path] = []
+    if "trt" in backends:
+        if opts.engines and len(opts.engines) != len(manifests):
+            raise ConfigError(
+                f"--backend trt takes one --engines folder per EXPORT ({len(manifests)} export(s), {len(opts.engines)} --engines given)."
+            )
+        engines = [Path(e) for e in opts.engines] or [m.folder / "engines" for m in manifests]
+        from ..engine.metadata import ENGINES_JSON
+
+        missing = [str(e) for e in engines if not (e / ENGINES_JSON).is_file()]
+        if missing:
+            raise ConfigError(
+                f"--backend trt: no TensorRT engine folder ({ENGINES_JSON}) at {', '.join(missing)}.\n"
+                "Hint: build one with `ppllava-edge build EXPORT --out EXPORT/engines` (the default place), or pass --engines DIR per EXPORT."
+            )
+        from ..engine.availability import require_tensorrt
+
+        require_tensorrt("--backend trt")
     if any(b in backends for b in ("ort", "trt")) or baselines:
         from ..runtime.session import resolve_provider
 
@@ -232,7 +245,7 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
             if b == "torch":
                 continue
             name = label if b == "ort" else f"{label} {b}"
-            specs.append(VariantSpec(name, "export", b, m, frames, engines=opts.engines[i] if b == "trt" else None, precision=precision_label(m)))
+            specs.append(VariantSpec(name, "export", b, m, frames, engines=engines[i] if b == "trt" else None, precision=precision_label(m)))
     for b in baselines:
         m = manifests[0]
         specs.append(VariantSpec(b, "baseline", "ort", m, [NOPOOL_FRAMES] if b == "nopool" else frames, baseline=b, precision=precision_label(m)))
@@ -362,16 +375,8 @@ class _PipelineRunner:
         from ..runtime.pipeline import Pipeline
 
         self.spec = spec
-        self.pipe = Pipeline(spec.manifest, provider=opts.provider, threads=opts.threads)
+        self.pipe = Pipeline(spec.manifest, provider=opts.provider, threads=opts.threads, backend="trt" if spec.backend == "trt" else "ort", engines=spec.engines)
         self.provider = self.pipe.provider
-        self.engines = None
-        if spec.backend == "trt":
-            from ..runtime.trt_backend import open_engines
-
-            self.engines = open_engines(spec.engines, spec.manifest)
-            self.pipe.sessions.update(self.engines.runners)
-            self.pipe.decoder = self.engines.decoder
-            self.provider = "tensorrt (native)"
         self.gen = _generation(opts.max_new_tokens)
         m = spec.manifest
         self.itemsize = np.dtype(self.pipe.dtype).itemsize
@@ -401,8 +406,8 @@ class _PipelineRunner:
         return RunRecord(stages, list(t.decode_steps), r.visual_tokens, r.context_len, len(r.ids), t.cache_hit)
 
     def close(self) -> None:
-        if self.engines is not None:
-            self.engines.close()
+        if self.pipe is not None:
+            self.pipe.close()
         self.pipe = None
 
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CalibrationError
+from ..jsonfile import read_json
 from .collect import GRAPHS, INDEX_FORMAT, INDEX_NAME
 
 _POOL_INPUTS = ("clip_ids", "keys", "values")
@@ -87,14 +87,8 @@ def load_calibration(folder: str | Path, manifest=None) -> CalibrationSet:
     """Read `<folder>/index.json`; with `manifest` (an ExportManifest), check CALIB was collected on that model."""
     folder = Path(folder)
     path = folder / INDEX_NAME
-    if not path.is_file():
-        raise CalibrationError(f"{path}: missing; {folder} is not a calibration folder.\nHint: create one with `ppllava-edge calibrate EXPORT --videos DIR --questions FILE.jsonl --out {folder}`.")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CalibrationError(f"{path}: not valid JSON ({exc})") from exc
-    if index.get("format") != INDEX_FORMAT:
-        raise CalibrationError(f"{path}: not a ppllava-edge calibration index (format={index.get('format')!r})")
+    hint = f"missing; {folder} is not a calibration folder.\nHint: create one with `ppllava-edge calibrate EXPORT --videos DIR --questions FILE.jsonl --out {folder}`."
+    index = read_json(path, hint, CalibrationError, fmt=INDEX_FORMAT)
     missing = sorted({r["file"] for g in GRAPHS for r in index["records"][g] if not (folder / r["file"]).is_file()})
     if missing:
         raise CalibrationError(f"{folder}: calibration files named by index.json are missing: {', '.join(missing[:10])}")

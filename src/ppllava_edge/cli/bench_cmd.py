@@ -62,7 +62,7 @@ class _Progress:
 @click.option("--threads", type=int, default=None, help="Intra-op threads (ONNX Runtime and torch; default: their own).")
 @click.option("--backend", "backends", default=None, metavar="LIST", help="ort, trt, torch (several compared side by side) [default: ort, plus trt with --engines].")
 @click.option("--baseline", "baselines", default=None, metavar="LIST", help="nopool (8 frames x all patch tokens), avgpool (frames averaged).")
-@click.option("--engines", multiple=True, type=click.Path(path_type=Path), help="TensorRT engine folder for --backend trt, one per EXPORT in order.")
+@click.option("--engines", multiple=True, type=click.Path(path_type=Path), help="TensorRT engine folder for --backend trt, one per EXPORT in order (default: EXPORT/engines).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None, help="Write one CSV row per variant and frames.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG (stacked stages per variant, latency vs frames).")
