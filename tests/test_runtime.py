@@ -190,3 +190,31 @@ def test_cli_trt_backend_without_tensorrt_says_how_to_install(tiny_export, sampl
     res = CliRunner().invoke(cli, ["ask", str(tiny_export), str(sample_video), "q", "--backend", "trt"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "pip install 'ppllava-edge[tensorrt]'" in res.output and "python3-libnvinfer" in res.output
+
+
+def test_feature_cache_is_bounded_in_bytes_and_lru():
+    from ppllava_edge.runtime.cache import FeatureCache
+
+    cache = FeatureCache(max_bytes=3 * 800)
+    item = (np.zeros(100, np.float32), np.zeros(100, np.float32))  # 800 bytes
+    for k in "abc":
+        cache.put(k, *item)
+    assert cache.get("a") is not None  # a becomes most recent
+    cache.put("d", *item)  # evicts b, the least recently used
+    assert cache.get("b") is None and cache.get("c") is not None and cache.get("d") is not None
+    assert cache.bytes <= 3 * 800 and len(cache) == 3
+
+
+def test_file_fingerprint_changes_with_content(tmp_path):
+    from ppllava_edge.runtime.cache import file_digest
+
+    big = tmp_path / "v.bin"
+    data = bytearray(np.random.default_rng(0).integers(0, 255, 5 << 20, dtype=np.uint8).tobytes())
+    big.write_bytes(data)
+    first = file_digest(big)
+    data[len(data) // 2 + 10] ^= 1  # inside the middle window
+    big.write_bytes(data)
+    assert file_digest(big) != first
+    data[len(data) // 2 + 10] ^= 1
+    big.write_bytes(data)
+    assert file_digest(big) == first
