@@ -29,6 +29,7 @@ class OrtKVDecoder:
         self._bufs: list[list[np.ndarray]] = [[], []]  # two sets of flat buffers
         self._cur = 0
         self._plain_past: list[np.ndarray] = []
+        self._logits: np.ndarray | None = None
         self.allocations = 0  # buffer (re)allocations, for tests and the bench
 
     # -- buffers ------------------------------------------------------------------------------
@@ -43,6 +44,13 @@ class OrtKVDecoder:
     def _view(self, which: int, i: int, batch: int, length: int) -> np.ndarray:
         n = batch * self.kv * length * self.hd
         return self._bufs[which][i][:n].reshape(batch, self.kv, length, self.hd)
+
+    def _logits_buffer(self, batch: int) -> np.ndarray:
+        if self._logits is None or self._logits.shape[0] < batch:
+            out = self.session.get_outputs()[0]
+            dtype = np.float16 if out.type == "tensor(float16)" else np.float32
+            self._logits = np.empty((max(batch, self._capacity), int(out.shape[-1])), dtype)
+        return self._logits[:batch]
 
     def past(self) -> list[np.ndarray]:
         """The current cache as arrays [B, KV, len, HD] (views; copy to keep)."""
@@ -79,17 +87,17 @@ class OrtKVDecoder:
         io.bind_cpu_input("inputs_embeds", embeds)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", pos)
-        io.bind_output("logits", "cpu")  # bound first: copy_outputs_to_cpu() follows binding order
+        logits = self._logits_buffer(b)
+        io.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         nxt = 1 - self._cur
         for i, (pn, qn) in enumerate(zip(self.past_names, self.present_names)):
             past = self._view(self._cur, i, b, self.length)
             io.bind_input(pn, "cpu", 0, self.dtype, past.shape, past.ctypes.data)
             present = self._view(nxt, i, b, total)
             io.bind_output(qn, "cpu", 0, self.dtype, present.shape, present.ctypes.data)
-        self.session.run_with_iobinding(io)
-        logits = io.copy_outputs_to_cpu()[0]
+        self.session.run_with_iobinding(io)  # writes logits and present.* in place: nothing is copied back
         self._cur, self.length = nxt, total
-        return np.asarray(logits, dtype=np.float32)
+        return logits.astype(np.float32)  # a copy: the buffer is reused next step
 
     def reorder(self, beam_idx: np.ndarray) -> None:
         beam_idx = np.asarray(beam_idx, dtype=np.int64)
