@@ -705,7 +705,11 @@ def write_test_video(
         if gop_size is not None:
             stream.codec_context.gop_size = int(gop_size)
         if stream.codec_context.name == "libx264":
-            stream.codec_context.options = {"crf": "18"}
+            # mbtree=0: with x264's macroblock-tree rate control (asm path) the bundled libx264 is not
+            # reproducible within a process (the same frames encode differently after unrelated work such as a
+            # torch export); the decoded pixels then differ by up to ~30/255 between runs and every
+            # calibration / accuracy number downstream drifts. Without mbtree the output is bit-identical.
+            stream.codec_context.options = {"crf": "18", "x264-params": "mbtree=0"}
         else:
             stream.codec_context.bit_rate = max(2_000_000, w * h * fps // 2)
         for i in range(num_frames):
