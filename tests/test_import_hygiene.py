@@ -1,0 +1,30 @@
+"""Importing a package area must not pull in heavy or optional dependencies (checked in a fresh interpreter)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CASES = {
+    "runtime generation": (["ppllava_edge.runtime.generation"], ["torch", "transformers"]),
+    "media": (["ppllava_edge.media"], ["torch", "av", "onnxruntime"]),
+    "bench": (
+        ["ppllava_edge.bench.runner", "ppllava_edge.bench.report", "ppllava_edge.bench.hardware", "ppllava_edge.bench.stats", "ppllava_edge.cli.bench_cmd"],
+        ["torch", "onnxruntime", "tensorrt", "matplotlib"],
+    ),
+    "engine + cli": (
+        ["ppllava_edge.cli.main", "ppllava_edge.engine.builder", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.runtime.cuda"],
+        ["tensorrt", "cuda", "torch", "onnx"],
+    ),
+}
+
+
+@pytest.mark.parametrize("area", list(CASES))
+def test_import_does_not_load_heavy_modules(area):
+    modules, banned = CASES[area]
+    code = f"import sys, {', '.join(modules)}\nprint(sorted(m for m in {banned!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"{area} imports {out.stdout.strip()}"
