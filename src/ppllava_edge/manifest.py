@@ -12,6 +12,9 @@ MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "ppllava-edge-export"
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT: "
 GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head", "decoder")
+# Stages of an answer; `export.json` maps each (backend, stage) to one of its graphs (see ExportManifest.graph_for).
+STAGES = GRAPHS
+BACKENDS = ("ort", "trt")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,24 @@ class ExportManifest:
 
     def graph(self, name: str) -> dict:
         return self.data["graphs"][name]
+
+    def graph_for(self, stage: str, backend: str = "ort") -> str:
+        """The graph (a key of `graphs`) that `backend` ('ort' or 'trt') runs for `stage`.
+
+        An export may hold two graphs for one stage: a fused one for ONNX Runtime (com.microsoft contrib ops such
+        as GroupQueryAttention) and one of standard ONNX ops that TensorRT's parser takes. `export.json` records
+        the choice under `backends`; exports without that entry use the stage's own graph for every backend.
+        """
+        return self.data.get("backends", {}).get(backend, {}).get(stage, stage)
+
+    def backend_graphs(self, backend: str = "ort") -> dict[str, str]:
+        """stage -> graph for every stage this export has, as `backend` runs them."""
+        out = {}
+        for stage in STAGES:
+            graph = self.graph_for(stage, backend)
+            if graph in self.data["graphs"]:
+                out[stage] = graph
+        return out
 
     @property
     def model(self) -> dict:

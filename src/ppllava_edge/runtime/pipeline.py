@@ -103,9 +103,10 @@ class Pipeline:
         ort_provider = "cpu" if self.trt is not None else self.provider
         trt_cache = trt_cache_dir or manifest.folder / "trt_cache"
         self.sessions = dict(self.trt.runners) if self.trt is not None else {}
-        for name in manifest.data["graphs"]:
-            if name not in self.sessions:
-                self.sessions[name] = create_session(manifest.path(name), ort_provider, threads, trt_cache, fp16)
+        # sessions are keyed by stage; export.json says which graph ONNX Runtime runs for each stage
+        for stage, graph in manifest.backend_graphs("ort").items():
+            if stage not in self.sessions:
+                self.sessions[stage] = create_session(manifest.path(graph), ort_provider, threads, trt_cache, fp16)
         self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
         self.llama = LlamaPromptTokenizer.from_file(manifest.path("llama"), image_token_id=manifest.data["image_token_id"])
         self.clip = ClipTokenizer.from_file(manifest.path("clip"))
