@@ -201,7 +201,7 @@ def _init_rule(name: str, shape: tuple[int, ...], init_std: dict | str) -> tuple
 def _normal_chunks(shape: tuple[int, ...], gen: torch.Generator, scale: float, shift: float, chunk: int | None) -> Iterator[torch.Tensor]:
     """N(shift, scale) fp32 values of `shape`: one tensor (chunk=None), or row blocks of at most `chunk` elements."""
     rows, row = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
-    step = rows if chunk is None or not shape else max(1, chunk // max(row, 1))
+    step = max(1, rows if chunk is None or not shape else chunk // max(row, 1))
     for start in range(0, max(rows, 1), step):
         t = torch.randn((min(step, rows - start), *shape[1:]) if shape else shape, generator=gen)
         t = t.mul_(scale)
