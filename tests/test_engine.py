@@ -100,9 +100,12 @@ SMALL = make_manifest()
 
 
 def fake_export(tmp_path: Path, data: dict) -> ExportManifest:
+    """An export folder `load_manifest` accepts, with placeholder files (nothing in it can run)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    for spec in data["graphs"].values():
-        (tmp_path / spec["file"]).write_bytes(b"onnx")
+    data.setdefault("embeddings", {"file": "embed_tokens.npy"})
+    data.setdefault("tokenizers", {"llama": "llama_tokenizer.json", "clip": "clip_tokenizer.json"})
+    for name in (*(spec["file"] for spec in data["graphs"].values()), data["embeddings"]["file"], *data["tokenizers"].values()):
+        (tmp_path / name).write_bytes(b"onnx")
     (tmp_path / "export.json").write_text(json.dumps(data))
     return ExportManifest(tmp_path, data)
 

@@ -459,29 +459,32 @@ def _add_profiles(builder, config, plan: EnginePlan) -> None:
 
 
 def _attach_timing_cache(config, data: bytes, path: Path | None):
-    """The timing cache the build uses, from `data` when TensorRT accepts it, else a fresh one (with a warning);
-    None when TensorRT cannot make one at all (the build then runs without). Keep it alive until the build ends."""
+    """(timing cache for this build, the bytes it came from or b"") from `data` when TensorRT accepts it, else a fresh
+    one (with a warning); (None, b"") when TensorRT cannot make one at all: the build then runs without, and later
+    engines do not try again. Keep the cache alive until the build ends."""
     cache = config.create_timing_cache(data) if data else None  # nullptr (None) for data TensorRT cannot read
     if data and cache is None:
-        log.warning("timing cache %s is unreadable (corrupt, or from another TensorRT version): starting a new one; the file is rewritten after this engine", path)
+        log.warning("timing cache %s is unreadable (corrupt, or from another TensorRT version): starting a new one, saved after this engine", path)
     if cache is not None and not config.set_timing_cache(cache, False):
-        log.warning("TensorRT refused timing cache %s (made on another GPU or TensorRT version): starting a new one; the file is rewritten after this engine", path)
+        log.warning("TensorRT refused timing cache %s (made on another GPU or TensorRT version): starting a new one, saved after this engine", path)
         cache = None
-    if cache is None:
-        cache = config.create_timing_cache(b"")
-        if cache is None or not config.set_timing_cache(cache, False):
-            log.warning("TensorRT could not create an empty timing cache: building without one")
-            return None
-    return cache
+    if cache is not None:
+        return cache, data
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        log.warning("TensorRT could not create an empty timing cache: building without a timing cache")
+        return None, b""
+    return cache, b""
 
 
-def _timing_cache_bytes(config, previous: bytes) -> bytes:
-    """The build's timing cache, serialized; `previous` when TensorRT has none to give (get_timing_cache may be None)."""
+def _timing_cache_bytes(config) -> bytes | None:
+    """The build's timing cache, serialized; None (with a warning) when TensorRT has none to give (getTimingCache may
+    return null): later engines then build without one."""
     cache = config.get_timing_cache()
     memory = cache.serialize() if cache is not None else None
     if memory is None:
-        log.warning("TensorRT returned no timing cache after the build: keeping the previous one")
-        return previous
+        log.warning("TensorRT returned no timing cache after the build: building the remaining engines without one")
+        return None
     return bytes(memoryview(memory))
 
 
@@ -492,8 +495,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _config(trt, builder, plan: EnginePlan, opts: BuildOptions, cache_bytes: bytes):
-    """(builder config, calibrator or None, timing cache or None); keep the last two alive until the build is done."""
+def _config(trt, builder, plan: EnginePlan, opts: BuildOptions):
+    """(builder config, calibrator or None); keep the calibrator alive until the build is done."""
     config = builder.create_builder_config()
     if config is None:
         raise EngineBuildError(f"{plan.graph}: TensorRT could not create a builder config (see the TensorRT log above)")
@@ -508,7 +511,6 @@ def _config(trt, builder, plan: EnginePlan, opts: BuildOptions, cache_bytes: byt
         config.set_flag(trt.BuilderFlag.INT8)
         calibrator = _cache_calibrator(trt, Path(plan.calibration_cache).read_bytes(), plan.calibration_algorithm or "EntropyCalibration2")
         config.int8_calibrator = calibrator
-    timing_cache = _attach_timing_cache(config, cache_bytes, opts.timing_cache)
     if plan.dla_core is not None:
         if builder.num_DLA_cores <= plan.dla_core:
             raise EngineBuildError(
@@ -521,7 +523,7 @@ def _config(trt, builder, plan: EnginePlan, opts: BuildOptions, cache_bytes: byt
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # full layer information for engines.json
     if plan.symbolic:
         _add_profiles(builder, config, plan)
-    return config, calibrator, timing_cache
+    return config, calibrator
 
 
 def _cache_calibrator(trt, cache: bytes, algorithm: str):
@@ -676,6 +678,7 @@ def build_engines(
     if opts.timing_cache is not None and Path(opts.timing_cache).is_file():
         cache_bytes = Path(opts.timing_cache).read_bytes()
         log.info("loaded timing cache %s (%d bytes)", opts.timing_cache, len(cache_bytes))
+    saved, use_timing_cache = cache_bytes, True
 
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -695,8 +698,12 @@ def build_engines(
             if calib is not None:  # read from the copy being built (out_dir does not exist until the end)
                 plan.calibration_cache = tmp / Path(calib).name
                 _check_calibration(trt, network, plan)
-            config, calibrator, _timing = _config(trt, builder, plan, opts, cache_bytes)
+            config, calibrator = _config(trt, builder, plan, opts)
             plan.calibration_cache = calib
+            timing = None
+            if use_timing_cache:
+                timing, cache_bytes = _attach_timing_cache(config, cache_bytes, opts.timing_cache)
+                use_timing_cache = timing is not None
             placement = _dla_placement(network, config, plan) if plan.dla_core is not None else None
             serialized = builder.build_serialized_network(network, config)
             if calibrator is not None and calibrator.asked_for_data:
@@ -718,9 +725,13 @@ def build_engines(
                 if info is not None:
                     (tmp / layer_info_name(plan.graph)).write_text(info)
                     placement["layer_info"] = layer_info_name(plan.graph)
-            cache_bytes = _timing_cache_bytes(config, cache_bytes)
-            if opts.timing_cache is not None and cache_bytes:  # saved after every engine so an interrupted build keeps its timings
+            if timing is not None:
+                built_cache = _timing_cache_bytes(config)
+                use_timing_cache = built_cache is not None
+                cache_bytes = built_cache or cache_bytes
+            if opts.timing_cache is not None and cache_bytes and cache_bytes != saved:  # after every engine: an interrupted build keeps its timings
                 _write_atomic(Path(opts.timing_cache), cache_bytes)
+                saved = cache_bytes
             seconds = time.perf_counter() - t0
             spec = manifest.graph(plan.source)
             built = BuiltEngine(plan, out_dir / plan.engine_file, path.stat().st_size, seconds, trtexec_command(plan, out_dir, opts, trt.__version__))
@@ -741,7 +752,7 @@ def build_engines(
                 inputs=spec["inputs"],
                 outputs=spec["outputs"],
             )
-            del network, config, calibrator, _timing
+            del network, config, calibrator, timing
         result.seconds = time.perf_counter() - start
         meta["build_seconds"] = round(result.seconds, 3)
         write_metadata(tmp, meta)
