@@ -375,6 +375,9 @@ def test_cuda_graph_is_refused_before_tensorrt_is_needed(monkeypatch, tmp_path):
 
 
 def test_cli_cuda_graph_is_one_clear_error(tiny_export, tmp_path):
-    res = CliRunner().invoke(cli, ["ask", str(tiny_export), str(tmp_path / "clip.mp4"), "what?", "--backend", "trt", "--cuda-graph"])
-    assert res.exit_code == 1 and "Traceback" not in res.output
-    assert res.output.startswith("error: --cuda-graph is not supported by the TensorRT decoder") and "Hint: drop --cuda-graph" in res.output
+    for args in (["ask", str(tiny_export), str(tmp_path / "clip.mp4"), "what?", "--backend", "trt", "--cuda-graph"],
+                 ["ask", str(tiny_export), str(tmp_path / "clip.mp4"), "what?", "--cuda-graph"],  # not silently ignored with ort either
+                 ["engines", str(tmp_path / "engines"), "--load", "--cuda-graph"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1 and "Traceback" not in res.output, args
+        assert res.output.startswith("error: --cuda-graph is not supported by the TensorRT decoder") and "Hint: drop --cuda-graph" in res.output

@@ -111,7 +111,9 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
     from ..engine.metadata import check_compatible, load_metadata, sm_of
     from ..engine.profiles import format_symbols
     from ..errors import EngineBuildError
+    from ..runtime.trt_backend import check_cuda_graph
 
+    check_cuda_graph(cuda_graph)
     meta = load_metadata(engines_dir)
     gpu = meta.get("gpu", {})
     rows = [[g, e["file"], e["precision"], e["device"], "\n".join(f"{p['name']}: {format_symbols({k: tuple(v) for k, v in p.get('dims', {}).items()})}" for p in e["profiles"]),
