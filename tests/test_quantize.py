@@ -299,3 +299,31 @@ def test_bad_inputs(tiny_export, videos, questions, tmp_path):
     assert r.exit_code == 1 and "no_such_node" in r.stderr and not (tmp_path / "q").exists()
     with pytest.raises(CalibrationError, match="on_bad_video"):
         collect_calibration(tiny_export, videos, questions, out, on_bad_video="ignore")
+
+
+@pytest.mark.parametrize("bits, block", [(4, 32), (8, 32), (4, 16)])
+def test_streamed_weight_only_equals_onnxruntime_quantizer(tiny_export, tmp_path, bits, block):
+    """The per-initializer MatMulNBits quantizer (memory-mapped reads, one weight at a time) writes the same nodes
+    and the same packed bytes / scales as ONNX Runtime's own MatMulNBitsQuantizer on the whole graph."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from ppllava_edge.calibration.quantize import _quantize_nbits
+    from ppllava_edge.external_data import read_initializer
+
+    src = tiny_export / "decoder.onnx"
+    dst = tmp_path / "d.onnx"
+    info = _quantize_nbits(src, dst, bits, block, [])
+    ref = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",))
+    ref.process()
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in ref.model.model.graph.initializer}
+    got_model = onnx.load(str(dst), load_external_data=False)
+    got = {t.name: np.asarray(read_initializer(t, tmp_path)) for t in got_model.graph.initializer}
+    assert set(got) == set(want) and info["nodes_quantized"] == 9
+    for name, arr in want.items():
+        assert got[name].shape == arr.shape and got[name].dtype == arr.dtype and np.array_equal(got[name], arr), name
+
+    def nodes(m):
+        return [(n.op_type, list(n.input), {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}) for n in m.graph.node]
+
+    assert nodes(got_model) == nodes(ref.model.model)

@@ -61,6 +61,7 @@ import numpy as np
 
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, CalibrationError, InputError
+from ..external_data import ExternalData, external_files, read_initializer
 from ..manifest import MANIFEST_NAME, load_manifest
 from ..runtime.decoder import adapt_feed
 from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
@@ -352,19 +353,71 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
 
 
 def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str]) -> dict:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """Weight-only MatMulNBits, one initializer at a time (peak memory: one weight in fp32 + its packed form).
 
-    model = onnx.load(str(src))
-    names = {n.name for n in model.graph.node}
-    with _quiet():
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                 nodes_to_exclude=[e for e in excludes if e in names], op_types_to_quantize=("MatMul",))
-        q.process()
-        q.model.save_model_to_file(str(dst), False)
-    n = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(dst)).graph.node)
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4)",
-            "nodes_quantized": n, "unknown_excludes": [e for e in excludes if e not in names]}
+    Every MatMul whose B is a 2-D initializer becomes MatMulNBits (symmetric, blocks of `block_size` along K,
+    accuracy_level 4) with the same kernels ONNX Runtime's MatMulNBitsQuantizer calls (quantize_matmul_4bits /
+    _8bits), so the packed bytes are identical to it; weights are read memory-mapped from the source's external
+    data and written to `dst.data` as they are produced, so a 7B decoder quantizes in a few GB.
+    """
+    import onnx
+    from onnx import helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    names = {n.name for n in graph.node}
+    skip = set(excludes)
+    inits = {t.name: t for t in graph.initializer}
+
+    def quantizable(nd) -> bool:
+        return nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in inits and len(inits[nd.input[1]].dims) == 2
+
+    targets = {nd.input[1] for nd in graph.node if quantizable(nd)}
+    # initializers some other consumer still reads in float (kept beside their quantized form)
+    keep_float = {i for nd in graph.node for j, i in enumerate(nd.input) if not (quantizable(nd) and j == 1)}
+    keep_float |= {o.name for o in graph.output}
+    data_name = dst.name + ".data"
+    new_inits, new_nodes, count = [], [], 0
+    with ExternalData(dst.parent / data_name) as out:
+        quantized: dict[str, tuple[str, str, int, int]] = {}
+        for t in graph.initializer:
+            arr = read_initializer(t, src.parent)
+            if t.name in targets:
+                w = np.asarray(arr, dtype=np.float32)
+                k, n = w.shape
+                k_blocks = (k + block_size - 1) // block_size
+                blob = block_size * bits // 8
+                packed = np.zeros((n, k_blocks, blob), dtype=np.uint8)
+                scales = np.zeros((n, k_blocks), dtype=np.float32)
+                zero_points = np.zeros((n, (k_blocks * bits + 7) // 8), dtype=np.uint8)
+                if k_blocks * block_size != k:
+                    w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
+                (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, True)
+                new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
+                new_inits.append(out.add(f"{t.name}_scales", scales.astype(arr.dtype)))
+                quantized[t.name] = (f"{t.name}_Q{bits}", f"{t.name}_scales", k, n)
+                del w, packed
+                if t.name not in keep_float:
+                    continue
+            new_inits.append(out.add(t.name, np.asarray(arr)))
+        for nd in graph.node:
+            if nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in quantized:
+                qb, sc, k, n = quantized[nd.input[1]]
+                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc], list(nd.output), name=f"{nd.name}_Q{bits}",
+                                                  domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4))
+                count += 1
+            else:
+                new_nodes.append(nd)
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save_model(model, str(dst))
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4; streamed per initializer)",
+            "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
 
 
 def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
@@ -685,8 +738,7 @@ def copy_graph(src: Path, dst: Path) -> None:
     import onnx
 
     shutil.copyfile(src, dst)
-    model = onnx.load(str(src), load_external_data=False)
-    for location in sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}):
+    for location in external_files(onnx.load(str(src), load_external_data=False)):
         shutil.copyfile(src.parent / location, dst.parent / location)
 
 

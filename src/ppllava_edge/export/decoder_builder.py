@@ -29,7 +29,6 @@ a machine with far less memory than its fp32 weights). Written with the `onnx` h
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,9 @@ from typing import Protocol
 import numpy as np
 
 from ..config import LlamaTextConfig
+from ..external_data import ExternalData
 
 PREFIX = "language_model."
-ALIGN = 1 << 16  # external-data offsets of tensors >= ALIGN_THRESHOLD are aligned (memory-mappable on every OS)
-ALIGN_THRESHOLD = 1 << 20
 CONTRACT = "gqa-inplace-v1"
 
 
@@ -79,43 +77,6 @@ def past_names(num_layers: int) -> list[str]:
 
 def present_names(num_layers: int) -> list[str]:
     return [n.replace("past.", "present.") for n in past_names(num_layers)]
-
-
-class ExternalData:
-    """Appends tensors to one external-data file and returns TensorProtos that point into it."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._f = open(self.path, "wb")
-        self.offset = 0
-        self.bytes_written = 0
-
-    def add(self, name: str, array: np.ndarray):
-        import onnx
-
-        array = np.ascontiguousarray(array)
-        nbytes = array.nbytes
-        if nbytes >= ALIGN_THRESHOLD and self.offset % ALIGN:
-            pad = ALIGN - self.offset % ALIGN
-            self._f.write(b"\0" * pad)
-            self.offset += pad
-        tensor = onnx.TensorProto()
-        tensor.name = name
-        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-        tensor.dims.extend(array.shape)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        self._f.write(array.tobytes())
-        self.offset += nbytes
-        self.bytes_written += nbytes
-        return tensor
-
-    def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
 
 
 def build_decoder(
