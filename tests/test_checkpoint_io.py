@@ -206,6 +206,20 @@ def test_load_weights_materialises_one_submodule_of_the_skeleton(tiny_ckpt, tiny
     assert torch.equal(model.vision_tower(pixels), tiny_model.vision_tower(pixels))
 
 
+def test_single_file_checkpoint_loads_like_the_sharded_one(tiny_ckpt, tiny_model, tmp_path):
+    import shutil
+
+    from ppllava_edge.model.checkpoint import load_model
+
+    ck = tmp_path / "single"
+    shutil.copytree(tiny_ckpt, ck)
+    save_file(read_state_dict(tiny_ckpt, torch.bfloat16), str(ck / "model.safetensors"))
+    for f in ["model.safetensors.index.json"] + [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]:
+        (ck / f).unlink()
+    state = load_model(ck).state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in tiny_model.state_dict().items())
+
+
 def test_load_weights_lists_missing_tensors_under_its_prefix(tiny_ckpt, tmp_path):
     import shutil
 
