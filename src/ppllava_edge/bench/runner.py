@@ -27,7 +27,6 @@ import logging
 import os
 import resource
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..manifest import ExportManifest, load_manifest
+from ..memory import MemorySampler
 from . import hardware
 from .stats import mean_std, summarize
 
@@ -276,63 +276,6 @@ def _device_used_bytes() -> int | None:
         return int(total - free)
     except Exception:
         return None
-
-
-class MemorySampler:
-    """Peak process RSS (psutil, sampled every `interval` s on a background thread) and, with a GPU, peak device
-    memory in use (cudaMemGetInfo, the whole device). The thread holds the GIL for a few microseconds per sample."""
-
-    def __init__(self, interval: float = 0.01, device: bool = False):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.device = device and _device_used_bytes() is not None
-        self.peak_rss = 0
-        self.peak_device: int | None = None
-        self.device_base: int | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="bench-memory", daemon=True)
-
-    def rss(self) -> int:
-        return int(self.proc.memory_info().rss)
-
-    def _sample(self) -> None:
-        rss = self.rss()
-        dev = _device_used_bytes() if self.device else None
-        with self._lock:
-            self.peak_rss = max(self.peak_rss, rss)
-            if dev is not None:
-                self.peak_device = dev if self.peak_device is None else max(self.peak_device, dev)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def start(self) -> MemorySampler:
-        self.reset()
-        self._thread.start()
-        return self
-
-    def reset(self) -> int:
-        """Start a new peak; returns the current RSS."""
-        rss = self.rss()
-        with self._lock:
-            self.peak_rss = rss
-            self.device_base = _device_used_bytes() if self.device else None
-            self.peak_device = self.device_base
-        return rss
-
-    def peaks(self) -> tuple[int, int | None]:
-        self._sample()
-        with self._lock:
-            return self.peak_rss, self.peak_device
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
@@ -728,7 +671,7 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
             hw = {"memory_bandwidth_gbs": bw["gbs"], "gemm_gflops": mm["gflops"], "bandwidth_probe": bw, "gemm_probe": mm}
 
         gpu = provider in ("cuda", "tensorrt") or any(s.backend == "trt" for s in specs)
-        sampler = MemorySampler(device=gpu).start()
+        sampler = MemorySampler(device_fn=_device_used_bytes if gpu else None).start()
         entries: list[dict] = []
         questions = QUESTIONS[: opts.questions]
         try:
