@@ -23,12 +23,21 @@ class ExportManifest:
     data: dict
 
     def path(self, name: str) -> Path:
-        """File of a graph ('vision', ...) or an entry of `embeddings` / `tokenizers`."""
+        """File of a graph ('vision', ...), of `embeddings`, of `image_newline` or an entry of `tokenizers`."""
         if name in self.data["graphs"]:
             return self.folder / self.data["graphs"][name]["file"]
         if name == "embeddings":
             return self.folder / self.data["embeddings"]["file"]
+        if name == "image_newline":
+            return self.folder / self.data["image"]["newline"]["file"]
         return self.folder / self.data["tokenizers"][name]
+
+    def data_files(self) -> list[Path]:
+        """The files besides the graphs that the runtime reads: embedding table, tokenizers, image newline row."""
+        names = ["embeddings", *self.data["tokenizers"]]
+        if (self.data.get("image") or {}).get("newline"):
+            names.append("image_newline")
+        return [self.path(n) for n in names]
 
     def graph(self, name: str) -> dict:
         return self.data["graphs"][name]
@@ -72,7 +81,8 @@ def load_manifest(folder: str | Path) -> ExportManifest:
         raise ConfigError(f"{folder}: no such export folder.\nHint: create one with `ppllava-edge export CHECKPOINT {folder}`.")
     data = read_json(path, f"missing; {folder} is not an export folder.\nHint: create one with `ppllava-edge export CHECKPOINT OUT`.", fmt=MANIFEST_FORMAT)
     manifest = ExportManifest(folder, data)
-    missing = [str(manifest.path(n)) for n in (*data["graphs"], "embeddings", *data["tokenizers"]) if not manifest.path(n).is_file()]
+    files = [manifest.path(n) for n in data["graphs"]] + manifest.data_files()
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise ConfigError(f"{path}: files named by the manifest are missing: {', '.join(missing)}")
     return manifest
