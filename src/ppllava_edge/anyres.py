@@ -31,6 +31,12 @@ LLAVA_NEXT_PINPOINTS: tuple[Size, ...] = ((336, 672), (672, 336), (672, 672), (1
 """`image_grid_pinpoints` of the released config (and LlavaNextConfig's default), for 336-px tiles."""
 
 
+def default_pinpoints(tile: int) -> tuple[Size, ...]:
+    """LLaVA-NeXT's tile grids (1x2, 2x1, 2x2, 3x1, 1x3) at a tile size: the released pinpoints for 336-px tiles, used
+    when a config.json has no `image_grid_pinpoints` (and by the small-tile presets)."""
+    return tuple((h // 336 * tile, w // 336 * tile) for h, w in LLAVA_NEXT_PINPOINTS)
+
+
 def check_pinpoints(pinpoints: Sequence[Sequence[int]], tile: int, where: str = "image_grid_pinpoints") -> tuple[Size, ...]:
     """[[h, w], ...] as a tuple of (h, w); every side a positive multiple of the tile size.
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
+from .anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, default_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
 from .errors import ConfigError
 from .jsonfile import read_json
 
@@ -391,7 +391,7 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
         use_image_newline_parameter=bool(raw.get("use_image_newline_parameter", True)),
         torch_dtype=str(raw.get("torch_dtype", "float32")),
-        image_grid_pinpoints=check_pinpoints(raw.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS, vision.image_size, "config.json: image_grid_pinpoints"),
+        image_grid_pinpoints=check_pinpoints(raw.get("image_grid_pinpoints") or default_pinpoints(vision.image_size), vision.image_size, "config.json: image_grid_pinpoints"),
         raw=raw,
     )
 

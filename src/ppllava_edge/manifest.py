@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .anyres import ImageLayout, image_layout, single_tile_layout
 from .errors import ConfigError
 from .jsonfile import read_json
 
@@ -68,6 +69,24 @@ class ExportManifest:
     def frames(self) -> tuple[int, int, int]:
         f = self.data["frames"]
         return f["min"], f["opt"], f["max"]
+
+    def image_layout(self, image_size: tuple[int, int] | None) -> ImageLayout:
+        """Token layout of an image of (H, W) pixels under this export's anyres rules (`image` in export.json);
+        None: a lone tile (g*g tokens + one newline).
+
+        Raises:
+            ConfigError: the export predates image tiles (no `image` entry).
+        """
+        rules = self.data.get("image")
+        if rules is None:
+            raise ConfigError(
+                f"{self.folder}: this export predates image tiles (no 'image' entry in export.json), so it cannot answer "
+                "about images the way the released model does.\nHint: re-export the checkpoint with `ppllava-edge export`."
+            )
+        args = (rules["tile_size"], rules["pooled_grid"], rules["newline"] is not None)
+        if image_size is None:
+            return single_tile_layout(*args)
+        return image_layout(image_size, rules["grid_pinpoints"], *args)
 
     def visual_tokens(self, num_frames: int) -> int:
         return (num_frames // self.data["pooling"]["kernel"][0]) * self.data["visual_tokens_per_frame_pair"]

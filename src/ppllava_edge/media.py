@@ -605,9 +605,9 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = IMAGE_DECODE_PIXE
         if w * h > max_pixels and img.format == "JPEG":
             scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), 8)
             img.draft("RGB", (-(-w // scale), -(-h // scale)))
-        img.load()
-        upright = ImageOps.exif_transpose(img)  # a new image (the opened one dies with the file)
-        rgb = upright if upright.mode == "RGB" else upright.convert("RGB")
+        img.load()  # leaving the `with` closes the file only; the decoded pixels stay
+        ImageOps.exif_transpose(img, in_place=True)  # no copy unless the photo really is rotated
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
     return rgb, shown
 
 

@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..anyres import ImageLayout, assemble_tokens, image_layout, single_tile_layout
-from ..errors import ConfigError, InputError
+from ..anyres import ImageLayout, assemble_tokens
+from ..errors import InputError
 from ..manifest import ExportManifest, load_manifest
 from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer
@@ -200,26 +200,15 @@ class Pipeline:
         return values, keys, VideoInput(key, actual_kind, px)
 
     # ---- images (LLaVA-NeXT anyres, see anyres.py) -------------------------------------------
-    def _image_rules(self) -> dict:
-        if self.image_spec is None:
-            raise ConfigError(
-                f"{self.manifest.folder}: this export predates image tiles (no 'image' entry in export.json), so it cannot "
-                "answer about images the way the released model does.\nHint: re-export the checkpoint with `ppllava-edge export`."
-            )
-        return self.image_spec
-
     def image_layout(self, path: str | Path | None) -> ImageLayout:
         """Token layout of an image file (from its header: EXIF-oriented size); None: a lone tile (a 1-row .npy)."""
-        r = self._image_rules()
-        args = (r["tile_size"], r["pooled_grid"], r["newline"] is not None)
-        if path is None:
-            return single_tile_layout(*args)
-        return image_layout(read_image_size(path), r["grid_pinpoints"], *args)
+        return self.manifest.image_layout(None if path is None else read_image_size(path))
 
     def image_features(self, path: str | Path, t: Timings, need_pixels: bool = False) -> tuple[np.ndarray, np.ndarray, VideoInput]:
         """(values, keys) of an image's anyres tiles, each run through the vision graph with T = 1; cached by the
         file's content like a video's features."""
-        r = self._image_rules()
+        self.manifest.image_layout(None)  # an export from before image tiles: a clear error
+        r = self.image_spec
         path = Path(path)
         key = content_key(file_digest(path), "anyres-image", self.export_id)
         hit = self.cache.get(key)
