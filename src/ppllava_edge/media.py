@@ -6,6 +6,9 @@ library, numpy and Pillow at module top; PyAV (`av`) is imported inside the func
 Sampling and preprocessing follow the authors' inference code (see ppllava-model.md §2):
 segment-centre frame indices, each frame squashed to S×S with bicubic resampling (no aspect ratio,
 no crop), then `x/255` and CLIP mean/std normalisation, giving float32 `[T, 3, S, S]`.
+
+Images take LLaVA-NeXT's anyres path instead (`read_image`, `preprocess_image`, `load_image_tiles`): the
+tiles of transformers' `LlavaNextImageProcessor` (geometry in anyres.py), `[tiles, 3, S, S]`.
 """
 
 from __future__ import annotations
@@ -733,7 +736,8 @@ def load_pixel_values(
     """Model-ready pixel values float32 `[T, 3, S, S]` from a video, an image or a `.npy` file.
 
     - video: `num_frames` frames at segment centres, preprocessed (T = num_frames).
-    - image: one frame, preprocessed (T = 1).
+    - image: one frame squashed like a video frame (T = 1; the authors' video processor on one image). The
+      model's image path is `load_image_tiles` (anyres tiles).
     - .npy: already preprocessed `[T, 3, S, S]` float32, returned as stored (T is not checked
       against `num_frames`; S must equal `image_size`).
 
