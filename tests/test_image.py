@@ -232,19 +232,6 @@ def test_relevance_is_one_softmax_over_all_tiles(tiny_model):
 
 
 # ---- the torch-free runtime == the PyTorch reference ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pipe(tiny_export):
-    return Pipeline.from_export(tiny_export, provider="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_ckpt):
-    pytest.importorskip("torch")
-    from ppllava_edge.model.generate import ReferenceModel
-
-    return ReferenceModel(tiny_ckpt)
-
-
 def _same_answer(pipe, reference, path, question="What is in the picture?"):
     want = reference.answer(path, question, max_new_tokens=10)
     got = pipe.ask(path, question, generation=GenerationConfig(max_new_tokens=10), keep_arrays=True)

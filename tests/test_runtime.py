@@ -19,19 +19,6 @@ from ppllava_edge.runtime.pipeline import Pipeline
 QUESTIONS = ["What is happening in the video?", "What colour is the square?", "Count the   objects, please."]
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_export):
-    return Pipeline.from_export(tiny_export, provider="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_ckpt):
-    pytest.importorskip("torch")
-    from ppllava_edge.model.generate import ReferenceModel
-
-    return ReferenceModel(tiny_ckpt)
-
-
 def test_runtime_is_torch_free_and_answers(tiny_export, sample_video):
     """Import the runtime where importing torch/transformers fails, and run a full answer."""
     code = textwrap.dedent(

@@ -605,7 +605,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = IMAGE_DECODE_PIXE
     with _image_errors(spath), Image.open(spath) as img:
         shown = _shown_size(img)
         w, h = img.size
-        if w * h > max_pixels and img.format == "JPEG":
+        if w * h > max_pixels:  # JPEG / MPO (phone photos) scale in the decoder; draft() is a no-op for other formats
             scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), 8)
             img.draft("RGB", (-(-w // scale), -(-h // scale)))
         img.load()  # leaving the `with` closes the file only; the decoded pixels stay
