@@ -20,7 +20,7 @@ from ..manifest import ExportManifest, load_manifest
 from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer
 from .cache import FeatureCache, content_key, file_digest
-from .decoder import OrtKVDecoder
+from .decoder import open_decoder
 from .generation import GenerationConfig, generate
 from .session import create_session, resolve_provider
 
@@ -114,10 +114,8 @@ class Pipeline:
         if self.trt is not None:
             self.decoder = self.trt.decoder
         else:
-            self.decoder = OrtKVDecoder(
-                self.sessions["decoder"], m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"],
-                dtype=self.dtype, io_binding=self.provider == "cpu",
-            )
+            entry = manifest.graph(manifest.graph_for("decoder", "ort"))
+            self.decoder = open_decoder(self.sessions["decoder"], entry, m, self.dtype, self.provider)
         self.cache = cache if cache is not None else FeatureCache()
         self.vision_runs = 0
         self.image_spec = manifest.data.get("image")  # anyres rules (None: an export from before image tiles)
