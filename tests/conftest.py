@@ -61,3 +61,20 @@ def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "tiny"
     export_checkpoint(tiny_ckpt, out, ExportOptions(frames=(2, 8, 16), tensorrt=True))
     return out
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_export):
+    """The torch-free runtime on the tiny export (one per test module)."""
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    return Pipeline.from_export(tiny_export, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    """The PyTorch reference (model + tokenizers) of the tiny checkpoint (one per test module)."""
+    pytest.importorskip("torch")
+    from ppllava_edge.model.generate import ReferenceModel
+
+    return ReferenceModel(tiny_ckpt)

@@ -14,7 +14,9 @@ out_console = Console(highlight=False, soft_wrap=True)
 
 
 class StageLog:
-    """Prints `[i] stage ... done in X s` lines; a spinner while a stage runs when stderr is a terminal."""
+    """Prints `stage ... done in X s` lines. While a stage runs: a spinner, or - once the stage reports its amount
+    of work through `progress(done, total)` - a progress bar with the time remaining (stderr is a terminal); in a
+    log (not a terminal) a line at every 10 % step."""
 
     def __init__(self, title: str):
         self.title = title
@@ -22,25 +24,63 @@ class StageLog:
         self.current: str | None = None
         self.t0 = self.start
         self.status = None
+        self.bar = None
+        self._task = None
+        self._logged = -1
+        self._first: tuple[float, float] | None = None
         self.done: list[tuple[str, float]] = []
 
     def __call__(self, stage: str) -> None:
         self._finish()
         self.current, self.t0 = stage, time.perf_counter()
+        self._logged, self._first = -1, None
         if sys.stderr.isatty():
             self.status = err_console.status(f"{self.title}: {stage} ...")
             self.status.start()
         else:
             err_console.print(f"{self.title}: {stage} ...")
 
-    def _finish(self) -> None:
+    def progress(self, done: float, total: float) -> None:
+        """`done` of `total` units of the current stage are finished."""
+        if total <= 0:
+            return
+        if not sys.stderr.isatty():
+            now = time.perf_counter()
+            if self._first is None:  # the rate is measured from the first report (set-up before it is not work)
+                self._first = (now, done)
+            tenth = int(10 * done / total)
+            if tenth > self._logged:
+                self._logged = tenth
+                since, worked = now - self._first[0], done - self._first[1]
+                left = f", ~{since * (total - done) / worked:.0f} s left" if worked > 0 else ""
+                err_console.print(f"  {self.current}: {100 * done / total:.0f} % ({now - self.t0:.0f} s{left})")
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+            self.bar = Progress(TextColumn(f"{self.title}: {self.current}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                                TimeRemainingColumn(), console=err_console, transient=True)
+            self.bar.start()
+            self._task = self.bar.add_task(self.current or "", total=total)
+        self.bar.update(self._task, completed=done, total=total)
+
+    def _finish(self, failed: bool = False) -> None:
         if self.status is not None:
             self.status.stop()
             self.status = None
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
         if self.current is not None:
             dt = time.perf_counter() - self.t0
-            self.done.append((self.current, dt))
-            err_console.print(f"  done {self.current} in {dt:.1f} s")
+            if failed:  # the error line that follows says why
+                err_console.print(f"  {self.current} stopped after {dt:.1f} s")
+            else:
+                self.done.append((self.current, dt))
+                err_console.print(f"  done {self.current} in {dt:.1f} s")
             self.current = None
 
     def close(self) -> float:
@@ -53,66 +93,11 @@ def stages(title: str):
     log = StageLog(title)
     try:
         yield log
+    except BaseException:
+        log._finish(failed=True)
+        raise
     finally:
-        if log.status is not None:
-            log.status.stop()
         log.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-class ProgressBar:
-    """A `progress(done, total)` callback: a rich bar with ETA on a terminal, else one line per 10 % with the ETA.
-
-    `nbytes=True` shows sizes and speed (done/total are byte counts). Use as a context manager (closes the bar).
-    """
-
-    def __init__(self, label: str, nbytes: bool = False):
-        self.label, self.nbytes = label, nbytes
-        self.first: tuple[float, int] | None = None  # (time, done) at the first call: the rate ignores start-up
-        self.bar = None
-        self.task = None
-        self.last_decile = -1
-
-    def _amount(self, n: float) -> str:
-        return f"{n / 1e9:.2f} GB" if self.nbytes and n >= 1e9 else f"{n / 1e6:.1f} MB" if self.nbytes else str(int(n))
-
-    def __call__(self, done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            if self.bar is None:
-                from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn
-
-                amount = [DownloadColumn(binary_units=False), TransferSpeedColumn()] if self.nbytes else [MofNCompleteColumn()]
-                self.bar = Progress(TextColumn(self.label), BarColumn(), *amount, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                    console=err_console, transient=False)
-                self.bar.start()
-                self.task = self.bar.add_task(self.label, total=total)
-            self.bar.update(self.task, completed=done, total=total)
-            return
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = (now, done)
-        decile = 10 * done // max(total, 1)
-        if decile == self.last_decile:
-            return
-        self.last_decile = decile
-        elapsed, since = now - self.first[0], done - self.first[1]
-        eta = f", ETA {_duration(elapsed * (total - done) / since)}" if since > 0 and done < total else ""
-        err_console.print(f"{self.label}: {100 * done // max(total, 1)}% ({self._amount(done)} of {self._amount(total)}), {_duration(elapsed)} elapsed{eta}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
 
 
 def table(title: str, header: list[str], rows: list[list[str]], right: set[int] | None = None) -> Table:

@@ -53,6 +53,7 @@ class _Progress:
 @click.argument("exports", metavar="EXPORT [EXPORT2 ...]", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--video", type=click.Path(path_type=Path), default=None, help="Video to sample frames from (the same for every variant).")
 @click.option("--synthetic", is_flag=True, help="Use a generated 640x360 clip (the default when --video is not given).")
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="Bench an image instead of a video (anyres tiles; reports its tiles and visual tokens).")
 @click.option("--frames", "frames", default=None, metavar="LIST", help="Even frame counts, e.g. 8,16,32,64 (default: those of 8,16,32,64 every export supports).")
 @click.option("--questions", type=int, default=2, show_default=True, help="Questions per iteration on the same video; questions 2.. hit the feature cache.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens every run generates (EOS ignored).")
@@ -70,9 +71,10 @@ class _Progress:
 @click.option("--no-hardware", is_flag=True, help="Skip the memory-bandwidth and GEMM probes (no efficiencies).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.pass_context
-def bench_command(ctx, exports, video, synthetic, frames, questions, max_new_tokens, warmup, iterations, provider, threads, backends, baselines, engines,
+def bench_command(ctx, exports, video, synthetic, image, frames, questions, max_new_tokens, warmup, iterations, provider, threads, backends, baselines, engines,
                   json_path, csv_path, plot_path, output, no_hardware, quiet):
-    """Benchmark EXPORT folders (and the PyTorch reference and the no-pooling baselines) on one video: per-stage
+    """Benchmark EXPORT folders (and the PyTorch reference and the no-pooling baselines) on one video (or, with
+    --image, one image: its anyres tiles stand in for the frames): per-stage
     latency (min/mean/p50/p90/p95/p99/stddev), tokens/s, memory, feature-cache gain, distance to the hardware limit."""
     from ..bench import report
     from ..bench.runner import BACKENDS, BASELINES, BenchOptions, parse_choices, run_bench
@@ -80,7 +82,7 @@ def bench_command(ctx, exports, video, synthetic, frames, questions, max_new_tok
     backend_list = parse_choices(backends, BACKENDS, "backend") if backends is not None else (("ort", "trt") if engines else ("ort",))
     baseline_list = parse_choices(baselines, BASELINES, "baseline") if baselines is not None else ()
     opts = BenchOptions(
-        exports=list(exports), video=video, synthetic=synthetic, frames=frames, questions=questions, max_new_tokens=max_new_tokens,
+        exports=list(exports), video=video, synthetic=synthetic, image=image, frames=frames, questions=questions, max_new_tokens=max_new_tokens,
         warmup=warmup, iterations=iterations, provider=provider, backends=backend_list, baselines=baseline_list, threads=threads,
         engines=tuple(engines), hardware=not no_hardware, raise_errors=bool(ctx.obj and ctx.obj.get("debug")),
         command=("ppllava-edge " + shlex.join(sys.argv[1:])) if "bench" in sys.argv[1:] else None,

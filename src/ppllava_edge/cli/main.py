@@ -78,10 +78,11 @@ def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str, force: bo
 
     require("torch", "export", "make-checkpoint")
     from ..model.presets import make_checkpoint
-    from ._progress import ProgressBar
+    from ._progress import stages
 
-    with ProgressBar(f"make-checkpoint {preset}", nbytes=True) as bar:
-        folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype, progress=bar)
+    with stages(f"make-checkpoint {preset}") as log:
+        log("random weights, tensor by tensor")
+        folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype, progress=log.progress)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     click.echo(f"{folder}  ({preset} preset, {size / 1e6:.1f} MB)")
 
@@ -103,10 +104,11 @@ def check_activations_cmd(checkpoint: Path, dtype: str, num_frames: int, num_tok
     require("transformers", "export", "check-activations")
     from ..errors import AccuracyError
     from ..model.activations import check_activations
-    from ._progress import ProgressBar, out_console, table
+    from ._progress import out_console, stages, table
 
-    with ProgressBar(f"check-activations {dtype}") as bar:
-        rows = check_activations(checkpoint, dtype=dtype, num_frames=num_frames, num_tokens=num_tokens, progress=bar)
+    with stages(f"check-activations {dtype}") as log:
+        log("forward pass, layer by layer")
+        rows = check_activations(checkpoint, dtype=dtype, num_frames=num_frames, num_tokens=num_tokens, progress=log.progress)
     if as_json:
         import json
 
