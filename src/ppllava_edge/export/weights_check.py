@@ -31,7 +31,7 @@ from ..external_data import read_initializer
 
 TRANSFORMS = ("identity", "transpose", "concat_transpose", "clip_positions")
 CLIP_KEEP_LEN = 20
-MIN_ELEMENTS = 64  # smaller float initializers (scalars, eps, shape-like tables) are not traced to the checkpoint
+MIN_ELEMENTS = 8  # smaller float initializers (scalars, eps, shape-like constants) are not traced to the checkpoint
 
 
 def digest(array: np.ndarray) -> str:
