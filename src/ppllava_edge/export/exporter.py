@@ -26,6 +26,7 @@ from ..atomic import AtomicDir
 from ..errors import AccuracyError, ExportError, InputError
 from ..manifest import MANIFEST_NAME, PROMPT_TEMPLATE, STAGES
 from ..config import load_config
+from ..external_data import share_initializers
 from ..memory import StepRecorder
 from ..model.checkpoint import CheckpointReader, build_skeleton, checkpoint_hash, load_weights, release_weights
 from ..model.ppllava import llama_config
@@ -232,6 +233,9 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
         if cfg.use_image_newline_parameter:
             np.save(tmp / IMAGE_NEWLINE_FILE, model.image_newline.detach().numpy())
         del params, values, vkeys
+    # prompt_pool and image_pool both hold the CLIP text encoder, and with projector_head linear_2: one copy on disk
+    with steps.step("share pool weights"):
+        share_initializers([tmp / "prompt_pool.onnx", tmp / "image_pool.onnx", tmp / "projector_head.onnx"], POOL_DATA)
 
     on_stage("decoder.onnx")
     with steps.step("decoder.onnx"):
@@ -251,6 +255,7 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
 
 
 POSITIONS = "multi_modal_projector.clip_text_model.embeddings."
+POOL_DATA = "pools.onnx.data"  # the initializers of prompt_pool, image_pool and projector_head, each stored once
 
 
 def used_parameters(prog) -> list[str]:
