@@ -15,6 +15,17 @@ from pathlib import Path
 
 START_TIMEOUT = 120.0
 REQUEST_TIMEOUT = 60.0
+# The server process cannot import torch / transformers / tensorrt: every server test also proves it is torch-free.
+BOOT = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'tensorrt'):
+            raise ImportError('blocked: the server must not import ' + name)
+sys.meta_path.insert(0, Block())
+from ppllava_edge.cli.main import main
+main()
+"""
 
 
 class ServerProcess:
@@ -56,7 +67,7 @@ class ServerProcess:
 @contextmanager
 def running_server(export: Path, *args: str):
     """Start `ppllava-edge serve EXPORT --port 0 ARGS`, wait until /ready, yield it; stop it whatever happens."""
-    cmd = [sys.executable, "-c", "from ppllava_edge.cli.main import main; main()", "serve", str(export), "--port", "0", *args]
+    cmd = [sys.executable, "-c", BOOT, "serve", str(export), "--port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     listening = threading.Event()

@@ -26,6 +26,7 @@ pytest.importorskip("uvicorn")
 from ppllava_edge.runtime.generation import GenerationConfig  # noqa: E402
 from ppllava_edge.runtime.pipeline import Pipeline  # noqa: E402
 
+from .conftest import write_truncated_video  # noqa: E402
 from .serving import running_server  # noqa: E402
 
 KEY = "test-key-123"
@@ -38,29 +39,6 @@ def b64_url(path, mime="video/mp4") -> str:
 
 def video_messages(url: str, question: str, kind: str = "video_url") -> list[dict]:
     return [{"role": "user", "content": [{"type": kind, kind: {"url": url}}, {"type": "text", "text": question}]}]
-
-
-def write_truncated_video(path):
-    """A moov-first mp4 cut to 60 %: the header announces 48 frames, fewer decode."""
-    import av
-
-    from ppllava_edge.media import make_test_frame
-
-    full = path.with_name("full-" + path.name)
-    with av.open(str(full), "w", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("libx264", rate=24)
-        s.width, s.height, s.pix_fmt = 128, 96, "yuv420p"
-        for i in range(48):
-            f = av.VideoFrame.from_ndarray(make_test_frame(i), format="rgb24")
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    data = full.read_bytes()
-    full.unlink()
-    path.write_bytes(data[: len(data) * 6 // 10])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +127,20 @@ def test_answer_equals_ask_streamed_or_not(server, client, pipe, media, tiny_exp
                     finish = c.finish_reason or finish
             assert "".join(text) == want.text and ids == want.ids
             assert finish == choice.finish_reason and usage.completion_tokens == len(want.ids)
+
+
+def test_stop_strings_cut_the_answer(client, pipe, media, tiny_export):
+    _, files = media
+    want = ask(pipe, files["clip"], QUESTIONS[0])
+    assert len(want.text) >= 8, want.text
+    stop = want.text[len(want.text) // 2: len(want.text) // 2 + 3]
+    expected = want.text[: want.text.find(stop)]
+    messages = video_messages("clip.mp4", QUESTIONS[0])
+    r = client.chat.completions.create(model=model_id(tiny_export), messages=messages, max_tokens=12, temperature=0, stop=[stop, "never-seen"])
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens <= len(want.ids)
+    chunks = client.chat.completions.create(model=model_id(tiny_export), messages=messages, max_tokens=12, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
 
 def test_earlier_turns_use_the_conversation_template(client, pipe, media, tiny_export):
