@@ -27,6 +27,8 @@ from ppllava_edge.media import (
 
 av = pytest.importorskip("av")
 
+from .conftest import write_truncated_video  # noqa: E402
+
 # --------------------------------------------------------------------------------------------
 # fixtures
 
@@ -182,20 +184,7 @@ def test_mpeg4_avi(media_dir):
 
 def test_header_overcounts_frames_resamples(media_dir):
     # moov-first mp4 cut short: the header announces 48 frames, far fewer decode
-    path = media_dir / "faststart.mp4"
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("libx264", rate=24)
-        s.width, s.height, s.pix_fmt = 128, 96, "yuv420p"
-        for i in range(48):
-            f = av.VideoFrame.from_ndarray(make_test_frame(i), format="rgb24")
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    data = path.read_bytes()
-    cut = media_dir / "cut.mp4"
-    cut.write_bytes(data[: len(data) * 6 // 10])
+    cut = write_truncated_video(media_dir / "cut.mp4")
     for strategy in ("auto", "sequential", "seek"):
         vf = load_video(cut, 8, strategy=strategy)
         assert 0 < vf.num_total < 48

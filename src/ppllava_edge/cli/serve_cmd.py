@@ -28,6 +28,7 @@ from .main import cli
 @click.option("--frames", "num_frames", type=int, default=8, show_default=True, help="Frames sampled from a video when a request does not say ('frames' field).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=8, show_default=True, help="Requests that may wait for a worker; more get 503 with Retry-After.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Requests answered at once (one KV-cache decoder each; see README for the measured trade-off).")
+@click.option("--decoders", type=click.IntRange(min=1), default=None, help="KV-cache decoders shared by the workers (default: one per worker; 1 = generation under a lock).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Also keep per-video features on disk here (shared by all requests either way).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="max_tokens of a request that gives none.")
 @click.option("--model-name", default=None, help="Model id clients send (default: the export folder's name).")
@@ -35,7 +36,7 @@ from .main import cli
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per graph run.")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 @click.pass_context
-def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_mb, num_frames, max_queue, workers, cache_dir, max_tokens, model_name, provider, threads, access_log):
+def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_mb, num_frames, max_queue, workers, decoders, cache_dir, max_tokens, model_name, provider, threads, access_log):
     """Serve EXPORT over HTTP with the OpenAI chat-completions API (video_url / image_url content parts)."""
     from ..errors import InputError
     from ..manifest import load_manifest
@@ -55,7 +56,7 @@ def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_m
         err_console.print(f"warning: --host {host} without --api-key: anyone who can reach this address can use the model")
     opts = ServeOptions(
         export=Path(export_dir), host=host, port=port, media_dirs=tuple(Path(os.path.abspath(d)) for d in media_dirs), api_key=api_key,
-        max_upload_mb=max_upload_mb, frames=num_frames, max_queue=max_queue, workers=workers, cache_dir=cache_dir, provider=provider,
+        max_upload_mb=max_upload_mb, frames=num_frames, max_queue=max_queue, workers=workers, decoders=decoders, cache_dir=cache_dir, provider=provider,
         threads=threads, model_name=model_name, max_tokens=max_tokens,
     )
     verbose = bool(ctx.obj and ctx.obj.get("verbose"))
@@ -63,6 +64,6 @@ def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_m
     def listening(url: str) -> None:
         dirs = ", ".join(str(d) for d in opts.media_dirs) or "none (no path access)"
         err_console.print(f"ppllava-edge serve: listening on {url} | model {opts.model_name or export_dir.name} | "
-                          f"media dirs: {dirs} | api key: {'required' if api_key else 'off'} | workers {workers}, queue {max_queue}", soft_wrap=True)
+                          f"media dirs: {dirs} | api key: {'required' if api_key else 'off'} | workers {workers}, decoders {decoders or workers}, queue {max_queue}", soft_wrap=True)
 
     run_server(opts, on_listening=listening, log_level="info" if verbose else "warning", access_log=access_log)

@@ -56,6 +56,7 @@ class ServeOptions:
     frames: int = 8
     max_queue: int = 8
     workers: int = 1
+    decoders: int | None = None  # KV-cache decoders in the pipeline's pool (None: one per worker)
     cache_dir: Path | None = None
     provider: str = "auto"
     threads: int | None = None
@@ -119,7 +120,7 @@ class Server:
             t0 = time.perf_counter()
             self.pipe = Pipeline.from_export(
                 self.opts.export, provider=self.opts.provider, threads=self.opts.threads, cache_dir=self.opts.cache_dir,
-                max_decoders=self.opts.workers,
+                max_decoders=self.opts.decoders or self.opts.workers,
             )
             self.metrics.ready.set(1)
             log.info("model %s loaded in %.1f s (provider %s)", self.model_id, time.perf_counter() - t0, self.pipe.provider)
