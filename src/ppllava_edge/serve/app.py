@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class ServeOptions:
     threads: int | None = None
     model_name: str | None = None
     max_tokens: int = 256  # max_tokens of a request that gives none
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ERROR_TYPES = {
@@ -71,7 +71,6 @@ class ChatRequest:
     frames: int | None
     return_token_ids: bool
     ignore_eos: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # fields of the OpenAI schema we cannot honour: refused when set to something other than their neutral value
