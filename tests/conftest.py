@@ -55,11 +55,11 @@ def cosine(a, b) -> float:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
-    """The tiny checkpoint exported to ONNX once per session (fp32, frames 2:8:16, validated)."""
+    """The tiny checkpoint exported to ONNX once per session (fp32, frames 2:8:16, validated, with the TensorRT decoder)."""
     from ppllava_edge.export.exporter import ExportOptions, export_checkpoint
 
     out = tmp_path_factory.mktemp("export") / "tiny"
-    export_checkpoint(tiny_ckpt, out, ExportOptions(frames=(2, 8, 16)))
+    export_checkpoint(tiny_ckpt, out, ExportOptions(frames=(2, 8, 16), tensorrt=True))
     return out
 
 

@@ -82,10 +82,40 @@ def test_flop_counts_follow_the_dims():
 
 
 def test_hardware_probes_are_positive():
-    bw = hardware.memory_bandwidth(size_mb=16, repeats=2)
+    bw = hardware.memory_bandwidth(size_mb=16, repeats=3)
     mm = hardware.gemm_flops(n=128, repeats=2)
-    assert bw["gbs"] > 0 and bw["gbs"] == max(bw["probes"].values())
+    # the value is the best probe's median; its spread over the repetitions is reported beside it
+    assert set(bw["probes"]) == {"read_threads", "gemv", "ort_gemv"}
+    assert bw["gbs"] > 0 and bw["gbs"] == max(bw["probes"].values()) == bw["probes"][bw["probe"]]
+    d = bw["detail"][bw["probe"]]
+    assert d["min"] <= bw["gbs"] <= d["max"] and bw["spread"] == pytest.approx((d["max"] - d["min"]) / d["median"])
+    assert bw["bytes"] == 16 << 20
     assert mm["gflops"] > 0 and mm["gflops"] == max(mm["probes"].values())
+
+
+def test_bandwidth_probe_working_set_outgrows_the_cache():
+    llc = hardware.last_level_cache_bytes()
+    assert llc is None or llc >= 1 << 20
+    # default working set: at least 1 GiB and 16x the LLC (checked without running the probe)
+    import inspect
+
+    assert "max(1024, 16 * (llc or 0)" in inspect.getsource(hardware.memory_bandwidth)
+
+
+def test_decode_bytes_count_weights_as_stored_plus_kv(tiny_export):
+    """graph_weight_bytes = the initializers actually stored (rotary tables excluded), checked against the loaded
+    arrays; decode_bytes_per_token adds the KV cache at the mean position of a run's steps."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = json.loads((tiny_export / "export.json").read_text())
+    path = tiny_export / m["graphs"]["decoder"]["file"]
+    model = onnx.load(str(path))
+    want = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if not t.name.startswith("rotary."))
+    assert hardware.graph_weight_bytes(path) == want
+    w, kv = hardware.decode_bytes_per_token(want, m["model"], context=100, new_tokens=9, kv_itemsize=4)
+    # 8 decode steps attend 101..108 positions: mean 104.5
+    assert w == want and kv == int(hardware.kv_cache_bytes(m["model"], 1, 4) * 104.5)
 
 
 # ---- the bench on the tiny export ---------------------------------------------------------------------------
@@ -118,6 +148,7 @@ def test_bench_json_fields_present_and_consistent(bench_run, tiny_export):
     assert "jetson" in env and "gpu" in env and "ppllava_edge" in env
     for key in ("memory_bandwidth_gbs", "gemm_gflops", "decode_efficiency", "vision_efficiency", "prefill_efficiency"):
         assert isinstance(data[key], float) and data[key] > 0, key
+    assert data["hardware"]["bandwidth_probe"]["spread"] >= 0
     assert data["cache"]["first_ms"] > 0 and data["cache"]["second_ms"] > 0
     assert data["failed"] == 0
 
@@ -147,6 +178,12 @@ def test_bench_json_fields_present_and_consistent(bench_run, tiny_export):
         assert v["visual_tokens"] == expected, v["name"]
         assert v["context_len"] == prompt + expected
         assert v["kv_cache_bytes"] == hardware.kv_cache_bytes(manifest["model"], v["context_len"] + MAX_NEW - 1, 4)
+        # decode efficiency counts the decoder's stored weights plus the KV cache read per step
+        assert v["decode_bytes_per_token"] == v["decode_weight_bytes"] + v["decode_kv_bytes"]
+        assert v["decode_efficiency"] == pytest.approx(v["decode_bytes_per_token"] * v["tokens_per_s"] / (data["memory_bandwidth_gbs"] * 1e9))
+        if v["kind"] == "export":  # one KV buffer set, sized to the largest request served (first or second question)
+            assert v["kv_cache_allocated_bytes"] == v["kv_cache_peak_used_bytes"] >= v["kv_cache_bytes"]
+            assert v["decode_weight_bytes"] == hardware.graph_weight_bytes(tiny_export / manifest["graphs"]["decoder"]["file"])
     pooled = data["variants"][1]
     assert pooled["cache"]["second_hits"] == ITERATIONS and pooled["cache"]["second_stages"]["vision"] == 0.0
     assert data["variants"][0]["ratios"]["e2e"] == pytest.approx(1.0)
@@ -154,12 +191,16 @@ def test_bench_json_fields_present_and_consistent(bench_run, tiny_export):
     assert nopool["visual_tokens"] == 8 * 36  # T*P on the tiny preset
     for t in data["targets"]:  # reported with a verdict, never asserted
         assert isinstance(t["passed"], bool) and t["value"] is not None
+    assert data["presets"] == ["tiny"] and data["targets_apply"] is False
 
 
 def test_bench_markdown_csv_and_png(bench_run):
     res, data, out = bench_run
     md = res.stdout
-    assert md.startswith("| variant |") and "e2e ×" in md and "build: ppllava-edge" in md and "targets (" in md
+    assert md.startswith("| variant |") and "e2e ×" in md and "build: ppllava-edge" in md and "dec eff" in md
+    # a toy preset prints no ✓/✗ target verdicts, and says why
+    assert "targets: not evaluated — preset tiny" in md and "✗" not in md and "✓" not in md
+    assert f"- decode ({data['variants'][0]['name']}, fp32):" in md and "allocated /" in md
     assert "Traceback" not in res.output
     for v in data["variants"]:
         assert f"| {v['name']} |" in md
@@ -201,3 +242,22 @@ def test_bench_bad_arguments_are_clear_errors(tiny_export, sample_video, args, m
     assert res.exit_code == 1, res.output
     assert message in res.output and "Traceback" not in res.output
     assert res.stdout == ""  # nothing on stdout
+
+
+def test_targets_per_llm_precision():
+    """Decode efficiency per variant, TPOT of the weight-only decoders against fp32 and KV allocated / used are
+    evaluated on a small-preset run (numbers made up here; the evaluation is what is tested)."""
+    from ppllava_edge.bench.report import evaluate_targets, targets_apply
+
+    def entry(name, prec, tpot, eff, alloc):
+        return {"name": name, "kind": "export", "backend": "ort", "baseline": None, "frames": 32, "precision": prec, "llm_precision": prec,
+                "stages": {"decode_step": {"mean": tpot}}, "decode_efficiency": eff, "kv_cache_bytes": 1000,
+                "kv_cache_allocated_bytes": alloc, "error": None}
+
+    variants = [entry("E", "fp32", 20.0, 0.85, 1000), entry("E8", "int8-weight", 10.0, 0.7, 1000), entry("E4", "int4-weight", 8.0, 0.5, 2000)]
+    result = {"variants": variants, "config": {"headline_frames": 32}, "presets": ["small"]}
+    got = {(t["id"], t["compared"].split()[0]): (round(t["value"], 3), t["passed"]) for t in evaluate_targets(result)}
+    assert got[("decode_efficiency", "E")] == (0.85, True) and got[("decode_efficiency", "E4")] == (0.5, False)
+    assert got[("tpot_int8_weight", "E8")] == (0.5, True) and got[("tpot_int4_weight", "E4")] == (0.4, False)
+    assert got[("kv_allocated", "E")] == (1.0, True) and got[("kv_allocated", "E4")] == (2.0, False)
+    assert targets_apply(result) and not targets_apply(dict(result, presets=["tiny"]))

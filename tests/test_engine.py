@@ -709,7 +709,7 @@ def test_build_engines_calls_and_outputs(tiny_export, tmp_path, monkeypatch):
     result = build_engines(tiny_export, tmp_path / "engines", opts)
 
     parses = [c for c in rec.calls if c[0] == "parse"]
-    assert [p[1] for p in parses] == ["vision.onnx", "prompt_pool.onnx", "image_pool.onnx", "projector_head.onnx", "decoder.onnx"]
+    assert [p[1] for p in parses] == ["vision.onnx", "prompt_pool.onnx", "image_pool.onnx", "projector_head.onnx", "decoder_trt.onnx"]
     assert all(p[2] == 0 for p in parses)  # fp32 export + --fp16 on TensorRT 10: weakly typed
     assert rec.calls.count(("flag", "FP16")) == 5 and rec.calls.count(("pool", "WORKSPACE", 512 << 20)) == 5 and ("level", 2) in rec.calls
     profiles = [c[1] for c in rec.calls if c[0] == "profile"]
@@ -720,10 +720,27 @@ def test_build_engines_calls_and_outputs(tiny_export, tmp_path, monkeypatch):
 
     meta = load_metadata(tmp_path / "engines")
     assert meta["tensorrt"] == "10.3.0" and meta["gpu"]["sm"] == 87 and meta["limits"]["max_seq_len"] == 128
-    assert sorted(meta["engines"]) == sorted(load_manifest(tiny_export).data["graphs"])
+    assert sorted(meta["engines"]) == sorted(load_manifest(tiny_export).backend_graphs("trt"))  # engines named by stage
     dec = meta["engines"]["decoder"]
     assert dec["file"] == "decoder.trt10.3.0.sm87.engine" and dec["precision"] == "fp16" and not dec["strongly_typed"]
     assert [p["name"] for p in dec["profiles"]] == ["context", "generation"] and dec["profiles"][1]["dims"]["past"] == [1, 96, 127]
-    assert list(dec["onnx_sha256"]) == ["decoder.onnx"] and dec["trtexec"].startswith("trtexec --onnx=")
+    # built from the standard-ops decoder (the in-place decoder.onnx uses contrib ops TensorRT does not parse)
+    assert list(dec["onnx_sha256"]) == ["decoder_trt.onnx"] and dec["trtexec"].startswith("trtexec --onnx=")
     assert [e.trtexec for e in result.engines] == [meta["engines"][e.plan.graph]["trtexec"] for e in result.engines]
     check_engine_dir(meta, "10.3.0", 87, load_manifest(tiny_export))
+
+
+def test_build_refuses_an_export_without_a_tensorrt_decoder(tiny_export, tmp_path):
+    """The in-place decoder.onnx (GroupQueryAttention, com.microsoft) cannot go to TensorRT: an export made without
+    --tensorrt has no decoder_trt.onnx, and `build` says so before anything runs."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_export, plain)
+    data = json.loads((plain / "export.json").read_text())
+    del data["graphs"]["decoder_trt"], data["backends"]["trt"]
+    (plain / "decoder_trt.onnx").unlink()
+    (plain / "export.json").write_text(json.dumps(data))
+    res = CliRunner().invoke(cli, ["build", str(plain), "--out", str(tmp_path / "e"), "--dry-run"])
+    assert res.exit_code == 1 and "GroupQueryAttention" in res.output and "--tensorrt" in res.output
+    assert "Traceback" not in res.output

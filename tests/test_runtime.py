@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,13 +116,23 @@ def test_beam_search_equals_transformers(pipe, reference, sample_video, beams):
     assert got.ids == want.output_ids
 
 
-def test_kv_cache_is_allocated_once(tiny_export, sample_video):
+def test_kv_cache_is_one_buffer_sized_to_the_request(tiny_export, sample_video):
+    """One KV buffer per layer tensor (past and present share it), allocated for prompt + new tokens, reused by
+    requests that fit, grown once by one that needs more, never past the model's context."""
     pipe = Pipeline.from_export(tiny_export, provider="cpu")
-    r = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=12, ignore_eos=True))
+    dec = pipe.decoder
+    m = pipe.manifest.model
+    r = pipe.ask(sample_video, QUESTIONS[1], generation=GenerationConfig(max_new_tokens=12, ignore_eos=True))
     assert len(r.ids) == 12 and len(r.timings.decode_steps) == 11
-    assert pipe.decoder.allocations == 1
-    pipe.ask(sample_video, QUESTIONS[1], generation=GenerationConfig(max_new_tokens=12, ignore_eos=True))
-    assert pipe.decoder.allocations == 1
+    used = r.context_len + 12 - 1  # the last token is never fed back
+    row = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * 4  # fp32 keys + values per position
+    assert (dec.allocations, dec.capacity, dec.max_batch) == (1, used, 1)
+    assert dec.allocated_bytes == used * row == dec.used_bytes
+    pipe.ask(sample_video, QUESTIONS[1], generation=GenerationConfig(max_new_tokens=5, ignore_eos=True))
+    assert (dec.allocations, dec.capacity) == (1, used)  # a smaller request reuses the buffer
+    longer = pipe.ask(sample_video, QUESTIONS[2], generation=GenerationConfig(max_new_tokens=20, ignore_eos=True))
+    assert (dec.allocations, dec.capacity) == (2, longer.context_len + 19)
+    assert dec.capacity < m["max_position_embeddings"]
 
 
 def test_prompt_longer_than_context_fails_before_compute(pipe, sample_video):
@@ -338,3 +349,54 @@ def test_cli_ask_reports_the_truncated_video_warning(tiny_export, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert len(data["warnings"]) == 1 and "cut.mp4" in data["warnings"][0]
+
+
+def test_inplace_decoder_paths_agree(tiny_export, sample_video):
+    """The device-buffer path (OrtValues, as on CUDA; run here on cpu), the numpy path with a reserved buffer and
+    the numpy path that grows as it goes give the same greedy and beam ids, and the same cache contents."""
+    from ppllava_edge.runtime.decoder import InplaceKVDecoder
+    from ppllava_edge.runtime.generation import generate
+
+    pipe = Pipeline.from_export(tiny_export, provider="cpu")
+    m = pipe.manifest.model
+    r = pipe.ask(sample_video, QUESTIONS[0], keep_arrays=True, generation=GenerationConfig(max_new_tokens=4))
+    embeds = pipe.embed_prompt(r.arrays["input_ids"], r.arrays["visual_tokens"])
+    args = (pipe.sessions["decoder"], m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"])
+    for cfg in (GenerationConfig(max_new_tokens=9, ignore_eos=True), GenerationConfig(max_new_tokens=7, num_beams=3)):
+        outs, caches = [], []
+        for dec in (InplaceKVDecoder(*args), InplaceKVDecoder(*args, device_buffers=True)):
+            outs.append(generate(dec, pipe.embed, embeds, cfg).ids)
+            caches.append([np.array(p) for p in dec.past()])
+        grow = InplaceKVDecoder(*args)
+        grow.reset(1)  # no reserve: the buffer grows geometrically while decoding
+        grow.forward(embeds[None, :5])
+        assert grow.capacity == 5 and grow.allocations == 1
+        grow.forward(embeds[None, 5:])
+        assert grow.capacity == max(embeds.shape[0], 10) and grow.allocations == 2
+        assert outs[0] == outs[1]
+        for a, b in zip(*caches):
+            np.testing.assert_array_equal(a, b)
+    assert len(outs[0]) >= 1
+
+
+def test_decoder_feed_contracts(tiny_export):
+    """One concat-contract feed, fitted to each decoder graph (in-place: seqlens_k / total_sequence_length), gives
+    the same logits from decoder.onnx and decoder_trt.onnx."""
+    import onnxruntime as ort
+
+    from ppllava_edge.runtime.decoder import adapt_feed, kv_names
+
+    data = json.loads((tiny_export / "export.json").read_text())
+    m = data["model"]
+    assert data["graphs"]["decoder"]["contract"] == "gqa-inplace-v1" and data["graphs"]["decoder_trt"]["contract"] == "concat-v1"
+    assert data["backends"]["trt"]["decoder"] == "decoder_trt" and data["backends"]["ort"]["decoder"] == "decoder"
+    rng = np.random.default_rng(0)
+    L = 9
+    feed = {"inputs_embeds": rng.standard_normal((1, L, m["hidden_size"]), dtype=np.float32) * 0.1,
+            "attention_mask": np.ones((1, L), np.int64), "position_ids": np.arange(L, dtype=np.int64)[None]}
+    feed.update({n: np.zeros((1, m["num_kv_heads"], 0, m["head_dim"]), np.float32) for n in kv_names(m["num_layers"])[0]})
+    logits = []
+    for g in ("decoder", "decoder_trt"):
+        s = ort.InferenceSession(str(tiny_export / data["graphs"][g]["file"]), providers=["CPUExecutionProvider"])
+        logits.append(s.run(["logits"], adapt_feed(feed, [i.name for i in s.get_inputs()]))[0])
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-4)

@@ -40,7 +40,7 @@ class ExportManifest:
         as GroupQueryAttention) and one of standard ONNX ops that TensorRT's parser takes. `export.json` records
         the choice under `backends`; exports without that entry use the stage's own graph for every backend.
         """
-        return self.data.get("backends", {}).get(backend, {}).get(stage, stage)
+        return graph_for(self.data, stage, backend)
 
     def backend_graphs(self, backend: str = "ort") -> dict[str, str]:
         """stage -> graph for every stage this export has, as `backend` runs them."""
@@ -62,6 +62,11 @@ class ExportManifest:
 
     def visual_tokens(self, num_frames: int) -> int:
         return (num_frames // self.data["pooling"]["kernel"][0]) * self.data["visual_tokens_per_frame_pair"]
+
+
+def graph_for(data: dict, stage: str, backend: str = "ort") -> str:
+    """`ExportManifest.graph_for` on a raw export.json dict."""
+    return data.get("backends", {}).get(backend, {}).get(stage, stage)
 
 
 def load_manifest(folder: str | Path) -> ExportManifest:

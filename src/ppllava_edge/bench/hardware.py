@@ -6,14 +6,17 @@ vision graph and the LLM prefill from the manifest's model dims, and the efficie
     vision_flops(manifest.model, 32)   # FLOPs of vision.onnx for 32 frames
     prefill_flops(manifest.model, 1044)
 
-Both probes report the best of a few repetitions (the limit the hardware reached), since other processes can only
-make a probe slower. numpy's BLAS and ONNX Runtime's MLAS both use every core by default, as the graphs do.
+The GEMM probe reports the best of a few repetitions (the compute roof the hardware reached). The bandwidth probe
+reads a working set far larger than the last-level cache and reports the median of its repetitions and their
+spread (a best-of over a cache-sized array read 37-73 GB/s from run to run on one machine). numpy's BLAS and ONNX
+Runtime's MLAS both use every core by default, as the graphs do.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -29,32 +32,106 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def memory_bandwidth(size_mb: int = 256, repeats: int = 5) -> dict:
-    """Read bandwidth in GB/s (1e9 bytes/s) from a large float32 array, two ways; `gbs` is the better one.
+def last_level_cache_bytes() -> int | None:
+    """Total last-level cache of this machine from sysfs (the highest cache level, summed over its instances)."""
+    root = Path("/sys/devices/system/cpu")
+    seen: dict[str, int] = {}
+    level_max = 0
+    for cache in root.glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            level = int((cache / "level").read_text())
+            size = (cache / "size").read_text().strip().upper()
+            shared = (cache / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        nbytes = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[size[-1]] if size[-1] in "KMG" else int(size)
+        if level > level_max:
+            level_max, seen = level, {}
+        if level == level_max:
+            seen[shared] = nbytes
+    return sum(seen.values()) or None
 
-    - `sum`: numpy's reduction over the array (one thread, vectorised);
-    - `sum_threads`: the same reduction split over one thread per core (numpy releases the GIL);
-    - `gemv`: a matrix-vector product over the same bytes (BLAS) - the access pattern of a decode step.
+
+def _samples(fn, repeats: int) -> list[float]:
+    fn()  # warm-up: page faults, thread-pool start
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _ort_gemv(k: int, n: int, threads: int | None):
+    """A [1,k] x [k,n] fp32 MatMul in ONNX Runtime with the matrix fed as an input: MLAS's GEMV, the access
+    pattern of a decode step. None when `onnx` (to build the graph) is missing."""
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    import onnxruntime as ort
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 10)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def memory_bandwidth(size_mb: int | None = None, repeats: int = 7, threads: int | None = None) -> dict:
+    """Sustained read bandwidth in GB/s (1e9 bytes/s) over a working set far larger than the last-level cache.
+
+    The working set is `size_mb` MiB (default: 1 GiB, or 16x the LLC when that is larger), so no probe is served
+    from cache. Three probes read every byte once per repetition:
+
+    - `read_threads`: numpy's reduction split over one thread per core (numpy releases the GIL);
+    - `gemv`: numpy's BLAS matrix-vector product;
+    - `ort_gemv`: ONNX Runtime's MatMul [1,K] x [K,N] (MLAS GEMV, the kernel of a decode step).
+
+    Each probe's value is the **median** of `repeats` repetitions (one repetition slowed by another process does
+    not move it); `gbs` is the best probe's median, and `spread` is that probe's (max - min) / median, which the
+    bench prints so a noisy machine shows.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    n = max(1, size_mb * (1 << 20) // 4)
-    cols = 1024
-    rows = max(1, n // cols)
+    llc = last_level_cache_bytes()
+    if size_mb is None:
+        size_mb = max(1024, 16 * (llc or 0) // (1 << 20))
+    cols = 8192
+    rows = max(1, size_mb * (1 << 20) // 4 // cols)
     a = np.ones((rows, cols), dtype=np.float32)
     a[::7] = 0.5  # touch every page with non-trivial data
     x = np.ones(cols, dtype=np.float32)
+    x_row = np.ones((1, rows), dtype=np.float32)
     nbytes = a.nbytes
     workers = max(1, os.cpu_count() or 1)
     chunks = np.array_split(a, workers)
+    probes_s: dict[str, list[float]] = {}
     with ThreadPoolExecutor(workers) as pool:
-        probes = {
-            "sum": nbytes / _best_seconds(lambda: np.add.reduce(a, axis=None), repeats) / 1e9,
-            "sum_threads": nbytes / _best_seconds(lambda: list(pool.map(lambda c: np.add.reduce(c, axis=None), chunks)), repeats) / 1e9,
-            "gemv": nbytes / _best_seconds(lambda: a @ x, repeats) / 1e9,
-        }
+        probes_s["read_threads"] = _samples(lambda: list(pool.map(lambda c: np.add.reduce(c, axis=None), chunks)), repeats)
+    probes_s["gemv"] = _samples(lambda: a @ x, repeats)
+    sess = _ort_gemv(rows, cols, threads)
+    if sess is not None:
+        probes_s["ort_gemv"] = _samples(lambda: sess.run(None, {"x": x_row, "w": a}), repeats)
+        del sess
     del a, chunks
-    return {"gbs": max(probes.values()), "bytes": nbytes, "repeats": repeats, "probes": probes}
+    detail = {}
+    for name, secs in probes_s.items():
+        gbs = sorted(nbytes / t / 1e9 for t in secs)
+        median = float(np.median(gbs))
+        detail[name] = {"median": median, "min": gbs[0], "max": gbs[-1], "spread": (gbs[-1] - gbs[0]) / median}
+    best = max(detail, key=lambda k: detail[k]["median"])
+    return {
+        "gbs": detail[best]["median"], "probe": best, "spread": detail[best]["spread"], "min": detail[best]["min"], "max": detail[best]["max"],
+        "bytes": nbytes, "llc_bytes": llc, "repeats": repeats, "probes": {k: v["median"] for k, v in detail.items()}, "detail": detail,
+    }
 
 
 def _ort_matmul_seconds(n: int, repeats: int, threads: int | None) -> float | None:
@@ -150,11 +227,41 @@ def kv_cache_bytes(model: dict, positions: int, itemsize: int, batch: int = 1) -
 
 
 # ---- efficiencies ----------------------------------------------------------------------------------------
-def decode_efficiency(weight_bytes_per_token: float, tokens_per_s: float | None, bandwidth_gbs: float | None) -> float | None:
-    """Fraction of the memory bandwidth a decode step uses just to read the weights once per token."""
+def decode_efficiency(bytes_per_token: float, tokens_per_s: float | None, bandwidth_gbs: float | None) -> float | None:
+    """Fraction of the memory bandwidth a decode step uses for the bytes it must read once per token: the decoder's
+    weights as stored plus the KV cache at that context (see `decode_bytes_per_token`)."""
     if not tokens_per_s or not bandwidth_gbs:
         return None
-    return weight_bytes_per_token * tokens_per_s / (bandwidth_gbs * 1e9)
+    return bytes_per_token * tokens_per_s / (bandwidth_gbs * 1e9)
+
+
+def graph_weight_bytes(path: str | os.PathLike, skip_prefixes: tuple[str, ...] = ("rotary.",)) -> int:
+    """Bytes of a graph's initializers as stored (fp32 / fp16 / int8 / packed int4 + scales), without loading them;
+    tables a step reads one row of (the rotary cos/sin caches) are left out."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        if t.name.startswith(skip_prefixes):
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            total += int(ext["length"])
+        elif t.raw_data:
+            total += len(t.raw_data)
+        else:
+            n = int(np.prod(t.dims)) if t.dims else 1
+            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def decode_bytes_per_token(weight_bytes: int, model: dict, context: int, new_tokens: int, kv_itemsize: int) -> tuple[int, int]:
+    """(weights, KV) bytes a decode step must read, averaged over a run's steps: every step reads all decoder
+    weights once and the K/V caches of every cached position (context + i for the i-th step)."""
+    steps = max(1, new_tokens - 1)
+    mean_positions = context + (steps - 1) / 2 + 1  # step i (0-based) attends context + i + 1 positions
+    return int(weight_bytes), int(kv_cache_bytes(model, 1, kv_itemsize) * mean_positions)
 
 
 def compute_efficiency(flops: float, ms: float | None, gflops: float | None) -> float | None:

@@ -85,7 +85,7 @@ class BenchOptions:
     threads: int | None = None
     engines: tuple[Path, ...] = ()  # one TensorRT engine folder per export, for backend "trt"
     hardware: bool = True  # measure bandwidth / GEMM FLOP/s (a few seconds)
-    bandwidth_mb: int = 256
+    bandwidth_mb: int | None = None  # working set of the bandwidth probe (default: 1 GiB or 16x the LLC)
     gemm_n: int = 1536
     workdir: Path | None = None  # where --synthetic writes its video (default: a temporary folder)
     raise_errors: bool = False  # re-raise a failing variant's exception instead of recording it
@@ -381,18 +381,24 @@ class _PipelineRunner:
         m = spec.manifest
         self.itemsize = np.dtype(self.pipe.dtype).itemsize
         graphs = self._graphs()
-        self.weight_bytes = sum(_file_bytes(m.path(g)) for g in graphs) + _file_bytes(m.path("embeddings"))
-        self.decoder_weight_bytes = _file_bytes(m.path("decoder"))
+        self.weight_bytes = sum(_file_bytes(m.path(m.graph_for(g))) for g in graphs) + _file_bytes(m.path("embeddings"))
+        self.decoder_weight_bytes = hardware.graph_weight_bytes(m.path(m.graph_for("decoder")))
+        self.llm_precision = m.graph(m.graph_for("decoder")).get("precision", m.data.get("dtype", "fp32"))
         self.notes: list[str] = []
 
     def _graphs(self) -> tuple[str, ...]:
         return ("vision", "prompt_pool", "decoder")
 
     def kv_allocated_bytes(self) -> int | None:
+        """KV-cache bytes the decoder holds (every buffer it allocated), or None when it does not say."""
+        return getattr(self.pipe.decoder, "allocated_bytes", None)
+
+    def kv_peak_used_bytes(self) -> int | None:
+        """KV-cache bytes of the largest request the decoder served (its buffer never needs to be larger)."""
         dec = self.pipe.decoder
-        if getattr(dec, "io_binding", False) and getattr(dec, "_capacity", 0):
-            return hardware.kv_cache_bytes(self.spec.manifest.model, dec.max_len, self.itemsize, dec._capacity) * 2
-        return None
+        if not hasattr(dec, "peak_used_positions"):
+            return None
+        return hardware.kv_cache_bytes(self.spec.manifest.model, dec.peak_used_positions, dec.dtype.itemsize, max(1, dec.max_batch))
 
     def clear_cache(self) -> None:
         from ..runtime.cache import FeatureCache
@@ -423,10 +429,10 @@ class _BaselineRunner(_PipelineRunner):
         if spec.baseline == "nopool":
             need = _prompt_len(spec.manifest, 1) + NOPOOL_FRAMES * m["patches_per_frame"] + opts.max_new_tokens
             if need > m["max_position_embeddings"]:
-                from ..runtime.decoder import OrtKVDecoder
-
-                dec = self.pipe.decoder
-                self.pipe.decoder = OrtKVDecoder(dec.session, m["num_layers"], m["num_kv_heads"], m["head_dim"], need, dtype=self.pipe.dtype, io_binding=dec.io_binding)
+                rotary = spec.manifest.graph(spec.manifest.graph_for("decoder")).get("rotary_positions")
+                if rotary is not None and need > rotary:
+                    raise InputError(f"nopool needs {need} positions; this export's decoder has rotary tables for {rotary}")
+                self.pipe.decoder.max_len = need  # the runtime's own context check stays at max_position_embeddings
                 self.notes.append(
                     f"context {need} > max_position_embeddings {m['max_position_embeddings']}: the decoder runs past its "
                     "trained context (RoPE extrapolates; timing only, as LLaVA-NeXT-Video extends the context)"
@@ -579,6 +585,9 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
     e2e_tps, _ = mean_std([r.new_tokens / (r.stages["e2e"] / 1e3) for r in records])
     stages = _stage_stats(records)
     positions = first.context_len + first.new_tokens - 1
+    kv_item = getattr(getattr(runner, "pipe", None), "decoder", None)
+    kv_item = kv_item.dtype.itemsize if kv_item is not None and hasattr(kv_item, "dtype") else runner.itemsize
+    w_bytes, kv_bytes = hardware.decode_bytes_per_token(runner.decoder_weight_bytes, m, first.context_len, first.new_tokens, kv_item)
     vis_frames = frames
     vflops = hardware.vision_flops(m, vis_frames)
     pflops = hardware.prefill_flops(m, first.context_len)
@@ -622,13 +631,18 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
         "device_before_mb": dev_base / 2**20 if dev_base is not None else None,
         "weight_bytes": int(runner.weight_bytes),
         "decoder_weight_bytes": int(runner.decoder_weight_bytes),
-        "kv_cache_bytes": hardware.kv_cache_bytes(m, positions, runner.itemsize),
+        "llm_precision": getattr(runner, "llm_precision", spec.precision),
+        "kv_cache_bytes": hardware.kv_cache_bytes(m, positions, kv_item),
         "kv_cache_allocated_bytes": runner.kv_allocated_bytes(),
+        "kv_cache_peak_used_bytes": runner.kv_peak_used_bytes() if hasattr(runner, "kv_peak_used_bytes") else None,
+        "decode_weight_bytes": w_bytes,
+        "decode_kv_bytes": kv_bytes,
+        "decode_bytes_per_token": w_bytes + kv_bytes,
         "vision_flops": vflops,
         "prefill_flops": pflops,
         "vision_efficiency": hardware.compute_efficiency(vflops, stages["vision"]["mean"], gflops),
         "prefill_efficiency": hardware.compute_efficiency(pflops, stages["prefill"]["mean"], gflops),
-        "decode_efficiency": hardware.decode_efficiency(runner.decoder_weight_bytes, tps_mean, bw),
+        "decode_efficiency": hardware.decode_efficiency(w_bytes + kv_bytes, tps_mean, bw),
         "stages": stages,
         "runs": [{"visual_tokens": r.visual_tokens, "context_len": r.context_len, "new_tokens": r.new_tokens, "e2e_ms": round(r.stages["e2e"], 4)} for r in records],
         "cache": cache,
@@ -707,8 +721,8 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
         env = _environment(provider, opts.threads)
         hw: dict = {}
         if opts.hardware:
-            bw = hardware.memory_bandwidth(opts.bandwidth_mb)
-            tick(f"memory bandwidth {bw['gbs']:.1f} GB/s")
+            bw = hardware.memory_bandwidth(opts.bandwidth_mb, threads=opts.threads)
+            tick(f"memory bandwidth {bw['gbs']:.1f} GB/s (spread {bw['spread']:.0%})")
             mm = hardware.gemm_flops(opts.gemm_n, threads=opts.threads)
             tick(f"fp32 GEMM {mm['gflops']:.1f} GFLOP/s")
             hw = {"memory_bandwidth_gbs": bw["gbs"], "gemm_gflops": mm["gflops"], "bandwidth_probe": bw, "gemm_probe": mm}
@@ -791,10 +805,13 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
     result["reference"] = {"name": ref["name"], "frames": ref["frames"]} if ref else None
     for key in ("decode_efficiency", "vision_efficiency", "prefill_efficiency"):
         result[key] = ref.get(key) if ref else None
+    result["decode_efficiency_by_variant"] = {e["name"]: e.get("decode_efficiency") for e in entries if not e.get("error") and e["frames"] == head}
     result["cache"] = (dict(ref["cache"], variant=ref["name"], frames=ref["frames"]) if ref and ref.get("cache") else None)
-    from .report import evaluate_targets
+    from .report import evaluate_targets, targets_apply
 
+    result["presets"] = sorted({str(s.manifest.data.get("preset")) for s in specs})
     result["targets"] = evaluate_targets(result)
+    result["targets_apply"] = targets_apply(result)  # False on toy presets (tiny): the markdown does not print them
     result["failed"] = sum(1 for e in entries if e.get("error"))
     return result
 

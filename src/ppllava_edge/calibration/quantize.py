@@ -61,7 +61,9 @@ import numpy as np
 
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, CalibrationError, InputError
+from ..external_data import ExternalData, external_files, read_initializer
 from ..manifest import MANIFEST_NAME, load_manifest
+from ..runtime.decoder import adapt_feed
 from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
 
 log = logging.getLogger(__name__)
@@ -231,7 +233,7 @@ def _exclude_target(entry: str, graph: str) -> str | None:
 
     "GRAPH:NAME" applies to that graph ("pool:NAME" to both pools); a plain name to every graph."""
     g, sep, n = entry.partition(":")
-    if sep and g in ("vision", "prompt_pool", "image_pool", "decoder", "pool"):
+    if sep and g in ("vision", "prompt_pool", "image_pool", "decoder", "decoder_trt", "pool"):
         return n if g == graph or (g == "pool" and graph in _POOLS) else None
     return entry
 
@@ -322,7 +324,7 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
     if graph in _POOLS and op_types == "all":
         nodes, types = None, None
     if nodes is not None and not nodes:
-        shutil.copyfile(src, dst)
+        copy_graph(src, dst)
         return {"scheme": "none (no weight nodes)", "nodes_quantized": 0, "preprocess": how, "unknown_excludes": unknown}
     ranges = work / f"{graph}.ranges.json"
     calibrate_ranges(pre, calib, graph, method, types, ranges, work)
@@ -351,19 +353,71 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
 
 
 def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str]) -> dict:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """Weight-only MatMulNBits, one initializer at a time (peak memory: one weight in fp32 + its packed form).
 
-    model = onnx.load(str(src))
-    names = {n.name for n in model.graph.node}
-    with _quiet():
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                 nodes_to_exclude=[e for e in excludes if e in names], op_types_to_quantize=("MatMul",))
-        q.process()
-        q.model.save_model_to_file(str(dst), False)
-    n = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(dst)).graph.node)
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4)",
-            "nodes_quantized": n, "unknown_excludes": [e for e in excludes if e not in names]}
+    Every MatMul whose B is a 2-D initializer becomes MatMulNBits (symmetric, blocks of `block_size` along K,
+    accuracy_level 4) with the same kernels ONNX Runtime's MatMulNBitsQuantizer calls (quantize_matmul_4bits /
+    _8bits), so the packed bytes are identical to it; weights are read memory-mapped from the source's external
+    data and written to `dst.data` as they are produced, so a 7B decoder quantizes in a few GB.
+    """
+    import onnx
+    from onnx import helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    names = {n.name for n in graph.node}
+    skip = set(excludes)
+    inits = {t.name: t for t in graph.initializer}
+
+    def quantizable(nd) -> bool:
+        return nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in inits and len(inits[nd.input[1]].dims) == 2
+
+    targets = {nd.input[1] for nd in graph.node if quantizable(nd)}
+    # initializers some other consumer still reads in float (kept beside their quantized form)
+    keep_float = {i for nd in graph.node for j, i in enumerate(nd.input) if not (quantizable(nd) and j == 1)}
+    keep_float |= {o.name for o in graph.output}
+    data_name = dst.name + ".data"
+    new_inits, new_nodes, count = [], [], 0
+    with ExternalData(dst.parent / data_name) as out:
+        quantized: dict[str, tuple[str, str, int, int]] = {}
+        for t in graph.initializer:
+            arr = read_initializer(t, src.parent)
+            if t.name in targets:
+                w = np.asarray(arr, dtype=np.float32)
+                k, n = w.shape
+                k_blocks = (k + block_size - 1) // block_size
+                blob = block_size * bits // 8
+                packed = np.zeros((n, k_blocks, blob), dtype=np.uint8)
+                scales = np.zeros((n, k_blocks), dtype=np.float32)
+                zero_points = np.zeros((n, (k_blocks * bits + 7) // 8), dtype=np.uint8)
+                if k_blocks * block_size != k:
+                    w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
+                (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, True)
+                new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
+                new_inits.append(out.add(f"{t.name}_scales", scales.astype(arr.dtype)))
+                quantized[t.name] = (f"{t.name}_Q{bits}", f"{t.name}_scales", k, n)
+                del w, packed
+                if t.name not in keep_float:
+                    continue
+            new_inits.append(out.add(t.name, np.asarray(arr)))
+        for nd in graph.node:
+            if nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in quantized:
+                qb, sc, k, n = quantized[nd.input[1]]
+                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc], list(nd.output), name=f"{nd.name}_Q{bits}",
+                                                  domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4))
+                count += 1
+            else:
+                new_nodes.append(nd)
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save_model(model, str(dst))
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4; streamed per initializer)",
+            "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
 
 
 def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
@@ -385,9 +439,8 @@ def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th
     cos = {o: [] for o in outs}
     mabs = {o: [] for o in outs}
     for r in recs:
-        feed = calib.feed(graph, r)
-        a = ref.sessions[graph].run(None, feed)
-        b = qs.sessions[graph].run(None, feed)
+        a = ref.sessions[graph].run(None, calib.feed(graph, r, input_names=_inputs(ref.sessions[graph])))
+        b = qs.sessions[graph].run(None, calib.feed(graph, r, input_names=_inputs(qs.sessions[graph])))
         for o, x, y in zip(outs, a, b):
             cos[o].append(_cosine(x, y))
             mabs[o].append(_max_abs(x, y))
@@ -398,13 +451,18 @@ def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th
     return checks
 
 
-def _decoder_feed(embeds: np.ndarray, kv: tuple[int, int], names: list[str]) -> dict:
+def _decoder_feed(embeds: np.ndarray, kv: tuple[int, int], names: list[str], session) -> dict:
+    """A prefill feed (empty past) in the contract of `session`'s graph."""
     n = embeds.shape[1]
     feed = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32), "attention_mask": np.ones((1, n), np.int64),
             "position_ids": np.arange(n, dtype=np.int64)[None]}
     for k in names:
         feed[k] = np.zeros((1, kv[0], 0, kv[1]), np.float32)
-    return feed
+    return adapt_feed(feed, _inputs(session))
+
+
+def _inputs(session) -> list[str]:
+    return [i.name for i in session.get_inputs()]
 
 
 def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds, positions: int, tokens: int) -> list[Check]:
@@ -414,9 +472,10 @@ def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Threshol
     recs = calib.eval_records("decoder")
     # 1) last-position logits on the stored feeds (prefill + decode steps)
     cos = []
+    rs, qd = ref.sessions["decoder"], qs.sessions["decoder"]
     for r in recs:
-        feed = calib.feed("decoder", r)
-        cos.append(_cosine(ref.sessions["decoder"].run(["logits"], feed)[0], qs.sessions["decoder"].run(["logits"], feed)[0]))
+        a = rs.run(["logits"], calib.feed("decoder", r, input_names=_inputs(rs)))[0]
+        cos.append(_cosine(a, qd.run(["logits"], calib.feed("decoder", r, input_names=_inputs(qd)))[0]))
     checks = [Check("decoder", precision, "logits cosine (min)", min(cos), th.decoder_cosine, len(recs))]
     prefills = [r for r in recs if r["kind"] == "prefill"]
     # 2) top-1 over prefill positions: the graph returns the last position only, so one prefill per prefix cut
@@ -425,9 +484,8 @@ def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Threshol
         e = calib.load(r)["inputs_embeds"]
         L = e.shape[1]
         for p in sorted({int(round(x)) for x in np.linspace(max(2, L // 8), L, positions)}):
-            feed = _decoder_feed(e[:, :p], kv, ref.decoder.past_names)
-            a = ref.sessions["decoder"].run(["logits"], feed)[0]
-            b = qs.sessions["decoder"].run(["logits"], feed)[0]
+            a = rs.run(["logits"], _decoder_feed(e[:, :p], kv, ref.decoder.past_names, rs))[0]
+            b = qd.run(["logits"], _decoder_feed(e[:, :p], kv, ref.decoder.past_names, qd))[0]
             agree += int(np.argmax(a[0]) == np.argmax(b[0]))
             total += 1
     checks.append(Check("decoder", precision, "top-1 prefill positions", agree / max(total, 1), th.top1, total))
@@ -446,6 +504,18 @@ def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Threshol
             la, lb = ref.decoder.forward(x), qs.decoder.forward(x)
     checks.append(Check("decoder", precision, "top-1 decode (teacher-forced)", agree / max(total, 1), th.top1, total))
     return checks
+
+
+def _trt_decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds) -> list[Check]:
+    """The TensorRT decoder graph (run here by ONNX Runtime on CPU): last-position logits cosine on held-out feeds."""
+    from ..runtime.session import create_session
+
+    a_s = create_session(ref.manifest.path("decoder_trt"), "cpu")
+    b_s = create_session(qs.manifest.path("decoder_trt"), "cpu")
+    recs = calib.eval_records("decoder_trt")
+    cos = [_cosine(a_s.run(["logits"], calib.feed("decoder_trt", r, input_names=_inputs(a_s)))[0],
+                   b_s.run(["logits"], calib.feed("decoder_trt", r, input_names=_inputs(b_s)))[0]) for r in recs]
+    return [Check("decoder_trt", precision, "logits cosine (min)", min(cos), th.decoder_cosine, len(recs))]
 
 
 class _VisionCache:
@@ -518,6 +588,8 @@ def evaluate_accuracy(
             checks += _graph_checks(g, precisions[g], ref, qs, calib, thresholds)
     if precisions.get("decoder", "fp32") != "fp32":
         checks += _decoder_checks(precisions["decoder"], ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
+    if precisions.get("decoder_trt", "fp32") != "fp32":
+        checks += _trt_decoder_checks(precisions["decoder_trt"], ref, qs, calib, thresholds)
     if any(p != "fp32" for p in precisions.values()):
         pooled = precisions.get("vision", "fp32") != "fp32" or precisions.get("prompt_pool", "fp32") != "fp32"
         checks += _pipeline_checks(ref, qs, calib, thresholds, greedy_tokens, pooled)
@@ -584,8 +656,12 @@ def quantize_export(
     if any(p != "fp32" for p in src_prec.values()):
         raise InputError(f"{export_dir} is already quantized ({src_prec}); quantize the fp32 export instead.")
     calib = load_calibration(calib_dir, manifest)
-    precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32"}
+    # the TensorRT decoder (standard ops) follows --llm int8 (TensorRT builds Q/DQ graphs); weight-only MatMulNBits
+    # graphs are ONNX Runtime only, so with those it stays fp32 (recorded in the manifest)
+    precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
+                  "decoder_trt": llm if llm == "int8" else "fp32"}
     precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
+    precisions.update({g: "fp32" for g in manifest.data["graphs"] if g not in precisions})
 
     graphs_info: dict[str, dict] = {}
     with AtomicDir(out, force) as tmp:
@@ -604,8 +680,10 @@ def quantize_export(
             dst = tmp / dst_name
             excl = _split_excludes(exclude_nodes, g)
             if prec == "fp32":
-                shutil.copyfile(src, dst)
+                copy_graph(src, dst)
                 info = {"scheme": "fp32 (copied)"}
+                if g == "decoder_trt" and llm != "fp32":
+                    info["note"] = f"--llm {llm} is ONNX Runtime's MatMulNBits, which TensorRT does not parse: the TensorRT decoder stays fp32"
             else:
                 stage(f"{g} -> {prec}")
                 if prec == "int8":
@@ -653,6 +731,15 @@ def quantize_export(
             err.report = report  # type: ignore[attr-defined]
             raise err
     return QuantizeResult(Path(out), data, report, graphs_info, time.perf_counter() - t_start)
+
+
+def copy_graph(src: Path, dst: Path) -> None:
+    """Copy an ONNX file and the external-data files it names (kept beside it under the same names)."""
+    import onnx
+
+    shutil.copyfile(src, dst)
+    for location in external_files(onnx.load(str(src), load_external_data=False)):
+        shutil.copyfile(src.parent / location, dst.parent / location)
 
 
 def _ort_version() -> str:

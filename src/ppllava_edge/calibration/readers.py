@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import CalibrationError
 from ..jsonfile import read_json
+from ..runtime.decoder import adapt_feed
 from .collect import GRAPHS, INDEX_FORMAT, INDEX_NAME
 
 _POOL_INPUTS = ("clip_ids", "keys", "values")
@@ -31,6 +32,7 @@ class CalibrationSet:
 
     def records(self, graph: str, split: str = "calib") -> list[dict]:
         """Feed records of `graph` in split 'calib', 'holdout' or 'all'."""
+        graph = _feed_graph(graph)
         if graph not in GRAPHS:
             raise CalibrationError(f"no calibration feeds for graph {graph!r} (CALIB has {', '.join(GRAPHS)})")
         recs = self.index["records"][graph]
@@ -51,9 +53,22 @@ class CalibrationSet:
         except (OSError, ValueError) as exc:
             raise CalibrationError(f"{path}: cannot read calibration feed ({exc})") from exc
 
-    def feed(self, graph: str, record: dict, arrays: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """The graph's input dict for one record (decoder masks / positions / past slices built here)."""
-        a = arrays if arrays is not None else self.load(record)
+    def feed(self, graph: str, record: dict, arrays: dict[str, np.ndarray] | None = None, input_names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The graph's input dict for one record (decoder masks / positions / past slices built here).
+
+        With `input_names` (the graph's inputs) the feed is fitted to that graph: entries it does not take are
+        dropped, and a decoder feed follows the graph's KV contract (the in-place decoder takes seqlens_k /
+        total_sequence_length instead of attention_mask / position_ids)."""
+        graph = _feed_graph(graph)
+        feed = self._feed(graph, record, arrays if arrays is not None else self.load(record))
+        if input_names is None:
+            return feed
+        names = set(input_names)
+        if graph == "decoder":
+            feed = adapt_feed(feed, names)
+        return {k: v for k, v in feed.items() if k in names}
+
+    def _feed(self, graph: str, record: dict, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph == "vision":
             return {"pixel_values": a["pixel_values"]}
         if graph in ("prompt_pool", "image_pool"):
@@ -76,6 +91,11 @@ class CalibrationSet:
     def feeds(self, graph: str, split: str = "calib") -> Iterator[dict[str, np.ndarray]]:
         for r in self.records(graph, split):
             yield self.feed(graph, r)
+
+
+def _feed_graph(graph: str) -> str:
+    """The TensorRT decoder graph (decoder_trt) is calibrated on the decoder's feeds (same inputs, concat contract)."""
+    return "decoder" if graph == "decoder_trt" else graph
 
 
 def _past_order(name: str) -> tuple[int, int]:
@@ -134,8 +154,7 @@ def make_reader(calib: CalibrationSet, graph: str, split: str = "calib", input_n
                 return None
             rec = records[self.pos]
             self.pos += 1
-            feed = calib.feed(graph, rec, self._arrays(rec))
-            return feed if input_names is None else {k: v for k, v in feed.items() if k in input_names}
+            return calib.feed(graph, rec, self._arrays(rec), input_names)
 
         def rewind(self) -> None:
             self.pos = self.start

@@ -18,7 +18,8 @@ from .main import cli
 @click.option("--opset", type=int, default=20, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--no-validate", is_flag=True, help="Skip the PyTorch vs ONNX Runtime validation pass.")
-def export_command(checkpoint: Path, out: Path, frames_spec: str, dtype: str, opset: int, force: bool, no_validate: bool) -> None:
+@click.option("--tensorrt", is_flag=True, help="Also write decoder_trt.onnx (standard ONNX ops) for `ppllava-edge build`: the in-place decoder.onnx uses ONNX Runtime contrib ops.")
+def export_command(checkpoint: Path, out: Path, frames_spec: str, dtype: str, opset: int, force: bool, no_validate: bool, tensorrt: bool) -> None:
     """Export CHECKPOINT to ONNX graphs in OUT (vision, prompt_pool, image_pool, decoder) + export.json, then validate."""
     from .._deps import require
 
@@ -28,7 +29,7 @@ def export_command(checkpoint: Path, out: Path, frames_spec: str, dtype: str, op
     from ..export.exporter import ExportOptions, export_checkpoint, parse_frames
 
     frames = parse_frames(frames_spec, load_config(checkpoint).max_frames)
-    opts = ExportOptions(frames=frames, dtype=dtype, opset=opset, force=force, validate=not no_validate)
+    opts = ExportOptions(frames=frames, dtype=dtype, opset=opset, force=force, validate=not no_validate, tensorrt=tensorrt)
     with stages("export") as log:
         result = export_checkpoint(checkpoint, out, opts, on_stage=log)
     if result.report.checks:

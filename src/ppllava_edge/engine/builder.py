@@ -180,11 +180,19 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
     """One EnginePlan per graph: file name, precision/typing, device, profiles. Raises on inconsistent options."""
     data = manifest.data
     limits = limits or resolve_limits(data, opts.frames, opts.max_input_len, opts.max_seq_len, opts.max_batch)
-    names = list(opts.graphs or data["graphs"])
-    unknown = [g for g in names if g not in data["graphs"]]
+    stages = manifest.backend_graphs("trt")  # stage -> the graph TensorRT builds for it (decoder -> decoder_trt)
+    names = list(opts.graphs or stages)
+    unknown = [g for g in names if g not in stages]
     if unknown:
-        raise InputError(f"graphs {unknown} are not in this export (it has: {', '.join(data['graphs'])})")
-    precisions = {g: data["graphs"][g].get("precision", data.get("dtype", "fp32")) for g in names}
+        raise InputError(f"graphs {unknown} are not in this export (it has: {', '.join(stages)})")
+    for g in names:
+        if data["graphs"][stages[g]].get("contract") == "gqa-inplace-v1":
+            raise EngineBuildError(
+                f"{g}: this export's {stages[g]}.onnx uses com.microsoft GroupQueryAttention (ONNX Runtime's in-place KV cache), "
+                "which TensorRT's ONNX parser does not take, and the export has no standard-ops decoder for TensorRT.\n"
+                "Hint: re-export with `ppllava-edge export CHECKPOINT OUT --tensorrt` (adds decoder_trt.onnx)."
+            )
+    precisions = {g: data["graphs"][stages[g]].get("precision", data.get("dtype", "fp32")) for g in names}
     if opts.int8 and not any(p == "int8" for p in precisions.values()):
         raise InputError(
             "--int8 needs a quantized (Q/DQ) export, but no graph of this export records precision int8 "
@@ -198,14 +206,14 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
     profiles = graph_profiles(data, limits, names)
     plans = []
     for g in names:
-        onnx, cache, int8_flag = manifest.path(g), None, False
+        onnx, cache, int8_flag = manifest.path(stages[g]), None, False
         if precisions[g] in ("int8-weight", "int4-weight"):
             raise EngineBuildError(
                 f"{g}: precision {precisions[g]} is ONNX Runtime's weight-only MatMulNBits operator, which TensorRT's ONNX parser does not implement.\n"
                 "Hint: build engines from the fp32 / fp16 export (or an int8 Q/DQ one); keep MatMulNBits exports for `ppllava-edge ask`."
             )
-        if precisions[g] == "int8" and is_asymmetric_qdq(data["graphs"][g]):
-            onnx, cache = implicit_int8_source(manifest, g, trt_version)
+        if precisions[g] == "int8" and is_asymmetric_qdq(data["graphs"][stages[g]]):
+            onnx, cache = implicit_int8_source(manifest, stages[g], trt_version)
             precision, strongly, fp16_flag, int8_flag = "int8", False, opts.fp16, True
         else:
             precision, strongly, fp16_flag = resolve_precision(precisions[g], opts.fp16, trt_version)
@@ -421,7 +429,7 @@ def build_engines(
                 Path(opts.timing_cache).parent.mkdir(parents=True, exist_ok=True)
                 Path(opts.timing_cache).write_bytes(cache_bytes)
             seconds = time.perf_counter() - t0
-            spec = manifest.graph(plan.graph)
+            spec = manifest.graph(manifest.graph_for(plan.graph, "trt"))
             built = BuiltEngine(plan, out_dir / plan.engine_file, path.stat().st_size, seconds, trtexec_command(plan, out_dir, opts, trt.__version__))
             result.engines.append(built)
             meta["engines"][plan.graph] = engine_entry(

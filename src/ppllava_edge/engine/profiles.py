@@ -23,6 +23,7 @@ import ast
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError, InputError
+from ..manifest import STAGES, graph_for
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
@@ -180,8 +181,8 @@ def graph_profiles(data: dict, limits: BuildLimits, graphs: list[str] | None = N
     A graph whose inputs are all static gets one profile with min == opt == max.
     """
     out: dict[str, list[Profile]] = {}
-    for name in graphs or list(data["graphs"]):
-        spec = data["graphs"][name]
+    for name in graphs or [s for s in STAGES if graph_for(data, s, "trt") in data["graphs"]]:
+        spec = data["graphs"][graph_for(data, name, "trt")]  # engines are named by stage; TensorRT's graph for it
         used = set().union(*(dim_symbols(d) for i in spec["inputs"] for d in i["dims"]))
         profiles = []
         for pname, ranges in symbol_ranges(name, data, limits):

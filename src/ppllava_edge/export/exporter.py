@@ -24,10 +24,12 @@ import torch
 from .. import __version__
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, ExportError, InputError
-from ..manifest import MANIFEST_NAME, PROMPT_TEMPLATE
+from ..manifest import MANIFEST_NAME, PROMPT_TEMPLATE, STAGES
 from ..model.checkpoint import checkpoint_hash, load_model
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
+from ..runtime.decoder import CONCAT, INPLACE
+from .decoder_builder import DecoderDims, build_decoder
 from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
 from .validate import ValidationReport, validate_export
 
@@ -48,6 +50,7 @@ class ExportOptions:
     opset: int = 20
     force: bool = False
     validate: bool = True
+    tensorrt: bool = False  # also write decoder_trt.onnx (standard ops; the in-place decoder uses contrib ops)
 
 
 @dataclass
@@ -174,6 +177,48 @@ def export_graphs(model: PPLLaVAForConditionalGeneration, tmp: Path, opts: Expor
 
     on_stage("decoder.onnx")
     t0 = time.perf_counter()
+    export_inplace_decoder(model, tmp / "decoder.onnx", opts)
+    timings["decoder"] = time.perf_counter() - t0
+    if opts.tensorrt:
+        on_stage("decoder_trt.onnx")
+        t0 = time.perf_counter()
+        export_concat_decoder(model, tmp / "decoder_trt.onnx", opts)
+        timings["decoder_trt"] = time.perf_counter() - t0
+    return timings
+
+
+ROTARY_HEADROOM = 2
+"""The in-place decoder's rotary tables cover 2x max_position_embeddings, so the bench's no-pooling baseline (which
+runs past the trained context, as LLaVA-NeXT-Video does) still has positions; the runtime's own context check
+stays at max_position_embeddings."""
+
+
+def rotary_tables(model: PPLLaVAForConditionalGeneration) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [positions, head_dim/2] exactly as transformers' rotary module computes them (float32)."""
+    t = model.cfg.text
+    lm = model.language_model.model
+    positions = torch.arange(ROTARY_HEADROOM * t.max_position_embeddings)[None]
+    with torch.no_grad():
+        cos, sin = lm.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    half = t.head_dim // 2
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+
+
+def export_inplace_decoder(model: PPLLaVAForConditionalGeneration, path: Path, opts: ExportOptions) -> None:
+    """decoder.onnx for ONNX Runtime: GroupQueryAttention with an in-place KV cache, written by decoder_builder."""
+    state = model.state_dict()
+    cos, sin = rotary_tables(model)
+    build_decoder(lambda name: state[name].detach().float().numpy(), DecoderDims.from_config(model.cfg.text), cos, sin, path, opts.dtype, opts.opset)
+
+
+def export_concat_decoder(model: PPLLaVAForConditionalGeneration, path: Path, opts: ExportOptions) -> None:
+    """decoder_trt.onnx: standard ONNX ops only (TensorRT's parser takes it), traced from transformers' LLaMA;
+    present = concat(past, new) each step."""
+    from torch.export import Dim
+
+    cfg = model.cfg
+    dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
     t = cfg.text
     batch, seq = Dim("batch", min=1, max=64), Dim("seq", min=1, max=8192)
     past_len, total = Dim("past", min=0, max=8192), Dim("total", min=1, max=16384)
@@ -184,14 +229,12 @@ def export_graphs(model: PPLLaVAForConditionalGeneration, tmp: Path, opts: Expor
     past = tuple(torch.randn(B, t.num_key_value_heads, Pl, t.head_dim, generator=gen).to(dtype) for _ in range(2 * t.num_hidden_layers))
     names = [f"past.{i}.{kv}" for i in range(t.num_hidden_layers) for kv in ("key", "value")]
     _onnx_export(
-        DecoderGraph(model), (emb, mask, pos, past), tmp / "decoder.onnx",
+        DecoderGraph(model), (emb, mask, pos, past), path,
         ["inputs_embeds", "attention_mask", "position_ids", *names],
         ["logits", *[n.replace("past", "present") for n in names]],
         ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in names)),
         opts.opset, _param_bytes(model.language_model) > EXTERNAL_DATA_BYTES,
     )
-    timings["decoder"] = time.perf_counter() - t0
-    return timings
 
 
 def _versions() -> dict[str, str]:
@@ -214,8 +257,25 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
     preset_file = checkpoint / "ppllava_edge.json"
     preset = json.loads(preset_file.read_text()).get("preset") if preset_file.is_file() else None
     graphs = {}
-    for name in ("vision", "prompt_pool", "image_pool", "projector_head", "decoder"):
+    names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt"] if opts.tensorrt else [])
+    for name in names:
         graphs[name] = {"file": f"{name}.onnx", "precision": opts.dtype, **graph_io(tmp / f"{name}.onnx"), "export_seconds": round(timings.get(name, 0.0), 3)}
+    kv_dtype = "float16" if opts.dtype == "fp16" else "float32"
+    graphs["decoder"].update({
+        "contract": INPLACE,
+        "kv_cache": {"dtype": kv_dtype, "layout": "[batch, kv_heads, capacity, head_dim]", "shared_past_present": True},
+        "rotary_positions": ROTARY_HEADROOM * t.max_position_embeddings,
+        "ops": "com.microsoft GroupQueryAttention (RoPE fused), SkipSimplifiedLayerNormalization, QuickGelu; ONNX Runtime only",
+    })
+    if opts.tensorrt:
+        graphs["decoder_trt"].update({
+            "contract": CONCAT,
+            "kv_cache": {"dtype": kv_dtype, "layout": "[batch, kv_heads, past, head_dim]", "shared_past_present": False},
+            "ops": "standard ONNX ops (TensorRT's parser takes them)",
+        })
+    backends = {"ort": {s: s for s in STAGES}}
+    if opts.tensorrt:
+        backends["trt"] = {**{s: s for s in STAGES}, "decoder": "decoder_trt"}
     h, w = cfg.frame_shape
     return {
         "format": "ppllava-edge-export",
@@ -227,6 +287,7 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
         "opset": opts.opset,
         "dtype": opts.dtype,
         "graphs": graphs,
+        "backends": backends,
         "versions": _versions(),
         "frames": {"min": opts.frames[0], "opt": opts.frames[1], "max": opts.frames[2]},
         "visual_tokens_per_frame_pair": cfg.visual_tokens(2),

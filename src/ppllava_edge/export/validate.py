@@ -127,30 +127,57 @@ def validate_export(model: PPLLaVAForConditionalGeneration, folder: Path, manife
         flat = ref_values.reshape(-1, ref_values.shape[-1])
         record("projector_head", f"N={flat.shape[0]}", "tokens", model.multi_modal_projector.linear_2(flat).numpy(), head.run(None, {"values": flat.numpy().astype(np_dtype)})[0])
 
-        t = cfg.text
-        dg = DecoderGraph(model)
-        names = [f"past.{i}.{kv}" for i in range(t.num_hidden_layers) for kv in ("key", "value")]
-        table = model.language_model.get_input_embeddings().weight
-        for L in (7, 19):
-            ids = torch.randint(3, t.vocab_size, (1, L), generator=gen)
-            emb = table[ids]
-            mask = torch.ones(1, L, dtype=torch.int64)
-            pos = torch.arange(L)[None]
-            empty = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in names)
-            ref = dg(emb, mask, pos, empty)
-            feed = {"inputs_embeds": emb.numpy().astype(np_dtype), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-            feed.update({n: p.numpy().astype(np_dtype) for n, p in zip(names, empty)})
-            got = decoder.run(None, feed)
-            record("decoder", f"prefill L={L}", "logits", ref[0].numpy(), got[0])
-            record("decoder", f"prefill L={L}", "present.0.key", ref[1].numpy(), got[1])
-            # one decode step on top of the reference past
-            nxt = table[torch.randint(3, t.vocab_size, (1, 1), generator=gen)]
-            mask2 = torch.ones(1, L + 1, dtype=torch.int64)
-            pos2 = torch.tensor([[L]])
-            ref2 = dg(nxt, mask2, pos2, tuple(ref[1:]))
-            feed = {"inputs_embeds": nxt.numpy().astype(np_dtype), "attention_mask": mask2.numpy(), "position_ids": pos2.numpy()}
-            feed.update({n: p.numpy().astype(np_dtype) for n, p in zip(names, ref[1:])})
-            got2 = decoder.run(None, feed)
-            record("decoder", f"decode past={L}", "logits", ref2[0].numpy(), got2[0])
-            record("decoder", f"decode past={L}", f"present.{t.num_hidden_layers - 1}.value", ref2[-1].numpy(), got2[-1])
+        for graph in ("decoder", "decoder_trt"):
+            if graph in manifest["graphs"]:
+                _check_decoder(model, graph, _session(folder / manifest["graphs"][graph]["file"]), np_dtype, gen, record)
     return ValidationReport(checks)
+
+
+def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, session, np_dtype, gen: torch.Generator, record) -> None:
+    """Prefill at two lengths and a decode step on top of the reference past (plain run), and for the in-place
+    graph the runtime's own binding (one shared buffer) over a prefill and three decode steps."""
+    from ..runtime.decoder import InplaceKVDecoder, adapt_feed
+
+    cfg = model.cfg
+    t = cfg.text
+    dg = DecoderGraph(model)
+    names = [f"past.{i}.{kv}" for i in range(t.num_hidden_layers) for kv in ("key", "value")]
+    inputs = [i.name for i in session.get_inputs()]
+    table = model.language_model.get_input_embeddings().weight
+
+    def run(emb, past, length):
+        feed = {"inputs_embeds": emb.numpy().astype(np_dtype), "attention_mask": np.ones((1, length + emb.shape[1]), np.int64),
+                "position_ids": np.arange(length, length + emb.shape[1], dtype=np.int64)[None]}
+        feed.update({n: p.numpy().astype(np_dtype) for n, p in zip(names, past)})
+        return session.run(None, adapt_feed(feed, inputs))
+
+    for L in (7, 19):
+        ids = torch.randint(3, t.vocab_size, (1, L), generator=gen)
+        emb = table[ids]
+        empty = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in names)
+        ref = dg(emb, torch.ones(1, L, dtype=torch.int64), torch.arange(L)[None], empty)
+        got = run(emb, empty, 0)
+        record(graph, f"prefill L={L}", "logits", ref[0].numpy(), got[0])
+        record(graph, f"prefill L={L}", "present.0.key", ref[1].numpy(), got[1])
+        nxt = table[torch.randint(3, t.vocab_size, (1, 1), generator=gen)]
+        ref2 = dg(nxt, torch.ones(1, L + 1, dtype=torch.int64), torch.tensor([[L]]), tuple(ref[1:]))
+        got2 = run(nxt, ref[1:], L)
+        record(graph, f"decode past={L}", "logits", ref2[0].numpy(), got2[0])
+        record(graph, f"decode past={L}", f"present.{t.num_hidden_layers - 1}.value", ref2[-1].numpy(), got2[-1])
+    if "seqlens_k" not in inputs:
+        return
+    # the in-place path as the runtime binds it: past and present share one buffer, written position by position
+    L, steps = 11, 3
+    dec = InplaceKVDecoder(session, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, t.max_position_embeddings, dtype=np_dtype)
+    dec.reserve(1, L + steps)
+    dec.reset(1)
+    seq = table[torch.randint(3, t.vocab_size, (1, L + steps), generator=gen)]
+    empty = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in names)
+    ref = dg(seq, torch.ones(1, L + steps, dtype=torch.int64), torch.arange(L + steps)[None], empty)
+    dec.forward(seq[:, :L].numpy())
+    for j in range(steps):
+        logits = dec.forward(seq[:, L + j : L + j + 1].numpy())
+    ref_last = dg(seq[:, -1:], torch.ones(1, L + steps, dtype=torch.int64), torch.tensor([[L + steps - 1]]), tuple(r[:, :, :-1] for r in ref[1:]))
+    record(graph, f"in-place L={L}+{steps}", "logits", ref_last[0].numpy(), logits)
+    record(graph, f"in-place L={L}+{steps}", "cache (all layers)", np.concatenate([r.numpy().ravel() for r in ref[1:]]),
+           np.concatenate([p.ravel() for p in dec.past()]))

@@ -48,6 +48,14 @@ class KVDecoder(Protocol):
         ...
 
 
+def _reserve(decoder: KVDecoder, batch: int, positions: int) -> None:
+    """Tell a decoder that preallocates its cache (an optional `reserve(batch, positions)` method) what the request
+    needs, so it allocates once and exactly: `positions` = prompt + new tokens - 1 (the last token is never fed)."""
+    reserve = getattr(decoder, "reserve", None)
+    if reserve is not None:
+        reserve(batch, positions)
+
+
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # int64 ids [B] -> embeddings [B, 1, D]
 
 
@@ -180,6 +188,7 @@ def _greedy_or_sample(
 ) -> GenerationOutput:
     rng = np.random.default_rng(config.seed) if config.do_sample else None
     stops = config.stops_at_eos
+    _reserve(decoder, 1, prompt_embeds.shape[0] + config.max_new_tokens - 1)
     decoder.reset(1)
 
     t0 = time.perf_counter()
@@ -257,6 +266,7 @@ def _beam_search(
 
     # The prompt runs once with batch 1; the first reorder expands its cache row to n identical rows, which is
     # what transformers' n-row prefill holds.
+    _reserve(decoder, n, prompt_embeds.shape[0] + max_len - 1)
     decoder.reset(1)
     t0 = time.perf_counter()
     logits = np.repeat(_checked_logits(decoder.forward(prompt_embeds[None]), 1), n, axis=0)  # [n, V]

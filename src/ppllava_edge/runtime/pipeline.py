@@ -28,7 +28,7 @@ from ..manifest import ExportManifest, load_manifest
 from ..media import input_kind, load_image, load_npy_pixel_values, load_video, preprocess_frames
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer
 from .cache import FeatureCache, content_key, file_digest
-from .decoder import OrtKVDecoder
+from .decoder import open_decoder
 from .generation import GenerationConfig, generate
 from .session import create_session, resolve_provider
 
@@ -138,11 +138,8 @@ class Pipeline:
         """One KV-cache decoder (its own buffers) over the shared decoder session."""
         if self.trt is not None:
             return self.trt.decoder
-        m = self.manifest.model
-        return OrtKVDecoder(
-            self.sessions["decoder"], m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"],
-            dtype=self.dtype, io_binding=self.provider == "cpu",
-        )
+        entry = self.manifest.graph(self.manifest.graph_for("decoder", "ort"))
+        return open_decoder(self.sessions["decoder"], entry, self.manifest.model, self.dtype, self.provider)
 
     @property
     def decoder(self):

@@ -334,7 +334,7 @@ def open_engines(engines_dir: str | Path, manifest: ExportManifest, cuda_graph: 
         if graph == "decoder":
             continue
         eng = TrtEngine(trt, runtime, folder / entry["file"], stream, profiles_from_json(entry["profiles"]))
-        runners[graph] = TrtGraphRunner(eng, [o["name"] for o in manifest.graph(graph)["outputs"]], stream)
+        runners[graph] = TrtGraphRunner(eng, [o["name"] for o in manifest.graph(manifest.graph_for(graph, "trt"))["outputs"]], stream)
     entry = meta["engines"]["decoder"]
     dec_engine = TrtEngine(trt, runtime, folder / entry["file"], stream, profiles_from_json(entry["profiles"]))
     decoder = TrtKVDecoder(dec_engine, manifest.model, meta["limits"], stream, cuda_graph=cuda_graph)

@@ -1,0 +1,89 @@
+"""ONNX initializers in external-data files, one tensor at a time (needs the `onnx` package: export extra).
+
+Writing: `ExternalData(path).add(name, array)` appends the bytes (large tensors aligned to 64 KiB, so ONNX Runtime
+can memory-map them; tensors under 1 KiB stay inline) and returns a TensorProto pointing at them. Reading: `read_initializer(tensor, folder)`
+memory-maps one tensor's bytes. Together they let the decoder builder and the weight-only quantizer handle a 7B
+graph while holding one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+ALIGN = 1 << 16  # offsets of tensors >= ALIGN_THRESHOLD are multiples of this (mmap-able on every OS)
+ALIGN_THRESHOLD = 1 << 20
+INLINE_BELOW = 1024  # bytes; onnx's own save_model convention (size_threshold=1024)
+
+
+class ExternalData:
+    """Appends tensors to one external-data file and returns TensorProtos that point into it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._f = open(self.path, "wb")
+        self.offset = 0
+        self.bytes_written = 0
+
+    def add(self, name: str, array: np.ndarray):
+        import onnx
+
+        array = np.asarray(array)
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
+            array = array.copy(order="C")
+        nbytes = array.nbytes
+        if nbytes < INLINE_BELOW:  # shape-like constants stay in the proto (shape inference must read them)
+            return onnx.numpy_helper.from_array(array, name)
+        if nbytes >= ALIGN_THRESHOLD and self.offset % ALIGN:
+            pad = ALIGN - self.offset % ALIGN
+            self._f.write(b"\0" * pad)
+            self.offset += pad
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self._f.write(memoryview(array).cast("B"))
+        self.offset += nbytes
+        self.bytes_written += nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def __enter__(self) -> ExternalData:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._f.closed:
+            self.close()
+
+
+def read_initializer(tensor, folder: str | os.PathLike) -> np.ndarray:
+    """One initializer as a numpy array: memory-mapped from its external-data file (read-only), or from the proto."""
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    ext = {e.key: e.value for e in tensor.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(int(d) for d in tensor.dims)
+    count = int(np.prod(shape)) if shape else 1
+    offset = int(ext.get("offset", 0))
+    path = Path(folder) / ext["location"]
+    if count == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
+
+
+def external_files(model) -> list[str]:
+    """The external-data file names a ModelProto's initializers point to."""
+    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
