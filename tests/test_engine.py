@@ -100,9 +100,12 @@ SMALL = make_manifest()
 
 
 def fake_export(tmp_path: Path, data: dict) -> ExportManifest:
+    """An export folder `load_manifest` accepts, with placeholder files (nothing in it can run)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    for spec in data["graphs"].values():
-        (tmp_path / spec["file"]).write_bytes(b"onnx")
+    data.setdefault("embeddings", {"file": "embed_tokens.npy"})
+    data.setdefault("tokenizers", {"llama": "llama_tokenizer.json", "clip": "clip_tokenizer.json"})
+    for name in (*(spec["file"] for spec in data["graphs"].values()), data["embeddings"]["file"], *data["tokenizers"].values()):
+        (tmp_path / name).write_bytes(b"onnx")
     (tmp_path / "export.json").write_text(json.dumps(data))
     return ExportManifest(tmp_path, data)
 
@@ -245,6 +248,9 @@ def test_compatibility_checks():
         check_compatible(_meta(), "10.3.0", 86)
     with pytest.raises(EngineBuildError, match="TensorRT 11.4.0; they target sm87"):
         check_compatible(_meta(), "11.4.0.106", 89)
+    check_compatible(_meta(), "10.3.0", 87, "Orin")  # same GPU model
+    with pytest.raises(EngineBuildError, match=r"built on a Orin, this GPU is a Orin \(nvgpu\)(.|\n)*specific to the GPU model"):
+        check_compatible(_meta(), "10.3.0", 87, "Orin (nvgpu)")  # same SM, another model: NVIDIA says rebuild
     check_export(_meta(), SMALL)
     with pytest.raises(EngineBuildError, match="another export"):
         check_export(_meta(), {**SMALL, "checkpoint": {"sha256": "cd" * 32}})
@@ -284,16 +290,33 @@ def test_precision_rules():
 
 def test_trtexec_lines_for_vision_on_dla(tmp_path):
     m = fake_export(tmp_path, make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16)))
-    opts = BuildOptions(fp16=True, workspace_mb=2048, builder_level=4, timing_cache=Path("/cache/tc.bin"), dla_core=0)
+    opts = BuildOptions(fp16=True, workspace_mb=2048, builder_level=4, timing_cache=Path("/cache/tc.bin"), dla_core=0, frames=(8, 8, 8))
     plans = {p.graph: p for p in plan_build(m, Path("/engines"), opts, "10.3.0.30", 87)}
     assert plans["vision"].device == "dla:0" and plans["decoder"].device == "gpu"
+    assert plans["vision"].profile_names == ["frames=8"] and not plans["vision"].dynamic  # DLA: min = opt = max
     assert trtexec_command(plans["vision"], Path("/engines"), opts, "10.3.0.30") == (
         f"trtexec --onnx={tmp_path}/vision.onnx --saveEngine=/engines/vision.trt10.3.0.sm87.engine --fp16 "
-        "--minShapes=pixel_values:1x3x84x84 --optShapes=pixel_values:8x3x84x84 --maxShapes=pixel_values:16x3x84x84 "
-        "--memPoolSize=workspace:2048M --builderOptimizationLevel=4 --timingCacheFile=/cache/tc.bin --useDLACore=0 --allowGPUFallback --skipInference"
+        "--minShapes=pixel_values:8x3x84x84 --optShapes=pixel_values:8x3x84x84 --maxShapes=pixel_values:8x3x84x84 "
+        "--memPoolSize=workspace:2048M --builderOptimizationLevel=4 --timingCacheFile=/cache/tc.bin --useDLACore=0 --allowGPUFallback "
+        "--profilingVerbosity=detailed --exportLayerInfo=/engines/vision.layers.json --skipInference"
     )
     static = trtexec_command(plans["image_pool"], Path("/engines"), opts, "10.3.0.30")
     assert "Shapes" not in static and "--useDLACore" not in static
+
+
+def test_dla_needs_one_frame_count_and_a_tensorrt_with_dla(tmp_path):
+    m = fake_export(tmp_path, make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16), dtype="fp16"))
+    with pytest.raises(InputError, match=r"DLA has no dynamic shapes(.|\n)*--frames 8:8:8(.|\n)*images"):
+        plan_build(m, Path("/e"), BuildOptions(dla_core=0), "10.3.0", 87)
+    two = {p.graph: p for p in plan_build(m, Path("/e"), BuildOptions(dla_core=1, frames=(2, 2, 2)), "10.3.0", 87)}
+    assert two["vision"].profiles == [{"pixel_values": ((2, 3, 84, 84),) * 3}] and two["vision"].device == "dla:1"  # no 1-frame image range
+    assert two["prompt_pool"].device == "gpu"
+    for version, ok in [("10.7.0", True), ("10.8.0", False), ("10.16.1.11", False), ("11.1.0", False), ("11.4.0.106", False), ("11.4.1", True)]:
+        if ok:
+            plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), version, 87)
+        else:
+            with pytest.raises(EngineBuildError, match="no DLA support"):
+                plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), version, 87)
 
 
 def test_trtexec_decoder_has_one_shape_group_per_profile(tmp_path):
@@ -316,7 +339,7 @@ def test_int8_and_dla_option_checks(tmp_path):
     with pytest.raises(InputError, match="--int8 needs a quantized"):
         plan_build(m, Path("/e"), BuildOptions(int8=True), "10.3.0", 87)
     with pytest.raises(InputError, match="DLA has no fp32"):
-        plan_build(m, Path("/e"), BuildOptions(dla_core=0), "10.3.0", 87)
+        plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), "10.3.0", 87)
     data["graphs"]["decoder"]["precision"] = "int8"  # a Q/DQ decoder, as the INT8 export will record it
     plans = {p.graph: p for p in plan_build(ExportManifest(tmp_path, data), Path("/e"), BuildOptions(int8=True, fp16=True), "10.3.0", 87)}
     assert (plans["decoder"].precision, plans["decoder"].strongly_typed, plans["decoder"].fp16_flag) == ("int8", True, False)
@@ -518,7 +541,7 @@ def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
     manifest = load_manifest(tiny_export)
     result = build_engines(tiny_export, tmp_path / "engines", BuildOptions(max_input_len=64, max_seq_len=128, max_batch=2, timing_cache=tmp_path / "tc.bin"))
     assert len(result.engines) == 5 and (tmp_path / "tc.bin").stat().st_size > 0
-    engines = open_engines(tmp_path / "engines", manifest, cuda_graph=True)
+    engines = open_engines(tmp_path / "engines", manifest)
     try:
         rng = np.random.default_rng(0)
         px = rng.standard_normal((4, 3, 84, 84)).astype(np.float32)
@@ -533,7 +556,7 @@ def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
         np.testing.assert_allclose(engines.decoder.forward(prompt), ort_dec.forward(prompt), rtol=1e-2, atol=1e-3)
         for dec in (ort_dec, engines.decoder):
             dec.reorder(np.zeros(2, np.int64))
-        for _ in range(3):  # decode steps: the first runs plainly, later ones as captured CUDA graphs
+        for _ in range(3):  # decode steps on the generation profile, KV growing by one position each
             step = rng.standard_normal((2, 1, m["hidden_size"])).astype(np.float32)
             np.testing.assert_allclose(engines.decoder.forward(step), ort_dec.forward(step), rtol=1e-2, atol=1e-3)
     finally:
@@ -565,7 +588,7 @@ def quantized_export(tmp_path: Path, decoder: str = "int8", cache: bool = True) 
         if cache:
             spec["quantization"]["trt_calibration_cache"] = {"file": "trt_calibration/decoder.cache", "tensors": 3}
             (q / "trt_calibration").mkdir()
-            (q / "trt_calibration/decoder.cache").write_text("TRT-8601-EntropyCalibration2\n")
+            (q / "trt_calibration/decoder.cache").write_text("TRT-8601-EntropyCalibration2\nx: 3c010a14\nonnx::MatMul_7: 3d4ccccd\n")
     return fake_export(q, data)
 
 
@@ -593,141 +616,95 @@ def test_unbuildable_quantized_graphs_are_refused(tmp_path):
         plan_build(m, Path("/e"), BuildOptions(), "10.3.0", 87)
 
 
-# ---- build_engines' calls into the TensorRT API, with a recording stand-in -------------------------
-class _Recorder:
-    """Stands in for the `tensorrt` module to check which TensorRT API calls build_engines makes and what it writes.
-    It builds nothing: the "plans" it returns are placeholder bytes."""
+def test_calibration_cache_is_checked_before_building(tmp_path):
+    from ppllava_edge.engine.builder import read_calibration_cache
 
-    def __init__(self, version="10.3.0.30"):
-        import types
-
-        rec = self
-        self.calls: list[tuple] = []
-        m = types.ModuleType("tensorrt")
-        m.__version__ = version
-        m.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
-        m.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-        m.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK")
-        m.DeviceType = types.SimpleNamespace(DLA="DLA")
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, severity):
-                pass
-
-        class Cache:
-            def __init__(self, data):
-                self.data = bytes(data) + b"+"
-
-            def serialize(self):
-                return self.data
-
-        class Config:
-            def __init__(self):
-                self.graph = None
-
-            def set_memory_pool_limit(self, pool, size):
-                rec.calls.append(("pool", pool, size))
-
-            def set_flag(self, flag):
-                rec.calls.append(("flag", flag))
-
-            def create_timing_cache(self, data):
-                rec.calls.append(("timing_cache_in", bytes(data)))
-                self.cache = Cache(data)
-                return self.cache
-
-            def set_timing_cache(self, cache, ignore_mismatch):
-                return True
-
-            def get_timing_cache(self):
-                return self.cache
-
-            def add_optimization_profile(self, profile):
-                rec.calls.append(("profile", dict(profile.shapes)))
-
-            def __setattr__(self, name, value):
-                if name == "builder_optimization_level":
-                    rec.calls.append(("level", value))
-                object.__setattr__(self, name, value)
-
-        class Profile:
-            def __init__(self):
-                self.shapes = {}
-
-            def set_shape(self, name, lo, opt, hi):
-                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-        class Network:
-            def __init__(self, flags):
-                self.flags = flags
-
-        class Parser:
-            num_errors = 0
-
-            def __init__(self, network, logger):
-                self.network = network
-
-            def parse_from_file(self, path):
-                rec.calls.append(("parse", Path(path).name, self.network.flags))
-                return True
-
-        class Builder:
-            num_DLA_cores = 0
-
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                return Network(flags)
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                return b"placeholder plan"
-
-        m.Logger, m.Builder, m.OnnxParser = Logger, Builder, Parser
-        self.module = m
+    good = tmp_path / "good.cache"
+    good.write_text("TRT-100300-EntropyCalibration2\nx: 3c010a14\nonnx::MatMul_7: 3d4ccccd\n")
+    algo, scales = read_calibration_cache(good)
+    assert algo == "EntropyCalibration2" and set(scales) == {"x", "onnx::MatMul_7"} and abs(scales["onnx::MatMul_7"] - 0.05) < 1e-7
+    for text, match in [
+        ("", "not a TensorRT calibration cache"),
+        ("x: 3c010a14\n", "not a TensorRT calibration cache"),
+        ("TRT-100300-LegacyCalibration\nx: 3c010a14\n", "algorithm 'LegacyCalibration'"),
+        ("TRT-100300-EntropyCalibration2\n", "holds no tensor scales"),
+        ("TRT-100300-EntropyCalibration2\nx: 3c01\ny: 00000000\n", r"2 line\(s\)(.|\n)*line 2: 'x: 3c01'"),
+    ]:
+        bad = tmp_path / "bad.cache"
+        bad.write_text(text)
+        with pytest.raises(EngineBuildError, match=match):
+            read_calibration_cache(bad)
 
 
-def test_build_engines_calls_and_outputs(tiny_export, tmp_path, monkeypatch):
+def test_bf16_and_fp8_are_refused_at_plan_time(tmp_path):
+    data = make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))
+    data["graphs"]["decoder"]["outputs"][0]["dtype"] = "bfloat16"
+    with pytest.raises(EngineBuildError, match=r"decoder: graph 'decoder' has inputs/outputs numpy cannot hold: logits \(bfloat16\)(.|\n)*--dtype fp16"):
+        plan_build(fake_export(tmp_path / "a", data), Path("/e"), BuildOptions(), "10.3.0", 87)
+    data = make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))
+    data["graphs"]["vision"]["inputs"][0]["dtype"] = "float8_e4m3fn"
+    with pytest.raises(EngineBuildError, match=r"pixel_values \(float8_e4m3fn\)"):
+        plan_build(fake_export(tmp_path / "b", data), Path("/e"), BuildOptions(), "10.3.0", 87)
+    data = make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))
+    data["graphs"]["decoder"]["precision"] = "fp8"  # fp8 inside, fp32 I/O: fine on Ada / Hopper, refused on Orin (sm87)
+    m = fake_export(tmp_path / "c", data)
+    assert next(p for p in plan_build(m, Path("/e"), BuildOptions(), "10.16.1", 89) if p.graph == "decoder").precision == "fp8"
+    with pytest.raises(EngineBuildError, match="fp8 kernels need a GPU of sm89 or newer; this one is sm87"):
+        plan_build(m, Path("/e"), BuildOptions(), "10.3.0", 87)
+
+
+def test_tensorrt_builds_the_graph_export_json_names_for_it(tmp_path):
+    """export.json `backends.trt.decoder = decoder_trt`: the engine keeps the stage name, built from decoder_trt."""
+    data = make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))
+    data["graphs"]["decoder_trt"] = {**json.loads(json.dumps(data["graphs"]["decoder"])), "file": "decoder_trt.onnx"}
+    data["graphs"]["decoder"]["inputs"] = data["graphs"]["decoder"]["inputs"][:3] + [{"name": "kv_cache", "dims": [2, 1, 4, 4096, 16], "dtype": "float32"}]
+    data["backends"] = {"trt": {"decoder": "decoder_trt"}}
+    m = fake_export(tmp_path, data)
+    plans = {p.graph: p for p in plan_build(m, Path("/e"), BuildOptions(), "10.3.0", 87)}
+    assert sorted(plans) == sorted(["vision", "prompt_pool", "image_pool", "projector_head", "decoder"])
+    dec = plans["decoder"]
+    assert (dec.source, dec.onnx.name, dec.engine_file) == ("decoder_trt", "decoder_trt.onnx", "decoder.trt10.3.0.sm87.engine")
+    assert dec.profile_names == ["context", "generation"] and "kv_cache" not in dec.profiles[0]
+    with pytest.raises(InputError, match=r"\['decoder_trt'\] are not in this export"):
+        plan_build(m, Path("/e"), BuildOptions(graphs=("decoder_trt",)), "10.3.0", 87)
+
+
+def test_cuda_major_mismatches():
+    from ppllava_edge.engine.availability import cuda_mismatches, mismatch_hint, tensorrt_cuda_major
+
+    assert cuda_mismatches(12, "12.9.10", "12.8") == []
+    assert cuda_mismatches(None, None, None) == [] and cuda_mismatches(13, None, None) == []
+    assert cuda_mismatches(13, "12.9.10", "12.8") == [
+        "TensorRT is a CUDA 13 build but cuda-python 12.9.10 is for CUDA 12",
+        "TensorRT needs a driver for CUDA 13, this NVIDIA driver supports CUDA 12.8",
+    ]
+    assert cuda_mismatches(12, "13.0.3", "13.0") == ["TensorRT is a CUDA 12 build but cuda-python 13.0.3 is for CUDA 13"]
+    assert mismatch_hint(13, "12.8").endswith("pip install 'tensorrt-cu12==10.16.1.11' 'cuda-python==12.9.10'  (or update the NVIDIA driver to R580+ for CUDA 13)")
+    assert "'tensorrt-cu13==10.16.1.11' 'cuda-python==13.0.3'" in mismatch_hint(12, "13.0")
+    # JetPack's apt TensorRT has no pip metadata: the CUDA major comes from the Debian version of libnvinfer
+    if tensorrt_cuda_major(lambda cmd: None)[0] is None:  # (no pip TensorRT installed here)
+        assert tensorrt_cuda_major(lambda cmd: "libnvinfer-dev 10.3.0.30-1+cuda12.5\nlibnvinfer10 10.3.0.30-1+cuda12.5\n") == (12, "dpkg libnvinfer10")
+
+
+def test_tensorrt_extra_pins_the_cuda12_build():
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["tensorrt"] == ["tensorrt-cu12==10.16.1.11", "cuda-python==12.9.10"]  # not `tensorrt`, which pulls the CUDA 13 build
+
+
+def test_env_fails_on_a_cuda_mismatch(monkeypatch):
     import ppllava_edge.engine.availability as availability
-    import ppllava_edge.runtime.cuda as cuda
-    from ppllava_edge.engine.builder import build_engines
 
-    rec = _Recorder()
-    monkeypatch.setattr(availability, "require_tensorrt", lambda purpose: (rec.module, None))
-    monkeypatch.setattr(cuda, "device_info", lambda device=0: {"name": "Stand-in", "compute_capability": "8.7", "sm": 87, "cuda_driver": "12.6", "cuda_runtime": "12.6"})
-    tc = tmp_path / "tc.bin"
-    tc.write_bytes(b"old")
-    opts = BuildOptions(fp16=True, timing_cache=tc, workspace_mb=512, builder_level=2, max_input_len=64, max_seq_len=128)
-    result = build_engines(tiny_export, tmp_path / "engines", opts)
-
-    parses = [c for c in rec.calls if c[0] == "parse"]
-    assert [p[1] for p in parses] == ["vision.onnx", "prompt_pool.onnx", "image_pool.onnx", "projector_head.onnx", "decoder_trt.onnx"]
-    assert all(p[2] == 0 for p in parses)  # fp32 export + --fp16 on TensorRT 10: weakly typed
-    assert rec.calls.count(("flag", "FP16")) == 5 and rec.calls.count(("pool", "WORKSPACE", 512 << 20)) == 5 and ("level", 2) in rec.calls
-    profiles = [c[1] for c in rec.calls if c[0] == "profile"]
-    assert len(profiles) == 1 + 1 + 1 + 2  # image_pool is static: no profile
-    assert profiles[-1]["past.0.key"] == ((1, 4, 1, 16), (1, 4, 96, 16), (1, 4, 127, 16))
-    assert [c[1] for c in rec.calls if c[0] == "timing_cache_in"] == [b"old", b"old+", b"old++", b"old+++", b"old++++"]
-    assert tc.read_bytes() == b"old+++++"
-
-    meta = load_metadata(tmp_path / "engines")
-    assert meta["tensorrt"] == "10.3.0" and meta["gpu"]["sm"] == 87 and meta["limits"]["max_seq_len"] == 128
-    assert sorted(meta["engines"]) == sorted(load_manifest(tiny_export).backend_graphs("trt"))  # engines named by stage
-    dec = meta["engines"]["decoder"]
-    assert dec["file"] == "decoder.trt10.3.0.sm87.engine" and dec["precision"] == "fp16" and not dec["strongly_typed"]
-    assert [p["name"] for p in dec["profiles"]] == ["context", "generation"] and dec["profiles"][1]["dims"]["past"] == [1, 96, 127]
-    # built from the standard-ops decoder (the in-place decoder.onnx uses contrib ops TensorRT does not parse)
-    assert list(dec["onnx_sha256"]) == ["decoder_trt.onnx"] and dec["trtexec"].startswith("trtexec --onnx=")
-    assert [e.trtexec for e in result.engines] == [meta["engines"][e.plan.graph]["trtexec"] for e in result.engines]
-    check_engine_dir(meta, "10.3.0", 87, load_manifest(tiny_export))
+    versions = {"tensorrt-cu13": "10.16.1.11", "tensorrt": "10.16.1.11", "cuda-python": "12.9.10"}
+    monkeypatch.setattr(availability, "_dist_version", versions.get)
+    res = CliRunner().invoke(cli, ["env"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "CUDA majors: TensorRT 13 (pip tensorrt-cu13), cuda-python 12.9.10" in res.stdout and "MISMATCH" in res.stdout
+    assert "error: TensorRT: the installed CUDA packages do not match: TensorRT is a CUDA 13 build but cuda-python 12.9.10 is for CUDA 12" in res.stderr
+    assert "pip install 'tensorrt-cu" in res.stderr
+    with pytest.raises(MissingDependencyError, match="CUDA 13 build but cuda-python 12.9.10"):  # build / --backend trt: before importing TensorRT
+        availability.require_tensorrt("Building TensorRT engines")
 
 
 def test_build_refuses_an_export_without_a_tensorrt_decoder(tiny_export, tmp_path):

@@ -55,7 +55,7 @@ def _target_for_dry_run() -> tuple[str, str]:
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Timing cache file, loaded if present and saved after every engine.")
 @click.option("--workspace", "workspace_mb", type=int, default=None, metavar="MB", help="Builder workspace limit in MiB (default: TensorRT's).")
 @click.option("--builder-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level 0-5 (TensorRT default 3).")
-@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX). DLA runs static shapes only: pair it with --frames N:N:N (N > 2).")
+@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX, TensorRT <= 10.7 or >= 11.4.1). DLA has no dynamic shapes: needs --frames N:N:N (one frame count; images then need a GPU engine folder).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the equivalent trtexec commands; build nothing (works without TensorRT).")
 def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_len, max_batch, timing_cache, workspace_mb, builder_level, dla_core, force, dry_run):
@@ -104,14 +104,16 @@ def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_le
 @click.argument("engines_dir", metavar="ENGINES", type=click.Path(path_type=Path))
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None, help="Export folder the engines serve (default: the one recorded in engines.json).")
 @click.option("--load", is_flag=True, help="Also deserialize every engine with the native TensorRT backend (needs TensorRT and a GPU).")
-@click.option("--cuda-graph", is_flag=True, help="With --load: launch decode steps as CUDA graphs.")
+@click.option("--cuda-graph", is_flag=True, help="Refused with an explanation: the TensorRT decoder's shapes change every step (README: TensorRT / Jetson).")
 def engines_command(engines_dir, export_dir, load, cuda_graph):
     """Show an engine folder (engines.json), check it against this machine, optionally load it."""
     from ..engine.availability import tensorrt_version
     from ..engine.metadata import check_compatible, load_metadata, sm_of
     from ..engine.profiles import format_symbols
     from ..errors import EngineBuildError
+    from ..runtime.trt_backend import check_cuda_graph
 
+    check_cuda_graph(cuda_graph)
     meta = load_metadata(engines_dir)
     gpu = meta.get("gpu", {})
     rows = [[g, e["file"], e["precision"], e["device"], "\n".join(f"{p['name']}: {format_symbols({k: tuple(v) for k, v in p.get('dims', {}).items()})}" for p in e["profiles"]),
@@ -130,7 +132,7 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
         gpus = parse_nvidia_smi(run_command(NVIDIA_SMI_QUERY), None)["gpus"]
         sm = sm_of(gpus[0]["compute_capability"]) if gpus else None
         try:
-            check_compatible(meta, have, sm if sm is not None else gpu.get("sm", 0))
+            check_compatible(meta, have, sm if sm is not None else gpu.get("sm", 0), gpus[0]["name"] if gpus else None)
             status = f"compatible with this machine (TensorRT {have}" + (f", sm{sm})" if sm is not None else "; GPU not checked: nvidia-smi not found)")
         except EngineBuildError as exc:
             status = f"NOT compatible: {str(exc).splitlines()[0]}"
@@ -150,8 +152,11 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
 @cli.command("env")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def env_command(as_json):
-    """Print the environment: package, Python, CPU, memory, GPU, driver, CUDA, TensorRT, onnxruntime providers, Jetson."""
+    """Print the environment: package, Python, CPU, memory, GPU, driver, CUDA, TensorRT, onnxruntime providers, Jetson.
+    Exits 1 (after printing) when TensorRT, cuda-python and the driver target different CUDA majors."""
+    from ..engine.availability import check_cuda_stack
     from ..engine.environment import collect_environment, format_environment
 
     env = collect_environment()
     click.echo(json.dumps(env, indent=2) if as_json else format_environment(env))
+    check_cuda_stack("TensorRT", env["cuda_stack"])

@@ -24,7 +24,7 @@ def generation_options(f):
         click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (tensorrt = ORT's TensorRT EP)."),
         click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ort: ONNX Runtime; trt: native TensorRT engines from `ppllava-edge build`."),
         click.option("--engines", type=click.Path(path_type=Path), default=None, help="Engine folder for --backend trt (default: EXPORT/engines)."),
-        click.option("--cuda-graph", is_flag=True, help="With --backend trt: launch decode steps as CUDA graphs."),
+        click.option("--cuda-graph", is_flag=True, help="Refused with an explanation: the TensorRT decoder's shapes change every step (README: TensorRT / Jetson)."),
         click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Also keep per-video features on disk here."),
     ]

@@ -3,7 +3,9 @@
     env = collect_environment()      # plain dict, JSON-serializable
     print(format_environment(env))   # the text block `ppllava-edge env` prints
 
-Nothing here fails: a tool or library that is missing is reported as such ("not installed", "none").
+Nothing here fails: a tool or library that is missing is reported as such ("not installed", "none"). A CUDA
+major-version mismatch between TensorRT, cuda-python and the driver is reported in `cuda_stack.problems` (the
+`env` command then exits 1 with an error after printing everything).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from .availability import cuda_python_version, tensorrt_version
+from .availability import cuda_python_version, cuda_stack, tensorrt_version
 from .jetson import Runner, detect_jetson, read_meminfo, run_command
 
 NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,driver_version,compute_cap,memory.total", "--format=csv,noheader,nounits"]
@@ -123,15 +125,17 @@ def collect_environment(root: str | Path = "/", run: Runner | None = None) -> di
     root = Path(root)
     run = run or run_command
     package_dir = Path(__file__).resolve().parents[1]
+    gpu = gpu_info(run)
     return {
         "ppllava_edge": {"version": __version__, "path": str(package_dir), "git": git_commit(package_dir, run)},
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation(), "executable": sys.executable},
         "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(), "platform": platform.platform()},
         "cpu": {"model": cpu_model(root), **cpu_cores()},
         "memory": memory(root),
-        "gpu": gpu_info(run),
+        "gpu": gpu,
         "tensorrt": tensorrt_version(),
         "cuda_python": cuda_python_version(),
+        "cuda_stack": cuda_stack(gpu["cuda_driver"], run),
         "onnxruntime": onnxruntime_info(),
         "numpy": _module_version("numpy"),
         "jetson": detect_jetson(root, run),
@@ -165,6 +169,10 @@ def format_environment(env: dict) -> str:
     lines.append(f"CUDA: driver {gpu['cuda_driver'] or 'n/a'}, runtime {gpu['cuda_runtime'] or 'n/a'}")
     lines.append(f"TensorRT: {env['tensorrt'] or 'not installed'}")
     lines.append(f"cuda-python: {env['cuda_python'] or 'not installed'}")
+    stack = env["cuda_stack"]
+    majors = (f"TensorRT {stack['tensorrt_cuda'] if stack['tensorrt_cuda'] is not None else '?'} ({stack['tensorrt_cuda_source']}), "
+              f"cuda-python {stack['cuda_python'] or '-'}, driver {stack['driver_cuda'] or '-'}")
+    lines.append(f"CUDA majors: {majors}: " + ("MISMATCH: " + "; ".join(stack["problems"]) if stack["problems"] else "ok"))
     ort = env["onnxruntime"]
     lines.append(f"onnxruntime: {ort['version'] or 'not installed'} (providers: {', '.join(ort['providers']) or 'none'})")
     lines.append(f"numpy: {env['numpy'] or 'not installed'}")

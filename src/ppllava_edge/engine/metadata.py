@@ -1,9 +1,11 @@
 """`engines.json`: what an engine folder was built with, and the checks before loading it. Pure (no TensorRT).
 
-A serialized TensorRT engine only loads with the TensorRT version that built it and runs only on GPUs of the
-same compute capability (unless built version- or hardware-compatible, which we do not do). So engine file names
-carry both (`decoder.trt10.3.0.sm87.engine`, as clip_trt does) and `check_compatible` refuses a mismatch with a
-message that says to rebuild, instead of TensorRT's deserialization error.
+A serialized TensorRT engine only loads with the TensorRT version that built it, and NVIDIA's developer guide
+says engines are specific to the exact GPU model they were built on (unless built version- or
+hardware-compatible, which we do not do). So engine file names carry the version and SM
+(`decoder.trt10.3.0.sm87.engine`, as clip_trt does), engines.json records the GPU name next to the SM, and
+`check_compatible` refuses any mismatch with a message that says to rebuild, instead of TensorRT's deserialization
+error or a silently slower engine.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def new_metadata(
 def engine_entry(
     *,
     file: str,
+    graph: str | None = None,
     onnx: str,
     onnx_sha256: dict[str, str],
     precision: str,
@@ -110,9 +113,13 @@ def engine_entry(
     trtexec: str,
     inputs: list[dict] | None = None,
     outputs: list[dict] | None = None,
+    placement: dict | None = None,
 ) -> dict:
-    return {
+    """One engine of engines.json. `graph` is the export's graph it was built from (export.json `backends.trt`;
+    the engine keeps the stage name); `placement` says what runs on the DLA (DLA engines only)."""
+    entry = {
         "file": file,
+        "graph": graph,
         "onnx": onnx,
         "onnx_sha256": onnx_sha256,
         "precision": precision,
@@ -125,6 +132,9 @@ def engine_entry(
         "build_seconds": round(build_seconds, 3),
         "trtexec": trtexec,
     }
+    if placement is not None:
+        entry["placement"] = placement
+    return entry
 
 
 def export_fingerprint(export_dir: Path, data: dict) -> dict:
@@ -159,20 +169,24 @@ def load_metadata(folder: str | Path) -> dict:
     return meta
 
 
-def check_compatible(meta: dict, trt_version: str, sm: int) -> None:
-    """Refuse engines built by another TensorRT version or for another GPU architecture (EngineBuildError)."""
+def check_compatible(meta: dict, trt_version: str, sm: int, gpu_name: str | None = None) -> None:
+    """Refuse engines built by another TensorRT version, for another GPU architecture or on another GPU model
+    (EngineBuildError). `gpu_name` None (not known here) skips the model check."""
     built_v, built_sm = meta.get("tensorrt", "?"), meta.get("gpu", {}).get("sm")
+    built_name = meta.get("gpu", {}).get("name")
     have_v = normalize_trt_version(trt_version)
     problems = []
     if built_v != have_v:
         problems.append(f"TensorRT {built_v} built them, this machine has TensorRT {have_v}")
     if built_sm is not None and int(built_sm) != int(sm):
-        problems.append(f"they target sm{built_sm} ({meta.get('gpu', {}).get('name', '?')}), this GPU is sm{sm}")
+        problems.append(f"they target sm{built_sm} ({built_name or '?'}), this GPU is sm{sm}")
+    elif built_name and gpu_name and built_name.strip() != gpu_name.strip():
+        problems.append(f"they were built on a {built_name}, this GPU is a {gpu_name}")
     if problems:
         src = meta.get("export", {}).get("folder", "EXPORT")
         raise EngineBuildError(
             f"the engines cannot run here: {'; '.join(problems)}.\n"
-            "Note: a TensorRT engine only loads with the TensorRT version that built it, on GPUs of the same compute capability.\n"
+            "Note: a TensorRT engine only loads with the TensorRT version that built it, and is specific to the GPU model it was built on.\n"
             f"Hint: rebuild them on this machine: ppllava-edge build {src} --out ENGINES --force"
         )
 

@@ -152,10 +152,18 @@ def resolve_limits(
 
 
 # ---- symbol ranges per graph ------------------------------------------------------------------------
-def symbol_ranges(graph: str, data: dict, limits: BuildLimits) -> list[tuple[str, dict[str, tuple[int, int, int]]]]:
-    """[(profile name, {symbol: (min, opt, max)})] for one graph of the manifest."""
+def symbol_ranges(graph: str, data: dict, limits: BuildLimits, static_frames: bool = False) -> list[tuple[str, dict[str, tuple[int, int, int]]]]:
+    """[(profile name, {symbol: (min, opt, max)})] for one stage of the manifest.
+
+    `static_frames` pins the vision profile to exactly the frame count of `limits` (MIN = OPT = MAX), as DLA
+    needs: its profile's min, opt and max must be equal, and images (one tile) are then not covered.
+    """
     fmin, fopt, fmax = limits.frames
     if graph == "vision":
+        if static_frames:
+            if fmin != fmax:
+                raise InputError(f"--frames {fmin}:{fopt}:{fmax}: a static vision profile needs MIN = OPT = MAX (e.g. --frames {fmax}:{fmax}:{fmax})")
+            return [(f"frames={fmax}", {"frames": (fmax, fmax, fmax)})]
         lo = 1 if fmin <= 2 else fmin
         return [("frames", {"frames": (lo, max(lo, fopt), fmax)})]
     if graph == "prompt_pool":
@@ -175,17 +183,26 @@ def symbol_ranges(graph: str, data: dict, limits: BuildLimits) -> list[tuple[str
     return [("static", {})]
 
 
-def graph_profiles(data: dict, limits: BuildLimits, graphs: list[str] | None = None) -> dict[str, list[Profile]]:
-    """{graph: [profile, ...]} with profile = {input name: (min, opt, max) shape}, for every graph in the manifest.
+def graph_profiles(
+    data: dict,
+    limits: BuildLimits,
+    graphs: list[str] | None = None,
+    sources: dict[str, str] | None = None,
+    static_frames: tuple[str, ...] = (),
+) -> dict[str, list[Profile]]:
+    """{stage: [profile, ...]} with profile = {input name: (min, opt, max) shape}, for every stage in `graphs`
+    (default: every graph of the manifest).
 
-    A graph whose inputs are all static gets one profile with min == opt == max.
+    `sources` maps a stage to the manifest graph that is built for it (export.json `backends`; default: the stage's
+    own graph); `static_frames` lists the stages whose frame profile is pinned (see symbol_ranges). A graph whose
+    inputs are all static gets one profile with min == opt == max.
     """
     out: dict[str, list[Profile]] = {}
     for name in graphs or [s for s in STAGES if graph_for(data, s, "trt") in data["graphs"]]:
-        spec = data["graphs"][graph_for(data, name, "trt")]  # engines are named by stage; TensorRT's graph for it
+        spec = data["graphs"][(sources or {}).get(name, graph_for(data, name, "trt"))]  # engines are named by stage
         used = set().union(*(dim_symbols(d) for i in spec["inputs"] for d in i["dims"]))
         profiles = []
-        for pname, ranges in symbol_ranges(name, data, limits):
+        for pname, ranges in symbol_ranges(name, data, limits, name in static_frames):
             missing = used - set(ranges)
             if missing:
                 raise ConfigError(

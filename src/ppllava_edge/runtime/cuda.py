@@ -1,4 +1,4 @@
-"""CUDA memory, streams and graphs through cuda-python (`cuda.bindings.runtime`). The only module importing CUDA bindings.
+"""CUDA memory and streams through cuda-python (`cuda.bindings.runtime`). The only module importing CUDA bindings.
 
 Small context-managed wrappers in the spirit of Polygraphy's cuda.py:
 
@@ -13,7 +13,6 @@ cuda-python is imported lazily (`import_cudart()`); without it every entry point
 from __future__ import annotations
 
 import ctypes
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -175,62 +174,3 @@ class HostBuffer:
             self.array = None  # type: ignore[assignment]
             check(self._cudart.cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = 0
-
-
-class CudaGraph:
-    """A CUDA graph re-captured for every use and patched into one executable (TensorRT-LLM's pattern).
-
-        graph = CudaGraph()
-        with graph.capture(stream):      # enqueue work on `stream`; it is recorded, not run
-            context.execute_async_v3(stream.handle)
-        graph.launch(stream)
-
-    The first capture instantiates the executable graph; later captures update it in place with
-    cudaGraphExecUpdate (much cheaper than instantiating), falling back to a new instantiation when the
-    topology changed. Capturing right before launching keeps the graph valid whatever changed in between.
-    """
-
-    def __init__(self) -> None:
-        self._cudart = import_cudart()
-        self.exec = None
-        self.instantiations = 0
-        self.updates = 0
-
-    @contextmanager
-    def capture(self, stream: Stream):
-        cudart = self._cudart
-        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
-        check(cudart.cudaStreamBeginCapture(stream.stream, mode), "cudaStreamBeginCapture")
-        ok = False
-        try:
-            yield self
-            ok = True
-        finally:
-            graph = check(cudart.cudaStreamEndCapture(stream.stream), "cudaStreamEndCapture")
-            try:
-                if ok:
-                    self._load(graph)
-            finally:
-                check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-
-    def _load(self, graph: Any) -> None:
-        cudart = self._cudart
-        if self.exec is not None:
-            err = cudart.cudaGraphExecUpdate(self.exec, graph)[0]
-            if err == cudart.cudaError_t.cudaSuccess:
-                self.updates += 1
-                return
-            check(cudart.cudaGraphExecDestroy(self.exec), "cudaGraphExecDestroy")
-            self.exec = None
-        self.exec = check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-        self.instantiations += 1
-
-    def launch(self, stream: Stream) -> None:
-        if self.exec is None:
-            raise InferenceError("CudaGraph.launch before any capture")
-        check(self._cudart.cudaGraphLaunch(self.exec, stream.stream), "cudaGraphLaunch")
-
-    def close(self) -> None:
-        if self.exec is not None:
-            check(self._cudart.cudaGraphExecDestroy(self.exec), "cudaGraphExecDestroy")
-            self.exec = None

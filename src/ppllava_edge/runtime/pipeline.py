@@ -110,6 +110,10 @@ class Pipeline:
         self.trt = None
         if backend not in ("ort", "trt"):
             raise InputError(f"--backend {backend!r}: choose ort (ONNX Runtime) or trt (native TensorRT engines)")
+        if cuda_graph:  # refused whatever the backend: see trt_backend.CUDA_GRAPH_REFUSAL
+            from .trt_backend import check_cuda_graph
+
+            check_cuda_graph(cuda_graph)
         if backend == "trt":
             from .trt_backend import open_engines  # lazy: needs tensorrt + cuda-python + a GPU
 

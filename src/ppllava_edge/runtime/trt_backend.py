@@ -6,11 +6,17 @@
 - `TrtKVDecoder` implements runtime.generation.KVDecoder over the decoder engine: one execution context per
   optimization profile (context = prefill, generation = one token), the KV cache preallocated on the device as
   two ping-pong buffer sets sized for max_batch x max_seq_len (TensorRT writes `present.*` straight into the
-  other set, as OrtKVDecoder does on the CPU), and optionally each decode step launched as a CUDA graph
-  (captured per step and patched into one executable with cudaGraphExecUpdate, as TensorRT-LLM's Python
-  runtime does: one launch instead of one per kernel).
-- `open_engines(engines_dir, manifest)` checks engines.json against this machine (TensorRT version, GPU SM)
-  and the export, then loads everything.
+  other set, as OrtKVDecoder does on the CPU).
+- Every execution context is created with ExecutionContextAllocationStrategy.USER_MANAGED on one shared
+  activation buffer sized for the largest engine (device_memory_size_v2): the contexts run one after another on
+  one stream, and TensorRT's default (STATIC) would give each of the decoder's two contexts its own maximum-size
+  block - twice the activation memory, which matters on Jetson.
+- Every set_input_shape / set_tensor_address / execute_async_v3 result is checked and fails with the tensor's name.
+- CUDA graphs are refused (`--cuda-graph`): the decoder's KV cache grows every step, so each decode step is a new
+  shape, and TensorRT needs an uncaptured enqueue after every shape change before a capture (trtexec:
+  sampleInference.cpp) - which already runs the step; the graph could only run it again.
+- `open_engines(engines_dir, manifest)` checks engines.json against this machine (TensorRT version, GPU SM and
+  model) and the export, then loads everything.
 
 Shape bookkeeping, profile choice and the pre-load checks are pure functions (tested without a GPU); tensorrt
 and cuda-python are imported only when an engine is opened.
@@ -26,10 +32,19 @@ import numpy as np
 
 from ..engine.metadata import check_compatible, check_export, load_metadata
 from ..engine.profiles import CONTEXT, GENERATION, Profile, profiles_from_json, select_profile
-from ..errors import EngineBuildError, InferenceError
+from ..errors import EngineBuildError, InferenceError, InputError
 from ..manifest import ExportManifest
 
 RUNNER_GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head")
+# TensorRT DataType (python enum name) -> numpy; BF16, FP8, INT4, FP4 and E8M0 have no numpy type (TensorRT's own
+# trt.nptype raises TypeError for them: python/packaging/bindings_wheel/tensorrt/__init__.py)
+NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+CUDA_GRAPH_REFUSAL = (
+    "--cuda-graph is not supported by the TensorRT decoder: its KV cache grows by one position every step, so every decode "
+    "step has new input shapes, and TensorRT needs one uncaptured enqueue after each shape change before a capture (as trtexec "
+    "does) - that enqueue already computes the step, so a captured graph could only run it a second time.\n"
+    "Hint: drop --cuda-graph. Graphs need a decoder with fixed shapes (a max-length KV buffer and a length input)."
+)
 
 
 # ---- pure helpers (tested without TensorRT) --------------------------------------------------------
@@ -89,9 +104,11 @@ def reorder_copies(beam_idx: np.ndarray, row_bytes: int) -> list[tuple[int, int,
     return copies
 
 
-def check_engine_dir(meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",)) -> None:
-    """Everything checked before any engine is deserialized: TensorRT version, GPU SM, export, graphs present."""
-    check_compatible(meta, trt_version, sm)
+def check_engine_dir(
+    meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",), gpu_name: str | None = None
+) -> None:
+    """Everything checked before any engine is deserialized: TensorRT version, GPU SM and model, export, graphs present."""
+    check_compatible(meta, trt_version, sm, gpu_name)
     if manifest is not None:
         check_export(meta, manifest.data, manifest.folder)
     missing = [g for g in need if g not in meta.get("engines", {})]
@@ -104,27 +121,82 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_batch:
     return 2 * 2 * num_layers * max_batch * num_kv_heads * max_seq_len * head_dim * itemsize
 
 
+def check_cuda_graph(cuda_graph: bool) -> None:
+    """InputError for --cuda-graph (see CUDA_GRAPH_REFUSAL), before anything needs TensorRT."""
+    if cuda_graph:
+        raise InputError(CUDA_GRAPH_REFUSAL)
+
+
+def numpy_dtype(trt_dtype: Any, tensor: str, engine: str) -> np.dtype:
+    """numpy dtype of a TensorRT DataType, or EngineBuildError naming the tensor (bf16 / fp8 / 4-bit I/O)."""
+    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1]
+    if name not in NUMPY_DTYPES:
+        raise EngineBuildError(
+            f"{engine}: tensor {tensor!r} is {name}, which numpy cannot hold, so the runtime cannot feed or read it.\n"
+            "Hint: rebuild from an export whose inputs and outputs are fp16 / fp32 (`ppllava-edge build` refuses others)."
+        )
+    return np.dtype(NUMPY_DTYPES[name])
+
+
+def dla_core_of(device: str) -> int | None:
+    """'dla:1' -> 1, 'gpu' -> None (engines.json `device`)."""
+    return int(device.split(":")[1]) if str(device).startswith("dla:") else None
+
+
+def set_shape(ctx: Any, name: str, shape: tuple[int, ...], where: str) -> None:
+    if not ctx.set_input_shape(name, shape):  # NvInferRuntime.h, setInputShape: false when out of the profile's range
+        raise InferenceError(f"{where}: TensorRT refused shape {tuple(shape)} for {name!r} (set_input_shape returned False)")
+
+
+def set_address(ctx: Any, name: str, ptr: int, where: str) -> None:
+    if not ctx.set_tensor_address(name, ptr):  # NvInferRuntime.h, setTensorAddress: false for an unknown name or bad alignment
+        raise InferenceError(f"{where}: TensorRT refused the device address of {name!r} (set_tensor_address returned False)")
+
+
+def enqueue(ctx: Any, stream: Any, where: str) -> None:
+    if not ctx.execute_async_v3(stream.handle):  # NvInferRuntime.h, enqueueV3: false if the kernels were not enqueued
+        raise InferenceError(f"{where}: TensorRT could not enqueue the inference (execute_async_v3 returned False; see the TensorRT log above)")
+
+
 # ---- TensorRT objects ----------------------------------------------------------------------------
 class TrtEngine:
-    """A deserialized engine, its I/O tensors and one execution context per optimization profile."""
+    """A deserialized engine, its I/O tensors and (after create_contexts) one execution context per profile."""
 
-    def __init__(self, trt: Any, runtime: Any, path: Path, stream: Any, profiles: list[Profile]):
+    def __init__(self, trt: Any, runtime: Any, path: Path, profiles: list[Profile], dla_core: int | None = None):
         self.trt, self.path = trt, Path(path)
+        if dla_core is not None:  # IRuntime::setDLACore: the core a DLA engine runs on
+            runtime.DLA_core = dla_core
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise EngineBuildError(f"{path}: TensorRT could not deserialize the engine.\nHint: rebuild it with `ppllava-edge build ... --force`.")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.dtypes = {n: numpy_dtype(self.engine.get_tensor_dtype(n), n, self.path.name) for n in names}
         self.profiles = profiles
-        self.contexts = []
-        for idx in range(max(1, self.engine.num_optimization_profiles)):
-            ctx = self.engine.create_execution_context()
+        self.contexts: list[Any] = []
+
+    @property
+    def activation_bytes(self) -> int:
+        """Activation (scratch) memory one context needs, the maximum over the profiles (getDeviceMemorySizeV2)."""
+        return int(self.engine.device_memory_size_v2)
+
+    def create_contexts(self, stream: Any, memory: int, nbytes: int) -> None:
+        """One execution context per profile, all on the caller's activation memory (USER_MANAGED): they must run
+        one after another (TensorRT uses the memory from enqueue until the work completes)."""
+        if nbytes < self.activation_bytes:
+            raise EngineBuildError(f"{self.path.name}: shared activation memory of {nbytes} bytes is smaller than the {self.activation_bytes} it needs")
+        n = self.engine.num_optimization_profiles
+        for idx in range(max(1, n)):
+            ctx = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if ctx is None:
-                raise EngineBuildError(f"{path}: could not create an execution context (out of device memory?)")
-            if self.engine.num_optimization_profiles > 1:
-                ctx.set_optimization_profile_async(idx, stream.handle)
+                raise EngineBuildError(f"{self.path.name}: could not create an execution context (see the TensorRT log above)")
+            ctx.set_device_memory(memory, nbytes)
+            if n > 1:
+                try:  # the binding raises RuntimeError when setOptimizationProfileAsync returns false (pyCore.cpp)
+                    ctx.set_optimization_profile_async(idx, stream.handle)
+                except RuntimeError as exc:
+                    raise EngineBuildError(f"{self.path.name}: TensorRT refused optimization profile {idx}: {exc}") from exc
             self.contexts.append(ctx)
         stream.synchronize()
 
@@ -144,30 +216,34 @@ class TrtGraphRunner:
         self.engine, self.stream = engine, stream
         self.output_order = output_order
         self.ctx = engine.contexts[0]
+        self.name = engine.path.name
         self.buffers = {}
         for name in engine.inputs:
             shape = engine.max_shape(name)
-            self.ctx.set_input_shape(name, shape)
+            set_shape(self.ctx, name, shape, self.name)
             self.buffers[name] = DeviceBuffer(int(np.prod(shape)) * engine.dtypes[name].itemsize)
         for name in engine.outputs:
             shape = tuple(self.ctx.get_tensor_shape(name))  # at the max input shapes
             self.buffers[name] = DeviceBuffer(int(np.prod(shape)) * engine.dtypes[name].itemsize)
         for name, buf in self.buffers.items():
-            self.ctx.set_tensor_address(name, buf.ptr)
+            set_address(self.ctx, name, buf.ptr, self.name)
 
     def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         shapes = {k: tuple(np.shape(v)) for k, v in feed.items()}
         if self.engine.profiles and select_profile(self.engine.profiles, shapes) < 0:
-            raise InferenceError(f"{self.engine.path.name}: input shapes {shapes} are outside the engine's profile.\nHint: rebuild with a wider --frames range.")
+            prof = self.engine.profiles[0]
+            if all(lo == hi for lo, _, hi in prof.values()):  # a static engine (e.g. vision on DLA)
+                built = {k: lo for k, (lo, _, _) in prof.items()}
+                raise InferenceError(f"{self.name}: input shapes {shapes} differ from the only shapes this static engine runs, {built}.\n"
+                                     "Hint: ask with that frame count, or build a GPU engine folder (without --dla-core) for other frame counts and images.")
+            raise InferenceError(f"{self.name}: input shapes {shapes} are outside the engine's profile.\nHint: rebuild with a wider --frames range.")
         for name in self.engine.inputs:
             if name not in feed:
-                raise InferenceError(f"{self.engine.path.name}: missing input {name!r}")
+                raise InferenceError(f"{self.name}: missing input {name!r}")
             arr = np.ascontiguousarray(feed[name], dtype=self.engine.dtypes[name])
-            if not self.ctx.set_input_shape(name, arr.shape):
-                raise InferenceError(f"{self.engine.path.name}: TensorRT refused shape {arr.shape} for {name!r}")
+            set_shape(self.ctx, name, arr.shape, self.name)
             self.buffers[name].copy_from_host(arr, self.stream)
-        if not self.ctx.execute_async_v3(self.stream.handle):
-            raise InferenceError(f"{self.engine.path.name}: execute_async_v3 failed")
+        enqueue(self.ctx, self.stream, self.name)
         outs = {}
         for name in self.engine.outputs:
             host = np.empty(tuple(self.ctx.get_tensor_shape(name)), self.engine.dtypes[name])
@@ -184,7 +260,7 @@ class TrtGraphRunner:
 class TrtKVDecoder:
     """runtime.generation.KVDecoder over the decoder engine, with the KV cache on the device."""
 
-    def __init__(self, engine: TrtEngine, model: dict, limits: dict, stream: Any, cuda_graph: bool = False):
+    def __init__(self, engine: TrtEngine, model: dict, limits: dict, stream: Any):
         from .cuda import DeviceBuffer, HostBuffer
 
         if len(engine.contexts) < 2:
@@ -207,12 +283,6 @@ class TrtKVDecoder:
         self.positions = DeviceBuffer(b * self.max_input_len * self.pos_dtype.itemsize)
         self.logits = DeviceBuffer(b * self.vocab * self.logits_dtype.itemsize)
         self.host_logits = HostBuffer((b, self.vocab), self.logits_dtype)
-        self.graph = None
-        if cuda_graph:
-            from .cuda import CudaGraph
-
-            self.graph = CudaGraph()
-        self._warm = [False] * len(engine.contexts)  # a context enqueues once before its first capture
         self.batch = self.length = 0
         self._cur = 0
         stream.synchronize()
@@ -258,13 +328,7 @@ class TrtKVDecoder:
         self.embeds.copy_from_host(np.ascontiguousarray(chunk, dtype=self.embed_dtype), self.stream)
         self.positions.copy_from_host(np.broadcast_to(np.arange(past, total, dtype=self.pos_dtype), (b, s)).copy(), self.stream)
         self._bind(ctx, b, past, s)
-        if self.graph is not None and profile == GENERATION and self._warm[profile]:
-            with self.graph.capture(self.stream):
-                ctx.execute_async_v3(self.stream.handle)
-            self.graph.launch(self.stream)
-        elif not ctx.execute_async_v3(self.stream.handle):
-            raise InferenceError("decoder: execute_async_v3 failed")
-        self._warm[profile] = True
+        enqueue(ctx, self.stream, "decoder")
         host = self.host_logits.array[:b]
         self.logits.copy_to_host(host, self.stream)
         self.stream.synchronize()
@@ -272,21 +336,16 @@ class TrtKVDecoder:
         return np.asarray(host, dtype=np.float32).copy()
 
     def _bind(self, ctx: Any, b: int, past: int, s: int) -> None:
-        shapes = decoder_input_shapes(b, past, s, self.layers, self.kv, self.hd, self.hidden)
-        for name, shape in shapes.items():
-            if not ctx.set_input_shape(name, shape):
-                raise InferenceError(f"decoder: TensorRT refused shape {shape} for {name!r}")
-        ctx.set_tensor_address("inputs_embeds", self.embeds.ptr)
-        ctx.set_tensor_address("attention_mask", self.mask.ptr)
-        ctx.set_tensor_address("position_ids", self.positions.ptr)
-        ctx.set_tensor_address("logits", self.logits.ptr)
+        for name, shape in decoder_input_shapes(b, past, s, self.layers, self.kv, self.hd, self.hidden).items():
+            set_shape(ctx, name, shape, "decoder")
+        addresses = {"inputs_embeds": self.embeds.ptr, "attention_mask": self.mask.ptr, "position_ids": self.positions.ptr, "logits": self.logits.ptr}
         for i, (pn, qn) in enumerate(zip(self.past_names, self.present_names)):
-            ctx.set_tensor_address(pn, self.kv_sets[self._cur][i].ptr)
-            ctx.set_tensor_address(qn, self.kv_sets[1 - self._cur][i].ptr)
+            addresses[pn] = self.kv_sets[self._cur][i].ptr
+            addresses[qn] = self.kv_sets[1 - self._cur][i].ptr
+        for name, ptr in addresses.items():
+            set_address(ctx, name, ptr, "decoder")
 
     def close(self) -> None:
-        if self.graph is not None:
-            self.graph.close()
         for bufs in self.kv_sets:
             for buf in bufs:
                 buf.free()
@@ -304,38 +363,48 @@ class TrtEngines:
     runners: dict[str, TrtGraphRunner]
     decoder: TrtKVDecoder
     stream: Any
+    activations: Any = None  # the DeviceBuffer every execution context shares
 
     def close(self) -> None:
         for r in self.runners.values():
             r.close()
         self.decoder.close()
+        if self.activations is not None:
+            self.activations.free()
         self.stream.close()
 
 
 def open_engines(engines_dir: str | Path, manifest: ExportManifest, cuda_graph: bool = False) -> TrtEngines:
     """Check and load an engine folder for `manifest`'s export.
 
-    Raises MissingDependencyError without TensorRT / cuda-python / GPU, EngineBuildError when the engines were
-    built by another TensorRT version, for another GPU SM or from another export (the message says to rebuild).
+    Raises InputError for `cuda_graph` (see CUDA_GRAPH_REFUSAL), MissingDependencyError without TensorRT /
+    cuda-python / GPU or with mismatched CUDA majors, EngineBuildError when the engines were built by another
+    TensorRT version, for another GPU SM or model, or from another export (the message says to rebuild).
     """
     from ..engine.availability import require_tensorrt
 
+    check_cuda_graph(cuda_graph)
     trt, _ = require_tensorrt("The TensorRT backend (--backend trt)")
-    from .cuda import Stream, device_info
+    from .cuda import DeviceBuffer, Stream, device_info
 
     folder = Path(engines_dir)
     meta = load_metadata(folder)
-    check_engine_dir(meta, trt.__version__, device_info(0)["sm"], manifest)
+    dev = device_info(0)
+    check_engine_dir(meta, trt.__version__, dev["sm"], manifest, gpu_name=dev["name"])
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
+    engines = {
+        graph: TrtEngine(trt, runtime, folder / entry["file"], profiles_from_json(entry["profiles"]), dla_core_of(entry.get("device", "gpu")))
+        for graph, entry in meta["engines"].items()
+    }
     stream = Stream()
+    activations = DeviceBuffer(max([256] + [e.activation_bytes for e in engines.values()]))
+    for eng in engines.values():
+        eng.create_contexts(stream, activations.ptr, activations.nbytes)
     runners: dict[str, TrtGraphRunner] = {}
-    for graph, entry in meta["engines"].items():
-        if graph == "decoder":
-            continue
-        eng = TrtEngine(trt, runtime, folder / entry["file"], stream, profiles_from_json(entry["profiles"]))
-        runners[graph] = TrtGraphRunner(eng, [o["name"] for o in manifest.graph(manifest.graph_for(graph, "trt"))["outputs"]], stream)
-    entry = meta["engines"]["decoder"]
-    dec_engine = TrtEngine(trt, runtime, folder / entry["file"], stream, profiles_from_json(entry["profiles"]))
-    decoder = TrtKVDecoder(dec_engine, manifest.model, meta["limits"], stream, cuda_graph=cuda_graph)
-    return TrtEngines(folder, meta, runners, decoder, stream)
+    for graph, eng in engines.items():
+        if graph != "decoder":
+            source = meta["engines"][graph].get("graph") or manifest.graph_for(graph, "trt")
+            runners[graph] = TrtGraphRunner(eng, [o["name"] for o in manifest.graph(source)["outputs"]], stream)
+    decoder = TrtKVDecoder(engines["decoder"], manifest.model, meta["limits"], stream)
+    return TrtEngines(folder, meta, runners, decoder, stream, activations)
