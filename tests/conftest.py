@@ -84,3 +84,20 @@ def write_truncated_video(path):
     full.unlink()
     path.write_bytes(data[: len(data) * 6 // 10])
     return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_export):
+    """The torch-free runtime on the tiny export (one per test module)."""
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    return Pipeline.from_export(tiny_export, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    """The PyTorch reference (model + tokenizers) of the tiny checkpoint (one per test module)."""
+    pytest.importorskip("torch")
+    from ppllava_edge.model.generate import ReferenceModel
+
+    return ReferenceModel(tiny_ckpt)

@@ -69,8 +69,8 @@ def make_manifest(image=336, patch=14, hidden=768, layers=16, kv=12, head_dim=64
             "outputs": [io("visual_tokens", [f"{pooled}*((frames//2))", hidden]), io("relevance", ["frames", g, g])],
         },
         "image_pool": {
-            "inputs": [io("clip_ids", [1, 248], "int64"), io("keys", [p, clip_dim]), io("values", [1, p, hidden])],
-            "outputs": [io("visual_tokens", [pooled + 1, hidden]), io("relevance", [1, g, g])],
+            "inputs": [io("clip_ids", [1, 248], "int64"), io("keys", [f"{p}*tiles", clip_dim]), io("values", ["tiles", p, hidden])],
+            "outputs": [io("visual_tokens", [f"{pooled}*tiles", hidden]), io("relevance", ["tiles", g, g])],
         },
         "projector_head": {"inputs": [io("values", ["tokens", hidden])], "outputs": [io("tokens", ["tokens", hidden])]},
         "decoder": {
@@ -90,7 +90,9 @@ def make_manifest(image=336, patch=14, hidden=768, layers=16, kv=12, head_dim=64
         "frames": {"min": frames[0], "opt": frames[1], "max": frames[2]},
         "visual_tokens_per_frame_pair": pooled,
         "pooling": {"kernel": [2, 3, 3]},
-        "image_tokens": pooled + 1,
+        "image_tokens": pooled + 2 * (g // 3) * (2 * (g // 3) + 1),  # the 2x2-crop pinpoint, before unpadding
+        "image": {"tile_size": image, "grid_pinpoints": [[image, 2 * image], [2 * image, image], [2 * image, 2 * image]],
+                  "pooled_grid": g // 3, "max_tiles": 5, "max_tokens": pooled + 2 * (g // 3) * (2 * (g // 3) + 1)},
         "model": {"image_size": image, "patches_per_frame": p, "hidden_size": hidden, "num_layers": layers, "num_kv_heads": kv, "head_dim": head_dim,
                   "vocab_size": vocab, "max_position_embeddings": context, "max_frames": 64},
     }
@@ -133,7 +135,8 @@ def test_tiny_export_profiles(tiny_export):
     assert pool["keys"] == ((72, 32), (288, 32), (576, 32)) and pool["values"] == ((2, 36, 64), (8, 36, 64), (16, 36, 64))
     assert pool["clip_ids"] == ((1, 248),) * 3
     assert prof["projector_head"] == [{"values": ((1, 64), (288, 64), (576, 64))}]
-    assert prof["image_pool"] == [{"clip_ids": ((1, 248),) * 3, "keys": ((36, 32),) * 3, "values": ((1, 36, 64),) * 3}]
+    # an image's anyres tiles: 1 (lone tile) .. 5 (base + 2x2 crops, the tiny preset's 168x168 pinpoint)
+    assert prof["image_pool"] == [{"clip_ids": ((1, 248),) * 3, "keys": ((36, 32), (180, 32), (180, 32)), "values": ((1, 36, 64), (5, 36, 64), (5, 36, 64))}]
     ctx, gen = prof["decoder"]
     assert ctx["inputs_embeds"] == ((1, 1, 64), (1, 80, 64), (1, 288, 64))
     assert ctx["attention_mask"] == ((1, 1), (1, 80), (1, 288))
@@ -300,6 +303,12 @@ def test_trtexec_lines_for_vision_on_dla(tmp_path):
         "--memPoolSize=workspace:2048M --builderOptimizationLevel=4 --timingCacheFile=/cache/tc.bin --useDLACore=0 --allowGPUFallback "
         "--profilingVerbosity=detailed --exportLayerInfo=/engines/vision.layers.json --skipInference"
     )
+    image_pool = trtexec_command(plans["image_pool"], Path("/engines"), opts, "10.3.0.30")
+    assert "--minShapes=clip_ids:1x248,keys:36x32,values:1x36x64 --optShapes=clip_ids:1x248,keys:180x32,values:5x36x64" in image_pool
+    legacy = make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))
+    legacy.pop("image")  # an export from before image tiles: a static one-tile image_pool
+    legacy["graphs"]["image_pool"]["inputs"] = [{"name": "clip_ids", "dims": [1, 248], "dtype": "int64"}, {"name": "keys", "dims": [36, 32], "dtype": "float32"}, {"name": "values", "dims": [1, 36, 64], "dtype": "float32"}]
+    plans = {p.graph: p for p in plan_build(fake_export(tmp_path / "legacy", legacy), Path("/engines"), opts, "10.3.0.30", 87)}
     static = trtexec_command(plans["image_pool"], Path("/engines"), opts, "10.3.0.30")
     assert "Shapes" not in static and "--useDLACore" not in static
 
@@ -347,10 +356,11 @@ def test_int8_and_dla_option_checks(tmp_path):
     assert "--fp16" not in trtexec_command(plans["decoder"], Path("/e"), BuildOptions(int8=True, fp16=True), "10.3.0")
 
 
-def test_engine_plan_is_static_only_for_image_pool(tmp_path):
+def test_engine_plan_every_graph_is_dynamic(tmp_path):
     m = fake_export(tmp_path, make_manifest(frames=(2, 8, 16)))
     plans = {p.graph: p for p in plan_build(m, Path("/e"), BuildOptions(), "10.3.0", 87)}
-    assert [g for g, p in plans.items() if not p.dynamic] == ["image_pool"]
+    assert [g for g, p in plans.items() if not p.dynamic] == []  # image_pool: 1..5 anyres tiles
+    assert plans["image_pool"].profile_names == ["tiles"]
     assert isinstance(plans["decoder"], EnginePlan) and plans["decoder"].profile_names == ["context", "generation"]
 
 

@@ -26,7 +26,14 @@ def test_manifest_fields_are_present_and_true(tiny_export, tiny_ckpt):
     m = json.loads((tiny_export / "export.json").read_text())
     assert m["format"] == "ppllava-edge-export" and m["preset"] == "tiny"
     assert m["frames"] == {"min": 2, "opt": 8, "max": 16}
-    assert m["visual_tokens_per_frame_pair"] == 4 and m["image_tokens"] == 5
+    assert m["visual_tokens_per_frame_pair"] == 4 and m["image_tokens"] == 4 + 4 * (4 + 1)  # most an image gives: 2x2 crops
+    assert m["image"]["grid_pinpoints"] == [[84, 168], [168, 84], [168, 168], [252, 84], [84, 252]]  # the checkpoint's
+    assert (m["image"]["tile_size"], m["image"]["pooled_grid"], m["image"]["max_tiles"], m["image"]["max_tokens"]) == (84, 2, 5, 24)
+    assert m["graphs"]["image_pool"]["inputs"][2]["dims"] == ["tiles", 36, 64]  # any number of anyres tiles
+    from ppllava_edge.model.checkpoint import load_model
+
+    newline = np.load(tiny_export / m["image"]["newline"]["file"])
+    np.testing.assert_array_equal(newline, load_model(tiny_ckpt).image_newline.detach().numpy())
     assert m["image_token_id"] == 32000 and m["special_tokens"] == {"bos": 1, "eos": 2, "pad": 0, "image": 32000}
     assert m["prompt_template"] == "USER: <image>\n{question} ASSISTANT: "
     assert m["model"]["hidden_size"] == 64 and m["model"]["num_layers"] == 2 and m["model"]["grid"] == [6, 6]

@@ -140,11 +140,16 @@ def test_wrong_pixel_size_is_a_clear_error(tiny_model):
 
 
 @torch.no_grad()
-def test_image_path_gives_grid_tokens_plus_newline(tiny_model):
+def test_lone_image_tile_gives_grid_tokens_plus_newline(tiny_model):
+    """One tile without an image size (a 1-row .npy): the authors' single-tile branch, g*g tokens + image_newline."""
     out = tiny_model.visual_tokens(_pixels(tiny_model, 1), _clip_ids(), image=True)
     assert out.visual_tokens.shape == (4 + 1, tiny_model.cfg.text.hidden_size)
     assert torch.equal(out.visual_tokens[-1], tiny_model.image_newline)
-    assert tiny_model.cfg.image_tokens() == 5
+    assert tiny_model.cfg.image_layout(None).num_tokens == 5 and out.layout.tiles == 1
+    with pytest.raises(InputError, match="need the image's"):
+        tiny_model.visual_tokens(_pixels(tiny_model, 3), _clip_ids(), image=True)
+    with pytest.raises(InputError, match="takes 5 tiles"):  # a 200x120 image needs base + 2x2 crops
+        tiny_model.visual_tokens(_pixels(tiny_model, 3), _clip_ids(), image=True, image_size=(120, 200))
 
 
 # ---- checkpoint loader ------------------------------------------------------------------------
@@ -241,7 +246,10 @@ def test_released_config_defaults_fill_missing_dims():
     cfg = config_from_dict(raw)
     assert (cfg.text.hidden_size, cfg.text.num_hidden_layers, cfg.text.intermediate_size, cfg.text.num_key_value_heads) == (4096, 32, 11008, 32)
     assert cfg.clip_text.context_length == 248 and cfg.clip_text.hidden_size == 768
-    assert cfg.visual_tokens(32) == 1024 and cfg.visual_tokens(64) == 2048 and cfg.image_tokens() == 65
+    assert cfg.visual_tokens(32) == 1024 and cfg.visual_tokens(64) == 2048
+    assert cfg.image_grid_pinpoints == ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    assert cfg.image_layout(None).num_tokens == 65  # a lone 336 tile: 64 + the newline
+    assert cfg.image_max_tokens() == 64 + 16 * (16 + 1) and cfg.image_max_tiles() == 5  # the 672x672 pinpoint
 
 
 # ---- end to end -------------------------------------------------------------------------------

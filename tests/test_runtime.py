@@ -20,19 +20,6 @@ from ppllava_edge.runtime.pipeline import Pipeline
 QUESTIONS = ["What is happening in the video?", "What colour is the square?", "Count the   objects, please."]
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_export):
-    return Pipeline.from_export(tiny_export, provider="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_ckpt):
-    pytest.importorskip("torch")
-    from ppllava_edge.model.generate import ReferenceModel
-
-    return ReferenceModel(tiny_ckpt)
-
-
 def test_runtime_is_torch_free_and_answers(tiny_export, sample_video):
     """Import the runtime where importing torch/transformers fails, and run a full answer."""
     code = textwrap.dedent(
@@ -77,7 +64,8 @@ def test_image_input_uses_image_path(pipe, reference, tmp_path):
     Image.fromarray((np.random.default_rng(1).random((60, 90, 3)) * 255).astype(np.uint8)).save(img)
     want = reference.answer(img, "What is this?", max_new_tokens=8)
     got = pipe.ask(img, "What is this?", generation=GenerationConfig(max_new_tokens=8))
-    assert got.visual_tokens == 5 and got.ids == want.output_ids
+    # 90x60 -> pinpoint 84x168 (1x2 crops): 4 base tokens + a 2x4 crop map with a newline per row
+    assert got.visual_tokens == 4 + 2 * (4 + 1) and got.ids == want.output_ids
 
 
 def test_second_question_hits_the_feature_cache(tiny_export, sample_video):

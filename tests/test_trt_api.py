@@ -66,7 +66,7 @@ def test_build_calls_and_outputs(standin, tmp_path):
     assert sim.calls.count(("flag", "FP16")) == 5 and sim.calls.count(("pool", "WORKSPACE", 512 << 20)) == 5
     assert ("builder_optimization_level", 2) in sim.calls
     profiles = [c[1] for c in sim.calls if c[0] == "profile"]
-    assert len(profiles) == 1 + 1 + 1 + 2  # image_pool has static dims: no profile
+    assert len(profiles) == 1 + 1 + 1 + 1 + 2  # vision, prompt_pool, image_pool (1..5 anyres tiles), projector_head, decoder x2
     assert profiles[-1]["past.0.key"] == ((1, 4, 1, 16), (1, 4, 96, 16), (1, 4, 127, 16))
     assert [c[1] for c in sim.calls if c[0] == "create_timing_cache"] == [b"TC\x03", b"TC\x04", b"TC\x05", b"TC\x06", b"TC\x07"]
     assert tc.read_bytes() == b"TC\x08" and sorted(p.name for p in tmp_path.iterdir()) == ["engines", "export", "tc.bin"]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, default_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
 from .errors import ConfigError
 from .jsonfile import read_json
 
@@ -169,6 +170,7 @@ class PPLLaVAConfig:
     projector_hidden_act: str
     use_image_newline_parameter: bool
     torch_dtype: str
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS  # (H, W) pairs, whole tiles
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -183,12 +185,28 @@ class PPLLaVAConfig:
         t_out = (num_frames - kt) // st + 1 if num_frames >= kt else 0
         return t_out * ((h - kh) // sh + 1) * ((w - kw) // sw + 1)
 
-    def image_tokens(self) -> int:
-        """Pooled tokens for one image tile, plus the `image_newline` row."""
+    @property
+    def image_pooled_grid(self) -> int:
+        """g: pooled tokens per side of one image tile (the (1,3,3) kernel on the patch grid)."""
         kt, kh, kw = self.image_pooling_kernel
-        st, sh, sw = self.image_pooling_stride
         h, w = self.frame_shape
-        return ((h - kh) // sh + 1) * ((w - kw) // sw + 1) + (1 if self.use_image_newline_parameter else 0)
+        if (h - kh) // kh != (w - kw) // kw:
+            raise ConfigError(f"image pooling gives a non-square {(h - kh) // kh + 1}x{(w - kw) // kw + 1} grid per tile; anyres assembly needs a square one")
+        return (h - kh) // kh + 1
+
+    def image_layout(self, image_size: tuple[int, int] | None) -> ImageLayout:
+        """Token layout of an image of (H, W) pixels (anyres tiles); None: one tile without crops."""
+        args = (self.vision.image_size, self.image_pooled_grid, self.use_image_newline_parameter)
+        if image_size is None:
+            return single_tile_layout(*args)
+        return image_layout(image_size, self.image_grid_pinpoints, *args)
+
+    def image_max_tokens(self) -> int:
+        """Most visual tokens one image can give (any pinpoint, before unpadding)."""
+        return max_image_tokens(self.image_grid_pinpoints, self.vision.image_size, self.image_pooled_grid, self.use_image_newline_parameter)
+
+    def image_max_tiles(self) -> int:
+        return max_tiles(self.image_grid_pinpoints, self.vision.image_size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -373,6 +391,7 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
         use_image_newline_parameter=bool(raw.get("use_image_newline_parameter", True)),
         torch_dtype=str(raw.get("torch_dtype", "float32")),
+        image_grid_pinpoints=check_pinpoints(raw.get("image_grid_pinpoints") or default_pinpoints(vision.image_size), vision.image_size, "config.json: image_grid_pinpoints"),
         raw=raw,
     )
 

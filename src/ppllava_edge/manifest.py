@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .anyres import ImageLayout, image_layout, single_tile_layout
 from .errors import ConfigError
 from .jsonfile import read_json
 
@@ -23,12 +24,21 @@ class ExportManifest:
     data: dict
 
     def path(self, name: str) -> Path:
-        """File of a graph ('vision', ...) or an entry of `embeddings` / `tokenizers`."""
+        """File of a graph ('vision', ...), of `embeddings`, of `image_newline` or an entry of `tokenizers`."""
         if name in self.data["graphs"]:
             return self.folder / self.data["graphs"][name]["file"]
         if name == "embeddings":
             return self.folder / self.data["embeddings"]["file"]
+        if name == "image_newline":
+            return self.folder / self.data["image"]["newline"]["file"]
         return self.folder / self.data["tokenizers"][name]
+
+    def data_files(self) -> list[Path]:
+        """The files besides the graphs that the runtime reads: embedding table, tokenizers, image newline row."""
+        names = ["embeddings", *self.data["tokenizers"]]
+        if (self.data.get("image") or {}).get("newline"):
+            names.append("image_newline")
+        return [self.path(n) for n in names]
 
     def graph(self, name: str) -> dict:
         return self.data["graphs"][name]
@@ -60,6 +70,24 @@ class ExportManifest:
         f = self.data["frames"]
         return f["min"], f["opt"], f["max"]
 
+    def image_layout(self, image_size: tuple[int, int] | None) -> ImageLayout:
+        """Token layout of an image of (H, W) pixels under this export's anyres rules (`image` in export.json);
+        None: a lone tile (g*g tokens + one newline).
+
+        Raises:
+            ConfigError: the export predates image tiles (no `image` entry).
+        """
+        rules = self.data.get("image")
+        if rules is None:
+            raise ConfigError(
+                f"{self.folder}: this export predates image tiles (no 'image' entry in export.json), so it cannot answer "
+                "about images the way the released model does.\nHint: re-export the checkpoint with `ppllava-edge export`."
+            )
+        args = (rules["tile_size"], rules["pooled_grid"], rules["newline"] is not None)
+        if image_size is None:
+            return single_tile_layout(*args)
+        return image_layout(image_size, rules["grid_pinpoints"], *args)
+
     def visual_tokens(self, num_frames: int) -> int:
         return (num_frames // self.data["pooling"]["kernel"][0]) * self.data["visual_tokens_per_frame_pair"]
 
@@ -77,7 +105,8 @@ def load_manifest(folder: str | Path) -> ExportManifest:
         raise ConfigError(f"{folder}: no such export folder.\nHint: create one with `ppllava-edge export CHECKPOINT {folder}`.")
     data = read_json(path, f"missing; {folder} is not an export folder.\nHint: create one with `ppllava-edge export CHECKPOINT OUT`.", fmt=MANIFEST_FORMAT)
     manifest = ExportManifest(folder, data)
-    missing = [str(manifest.path(n)) for n in (*data["graphs"], "embeddings", *data["tokenizers"]) if not manifest.path(n).is_file()]
+    files = [manifest.path(n) for n in data["graphs"]] + manifest.data_files()
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise ConfigError(f"{path}: files named by the manifest are missing: {', '.join(missing)}")
     return manifest

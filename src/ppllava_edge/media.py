@@ -6,23 +6,29 @@ library, numpy and Pillow at module top; PyAV (`av`) is imported inside the func
 Sampling and preprocessing follow the authors' inference code (see ppllava-model.md §2):
 segment-centre frame indices, each frame squashed to S×S with bicubic resampling (no aspect ratio,
 no crop), then `x/255` and CLIP mean/std normalisation, giving float32 `[T, 3, S, S]`.
+
+Images take LLaVA-NeXT's anyres path instead (`read_image`, `preprocess_image`, `load_image_tiles`): the
+tiles of transformers' `LlavaNextImageProcessor` (geometry in anyres.py), `[tiles, 3, S, S]`.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import operator
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ._deps import require
+from .anyres import Size, fitted_size, select_best_resolution
 from .errors import InputError, VideoError
 
 if TYPE_CHECKING:
@@ -519,10 +525,151 @@ def preprocess_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
         if img.size != (s, s):
             img = img.resize((s, s), resample=Image.Resampling.BICUBIC)
         out[t] = np.asarray(img, dtype=np.float32)
+    return _clip_normalize(out)
+
+
+def _clip_normalize(out: np.ndarray) -> np.ndarray:
+    """float32 `[N, S, S, 3]` in 0..255 (modified in place) -> `(x / 255 - CLIP_MEAN) / CLIP_STD` as `[N, 3, S, S]`."""
     out /= np.float32(255.0)
     out -= np.asarray(CLIP_MEAN, dtype=np.float32)
     out /= np.asarray(CLIP_STD, dtype=np.float32)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# The image path: LLaVA-NeXT anyres tiles (see anyres.py)
+
+IMAGE_DECODE_PIXELS = 16_000_000
+"""Decoded-pixel budget of one image (48 MB as RGB). A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
+(DCT scaling, no full-size buffer) to fit it; the tile geometry still comes from the full size. Other formats cannot
+be decoded at a reduced scale and are read in full up to Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`)."""
+
+_ORIENTATION = ExifTags.Base.Orientation
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+
+
+@dataclass(frozen=True)
+class ImageTiles:
+    """An image preprocessed as transformers' `LlavaNextImageProcessor` does (anyres).
+
+    Attributes:
+        pixel_values: float32 `[tiles, 3, S, S]`: the base tile (whole image squashed to S×S), then the S×S crops of
+            the image fitted (aspect kept, bicubic) and zero-padded into `best_resolution`, row by row.
+        image_size: (H, W) of the image as shown (EXIF orientation applied): LLaVA-NeXT's `image_sizes`.
+        best_resolution: the `image_grid_pinpoints` entry (H, W) the image was fitted into.
+        grid: (rows, cols) of crops.
+        decoded_size: (H, W) actually decoded (smaller than `image_size` for a JPEG over IMAGE_DECODE_PIXELS).
+    """
+
+    pixel_values: np.ndarray
+    image_size: Size
+    best_resolution: Size
+    grid: Size
+    decoded_size: Size
+
+
+@contextlib.contextmanager
+def _image_errors(spath: str) -> Iterator[None]:
+    """Map Pillow's failures inside the block to one VideoError naming the file."""
+    if not os.path.exists(spath):
+        raise VideoError(f"Image file not found: {spath}")
+    if os.path.isdir(spath):
+        raise VideoError(f"Image path is a directory, not a file: {spath}")
+    try:
+        yield
+    except UnidentifiedImageError as exc:
+        what = "is empty (0 bytes)" if _file_size(spath) == 0 else "is corrupt or not an image"
+        raise VideoError(f"Cannot open image {spath}: the file {what}") from exc
+    except Image.DecompressionBombError as exc:
+        raise VideoError(f"Cannot read image {spath}: {exc}\nHint: downscale the image first.") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data, unsupported mode
+        raise VideoError(f"Cannot read image {spath}: the file is corrupt or truncated ({exc})") from exc
+
+
+def _shown_size(img: Image.Image) -> Size:
+    """(H, W) of an opened (not necessarily decoded) image once its EXIF orientation is applied."""
+    w, h = img.size
+    return (w, h) if img.getexif().get(_ORIENTATION, 1) in _SWAPS_SIDES else (h, w)
+
+
+def read_image_size(path: str | os.PathLike[str]) -> Size:
+    """(H, W) of an image file as shown (EXIF orientation applied), read from its header only.
+
+    Raises:
+        VideoError: missing, unreadable or non-image file (the message names the file).
+    """
+    spath = os.fspath(path)
+    with _image_errors(spath), Image.open(spath) as img:
+        return _shown_size(img)
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = IMAGE_DECODE_PIXELS) -> tuple[Image.Image, Size]:
+    """Decode an image file as an RGB Pillow image, upright, within a pixel budget.
+
+    - EXIF orientation is applied (as transformers' `load_image` does), so a phone photo stored sideways is seen as
+      shown; grayscale, palette, CMYK and 16-bit images become RGB; alpha is dropped (`convert("RGB")`, as the
+      authors' loaders do).
+    - A JPEG of more than `max_pixels` pixels is decoded at the smallest of 1/2, 1/4, 1/8 scale that fits (libjpeg DCT
+      scaling), so an 8000×6000 photo never occupies more than the budget.
+
+    Returns:
+        (image, (H, W) of the full-size upright image).
+
+    Raises:
+        VideoError: missing, empty, corrupt, truncated or too large file (the message names the file).
+    """
+    spath = os.fspath(path)
+    with _image_errors(spath), Image.open(spath) as img:
+        shown = _shown_size(img)
+        w, h = img.size
+        if w * h > max_pixels:  # JPEG / MPO (phone photos) scale in the decoder; draft() is a no-op for other formats
+            scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), 8)
+            img.draft("RGB", (-(-w // scale), -(-h // scale)))
+        img.load()  # leaving the `with` closes the file only; the decoded pixels stay
+        ImageOps.exif_transpose(img, in_place=True)  # no copy unless the photo really is rotated
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return rgb, shown
+
+
+def preprocess_image(img: Image.Image, tile: int, pinpoints, image_size: Size | None = None) -> ImageTiles:
+    """LLaVA-NeXT anyres preprocessing of an RGB image (transformers' `LlavaNextImageProcessor`, PIL backend).
+
+    1. best resolution: the pinpoint that keeps most of the image (`select_best_resolution` on `image_size`);
+    2. the image resized into it with its aspect kept (bicubic) and centred on black padding; cut into S×S crops,
+       row by row;
+    3. the base tile: the whole image resized to S×S (bicubic, aspect not kept);
+    4. every tile: `x / 255`, CLIP mean/std.
+
+    Args:
+        img: RGB image (possibly decoded at a reduced scale, see `read_image`).
+        tile: S, the tower's image size.
+        pinpoints: `image_grid_pinpoints`, (H, W) pairs in whole tiles.
+        image_size: (H, W) the geometry is computed from (default: the image's own size).
+    """
+    if img.mode != "RGB":
+        raise InputError(f"preprocess_image needs an RGB image, got mode {img.mode}")
+    decoded = (img.height, img.width)
+    size = tuple(image_size) if image_size is not None else decoded
+    best = select_best_resolution(size, pinpoints)
+    new_h, new_w = fitted_size(size, best)
+    canvas = Image.new("RGB", (best[1], best[0]))
+    canvas.paste(img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC), ((best[1] - new_w) // 2, (best[0] - new_h) // 2))
+    rows, cols = best[0] // tile, best[1] // tile
+    out = np.empty((1 + rows * cols, tile, tile, 3), dtype=np.float32)
+    out[0] = np.asarray(img.resize((tile, tile), resample=Image.Resampling.BICUBIC), dtype=np.float32)
+    padded = np.asarray(canvas)
+    out[1:] = padded.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile, tile, 3)
+    return ImageTiles(_clip_normalize(out), size, best, (rows, cols), decoded)  # type: ignore[arg-type]
+
+
+def load_image_tiles(path: str | os.PathLike[str], tile: int, pinpoints, max_pixels: int = IMAGE_DECODE_PIXELS) -> ImageTiles:
+    """`read_image` + `preprocess_image`: the model-ready tiles of an image file.
+
+    Raises:
+        VideoError: the file cannot be read (the message names it).
+    """
+    img, shown = read_image(path, max_pixels)
+    return preprocess_image(img, tile, pinpoints, image_size=shown)
 
 
 def input_kind(path: str | os.PathLike[str]) -> MediaKind:
@@ -614,7 +761,8 @@ def load_pixel_values(
     """Model-ready pixel values float32 `[T, 3, S, S]` from a video, an image or a `.npy` file.
 
     - video: `num_frames` frames at segment centres, preprocessed (T = num_frames).
-    - image: one frame, preprocessed (T = 1).
+    - image: one frame squashed like a video frame (T = 1; the authors' video processor on one image). The
+      model's image path is `load_image_tiles` (anyres tiles).
     - .npy: already preprocessed `[T, 3, S, S]` float32, returned as stored (T is not checked
       against `num_frames`; S must equal `image_size`).
 

@@ -207,12 +207,19 @@ def markdown(result: dict) -> str:
     lines = _table(result["variants"])
     lines.append("")
     lines.append(f"- {_env_line(result)}")
-    v = cfg["video"]
-    src = f"synthetic {v['size'][0]}x{v['size'][1]}, {v['frames']} frames" if v.get("synthetic") else v["path"]
+    img = cfg.get("image")
+    unit = "tiles" if img else "frames"  # an image's anyres tiles stand in for the frames
+    if img:
+        h, w = img["image_size"]
+        src = (f"image {img['path']} ({w}x{h} px -> best resolution {img['best_resolution'][1]}x{img['best_resolution'][0]}, "
+               f"{img['tiles']} tiles, {img['tokens']} visual tokens; 'video ms' = image decode)")
+    else:
+        v = cfg["video"]
+        src = "video " + (f"synthetic {v['size'][0]}x{v['size'][1]}, {v['frames']} frames" if v.get("synthetic") else v["path"])
     lines.append(
-        f"- {result['created']} | video {src} | {cfg['max_new_tokens']} new tokens per run (EOS ignored) | warm-up {cfg['warmup']}, "
+        f"- {result['created']} | {src} | {cfg['max_new_tokens']} new tokens per run (EOS ignored) | warm-up {cfg['warmup']}, "
         f"{cfg['iterations']} timed iteration{'s' if cfg['iterations'] != 1 else ''} (cold feature cache) | values: mean ± sample stddev (N−1) | ×: speed-up vs the first "
-        f"variant at the same frames (nopool: at {cfg['headline_frames']} frames), > 1 = faster"
+        f"variant at the same {unit}" + ("" if img else f" (nopool: at {cfg['headline_frames']} frames)") + ", > 1 = faster"
     )
     hw = result.get("hardware") or {}
     if hw:
@@ -227,8 +234,8 @@ def markdown(result: dict) -> str:
         c = ref.get("cache")
         if c:
             lines.append(
-                f"- feature cache ({ref['name']}, {ref['frames']} frames): first question {c['first_ms']:.1f} ms, "
-                f"second question on the same video {c['second_ms']:.1f} ms ({c['ratio']:.2f}×; vision {c['second_stages']['vision']:.1f} ms on a hit)"
+                f"- feature cache ({ref['name']}, {ref['frames']} {unit}): first question {c['first_ms']:.1f} ms, "
+                f"second question on the same {'image' if img else 'video'} {c['second_ms']:.1f} ms ({c['ratio']:.2f}×; vision {c['second_stages']['vision']:.1f} ms on a hit)"
             )
         parts = []
         if ref.get("vision_efficiency") is not None:
@@ -236,7 +243,7 @@ def markdown(result: dict) -> str:
         if ref.get("prefill_efficiency") is not None:
             parts.append(f"prefill {ref['prefill_efficiency']:.2f} ({_si(ref['prefill_flops'], 'FLOP')} in {ref['stages']['prefill']['mean']:.1f} ms)")
         if parts:
-            lines.append(f"- efficiency ({ref['name']}, {ref['frames']} frames): " + "; ".join(parts))
+            lines.append(f"- efficiency ({ref['name']}, {ref['frames']} {unit}): " + "; ".join(parts))
     for e in result["variants"]:
         if e.get("error") or e["frames"] != cfg["headline_frames"] or e.get("decode_efficiency") is None:
             continue
@@ -248,7 +255,7 @@ def markdown(result: dict) -> str:
                f"used by the largest request (this question: {e['context_len']} + {e['new_tokens'] - 1} positions)" if e.get("kv_cache_allocated_bytes") else "")
         )
     if ref:
-        lines.append(f"- memory ({ref['name']}, {ref['frames']} frames): weights {_si(ref['weight_bytes'], 'B')}, KV cache {_si(ref['kv_cache_bytes'], 'B')} "
+        lines.append(f"- memory ({ref['name']}, {ref['frames']} {unit}): weights {_si(ref['weight_bytes'], 'B')}, KV cache {_si(ref['kv_cache_bytes'], 'B')} "
                      f"used by a run ({ref['context_len']} + {ref['new_tokens'] - 1} positions)")
     for e in result["variants"]:
         for n in e.get("notes") or []:
@@ -259,7 +266,7 @@ def markdown(result: dict) -> str:
                      "timings are fixed overheads; run the bench on the small preset (or larger) for the targets.")
     elif result["targets"]:
         lines.append("")
-        lines.append(f"targets ({cfg['headline_frames']} frames; measured, not asserted):")
+        lines.append(f"targets ({cfg['headline_frames']} {unit}; measured, not asserted):")
         lines.append("")
         for t in result["targets"]:
             mark = "✓" if t["passed"] else "✗"

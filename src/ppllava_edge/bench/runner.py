@@ -27,7 +27,6 @@ import logging
 import os
 import resource
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..manifest import ExportManifest, load_manifest
+from ..memory import MemorySampler
 from . import hardware
 from .stats import mean_std, summarize
 
@@ -73,6 +73,7 @@ ProgressFn = Callable[[int, int, str], None]
 class BenchOptions:
     exports: list[Path]
     video: Path | None = None
+    image: Path | None = None  # bench an image instead of a video (its anyres tiles play the frames' part)
     synthetic: bool = False
     frames: list[int] | None = None  # None: DEFAULT_FRAMES within every export's range
     questions: int = 2
@@ -188,6 +189,8 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
         raise InputError(f"--questions must be <= {len(QUESTIONS)}, got {opts.questions}")
     if opts.video is not None and opts.synthetic:
         raise InputError("give either --video FILE or --synthetic, not both")
+    if opts.image is not None and (opts.video is not None or opts.synthetic):
+        raise InputError("give either --image FILE or a video (--video / --synthetic), not both")
     if opts.threads is not None and opts.threads < 1:
         raise InputError(f"--threads must be >= 1, got {opts.threads}")
     backends = parse_choices(list(opts.backends), BACKENDS, "backend")
@@ -218,21 +221,24 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
 
         resolve_provider(opts.provider)  # unknown / unavailable provider -> InferenceError
 
-    if opts.frames is None:
-        frames = [f for f in DEFAULT_FRAMES if all(max(m.frames[0], 2) <= f <= m.frames[2] for m in manifests)]
-        frames = frames or [manifests[0].frames[1] + manifests[0].frames[1] % 2]
+    if opts.image is not None:
+        frames = _image_frames(opts, manifests, baselines)
     else:
-        frames = parse_frames(opts.frames)
-    for m in manifests:
-        _check_frames(m, frames, "--frames")
-        limit = m.model["max_position_embeddings"]
-        longest = _prompt_len(m, opts.questions) + m.visual_tokens(max(frames)) + opts.max_new_tokens
-        if longest > limit:
-            raise InputError(
-                f"{max(frames)} frames ({m.visual_tokens(max(frames))} visual tokens) + prompt + --max-new-tokens "
-                f"{opts.max_new_tokens} = {longest} positions exceed the LLM context of {limit} ({m.folder}).\n"
-                "Hint: bench fewer frames or fewer new tokens."
-            )
+        if opts.frames is None:
+            frames = [f for f in DEFAULT_FRAMES if all(max(m.frames[0], 2) <= f <= m.frames[2] for m in manifests)]
+            frames = frames or [manifests[0].frames[1] + manifests[0].frames[1] % 2]
+        else:
+            frames = parse_frames(opts.frames)
+        for m in manifests:
+            _check_frames(m, frames, "--frames")
+            limit = m.model["max_position_embeddings"]
+            longest = _prompt_len(m, opts.questions) + m.visual_tokens(max(frames)) + opts.max_new_tokens
+            if longest > limit:
+                raise InputError(
+                    f"{max(frames)} frames ({m.visual_tokens(max(frames))} visual tokens) + prompt + --max-new-tokens "
+                    f"{opts.max_new_tokens} = {longest} positions exceed the LLM context of {limit} ({m.folder}).\n"
+                    "Hint: bench fewer frames or fewer new tokens."
+                )
     if "nopool" in baselines:
         _check_frames(manifests[0], [NOPOOL_FRAMES], "the nopool baseline's frames")
 
@@ -263,6 +269,36 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
     return specs
 
 
+def _image_frames(opts: BenchOptions, manifests: list[ExportManifest], baselines: tuple[str, ...]) -> list[int]:
+    """--image: the image's tile count stands in for the frames (one entry per variant); checks the options."""
+    from ..media import input_kind, read_image_size
+
+    if opts.frames is not None:
+        raise InputError("--frames is for videos; an image's tiles follow from its size and the export's image_grid_pinpoints")
+    if baselines:
+        raise InputError("--baseline nopool/avgpool are video baselines; drop --baseline with --image")
+    image = Path(opts.image)
+    if not image.is_file():
+        raise InputError(f"--image {image}: no such file")
+    if input_kind(image) != "image":
+        raise InputError(f"--image {image}: not an image file (by its extension)")
+    size = read_image_size(image)
+    tiles = set()
+    for m in manifests:
+        layout = m.image_layout(size)
+        tiles.add(layout.tiles)
+        limit = m.model["max_position_embeddings"]
+        longest = _prompt_len(m, opts.questions) + layout.num_tokens + opts.max_new_tokens
+        if longest > limit:
+            raise InputError(
+                f"the image ({layout.num_tokens} visual tokens) + prompt + --max-new-tokens {opts.max_new_tokens} = {longest} "
+                f"positions exceed the LLM context of {limit} ({m.folder}).\nHint: bench fewer new tokens."
+            )
+    if len(tiles) != 1:
+        raise InputError(f"--image {image}: the exports cut it into different tile counts ({sorted(tiles)}); bench them separately")
+    return [tiles.pop()]
+
+
 def headline_frames(frames: list[int]) -> int:
     return HEADLINE_FRAMES if HEADLINE_FRAMES in frames else max(frames)
 
@@ -276,63 +312,6 @@ def _device_used_bytes() -> int | None:
         return int(total - free)
     except Exception:
         return None
-
-
-class MemorySampler:
-    """Peak process RSS (psutil, sampled every `interval` s on a background thread) and, with a GPU, peak device
-    memory in use (cudaMemGetInfo, the whole device). The thread holds the GIL for a few microseconds per sample."""
-
-    def __init__(self, interval: float = 0.01, device: bool = False):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.device = device and _device_used_bytes() is not None
-        self.peak_rss = 0
-        self.peak_device: int | None = None
-        self.device_base: int | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="bench-memory", daemon=True)
-
-    def rss(self) -> int:
-        return int(self.proc.memory_info().rss)
-
-    def _sample(self) -> None:
-        rss = self.rss()
-        dev = _device_used_bytes() if self.device else None
-        with self._lock:
-            self.peak_rss = max(self.peak_rss, rss)
-            if dev is not None:
-                self.peak_device = dev if self.peak_device is None else max(self.peak_device, dev)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def start(self) -> MemorySampler:
-        self.reset()
-        self._thread.start()
-        return self
-
-    def reset(self) -> int:
-        """Start a new peak; returns the current RSS."""
-        rss = self.rss()
-        with self._lock:
-            self.peak_rss = rss
-            self.device_base = _device_used_bytes() if self.device else None
-            self.peak_device = self.device_base
-        return rss
-
-    def peaks(self) -> tuple[int, int | None]:
-        self._sample()
-        with self._lock:
-            return self.peak_rss, self.peak_device
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
@@ -509,24 +488,31 @@ class _TorchRunner:
         pass
 
     def run(self, video: Path, question: str, frames: int) -> RunRecord:
-        from ..media import load_video, preprocess_frames
+        """One answer on a video (`frames` frames) or an image (its anyres tiles; `frames` is their count)."""
+        from ..media import input_kind, load_video, preprocess_frames, preprocess_image, read_image
 
         torch, model = self.torch, self.model
-        proj, lm = model.multi_modal_projector, model.language_model
+        proj, lm, cfg = model.multi_modal_projector, model.language_model, model.cfg
+        image = input_kind(video) == "image"
         s: dict[str, float] = {}
         steps: list[float] = []
         start = time.perf_counter()
         clip_ids, input_ids = self.ref.tokenize(question)
         t0 = time.perf_counter()
-        raw = load_video(video, frames).frames
+        raw, shown = read_image(video) if image else (load_video(video, frames).frames, None)
         t1 = time.perf_counter()
-        px = preprocess_frames(raw, model.cfg.vision.image_size)
+        if image:
+            px = preprocess_image(raw, cfg.vision.image_size, cfg.image_grid_pinpoints, image_size=shown).pixel_values
+        else:
+            px = preprocess_frames(raw, cfg.vision.image_size)
         t2 = time.perf_counter()
         with torch.inference_mode():
-            feats = model.encode_video(torch.from_numpy(px))
+            feats = model.encode_tiles(torch.from_numpy(px)) if image else model.encode_video(torch.from_numpy(px))
             keys, values = proj.keys(feats), proj.values(feats)
             t3 = time.perf_counter()
-            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None])
+            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image)
+            if image:
+                tokens = model.assemble_image(tokens, model.image_layout(px.shape[0], shown))
             t4 = time.perf_counter()
             embeds = model.embed_prompt(torch.from_numpy(input_ids), tokens)  # [1, L, D]
             t5 = time.perf_counter()
@@ -676,6 +662,8 @@ def _environment(provider: str, threads: int | None) -> dict:
 def _video(opts: BenchOptions, frames: list[int], tmp: list) -> tuple[Path, dict]:
     from ..media import input_kind, write_test_video
 
+    if opts.image is not None:
+        return Path(opts.image), {"path": str(opts.image), "image": True, "bytes": Path(opts.image).stat().st_size}
     if opts.video is not None:
         video = Path(opts.video)
         if not video.is_file():
@@ -713,6 +701,10 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
 
     try:
         video, video_info = _video(opts, all_frames, tmp)
+        if opts.image is not None:  # what the image turns into: size, best resolution, tiles, visual tokens
+            from ..media import read_image_size
+
+            video_info.update(specs[0].manifest.image_layout(read_image_size(video)).as_dict())
         provider = specs[0].backend
         if any(s.backend in ("ort", "trt") for s in specs):
             from ..runtime.session import resolve_provider
@@ -728,7 +720,7 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
             hw = {"memory_bandwidth_gbs": bw["gbs"], "gemm_gflops": mm["gflops"], "bandwidth_probe": bw, "gemm_probe": mm}
 
         gpu = provider in ("cuda", "tensorrt") or any(s.backend == "trt" for s in specs)
-        sampler = MemorySampler(device=gpu).start()
+        sampler = MemorySampler(device_fn=_device_used_bytes if gpu else None).start()
         entries: list[dict] = []
         questions = QUESTIONS[: opts.questions]
         try:
@@ -789,7 +781,8 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
         "command": opts.command,
         "environment": env,
         "config": {
-            "exports": [str(e) for e in opts.exports], "video": video_info, "frames": pooled_frames, "headline_frames": head,
+            "exports": [str(e) for e in opts.exports], "video": None if opts.image else video_info, "image": video_info if opts.image else None,
+            "frames": pooled_frames, "headline_frames": head,
             "nopool_frames": NOPOOL_FRAMES, "questions": list(questions), "max_new_tokens": opts.max_new_tokens, "warmup": opts.warmup,
             "iterations": opts.iterations, "provider": opts.provider, "threads": opts.threads,
             "backends": sorted({s.backend for s in specs if s.kind != "baseline"}, key=BACKENDS.index),

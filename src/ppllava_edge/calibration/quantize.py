@@ -669,7 +669,7 @@ def quantize_export(
         work.mkdir()
         trt_dir = tmp / "trt_calibration" if trt_cache else None
         data = json.loads(json.dumps(manifest.data))
-        for entry in (manifest.path("embeddings"), *(manifest.path(t) for t in manifest.data["tokenizers"])):
+        for entry in manifest.data_files():
             shutil.copyfile(entry, tmp / entry.name)
         present: dict[str, set[str]] = {}  # graph -> --exclude-node names found in it
         for g, prec in precisions.items():

@@ -14,7 +14,9 @@ out_console = Console(highlight=False, soft_wrap=True)
 
 
 class StageLog:
-    """Prints `[i] stage ... done in X s` lines; a spinner while a stage runs when stderr is a terminal."""
+    """Prints `stage ... done in X s` lines. While a stage runs: a spinner, or - once the stage reports its amount
+    of work through `progress(done, total)` - a progress bar with the time remaining (stderr is a terminal); in a
+    log (not a terminal) a line at every 10 % step."""
 
     def __init__(self, title: str):
         self.title = title
@@ -22,25 +24,59 @@ class StageLog:
         self.current: str | None = None
         self.t0 = self.start
         self.status = None
+        self.bar = None
+        self._task = None
+        self._logged = -1
         self.done: list[tuple[str, float]] = []
 
     def __call__(self, stage: str) -> None:
         self._finish()
         self.current, self.t0 = stage, time.perf_counter()
+        self._logged = -1
         if sys.stderr.isatty():
             self.status = err_console.status(f"{self.title}: {stage} ...")
             self.status.start()
         else:
             err_console.print(f"{self.title}: {stage} ...")
 
-    def _finish(self) -> None:
+    def progress(self, done: float, total: float) -> None:
+        """`done` of `total` units of the current stage are finished."""
+        if total <= 0:
+            return
+        if not sys.stderr.isatty():
+            tenth = int(10 * done / total)
+            if tenth > self._logged:
+                self._logged = tenth
+                elapsed = time.perf_counter() - self.t0
+                eta = elapsed * (total - done) / done if done else float("nan")
+                err_console.print(f"  {self.current}: {100 * done / total:.0f} % ({elapsed:.0f} s, ~{eta:.0f} s left)")
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            if self.status is not None:
+                self.status.stop()
+                self.status = None
+            self.bar = Progress(TextColumn(f"{self.title}: {self.current}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                                TimeRemainingColumn(), console=err_console, transient=True)
+            self.bar.start()
+            self._task = self.bar.add_task(self.current or "", total=total)
+        self.bar.update(self._task, completed=done, total=total)
+
+    def _finish(self, failed: bool = False) -> None:
         if self.status is not None:
             self.status.stop()
             self.status = None
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
         if self.current is not None:
             dt = time.perf_counter() - self.t0
-            self.done.append((self.current, dt))
-            err_console.print(f"  done {self.current} in {dt:.1f} s")
+            if failed:  # the error line that follows says why
+                err_console.print(f"  {self.current} stopped after {dt:.1f} s")
+            else:
+                self.done.append((self.current, dt))
+                err_console.print(f"  done {self.current} in {dt:.1f} s")
             self.current = None
 
     def close(self) -> float:
@@ -53,9 +89,10 @@ def stages(title: str):
     log = StageLog(title)
     try:
         yield log
+    except BaseException:
+        log._finish(failed=True)
+        raise
     finally:
-        if log.status is not None:
-            log.status.stop()
         log.close()
 
 

@@ -94,12 +94,12 @@ class _Streamer:
 
 @cli.command("chat")
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
-@click.argument("input_path", metavar="VIDEO", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @frames_option()
 @generation_options
 @click.option("-q", "--question", "questions", multiple=True, help="Questions to ask in order (otherwise read lines from stdin).")
 def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, questions):
-    """Several questions on one video: the vision graph runs once, later questions hit the feature cache."""
+    """Several questions on one video or image: the vision graph runs once, later questions hit the feature cache."""
     from ..runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)

@@ -8,7 +8,8 @@ Every dynamic dimension in the manifest is a symbol or a small integer expressio
                    path runs one tile through the vision graph.
 - prompt_pool:     one profile over T, min 2 (pooling needs a frame pair).
 - projector_head:  one profile over N tokens = T * patches_per_frame (min 1).
-- image_pool:      static (one fixed profile; TensorRT needs none).
+- image_pool:      one profile over an image's anyres tiles, 1..max_tiles (export.json `image.max_tiles`); exports
+                   from before image tiles have a static one-tile graph (no profile).
 - decoder:         two profiles, as in TensorRT Edge-LLM's LLM engines:
                    context    seq 1..max_input_len, past 0,              total = seq
                    generation seq 1,                past 1..max_seq_len-1, total = past + 1
@@ -169,6 +170,9 @@ def symbol_ranges(graph: str, data: dict, limits: BuildLimits, static_frames: bo
     if graph == "prompt_pool":
         lo = max(2, fmin)
         return [("frames", {"frames": (lo, max(lo, fopt), fmax)})]
+    if graph == "image_pool" and data.get("image"):
+        n = int(data["image"]["max_tiles"])
+        return [("tiles", {"tiles": (1, n, n)})]
     if graph == "projector_head":
         p = int(data["model"]["patches_per_frame"])
         return [("tokens", {"tokens": (1, fopt * p, fmax * p)})]

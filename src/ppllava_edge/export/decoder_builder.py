@@ -38,6 +38,7 @@ import numpy as np
 
 from ..config import LlamaTextConfig
 from ..external_data import ExternalData
+from .weights_check import WeightMap
 
 PREFIX = "language_model."
 CONTRACT = "gqa-inplace-v1"
@@ -89,7 +90,8 @@ def build_decoder(
     opset: int = 20,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Write `path` (+ `path.data`): the in-place KV-cache decoder. Returns {'bytes', 'initializers'}.
+    """Write `path` (+ `path.data`): the in-place KV-cache decoder. Returns {'bytes', 'initializers', 'weights'}
+    ('weights': the WeightMap tracing every initializer to its checkpoint tensors, see export/weights_check.py).
 
     Args:
         source: checkpoint tensors by name (transposed and cast here, one at a time).
@@ -111,14 +113,25 @@ def build_decoder(
     nodes: list = []
     inits: list = []
 
-    def weight(name: str, array: np.ndarray) -> str:
+    wmap = WeightMap()
+
+    def weight(name: str, array: np.ndarray, transform: str | None = None, sources: list[str] | None = None) -> str:
         inits.append(data.add(name, np.asarray(array).astype(np_dtype, copy=False)))
+        if transform is None:
+            wmap.derived.append(name)
+        else:
+            wmap.map[name] = (transform, sources)
+            wmap.expected.extend(sources)
         return name
 
-    def linear_t(*names: str) -> np.ndarray:
+    def norm(name: str, src: str) -> str:
+        return weight(name, source(PREFIX + src), "identity", [PREFIX + src])
+
+    def linear(name: str, *srcs: str) -> str:
         """[in, out] MatMul weight: the torch Linear weights [out, in] concatenated along out, transposed."""
-        parts = [np.asarray(source(PREFIX + n), dtype=np.float32) for n in names]
-        return np.concatenate(parts, axis=0).T if len(parts) > 1 else parts[0].T
+        parts = [np.asarray(source(PREFIX + n), dtype=np.float32) for n in srcs]
+        array = np.concatenate(parts, axis=0).T if len(parts) > 1 else parts[0].T
+        return weight(name, array, "concat_transpose" if len(parts) > 1 else "transpose", [PREFIX + n for n in srcs])
 
     def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
@@ -129,17 +142,18 @@ def build_decoder(
     split_name = "mlp.split_sizes"
     inits.append(helper.make_tensor(split_name, TensorProto.INT64, [2], [I, I]))
     inits.append(helper.make_tensor("last_position", TensorProto.INT64, [], [-1]))
+    wmap.derived += [split_name, "last_position"]
 
     pasts, presents = past_names(L), present_names(L)
     x = "inputs_embeds"
     resid = x
     norm = f"/layers.0/input_layernorm/out"
-    node("SimplifiedLayerNormalization", [x, weight("layers.0.input_layernorm.weight", source(PREFIX + "model.layers.0.input_layernorm.weight"))],
+    node("SimplifiedLayerNormalization", [x, norm("layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.weight")],
          [norm], "/layers.0/input_layernorm", axis=-1, epsilon=eps, stash_type=1)
     for i in range(L):
         p = f"model.layers.{i}."
         n = f"/layers.{i}"
-        qkv = weight(f"layers.{i}.attn.qkv_proj.weight", linear_t(*(p + f"self_attn.{k}_proj.weight" for k in "qkv")))
+        qkv = linear(f"layers.{i}.attn.qkv_proj.weight", *(p + f"self_attn.{k}_proj.weight" for k in "qkv"))
         node("MatMul", [norm, qkv], [f"{n}/attn/qkv"], f"{n}/attn/qkv_proj")
         node(
             "GroupQueryAttention",
@@ -148,32 +162,32 @@ def build_decoder(
             f"{n}/attn/GroupQueryAttention", domain="com.microsoft",
             num_heads=H, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(HD) ** -0.5,
         )
-        o = weight(f"layers.{i}.attn.o_proj.weight", linear_t(p + "self_attn.o_proj.weight"))
+        o = linear(f"layers.{i}.attn.o_proj.weight", p + "self_attn.o_proj.weight")
         node("MatMul", [f"{n}/attn/out", o], [f"{n}/attn/o"], f"{n}/attn/o_proj")
-        post = weight(f"layers.{i}.post_attention_layernorm.weight", source(PREFIX + p + "post_attention_layernorm.weight"))
+        post = norm(f"layers.{i}.post_attention_layernorm.weight", p + "post_attention_layernorm.weight")
         node("SkipSimplifiedLayerNormalization", [f"{n}/attn/o", resid, post], [f"{n}/post_norm/out", "", "", f"{n}/post_norm/resid"],
              f"{n}/post_attention_layernorm", domain="com.microsoft", epsilon=eps)
         resid = f"{n}/post_norm/resid"
-        gate_up = weight(f"layers.{i}.mlp.gate_up_proj.weight", linear_t(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"))
+        gate_up = linear(f"layers.{i}.mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
         node("MatMul", [f"{n}/post_norm/out", gate_up], [f"{n}/mlp/gate_up"], f"{n}/mlp/gate_up_proj")
         node("Split", [f"{n}/mlp/gate_up", split_name], [f"{n}/mlp/gate", f"{n}/mlp/up"], f"{n}/mlp/split", axis=-1)
         node("QuickGelu", [f"{n}/mlp/gate"], [f"{n}/mlp/act"], f"{n}/mlp/silu", domain="com.microsoft", alpha=1.0)  # x*sigmoid(x)
         node("Mul", [f"{n}/mlp/act", f"{n}/mlp/up"], [f"{n}/mlp/prod"], f"{n}/mlp/mul")
-        down = weight(f"layers.{i}.mlp.down_proj.weight", linear_t(p + "mlp.down_proj.weight"))
+        down = linear(f"layers.{i}.mlp.down_proj.weight", p + "mlp.down_proj.weight")
         node("MatMul", [f"{n}/mlp/prod", down], [f"{n}/mlp/out"], f"{n}/mlp/down_proj")
         last = i == L - 1
         nxt_w = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
         nxt_name = "norm.weight" if last else f"layers.{i + 1}.input_layernorm.weight"
         norm = "/norm/out" if last else f"/layers.{i + 1}/input_layernorm/out"
         outs = [norm] if last else [norm, "", "", f"/layers.{i + 1}/resid"]
-        node("SkipSimplifiedLayerNormalization", [f"{n}/mlp/out", resid, weight(nxt_name, source(PREFIX + nxt_w))], outs,
+        node("SkipSimplifiedLayerNormalization", [f"{n}/mlp/out", resid, norm(nxt_name, nxt_w)], outs,
              "/norm" if last else f"/layers.{i + 1}/input_layernorm", domain="com.microsoft", epsilon=eps)
         resid = f"/layers.{i + 1}/resid"
         if on_layer is not None:
             on_layer(i + 1, L)
     node("Gather", [norm, "last_position"], ["/lm_head/last"], "/lm_head/last_position", axis=1)  # [B, D]
     head_src = "model.embed_tokens.weight" if dims.tied else "lm_head.weight"
-    node("MatMul", ["/lm_head/last", weight("lm_head.weight", linear_t(head_src))], ["logits"], "/lm_head/MatMul")
+    node("MatMul", ["/lm_head/last", linear("lm_head.weight", head_src)], ["logits"], "/lm_head/MatMul")
     data.close()
 
     kv_dims = ["batch", KV, "capacity", HD]
@@ -196,4 +210,4 @@ def build_decoder(
                               producer_name="ppllava-edge")
     model.ir_version = 10
     onnx.save_model(model, str(path))
-    return {"bytes": data.bytes_written, "initializers": len(inits)}
+    return {"bytes": data.bytes_written, "initializers": len(inits), "weights": wmap}

@@ -41,6 +41,8 @@ THRESHOLDS = {
     "fp16": {"rel_max_abs": 5e-2, "min_cosine": 0.999},
 }
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
+IMAGE_MAX_TILES = 64  # the image_pool graph's tile range (a checkpoint's pinpoints may need more: then theirs)
+IMAGE_NEWLINE_FILE = "image_newline.npy"
 
 
 @dataclass
@@ -163,9 +165,11 @@ def export_graphs(model: PPLLaVAForConditionalGeneration, tmp: Path, opts: Expor
 
     on_stage("image_pool.onnx")
     t0 = time.perf_counter()
+    # an image's anyres tiles (base + crops), one relevance softmax over all of them; traced with 4 tiles (1 would specialise)
+    tiles = Dim("tiles", min=1, max=max(IMAGE_MAX_TILES, cfg.image_max_tiles()))
     _onnx_export(
-        PromptPoolGraph(model, image=True), (example_clip_ids(ctx), keys[:P], values[:1]), tmp / "image_pool.onnx",
-        ["clip_ids", "keys", "values"], ["visual_tokens", "relevance"], None, opts.opset, False,
+        PromptPoolGraph(model, image=True), (example_clip_ids(ctx), keys, values), tmp / "image_pool.onnx",
+        ["clip_ids", "keys", "values"], ["visual_tokens", "relevance"], (None, {0: P * tiles}, {0: tiles}), opts.opset, False,
     )
     timings["image_pool"] = time.perf_counter() - t0
 
@@ -251,6 +255,23 @@ def _versions() -> dict[str, str]:
     }
 
 
+def image_manifest(cfg, opts: ExportOptions) -> dict:
+    """What the runtime needs for images (export.json `image`): LLaVA-NeXT anyres preprocessing and assembly."""
+    from ..media import CLIP_MEAN, CLIP_STD
+
+    return {
+        "tile_size": cfg.vision.image_size,
+        "grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],
+        "pooled_grid": cfg.image_pooled_grid,
+        "newline": {"file": IMAGE_NEWLINE_FILE, "dtype": "float16" if opts.dtype == "fp16" else "float32"} if cfg.use_image_newline_parameter else None,
+        "max_tiles": cfg.image_max_tiles(),
+        "max_tokens": cfg.image_max_tokens(),
+        "resample": "bicubic",
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+    }
+
+
 def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp: Path, opts: ExportOptions, timings: dict[str, float]) -> dict:
     cfg = model.cfg
     t, v = cfg.text, cfg.vision
@@ -292,7 +313,8 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
         "frames": {"min": opts.frames[0], "opt": opts.frames[1], "max": opts.frames[2]},
         "visual_tokens_per_frame_pair": cfg.visual_tokens(2),
         "pooling": {"kernel": list(cfg.pooling_kernel), "image_kernel": list(cfg.image_pooling_kernel), "temperature": cfg.pooling_temp},
-        "image_tokens": cfg.image_tokens(),
+        "image_tokens": cfg.image_max_tokens(),
+        "image": image_manifest(cfg, opts),
         "image_token_id": cfg.image_token_index,
         "prompt_template": PROMPT_TEMPLATE,
         "special_tokens": {"bos": t.bos_token_id, "eos": t.eos_token_id, "pad": cfg.pad_token_id, "image": cfg.image_token_index},
@@ -351,6 +373,8 @@ def export_checkpoint(
         on_stage("tokenizers + embeddings")
         table = model.language_model.get_input_embeddings().weight.detach().numpy()
         np.save(tmp / "embed_tokens.npy", table)
+        if cfg.use_image_newline_parameter:
+            np.save(tmp / IMAGE_NEWLINE_FILE, model.image_newline.detach().numpy())
         LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(checkpoint), image_token_id=cfg.image_token_index).save(tmp / "llama_tokenizer.json")
         ClipTokenizer().save(tmp / "clip_tokenizer.json")
         manifest = build_manifest(model, checkpoint, tmp, opts, timings)

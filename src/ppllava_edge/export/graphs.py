@@ -2,7 +2,8 @@
 
 - VisionGraph:      pixel_values [T,3,H,W] -> values [T,P,D_llm] = GELU(linear_1(F)), keys [T*P,E] (normalised)
 - PromptPoolGraph:  clip_ids [1,L], keys, values -> visual_tokens [T//2*(h/3)*(w/3), D_llm], relevance [T,h,w]
-- ImagePoolGraph:   the same for one image tile with the (1,3,3) kernel, plus the image_newline row
+- image_pool:       PromptPoolGraph(image=True): the same for N image tiles with the (1,3,3) kernel -> [N*(h/3)*(w/3), D];
+                    the anyres assembly (unpadding, image_newline rows) is done by the caller (anyres.py)
 - ProjectorHeadGraph: values [N,D_llm] -> linear_2(values) (baselines without prompt-guided pooling)
 - DecoderGraph:     inputs_embeds, attention_mask, position_ids, past.{i}.key/value -> logits [B,V], present.*
 """
@@ -27,7 +28,11 @@ class VisionGraph(nn.Module):
 
 
 class PromptPoolGraph(nn.Module):
-    """Text encoder (folded position table) + relevance (fp32) + windowed pooling + linear_2."""
+    """Text encoder (folded position table) + relevance (fp32) + windowed pooling + linear_2.
+
+    image=True: the frames are an image's tiles (one relevance softmax over all of them) and the kernel is the image
+    kernel (1,3,3); the output is the pooled tokens of every tile in order, without `image_newline`.
+    """
 
     def __init__(self, model: PPLLaVAForConditionalGeneration, image: bool = False):
         super().__init__()
@@ -39,8 +44,6 @@ class PromptPoolGraph(nn.Module):
     def forward(self, clip_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.model.multi_modal_projector
         g, tokens = proj.pool(keys, values, clip_ids, image=self.image, position_table=self.position_table)
-        if self.image and self.model.cfg.use_image_newline_parameter:
-            tokens = torch.cat((tokens, self.model.image_newline[None].to(tokens.dtype)), dim=0)
         return tokens, g
 
 

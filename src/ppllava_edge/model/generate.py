@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..media import load_pixel_values
+from ..media import input_kind, load_image_tiles, load_pixel_values
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 from .checkpoint import load_model
 from .ppllava import PPLLaVAForConditionalGeneration
@@ -39,9 +39,13 @@ class ReferenceModel:
         return clip_ids, input_ids
 
     @torch.no_grad()
-    def answer_pixels(self, pixel_values: np.ndarray, question: str, image: bool, max_new_tokens: int = 64, num_beams: int = 1) -> Answer:
+    def answer_pixels(
+        self, pixel_values: np.ndarray, question: str, image: bool, max_new_tokens: int = 64, num_beams: int = 1, image_size: tuple[int, int] | None = None
+    ) -> Answer:
+        """Answer from preprocessed pixels: a video's frames, or an image's anyres tiles with its (H, W) `image_size`
+        (a lone tile without `image_size` takes the single-tile branch)."""
         clip_ids, input_ids = self.tokenize(question)
-        out = self.model.visual_tokens(torch.from_numpy(pixel_values), torch.from_numpy(clip_ids)[None], image=image)
+        out = self.model.visual_tokens(torch.from_numpy(pixel_values), torch.from_numpy(clip_ids)[None], image=image, image_size=image_size)
         embeds = self.model.embed_prompt(torch.from_numpy(input_ids), out.visual_tokens)
         ids = self.model.generate(embeds, max_new_tokens=max_new_tokens, num_beams=num_beams)
         arrays = {
@@ -56,5 +60,8 @@ class ReferenceModel:
         return Answer(text=self.llama.decode(ids), output_ids=ids, arrays=arrays, kind="image" if image else "video")
 
     def answer(self, path: str | Path, question: str, num_frames: int = 8, max_new_tokens: int = 64, num_beams: int = 1) -> Answer:
-        pixel_values, kind, _ = load_pixel_values(path, num_frames, self.cfg.vision.image_size)
-        return self.answer_pixels(pixel_values, question, image=(kind == "image" or pixel_values.shape[0] == 1), max_new_tokens=max_new_tokens, num_beams=num_beams)
+        if input_kind(path) == "image":
+            tiles = load_image_tiles(path, self.cfg.vision.image_size, self.cfg.image_grid_pinpoints)
+            return self.answer_pixels(tiles.pixel_values, question, image=True, max_new_tokens=max_new_tokens, num_beams=num_beams, image_size=tiles.image_size)
+        pixel_values, _, _ = load_pixel_values(path, num_frames, self.cfg.vision.image_size)  # a video, or a .npy (one row: one tile)
+        return self.answer_pixels(pixel_values, question, image=pixel_values.shape[0] == 1, max_new_tokens=max_new_tokens, num_beams=num_beams)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..anyres import ImageLayout
 from ..config import PPLLaVAConfig
 from ..errors import InputError
 from .clip import CLIPTextTransformer, CLIPVisionTower, l2_normalize
@@ -36,9 +37,10 @@ def check_num_frames(num_frames: int, max_frames: int) -> None:
 
 @dataclass
 class VisualOutput:
-    features: torch.Tensor  # F [T, P, Dv]
+    features: torch.Tensor  # F [T, P, Dv] (an image: [tiles, P, Dv])
     relevance: torch.Tensor  # g [T, h, w] float32
     visual_tokens: torch.Tensor  # V' [N, D_llm]
+    layout: ImageLayout | None = None  # images: where each token comes from (anyres assembly)
 
 
 class PPLLaVAProjector(nn.Module):
@@ -125,13 +127,42 @@ class PPLLaVAForConditionalGeneration(nn.Module):
         """F [T, P, Dv] from pixel_values [T, 3, H, W]."""
         return self.vision_tower(pixel_values)
 
-    def visual_tokens(self, pixel_values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False) -> VisualOutput:
-        """Video: 2 <= T <= max_T frames, kernel (2,3,3). Image: T = 1 tile, kernel (1,3,3), then `image_newline`."""
+    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """F [N, P, Dv] for N image tiles [N, 3, H, W], each through the tower on its own (T = 1), as the authors'
+        tower does with a 4-D input: the BT-Adapter's temporal attention never mixes tiles."""
+        return torch.cat([self.encode_video(pixel_values[i : i + 1]) for i in range(pixel_values.shape[0])])
+
+    def image_layout(self, num_tiles: int, image_size: tuple[int, int] | None) -> ImageLayout:
+        """Layout of an image given as `num_tiles` tiles: anyres (base + crops) needs the image's (H, W); a lone
+        tile without `image_size` is the authors' single-tile branch (g*g tokens + one newline)."""
+        if image_size is None:
+            if num_tiles != 1:
+                raise InputError(f"{num_tiles} image tiles need the image's (height, width) to be assembled (anyres)")
+            return self.cfg.image_layout(None)
+        layout = self.cfg.image_layout(image_size)
+        if layout.tiles != num_tiles:
+            raise InputError(
+                f"an image of {image_size[1]}x{image_size[0]} pixels takes {layout.tiles} tiles "
+                f"(best resolution {layout.best_resolution}); pixel_values has {num_tiles}"
+            )
+        return layout
+
+    def assemble_image(self, tokens: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+        """Pooled tile tokens [tiles*g*g, D] -> the image's tokens: base tile, then the unpadded crop map with
+        `image_newline` after every row (`ImageLayout.index`)."""
+        if layout.newline:
+            tokens = torch.cat((tokens, self.image_newline[None].to(tokens.dtype)), dim=0)
+        return tokens[torch.from_numpy(layout.index())]
+
+    def visual_tokens(
+        self, pixel_values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False, image_size: tuple[int, int] | None = None
+    ) -> VisualOutput:
+        """Video: 2 <= T <= max_T frames, kernel (2,3,3). Image: anyres tiles (base first) of an image of
+        `image_size` (H, W), each tile through the tower with T = 1, one relevance softmax over all tiles, kernel
+        (1,3,3), then the anyres assembly with `image_newline`."""
         num_frames = pixel_values.shape[0]
-        if image:
-            if num_frames != 1:
-                raise InputError(f"an image is one tile: pixel_values has {num_frames} frames")
-        else:
+        layout = self.image_layout(num_frames, image_size) if image else None
+        if not image:
             check_num_frames(num_frames, self.cfg.max_frames)
         size = self.cfg.vision.image_size
         if tuple(pixel_values.shape[1:]) != (self.cfg.vision.num_channels, size, size):
@@ -139,13 +170,13 @@ class PPLLaVAForConditionalGeneration(nn.Module):
                 f"pixel_values has shape {list(pixel_values.shape)}; this checkpoint needs [T, 3, {size}, {size}]."
             )
         dtype = self.image_newline.dtype
-        features = self.encode_video(pixel_values.to(dtype))
+        features = self.encode_tiles(pixel_values.to(dtype)) if image else self.encode_video(pixel_values.to(dtype))
         proj = self.multi_modal_projector
         keys, values = proj.keys(features), proj.values(features)
         g, tokens = proj.pool(keys, values, clip_ids, image=image)
-        if image and self.cfg.use_image_newline_parameter:
-            tokens = torch.cat((tokens, self.image_newline[None].to(tokens.dtype)), dim=0)
-        return VisualOutput(features=features, relevance=g, visual_tokens=tokens)
+        if layout is not None:
+            tokens = self.assemble_image(tokens, layout)
+        return VisualOutput(features=features, relevance=g, visual_tokens=tokens, layout=layout)
 
     # ---- LLM side ----------------------------------------------------------------------------
     def embed_prompt(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:

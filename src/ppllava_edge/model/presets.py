@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..anyres import default_pinpoints
 from ..atomic import AtomicDir
 from ..config import config_from_dict
 from ..errors import ConfigError
@@ -76,6 +77,8 @@ def preset_config(name: str) -> tuple[dict, dict]:
     config = dict(RELEASED_TOP_LEVEL)
     config["clip_weight"] = "clip"
     config["frame_shape"] = [v["image_size"] // v["patch_size"]] * 2
+    # the released pinpoints are in 336-px tiles (1x2, 2x1, 2x2, 3x1, 1x3); keep the same tile grids at this tile size
+    config["image_grid_pinpoints"] = [list(p) for p in default_pinpoints(v["image_size"])]
     config["vision_config"] = {
         "model_type": "clip_vision_model",
         **v,

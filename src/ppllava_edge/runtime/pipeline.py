@@ -23,9 +23,10 @@ from typing import Callable
 
 import numpy as np
 
+from ..anyres import ImageLayout, assemble_tokens
 from ..errors import ContextLengthError, InputError
 from ..manifest import ExportManifest, load_manifest
-from ..media import input_kind, load_image, load_npy_pixel_values, load_video, preprocess_frames
+from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import open_decoder
@@ -136,6 +137,9 @@ class Pipeline:
         self.cache = cache if cache is not None else FeatureCache()
         self.vision_runs = 0
         self._key_locks: dict[str, list] = {}  # content key -> [lock, users]: one vision run per video at a time
+        self.image_spec = manifest.data.get("image")  # anyres rules (None: an export from before image tiles)
+        has_newline = bool(self.image_spec and self.image_spec.get("newline"))
+        self.image_newline = np.load(manifest.path("image_newline")) if has_newline else None
         self.export_id = manifest.data.get("created", "") + manifest.data["checkpoint"]["sha256"]
 
     def _new_decoder(self):
@@ -250,19 +254,16 @@ class Pipeline:
             if px.shape[0] > 1:
                 self._check_npy_frames(path, px.shape[0])
             return px
-        if kind == "image":
-            frames = load_image(path)[None]
-        else:
-            video = load_video(path, num_frames)
-            frames = video.frames
-            warnings.extend(video.warnings)
+        video = load_video(path, num_frames)
+        frames = video.frames
+        warnings.extend(video.warnings)
         t1 = time.perf_counter()
         px = preprocess_frames(frames, size)
         t.decode_video, t.preprocess = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return px
 
     def features(self, path: str | Path, num_frames: int, t: Timings, need_pixels: bool = False) -> tuple[np.ndarray, np.ndarray, VideoInput]:
-        """(values, keys) for an input file, from the cache or the vision graph."""
+        """(values, keys) for an input file, from the cache or the vision graph (an image: of its anyres tiles)."""
         path = Path(path)
         kind = input_kind(path)
         if kind == "video":
@@ -271,6 +272,8 @@ class Pipeline:
             from ..errors import VideoError
 
             raise VideoError(f"{path}: no such file.")
+        if kind == "image":
+            return self.image_features(path, t, need_pixels)
         frames_key = num_frames if kind == "video" else 1
         key = content_key(file_digest(path), frames_key, self.export_id)
         warnings: list[str] = []
@@ -292,6 +295,40 @@ class Pipeline:
                 self.cache.put(key, values, keys, warnings)
         actual_kind = "image" if kind == "image" or values.shape[0] == 1 else "video"
         return values, keys, VideoInput(key, actual_kind, px, warnings)
+
+    # ---- images (LLaVA-NeXT anyres, see anyres.py) -------------------------------------------
+    def image_layout(self, path: str | Path | None) -> ImageLayout:
+        """Token layout of an image file (from its header: EXIF-oriented size); None: a lone tile (a 1-row .npy)."""
+        return self.manifest.image_layout(None if path is None else read_image_size(path))
+
+    def image_features(self, path: str | Path, t: Timings, need_pixels: bool = False) -> tuple[np.ndarray, np.ndarray, VideoInput]:
+        """(values, keys) of an image's anyres tiles, each run through the vision graph with T = 1; cached by the
+        file's content like a video's features."""
+        self.manifest.image_layout(None)  # an export from before image tiles: a clear error
+        r = self.image_spec
+        path = Path(path)
+        key = content_key(file_digest(path), "anyres-image", self.export_id)
+        with self._key_lock(key):  # as for videos: concurrent first questions on one image run the tiles once
+            hit = self.cache.get(key)
+            px = None
+            if hit is None or need_pixels:
+                t0 = time.perf_counter()
+                img, shown = read_image(path)
+                t1 = time.perf_counter()
+                px = preprocess_image(img, r["tile_size"], r["grid_pinpoints"], image_size=shown).pixel_values
+                t.decode_video, t.preprocess = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+            if hit is not None:
+                t.cache_hit = True
+                values, keys = hit
+            else:
+                t0 = time.perf_counter()
+                outs = [self.sessions["vision"].run(None, {"pixel_values": px[i : i + 1].astype(self.dtype)}) for i in range(px.shape[0])]
+                values, keys = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+                t.vision = (time.perf_counter() - t0) * 1e3
+                with self._pool:
+                    self.vision_runs += 1
+                self.cache.put(key, values, keys)
+        return values, keys, VideoInput(key, "image", px)
 
     # ---- answer -----------------------------------------------------------------------------
     def ask(
@@ -322,7 +359,8 @@ class Pipeline:
         input_ids = np.asarray(prompt, dtype=np.int64)
         clip_ids = self.clip.encode(question, self.manifest.model["clip_text_length"])
         kind = input_kind(Path(path))
-        n_vis = self.manifest.data["image_tokens"] if kind == "image" else self.manifest.visual_tokens(num_frames)
+        layout = self.image_layout(path) if kind == "image" else None
+        n_vis = layout.num_tokens if layout is not None else self.manifest.visual_tokens(num_frames)
         context = len(input_ids) - 1 + n_vis
         limit = self.manifest.model["max_position_embeddings"]
         if context + gen.max_new_tokens > limit:
@@ -334,6 +372,8 @@ class Pipeline:
         graph = "image_pool" if vin.kind == "image" else "prompt_pool"
         t0 = time.perf_counter()
         tokens, relevance = self.sessions[graph].run(None, {"clip_ids": clip_ids[None], "keys": keys, "values": values})
+        if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
+            tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
         embeds = self.embed_prompt(input_ids, tokens)
         with self._borrow_decoder() as decoder:
