@@ -129,6 +129,17 @@ def test_answer_equals_ask_streamed_or_not(server, client, pipe, media, tiny_exp
             assert finish == choice.finish_reason and usage.completion_tokens == len(want.ids)
 
 
+def test_image_url_answer_equals_ask(client, pipe, media, tiny_export, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(2).random((70, 110, 3)) * 255).astype(np.uint8)).save(img)
+    want = pipe.ask(img, "What is this?", generation=GenerationConfig(max_new_tokens=8))
+    r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages(b64_url(img, "image/png"), "What is this?", "image_url"),
+                                       max_tokens=8, temperature=0, extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == want.ids and r.usage.prompt_tokens == want.context_len
+
+
 def test_stop_strings_cut_the_answer(client, pipe, media, tiny_export):
     _, files = media
     want = ask(pipe, files["clip"], QUESTIONS[0])
