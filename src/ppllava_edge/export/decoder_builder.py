@@ -124,7 +124,7 @@ def build_decoder(
             wmap.expected.extend(sources)
         return name
 
-    def norm(name: str, src: str) -> str:
+    def norm_weight(name: str, src: str) -> str:
         return weight(name, source(PREFIX + src), "identity", [PREFIX + src])
 
     def linear(name: str, *srcs: str) -> str:
@@ -148,7 +148,7 @@ def build_decoder(
     x = "inputs_embeds"
     resid = x
     norm = f"/layers.0/input_layernorm/out"
-    node("SimplifiedLayerNormalization", [x, norm("layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.weight")],
+    node("SimplifiedLayerNormalization", [x, norm_weight("layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.weight")],
          [norm], "/layers.0/input_layernorm", axis=-1, epsilon=eps, stash_type=1)
     for i in range(L):
         p = f"model.layers.{i}."
@@ -164,7 +164,7 @@ def build_decoder(
         )
         o = linear(f"layers.{i}.attn.o_proj.weight", p + "self_attn.o_proj.weight")
         node("MatMul", [f"{n}/attn/out", o], [f"{n}/attn/o"], f"{n}/attn/o_proj")
-        post = norm(f"layers.{i}.post_attention_layernorm.weight", p + "post_attention_layernorm.weight")
+        post = norm_weight(f"layers.{i}.post_attention_layernorm.weight", p + "post_attention_layernorm.weight")
         node("SkipSimplifiedLayerNormalization", [f"{n}/attn/o", resid, post], [f"{n}/post_norm/out", "", "", f"{n}/post_norm/resid"],
              f"{n}/post_attention_layernorm", domain="com.microsoft", epsilon=eps)
         resid = f"{n}/post_norm/resid"
@@ -180,7 +180,7 @@ def build_decoder(
         nxt_name = "norm.weight" if last else f"layers.{i + 1}.input_layernorm.weight"
         norm = "/norm/out" if last else f"/layers.{i + 1}/input_layernorm/out"
         outs = [norm] if last else [norm, "", "", f"/layers.{i + 1}/resid"]
-        node("SkipSimplifiedLayerNormalization", [f"{n}/mlp/out", resid, norm(nxt_name, nxt_w)], outs,
+        node("SkipSimplifiedLayerNormalization", [f"{n}/mlp/out", resid, norm_weight(nxt_name, nxt_w)], outs,
              "/norm" if last else f"/layers.{i + 1}/input_layernorm", domain="com.microsoft", epsilon=eps)
         resid = f"/layers.{i + 1}/resid"
         if on_layer is not None:
