@@ -391,3 +391,11 @@ def test_loadtest_command_against_the_server(server, tmp_path, media):
     assert len(rows) == 3 and rows[0].startswith("concurrency,requests,ok,errors")
     md = CliRunner().invoke(cli, ["bench", "--server", server.url, "--video", str(files["clip"]), "--requests", "2", "--warmup", "0", "-q"])
     assert md.exit_code == 1 and "HTTP 401" in md.output  # no key: every request refused, reported, exit 1
+    from PIL import Image
+
+    img = tmp_path / "photo.jpg"
+    Image.fromarray((np.random.default_rng(3).random((60, 90, 3)) * 255).astype(np.uint8)).save(img)
+    res = CliRunner().invoke(cli, ["bench", "--server", server.url, "--api-key", KEY, "--image", str(img), "--requests", "2", "--warmup", "0",
+                                   "--max-new-tokens", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "| 1 | 2 | 2 | 0 |" in res.stdout  # concurrency 1: 2 requests, 2 ok, 0 errors

@@ -5,8 +5,8 @@
 
 For each concurrency level N, N client threads (each with its own keep-alive connection) send `requests`
 chat completions between them, as fast as answers come back: the video inline as a base64 data: URL (so the
-server needs no media folder; the same video every time, so after the warm-up its features come from the server's
-cache), questions cycled from the bench's list, greedy decoding of exactly `max_new_tokens` tokens (`ignore_eos`).
+server needs no media folder; the same video — or `--image` — every time, so after the warm-up its features come
+from the server's cache), questions cycled from the bench's list, greedy decoding of exactly `max_new_tokens` tokens (`ignore_eos`).
 Measured on the client: requests/s and completion tokens/s over the wall time of the level, end-to-end latency and
 — with `stream` — time to first token (first content chunk) p50/p90/p99, and errors by kind. Warm-up requests
 are sent first and not counted. Standard library only (http.client + threads): no extra dependency.
@@ -39,6 +39,7 @@ STATS = ("p50", "p90", "p99")
 class LoadTestOptions:
     url: str
     video: Path | None = None
+    image: Path | None = None  # ask about this image (an image_url part) instead of a video
     synthetic: bool = False
     workdir: Path | None = None  # where the synthetic video goes (default: a temporary folder)
     concurrency: list[int] = field(default_factory=lambda: [1])
@@ -154,14 +155,20 @@ class _Client:
             return _Sample(False, (time.perf_counter() - t0) * 1e3, error=type(exc).__name__)
 
 
-def _payloads(opts: LoadTestOptions, model: str, video: Path) -> list[bytes]:
-    mime = {".mp4": "video/mp4", ".mkv": "video/x-matroska", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mov": "video/quicktime"}
-    url = f"data:{mime.get(video.suffix.lower(), 'video/mp4')};base64," + base64.b64encode(video.read_bytes()).decode()
+MIME = {".mp4": "video/mp4", ".mkv": "video/x-matroska", ".webm": "video/webm", ".avi": "video/x-msvideo", ".mov": "video/quicktime",
+        ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp", ".tif": "image/tiff",
+        ".tiff": "image/tiff"}
+
+
+def _payloads(opts: LoadTestOptions, model: str, media: Path) -> list[bytes]:
+    kind = "image_url" if opts.image is not None else "video_url"
+    mime = MIME.get(media.suffix.lower(), "image/png" if opts.image is not None else "video/mp4")
+    url = f"data:{mime};base64," + base64.b64encode(media.read_bytes()).decode()
     out = []
     for q in QUESTIONS[: max(1, opts.questions)]:
         body = {
             "model": model, "max_tokens": opts.max_new_tokens, "temperature": 0, "ignore_eos": True, "stream": opts.stream,
-            "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": q}]}],
+            "messages": [{"role": "user", "content": [{"type": kind, kind: {"url": url}}, {"type": "text", "text": q}]}],
         }
         if opts.stream:
             body["stream_options"] = {"include_usage": True}
@@ -224,9 +231,11 @@ def run_loadtest(opts: LoadTestOptions, progress: ProgressFn | None = None) -> d
         model = opts.model or models["data"][0]["id"]
     finally:
         probe.close()
+    if opts.image is not None and not Path(opts.image).is_file():
+        raise InputError(f"--image {opts.image}: no such file")
     tmp: list = []
     try:
-        video, video_info = _video(opts, [opts.frames or 8], tmp)
+        video, video_info = _video(opts, [opts.frames or 8], tmp)  # the bench's rule: --image, --video or a synthetic clip
         payloads = _payloads(opts, model, video)
     finally:
         for td in tmp:

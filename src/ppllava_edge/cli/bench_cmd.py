@@ -89,10 +89,10 @@ def bench_command(ctx, exports, server_url, concurrency, num_requests, stream, a
     if server_url is not None:
         if exports:
             raise click.UsageError("give either EXPORT folders or --server URL, not both")
-        for name, value in (("--backend", backends), ("--baseline", baselines), ("--plot", plot_path), ("--engines", engines or None), ("--image", image)):
+        for name, value in (("--backend", backends), ("--baseline", baselines), ("--plot", plot_path), ("--engines", engines or None)):
             if value is not None:
                 raise click.UsageError(f"{name} does not apply to a --server load test")
-        _loadtest(ctx, server_url, concurrency, num_requests, stream, api_key, video, synthetic, frames, questions, max_new_tokens, warmup,
+        _loadtest(ctx, server_url, concurrency, num_requests, stream, api_key, video, image, synthetic, frames, questions, max_new_tokens, warmup,
                   json_path, csv_path, output, quiet)
         return
     if not exports:
@@ -140,7 +140,8 @@ def _emit(result: dict, output: str, markdown, csv_header, csv_rows, json_path: 
         err_console.print(f"wrote {csv_path}")
 
 
-def _loadtest(ctx, url, concurrency, num_requests, stream, api_key, video, synthetic, frames, questions, max_new_tokens, warmup, json_path, csv_path, output, quiet):
+def _loadtest(ctx, url, concurrency, num_requests, stream, api_key, video, image, synthetic, frames, questions, max_new_tokens, warmup, json_path, csv_path,
+              output, quiet):
     from ..bench import loadtest
     from ..errors import InputError
 
@@ -156,7 +157,7 @@ def _loadtest(ctx, url, concurrency, num_requests, stream, api_key, video, synth
         if len(frame_list) != 1:
             raise InputError("--frames: a load test uses one frame count")
     opts = loadtest.LoadTestOptions(
-        url=url, video=video, synthetic=synthetic, concurrency=levels, requests=num_requests, warmup=warmup, stream=stream,
+        url=url, video=video, image=image, synthetic=synthetic, concurrency=levels, requests=num_requests, warmup=warmup, stream=stream,
         max_new_tokens=max_new_tokens, frames=frame_list[0] if frame_list else None, questions=questions,
         api_key=api_key, command=("ppllava-edge " + shlex.join(sys.argv[1:])) if "bench" in sys.argv[1:] else None,
     )
