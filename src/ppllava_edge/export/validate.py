@@ -26,6 +26,7 @@ class Check:
 @dataclass
 class ValidationReport:
     checks: list[Check]
+    mode: str = "full"  # "full", or "truncated: <what was kept>" (export.py decides)
 
     @property
     def passed(self) -> bool:
@@ -48,6 +49,7 @@ class ValidationReport:
     def to_json(self, thresholds: dict) -> dict:
         return {
             "passed": self.passed,
+            "mode": self.mode,
             "thresholds": thresholds,
             "checks": [c.__dict__ for c in self.checks],
         }
@@ -80,23 +82,46 @@ def _pick_frames(fmin: int, fmax: int, traced: int = 4) -> list[int]:
     return out[:3] or [fmin]
 
 
-def validate_export(model: PPLLaVAForConditionalGeneration, folder: Path, manifest: dict, thresholds: dict) -> ValidationReport:
-    cfg = model.cfg
-    half = manifest["dtype"] == "fp16"
-    np_dtype = np.float16 if half else np.float32
-    rel, min_cos = thresholds["rel_max_abs"], thresholds["min_cosine"]
+def validate_export(parts, folder: Path, manifest: dict, thresholds: dict, on_progress=None) -> ValidationReport:
+    """PyTorch (fp32, SDPA) vs ONNX Runtime on shapes that differ from the traced ones. `parts` (exporter.ModelParts)
+    holds one part of the reference at a time: the vision side for the vision / pool graphs, then the LLM."""
     checks: list[Check] = []
+    record = _recorder(checks, thresholds)
+    with parts.vision_side() as model:
+        _check_vision_side(model, folder, manifest, record)
+    if on_progress is not None:
+        on_progress(1, 2)
+    gen = torch.Generator().manual_seed(4321)
+    np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
+    with parts.llm() as model, torch.no_grad():
+        for graph in ("decoder", "decoder_trt"):
+            if graph in manifest["graphs"]:
+                _check_decoder(model, graph, _session(folder / manifest["graphs"][graph]["file"]), np_dtype, gen, record)
+    if on_progress is not None:
+        on_progress(2, 2)
+    return ValidationReport(checks)
+
+
+def _recorder(checks: list[Check], thresholds: dict):
+    """record(graph, case, output, ref, got): compare and append a Check (max-abs relative to max|ref|, cosine)."""
+    rel, min_cos = thresholds["rel_max_abs"], thresholds["min_cosine"]
 
     def record(graph, case, name, ref, got):
         max_abs, scale, cos = compare(ref, got)
         checks.append(Check(graph, case, name, max_abs, scale, cos, max_abs <= rel * max(scale, 1e-12) and cos >= min_cos))
+
+    return record
+
+
+def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, manifest: dict, record) -> None:
+    cfg = model.cfg
+    np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
 
     gen = torch.Generator().manual_seed(1234)
     size = cfg.vision.image_size
     vision = _session(folder / "vision.onnx")
     pool = _session(folder / "prompt_pool.onnx")
     image_pool = _session(folder / "image_pool.onnx")
-    decoder = _session(folder / "decoder.onnx")
     fmin, _, fmax = manifest["frames"]["min"], None, manifest["frames"]["max"]
     ctx = cfg.clip_text.context_length
     short = torch.full((1, ctx), 49407, dtype=torch.int64)
@@ -133,11 +158,6 @@ def validate_export(model: PPLLaVAForConditionalGeneration, folder: Path, manife
         head = _session(folder / "projector_head.onnx")
         flat = ref_values.reshape(-1, ref_values.shape[-1])
         record("projector_head", f"N={flat.shape[0]}", "tokens", model.multi_modal_projector.linear_2(flat).numpy(), head.run(None, {"values": flat.numpy().astype(np_dtype)})[0])
-
-        for graph in ("decoder", "decoder_trt"):
-            if graph in manifest["graphs"]:
-                _check_decoder(model, graph, _session(folder / manifest["graphs"][graph]["file"]), np_dtype, gen, record)
-    return ValidationReport(checks)
 
 
 def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, session, np_dtype, gen: torch.Generator, record) -> None:
