@@ -11,6 +11,7 @@ fields flattened (`<stage>_<stat>_ms`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -330,14 +331,21 @@ def csv_rows(result: dict) -> list[dict]:
     return rows
 
 
-def write_csv(result: dict, path: str | Path) -> Path:
+def csv_text(header: list[str], rows: list[dict]) -> str:
+    """CSV with a header line; None cells are empty."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in _clean(row).items()})
+    return buf.getvalue()
+
+
+def write_csv(result: dict, path: str | Path, header: list[str] | None = None, rows: list[dict] | None = None) -> Path:
+    """The bench's CSV (or any `header` / `rows`, e.g. the load test's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=csv_header())
-        w.writeheader()
-        for row in csv_rows(result):
-            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    path.write_text(csv_text(header or csv_header(), rows if rows is not None else csv_rows(result)), newline="")
     return path
 
 

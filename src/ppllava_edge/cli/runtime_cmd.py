@@ -61,8 +61,10 @@ def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, te
 
         write_dump(dump, result.arrays)
         err_console.print(f"dumped {len(result.arrays)} arrays to {dump}")
+    for w in result.warnings:
+        err_console.print(f"warning: {w}")
     if as_json:
-        click.echo(json.dumps({"text": result.text, "ids": result.ids, "visual_tokens": result.visual_tokens, "context_len": result.context_len, "provider": pipe.provider, "timings_ms": result.timings.as_dict()}))
+        click.echo(json.dumps({"text": result.text, "ids": result.ids, "visual_tokens": result.visual_tokens, "context_len": result.context_len, "provider": pipe.provider, "timings_ms": result.timings.as_dict(), "warnings": result.warnings}))
     else:
         if streamer is not None:
             streamer.finish()
@@ -107,5 +109,7 @@ def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature
         if not q:
             continue
         result = pipe.ask(input_path, q, num_frames=num_frames, generation=gen)
+        for w in result.warnings:
+            err_console.print(f"warning: {w}")
         click.echo(f"Q: {q}\nA: {result.text}")
         err_console.print(f"   {result.timings.line()}")
