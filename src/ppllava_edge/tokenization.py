@@ -21,6 +21,7 @@ import heapq
 import json
 import logging
 import random
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .conversation import IMAGE_TOKEN, PLAIN_V1, ConversationTemplate, Segment, history_messages, render
 from .errors import InputError, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -851,7 +853,6 @@ def load_llama_tokenizer_from_checkpoint(folder: str | Path) -> Tokenizer:
 # The authors' prompt
 # --------------------------------------------------------------------------------------------------
 
-IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = 32000
 PROMPT_HEAD = "USER: "
 PROMPT_TAIL = "\n{question} ASSISTANT: "
@@ -881,25 +882,40 @@ def _tail_json(tok_json: dict[str, Any]) -> dict[str, Any]:
 
     visit(tok_json.get("pre_tokenizer"))
     if not found and "Prepend" not in json.dumps(tok_json.get("normalizer")):
+        if _is_byte_level(tok_json):
+            return tok_json  # byte-level BPE (GPT-2 style): no dummy prefix, every piece is tokenized alike
         raise TokenizerError(
-            "The tokenizer has no Metaspace pre-tokenizer and no Prepend normalizer; it is not a LLaMA "
-            "(sentencepiece) tokenizer."
+            "The tokenizer has no Metaspace pre-tokenizer, no Prepend normalizer and no ByteLevel pre-tokenizer; it is "
+            "neither a sentencepiece-style (LLaMA) nor a byte-level BPE (GPT-2 style) tokenizer."
         )
     return tok_json
 
 
-class LlamaPromptTokenizer:
-    """Prompt ids for PPLLaVA's LLM: the authors' ids, with a single image placeholder.
+def _is_byte_level(tok_json: Mapping[str, Any]) -> bool:
+    return '"ByteLevel"' in json.dumps(tok_json.get("pre_tokenizer"))
 
-    `prompt_ids(q)` = head ids of `"USER: "` (BOS, dummy prefix) + `[image_token_id]` + tail ids of
-    `"\\n" + q + " ASSISTANT: "` (no dummy prefix). The tail is tokenized with `encode_special_tokens=True`, so
-    a `<image>`, `</s>` or `<s>` typed in the question stays text (notes, Method B).
+
+class LlamaPromptTokenizer:
+    """Prompt ids for PPLLaVA's LLM in the checkpoint's conversation template, with a single image placeholder.
+
+    A conversation is rendered into segments (`conversation.render`): template text, whose special-token literals
+    (`</s>`, `<|im_end|>`, ...) become their ids; message content, where such literals typed by a user stay text;
+    and the image placeholder. Text between two special ids is tokenized in one piece with
+    `encode_special_tokens=True`. The first piece, when the prompt starts with text, is tokenized with the full
+    tokenizer (sentencepiece dummy prefix; BOS when the template says `bos`), later pieces without the dummy prefix
+    (Metaspace "never"), as the authors' tokenizer does after a special token. For the authors' plain_v1 this is
+
+        head ids of "USER: " (BOS, dummy prefix) + [image_token_id] + tail ids of "\\n" + q + " ASSISTANT: "
+
+    (notes, Method B). A byte-level BPE tokenizer (tokenizer.json of GPT-2 style, e.g. SmolLM2) has no dummy prefix:
+    every piece is tokenized alike.
 
     Args:
-        tokenizer: the full LLaMA tokenizer (as from `build_llama_tokenizer`); it is not modified.
+        tokenizer: the full tokenizer (as from `build_llama_tokenizer` or a tokenizer.json); it is not modified.
         image_token_id: the id placed where `<image>` is.
+        template: the conversation template (default: the authors' plain_v1).
         bos_token: / eos_token: token contents for `bos_token_id` / `eos_token_id`.
-        check_merges: reject a tokenizer with transformers 5's merge order.
+        check_merges: reject a sentencepiece-style tokenizer with transformers 5's merge order.
     """
 
     def __init__(
@@ -907,6 +923,7 @@ class LlamaPromptTokenizer:
         tokenizer: Tokenizer,
         image_token_id: int = IMAGE_TOKEN_ID,
         *,
+        template: ConversationTemplate | None = None,
         bos_token: str = "<s>",
         eos_token: str = "</s>",
         check_merges: bool = True,
@@ -917,10 +934,13 @@ class LlamaPromptTokenizer:
             check_llama_merge_order(tok_json, "the LLaMA tokenizer")
         self.tokenizer = tokenizer
         self.image_token_id = int(image_token_id)
+        self.template = template or PLAIN_V1
+        self._head = Tokenizer.from_str(tokenizer.to_str())  # first piece: dummy prefix and BOS as configured
+        self._head.encode_special_tokens = True  # runtime-only flag: not serialized, so set on every load
         self._tail = Tokenizer.from_str(json.dumps(_tail_json(tok_json)))
-        self._tail.encode_special_tokens = True  # runtime-only flag: not serialized, so set on every load
-        self._head_ids = list(tokenizer.encode(PROMPT_HEAD).ids)
-        self._text: Tokenizer | None = None  # made on the first system prompt (chat_prompt_ids)
+        self._tail.encode_special_tokens = True
+        specials = sorted({a["content"] for a in tok_json.get("added_tokens", []) if a.get("special")}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
         self._bos_token, self._eos_token = bos_token, eos_token
 
     @classmethod
@@ -948,51 +968,74 @@ class LlamaPromptTokenizer:
         """Build from a released checkpoint folder (see `load_llama_tokenizer_from_checkpoint`)."""
         return cls(load_llama_tokenizer_from_checkpoint(folder), image_token_id, **kwargs)
 
+    def encode_segments(self, segments: Iterable[Segment]) -> list[int]:
+        """Ids of rendered segments (see the class doc)."""
+        ids: list[int] = []
+        run: list[str] = []
+        started = False
+
+        def start() -> None:
+            nonlocal started
+            if not started and self.template.bos:
+                ids.extend(self._head.encode("", add_special_tokens=True).ids)  # BOS alone
+            started = True
+
+        def flush() -> None:
+            nonlocal started
+            text = "".join(run)
+            run.clear()
+            if not text:
+                return
+            if started:
+                ids.extend(self._tail.encode(text, add_special_tokens=False).ids)
+            else:
+                ids.extend(self._head.encode(text, add_special_tokens=self.template.bos).ids)
+                started = True
+
+        for seg in segments:
+            if seg.kind == "image":
+                flush()
+                start()
+                ids.append(self.image_token_id)
+            elif seg.kind == "content":
+                run.append(seg.text)
+            else:
+                pos = 0
+                for m in self._special_re.finditer(seg.text) if self._special_re is not None else ():
+                    run.append(seg.text[pos : m.start()])
+                    flush()
+                    start()
+                    ids.append(self.image_token_id if m.group() == IMAGE_TOKEN else self._token_id(m.group()))
+                    pos = m.end()
+                run.append(seg.text[pos:])
+        flush()
+        return ids
+
+    def conversation_ids(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a conversation ([{'role': 'system'|'user'|'assistant', 'content': str}, ...], oldest first) in the
+        template, with the image placeholder in the first user message."""
+        return self.encode_segments(render(self.template, messages, add_generation_prompt))
+
     def prompt_ids(self, question: str) -> list[int]:
-        """The authors' ids for `render_prompt(question)`, with exactly one `image_token_id`."""
+        """Ids of a one-question prompt (plain_v1: the authors' ids for `render_prompt(question)`), with exactly one
+        `image_token_id`."""
         if not isinstance(question, str):
             raise InputError(f"question must be a str, got {type(question).__name__}.")
-        tail = self._tail.encode("\n" + question + " ASSISTANT: ", add_special_tokens=False).ids
-        return [*self._head_ids, self.image_token_id, *tail]
+        return self.conversation_ids([{"role": "user", "content": question}])
 
     def chat_prompt_ids(
         self, question: str, history: Sequence[tuple[str, str]] = (), system: str | None = None
     ) -> list[int]:
-        """Ids of a conversation in the checkpoint's template (plain_v1: system "", roles "USER: " / "ASSISTANT: ",
-        separators " " and "</s>"), with the single image placeholder in the first user turn:
+        """Ids of a conversation in the checkpoint's template, with the image placeholder in the first user turn;
+        for plain_v1:
 
-            [{system} ]USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT: {a2}</s>USER: {question} ASSISTANT: 
+            [{system} ]USER: <image>\\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT: {a2}</s>USER: {question} ASSISTANT: 
 
         `history` holds the earlier (user, assistant) turns, oldest first. Without history and system this equals
-        `prompt_ids(question)`. `</s>` between turns is the EOS id, spliced in; text typed by the user (a literal
-        `</s>` or `<image>` included) stays text. Each piece after a special id is tokenized without the dummy
-        prefix, as the authors' tokenizer does after a special token.
+        `prompt_ids(question)`. Special tokens between turns (`</s>`, `<|im_end|>`) are their ids; text typed by the
+        user (a literal `</s>` or `<image>` included) stays text.
         """
-        if not isinstance(question, str):
-            raise InputError(f"question must be a str, got {type(question).__name__}.")
-        for turn in history:
-            if len(turn) != 2 or not all(isinstance(t, str) for t in turn):
-                raise InputError(f"history must hold (user, assistant) string pairs, got {turn!r}.")
-        if system is not None and not isinstance(system, str):
-            raise InputError(f"system must be a str, got {type(system).__name__}.")
-        users = [u for u, _ in history] + [question]
-        answers = [a for _, a in history]
-        head = self._head_ids
-        if system:
-            if self._text is None:  # a full tokenizer (dummy prefix, BOS) that keeps typed specials as text
-                self._text = Tokenizer.from_str(self.tokenizer.to_str())
-                self._text.encode_special_tokens = True
-            head = list(self._text.encode(system + " " + PROMPT_HEAD).ids)
-        eos = self.eos_token_id
-        ids = [*head, self.image_token_id]
-        for i, user in enumerate(users):
-            text = ("\n" if i == 0 else PROMPT_HEAD) + user + " ASSISTANT: "
-            if i < len(answers):
-                ids += self._tail.encode(text + answers[i], add_special_tokens=False).ids
-                ids.append(eos)
-            else:
-                ids += self._tail.encode(text, add_special_tokens=False).ids
-        return ids
+        return self.conversation_ids(history_messages(question, history, system))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (the image placeholder and BOS/EOS are dropped unless `skip_special_tokens=False`)."""
