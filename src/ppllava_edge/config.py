@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, default_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
+from .conversation import ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
 
@@ -171,6 +172,8 @@ class PPLLaVAConfig:
     use_image_newline_parameter: bool
     torch_dtype: str
     image_grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS  # (H, W) pairs, whole tiles
+    # the LLM's conversation template (config.json `conversation_template`; released checkpoints: the authors' plain_v1)
+    conversation: ConversationTemplate = field(default_factory=lambda: ConversationTemplate.from_dict(None))
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -392,6 +395,7 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         use_image_newline_parameter=bool(raw.get("use_image_newline_parameter", True)),
         torch_dtype=str(raw.get("torch_dtype", "float32")),
         image_grid_pinpoints=check_pinpoints(raw.get("image_grid_pinpoints") or default_pinpoints(vision.image_size), vision.image_size, "config.json: image_grid_pinpoints"),
+        conversation=ConversationTemplate.from_dict(raw.get("conversation_template")),
         raw=raw,
     )
 

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .anyres import ImageLayout, image_layout, single_tile_layout
+from .conversation import ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "ppllava-edge-export"
-PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT: "
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT: "  # the authors' plain_v1 one-question prompt (exports before templates)
 GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head", "decoder")
 # Stages of an answer; `export.json` maps each (backend, stage) to one of its graphs (see ExportManifest.graph_for).
 STAGES = GRAPHS
@@ -64,6 +65,29 @@ class ExportManifest:
     @property
     def model(self) -> dict:
         return self.data["model"]
+
+    @property
+    def conversation(self) -> ConversationTemplate:
+        """The LLM's conversation template (`conversation_template`; exports made before it: the authors' plain_v1)."""
+        return ConversationTemplate.from_dict(self.data.get("conversation_template"))
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.data["special_tokens"]["eos"])
+
+    def llama_tokenizer(self):
+        """The prompt tokenizer (tokenization.LlamaPromptTokenizer) with this export's template and image id."""
+        from .tokenization import LlamaPromptTokenizer
+
+        return LlamaPromptTokenizer.from_file(self.path("llama"), image_token_id=self.data["image_token_id"], template=self.conversation)
+
+    @property
+    def llm_note(self) -> str | None:
+        """'real LLM <name>, untrained vision weights' when the checkpoint's LLM is a trained model (make-checkpoint --llm)."""
+        llm = self.data.get("llm")
+        if not llm or not llm.get("trained"):
+            return None
+        return f"real LLM ({llm.get('name')}) with untrained (random) vision weights: the text is fluent, it does not describe the video"
 
     @property
     def frames(self) -> tuple[int, int, int]:

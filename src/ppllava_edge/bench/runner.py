@@ -172,9 +172,7 @@ def _check_frames(manifest: ExportManifest, frames: list[int], what: str) -> Non
 
 def _prompt_len(manifest: ExportManifest, questions: int) -> int:
     """Longest prompt (text ids, image token excluded) of the first `questions` questions."""
-    from ..tokenization import LlamaPromptTokenizer
-
-    tok = LlamaPromptTokenizer.from_file(manifest.path("llama"), image_token_id=manifest.data["image_token_id"])
+    tok = manifest.llama_tokenizer()
     return max(len(tok.prompt_ids(q)) - 1 for q in QUESTIONS[:questions])
 
 

@@ -67,25 +67,32 @@ def frames_option(default: int = 8):
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True,
               help="tiny / small: small dims for tests and CPU benchmarks; mid: the released widths with 4 LLM layers; 7b: the released model.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Storage dtype (the release is bf16).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Storage dtype (default: bf16 as the release; fp32 with --llm).")
+@click.option("--llm", "llm", type=click.Path(path_type=Path), default=None,
+              help="A trained LLaMA-architecture LLM (a .gguf file or a Hugging Face folder): its weights, dims, tokenizer and chat template replace the preset's LLM (tiny/small only; vision stays random).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str, force: bool) -> None:
+def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str | None, llm: Path | None, force: bool) -> None:
     """Write a random-weight checkpoint in the released layout (config.json, shards + index, tokenizer files).
 
+    With --llm the LLM is a trained model and the vision tower, projector and image_newline stay random.
     Tensors are generated and written one at a time (the 7b preset peaks below 1 GB of RAM); the folder is
     built beside OUT and renamed at the end, so an interrupted run leaves nothing.
     """
     from .._deps import require
 
     require("torch", "export", "make-checkpoint")
+    if llm is not None:
+        require("gguf" if llm.suffix.lower() == ".gguf" else "transformers", "export", "make-checkpoint --llm")
+        require("jinja2", "export", "make-checkpoint --llm (reading the chat template)")
     from ..model.presets import make_checkpoint
     from ._progress import stages
 
     with stages(f"make-checkpoint {preset}") as log:
-        log("random weights, tensor by tensor")
-        folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype, progress=log.progress)
+        log(f"trained LLM from {llm}, random vision side" if llm is not None else "random weights, tensor by tensor")
+        folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype, progress=log.progress, llm=llm)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    click.echo(f"{folder}  ({preset} preset, {size / 1e6:.1f} MB)")
+    what = f"{preset} preset with the trained LLM {llm.name} (vision weights random, untrained)" if llm is not None else f"{preset} preset"
+    click.echo(f"{folder}  ({what}, {size / 1e6:.1f} MB)")
 
 
 @cli.command("check-activations")

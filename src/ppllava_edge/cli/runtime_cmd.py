@@ -33,10 +33,8 @@ def generation_options(f):
     return f
 
 
-def _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams):
-    from ..runtime.generation import GenerationConfig
-
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams)
+def _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams):
+    return pipe.generation_config(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, num_beams=num_beams)
 
 
 @cli.command("ask")
@@ -53,7 +51,7 @@ def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, te
     from ..runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
-    gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
+    gen = _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     streamer = _Streamer(pipe) if stream and not as_json else None
     result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None)
     if dump is not None:
@@ -103,7 +101,7 @@ def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature
     from ..runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
-    gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
+    gen = _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     source = list(questions) if questions else (line.strip() for line in sys.stdin)
     for q in source:
         if not q:

@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, ExportError, InputError
-from ..manifest import MANIFEST_NAME, PROMPT_TEMPLATE, STAGES
+from ..manifest import MANIFEST_NAME, STAGES
 from ..config import load_config
 from ..external_data import share_initializers
 from ..memory import StepRecorder
@@ -347,7 +347,8 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
     cfg = model.cfg
     t, v = cfg.text, cfg.vision
     preset_file = checkpoint / "ppllava_edge.json"
-    preset = json.loads(preset_file.read_text()).get("preset") if preset_file.is_file() else None
+    made = json.loads(preset_file.read_text()) if preset_file.is_file() else {}
+    preset = made.get("preset")
     graphs = {}
     names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt"] if opts.tensorrt else [])
     for name in names:
@@ -387,7 +388,9 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
         "image_tokens": cfg.image_max_tokens(),
         "image": image_manifest(cfg, opts),
         "image_token_id": cfg.image_token_index,
-        "prompt_template": PROMPT_TEMPLATE,
+        "prompt_template": cfg.conversation.prompt_text(),
+        "conversation_template": cfg.conversation.to_dict(),
+        "llm": made.get("llm") or {"trained": None if preset is None else False},
         "special_tokens": {"bos": t.bos_token_id, "eos": t.eos_token_id, "pad": cfg.pad_token_id, "image": cfg.image_token_index},
         "model": {
             "image_size": v.image_size,
@@ -475,7 +478,8 @@ def export_checkpoint(
             on_stage("tokenizers + embeddings")
             with steps.step("tokenizers + embeddings"):
                 np.save(tmp / "embed_tokens.npy", reader.read("language_model.model.embed_tokens.weight", dtype).numpy())
-                LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(checkpoint), image_token_id=cfg.image_token_index).save(tmp / "llama_tokenizer.json")
+                LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(checkpoint), image_token_id=cfg.image_token_index,
+                                     template=cfg.conversation).save(tmp / "llama_tokenizer.json")
                 ClipTokenizer().save(tmp / "clip_tokenizer.json")
             timings = {k.removesuffix(".onnx"): v["seconds"] for k, v in steps.as_dict().items() if k.endswith(".onnx")}
             manifest = build_manifest(parts.model, checkpoint, tmp, opts, timings)

@@ -174,7 +174,8 @@ def load_weights(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     module = model.get_submodule(prefix) if prefix else model
     head = f"{prefix}." if prefix else ""
-    expected = {head + k: v for k, v in module.state_dict().items() if not (head + k).startswith(exclude)}
+    aliases = tied_aliases(module)  # e.g. lm_head.weight -> model.embed_tokens.weight (tied embeddings): not stored
+    expected = {head + k: v for k, v in module.state_dict().items() if not (head + k).startswith(exclude) and k not in aliases}
     ck = reader or CheckpointReader(folder)
     try:
         stored = {k for k in ck.names(head) if not k.startswith(exclude)}
@@ -196,10 +197,26 @@ def load_weights(
     finally:
         if reader is None:
             ck.close()
-    module.load_state_dict(state, assign=True, strict=not exclude)
+    module.load_state_dict(state, assign=True, strict=not exclude and not aliases)
+    for alias, source in aliases.items():  # assign=True replaced the shared parameter: tie again
+        parent, _, attr = alias.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, attr, module.get_parameter(source))
     module.to(torch_dtype)
     _rebuild_meta_buffers(module)
     return module
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """State-dict names that hold the same parameter as an earlier name (tied input/output embeddings:
+    `lm_head.weight` -> `model.embed_tokens.weight`). Checkpoints store the earlier name only, as transformers does."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
 
 
 def _trim_heap() -> None:

@@ -30,7 +30,8 @@ class ReferenceModel:
         self.checkpoint = Path(checkpoint)
         self.model: PPLLaVAForConditionalGeneration = load_model(self.checkpoint, dtype=dtype)
         self.cfg = self.model.cfg
-        self.llama = LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(self.checkpoint), image_token_id=self.cfg.image_token_index)
+        self.llama = LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(self.checkpoint), image_token_id=self.cfg.image_token_index,
+                                          template=self.cfg.conversation)
         self.clip = ClipTokenizer()
 
     def tokenize(self, question: str) -> tuple[np.ndarray, np.ndarray]:

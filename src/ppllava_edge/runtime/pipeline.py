@@ -27,7 +27,7 @@ from ..anyres import ImageLayout, assemble_tokens
 from ..errors import ContextLengthError, InputError
 from ..manifest import ExportManifest, load_manifest
 from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
-from ..tokenization import ClipTokenizer, LlamaPromptTokenizer
+from ..tokenization import ClipTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import open_decoder
 from .generation import GenerationConfig, generate
@@ -128,7 +128,8 @@ class Pipeline:
             if stage not in self.sessions:
                 self.sessions[stage] = create_session(manifest.path(graph), ort_provider, threads, trt_cache, fp16)
         self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
-        self.llama = LlamaPromptTokenizer.from_file(manifest.path("llama"), image_token_id=manifest.data["image_token_id"])
+        self.llama = manifest.llama_tokenizer()  # the export's conversation template
+        self.eos_token_id = manifest.eos_token_id
         self.clip = ClipTokenizer.from_file(manifest.path("clip"))
         # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
         self.max_decoders = 1 if self.trt is not None else max_decoders
@@ -349,7 +350,7 @@ class Pipeline:
         `question`, the latest user turn, as in the authors' demo. `on_token` sees each new id; returning True
         ends generation after it.
         """
-        gen = generation or GenerationConfig()
+        gen = generation or self.generation_config()
         t = Timings()
         start = time.perf_counter()
         if history or system:
@@ -394,6 +395,10 @@ class Pipeline:
             self.llama.decode(out.ids), list(out.ids), t, int(tokens.shape[0]), int(embeds.shape[0]), arrays,
             warnings=list(vin.warnings), stopped=out.stopped,
         )
+
+    def generation_config(self, **options) -> GenerationConfig:
+        """GenerationConfig with this export's EOS id (options as GenerationConfig's)."""
+        return GenerationConfig(**{"eos_token_id": self.eos_token_id, **options})
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """[B] ids -> [B, 1, D] embeddings (a gather on the exported table)."""

@@ -167,10 +167,8 @@ class Server:
 
     # ---- the work (worker thread) ----------------------------------------------------------------------------
     def _generation(self, req: ChatRequest):
-        from ..runtime.generation import GenerationConfig
-
         max_tokens = req.max_tokens if req.max_tokens is not None else self.opts.max_tokens
-        return GenerationConfig(
+        return self.pipe.generation_config(  # the export's EOS id
             max_new_tokens=max_tokens, do_sample=req.do_sample, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=req.seed, ignore_eos=req.ignore_eos,
         )
