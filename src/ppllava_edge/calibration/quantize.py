@@ -81,12 +81,30 @@ _POOLS = ("prompt_pool", "image_pool")
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Gate thresholds; all metrics are 'higher is better'. None = reported only."""
+    """Gate thresholds. None = reported only. The defaults suit the random-weight presets; `TRAINED` (chosen from the
+    measurements on SmolLM2-135M-Instruct, README "Quantization quality on trained weights") applies when the
+    export's LLM is a trained model (`export.json` llm.trained)."""
 
     cosine: float = 0.99  # vision / pool outputs
     decoder_cosine: float = 0.98  # last-position logits
     top1: float = 0.60  # prefill positions and teacher-forced decode steps (see the module doc)
     greedy: float | None = None  # mean fraction of greedy tokens before the first divergence
+    # quality rows (calibration/quality.py), through the whole pipeline; higher is better unless noted
+    quality_top1: float | None = None  # next-token top-1 agreement, prefill positions and decode steps
+    quality_kl: float | None = None  # mean KL(fp32 || Q) in nats, lower is better
+    quality_ppl: float | None = None  # relative perplexity change of the fp32 answers under Q, lower is better
+    profile: str = "random-weight LLM"
+
+
+# Set from the measurements (README "Quantization quality on trained weights"): the weight-only modes pass with
+# margin, static int8 activations do not.
+TRAINED = Thresholds(cosine=0.99, decoder_cosine=0.99, top1=0.90, quality_top1=0.90, quality_kl=0.10, quality_ppl=0.10,
+                     profile="trained LLM")
+
+
+def default_thresholds(manifest) -> Thresholds:
+    """TRAINED when the export's LLM is a trained model (make-checkpoint --llm), else the random-weight defaults."""
+    return TRAINED if (manifest.data.get("llm") or {}).get("trained") else Thresholds()
 
 
 @dataclass(frozen=True)
@@ -97,10 +115,13 @@ class Check:
     value: float
     threshold: float | None
     samples: int
+    lower_is_better: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.threshold is None or self.value >= self.threshold
+        if self.threshold is None:
+            return True
+        return self.value <= self.threshold if self.lower_is_better else self.value >= self.threshold
 
 
 @dataclass
@@ -109,6 +130,7 @@ class AccuracyReport:
     held_out: bool
     thresholds: Thresholds
     notes: list[str] = field(default_factory=list)
+    quality: dict | None = None  # calibration/quality.py's QualitySummary (trained-LLM measures)
 
     HEADER = ["graph", "precision", "metric", "value", "threshold", "n", "result"]
 
@@ -124,7 +146,7 @@ class AccuracyReport:
             return f"{v:.2e}" if (v != 0 and abs(v) < 1e-3) or abs(v) >= 1e4 else f"{v:.4f}"
 
         return [
-            [c.graph, c.precision, c.metric, fmt(c.value), "" if c.threshold is None else f">= {c.threshold:g}", str(c.samples),
+            [c.graph, c.precision, c.metric, fmt(c.value), "" if c.threshold is None else f"{'<=' if c.lower_is_better else '>='} {c.threshold:g}", str(c.samples),
              "info" if c.threshold is None else ("ok" if c.passed else "FAIL")]
             for c in self.checks
         ]
@@ -136,6 +158,7 @@ class AccuracyReport:
             "thresholds": asdict(self.thresholds),
             "checks": [{**asdict(c), "passed": c.passed} for c in self.checks],
             "notes": self.notes,
+            "quality": self.quality,
         }
 
 
@@ -565,20 +588,59 @@ def _pipeline_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int
     return checks
 
 
+# The issue's targets on a trained LLM (printed, not gated): (top-1 decode steps >=, perplexity change <=) per LLM mode
+QUALITY_TARGETS = {"int8-weight": (0.98, 0.02), "int4-weight": (0.90, 0.10)}
+
+
+def _quality_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int, pairs: int | None, llm: str) -> tuple[list[Check], dict, list[str]]:
+    """The trained-LLM rows (calibration/quality.py): top-1 and KL at prefill positions and teacher-forced decode
+    steps, perplexity of the fp32 answers under Q, greedy exact match and common prefix."""
+    from .quality import measure_quality
+
+    q = measure_quality(ref, qs, calib, tokens, pairs)
+    checks = [
+        Check("quality", "", "top-1 prefill positions", q.top1_prefill, th.quality_top1, q.prefill_positions),
+        Check("quality", "", "top-1 decode steps (teacher-forced)", q.top1_decode, th.quality_top1, q.decode_steps),
+        Check("quality", "", "mean KL prefill positions (nats)", q.kl_prefill, th.quality_kl, q.prefill_positions, lower_is_better=True),
+        Check("quality", "", "mean KL decode steps (nats)", q.kl_decode, th.quality_kl, q.decode_steps, lower_is_better=True),
+        Check("quality", "", "perplexity of fp32 answers: change", q.ppl_change, th.quality_ppl, q.decode_steps, lower_is_better=True),
+        Check("quality", "", "perplexity of fp32 answers: fp32", q.ppl_fp32, None, q.decode_steps),
+        Check("quality", "", "perplexity of fp32 answers: Q", q.ppl_q, None, q.decode_steps),
+        Check("quality", "", f"greedy {tokens} tokens: exact match", q.exact_match, None, q.pairs),
+        Check("quality", "", f"greedy {tokens} tokens: common prefix (tokens)", q.common_prefix, None, q.pairs),
+    ]
+    notes = []
+    if q.pairs < 20:
+        notes.append(f"quality rows measured on {q.pairs} held-out (video, question) pairs; the README's table uses >= 20")
+    if llm in QUALITY_TARGETS:
+        t1, ppl = QUALITY_TARGETS[llm]
+        met = q.top1_decode >= t1 and q.top1_prefill >= t1 and q.ppl_change <= ppl
+        notes.append(f"target for --llm {llm}: top-1 >= {t1:g} and perplexity within +{ppl:.0%}: "
+                     f"{'met' if met else 'MISSED'} (top-1 {q.top1_prefill:.3f} / {q.top1_decode:.3f}, perplexity {q.ppl_change:+.1%})")
+    elif llm == "int8":
+        notes.append(f"static int8 LLM: top-1 {q.top1_prefill:.3f} / {q.top1_decode:.3f}, perplexity {q.ppl_change:+.1%}"
+                     + ("" if min(q.top1_prefill, q.top1_decode) >= 0.90 else " - below 0.90: prefer --llm int8-weight (README)"))
+    return checks, asdict(q) | {"ppl_change": q.ppl_change}, notes
+
+
 def evaluate_accuracy(
     ref_dir: str | Path,
     q_dir: str | Path,
     calib: CalibrationSet,
     precisions: dict[str, str],
-    thresholds: Thresholds = Thresholds(),
+    thresholds: Thresholds | None = None,
     prefill_positions: int = 8,
     greedy_tokens: int = 16,
+    quality_tokens: int = 32,
+    quality_pairs: int | None = None,
 ) -> AccuracyReport:
-    """Compare export `q_dir` against the fp32 export `ref_dir` on CALIB's held-out samples (see module doc)."""
+    """Compare export `q_dir` against the fp32 export `ref_dir` on CALIB's held-out samples (see module doc).
+    `thresholds` None: `default_thresholds` of the fp32 export. `quality_tokens` 0 skips the quality rows."""
     from ..runtime.pipeline import Pipeline
 
     ref = Pipeline.from_export(ref_dir, provider="cpu")
     qs = Pipeline.from_export(q_dir, provider="cpu")
+    thresholds = thresholds or default_thresholds(ref.manifest)
     checks: list[Check] = []
     notes: list[str] = []
     if not calib.has_holdout():
@@ -593,7 +655,12 @@ def evaluate_accuracy(
     if any(p != "fp32" for p in precisions.values()):
         pooled = precisions.get("vision", "fp32") != "fp32" or precisions.get("prompt_pool", "fp32") != "fp32"
         checks += _pipeline_checks(ref, qs, calib, thresholds, greedy_tokens, pooled)
-    return AccuracyReport(checks, calib.has_holdout(), thresholds, notes)
+    quality = None
+    if quality_tokens > 0 and any(p != "fp32" for p in precisions.values()):
+        qchecks, quality, qnotes = _quality_checks(ref, qs, calib, thresholds, quality_tokens, quality_pairs, precisions.get("decoder", "fp32"))
+        checks += qchecks
+        notes += qnotes
+    return AccuracyReport(checks, calib.has_holdout(), thresholds, notes, quality)
 
 
 # ---- the whole folder ------------------------------------------------------------------------------------
@@ -609,9 +676,11 @@ def quantize_export(
     op_types: str = "weights",
     block_size: int = 32,
     accept_degraded: bool = False,
-    thresholds: Thresholds = Thresholds(),
+    thresholds: Thresholds | None = None,
     prefill_positions: int = 8,
     greedy_tokens: int = 16,
+    quality_tokens: int = 32,
+    quality_pairs: int | None = None,
     trt_cache: bool = False,
     force: bool = False,
     on_stage: Callable[[str], None] | None = None,
@@ -631,7 +700,8 @@ def quantize_export(
         op_types: "weights" (default) | "matmul" | "all" (see module doc; "all" is the broken configuration).
         block_size: MatMulNBits block size (16, 32, 64, 128, ...).
         accept_degraded: write `out` even when the gate fails (accuracy.json records the failure).
-        thresholds: gate thresholds.
+        thresholds: gate thresholds (None: `default_thresholds` of the export: TRAINED for a trained LLM).
+        quality_tokens / quality_pairs: answer length and pair count of the quality rows (0 tokens: skipped).
         prefill_positions: prefix cuts per held-out prompt for decoder top-1.
         greedy_tokens: tokens for the teacher-forced and the greedy pipeline comparison.
         trt_cache: also write `trt_calibration/<graph>.cache` (TensorRT text calibration cache) for int8 graphs.
@@ -717,12 +787,12 @@ def quantize_export(
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
         stage("accuracy gate")
-        report = evaluate_accuracy(export_dir, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens)
+        report = evaluate_accuracy(export_dir, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens, quality_tokens, quality_pairs)
         data["quantization"]["accuracy"] = {"passed": report.passed, "file": ACCURACY_NAME}
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
         (tmp / ACCURACY_NAME).write_text(json.dumps(report.as_dict(), indent=2))
         if not report.passed and not accept_degraded:
-            fails = "; ".join(f"{c.graph} {c.metric} = {c.value:.4f} < {c.threshold:g}" for c in report.failures())
+            fails = "; ".join(f"{c.graph} {c.metric} = {c.value:.4f} {'>' if c.lower_is_better else '<'} {c.threshold:g}" for c in report.failures())
             err = AccuracyError(
                 f"accuracy gate failed: {fails}.\nNothing was written to {out}.\n"
                 "Hint: keep the failing graph in higher precision (--vision/--pool/--llm), exclude nodes (--exclude-node), "

