@@ -716,7 +716,7 @@ def _merge_order_problem(tok_json: Mapping[str, Any]) -> str | None:
     if model.get("type") != "BPE":
         return None
     merges = _merge_pairs(model)
-    is_run = [set(a + b) == {_SPACE} for a, b in merges]
+    is_run = [not (a + b).strip(_SPACE) for a, b in merges]  # only "▁" characters (str.strip: fast on 61k merges)
     runs = [r for r, run in enumerate(is_run) if run]
     if not runs:
         return None

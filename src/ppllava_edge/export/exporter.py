@@ -530,7 +530,43 @@ def validate(checkpoint: Path, cfg, reader: CheckpointReader, folder: Path, mani
                           sub, sub_opts, scratch, lambda s: None, lambda d, t: None)
         finally:
             scratch.close()
+        # same vocab and width: the truncated copy reads the full export's embedding table
+        (sub / manifest["embeddings"]["file"]).symlink_to((folder / manifest["embeddings"]["file"]).resolve())
         sub_manifest = build_manifest(build_skeleton(cut), checkpoint, sub, sub_opts, {})
         report = validate_export(ModelParts(checkpoint, cut, torch.float32, "sdpa", reader, drop), sub, sub_manifest, thresholds, on_progress)
     report.mode = "truncated: " + describe_truncation(cfg, cut)
     return report
+
+
+def trace_vision_graph(checkpoint: str | Path, dst: Path, frames: tuple[int, int, int], dtype: str = "fp32", opset: int = 20) -> Path:
+    """vision.onnx alone, traced from the checkpoint's vision side (nothing else loaded): `quantize --vision int8`
+    on an fp16 export calibrates and quantizes this fp32 trace of the same tower."""
+    from torch.export import Dim
+
+    checkpoint = Path(checkpoint)
+    cfg = load_config(checkpoint)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    with CheckpointReader(checkpoint) as reader:
+        parts = ModelParts(checkpoint, cfg, torch_dtype, "eager", reader)
+        with parts.vision_side() as model:
+            fmin, _, fmax = frames
+            dim = Dim("frames", min=1 if fmin <= 2 else fmin, max=fmax)
+            size = cfg.vision.image_size
+            px = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
+            external = sum(p.numel() * p.element_size() for p in model.vision_tower.parameters()) > EXTERNAL_DATA_BYTES
+            _onnx_export(VisionGraph(model), (px,), dst, ["pixel_values"], ["values", "keys"], ({0: dim},), opset, external)
+    return dst
+
+
+def decoder_copy(checkpoint: str | Path, dst: Path, dtype: str, layers: int | None = None, opset: int = 20) -> Path:
+    """decoder.onnx written from the checkpoint by decoder_builder, optionally with only its first `layers` layers
+    (the quantization gate at 7B compares depth-truncated decoders: the full fp16 reference does not fit)."""
+    from dataclasses import replace
+
+    checkpoint = Path(checkpoint)
+    cfg = load_config(checkpoint)
+    if layers is not None:
+        cfg = replace(cfg, text=replace(cfg.text, num_hidden_layers=min(layers, cfg.text.num_hidden_layers)))
+    with CheckpointReader(checkpoint) as reader:
+        build_decoder(lambda name: reader.read(name, torch.float32).numpy(), DecoderDims.from_config(cfg.text), *rotary_tables(cfg), dst, dtype, opset)
+    return dst

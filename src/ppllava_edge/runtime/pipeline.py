@@ -13,6 +13,7 @@ questions on the same video run the vision graph once (the others wait for it an
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,7 @@ from ..manifest import ExportManifest, load_manifest
 from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
 from ..tokenization import ClipTokenizer
 from .cache import FeatureCache, content_key, file_digest
-from .decoder import open_decoder
+from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
 from .session import create_session, resolve_provider
 
@@ -89,6 +90,36 @@ class VideoInput:
     warnings: list[str] = field(default_factory=list)
 
 
+ORT_CACHE = "ort_cache"
+EAGER_STAGES = ("vision", "prompt_pool", "decoder")
+
+
+class LazySessions(dict):
+    """stage -> session; a stage with a factory and no session yet is created on first access (thread-safe).
+    `load_ms` records how long each creation took (the `load` stage of `ask --json` and the bench)."""
+
+    def __init__(self, factories: dict[str, Callable], ready: dict | None = None):
+        super().__init__(ready or {})
+        self._factories = factories
+        self._lock = threading.Lock()
+        self.load_ms: dict[str, float] = {}
+
+    def __missing__(self, stage: str):
+        with self._lock:
+            if dict.__contains__(self, stage):
+                return dict.__getitem__(self, stage)
+            if stage not in self._factories:
+                raise KeyError(stage)
+            t0 = time.perf_counter()
+            session = self._factories[stage]()
+            self.load_ms[stage] = (time.perf_counter() - t0) * 1e3
+            self[stage] = session
+            return session
+
+    def available(self) -> list[str]:
+        return sorted(set(self) | set(self._factories))
+
+
 class Pipeline:
     def __init__(
         self,
@@ -122,11 +153,21 @@ class Pipeline:
         self.provider = "tensorrt-native" if self.trt is not None else resolve_provider(provider)
         ort_provider = "cpu" if self.trt is not None else self.provider
         trt_cache = trt_cache_dir or manifest.folder / "trt_cache"
-        self.sessions = dict(self.trt.runners) if self.trt is not None else {}
-        # sessions are keyed by stage; export.json says which graph ONNX Runtime runs for each stage
+        # sessions are keyed by stage; export.json says which graph ONNX Runtime runs for each stage. vision,
+        # prompt_pool and the decoder open now; image_pool (images) and projector_head (the bench's baselines) on
+        # first use. Traced graphs reuse ONNX Runtime's optimised copy from EXPORT/ort_cache; graphs written already
+        # fused (the decoder) skip the full optimisation pass.
+        factories = {}
         for stage, graph in manifest.backend_graphs("ort").items():
-            if stage not in self.sessions:
-                self.sessions[stage] = create_session(manifest.path(graph), ort_provider, threads, trt_cache, fp16)
+            fused = manifest.graph(graph).get("contract") is not None
+            factories[stage] = functools.partial(create_session, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
+                                                 "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE)
+        self.sessions = LazySessions(factories, dict(self.trt.runners) if self.trt is not None else {})
+        for stage in EAGER_STAGES:
+            if stage in factories:
+                self.sessions[stage]
+        if self.trt is None:  # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export)
+            self.dtype = graph_dtype(self.sessions["decoder"], default=self.dtype)
         self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
         self.llama = manifest.llama_tokenizer()  # the export's conversation template
         self.eos_token_id = manifest.eos_token_id
@@ -289,7 +330,7 @@ class Pipeline:
                 warnings = list(cached_warnings)
             else:
                 t0 = time.perf_counter()
-                values, keys = self.sessions["vision"].run(None, {"pixel_values": px.astype(self.dtype)})
+                values, keys = self.sessions["vision"].run(None, {"pixel_values": px})
                 t.vision = (time.perf_counter() - t0) * 1e3
                 with self._pool:
                     self.vision_runs += 1
@@ -323,7 +364,7 @@ class Pipeline:
                 values, keys = hit
             else:
                 t0 = time.perf_counter()
-                outs = [self.sessions["vision"].run(None, {"pixel_values": px[i : i + 1].astype(self.dtype)}) for i in range(px.shape[0])]
+                outs = [self.sessions["vision"].run(None, {"pixel_values": px[i : i + 1]}) for i in range(px.shape[0])]
                 values, keys = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
                 t.vision = (time.perf_counter() - t0) * 1e3
                 with self._pool:
