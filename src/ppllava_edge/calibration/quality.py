@@ -63,37 +63,61 @@ def _positions(decoder, embed, prompt: np.ndarray, first_text: int, feed_ids: li
     return out
 
 
-def trace_pair(ref, qs, input_ids: np.ndarray, ref_tokens: np.ndarray, q_tokens: np.ndarray, tokens: int) -> PairTrace:
-    """See the module doc. `ref_tokens` / `q_tokens`: each export's visual tokens for this pair."""
-    from ..runtime.generation import GenerationConfig, generate
+@dataclass
+class Reference:
+    """The fp32 side of one pair, computed once and compared with any number of quantized exports."""
 
+    input_ids: np.ndarray
+    clip_ids: np.ndarray
+    video: int
+    first_text: int  # the first text position after the visual tokens
+    logp: list[np.ndarray]  # float32 log-probabilities predicting each position from first_text on (prompt, then answer)
+    answer: list[int]
+
+    @property
+    def n_prefill(self) -> int:
+        return len(self.logp) - len(self.answer)
+
+
+def _visual_tokens(pipe, vision, video: int, clip_ids: np.ndarray) -> np.ndarray:
+    values, keys = vision(pipe, video)
+    return pipe.sessions["prompt_pool"].run(None, {"clip_ids": clip_ids, "keys": keys, "values": values})[0]
+
+
+def reference_pair(ref, input_ids: np.ndarray, clip_ids: np.ndarray, video: int, ref_tokens: np.ndarray, tokens: int) -> Reference:
+    """The fp32 export reads the prompt and answers `tokens` tokens greedily, keeping its distribution everywhere."""
     image = int(np.flatnonzero(input_ids == ref.manifest.data["image_token_id"])[0])
-    ref_prompt = ref.embed_prompt(input_ids, ref_tokens)
-    q_prompt = qs.embed_prompt(input_ids, q_tokens)
-    first_text = image + ref_tokens.shape[0]  # the first text position after the visual tokens
-    # fp32: its greedy answer while keeping the distribution at every position
-    p = _positions(ref.decoder, ref.embed, ref_prompt, first_text, [])
+    prompt = ref.embed_prompt(input_ids, ref_tokens)
+    first_text = image + ref_tokens.shape[0]
+    p = _positions(ref.decoder, ref.embed, prompt, first_text, [])
     answer: list[int] = []
     while True:
         answer.append(int(np.argmax(p[-1])))
         if len(answer) == tokens:
             break
         p.append(log_softmax(ref.decoder.forward(ref.embed(np.asarray(answer[-1:], np.int64)))[0]))
-    q = _positions(qs.decoder, qs.embed, q_prompt, first_text, answer[:-1])
-    n_prefill = ref_prompt.shape[0] - first_text  # positions predicting prompt text; the rest predict the answer
-    pre = range(n_prefill)
-    dec = range(n_prefill, len(p))
+    return Reference(input_ids, clip_ids, video, first_text, [x.astype(np.float32) for x in p], answer)
+
+
+def compare_pair(qs, r: Reference, q_tokens: np.ndarray) -> PairTrace:
+    """Q teacher-forced on the fp32 prompt and answer (its own visual tokens `q_tokens`), then answering freely."""
+    from ..runtime.generation import GenerationConfig, generate
+
+    tokens = len(r.answer)
+    q_prompt = qs.embed_prompt(r.input_ids, q_tokens)
+    q = _positions(qs.decoder, qs.embed, q_prompt, r.first_text, r.answer[:-1])
+    p = [x.astype(np.float64) for x in r.logp]
+    n = r.n_prefill
     top1 = [int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(p, q)]
     kls = [kl(a, b) for a, b in zip(p, q)]
-    ref_nll = [-float(p[n_prefill + k][t]) for k, t in enumerate(answer)]
-    q_nll = [-float(q[n_prefill + k][t]) for k, t in enumerate(answer)]
-    # Q answering freely: the same ids as long as its argmax agrees under teacher forcing; run it when they part
-    agree = next((k for k in range(tokens) if not top1[n_prefill + k]), tokens)
-    if agree == tokens:
-        q_ids = list(answer)
+    ref_nll = [-float(p[n + k][t]) for k, t in enumerate(r.answer)]
+    q_nll = [-float(q[n + k][t]) for k, t in enumerate(r.answer)]
+    # Q answering freely gives the same ids as long as its argmax agrees under teacher forcing; run it when they part
+    if all(top1[n:]):
+        q_ids = list(r.answer)
     else:
         q_ids = list(generate(qs.decoder, qs.embed, q_prompt, GenerationConfig(max_new_tokens=tokens, ignore_eos=True)).ids)
-    return PairTrace(answer, q_ids, [top1[i] for i in pre], [kls[i] for i in pre], [top1[i] for i in dec], [kls[i] for i in dec], ref_nll, q_nll)
+    return PairTrace(r.answer, q_ids, top1[:n], kls[:n], top1[n:], kls[n:], ref_nll, q_nll)
 
 
 @dataclass
@@ -134,20 +158,38 @@ def summarize(traces: list[PairTrace], tokens: int) -> QualitySummary:
     )
 
 
-def measure_quality(ref, qs, calib, tokens: int = 32, max_pairs: int | None = None) -> QualitySummary:
-    """Run `trace_pair` on CALIB's held-out (video, question) pairs (all pairs when it has no held-out split)."""
+def _pairs(calib, max_pairs: int | None):
+    pool_by_source = {r["source"]: r for r in calib.records("prompt_pool", "all")}
+    for r in [r for r in calib.eval_records("decoder") if r["kind"] == "prefill"][:max_pairs]:
+        yield r, calib.load(pool_by_source[r["source"]])["clip_ids"], calib.load(r)["input_ids"]
+
+
+def reference_answers(ref, calib, tokens: int = 32, max_pairs: int | None = None, progress=None) -> list[Reference]:
+    """`reference_pair` on CALIB's held-out (video, question) pairs (all pairs when it has no held-out split)."""
     from .quantize import _VisionCache
 
     vision = _VisionCache(calib)
-    pool_by_source = {r["source"]: r for r in calib.records("prompt_pool", "all")}
-    prefills = [r for r in calib.eval_records("decoder") if r["kind"] == "prefill"][:max_pairs]
+    out = []
+    for r, clip_ids, input_ids in _pairs(calib, max_pairs):
+        out.append(reference_pair(ref, input_ids, clip_ids, r["video"], _visual_tokens(ref, vision, r["video"], clip_ids), tokens))
+        if progress:
+            progress(len(out))
+    return out
+
+
+def compare_answers(qs, calib, refs: list[Reference], progress=None) -> QualitySummary:
+    """`compare_pair` of export Q on every fp32 `Reference` (from `reference_answers` on the same CALIB)."""
+    from .quantize import _VisionCache
+
+    vision = _VisionCache(calib)
     traces = []
-    for r in prefills:
-        clip_ids = calib.load(pool_by_source[r["source"]])["clip_ids"]
-        input_ids = calib.load(r)["input_ids"]
-        vts = []
-        for pipe in (ref, qs):
-            values, keys = vision(pipe, r["video"])
-            vts.append(pipe.sessions["prompt_pool"].run(None, {"clip_ids": clip_ids, "keys": keys, "values": values})[0])
-        traces.append(trace_pair(ref, qs, input_ids, vts[0], vts[1], tokens))
-    return summarize(traces, tokens)
+    for r in refs:
+        traces.append(compare_pair(qs, r, _visual_tokens(qs, vision, r.video, r.clip_ids)))
+        if progress:
+            progress(len(traces))
+    return summarize(traces, len(refs[0].answer) if refs else 0)
+
+
+def measure_quality(ref, qs, calib, tokens: int = 32, max_pairs: int | None = None) -> QualitySummary:
+    """The quality rows of export Q against the fp32 export `ref` on CALIB's held-out pairs (see the module doc)."""
+    return compare_answers(qs, calib, reference_answers(ref, calib, tokens, max_pairs))

