@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("work", type=Path)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=None)
+    ap.add_argument("--first", type=int, default=None, help="Measure on the first N of the cached fp32 answers only (CPU time).")
     ap.add_argument("--vision", default="fp32,int8")
     ap.add_argument("--llm", default="int8,int8-weight,int4-weight")
     args = ap.parse_args()
@@ -61,6 +62,7 @@ def main() -> None:
             console.print(f"fp32 answers: {len(refs)} pairs x {args.tokens} tokens in {time.perf_counter() - t0:.0f} s")
         del ref
         refs_file.write_bytes(pickle.dumps(refs))
+    refs = refs[: args.first]
     vision_int8 = None
     if "int8" in args.vision.split(","):  # the vision graph quantized once; joined to each LLM mode's export below
         vision_int8 = _quantize(args, "vision-int8_llm-fp32", "int8", "fp32", 32)[0].sessions["vision"]
