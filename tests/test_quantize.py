@@ -20,7 +20,7 @@ from ppllava_edge.calibration.readers import histogram_shape_fix, load_calibrati
 from ppllava_edge.errors import AccuracyError, CalibrationError  # noqa: E402
 
 # a cheaper gate for tests (fewer prefix cuts and greedy tokens); thresholds are the defaults
-FAST = {"prefill_positions": 3, "greedy_tokens": 4}
+FAST = {"prefill_positions": 3, "greedy_tokens": 4, "quality_tokens": 4}
 
 
 @pytest.fixture(scope="module")
