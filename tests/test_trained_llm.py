@@ -98,12 +98,14 @@ def test_checkpoint_takes_the_llm(llm_ckpt, hf):
 
 def test_prompt_ids_equal_the_chat_template(llm_export, hf):
     """Our tokenizer.json BPE + ChatML template give transformers' apply_chat_template ids (text around the image)."""
+    from ppllava_edge.conversation import ConversationTemplate
     from ppllava_edge.tokenization import LlamaPromptTokenizer
 
     _, tok = hf
     data = json.loads((llm_export / "export.json").read_text())
     assert data["conversation_template"]["name"] in ("chatml", "derived") and data["llm"]["trained"] is True
-    ours = LlamaPromptTokenizer.from_file(llm_export / "llama_tokenizer.json", image_token_id=49152)
+    ours = LlamaPromptTokenizer.from_file(llm_export / "llama_tokenizer.json", image_token_id=49152,
+                                          template=ConversationTemplate.from_dict(data["conversation_template"]))
     for q in QUESTIONS:
         # LLaVA's tokenizer_image_token: the rendered chat split at "<image>", each part tokenized, the image id between
         text = tok.apply_chat_template([{"role": "user", "content": "<image>\n" + q}], add_generation_prompt=True, tokenize=False)
