@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -70,7 +71,8 @@ class FeatureCache:
         self._put_memory(key, (values, keys))
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{key}.tmp.npz"
+            # unique per process and thread: Triton's instances (separate processes) may share one cache folder
+            tmp = self.folder / f".{key}.{os.getpid()}-{threading.get_ident()}.tmp.npz"
             np.savez(tmp, values=values, keys=keys)
             tmp.replace(self.folder / f"{key}.npz")
 

@@ -88,7 +88,10 @@ class Pipeline:
         backend: str = "ort",
         engines: str | Path | None = None,
         cuda_graph: bool = False,
+        runners: dict | None = None,
     ):
+        """`runners` maps a stage ("vision", "prompt_pool", ...) to an object with ONNX Runtime's `run(output_names,
+        feed) -> [arrays]` that runs it instead of a local session (Triton's BLS requests, see triton/python_model.py)."""
         self.manifest = manifest
         m = manifest.model
         fp16 = manifest.data["dtype"] == "fp16"
@@ -108,6 +111,7 @@ class Pipeline:
         ort_provider = "cpu" if self.trt is not None else self.provider
         trt_cache = trt_cache_dir or manifest.folder / "trt_cache"
         self.sessions = dict(self.trt.runners) if self.trt is not None else {}
+        self.sessions.update(runners or {})
         # sessions are keyed by stage; export.json says which graph ONNX Runtime runs for each stage
         for stage, graph in manifest.backend_graphs("ort").items():
             if stage not in self.sessions:
@@ -142,8 +146,9 @@ class Pipeline:
         backend: str = "ort",
         engines: str | Path | None = None,
         cuda_graph: bool = False,
+        runners: dict | None = None,
     ) -> Pipeline:
-        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines, cuda_graph=cuda_graph)
+        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines, cuda_graph=cuda_graph, runners=runners)
 
     # ---- inputs -----------------------------------------------------------------------------
     def _check_frames(self, num_frames: int) -> None:
