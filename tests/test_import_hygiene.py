@@ -14,6 +14,11 @@ CASES = {
         ["ppllava_edge.bench.runner", "ppllava_edge.bench.report", "ppllava_edge.bench.hardware", "ppllava_edge.bench.stats", "ppllava_edge.cli.bench_cmd"],
         ["torch", "onnxruntime", "tensorrt", "matplotlib"],
     ),
+    "triton": (
+        ["ppllava_edge.triton.protocol", "ppllava_edge.triton.pbtxt", "ppllava_edge.triton.repository", "ppllava_edge.triton.python_model",
+         "ppllava_edge.triton.server", "ppllava_edge.triton.client", "ppllava_edge.cli.triton_cmd"],
+        ["torch", "transformers", "tensorrt", "onnxruntime", "tritonclient", "triton_python_backend_utils", "google.protobuf"],
+    ),
     "engine + cli": (
         ["ppllava_edge.cli.main", "ppllava_edge.engine.builder", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.runtime.cuda"],
         ["tensorrt", "cuda", "torch", "onnx"],

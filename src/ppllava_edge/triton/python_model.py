@@ -30,6 +30,9 @@ from ..errors import InferenceError, InputError, PPLLaVAEdgeError
 from .protocol import TextDeltas, answer_stats, parse_request
 
 
+OUTCOMES = ("ok", "invalid_input", "error", "cancelled")
+
+
 class _Cancelled(Exception):
     """The client cancelled the request (or went away): stop generating."""
 
@@ -89,6 +92,15 @@ class TritonPythonModel:
         self.frames = int(params.get("frames", "8"))
         self.max_tokens = int(params.get("max_tokens", "32"))
         self.tmp = Path(tempfile.mkdtemp(prefix=f"ppllava-triton-{os.getpid()}-"))
+        # on the server's metrics endpoint next to Triton's own counters, which count a streamed request as a
+        # success however its answer ended (an error response included)
+        answers = pb_utils.MetricFamily(name="ppllava_answers_total", kind=pb_utils.MetricFamily.COUNTER,
+                                        description="Answers of the ppllava model by outcome (ok, invalid_input, error, cancelled)")
+        hits = pb_utils.MetricFamily(name="ppllava_feature_cache_hits_total", kind=pb_utils.MetricFamily.COUNTER,
+                                     description="Answers whose video features came from the feature cache (no vision run)")
+        self._metric_families = (answers, hits)  # a family must outlive its metrics
+        self.answers = {o: answers.Metric(labels={"instance": self.instance, "outcome": o}) for o in OUTCOMES}
+        self.cache_hits = hits.Metric(labels={"instance": self.instance})
         pb_utils.Logger.log_info(
             f"{self.instance}: {manifest.data.get('preset', '?')} export, provider {self.pipe.provider}, frames {self.frames}, "
             f"max_tokens {self.max_tokens}, stages via BLS: {', '.join(stages) or 'none'}"
@@ -116,6 +128,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         path: Path | None = None
+        outcome, cache_hit = "error", False
         try:
             opts = parse_request(lambda name: self._input(request, name), self.frames, self.max_tokens)
             path = self.tmp / f"video-{uuid.uuid4().hex}.mp4"  # FFmpeg finds the container from the content
@@ -132,17 +145,23 @@ class TritonPythonModel:
             result = self.pipe.ask(path, opts.question, num_frames=opts.frames, generation=opts.generation(), on_token=on_token)
             stats = json.dumps(answer_stats(result, self.pipe.provider, self.instance))
             sender.send(pb.InferenceResponse(output_tensors=[self._string("text", deltas.finish(result.text)), self._string("stats", stats)]), flags=final)
+            outcome, cache_hit = "ok", result.timings.cache_hit
         except _Cancelled:
             sender.send(flags=final)
+            outcome = "cancelled"
         except PPLLaVAEdgeError as exc:
             message = str(exc)
             if path is not None:  # name the input, not our temporary file
                 message = message.replace(str(path), f"<video input, {len(opts.video)} bytes>").replace(path.name, "<video input>")
             code = pb.TritonError.INVALID_ARG if isinstance(exc, InputError) else pb.TritonError.INTERNAL
             sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), flags=final)
+            outcome = "invalid_input" if isinstance(exc, InputError) else "error"
         except Exception as exc:  # a bug: keep the instance alive, log the traceback, tell the client what happened
             pb.Logger.log_error(f"{self.instance}: {traceback.format_exc()}")
             sender.send(pb.InferenceResponse(error=pb.TritonError(f"internal error in {self.instance}: {type(exc).__name__}: {exc}")), flags=final)
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
+        self.answers[outcome].increment(1)
+        if cache_hit:
+            self.cache_hits.increment(1)
