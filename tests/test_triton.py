@@ -430,6 +430,18 @@ def test_bad_requests_get_errors_naming_the_problem_and_the_next_one_succeeds(se
     assert metric(after, "ppllava_answers_total", outcome="invalid_input") - metric(before, "ppllava_answers_total", outcome="invalid_input") == 3
 
 
+def test_load_test_levels(served, sample_video):
+    from ppllava_edge.triton.loadtest import LoadOptions, load_markdown, run_load
+
+    result = run_load(LoadOptions(url=served.url, video=sample_video, concurrency=[1, 2], requests=3, warmup=0, frames=8, max_tokens=4))
+    assert [(lv["concurrency"], lv["requests"], lv["errors"]) for lv in result["levels"]] == [(1, 3, 0), (2, 3, 0)]
+    for lv in result["levels"]:
+        assert lv["requests_per_s"] > 0 and lv["tokens_per_s"] == pytest.approx(3 * 4 / lv["wall_s"]) and lv["e2e_ms"]["n"] == 3
+    assert sum(lv["cache_hits"] for lv in result["levels"]) >= 4  # the same video: at most one miss per instance
+    table = load_markdown(result).splitlines()
+    assert len(table) == 4 and table[2].startswith("| 1 | 3 | 0 |") and table[3].startswith("| 2 | 3 | 0 |")
+
+
 def test_cli_ask_triton_prints_what_a_local_ask_prints(served, tiny_export, sample_video):
     runner = CliRunner()
     local = runner.invoke(cli, ["ask", str(tiny_export), str(sample_video), QUESTIONS[2], "--max-new-tokens", "9"])

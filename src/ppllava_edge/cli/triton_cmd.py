@@ -74,3 +74,29 @@ def triton_serve_cmd(repo, http_port, grpc_port, metrics_port, server_dir, ready
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+@cli.command("triton-bench")
+@click.argument("url", metavar="HOST:PORT")
+@click.option("--video", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True, help="The video every request sends.")
+@click.option("--concurrency", default="1,2,4", show_default=True, help="Comma-separated concurrency levels (client threads).")
+@click.option("--requests", type=int, default=8, show_default=True, help="Timed requests per level.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed requests before the first level.")
+@click.option("--frames", "num_frames", type=int, default=None, help="Frames per request (default: the repository's).")
+@click.option("--max-tokens", type=int, default=None, help="New tokens per request (default: the repository's).")
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+@click.option("-o", "--output", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True)
+def triton_bench_cmd(url, video, concurrency, requests, warmup, num_frames, max_tokens, timeout, fmt):
+    """Closed-loop load test of the `ppllava` model of a Triton server (gRPC streaming): req/s, tok/s, latency."""
+    import json
+
+    from ..errors import InputError
+    from ..triton.loadtest import LoadOptions, load_markdown, run_load
+
+    try:
+        levels = [int(c) for c in concurrency.split(",")]
+    except ValueError:
+        raise InputError(f"--concurrency {concurrency!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    opts = LoadOptions(url=url, video=video, concurrency=levels, requests=requests, warmup=warmup, frames=num_frames, max_tokens=max_tokens, timeout=timeout)
+    result = run_load(opts, progress=lambda msg: err_console.print(msg))
+    click.echo(json.dumps(result, indent=2) if fmt == "json" else load_markdown(result))
