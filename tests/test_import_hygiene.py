@@ -16,7 +16,7 @@ CASES = {
     ),
     "triton": (
         ["ppllava_edge.triton.protocol", "ppllava_edge.triton.pbtxt", "ppllava_edge.triton.repository", "ppllava_edge.triton.python_model",
-         "ppllava_edge.triton.server", "ppllava_edge.triton.client", "ppllava_edge.cli.triton_cmd"],
+         "ppllava_edge.triton.server", "ppllava_edge.triton.client", "ppllava_edge.triton.loadtest", "ppllava_edge.cli.triton_cmd"],
         ["torch", "transformers", "tensorrt", "onnxruntime", "tritonclient", "triton_python_backend_utils", "google.protobuf"],
     ),
     "engine + cli": (

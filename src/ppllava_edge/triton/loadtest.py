@@ -6,7 +6,8 @@
 For each concurrency level N, N client threads send `requests` questions between them (cycled from the bench's
 question list, the same video bytes every time), each as soon as its previous answer ended. Measured on the client:
 requests/s and generated tokens/s over the level's wall time, end-to-end latency and time to the first text delta
-(p50 / p90); from each answer's stats: how many hit the instance's feature cache. Warm-up requests (untimed) go
+(p50 / p90); from each answer's stats: the runtime's own time in the server (`runtime`: the rest of e2e is
+queueing, Triton and the network) and how many answers hit the instance's feature cache. Warm-up requests (untimed) go
 first. perf_analyzer does this for Triton in general, but the `perf-analyzer` wheel needs glibc 2.38; this is the
 same closed loop, standard library threads over `ask_triton`.
 """
@@ -68,7 +69,7 @@ def run_load(opts: LoadOptions, progress: Callable[[str], None] | None = None) -
                 try:
                     a = ask(i)
                     s = {"ok": True, "e2e_ms": (time.perf_counter() - t0) * 1e3, "first_text_ms": a.first_text_ms, "tokens": len(a.ids),
-                         "cache_hit": bool(a.stats["timings_ms"].get("cache_hit")), "instance": a.stats["instance"]}
+                         "server": a.stats["timings_ms"], "cache_hit": bool(a.stats["timings_ms"].get("cache_hit")), "instance": a.stats["instance"]}
                 except InferenceError as exc:
                     s = {"ok": False, "error": str(exc).splitlines()[0]}
                 with lock:
@@ -93,6 +94,8 @@ def run_load(opts: LoadOptions, progress: Callable[[str], None] | None = None) -
             "tokens_per_s": sum(s["tokens"] for s in ok) / wall,
             "e2e_ms": summarize([s["e2e_ms"] for s in ok]),
             "first_text_ms": summarize([s["first_text_ms"] for s in ok if s["first_text_ms"] is not None]),
+            # the runtime's own time inside the server (the rest of e2e is queueing, Triton and the network)
+            "server_ms": {k: summarize([s["server"][k] for s in ok]) for k in ("e2e", "vision", "pool", "prefill", "decode")},
             "cache_hits": sum(s["cache_hit"] for s in ok),
             "instances": sorted({s["instance"] for s in ok}),
             "load_average": [load_before, os.getloadavg()[0]],
@@ -113,8 +116,9 @@ def run_load(opts: LoadOptions, progress: Callable[[str], None] | None = None) -
 
 
 def load_markdown(result: dict) -> str:
-    head = "| concurrency | requests | errors | req/s | tok/s | e2e p50 ms | e2e p90 ms | first text p50 ms | first text p90 ms | cache hits | instances used | load avg |"
-    rows = [head, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    head = ("| concurrency | requests | errors | req/s | tok/s | e2e p50 ms | e2e p90 ms | first text p50 ms | first text p90 ms "
+            "| runtime p50 ms | cache hits | instances used | load avg |")
+    rows = [head, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
     def ms(v) -> str:
         return "-" if v is None else f"{v:.0f}"
@@ -123,6 +127,6 @@ def load_markdown(result: dict) -> str:
         rows.append(
             f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['requests_per_s']:.3f} | {lv['tokens_per_s']:.1f} | "
             f"{ms(lv['e2e_ms']['p50'])} | {ms(lv['e2e_ms']['p90'])} | {ms(lv['first_text_ms']['p50'])} | {ms(lv['first_text_ms']['p90'])} | "
-            f"{lv['cache_hits']} | {len(lv['instances'])} | {lv['load_average'][0]:.1f} → {lv['load_average'][1]:.1f} |"
+            f"{ms(lv['server_ms']['e2e']['p50'])} | {lv['cache_hits']} | {len(lv['instances'])} | {lv['load_average'][0]:.1f} → {lv['load_average'][1]:.1f} |"
         )
     return "\n".join(rows)
