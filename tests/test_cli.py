@@ -48,6 +48,30 @@ def test_make_checkpoint_and_generate_dump_shapes(tmp_path, sample_video):
     assert arrays["output_ids"].dtype == np.int64 and 1 <= arrays["output_ids"].size <= 8
 
 
+def test_make_checkpoint_progress_goes_to_stderr_and_lists_every_preset(tmp_path):
+    pytest.importorskip("torch")
+    from ppllava_edge.cli.main import PRESET_NAMES
+    from ppllava_edge.model.presets import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)
+    assert "[tiny|small|mid|7b]" in CliRunner().invoke(cli, ["make-checkpoint", "--help"]).output
+    res = CliRunner().invoke(cli, ["make-checkpoint", "--preset", "tiny", str(tmp_path / "T")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == f"{tmp_path / 'T'}  (tiny preset, 12.8 MB)\n"  # the result only
+    assert "random weights, tensor by tensor: 100 %" in res.stderr and "done random weights" in res.stderr
+
+
+def test_check_activations_prints_one_row_per_layer(tiny_ckpt):
+    pytest.importorskip("torch")
+    import json
+
+    res = CliRunner().invoke(cli, ["check-activations", str(tiny_ckpt), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["module"] for r in rows if r["stage"] == "llm"][:2] == ["language_model.model.layers.0", "language_model.model.layers.1"]
+    assert len(rows) == 6 + 8 + 2 + 2 + 7 and all(r["finite"] for r in rows)
+
+
 def test_make_checkpoint_refuses_non_empty_out(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "x"

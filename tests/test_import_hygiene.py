@@ -14,6 +14,11 @@ CASES = {
         ["ppllava_edge.bench.runner", "ppllava_edge.bench.report", "ppllava_edge.bench.hardware", "ppllava_edge.bench.stats", "ppllava_edge.cli.bench_cmd"],
         ["torch", "onnxruntime", "tensorrt", "matplotlib"],
     ),
+    "serve + load test": (
+        ["ppllava_edge.serve.app", "ppllava_edge.serve.protocol", "ppllava_edge.serve.inputs", "ppllava_edge.serve.metrics", "ppllava_edge.serve.run",
+         "ppllava_edge.cli.serve_cmd", "ppllava_edge.bench.loadtest"],
+        ["torch", "transformers", "tensorrt", "onnxruntime", "openai"],
+    ),
     "triton": (
         ["ppllava_edge.triton.protocol", "ppllava_edge.triton.pbtxt", "ppllava_edge.triton.repository", "ppllava_edge.triton.python_model",
          "ppllava_edge.triton.server", "ppllava_edge.triton.client", "ppllava_edge.triton.loadtest", "ppllava_edge.cli.triton_cmd"],

@@ -28,8 +28,10 @@ from ppllava_edge.cli.main import cli
 from ppllava_edge.errors import ConfigError, InferenceError, InputError, MissingDependencyError
 from ppllava_edge.manifest import load_manifest
 from ppllava_edge.runtime.generation import GenerationConfig
-from ppllava_edge.triton.protocol import TextDeltas, parse_request
+from ppllava_edge.triton.protocol import parse_request
 from ppllava_edge.triton.repository import RepositoryOptions, write_repository
+
+from .conftest import write_truncated_video
 
 QUESTIONS = ["What is happening in the video?", "What colour is the square?", "Count the   objects, please.", "Is it moving? ¿Sí?"]
 MAX_TOKENS = 12
@@ -154,14 +156,6 @@ def test_parse_request_defaults_and_errors():
             parse_request(get(values), 8, 32)
 
 
-def test_text_deltas_hold_back_split_characters_and_join_to_the_text():
-    text = {1: "Hi", 2: "Hi th", 3: "Hi there \ufffd", 4: "Hi there é", 5: "Hi there é!"}  # decoded text by id count
-    d = TextDeltas(lambda ids: text[len(ids)])
-    got = [d.push(t) for t in range(1, 6)]
-    assert got == ["Hi", " th", "", "ere é", "!"]
-    assert "".join(got) + d.finish("Hi there é!?") == "Hi there é!?"
-
-
 # ---- repository (no server) --------------------------------------------------------------------------------------
 def test_cpu_repository_configs_parse_and_link_the_export(tiny_export, tmp_path):
     pytest.importorskip("tritonclient.grpc")
@@ -183,7 +177,18 @@ def test_cpu_repository_configs_parse_and_link_the_export(tiny_export, tmp_path)
     for f in [tiny_export / "export.json", tiny_export / "decoder.onnx.data", *(copied.path(g) for g in copied.data["graphs"])]:
         src = tiny_export / Path(f).name
         assert (repo / "ppllava" / "1" / "export" / src.name).stat().st_ino == src.stat().st_ino  # hard links, no copy
+    assert_external_data_beside(repo / "ppllava" / "1" / "export", [f"{g}.onnx" for g in copied.data["graphs"]])
     assert not list(tmp_path.glob(".repo.tmp-*"))
+
+
+def assert_external_data_beside(folder: Path, graphs: list[str]) -> None:
+    """Every external-data file a graph names (read with onnx: the pools share pools.onnx.data) sits next to it."""
+    onnx = pytest.importorskip("onnx")
+    from ppllava_edge.external_data import external_files
+
+    for g in graphs:
+        for location in external_files(onnx.load(str(folder / g), load_external_data=False)):
+            assert (folder / location).is_file(), f"{folder / g} names {location}, which is not in {folder}"
 
 
 def test_gpu_repository_ort_names_backends_and_shapes(tiny_export, tmp_path):
@@ -206,6 +211,7 @@ def test_gpu_repository_ort_names_backends_and_shapes(tiny_export, tmp_path):
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator
         assert [a.name for a in acc] == ["tensorrt"] and acc[0].parameters["precision_mode"] == "FP32"
         assert (repo / stage / "1" / "model.onnx").stat().st_ino == (tiny_export / graph["file"]).stat().st_ino
+        assert_external_data_beside(repo / stage / "1", ["model.onnx"])
     vision = parse_config(repo / "vision" / "config.pbtxt").optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
     # the export's frame range 2:8:16; images run one tile at a time, so the vision profile starts at 1
     assert (vision["trt_profile_min_shapes"], vision["trt_profile_opt_shapes"], vision["trt_profile_max_shapes"]) == (
@@ -426,6 +432,12 @@ def test_bad_requests_get_errors_naming_the_problem_and_the_next_one_succeeds(se
         ask_triton(served.url, sample_video, QUESTIONS[0], max_tokens=0, timeout=60)
     a = ask_triton(served.url, sample_video, QUESTIONS[1], frames=8, timeout=120)
     assert (a.ids, a.text) == expected[QUESTIONS[1]]
+    # a truncated video is answered with a warning that names the input, not the server's temporary copy (also
+    # when the features, and the warning with them, come from the cache of an earlier request)
+    truncated = write_truncated_video(tmp_path / "truncated.mp4")
+    for _ in range(2):
+        w = ask_triton(served.url, truncated, QUESTIONS[0], frames=8, timeout=120).stats["warnings"]
+        assert len(w) == 1 and w[0].startswith("<video input>: truncated or partly corrupt video: only ") and "of 48 announced frames decoded" in w[0], w
     after = metrics_when(served.metrics_text, lambda t: metric(t, "ppllava_answers_total", outcome="ok") > metric(before, "ppllava_answers_total", outcome="ok"))
     assert metric(after, "ppllava_answers_total", outcome="invalid_input") - metric(before, "ppllava_answers_total", outcome="invalid_input") == 3
 
@@ -448,8 +460,8 @@ def test_cli_ask_triton_prints_what_a_local_ask_prints(served, tiny_export, samp
     remote = runner.invoke(cli, ["ask", "--triton", served.url, str(sample_video), QUESTIONS[2], "--max-new-tokens", "9"])
     assert local.exit_code == 0 and remote.exit_code == 0, remote.output
     assert remote.stdout == local.stdout and remote.stdout.strip()
-    line = re.compile(r"provider cpu: 16 visual tokens, context (\d+) \| decode [\d.]+ ms \| preprocess [\d.]+ ms \| vision [\d.]+ ms \| "
-                      r"pool [\d.]+ ms \| prefill [\d.]+ ms \| 8 steps x [\d.]+ ms \| total [\d.]+ ms")
+    line = re.compile(r"provider cpu: 16 visual tokens, context (\d+) \| load [\d.]+ ms \| decode [\d.]+ ms \| preprocess [\d.]+ ms \| vision [\d.]+ ms \| "
+                      r"pool [\d.]+ ms \| prefill [\d.]+ ms \| 8 steps x [\d.]+ ms \| total [\d.]+ ms( \(feature cache hit\))? \| peak RSS \d+ MB")
     local_err, remote_err = (" ".join(r.stderr.split()) for r in (local, remote))  # undo the console's line wrapping
     assert line.search(local_err) and line.search(remote_err) and line.search(local_err).group(1) == line.search(remote_err).group(1)
     assert re.search(r"triton 127\.0\.0\.1:\d+ \(ppllava_0_[01]\): first text [\d.]+ ms, answer [\d.]+ ms", remote_err)

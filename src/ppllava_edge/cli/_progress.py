@@ -27,12 +27,13 @@ class StageLog:
         self.bar = None
         self._task = None
         self._logged = -1
+        self._first: tuple[float, float] | None = None
         self.done: list[tuple[str, float]] = []
 
     def __call__(self, stage: str) -> None:
         self._finish()
         self.current, self.t0 = stage, time.perf_counter()
-        self._logged = -1
+        self._logged, self._first = -1, None
         if sys.stderr.isatty():
             self.status = err_console.status(f"{self.title}: {stage} ...")
             self.status.start()
@@ -44,12 +45,16 @@ class StageLog:
         if total <= 0:
             return
         if not sys.stderr.isatty():
+            now = time.perf_counter()
+            if self._first is None:  # the rate is measured from the first report (set-up before it is not work)
+                self._first = (now, done)
             tenth = int(10 * done / total)
-            if tenth > self._logged:
+            # a line per 10 % once the stage has run a few seconds, and always the last one
+            if tenth > self._logged and (now - self.t0 >= 3.0 or done >= total):
                 self._logged = tenth
-                elapsed = time.perf_counter() - self.t0
-                eta = elapsed * (total - done) / done if done else float("nan")
-                err_console.print(f"  {self.current}: {100 * done / total:.0f} % ({elapsed:.0f} s, ~{eta:.0f} s left)")
+                since, worked = now - self._first[0], done - self._first[1]
+                left = f", ~{since * (total - done) / worked:.0f} s left" if worked > 0 else ""
+                err_console.print(f"  {self.current}: {100 * done / total:.0f} % ({now - self.t0:.0f} s{left})")
             return
         if self.bar is None:
             from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -7,6 +7,7 @@ traceback. Usage errors keep click's exit code 2. stdout carries results only.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -16,10 +17,19 @@ from .. import __version__
 from ..errors import PPLLaVAEdgeError
 
 
+PRESET_NAMES = ("tiny", "small", "mid", "7b")  # model.presets.PRESETS (not imported here: it needs torch)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 class Group(click.Group):
-    """Maps library errors to a clean message and exit 1 (no traceback unless --debug)."""
+    """Maps library errors to a clean message and exit 1 (no traceback unless --debug). SIGTERM is handled as
+    Ctrl-C, so atomic outputs (make-checkpoint, export) remove their temp folder when a run is killed."""
 
     def invoke(self, ctx: click.Context):
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except PPLLaVAEdgeError as exc:
@@ -30,6 +40,8 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +53,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """Export, quantize, build and run PPLLaVA (prompt-guided pooling video LLM)."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["verbose"] = verbose
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -51,20 +64,62 @@ def frames_option(default: int = 8):
 
 @cli.command("make-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True,
+              help="tiny / small: small dims for tests and CPU benchmarks; mid: the released widths with 4 LLM layers; 7b: the released model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Storage dtype (the release is bf16).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str, force: bool) -> None:
-    """Write a random-weight checkpoint in the released layout (config.json, shards + index, tokenizer files)."""
+    """Write a random-weight checkpoint in the released layout (config.json, shards + index, tokenizer files).
+
+    Tensors are generated and written one at a time (the 7b preset peaks below 1 GB of RAM); the folder is
+    built beside OUT and renamed at the end, so an interrupted run leaves nothing.
+    """
     from .._deps import require
 
     require("torch", "export", "make-checkpoint")
     from ..model.presets import make_checkpoint
+    from ._progress import stages
 
-    folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype)
+    with stages(f"make-checkpoint {preset}") as log:
+        log("random weights, tensor by tensor")
+        folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype, progress=log.progress)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     click.echo(f"{folder}  ({preset} preset, {size / 1e6:.1f} MB)")
+
+
+@cli.command("check-activations")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Compute dtype of the forward pass.")
+@click.option("--frames", "num_frames", type=int, default=2, show_default=True, help="Random frames through the vision tower.")
+@click.option("--tokens", "num_tokens", type=int, default=32, show_default=True, help="Random prompt ids around the visual tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer results as JSON.")
+def check_activations_cmd(checkpoint: Path, dtype: str, num_frames: int, num_tokens: int, as_json: bool) -> None:
+    """Largest |activation| of every layer in one forward pass (default fp16), one layer in memory at a time.
+
+    Prints one row per layer (stdout) and exits 1 if any activation is not finite.
+    """
+    from .._deps import require
+
+    require("torch", "export", "check-activations")
+    require("transformers", "export", "check-activations")
+    from ..errors import AccuracyError
+    from ..model.activations import check_activations
+    from ._progress import out_console, stages, table
+
+    with stages(f"check-activations {dtype}") as log:
+        log("forward pass, layer by layer")
+        rows = check_activations(checkpoint, dtype=dtype, num_frames=num_frames, num_tokens=num_tokens, progress=log.progress)
+    if as_json:
+        import json
+
+        click.echo(json.dumps([{"module": r.module, "stage": r.stage, "max_abs": r.max_abs, "finite": r.finite} for r in rows], indent=1))
+    else:
+        out_console.print(table(f"max |activation| per layer ({dtype})", ["module", "max |act|", "finite"],
+                                [[r.module, f"{r.max_abs:.4g}", "yes" if r.finite else "NO"] for r in rows], right={1}))
+    bad = [r.module for r in rows if not r.finite]
+    if bad:
+        raise AccuracyError(f"{len(bad)} module(s) produced non-finite {dtype} activations, first: {bad[0]}")
 
 
 @cli.command("generate")
@@ -99,4 +154,4 @@ def main() -> None:
 
 
 # Commands living in their own modules register themselves on `cli` when imported.
-from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd, triton_cmd  # noqa: E402,F401
+from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd, serve_cmd, triton_cmd  # noqa: E402,F401

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
 
+from ..memory import peak_rss_mb
 from ._progress import err_console
 from .main import cli, frames_option
 
@@ -68,7 +70,9 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
     export_dir, input_path, question = Path(args[0]), Path(args[1]), args[2]
     from ..runtime.pipeline import Pipeline
 
+    t_load = time.perf_counter()
     pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
+    load_ms = (time.perf_counter() - t_load) * 1e3
     gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     streamer = _Streamer(pipe) if stream and not as_json else None
     result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None)
@@ -77,23 +81,28 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
 
         write_dump(dump, result.arrays)
         err_console.print(f"dumped {len(result.arrays)} arrays to {dump}")
+    for w in result.warnings:
+        err_console.print(f"warning: {w}")
     if as_json:
-        click.echo(json.dumps({"text": result.text, "ids": result.ids, "visual_tokens": result.visual_tokens, "context_len": result.context_len, "provider": pipe.provider, "timings_ms": result.timings.as_dict()}))
+        click.echo(json.dumps({"text": result.text, "ids": result.ids, "visual_tokens": result.visual_tokens, "context_len": result.context_len, "provider": pipe.provider,
+                               "timings_ms": result.timings.as_dict(), "load_ms": load_ms, "session_load_ms": dict(getattr(pipe.sessions, "load_ms", {})),
+                               "peak_rss_mb": peak_rss_mb(), "kv_cache_bytes": getattr(pipe.decoder, "allocated_bytes", None), "warnings": result.warnings}))
     else:
         if streamer is not None:
             streamer.finish()
         else:
             click.echo(result.text)
-        err_console.print(summary_line(pipe.provider, result.visual_tokens, result.context_len, result.timings.line()))
+        err_console.print(summary_line(pipe.provider, result.visual_tokens, result.context_len, load_ms, result.timings.line(), peak_rss_mb()))
 
 
 # options of a local `ask` that a Triton server decides for itself
 TRITON_UNUSED = ("top_k", "top_p", "num_beams", "provider", "backend", "engines", "cuda_graph", "threads", "cache_dir", "dump")
 
 
-def summary_line(provider: str, visual_tokens: int, context_len: int, timing_line: str) -> str:
-    """The timing line `ask` prints on stderr (the same for a local and a --triton answer)."""
-    return f"provider {provider}: {visual_tokens} visual tokens, context {context_len} | {timing_line}"
+def summary_line(provider: str, visual_tokens: int, context_len: int, load_ms: float, timing_line: str, peak_rss: float) -> str:
+    """The timing line `ask` prints on stderr (the same for a local and a --triton answer; with --triton, `load` is
+    the time the answering instance took to open the export, and the peak RSS is that instance's)."""
+    return f"provider {provider}: {visual_tokens} visual tokens, context {context_len} | load {load_ms:.1f} ms | {timing_line} | peak RSS {peak_rss:.0f} MB"
 
 
 def _ask_triton(url, video, question, num_frames, max_new_tokens, temperature, seed, stream, as_json, timeout):
@@ -106,16 +115,19 @@ def _ask_triton(url, video, question, num_frames, max_new_tokens, temperature, s
     answer = ask_triton(url, video, question, frames=num_frames, max_tokens=max_new_tokens, temperature=temperature, seed=seed,
                         on_text=show if stream and not as_json else None, timeout=timeout)
     st = answer.stats
+    for w in st["warnings"]:
+        err_console.print(f"warning: {w}")
     if as_json:
         click.echo(json.dumps({"text": answer.text, "ids": answer.ids, "visual_tokens": st["visual_tokens"], "context_len": st["context_len"],
-                               "provider": st["provider"], "timings_ms": st["timings_ms"], "triton": {"instance": st["instance"], "first_text_ms": answer.first_text_ms, "total_ms": answer.total_ms}}))
+                               "provider": st["provider"], "timings_ms": st["timings_ms"], "load_ms": st["load_ms"], "peak_rss_mb": st["peak_rss_mb"],
+                               "warnings": st["warnings"], "triton": {"instance": st["instance"], "first_text_ms": answer.first_text_ms, "total_ms": answer.total_ms}}))
     elif stream:
         sys.stdout.write("\n")
         sys.stdout.flush()
     else:
         click.echo(answer.text)
     if not as_json:
-        err_console.print(summary_line(st["provider"], st["visual_tokens"], st["context_len"], st["timing_line"]))
+        err_console.print(summary_line(st["provider"], st["visual_tokens"], st["context_len"], st["load_ms"], st["timing_line"], st["peak_rss_mb"]))
         first = "-" if answer.first_text_ms is None else f"{answer.first_text_ms:.1f} ms"
         err_console.print(f"triton {url} ({st['instance']}): first text {first}, answer {answer.total_ms:.1f} ms (measured by this client)")
 
@@ -156,5 +168,7 @@ def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature
         if not q:
             continue
         result = pipe.ask(input_path, q, num_frames=num_frames, generation=gen)
+        for w in result.warnings:
+            err_console.print(f"warning: {w}")
         click.echo(f"Q: {q}\nA: {result.text}")
         err_console.print(f"   {result.timings.line()}")

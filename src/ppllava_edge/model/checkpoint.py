@@ -1,17 +1,25 @@
-"""Released-checkpoint IO: config.json + model.safetensors.index.json + shards (safetensors only, never pickle)."""
+"""Released-checkpoint IO: config.json + model.safetensors.index.json + shards (safetensors only, never pickle).
+
+Shards are read and written tensor by tensor (`shards.py`): `read_state_dict(folder, prefix=...)` reads only the
+bytes of the tensors it returns, `build_skeleton` + `load_weights` materialise one sub-module of a meta-device
+model at a time, and `write_shards` streams tensors to disk without holding a shard in memory.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..config import load_config
+from ..config import PPLLaVAConfig, load_config
 from ..errors import CheckpointError
 from .ppllava import PPLLaVAForConditionalGeneration
+from .shards import SafetensorsFile, SafetensorsWriter, TensorSpec, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +28,7 @@ SINGLE_NAME = "model.safetensors"
 # Non-persistent buffers that some transformers versions wrote into checkpoints; harmless if present.
 _IGNORABLE_SUFFIXES = ("embeddings.position_ids",)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+ProgressFn = Callable[[int, int], None]
 
 
 def shard_files(folder: Path) -> dict[str, str]:
@@ -36,36 +45,88 @@ def shard_files(folder: Path) -> dict[str, str]:
         return weight_map
     single = folder / SINGLE_NAME
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {k: SINGLE_NAME for k in f.keys()}
+        with SafetensorsFile(single) as f:
+            return {k: SINGLE_NAME for k in f.tensors}
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
         raise CheckpointError(f"{folder}: only pickle weights (*.bin/*.pt) found; ppllava-edge loads safetensors only (never unpickles).")
     raise CheckpointError(f"{folder}: no {INDEX_NAME} or {SINGLE_NAME}; not a safetensors checkpoint folder.")
 
 
-def read_state_dict(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+class CheckpointReader:
+    """Reads single tensors of a checkpoint folder by name; shards are opened on first use.
 
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, file in shard_files(folder).items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in sorted(by_file.items()):
-        try:
-            with safe_open(str(folder / file), framework="pt") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise CheckpointError(f"{folder / INDEX_NAME} maps '{name}' to {file}, but that shard does not hold it.")
-                    t = f.get_tensor(name)
-                    out[name] = t.to(dtype) if t.is_floating_point() else t
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises plain exceptions for corrupt headers
-            raise CheckpointError(f"{folder / file}: cannot read safetensors shard ({exc})") from exc
-    return out
+    Only the bytes of the tensors asked for are read (`bytes_read` counts them), so a caller can load one
+    sub-model (say `vision_tower.*`) of a 7B checkpoint without touching the LLM's 13 GB.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.weight_map = shard_files(self.folder)
+        self._files: dict[str, SafetensorsFile] = {}
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Tensor names starting with `prefix`, in file and data order (sequential reads)."""
+        names = [n for n in self.weight_map if n.startswith(prefix)]
+        return sorted(names, key=lambda n: (self.weight_map[n], self._stored(n).begin))
+
+    def _file(self, name: str) -> SafetensorsFile:
+        shard = self.weight_map[name]
+        if shard not in self._files:
+            self._files[shard] = SafetensorsFile(self.folder / shard)
+        return self._files[shard]
+
+    def _stored(self, name: str):
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.folder}: no tensor named {name!r} in the checkpoint.")
+        f = self._file(name)
+        if name not in f.tensors:
+            raise CheckpointError(f"{self.folder / INDEX_NAME} maps '{name}' to {f.path.name}, but that shard does not hold it.")
+        return f.tensors[name]
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._stored(name).spec
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `name`; floating tensors are converted to `dtype` when given."""
+        self._stored(name)
+        t = self._file(name).read(name)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(f.bytes_read for f in self._files.values())
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def read_state_dict(folder: str | Path, dtype: torch.dtype = torch.float32, names: Iterable[str] | None = None, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint folder: all of them, the given `names`, or those starting with `prefix`.
+
+    Floating tensors are converted to `dtype`. Only the selected tensors' bytes are read.
+
+    Raises:
+        CheckpointError: a requested name is not in the checkpoint, or a shard is missing or corrupt.
+    """
+    if names is not None and prefix is not None:
+        raise ValueError("pass names or prefix, not both")
+    with CheckpointReader(folder) as ck:
+        if names is None:
+            wanted = ck.names(prefix or "")
+        else:
+            wanted = list(names)
+            unknown = [n for n in wanted if n not in ck.weight_map]
+            if unknown:
+                raise CheckpointError(f"{folder}: {len(unknown)} requested tensor(s) are not in the checkpoint:\n{_listing(unknown)}")
+        return {name: ck.read(name, dtype) for name in wanted}
 
 
 def _listing(names: list[str], limit: int = 20) -> str:
@@ -74,41 +135,106 @@ def _listing(names: list[str], limit: int = 20) -> str:
     return f"  {shown}{more}"
 
 
+def build_skeleton(source: str | Path | PPLLaVAConfig, attn_implementation: str = "sdpa") -> PPLLaVAForConditionalGeneration:
+    """The model for a checkpoint folder (or config) on the meta device: names, shapes, no memory."""
+    cfg = source if isinstance(source, PPLLaVAConfig) else load_config(source)
+    with torch.device("meta"):
+        return PPLLaVAForConditionalGeneration(cfg, attn_implementation=attn_implementation)
+
+
+def _rebuild_meta_buffers(module: nn.Module) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild modules that still hold meta ones."""
+    for name, sub in list(module.named_modules()):
+        if hasattr(sub, "config") and any(b.is_meta for b in sub.buffers(recurse=False)):
+            fresh = type(sub)(sub.config)  # e.g. LlamaRotaryEmbedding: inv_freq stays fp32
+            if name:
+                parent, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, attr, fresh)
+
+
+def load_weights(
+    model: nn.Module,
+    folder: str | Path,
+    prefix: str = "",
+    dtype: str | torch.dtype = "fp32",
+    exclude: tuple[str, ...] = (),
+    reader: CheckpointReader | None = None,
+) -> nn.Module:
+    """Materialise the sub-module of `model` at `prefix` (e.g. "vision_tower", "language_model.model.layers.3")
+    with its tensors from the checkpoint; only those tensors are read. Returns the sub-module.
+
+    `model` is usually a `build_skeleton` model on the meta device; `release_weights` sends a sub-module back.
+    Tensors whose full name starts with one of `exclude` (e.g. "language_model.model.layers.") are neither read
+    nor checked and stay on the meta device. `reader` lets several calls share open shards.
+
+    Raises:
+        CheckpointError: tensors under `prefix` are missing, unexpected or of the wrong shape.
+    """
+    folder = Path(folder)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    module = model.get_submodule(prefix) if prefix else model
+    head = f"{prefix}." if prefix else ""
+    expected = {head + k: v for k, v in module.state_dict().items() if not (head + k).startswith(exclude)}
+    ck = reader or CheckpointReader(folder)
+    try:
+        stored = {k for k in ck.names(head) if not k.startswith(exclude)}
+        missing = sorted(set(expected) - stored)
+        unexpected = sorted(k for k in stored - set(expected) if not k.endswith(_IGNORABLE_SUFFIXES))
+        if missing or unexpected:
+            where = f" under '{prefix}'" if prefix else ""
+            parts = [f"{folder}: checkpoint tensors{where} do not match the model built from config.json."]
+            if missing:
+                parts.append(f"Missing {len(missing)} tensor(s):\n{_listing(missing)}")
+            if unexpected:
+                parts.append(f"Unexpected {len(unexpected)} tensor(s):\n{_listing(unexpected)}")
+            parts.append("Hint: check config.json dims (vision_config, text_config, clip_weight) against the shards.")
+            raise CheckpointError("\n".join(parts))
+        bad = [f"{k}: checkpoint {list(ck.spec(k).shape)} vs model {list(v.shape)}" for k, v in expected.items() if tuple(ck.spec(k).shape) != tuple(v.shape)]
+        if bad:
+            raise CheckpointError(f"{folder}: tensor shapes do not match config.json:\n{_listing(bad)}")
+        state = {k[len(head):]: ck.read(k, torch_dtype) for k in expected}
+    finally:
+        if reader is None:
+            ck.close()
+    module.load_state_dict(state, assign=True, strict=not exclude)
+    module.to(torch_dtype)
+    _rebuild_meta_buffers(module)
+    return module
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks of 1-32 MB, the size of one layer's
+    matrices, in its arenas; without this, streaming layer after layer grows RSS by fragments). No-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def release_weights(module: nn.Module) -> None:
+    """Send a materialised sub-module back to the meta device, freeing its weights (and returning them to the OS)."""
+    module.to("meta")
+    _trim_heap()
+
+
 def load_model(folder: str | Path, dtype: str | torch.dtype = "fp32", attn_implementation: str = "sdpa") -> PPLLaVAForConditionalGeneration:
     """Load a released-layout checkpoint folder into the PyTorch reference model (eval mode).
 
     bf16/fp16 tensors are upcast to `dtype` (fp32 by default). Missing or unexpected tensors raise
     CheckpointError listing them: nothing is ever left randomly initialised.
     """
-    folder = Path(folder)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    cfg = load_config(folder)
-    state = read_state_dict(folder, torch_dtype)
-    with torch.device("meta"):
-        model = PPLLaVAForConditionalGeneration(cfg, attn_implementation=attn_implementation)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith(_IGNORABLE_SUFFIXES))
-    if missing or unexpected:
-        parts = [f"{folder}: checkpoint tensors do not match the model built from config.json."]
-        if missing:
-            parts.append(f"Missing {len(missing)} tensor(s):\n{_listing(missing)}")
-        if unexpected:
-            parts.append(f"Unexpected {len(unexpected)} tensor(s):\n{_listing(unexpected)}")
-        parts.append("Hint: check config.json dims (vision_config, text_config, clip_weight) against the shards.")
-        raise CheckpointError("\n".join(parts))
-    bad = [
-        f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
-        for k, v in expected.items()
-        if tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if bad:
-        raise CheckpointError(f"{folder}: tensor shapes do not match config.json:\n{_listing(bad)}")
-    model.load_state_dict({k: state[k] for k in expected}, assign=True, strict=True)
-    model.to(torch_dtype)
-    # non-persistent buffers (rotary inv_freq) were created on meta: rebuild that module on CPU
-    lm = model.language_model.model
-    lm.rotary_emb = type(lm.rotary_emb)(lm.rotary_emb.config)  # inv_freq stays fp32
+    model = build_skeleton(folder, attn_implementation)
+    load_weights(model, folder, "", dtype)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -127,27 +253,75 @@ def checkpoint_hash(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_shards(state: dict[str, torch.Tensor], folder: Path, num_shards: int = 3) -> None:
-    """Write `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json` like the release."""
-    from safetensors.torch import save_file
+def write_shards(
+    folder: Path,
+    specs: list[TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor | Iterable[torch.Tensor]]],
+    num_shards: int = 3,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Stream tensors into `model-0000i-of-0000n.safetensors` shards + `model.safetensors.index.json` like the release.
 
-    names = list(state)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    target = total / num_shards
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > target and len(shards) < num_shards:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    n = len(shards)
+    `tensors` yields (name, tensor or row chunks) in `specs` order; each is written and dropped before the next is
+    asked for, so memory holds one tensor (or one chunk) at a time. `progress(bytes_done, bytes_total)`.
+    """
+    shards = plan_shards(specs, num_shards)
+    total = sum(s.nbytes for s in specs)
+    stream = iter(tensors)
+    done, n = 0, len(shards)
     weight_map = {}
     for i, group in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file({k: state[k].contiguous() for k in group}, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in group})
+        with SafetensorsWriter(folder / file, group) as writer:
+            for spec in group:
+                name, data = next(stream, (None, None))
+                if name != spec.name:
+                    raise CheckpointError(f"the tensor stream gave {name!r} where {spec.name!r} was expected")
+                done += writer.write(name, data)
+                del data
+                if progress:
+                    progress(done, total)
+        weight_map.update({s.name: file for s in group})
+    extra = next(stream, None)
+    if extra is not None:
+        raise CheckpointError(f"the tensor stream has a tensor {extra[0]!r} that no spec declares")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_shards(state: dict[str, torch.Tensor], folder: Path, num_shards: int = 3) -> None:
+    """Write an in-memory state dict as released-layout shards + index (`write_shards` for tensors in memory)."""
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    write_shards(folder, specs, state.items(), num_shards)
+
+
+def write_truncated_checkpoint(src: str | Path, dst: str | Path, text_layers: int = 2, llm_layers: int = 2, force: bool = False) -> Path:
+    """A checkpoint folder holding `src`'s first layers only (vision: btadapter_depth + 1 main layers, CLIP text and
+    LLM: the given counts) at full width, with `src`'s own tensors for them, streamed tensor by tensor. Used to run
+    the full export at a real model's widths quickly (tests, trying a 7B export on a small machine)."""
+    import shutil
+
+    from ..atomic import AtomicDir
+    from ..config import resolve_clip_config
+    from ..export.truncate import dropped_prefixes, truncated_config
+    src, dst = Path(src), Path(dst)
+    cfg = load_config(src)
+    cut = truncated_config(cfg, text_layers=text_layers, llm_layers=llm_layers)
+    drop = dropped_prefixes(cfg, cut)
+    raw = json.loads((src / "config.json").read_text())
+    raw["vision_config"]["num_hidden_layers"] = cut.vision.num_hidden_layers
+    raw["text_config"]["num_hidden_layers"] = cut.text.num_hidden_layers
+    clip = dict(resolve_clip_config(raw.get("clip_weight") or "clip", src))
+    clip["text_config"] = {**clip.get("text_config", {}), "num_hidden_layers": cut.clip_text.num_hidden_layers}
+    raw["clip_weight"] = "clip"
+    with AtomicDir(dst, force=force) as tmp, CheckpointReader(src) as reader:
+        (tmp / "clip").mkdir()
+        (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        names = [n for n in reader.names() if not n.startswith(drop)]
+        write_shards(tmp, [reader.spec(n) for n in names], ((n, reader.read(n)) for n in names))
+        for f in src.iterdir():
+            if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json", "generation_config.json")):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "ppllava_edge.json").write_text(json.dumps({"preset": None, "truncated_from": str(src.resolve())}) + "\n")
+    return dst

@@ -1,15 +1,21 @@
 """Random-weight checkpoints in exactly the released layout (`ppllava-edge make-checkpoint`).
 
 The config.json keys, tensor names, shards + index and tokenizer files are those of
-`farewellthree/ppllava_weight/ppllava_vicuna7b_image_video_dpo`; only the dims are small. The CLIP text
-model's hyper-parameters are not in config.json, so presets point `clip_weight` at a local `clip/` folder
-holding its config.json (what a user does to run a real checkpoint offline).
+`farewellthree/ppllava_weight/ppllava_vicuna7b_image_video_dpo`. `7b` has the released dims and config.json
+(`clip_weight` = the OpenAI hub id, whose config the package keeps); `mid` is the same with the LLM cut to 4
+layers. `tiny` and `small` have small dims; the CLIP text model's hyper-parameters are not in config.json, so
+they point `clip_weight` at a local `clip/` folder holding its config.json (what a user does to run a real
+checkpoint offline).
+
+Tensors are generated one at a time in state-dict order from one seeded generator and streamed to the shards
+(`write_shards`), so memory holds one tensor (at 7B: one chunk of at most 16 MB) however large the model.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,8 +24,9 @@ from ..anyres import default_pinpoints
 from ..atomic import AtomicDir
 from ..config import config_from_dict
 from ..errors import ConfigError
-from .checkpoint import save_shards
+from .checkpoint import ProgressFn, build_skeleton, write_shards
 from .ppllava import PPLLaVAForConditionalGeneration
+from .shards import TensorSpec
 
 RELEASED_TOP_LEVEL = {
     "architectures": ["LlavaInterleaveForConditionalGeneration"],
@@ -65,14 +72,57 @@ PRESETS: dict[str, dict] = {
         "llm": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 4096},
         "init_std": {"vision": 0.03, "llm": 0.04},
     },
+    # the released widths everywhere (CLIP-L tower 336 px, 24 x 1024, BT-Adapter depth 4; CLIP text 12 x 768, 248
+    # positions; Vicuna width 4096, 32 heads, MLP 11008, vocab 32064), the LLM cut to 4 layers: ~1.6 B parameters
+    "mid": {"released": True, "llm_layers": 4, "init_std": "fan_in"},
+    # the released PPLLaVA-7B (Vicuna-7B): 7.26 B parameters, 14.5 GB in bf16
+    "7b": {"released": True, "llm_layers": None, "init_std": "fan_in"},
 }
 
+CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
+# vision_config and text_config as the release records them: only the keys that differ from transformers'
+# CLIPVisionConfig / LlamaConfig defaults (LlamaConfig's defaults are Vicuna-7B's 4096 / 11008 / 32 layers / 32 heads).
+RELEASED_VISION_CONFIG = {
+    "hidden_size": 1024,
+    "image_size": 336,
+    "intermediate_size": 4096,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "vocab_size": 32000,
+}
+RELEASED_TEXT_CONFIG = {
+    "_name_or_path": "lmsys/vicuna-7b-v1.5",
+    "architectures": ["LlamaForCausalLM"],
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-05,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 32064,
+}
+FAN_IN_CHUNK = 1 << 22  # elements per generated chunk (16 MB in fp32) for the released-width presets
 
-def preset_config(name: str) -> tuple[dict, dict]:
-    """(config.json dict, clip/config.json dict) for a preset."""
+
+def released_config(llm_layers: int | None = None) -> dict:
+    """The released config.json (7B), optionally with fewer LLM layers."""
+    config = dict(RELEASED_TOP_LEVEL, clip_weight=CLIP_HUB_ID, frame_shape=[24, 24])
+    config["vision_config"] = dict(RELEASED_VISION_CONFIG)
+    config["text_config"] = dict(RELEASED_TEXT_CONFIG)
+    if llm_layers is not None:
+        config["text_config"]["num_hidden_layers"] = llm_layers
+    return config
+
+
+def preset_config(name: str) -> tuple[dict, dict | None]:
+    """(config.json dict, clip/config.json dict or None when `clip_weight` is the OpenAI hub id) for a preset."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[name]
+    if p.get("released"):
+        return released_config(p["llm_layers"]), None
     v, c, t = p["vision"], p["clip_text"], p["llm"]
     config = dict(RELEASED_TOP_LEVEL)
     config["clip_weight"] = "clip"
@@ -131,25 +181,73 @@ def preset_config(name: str) -> tuple[dict, dict]:
     return config, clip
 
 
-def random_state_dict(model: PPLLaVAForConditionalGeneration, init_std: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic random weights: LayerNorm/RMSNorm gains ~1, biases small, matrices N(0, std)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, p in model.state_dict().items():
-        std = init_std["llm"] if name.startswith("language_model.") else init_std["vision"]
+def _init_rule(name: str, shape: tuple[int, ...], init_std: dict | str) -> tuple[float, float]:
+    """(scale, shift) of the N(shift, scale) values of one tensor.
+
+    LayerNorm/RMSNorm gains ~1, their biases and all other biases small. Matrices: N(0, std) with the preset's
+    fixed std (`tiny`, `small`), or, for "fan_in" presets, std 1/sqrt(fan_in) (fan_in = product of all dims but
+    the first: a Linear's input width, the patch embedding's 3*14*14), which keeps every layer's output at about
+    unit scale so fp16 activations stay finite through the 24 + 32 layers; embedding tables (token, position,
+    time), `class_embedding`, `btadapter_cls_token` and `image_newline` get 0.02.
+    """
+    if "norm" in name or "_ln." in name:
+        return (0.05, 1.0) if name.endswith("weight") else (0.02, 0.0)
+    if name.endswith(".bias"):
+        return 0.02, 0.0
+    if init_std != "fan_in":
+        return (init_std["llm"] if name.startswith("language_model.") else init_std["vision"]), 0.0
+    if len(shape) >= 2 and ("patch_embedding" in name or ("embed" not in name and "cls_token" not in name)):
+        return 1.0 / math.sqrt(math.prod(shape[1:])), 0.0
+    return 0.02, 0.0
+
+
+def _normal_chunks(shape: tuple[int, ...], gen: torch.Generator, scale: float, shift: float, chunk: int | None) -> Iterator[torch.Tensor]:
+    """N(shift, scale) fp32 values of `shape`: one tensor (chunk=None), or row blocks of at most `chunk` elements."""
+    rows, row = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    step = max(1, rows if chunk is None or not shape else chunk // max(row, 1))
+    for start in range(0, max(rows, 1), step):
+        t = torch.randn((min(step, rows - start), *shape[1:]) if shape else shape, generator=gen)
+        t = t.mul_(scale)
+        yield t.add_(shift) if shift else t
+
+
+def random_tensors(model: PPLLaVAForConditionalGeneration, init_std: dict | str, seed: int, dtype: torch.dtype) -> tuple[list[TensorSpec], Iterator[tuple[str, Iterator[torch.Tensor]]]]:
+    """Deterministic random weights for `model` (usually on the meta device), produced lazily tensor by tensor.
+
+    Returns the specs (state-dict order, stored `dtype`) and a stream of (name, chunks). One generator seeded
+    with `seed` is consumed in state-dict order; each tensor's chunks must be consumed before the next tensor
+    is asked for. The extended CLIP position tables start equal (`convert_text_position`): the values drawn for
+    `position_embedding_res` are replaced by a copy of `position_embedding`. Fixed-std presets draw each tensor
+    with one call (their values are those of earlier releases of this tool); "fan_in" presets draw row chunks.
+    """
+    state = model.state_dict()
+    specs = [TensorSpec(name, tuple(p.shape), dtype) for name, p in state.items()]
+    chunk = FAN_IN_CHUNK if init_std == "fan_in" else None
+    table = "multi_modal_projector.clip_text_model.embeddings.position_embedding"
+
+    def chunks(name: str, shape: tuple[int, ...], gen: torch.Generator, kept: dict) -> Iterator[torch.Tensor]:
         if name.endswith("logit_scale"):
-            t = torch.tensor(math.log(100.0))
-        elif "norm" in name or "_ln." in name:
-            t = (1.0 + 0.05 * torch.randn(p.shape, generator=gen)) if name.endswith("weight") else 0.02 * torch.randn(p.shape, generator=gen)
-        elif name.endswith(".bias"):
-            t = 0.02 * torch.randn(p.shape, generator=gen)
-        else:
-            t = std * torch.randn(p.shape, generator=gen)
-        state[name] = t.to(torch.float32)
-    # the two extended CLIP position tables start equal (convert_text_position), rows >= 20 may differ later
-    emb = "multi_modal_projector.clip_text_model.embeddings."
-    state[emb + "position_embedding_res"] = state[emb + "position_embedding"].clone()
-    return state
+            yield torch.tensor(math.log(100.0)).to(dtype)
+            return
+        drawn = _normal_chunks(shape, gen, *_init_rule(name, shape, init_std), chunk)
+        if name == table + "_res":
+            for _ in drawn:  # drawn so the generator advances as it always did, then replaced by the first table
+                pass
+            yield from kept.pop(table)
+            return
+        for c in drawn:
+            c = c.to(dtype)
+            if name == table:
+                kept.setdefault(table, []).append(c)
+            yield c
+
+    def stream() -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+        gen = torch.Generator().manual_seed(seed)
+        kept: dict[str, list[torch.Tensor]] = {}
+        for spec in specs:
+            yield spec.name, chunks(spec.name, spec.shape, gen, kept)
+
+    return specs, stream()
 
 
 def write_tokenizer_files(folder: Path) -> None:
@@ -191,21 +289,23 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def make_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False, dtype: str = "bf16") -> Path:
-    """Write a random-weight checkpoint folder for `preset` (atomically). Returns the folder."""
+def make_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False, dtype: str = "bf16", progress: ProgressFn | None = None) -> Path:
+    """Write a random-weight checkpoint folder for `preset` (atomically), streaming tensor by tensor.
+
+    `progress(bytes_done, bytes_total)` is called after each tensor. Returns the folder.
+    """
     config, clip = preset_config(preset)
     store = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
     config["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
     out = Path(out)
     with AtomicDir(out, force=force) as tmp:
-        (tmp / "clip").mkdir()
-        (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
+        if clip is not None:
+            (tmp / "clip").mkdir()
+            (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        cfg = config_from_dict(config, tmp)
-        with torch.device("meta"):
-            model = PPLLaVAForConditionalGeneration(cfg)
-        state = random_state_dict(model, PRESETS[preset]["init_std"], seed)
-        save_shards({k: v.to(store) for k, v in state.items()}, tmp, num_shards=3)
+        model = build_skeleton(config_from_dict(config, tmp))
+        specs, tensors = random_tensors(model, PRESETS[preset]["init_std"], seed, store)
+        write_shards(tmp, specs, tensors, num_shards=3, progress=progress)
         gen = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "transformers_version": "4.40.0"}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         write_tokenizer_files(tmp)

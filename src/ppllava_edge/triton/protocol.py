@@ -108,32 +108,9 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_frames: int, 
     return RequestOptions(bytes(video), question, max_tokens, frames, temperature, seed)
 
 
-class TextDeltas:
-    """Text deltas of a growing id list: a piece that ends inside a UTF-8 character is held back until it completes.
-    The deltas joined with `finish(text)` equal the final text."""
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def finish(self, text: str) -> str:
-        """The rest of `text` (the whole answer) after what was sent."""
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text
-        return delta
-
-
-def answer_stats(result, provider: str, instance: str) -> dict:
-    """The final response's `stats` (an `AskResult` of the runtime): what `ask --json` prints, plus the timing line."""
+def answer_stats(result, provider: str, instance: str, load_ms: float, peak_rss_mb: float) -> dict:
+    """The final response's `stats` (an `AskResult` of the runtime): what `ask --json` prints, plus the timing line;
+    `load_ms` is the time the instance took to open the export, `peak_rss_mb` the instance's peak RSS."""
     return {
         "text": result.text,
         "ids": [int(i) for i in result.ids],
@@ -143,4 +120,7 @@ def answer_stats(result, provider: str, instance: str) -> dict:
         "instance": instance,
         "timings_ms": result.timings.as_dict(),
         "timing_line": result.timings.line(),
+        "load_ms": load_ms,
+        "peak_rss_mb": peak_rss_mb,
+        "warnings": list(result.warnings),
     }

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -27,14 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InferenceError, InputError, PPLLaVAEdgeError
-from .protocol import TextDeltas, answer_stats, parse_request
+from ..memory import peak_rss_mb
+from ..serve.protocol import StreamText
+from .protocol import answer_stats, parse_request
 
 
 OUTCOMES = ("ok", "invalid_input", "error", "cancelled")
-
-
-class _Cancelled(Exception):
-    """The client cancelled the request (or went away): stop generating."""
 
 
 class BlsRunner:
@@ -66,6 +66,7 @@ class TritonPythonModel:
         from ..runtime.pipeline import Pipeline
 
         self.pb = pb_utils
+        t_load = time.perf_counter()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version = Path(args["model_repository"]) / args["model_version"]
@@ -89,9 +90,12 @@ class TritonPythonModel:
             engines=version / params["engines"] if params.get("engines") else None,
             runners=runners,
         )
+        self.load_ms = (time.perf_counter() - t_load) * 1e3
         self.frames = int(params.get("frames", "8"))
         self.max_tokens = int(params.get("max_tokens", "32"))
         self.tmp = Path(tempfile.mkdtemp(prefix=f"ppllava-triton-{os.getpid()}-"))
+        # our temporary copies of request videos, as messages and (cached) warnings name them
+        self._tmp_name = re.compile(re.escape(str(self.tmp)) + r"/video-[0-9a-f]{32}\.mp4|video-[0-9a-f]{32}\.mp4")
         # on the server's metrics endpoint next to Triton's own counters, which count a streamed request as a
         # success however its answer ended (an error response included)
         answers = pb_utils.MetricFamily(name="ppllava_answers_total", kind=pb_utils.MetricFamily.COUNTER,
@@ -128,40 +132,47 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         path: Path | None = None
-        outcome, cache_hit = "error", False
+        outcome, cache_hit, last = "error", False, None
         try:
             opts = parse_request(lambda name: self._input(request, name), self.frames, self.max_tokens)
             path = self.tmp / f"video-{uuid.uuid4().hex}.mp4"  # FFmpeg finds the container from the content
             path.write_bytes(opts.video)
-            deltas = TextDeltas(self.pipe.llama.decode)
+            deltas = StreamText(self.pipe.llama.decode, [])
 
-            def on_token(token: int) -> None:
-                if sender.is_cancelled():
-                    raise _Cancelled()
-                delta = deltas.push(token)
+            def on_token(token: int) -> bool:
+                if sender.is_cancelled():  # the client cancelled or went away: stop generating
+                    return True
+                delta, _ = deltas.feed(token)
                 if delta:
                     sender.send(pb.InferenceResponse(output_tensors=[self._string("text", delta)]))
+                return False
 
             result = self.pipe.ask(path, opts.question, num_frames=opts.frames, generation=opts.generation(), on_token=on_token)
-            stats = json.dumps(answer_stats(result, self.pipe.provider, self.instance))
-            sender.send(pb.InferenceResponse(output_tensors=[self._string("text", deltas.finish(result.text)), self._string("stats", stats)]), flags=final)
-            outcome, cache_hit = "ok", result.timings.cache_hit
-        except _Cancelled:
-            sender.send(flags=final)
-            outcome = "cancelled"
+            if result.stopped:
+                outcome = "cancelled"
+            else:
+                result.warnings = [self._tmp_name.sub("<video input>", w) for w in result.warnings]
+                stats = json.dumps(answer_stats(result, self.pipe.provider, self.instance, self.load_ms, peak_rss_mb()))
+                last = pb.InferenceResponse(output_tensors=[self._string("text", deltas.finish()), self._string("stats", stats)])
+                outcome, cache_hit = "ok", result.timings.cache_hit
         except PPLLaVAEdgeError as exc:
             message = str(exc)
             if path is not None:  # name the input, not our temporary file
-                message = message.replace(str(path), f"<video input, {len(opts.video)} bytes>").replace(path.name, "<video input>")
+                message = self._tmp_name.sub("<video input>", message.replace(str(path), f"<video input, {len(opts.video)} bytes>"))
             code = pb.TritonError.INVALID_ARG if isinstance(exc, InputError) else pb.TritonError.INTERNAL
-            sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), flags=final)
+            last = pb.InferenceResponse(error=pb.TritonError(message, code))
             outcome = "invalid_input" if isinstance(exc, InputError) else "error"
         except Exception as exc:  # a bug: keep the instance alive, log the traceback, tell the client what happened
             pb.Logger.log_error(f"{self.instance}: {traceback.format_exc()}")
-            sender.send(pb.InferenceResponse(error=pb.TritonError(f"internal error in {self.instance}: {type(exc).__name__}: {exc}")), flags=final)
+            last = pb.InferenceResponse(error=pb.TritonError(f"internal error in {self.instance}: {type(exc).__name__}: {exc}"))
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
+        # counted before the final response goes out: a client that has its answer sees it in the metrics
         self.answers[outcome].increment(1)
         if cache_hit:
             self.cache_hits.increment(1)
+        if last is None:  # cancelled: just close the stream
+            sender.send(flags=final)
+        else:
+            sender.send(last, flags=final)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..atomic import AtomicDir
 from ..errors import ConfigError, InputError
-from ..manifest import MANIFEST_NAME, ExportManifest, graph_for, load_manifest
+from ..manifest import MANIFEST_NAME, ExportManifest, graph_files, graph_for, load_manifest
 from .pbtxt import Enum, string_parameters, to_pbtxt
 from .protocol import INPUTS, MODEL_NAME, OUTPUTS, TensorSpec
 
@@ -125,14 +125,9 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _onnx_with_data(path: Path) -> list[Path]:
-    """An ONNX file and its external-data files (`decoder.onnx`, `decoder.onnx.data`, ...)."""
-    return [path] + sorted(p for p in path.parent.glob(path.name + "*") if p != path and p.is_file())
-
-
 def _link_onnx(src: Path, folder: Path, name: str) -> None:
     """The graph as `folder/name`; external-data files keep their names (the graph refers to them by name)."""
-    main, *data = _onnx_with_data(src)
+    main, *data = graph_files(src)
     _link(main, folder / name)
     for d in data:
         _link(d, folder / d.name)
@@ -143,7 +138,7 @@ def _link_export(manifest: ExportManifest, dst: Path) -> None:
     dst.mkdir()
     files = {manifest.folder / MANIFEST_NAME, *manifest.data_files()}
     for name in manifest.data["graphs"]:
-        files.update(_onnx_with_data(manifest.path(name)))
+        files.update(graph_files(manifest.path(name)))
     for f in sorted(files):
         _link(f, dst / f.name)
 
