@@ -216,16 +216,19 @@ def _preprocess(src: Path, dst: Path) -> str:
     pre-processed with skip_symbolic_shape=True (export-notes pitfall 3). Returns which one ran."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # external data in and out: ORT's optimiser writes its output into a temp dir where the source's external
+    # file names (pools.onnx.data, shared by both pools) do not resolve unless the output carries its own file
+    ext = {"save_as_external_data": True, "all_tensors_to_one_file": True, "external_data_location": f"{dst.name}.data"}
     try:
         # when symbolic shape inference fails, ORT saves sym_shape_infer_temp.onnx + <uuid>.data into the
         # current directory: run it from the output's folder so nothing lands in the user's cwd
         with _quiet(), contextlib.chdir(dst.parent):
-            quant_pre_process(str(src.resolve()), str(dst.resolve()))
+            quant_pre_process(str(src.resolve()), str(dst.resolve()), **ext)
         return "default"
     except Exception as exc:  # symbolic shape inference raises bare Exception / TypeError
         log.info("%s: quant_pre_process failed (%s); retrying with skip_symbolic_shape=True", src.name, exc)
         with _quiet():
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **ext)
         return "skip_symbolic_shape"
 
 

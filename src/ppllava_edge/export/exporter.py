@@ -526,6 +526,8 @@ def validate(checkpoint: Path, cfg, reader: CheckpointReader, folder: Path, mani
                           sub, sub_opts, scratch, lambda s: None, lambda d, t: None)
         finally:
             scratch.close()
+        # same vocab and width: the truncated copy reads the full export's embedding table
+        (sub / manifest["embeddings"]["file"]).symlink_to((folder / manifest["embeddings"]["file"]).resolve())
         sub_manifest = build_manifest(build_skeleton(cut), checkpoint, sub, sub_opts, {})
         report = validate_export(ModelParts(checkpoint, cut, torch.float32, "sdpa", reader, drop), sub, sub_manifest, thresholds, on_progress)
     report.mode = "truncated: " + describe_truncation(cfg, cut)
