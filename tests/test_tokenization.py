@@ -234,7 +234,12 @@ def test_spm_round_trip_of_real_model_is_byte_identical(real_spm):
 
 @needs_llama
 def test_spm_reader_matches_protobuf(real_spm):
-    pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    try:
+        pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    except Exception as exc:  # protobuf's VersionError: the `triton` extra's protobuf 6.33.6 pin (tritonclient needs < 7)
+        if type(exc).__name__ != "VersionError":  # is older than sentencepiece 0.2.3's generated code (gencode 7.36.1)
+            raise
+        pytest.skip(f"sentencepiece's protobuf module cannot load with this protobuf: {exc}")
     m = pb2.ModelProto()
     m.ParseFromString((LLAMA_DIR / "tokenizer.model").read_bytes())
     assert [(p.piece, p.score, p.type) for p in m.pieces] == real_spm.pieces

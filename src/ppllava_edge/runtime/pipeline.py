@@ -132,7 +132,10 @@ class Pipeline:
         engines: str | Path | None = None,
         cuda_graph: bool = False,
         max_decoders: int = 1,
+        runners: dict | None = None,
     ):
+        """`runners` maps a stage ("vision", "prompt_pool", ...) to an object with ONNX Runtime's `run(output_names,
+        feed) -> [arrays]` that runs it instead of a local session (Triton's BLS requests, see triton/python_model.py)."""
         if not isinstance(max_decoders, int) or max_decoders < 1:
             raise InputError(f"max_decoders must be an int >= 1, got {max_decoders!r}")
         self.manifest = manifest
@@ -162,7 +165,7 @@ class Pipeline:
             fused = manifest.graph(graph).get("contract") is not None
             factories[stage] = functools.partial(create_session, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
                                                  "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE)
-        self.sessions = LazySessions(factories, dict(self.trt.runners) if self.trt is not None else {})
+        self.sessions = LazySessions(factories, {**(self.trt.runners if self.trt is not None else {}), **(runners or {})})
         for stage in EAGER_STAGES:
             if stage in factories:
                 self.sessions[stage]
@@ -258,8 +261,10 @@ class Pipeline:
         engines: str | Path | None = None,
         cuda_graph: bool = False,
         max_decoders: int = 1,
+        runners: dict | None = None,
     ) -> Pipeline:
-        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines, cuda_graph=cuda_graph, max_decoders=max_decoders)
+        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines,
+                   cuda_graph=cuda_graph, max_decoders=max_decoders, runners=runners)
 
     # ---- inputs -----------------------------------------------------------------------------
     def frame_range(self) -> tuple[int, int]:
