@@ -337,12 +337,12 @@ def _generation(max_new_tokens: int):
     return GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
 
 
-def _file_bytes(path: Path) -> int:
-    size = path.stat().st_size if path.is_file() else 0
-    for extra in (path.with_name(path.name + ".data"), path.with_suffix(".onnx_data"), path.with_suffix(".data")):
-        if extra != path and extra.is_file():
-            size += extra.stat().st_size
-    return size
+def _files_bytes(paths) -> int:
+    """Bytes of graph files and their external data, each file once (the pools share pools.onnx.data)."""
+    from ..manifest import graph_files
+
+    files = {f for p in paths for f in (graph_files(p) if p.suffix == ".onnx" else [p])}
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 class _PipelineRunner:
@@ -374,7 +374,7 @@ class _PipelineRunner:
         m = spec.manifest
         self.itemsize = np.dtype(self.pipe.dtype).itemsize
         graphs = self._graphs()
-        self.weight_bytes = sum(_file_bytes(m.path(m.graph_for(g))) for g in graphs) + _file_bytes(m.path("embeddings"))
+        self.weight_bytes = _files_bytes([*(m.path(m.graph_for(g)) for g in graphs), m.path("embeddings")])
         self.decoder_weight_bytes = hardware.graph_weight_bytes(m.path(m.graph_for("decoder")))
         self.llm_precision = m.graph(m.graph_for("decoder")).get("precision", m.data.get("dtype", "fp32"))
         self.notes: list[str] = []

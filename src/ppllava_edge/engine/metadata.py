@@ -65,8 +65,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def onnx_files(export_dir: Path, onnx_name: str) -> list[Path]:
     """The ONNX file of a graph and its external-data files (`decoder.onnx`, `decoder.onnx.data`, ...)."""
-    main = export_dir / onnx_name
-    return [main] + sorted(p for p in export_dir.glob(onnx_name + "*") if p != main and p.is_file())
+    from ..manifest import graph_files
+
+    return graph_files(export_dir / onnx_name)
 
 
 def onnx_hashes(export_dir: Path, onnx_name: str) -> dict[str, str]:
