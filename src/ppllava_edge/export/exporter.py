@@ -30,6 +30,7 @@ from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 from ..runtime.decoder import CONCAT, INPLACE
 from .decoder_builder import DecoderDims, build_decoder
+from .fusion import FUSED_OPS, TRT_OPS, export_fused_vision
 from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
 from .validate import ValidationReport, validate_export
 
@@ -52,7 +53,7 @@ class ExportOptions:
     opset: int = 20
     force: bool = False
     validate: bool = True
-    tensorrt: bool = False  # also write decoder_trt.onnx (standard ops; the in-place decoder uses contrib ops)
+    tensorrt: bool = False  # also write decoder_trt.onnx and vision_trt.onnx (standard ops; the ORT graphs use contrib ops)
 
 
 @dataclass
@@ -152,6 +153,12 @@ def export_graphs(model: PPLLaVAForConditionalGeneration, tmp: Path, opts: Expor
     px = torch.randn(4, 3, size, size, generator=gen, dtype=torch.float32).to(dtype)  # example T=4 (T=1 would specialise)
     _onnx_export(VisionGraph(model), (px,), tmp / "vision.onnx", ["pixel_values"], ["values", "keys"], ({0: frames},), opts.opset, _param_bytes(model.vision_tower) > EXTERNAL_DATA_BYTES)
     timings["vision"] = time.perf_counter() - t0
+    # issue 18: ONNX Runtime runs the fused vision graph written from the weights; the traced standard-ops graph
+    # stays as vision_trt.onnx for TensorRT (--tensorrt), as the decoder does
+    fused = export_fused_vision(model, tmp, opts.dtype, opts.opset, keep_traced=opts.tensorrt)
+    if opts.tensorrt:
+        timings["vision_trt"] = timings["vision"]
+    timings["vision"] = fused["seconds"]
 
     with torch.no_grad():
         values, keys = VisionGraph(model)(px)
@@ -278,7 +285,7 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
     preset_file = checkpoint / "ppllava_edge.json"
     preset = json.loads(preset_file.read_text()).get("preset") if preset_file.is_file() else None
     graphs = {}
-    names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt"] if opts.tensorrt else [])
+    names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt", "vision_trt"] if opts.tensorrt else [])
     for name in names:
         graphs[name] = {"file": f"{name}.onnx", "precision": opts.dtype, **graph_io(tmp / f"{name}.onnx"), "export_seconds": round(timings.get(name, 0.0), 3)}
     kv_dtype = "float16" if opts.dtype == "fp16" else "float32"
@@ -294,9 +301,11 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
             "kv_cache": {"dtype": kv_dtype, "layout": "[batch, kv_heads, past, head_dim]", "shared_past_present": False},
             "ops": "standard ONNX ops (TensorRT's parser takes them)",
         })
+    graphs["vision"]["ops"] = FUSED_OPS
     backends = {"ort": {s: s for s in STAGES}}
     if opts.tensorrt:
-        backends["trt"] = {**{s: s for s in STAGES}, "decoder": "decoder_trt"}
+        graphs["vision_trt"]["ops"] = TRT_OPS
+        backends["trt"] = {**{s: s for s in STAGES}, "decoder": "decoder_trt", "vision": "vision_trt"}
     h, w = cfg.frame_shape
     return {
         "format": "ppllava-edge-export",
