@@ -34,7 +34,7 @@ TARGETS = (
     ("vision_int8_cosine", "int8 vision cosine to fp32 (min over its gate's held-out clips)", ">=", 0.99),
     ("prefill_efficiency", "prefill compute efficiency (FLOP/s / GEMM FLOP/s)", ">=", 0.5),
 )
-TARGET_PRESETS = ("small", "mid", "7b")
+TARGET_PRESETS = ("small", "vision-l", "mid", "7b")
 """Presets whose numbers mean something against the targets; on others (tiny, a toy model dominated by fixed
 overheads) the targets are not evaluated."""
 PER_VARIANT = ("decode_efficiency", "kv_allocated", "vision_efficiency", "vision_vs_first", "vision_int8", "vision_int8_cosine")
