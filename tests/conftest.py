@@ -63,6 +63,29 @@ def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+def write_truncated_video(path):
+    """A moov-first mp4 cut to 60 %: the header announces 48 frames, fewer decode."""
+    import av
+
+    from ppllava_edge.media import make_test_frame
+
+    full = path.with_name("full-" + path.name)
+    with av.open(str(full), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = 128, 96, "yuv420p"
+        for i in range(48):
+            f = av.VideoFrame.from_ndarray(make_test_frame(i), format="rgb24")
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    data = full.read_bytes()
+    full.unlink()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    return path
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_export):
     """The torch-free runtime on the tiny export (one per test module)."""

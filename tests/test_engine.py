@@ -544,7 +544,7 @@ def _gpu_ready() -> bool:
 @pytest.mark.skipif(not _gpu_ready(), reason="needs TensorRT, cuda-python and a CUDA GPU")
 def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
     from ppllava_edge.engine.builder import build_engines
-    from ppllava_edge.runtime.decoder import OrtKVDecoder
+    from ppllava_edge.runtime.decoder import open_decoder
     from ppllava_edge.runtime.session import create_session
     from ppllava_edge.runtime.trt_backend import open_engines
 
@@ -559,7 +559,7 @@ def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
         for ref, got in zip(vision.run(None, {"pixel_values": px}), engines.runners["vision"].run(None, {"pixel_values": px})):
             np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-3)
         m = manifest.model
-        ort_dec = OrtKVDecoder(create_session(manifest.path("decoder"), "cpu"), m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"])
+        ort_dec = open_decoder(create_session(manifest.path("decoder"), "cpu"), manifest.graph("decoder"), m, np.float32, "cpu")
         for dec in (ort_dec, engines.decoder):
             dec.reset(1)
         prompt = rng.standard_normal((1, 20, m["hidden_size"])).astype(np.float32)

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from ppllava_edge.export.fusion import VisionDims, build_vision, export_fused_vision  # noqa: E402
+from ppllava_edge.export.fusion import VisionDims, build_vision  # noqa: E402
 from ppllava_edge.export.graphs import VisionGraph  # noqa: E402
 
 from .conftest import cosine  # noqa: E402
@@ -103,19 +103,24 @@ def test_every_initializer_traces_to_the_checkpoint(tiny_ckpt, tiny_model, tmp_p
     assert [(f.kind, f.initializer) for f in bad.findings] == [("mismatch", bias)]
 
 
-def test_traced_graph_moves_to_vision_trt_with_its_external_data(tiny_model, tmp_path):
-    """export_fused_vision on a folder holding the traced vision.onnx (here with external data)."""
-    traced = tmp_path / "vision.onnx"
-    _build(tiny_model, traced, external=True, attention_op="Attention")  # stands in for the traced graph
-    before = _session(traced).run(None, {"pixel_values": np.ones((2, 3, 84, 84), np.float32)})
-    out = export_fused_vision(tiny_model, tmp_path, "fp32", 20, keep_traced=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx", "vision.onnx.data", "vision_trt.onnx", "vision_trt.onnx.data"]
-    after = _session(tmp_path / "vision_trt.onnx").run(None, {"pixel_values": np.ones((2, 3, 84, 84), np.float32)})
-    np.testing.assert_array_equal(before[0], after[0])
-    assert _ops(tmp_path / "vision.onnx")[("com.microsoft", "MultiHeadAttention")] == 11 and out["weights"].map
-    other = tmp_path / "plain"
-    other.mkdir()
-    _build(tiny_model, other / "vision.onnx")
-    export_fused_vision(tiny_model, other, "fp32", 20, keep_traced=False)
-    assert sorted(p.name for p in other.iterdir()) == ["vision.onnx"]
-    json.dumps(out["weights"].to_json())
+def test_export_streams_the_fused_graph_with_a_checked_weight_map(tiny_export, tiny_ckpt, tmp_path):
+    """The exporter writes vision.onnx from the checkpoint's shards into vision.onnx.data, maps every initializer
+    (MultiHeadAttention's packed q|k|v bias traced to its three Linear biases) and the export's weights check passes; the fp32 twin that
+    `quantize --vision int8` uses on fp16 exports is the same graph, byte for byte in its weights."""
+    from ppllava_edge.export.exporter import write_vision_graph
+    from ppllava_edge.external_data import external_files
+
+    m = json.loads((tiny_export / "export.json").read_text())
+    assert m["weights_check"]["passed"]
+    wm = m["graphs"]["vision"]["weights"]["map"]
+    layer = "vision_tower.vision_model.encoder.layers.0.self_attn."
+    assert wm[layer + "qkv_proj.bias"] == ["concat_transpose", [layer + f"{p}_proj.bias" for p in "qkv"]]
+    assert wm[layer + "q_proj.weight"] == ["transpose", [layer + "q_proj.weight"]]
+    assert wm["vision_tower.vision_model.btadapter_T_layers.0.temporal_fc.weight"][0] == "transpose"
+    assert external_files(onnx.load(str(tiny_export / "vision.onnx"), load_external_data=False)) == ["vision.onnx.data"]
+    assert "weights" in m["graphs"]["vision_trt"]  # the traced TensorRT twin is mapped and checked too
+    twin = write_vision_graph(tiny_ckpt, tmp_path / "vision.fp32.onnx")
+    assert (tmp_path / "vision.fp32.onnx.data").read_bytes() == (tiny_export / "vision.onnx.data").read_bytes()
+    px = np.random.default_rng(3).standard_normal((3, 3, 84, 84), dtype=np.float32)
+    for a, b in zip(_session(twin).run(None, {"pixel_values": px}), _session(tiny_export / "vision.onnx").run(None, {"pixel_values": px})):
+        np.testing.assert_array_equal(a, b)

@@ -323,3 +323,15 @@ def test_on_token_streams_the_returned_ids(lm, embed, kw):
     seen: list[int] = []
     out = generate(TorchDecoder(lm), embed, prompt, GenerationConfig(max_new_tokens=20, **kw), on_token=seen.append)
     assert seen == out.ids and all(type(t) is int for t in seen)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3), dict(do_sample=True, seed=2)])
+def test_on_token_returning_true_stops_after_that_token(lm, embed, kw):
+    prompt, _ = _early_eos_prompt(lm, embed)
+    full = generate(TorchDecoder(lm), embed, prompt, GenerationConfig(max_new_tokens=20, ignore_eos=True, **kw))
+    seen: list[int] = []
+    out = generate(TorchDecoder(lm), embed, prompt, GenerationConfig(max_new_tokens=20, ignore_eos=True, **kw),
+                   on_token=lambda t: seen.append(t) or len(seen) == 5)
+    assert out.ids == seen == full.ids[:5] and out.stopped and not full.stopped
+    if not kw.get("num_beams"):
+        assert len(out.step_ms) == 4  # no forward pass after the stop

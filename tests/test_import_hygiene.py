@@ -14,6 +14,11 @@ CASES = {
         ["ppllava_edge.bench.runner", "ppllava_edge.bench.report", "ppllava_edge.bench.hardware", "ppllava_edge.bench.stats", "ppllava_edge.cli.bench_cmd"],
         ["torch", "onnxruntime", "tensorrt", "matplotlib"],
     ),
+    "serve + load test": (
+        ["ppllava_edge.serve.app", "ppllava_edge.serve.protocol", "ppllava_edge.serve.inputs", "ppllava_edge.serve.metrics", "ppllava_edge.serve.run",
+         "ppllava_edge.cli.serve_cmd", "ppllava_edge.bench.loadtest"],
+        ["torch", "transformers", "tensorrt", "onnxruntime", "openai"],
+    ),
     "engine + cli": (
         ["ppllava_edge.cli.main", "ppllava_edge.engine.builder", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.runtime.cuda"],
         ["tensorrt", "cuda", "torch", "onnx"],

@@ -14,6 +14,7 @@ from ppllava_edge.media import (
     CLIP_STD,
     input_kind,
     load_image,
+    load_npy_pixel_values,
     load_pixel_values,
     load_video,
     make_test_frame,
@@ -25,6 +26,8 @@ from ppllava_edge.media import (
 )
 
 av = pytest.importorskip("av")
+
+from .conftest import write_truncated_video  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # fixtures
@@ -181,25 +184,40 @@ def test_mpeg4_avi(media_dir):
 
 def test_header_overcounts_frames_resamples(media_dir):
     # moov-first mp4 cut short: the header announces 48 frames, far fewer decode
-    path = media_dir / "faststart.mp4"
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
-        s = c.add_stream("libx264", rate=24)
-        s.width, s.height, s.pix_fmt = 128, 96, "yuv420p"
-        for i in range(48):
-            f = av.VideoFrame.from_ndarray(make_test_frame(i), format="rgb24")
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    data = path.read_bytes()
-    cut = media_dir / "cut.mp4"
-    cut.write_bytes(data[: len(data) * 6 // 10])
+    cut = write_truncated_video(media_dir / "cut.mp4")
     for strategy in ("auto", "sequential", "seek"):
         vf = load_video(cut, 8, strategy=strategy)
         assert 0 < vf.num_total < 48
         assert vf.indices == segment_centre_indices(vf.num_total, 8)
         assert markers(vf.frames) == vf.indices
+        assert len(vf.warnings) == 1 and str(cut) in vf.warnings[0]
+        assert f"only {vf.num_total} of 48 announced frames decoded" in vf.warnings[0]
+
+
+def test_partly_corrupt_video_answers_from_the_frames_that_decode(clip, media_dir):
+    """Garbage in the middle of the stream: decoding stops with an error part way; the frames before it are used
+    and the warning says how many decoded (before: a VideoError, no answer)."""
+    data = bytearray(clip.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    bad = media_dir / "corrupt_middle.mp4"
+    bad.write_bytes(bytes(data))
+    for strategy in ("auto", "sequential", "seek"):
+        vf = load_video(bad, 8, strategy=strategy)
+        assert 1 <= vf.num_total < 48 and vf.frames.shape[0] == 8
+        assert markers(vf.frames) == vf.indices == segment_centre_indices(vf.num_total, 8)
+        assert len(vf.warnings) == 1 and str(bad) in vf.warnings[0] and "decoding stopped with an error" in vf.warnings[0]
+    assert load_video(clip, 8).warnings == []
+
+
+def test_npy_with_nan_or_inf_is_refused_naming_the_file(media_dir):
+    px = np.zeros((4, 3, 32, 32), np.float32)
+    px[1, 0, 0, 0] = np.inf
+    path = media_dir / "inf.npy"
+    np.save(path, px)
+    with pytest.raises(InputError, match="non-finite") as err:
+        load_npy_pixel_values(path, 32)
+    assert str(path) in str(err.value) and "frame(s) 1" in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -219,6 +219,126 @@ def test_file_fingerprint_changes_with_content(tmp_path):
     assert file_digest(big) == first
 
 
+# ---- thread safety ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decoders", [1, 3])
+def test_one_pipeline_shared_by_threads_gives_the_sequential_answers(tiny_export, sample_videos, decoders):
+    """4 threads x 8 asks on one Pipeline (3 videos, 3 questions, greedy and sampled): every answer equals the
+    sequential one. On main before the decoder pool, half of such answers came back wrong with no error."""
+    import threading
+
+    pipe = Pipeline.from_export(tiny_export, provider="cpu", max_decoders=decoders)
+    gens = [GenerationConfig(max_new_tokens=10, ignore_eos=True), GenerationConfig(max_new_tokens=10, do_sample=True, seed=3, temperature=1.5)]
+    jobs = [(v, q, g) for v in sample_videos for q in QUESTIONS for g in range(2)]
+    want = {job: pipe.ask(job[0], job[1], generation=gens[job[2]]).ids for job in jobs}
+    got: dict[tuple, list] = {}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(8):
+                job = jobs[(3 * k + i) % len(jobs)]
+                got[(k, i)] = (job, pipe.ask(job[0], job[1], generation=gens[job[2]]).ids)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(got) == 32
+    wrong = [job for job, ids in got.values() if ids != want[job]]
+    assert wrong == []
+    assert pipe._made <= decoders
+
+
+def test_concurrent_first_questions_run_the_vision_graph_once(tiny_export, sample_video):
+    import threading
+
+    pipe = Pipeline.from_export(tiny_export, provider="cpu", max_decoders=2)
+    results = []
+    barrier = threading.Barrier(4)
+
+    def work(q: str) -> None:
+        barrier.wait()
+        results.append(pipe.ask(sample_video, q, generation=GenerationConfig(max_new_tokens=3)))
+
+    threads = [threading.Thread(target=work, args=(q,)) for q in QUESTIONS + ["One more?"]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 4 and pipe.vision_runs == 1
+    assert sorted(r.timings.cache_hit for r in results) == [False, True, True, True]
+
+
+def test_pipeline_decoder_stays_usable_for_single_threaded_callers(tiny_export, sample_video):
+    pipe = Pipeline.from_export(tiny_export, provider="cpu", max_decoders=4)
+    pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=3))
+    first = pipe.decoder
+    pipe.ask(sample_video, QUESTIONS[1], generation=GenerationConfig(max_new_tokens=3))
+    assert pipe.decoder is first and pipe._made == 1  # sequential calls reuse one decoder
+    with pytest.raises(InputError, match="max_decoders"):
+        Pipeline.from_export(tiny_export, provider="cpu", max_decoders=0)
+
+
+# ---- input hardening ---------------------------------------------------------------------------------------------
+def test_npy_with_non_finite_pixels_is_refused_naming_the_file(pipe, tmp_path):
+    px = np.zeros((8, 3, 84, 84), np.float32)
+    px[2, 0, 5, 5] = np.nan
+    px[6, 2, 1, 1] = np.inf
+    path = tmp_path / "bad_pixels.npy"
+    np.save(path, px)
+    with pytest.raises(InputError) as err:
+        pipe.ask(path, "q", generation=GenerationConfig(max_new_tokens=2))
+    msg = str(err.value)
+    assert str(path) in msg and "2 non-finite" in msg and "frame(s) 2, 6" in msg
+
+
+@pytest.mark.parametrize("frames", [18, 40])
+def test_npy_frame_count_out_of_range_names_the_file_and_count(pipe, tmp_path, frames):
+    path = tmp_path / f"frames{frames}.npy"
+    np.save(path, np.zeros((frames, 3, 84, 84), np.float32))
+    with pytest.raises(InputError) as err:
+        pipe.ask(path, "q", generation=GenerationConfig(max_new_tokens=2))
+    msg = str(err.value)
+    assert str(path) in msg and f"holds {frames} frames" in msg and "2..16" in msg and "--frames" not in msg.splitlines()[0]
+
+
+def _truncated_video(tmp_path):
+    from .conftest import write_truncated_video
+
+    return write_truncated_video(tmp_path / "cut.mp4")
+
+
+def test_truncated_video_is_answered_with_a_warning(tiny_export, tmp_path):
+    path = _truncated_video(tmp_path)
+    pipe = Pipeline.from_export(tiny_export, provider="cpu", cache_dir=tmp_path / "cache")
+    r = pipe.ask(path, "q", generation=GenerationConfig(max_new_tokens=2))
+    assert len(r.ids) >= 1 and len(r.warnings) == 1
+    assert str(path) in r.warnings[0] and "of 48 announced frames decoded" in r.warnings[0]
+    again = pipe.ask(path, "another q", generation=GenerationConfig(max_new_tokens=2))
+    assert again.timings.cache_hit and again.warnings == r.warnings
+    fresh = Pipeline.from_export(tiny_export, provider="cpu", cache_dir=tmp_path / "cache")  # the disk cache keeps it too
+    third = fresh.ask(path, "q", generation=GenerationConfig(max_new_tokens=2))
+    assert fresh.vision_runs == 0 and third.warnings == r.warnings
+
+
+def test_cli_ask_reports_the_truncated_video_warning(tiny_export, tmp_path):
+    import json
+
+    path = _truncated_video(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["ask", str(tiny_export), str(path), "q", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() and "warning:" not in res.stdout
+    assert "warning:" in res.stderr and "cut.mp4" in res.stderr and "announced frames decoded" in res.stderr
+    res = runner.invoke(cli, ["ask", str(tiny_export), str(path), "q", "--max-new-tokens", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert len(data["warnings"]) == 1 and "cut.mp4" in data["warnings"][0]
+
+
 def test_inplace_decoder_paths_agree(tiny_export, sample_video):
     """The device-buffer path (OrtValues, as on CUDA; run here on cpu), the numpy path with a reserved buffer and
     the numpy path that grows as it goes give the same greedy and beam ids, and the same cache contents."""

@@ -489,3 +489,21 @@ def test_clip_save_and_from_file(clip, tmp_path):
     assert json.loads(gzip.decompress((tmp_path / "clip_tokenizer.json.gz").read_bytes()))["padding"]["pad_id"] == 49407
     with pytest.raises(TokenizerError, match="missing.json"):
         ClipTokenizer.from_file(tmp_path / "missing.json")
+
+
+@needs_llama
+def test_chat_prompt_ids_follow_the_conversation_template(real_prompt, real_tok):
+    """Earlier turns: `USER: <image>\\n{u1} ASSISTANT: {a1}</s>USER: {q} ASSISTANT: ` tokenized as one string by the
+    full tokenizer (which matches `<image>` and `</s>` as special tokens, as the authors' tokenizer does)."""
+    history = [("Describe the video.", "A man  runs."), ("Where  is he?", "In a park, near 3 trees.")]
+    q = "What happens next?"
+    text = "USER: <image>\n" + history[0][0] + " ASSISTANT: " + history[0][1] + "</s>USER: " + history[1][0] + " ASSISTANT: " + history[1][1]
+    text += "</s>USER: " + q + " ASSISTANT: "
+    assert real_prompt.chat_prompt_ids(q, history) == real_tok.encode(text).ids
+    assert real_prompt.chat_prompt_ids(q) == real_prompt.prompt_ids(q)
+    with_system = real_prompt.chat_prompt_ids(q, system="You are brief.")
+    assert with_system == real_tok.encode("You are brief. USER: <image>\n" + q + " ASSISTANT: ").ids
+    typed = real_prompt.chat_prompt_ids("x </s> <image> y", [("a </s> b", "c")])
+    assert typed.count(real_prompt.image_token_id) == 1 and typed.count(2) == 1  # typed specials stay text
+    with pytest.raises(InputError, match="history"):
+        real_prompt.chat_prompt_ids(q, [("only one",)])

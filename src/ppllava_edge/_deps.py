@@ -13,6 +13,7 @@ _INSTALL_HINTS = {
     "tensorrt": "pip install 'ppllava-edge[tensorrt]'  (x86 + CUDA), or on Jetson: sudo apt install python3-libnvinfer (JetPack)",
     "gpu": "pip uninstall -y onnxruntime && pip install 'ppllava-edge[gpu]'",
     "bench": "pip install 'ppllava-edge[bench]'",
+    "serve": "pip install 'ppllava-edge[serve]'",
     "dev": "pip install 'ppllava-edge[dev]'",
     "video": "pip install av==18.1.0 (part of the plain ppllava-edge install)",
 }

@@ -27,6 +27,10 @@ class VideoError(InputError):
     """A video or image file cannot be read or has no usable frames."""
 
 
+class ContextLengthError(InputError):
+    """The prompt (text + visual tokens) plus the new tokens asked for do not fit the LLM context."""
+
+
 class TokenizerError(PPLLaVAEdgeError):
     """Tokenizer files are missing or malformed."""
 

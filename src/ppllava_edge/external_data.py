@@ -84,6 +84,57 @@ def read_initializer(tensor, folder: str | os.PathLike) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)).reshape(shape)
 
 
+def share_initializers(paths: list[Path], data_name: str, min_bytes: int = INLINE_BELOW) -> dict:
+    """Rewrite several graphs of one folder so their initializers live in one external-data file `data_name`,
+    each distinct tensor (by content) stored once: the CLIP text encoder that prompt_pool and image_pool both hold
+    is then on disk once. Each graph is rewritten in place (through a temporary file); returns byte counts."""
+    import hashlib
+
+    import onnx
+
+    folder = Path(paths[0]).parent
+    tmp_data = folder / (data_name + ".tmp")
+    seen: dict[tuple[str, int, tuple], tuple[int, int]] = {}  # (digest, dtype, shape) -> (offset, length)
+    stored = referenced = 0
+    models = []
+    with ExternalData(tmp_data) as out:
+        for path in paths:
+            model = onnx.load(str(path), load_external_data=False)
+            inits = []
+            for t in model.graph.initializer:
+                arr = np.asarray(read_initializer(t, folder))
+                if arr.nbytes < min_bytes:
+                    inits.append(onnx.numpy_helper.from_array(arr, t.name))
+                    continue
+                key = (hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest(), t.data_type, tuple(arr.shape))
+                referenced += arr.nbytes
+                if key not in seen:
+                    proto = out.add(t.name, arr)
+                    ext = {e.key: e.value for e in proto.external_data}
+                    seen[key] = (int(ext["offset"]), int(ext["length"]))
+                    stored += arr.nbytes
+                offset, length = seen[key]
+                proto = onnx.TensorProto()
+                proto.name, proto.data_type = t.name, t.data_type
+                proto.dims.extend(arr.shape)
+                proto.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    e = proto.external_data.add()
+                    e.key, e.value = k, v
+                inits.append(proto)
+            old_files = external_files(model)
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(inits)
+            models.append((path, model, old_files))
+    (folder / (data_name + ".tmp")).replace(folder / data_name)
+    for path, model, old_files in models:
+        onnx.save_model(model, str(path))
+        for f in old_files:
+            if f != data_name and (folder / f).exists():
+                (folder / f).unlink()
+    return {"stored_bytes": stored, "referenced_bytes": referenced}
+
+
 def external_files(model) -> list[str]:
     """The external-data file names a ModelProto's initializers point to."""
     return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})

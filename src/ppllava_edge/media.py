@@ -130,6 +130,8 @@ class VideoFrames:
         fps: average frame rate from the container, or None when unknown.
         path: the file read.
         strategy: how the frames were decoded, "sequential" or "seek".
+        warnings: what a user should know about the answer, e.g. a truncated or partly corrupt file that still
+            gave frames (each names the file and how many frames decoded).
     """
 
     frames: np.ndarray
@@ -138,6 +140,7 @@ class VideoFrames:
     fps: float | None
     path: str
     strategy: str = field(default="sequential", compare=False)
+    warnings: list[str] = field(default_factory=list, compare=False)
 
 
 @dataclass(frozen=True)
@@ -255,10 +258,14 @@ def _to_rgb(frame: Any, size: tuple[int, int] | None) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
 
 
-def _decode_sequential(container: Any, stream: Any, wanted: list[int], path: str) -> tuple[dict[int, np.ndarray], int]:
+def _decode_sequential(
+    container: Any, stream: Any, wanted: list[int], path: str
+) -> tuple[dict[int, np.ndarray], int, BaseException | None]:
     """Decode from the start, keep the frames at `wanted` (sorted, unique), stop after the last.
 
-    Returns the kept frames and the number of frames decoded (== last + 1 unless the stream ended early).
+    Returns the kept frames, the number of frames decoded (== last + 1 unless the stream ended early) and the
+    decoding error that ended the stream early, if any. An error before the first frame raises VideoError; an
+    error after some frames (a truncated or partly corrupt file) ends the stream there instead.
     """
     wanted_set = set(wanted)
     last = wanted[-1]
@@ -275,8 +282,10 @@ def _decode_sequential(container: Any, stream: Any, wanted: list[int], path: str
             if i >= last:
                 break
     except _av_errors() as exc:
-        raise _decode_error(path, _codec_name(stream), i + 1, exc) from exc
-    return got, i + 1
+        if i < 0:
+            raise _decode_error(path, _codec_name(stream), 0, exc) from exc
+        return got, i + 1, exc
+    return got, i + 1, None
 
 
 def _decode_seek(
@@ -318,7 +327,7 @@ def _decode_seek(
             else:
                 raise _NeedSequential(f"stream ended before frame {t}")
     except _av_errors() as exc:
-        raise _decode_error(path, _codec_name(stream), len(got), exc) from exc
+        raise _NeedSequential(f"decoding error: {exc}") from exc
     return got
 
 
@@ -360,7 +369,8 @@ def load_video(
 
     The frame count is `stream.frames` from the container, or the number of video packets when
     the container does not record it. If the stream ends before the last sampled frame (the header
-    over-counted), indices are recomputed from the frames actually decoded.
+    over-counted, or the file is truncated), indices are recomputed from the frames actually decoded and
+    `warnings` says so; a decoding error after some frames (a partly corrupt file) is treated the same way.
 
     Decoding: "sequential" decodes from the first frame up to the last sampled one. "seek" demuxes
     the packet index, then decodes only the GOPs that hold sampled frames (seeking to a GOP's
@@ -437,28 +447,35 @@ def load_video(
                 log.warning("%s: seek decoding not exact (%s); decoding sequentially", spath, why)
                 got, chosen = None, "sequential"
 
+    warnings: list[str] = []
     if got is None:
         with _open_container(av, spath) as container:
             stream = _video_stream(container, spath)
             codec = _codec_name(stream)
-            got, decoded = _decode_sequential(container, stream, wanted, spath)
+            got, decoded, error = _decode_sequential(container, stream, wanted, spath)
         if decoded < 1:
             raise VideoError(
                 f"No decodable frames in video {spath} (codec {codec}, {num_total} frames announced)"
             )
         if len(got) < len(wanted):
-            # The stream ended early: resample from what really decodes (second pass).
-            log.warning("%s: %d frames announced but only %d decoded; resampling", spath, num_total, decoded)
+            # The stream ended early (truncated file, or a decoding error part way): answer from the frames that
+            # really decode (second pass), and say so.
+            why = f"decoding stopped with an error ({error})" if error is not None else "the stream ended early"
+            warnings.append(
+                f"{spath}: truncated or partly corrupt video: only {decoded} of {num_total} announced frames "
+                f"decoded ({why}); the {num_frames} frames were sampled from those {decoded}"
+            )
+            log.info("%s", warnings[-1])  # callers surface `warnings` themselves (CLI stderr, JSON)
             num_total = decoded
             indices = segment_centre_indices(num_total, num_frames)
             wanted = sorted(set(indices))
             with _open_container(av, spath) as container:
-                got, _ = _decode_sequential(container, _video_stream(container, spath), wanted, spath)
+                got, _, _ = _decode_sequential(container, _video_stream(container, spath), wanted, spath)
             if len(got) < len(wanted):
                 raise VideoError(f"Video {spath} decodes inconsistently ({decoded} frames, then fewer)")
 
     frames = np.stack([got[i] for i in indices])
-    return VideoFrames(frames=frames, indices=indices, num_total=num_total, fps=fps, path=spath, strategy=chosen)
+    return VideoFrames(frames=frames, indices=indices, num_total=num_total, fps=fps, path=spath, strategy=chosen, warnings=warnings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,8 +720,8 @@ def load_npy_pixel_values(path: str | os.PathLike[str], image_size: int | None =
     """Load already-preprocessed pixel values float32 `[T, 3, H, W]` from a `.npy` file, unchanged.
 
     Raises:
-        InputError: missing/unreadable file, or wrong ndim, channels, dtype, or (when `image_size` is
-            given) spatial size; the message names the file and the shape.
+        InputError: missing/unreadable file, wrong ndim, channels, dtype, or (when `image_size` is
+            given) spatial size, or non-finite values (NaN/Inf); the message names the file and what is wrong.
     """
     spath = os.fspath(path)
     if not os.path.exists(spath):
@@ -723,6 +740,14 @@ def load_npy_pixel_values(path: str | os.PathLike[str], image_size: int | None =
         raise InputError(f"Pixel values in {spath} must be {expect}, got dtype {got}")
     if image_size is not None and arr.shape[2:] != (image_size, image_size):
         raise InputError(f"Pixel values in {spath} must be {expect}, got spatial size {got}")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(arr.size - np.count_nonzero(finite))
+        frames = np.flatnonzero(~finite.reshape(arr.shape[0], -1).all(axis=1))
+        raise InputError(
+            f"Pixel values in {spath} contain {bad} non-finite values (NaN or Inf) in frame(s) "
+            f"{', '.join(str(int(f)) for f in frames[:8])}{' ...' if frames.size > 8 else ''}; refusing to answer from them"
+        )
     return arr
 
 

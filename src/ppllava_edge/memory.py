@@ -17,6 +17,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (the kernel's high-water mark), in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 class MemorySampler:
     """Peak process RSS (psutil, sampled every `interval` s on a background thread) and, with `device_fn`, peak
     device memory in use. The thread holds the GIL for a few microseconds per sample."""

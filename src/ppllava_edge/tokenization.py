@@ -714,7 +714,7 @@ def _merge_order_problem(tok_json: Mapping[str, Any]) -> str | None:
     if model.get("type") != "BPE":
         return None
     merges = _merge_pairs(model)
-    is_run = [set(a + b) == {_SPACE} for a, b in merges]
+    is_run = [not (a + b).strip(_SPACE) for a, b in merges]  # only "▁" characters (str.strip: fast on 61k merges)
     runs = [r for r, run in enumerate(is_run) if run]
     if not runs:
         return None
@@ -920,6 +920,7 @@ class LlamaPromptTokenizer:
         self._tail = Tokenizer.from_str(json.dumps(_tail_json(tok_json)))
         self._tail.encode_special_tokens = True  # runtime-only flag: not serialized, so set on every load
         self._head_ids = list(tokenizer.encode(PROMPT_HEAD).ids)
+        self._text: Tokenizer | None = None  # made on the first system prompt (chat_prompt_ids)
         self._bos_token, self._eos_token = bos_token, eos_token
 
     @classmethod
@@ -953,6 +954,45 @@ class LlamaPromptTokenizer:
             raise InputError(f"question must be a str, got {type(question).__name__}.")
         tail = self._tail.encode("\n" + question + " ASSISTANT: ", add_special_tokens=False).ids
         return [*self._head_ids, self.image_token_id, *tail]
+
+    def chat_prompt_ids(
+        self, question: str, history: Sequence[tuple[str, str]] = (), system: str | None = None
+    ) -> list[int]:
+        """Ids of a conversation in the checkpoint's template (plain_v1: system "", roles "USER: " / "ASSISTANT: ",
+        separators " " and "</s>"), with the single image placeholder in the first user turn:
+
+            [{system} ]USER: <image>\n{u1} ASSISTANT: {a1}</s>USER: {u2} ASSISTANT: {a2}</s>USER: {question} ASSISTANT: 
+
+        `history` holds the earlier (user, assistant) turns, oldest first. Without history and system this equals
+        `prompt_ids(question)`. `</s>` between turns is the EOS id, spliced in; text typed by the user (a literal
+        `</s>` or `<image>` included) stays text. Each piece after a special id is tokenized without the dummy
+        prefix, as the authors' tokenizer does after a special token.
+        """
+        if not isinstance(question, str):
+            raise InputError(f"question must be a str, got {type(question).__name__}.")
+        for turn in history:
+            if len(turn) != 2 or not all(isinstance(t, str) for t in turn):
+                raise InputError(f"history must hold (user, assistant) string pairs, got {turn!r}.")
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"system must be a str, got {type(system).__name__}.")
+        users = [u for u, _ in history] + [question]
+        answers = [a for _, a in history]
+        head = self._head_ids
+        if system:
+            if self._text is None:  # a full tokenizer (dummy prefix, BOS) that keeps typed specials as text
+                self._text = Tokenizer.from_str(self.tokenizer.to_str())
+                self._text.encode_special_tokens = True
+            head = list(self._text.encode(system + " " + PROMPT_HEAD).ids)
+        eos = self.eos_token_id
+        ids = [*head, self.image_token_id]
+        for i, user in enumerate(users):
+            text = ("\n" if i == 0 else PROMPT_HEAD) + user + " ASSISTANT: "
+            if i < len(answers):
+                ids += self._tail.encode(text + answers[i], add_special_tokens=False).ids
+                ids.append(eos)
+            else:
+                ids += self._tail.encode(text, add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (the image placeholder and BOS/EOS are dropped unless `skip_special_tokens=False`)."""

@@ -62,9 +62,8 @@ def _samples(fn, repeats: int) -> list[float]:
     return out
 
 
-def _ort_gemv(k: int, n: int, threads: int | None):
-    """A [1,k] x [k,n] fp32 MatMul in ONNX Runtime with the matrix fed as an input: MLAS's GEMV, the access
-    pattern of a decode step. None when `onnx` (to build the graph) is missing."""
+def _matmul_session(a_shape: list[int], b_shape: list[int], threads: int | None):
+    """An ONNX Runtime session of one fp32 MatMul with both operands fed as inputs `a`, `b`; None without `onnx`."""
     try:
         from onnx import TensorProto, helper
     except ImportError:
@@ -72,9 +71,9 @@ def _ort_gemv(k: int, n: int, threads: int | None):
     import onnxruntime as ort
 
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv_probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul_probe",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape), helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape)],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [a_shape[0], b_shape[1]])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 10)
@@ -117,9 +116,9 @@ def memory_bandwidth(size_mb: int | None = None, repeats: int = 7, threads: int 
     with ThreadPoolExecutor(workers) as pool:
         probes_s["read_threads"] = _samples(lambda: list(pool.map(lambda c: np.add.reduce(c, axis=None), chunks)), repeats)
     probes_s["gemv"] = _samples(lambda: a @ x, repeats)
-    sess = _ort_gemv(rows, cols, threads)
+    sess = _matmul_session([1, rows], [rows, cols], threads)  # MLAS's GEMV: the access pattern of a decode step
     if sess is not None:
-        probes_s["ort_gemv"] = _samples(lambda: sess.run(None, {"x": x_row, "w": a}), repeats)
+        probes_s["ort_gemv"] = _samples(lambda: sess.run(None, {"a": x_row, "b": a}), repeats)
         del sess
     del a, chunks
     detail = {}
@@ -136,25 +135,9 @@ def memory_bandwidth(size_mb: int | None = None, repeats: int = 7, threads: int 
 
 def _ort_matmul_seconds(n: int, repeats: int, threads: int | None) -> float | None:
     """Best time of an n x n x n fp32 MatMul in ONNX Runtime; None when `onnx` (to build the graph) is missing."""
-    try:
-        from onnx import TensorProto, helper
-    except ImportError:
+    sess = _matmul_session([n, n], [n, n], threads)
+    if sess is None:
         return None
-    import onnxruntime as ort
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])],
-        "gemm_probe",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 10)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
     return _best_seconds(lambda: sess.run(None, feed), repeats)

@@ -11,6 +11,7 @@ fields flattened (`<stage>_<stat>_ms`).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -280,6 +281,10 @@ def markdown(result: dict) -> str:
             + (f"; KV {_si(e['kv_cache_allocated_bytes'], 'B')} allocated / {_si(e.get('kv_cache_peak_used_bytes') or e['kv_cache_bytes'], 'B')} "
                f"used by the largest request (this question: {e['context_len']} + {e['new_tokens'] - 1} positions)" if e.get("kv_cache_allocated_bytes") else "")
         )
+    loads = [f"{e['name']} {e['load_ms']:.0f} / {e['reload_ms']:.0f} ms" for e in result["variants"]
+             if not e.get("error") and e["frames"] == cfg["headline_frames"] and e.get("load_ms") is not None and e.get("reload_ms") is not None]
+    if loads:
+        lines.append("- session load, first / second in this process (cold / warm: page cache, ONNX Runtime's optimised graphs): " + "; ".join(loads))
     if ref:
         lines.append(f"- memory ({ref['name']}, {ref['frames']} {unit}): weights {_si(ref['weight_bytes'], 'B')}, KV cache {_si(ref['kv_cache_bytes'], 'B')} "
                      f"used by a run ({ref['context_len']} + {ref['new_tokens'] - 1} positions)")
@@ -325,7 +330,7 @@ def write_json(result: dict, path: str | Path) -> Path:
 CSV_FIELDS = (
     "name", "kind", "backend", "baseline", "provider", "precision", "frames", "visual_tokens", "context_len", "new_tokens", "iterations",
     "tokens_per_s", "tokens_per_s_stddev", "e2e_tokens_per_s", "peak_rss_mb", "peak_device_mb", "weight_bytes", "decoder_weight_bytes",
-    "kv_cache_bytes", "kv_cache_allocated_bytes", "kv_cache_peak_used_bytes", "llm_precision", "decode_weight_bytes", "decode_kv_bytes", "decode_bytes_per_token",
+    "kv_cache_bytes", "kv_cache_allocated_bytes", "kv_cache_peak_used_bytes", "llm_precision", "load_ms", "reload_ms", "decode_weight_bytes", "decode_kv_bytes", "decode_bytes_per_token",
     "vision_efficiency", "prefill_efficiency", "decode_efficiency", "vision_precision", "vision_cosine",
 )
 CSV_STAGES = (*STAGES, "ttft", "decode")
@@ -357,14 +362,21 @@ def csv_rows(result: dict) -> list[dict]:
     return rows
 
 
-def write_csv(result: dict, path: str | Path) -> Path:
+def csv_text(header: list[str], rows: list[dict]) -> str:
+    """CSV with a header line; None cells are empty."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in _clean(row).items()})
+    return buf.getvalue()
+
+
+def write_csv(result: dict, path: str | Path, header: list[str] | None = None, rows: list[dict] | None = None) -> Path:
+    """The bench's CSV (or any `header` / `rows`, e.g. the load test's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=csv_header())
-        w.writeheader()
-        for row in csv_rows(result):
-            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    path.write_text(csv_text(header or csv_header(), rows if rows is not None else csv_rows(result)), newline="")
     return path
 
 

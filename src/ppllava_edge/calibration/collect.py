@@ -244,11 +244,12 @@ def collect_calibration(
     if not 0.0 <= holdout < 1.0:
         raise CalibrationError(f"holdout must be in [0, 1), got {holdout}")
     manifest = load_manifest(export_dir)
-    precisions = {g: manifest.graph(g).get("precision", "fp32") for g in manifest.data["graphs"]}
-    if any(p != "fp32" for p in precisions.values()):
+    dtype = manifest.data.get("dtype", "fp32")
+    precisions = {g: manifest.graph(g).get("precision", dtype) for g in manifest.data["graphs"]}
+    if any(p != dtype for p in precisions.values()):
         raise CalibrationError(
-            f"{export_dir}: calibration needs the fp32 export, but it holds {precisions}.\n"
-            "Hint: point calibrate at the folder written by `ppllava-edge export`."
+            f"{export_dir}: calibration needs an export as written by `ppllava-edge export` (fp32 or fp16), but it holds {precisions}.\n"
+            "Hint: point calibrate at the folder written by `ppllava-edge export`, not a quantized one."
         )
     fmin, fopt, fmax = manifest.frames
     frame_list = [fopt] if frames is None else ([int(frames)] if isinstance(frames, (int, np.integer)) else [int(f) for f in frames])

@@ -62,6 +62,7 @@ import numpy as np
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, CalibrationError, InputError
 from ..external_data import ExternalData, external_files, read_initializer
+from ..memory import StepRecorder
 from ..manifest import MANIFEST_NAME, load_manifest
 from ..runtime.decoder import adapt_feed
 from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
@@ -215,16 +216,19 @@ def _preprocess(src: Path, dst: Path) -> str:
     pre-processed with skip_symbolic_shape=True (export-notes pitfall 3). Returns which one ran."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # external data in and out: ORT's optimiser writes its output into a temp dir where the source's external
+    # file names (pools.onnx.data, shared by both pools) do not resolve unless the output carries its own file
+    ext = {"save_as_external_data": True, "all_tensors_to_one_file": True, "external_data_location": f"{dst.name}.data"}
     try:
         # when symbolic shape inference fails, ORT saves sym_shape_infer_temp.onnx + <uuid>.data into the
         # current directory: run it from the output's folder so nothing lands in the user's cwd
         with _quiet(), contextlib.chdir(dst.parent):
-            quant_pre_process(str(src.resolve()), str(dst.resolve()))
+            quant_pre_process(str(src.resolve()), str(dst.resolve()), **ext)
         return "default"
     except Exception as exc:  # symbolic shape inference raises bare Exception / TypeError
         log.info("%s: quant_pre_process failed (%s); retrying with skip_symbolic_shape=True", src.name, exc)
         with _quiet():
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **ext)
         return "skip_symbolic_shape"
 
 
@@ -352,13 +356,17 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
     return info
 
 
-def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str]) -> dict:
+def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str], upcast: bool = False) -> dict:
     """Weight-only MatMulNBits, one initializer at a time (peak memory: one weight in fp32 + its packed form).
 
     Every MatMul whose B is a 2-D initializer becomes MatMulNBits (symmetric, blocks of `block_size` along K,
     accuracy_level 4) with the same kernels ONNX Runtime's MatMulNBitsQuantizer calls (quantize_matmul_4bits /
     _8bits), so the packed bytes are identical to it; weights are read memory-mapped from the source's external
     data and written to `dst.data` as they are produced, so a 7B decoder quantizes in a few GB.
+
+    `upcast`: an fp16 graph comes out with fp32 activations (every remaining fp16 initializer, the scales and the
+    graph's inputs / outputs become fp32) - what a CPU runs fast. Only for graphs without Cast nodes (the decoder
+    written by decoder_builder).
     """
     import onnx
     from onnx import helper
@@ -366,8 +374,13 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
 
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
+    if upcast and any(n.op_type == "Cast" for n in graph.node):
+        raise CalibrationError(f"{src.name}: cannot give this graph fp32 activations (it has Cast nodes); quantize an fp32 export instead")
     names = {n.name for n in graph.node}
     skip = set(excludes)
+
+    def out_dtype(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32) if upcast and a.dtype == np.float16 else a
     inits = {t.name: t for t in graph.initializer}
 
     def quantizable(nd) -> bool:
@@ -395,12 +408,12 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
                     w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
                 (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, True)
                 new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
-                new_inits.append(out.add(f"{t.name}_scales", scales.astype(arr.dtype)))
+                new_inits.append(out.add(f"{t.name}_scales", out_dtype(scales.astype(arr.dtype))))
                 quantized[t.name] = (f"{t.name}_Q{bits}", f"{t.name}_scales", k, n)
                 del w, packed
                 if t.name not in keep_float:
                     continue
-            new_inits.append(out.add(t.name, np.asarray(arr)))
+            new_inits.append(out.add(t.name, out_dtype(np.asarray(arr))))
         for nd in graph.node:
             if nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in quantized:
                 qb, sc, k, n = quantized[nd.input[1]]
@@ -415,9 +428,13 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
     graph.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if upcast:
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+                vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.save_model(model, str(dst))
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4; streamed per initializer)",
-            "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4; streamed per initializer)"
+            + ("; fp32 activations" if upcast else ""), "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
 
 
 def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
@@ -576,6 +593,81 @@ def _pipeline_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int
     return checks
 
 
+GATE_MODES = ("auto", "full", "truncated")
+GATE_LAYERS = 2
+FULL_GATE_FRACTION = 0.25  # auto: the full gate when the source decoder takes at most this fraction of RAM
+
+
+def _gate_mode(mode: str, manifest) -> str:
+    if mode not in GATE_MODES:
+        raise InputError(f"--gate {mode!r}: choose one of {', '.join(GATE_MODES)}")
+    if mode != "auto":
+        return mode
+    import psutil
+
+    from ..bench.hardware import graph_weight_bytes
+
+    decoder = graph_weight_bytes(manifest.path(manifest.graph_for("decoder")), skip_prefixes=())
+    return "full" if decoder <= FULL_GATE_FRACTION * psutil.virtual_memory().total else "truncated"
+
+
+class _GateSide:
+    """What the decoder checks read from one side of the gate (a Pipeline has the same attributes): the decoder
+    session, a KV decoder over it, the model dims and the embedding lookup."""
+
+    def __init__(self, manifest, decoder_path: Path, layers: int):
+        from ..runtime.decoder import open_decoder
+        from ..runtime.session import create_session
+
+        model = dict(manifest.model, num_layers=layers)
+        self.manifest = type("M", (), {"model": model})()
+        self.sessions = {"decoder": create_session(decoder_path, "cpu")}
+        self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
+        self.decoder = open_decoder(self.sessions["decoder"], {"contract": "gqa-inplace-v1"}, model, np.float32, "cpu")
+        self.dtype = self.decoder.dtype
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=self.dtype)[:, None, :]
+
+
+def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, precisions: dict[str, str], thresholds: Thresholds,
+                                prefill_positions: int, greedy_tokens: int, block_size: int, excludes: list[str],
+                                llm_activations: str, work: Path) -> AccuracyReport:
+    """The gate at a scale where the source decoder does not fit: the vision / pool graphs against the source's as
+    usual; the decoder as a depth-truncated pair (its first GATE_LAYERS layers and the real head, written from the
+    checkpoint in the export's dtype, and the same quantization of it) on CALIB's held-out prompts. The end-to-end
+    greedy comparison needs both full decoders and is not run (said in the report)."""
+    from ..export.exporter import decoder_copy
+    from ..runtime.session import create_session
+
+    checks: list[Check] = []
+    notes = [f"decoder gate on depth-truncated decoders (first {GATE_LAYERS} of {manifest.model['num_layers']} layers, real embeddings and head); "
+             "the end-to-end greedy comparison is not run at this scale"]
+    if not calib.has_holdout():
+        notes.append("CALIB has no held-out samples: measured on the calibration samples themselves")
+    q = load_manifest(q_dir)
+    for g in ("vision", "prompt_pool", "image_pool"):
+        if precisions.get(g, "fp32") != "fp32":
+            ref = type("S", (), {"sessions": {g: create_session(manifest.path(g), "cpu")}})()
+            qs = type("S", (), {"sessions": {g: create_session(q.path(g), "cpu")}})()
+            checks += _graph_checks(g, precisions[g], ref, qs, calib, thresholds)
+            del ref, qs
+    prec = precisions.get("decoder", "fp32")
+    if prec in ("int8-weight", "int4-weight"):
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            src_dtype = manifest.data.get("dtype", "fp32")
+            ref_path = decoder_copy(manifest.data["checkpoint"]["path"], work / "decoder.ref.onnx", src_dtype, GATE_LAYERS)
+            q_path = work / "decoder.q.onnx"
+            _quantize_nbits(ref_path, q_path, 8 if prec == "int8-weight" else 4, block_size, _split_excludes(excludes, "decoder"),
+                            upcast=src_dtype == "fp16" and llm_activations == "fp32")
+            ref, qs = _GateSide(manifest, ref_path, GATE_LAYERS), _GateSide(manifest, q_path, GATE_LAYERS)
+            checks += _decoder_checks(prec, ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return AccuracyReport(checks, calib.has_holdout(), thresholds, notes)
+
+
 def evaluate_accuracy(
     ref_dir: str | Path,
     q_dir: str | Path,
@@ -628,6 +720,8 @@ def quantize_export(
     trt_cache: bool = False,
     force: bool = False,
     on_stage: Callable[[str], None] | None = None,
+    llm_activations: str = "fp32",
+    gate: str = "auto",
 ) -> QuantizeResult:
     """Write a complete quantized export folder `out` from the fp32 `export_dir` and CALIB, then gate it.
 
@@ -650,6 +744,10 @@ def quantize_export(
         trt_cache: also write `trt_calibration/<graph>.cache` (TensorRT text calibration cache) for int8 graphs.
         force: replace a non-empty `out`.
         on_stage: called with a stage label before each stage (for progress output).
+        llm_activations: "fp32" (default; what a CPU runs fast) or "fp16": the activations of a weight-only decoder
+            quantized from an fp16 export (an fp32 export stays fp32).
+        gate: "full" (the whole quantized export against the source), "truncated" (the decoder gate on depth-truncated
+            decoders built from the checkpoint - the full fp16 reference of a 7B decoder needs 13.5 GB), or "auto".
 
     Raises:
         InputError: bad option values, unknown --exclude-node names.
@@ -665,10 +763,17 @@ def quantize_export(
     if block_size < 16 or block_size & (block_size - 1):
         raise InputError(f"block_size must be a power of two >= 16, got {block_size}")
     manifest = load_manifest(export_dir)
-    src_prec = {g: manifest.graph(g).get("precision", "fp32") for g in manifest.data["graphs"]}
-    if any(p != "fp32" for p in src_prec.values()):
-        raise InputError(f"{export_dir} is already quantized ({src_prec}); quantize the fp32 export instead.")
+    src_dtype = manifest.data.get("dtype", "fp32")
+    src_prec = {g: manifest.graph(g).get("precision", src_dtype) for g in manifest.data["graphs"]}
+    if any(p != src_dtype for p in src_prec.values()):
+        raise InputError(f"{export_dir} is already quantized ({src_prec}); quantize the fp32 or fp16 export instead.")
+    if src_dtype == "fp16":
+        for name, value in (("--pool", pool), ("--llm", llm)):
+            if value == "int8":
+                raise InputError(f"{name} int8 (static Q/DQ) needs an fp32 export; {export_dir} is fp16.\n"
+                                 "Hint: use --llm int8-weight / int4-weight (weight-only) or export with --dtype fp32.")
     calib = load_calibration(calib_dir, manifest)
+    gate = _gate_mode(gate, manifest)
     # the TensorRT decoder (standard ops) follows --llm int8 (TensorRT builds Q/DQ graphs); weight-only MatMulNBits
     # graphs are ONNX Runtime only, so with those it stays fp32 (recorded in the manifest)
     precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
@@ -677,7 +782,8 @@ def quantize_export(
     precisions.update({g: "fp32" for g in manifest.data["graphs"] if g not in precisions})
 
     graphs_info: dict[str, dict] = {}
-    with AtomicDir(out, force) as tmp:
+    steps = StepRecorder()
+    with AtomicDir(out, force) as tmp, contextlib.closing(steps):
         work = tmp / ".work"
         work.mkdir()
         trt_dir = tmp / "trt_calibration" if trt_cache else None
@@ -686,28 +792,21 @@ def quantize_export(
             shutil.copyfile(entry, tmp / entry.name)
         present: dict[str, set[str]] = {}  # graph -> --exclude-node names found in it
         for g, prec in precisions.items():
-            src = manifest.path(g)
             t0 = time.perf_counter()
             suffix = "" if prec == "fp32" else f".{prec}"
             dst_name = f"{Path(manifest.graph(g)['file']).stem}{suffix}.onnx"
             dst = tmp / dst_name
             excl = _split_excludes(exclude_nodes, g)
-            if prec == "fp32":
-                copy_graph(src, dst)
-                info = {"scheme": "fp32 (copied)"}
-                if g == "decoder_trt" and llm != "fp32":
-                    info["note"] = f"--llm {llm} is ONNX Runtime's MatMulNBits, which TensorRT does not parse: the TensorRT decoder stays fp32"
-            else:
+            if prec != "fp32":
                 stage(f"{g} -> {prec}")
-                if prec == "int8":
-                    info = _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)
-                elif prec in ("int8-weight", "int4-weight"):
-                    info = _quantize_nbits(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl)
-                else:
-                    info = _to_fp16(src, dst, excl)
+            with steps.step(g):
+                info = _quantize_graph(manifest, g, prec, dst, calib, method, op_types, excl, block_size, llm, llm_activations, work, trt_dir)
+            if prec == "fp32":
+                prec = src_dtype
+            else:
                 present[g] = set(excl) - set(info.pop("unknown_excludes", []))
             info["seconds"] = round(time.perf_counter() - t0, 3)
-            info["bytes"] = dst.stat().st_size
+            info["bytes"] = sum(f.stat().st_size for f in tmp.glob(dst.name + "*"))
             graphs_info[g] = {"precision": prec, **info}
             data["graphs"][g]["file"] = dst_name
             data["graphs"][g]["precision"] = prec
@@ -726,11 +825,19 @@ def quantize_export(
                             "sources": len(calib.index["sources"]), "held_out": calib.has_holdout()},
             "vision": vision, "pool": pool, "llm": llm, "method": method, "op_types": op_types,
             "block_size": block_size, "exclude_nodes": list(exclude_nodes), "accept_degraded": accept_degraded,
+            "llm_activations": llm_activations, "gate": gate,
             "tool": {"onnxruntime": _ort_version()},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
-        stage("accuracy gate")
-        report = evaluate_accuracy(export_dir, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens)
+        stage("accuracy gate" + (" (depth-truncated decoder)" if gate == "truncated" else ""))
+        with steps.step("accuracy gate"):
+            if gate == "truncated":
+                report = evaluate_accuracy_truncated(manifest, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens, block_size,
+                                                     list(exclude_nodes), llm_activations, tmp / ".gate")
+            else:
+                report = evaluate_accuracy(export_dir, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens)
+        data["quantization"]["steps"] = steps.as_dict()
+        data["quantization"]["peak_rss_mb"] = steps.peak_rss_mb
         data["quantization"]["accuracy"] = {"passed": report.passed, "file": ACCURACY_NAME}
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
         (tmp / ACCURACY_NAME).write_text(json.dumps(report.as_dict(), indent=2))
@@ -744,6 +851,38 @@ def quantize_export(
             err.report = report  # type: ignore[attr-defined]
             raise err
     return QuantizeResult(Path(out), data, report, graphs_info, time.perf_counter() - t_start)
+
+
+def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSet, method: str, op_types: str, excl: list[str],
+                    block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None) -> dict:
+    """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied)."""
+    src = manifest.path(g)
+    src_dtype = manifest.data.get("dtype", "fp32")
+    if prec == "fp32":
+        copy_graph(src, dst)
+        info = {"scheme": f"{src_dtype} (copied)"}
+        if g == "decoder_trt" and llm != "fp32":
+            info["note"] = f"--llm {llm} is ONNX Runtime's MatMulNBits, which TensorRT does not parse: the TensorRT decoder stays {src_dtype}"
+        return info
+    if prec == "int8" and src_dtype == "fp16":  # an fp32 twin of the same graph, calibrated and quantized
+        from ..export.exporter import trace_vision_graph, write_vision_graph
+
+        ckpt, opset = manifest.data["checkpoint"]["path"], manifest.data.get("opset", 20)
+        if g == "vision":  # the fused graph ONNX Runtime runs, written again in fp32
+            fp32 = write_vision_graph(ckpt, work / f"{g}.fp32.onnx", "fp32", opset)
+            source = "the fused vision graph written in fp32 from the checkpoint (the export is fp16)"
+        else:  # vision_trt: TensorRT's traced standard-ops graph
+            fp32 = trace_vision_graph(ckpt, work / f"{g}.fp32.onnx", manifest.frames, opset=opset)
+            source = "an fp32 trace of the checkpoint's vision tower (the export is fp16)"
+        info = _quantize_static(fp32, dst, calib, g, method, op_types, excl, work, trt_dir)
+        info["source"] = source
+        return info
+    if prec == "int8":
+        return _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)
+    if prec in ("int8-weight", "int4-weight"):
+        upcast = src_dtype == "fp16" and llm_activations == "fp32"
+        return _quantize_nbits(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl, upcast=upcast)
+    return _to_fp16(src, dst, excl)
 
 
 def copy_graph(src: Path, dst: Path) -> None:

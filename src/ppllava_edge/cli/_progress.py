@@ -49,7 +49,8 @@ class StageLog:
             if self._first is None:  # the rate is measured from the first report (set-up before it is not work)
                 self._first = (now, done)
             tenth = int(10 * done / total)
-            if tenth > self._logged:
+            # a line per 10 % once the stage has run a few seconds, and always the last one
+            if tenth > self._logged and (now - self.t0 >= 3.0 or done >= total):
                 self._logged = tenth
                 since, worked = now - self._first[0], done - self._first[1]
                 left = f", ~{since * (total - done) / worked:.0f} s left" if worked > 0 else ""

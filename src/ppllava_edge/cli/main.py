@@ -53,6 +53,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """Export, quantize, build and run PPLLaVA (prompt-guided pooling video LLM)."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["verbose"] = verbose
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -153,4 +154,4 @@ def main() -> None:
 
 
 # Commands living in their own modules register themselves on `cli` when imported.
-from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd  # noqa: E402,F401
+from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd, serve_cmd  # noqa: E402,F401

@@ -102,12 +102,17 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
 @click.option("--min-top1", type=float, default=0.60, show_default=True, help="Gate: decoder top-1 agreement (raise to ~0.9 for trained checkpoints).")
 @click.option("--min-greedy", type=float, default=None, help="Gate: greedy prefix agreement (default: reported only).")
 @click.option("--greedy-tokens", type=int, default=16, show_default=True)
+@click.option("--prefill-positions", type=int, default=8, show_default=True, help="Gate: prefix cuts per held-out prompt for decoder top-1.")
+@click.option("--llm-activations", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Activations of a weight-only decoder quantized from an fp16 export (fp32: what a CPU runs fast).")
+@click.option("--gate", type=click.Choice(["auto", "full", "truncated"]), default="auto", show_default=True,
+              help="Decoder gate on the whole decoders, or on depth-truncated copies built from the checkpoint (auto: when the source decoder takes over a quarter of RAM, e.g. 7B).")
 @click.option("--trt-cache", is_flag=True, help="Also write TensorRT calibration caches (trt_calibration/<graph>.cache) for int8 graphs.")
 @click.option("--accept-degraded", is_flag=True, help="Write --out even if the accuracy gate fails.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_types, exclude_nodes, block_size, min_cosine, min_logits_cosine,
-                     min_top1, min_greedy, greedy_tokens, trt_cache, accept_degraded, force):
-    """Write a quantized copy of the fp32 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
+                     min_top1, min_greedy, greedy_tokens, prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force):
+    """Write a quantized copy of the fp32 or fp16 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
     from .._deps import require
 
     require("onnx", "export", "quantize")
@@ -119,14 +124,16 @@ def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_t
         with stages("quantize") as log:
             result = quantize_export(export_dir, calib_dir, out, vision=vision, pool=pool, llm=llm, method=method, exclude_nodes=exclude_nodes,
                                      op_types=op_types, block_size=block_size, accept_degraded=accept_degraded, thresholds=th,
-                                     greedy_tokens=greedy_tokens, trt_cache=trt_cache, force=force, on_stage=log)
+                                     greedy_tokens=greedy_tokens, prefill_positions=prefill_positions, trt_cache=trt_cache, force=force,
+                                     on_stage=log, llm_activations=llm_activations, gate=gate)
     except AccuracyError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
             err_console.print(table("accuracy vs fp32 (FAILED)", report.HEADER, report.rows(), right={3, 5}))
         raise
-    rows = [[g, i["precision"], f"{i['bytes'] / 1e6:.1f}", f"{i['seconds']:.1f}"] for g, i in result.graphs.items()]
-    err_console.print(table("graphs", ["graph", "precision", "MB", "s"], rows, right={2, 3}))
+    steps = result.manifest["quantization"].get("steps", {})
+    rows = [[g, i["precision"], f"{i['bytes'] / 1e6:.1f}", f"{i['seconds']:.1f}", f"{steps.get(g, {}).get('peak_rss_mb', 0):.0f}"] for g, i in result.graphs.items()]
+    err_console.print(table(f"graphs (peak RSS {result.manifest['quantization'].get('peak_rss_mb', 0):.0f} MB)", ["graph", "precision", "MB", "s", "peak RSS MB"], rows, right={2, 3, 4}))
     report = result.report
     status = "passed" if report.passed else "FAILED (written anyway: --accept-degraded)"
     err_console.print(table(f"accuracy vs fp32: {status}", report.HEADER, report.rows(), right={3, 5}))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
 
+from ..memory import peak_rss_mb
 from ._progress import err_console
 from .main import cli, frames_option
 
@@ -52,7 +54,9 @@ def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, te
     """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime."""
     from ..runtime.pipeline import Pipeline
 
+    t_load = time.perf_counter()
     pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
+    load_ms = (time.perf_counter() - t_load) * 1e3
     gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     streamer = _Streamer(pipe) if stream and not as_json else None
     result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None)
@@ -61,14 +65,19 @@ def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, te
 
         write_dump(dump, result.arrays)
         err_console.print(f"dumped {len(result.arrays)} arrays to {dump}")
+    for w in result.warnings:
+        err_console.print(f"warning: {w}")
     if as_json:
-        click.echo(json.dumps({"text": result.text, "ids": result.ids, "visual_tokens": result.visual_tokens, "context_len": result.context_len, "provider": pipe.provider, "timings_ms": result.timings.as_dict()}))
+        click.echo(json.dumps({"text": result.text, "ids": result.ids, "visual_tokens": result.visual_tokens, "context_len": result.context_len, "provider": pipe.provider,
+                               "timings_ms": result.timings.as_dict(), "load_ms": load_ms, "session_load_ms": dict(getattr(pipe.sessions, "load_ms", {})),
+                               "peak_rss_mb": peak_rss_mb(), "kv_cache_bytes": getattr(pipe.decoder, "allocated_bytes", None), "warnings": result.warnings}))
     else:
         if streamer is not None:
             streamer.finish()
         else:
             click.echo(result.text)
-        err_console.print(f"provider {pipe.provider}: {result.visual_tokens} visual tokens, context {result.context_len} | {result.timings.line()}")
+        err_console.print(f"provider {pipe.provider}: {result.visual_tokens} visual tokens, context {result.context_len} | load {load_ms:.1f} ms | "
+                          f"{result.timings.line()} | peak RSS {peak_rss_mb():.0f} MB")
 
 
 class _Streamer:
@@ -107,5 +116,7 @@ def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature
         if not q:
             continue
         result = pipe.ask(input_path, q, num_frames=num_frames, generation=gen)
+        for w in result.warnings:
+            err_console.print(f"warning: {w}")
         click.echo(f"Q: {q}\nA: {result.text}")
         err_console.print(f"   {result.timings.line()}")

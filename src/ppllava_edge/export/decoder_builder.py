@@ -8,7 +8,7 @@ One graph serves prefill and decode. Per layer:
 
 then the last position only: Gather -> MatMul (lm_head) -> logits [B, V].
 
-Contract (the runtime's `OrtKVDecoder` binds it):
+Contract (the runtime's `InplaceKVDecoder` binds it):
 
     inputs_embeds [batch, seq, D]                     the new positions
     seqlens_k int32 [batch]                           total length - 1 (cached + new positions, minus one)

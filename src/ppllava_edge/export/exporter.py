@@ -25,14 +25,21 @@ from .. import __version__
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, ExportError, InputError
 from ..manifest import MANIFEST_NAME, PROMPT_TEMPLATE, STAGES
-from ..model.checkpoint import checkpoint_hash, load_model
+from ..config import load_config
+from ..external_data import share_initializers
+from ..memory import StepRecorder
+from ..model.checkpoint import CheckpointReader, build_skeleton, checkpoint_hash, load_weights, release_weights
+from ..model.ppllava import llama_config
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 from ..runtime.decoder import CONCAT, INPLACE
 from .decoder_builder import DecoderDims, build_decoder
-from .fusion import FUSED_OPS, TRT_OPS, export_fused_vision
+from .fusion import FUSED_OPS, TRT_OPS, VisionDims, build_vision
 from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
+from .truncate import describe as describe_truncation
+from .truncate import dropped_prefixes, truncated_config
 from .validate import ValidationReport, validate_export
+from .weights_check import WeightMap, check_weights, checkpoint_name, map_traced_graph
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ class ExportOptions:
     opset: int = 20
     force: bool = False
     validate: bool = True
+    validation: str = "auto"  # auto | full | truncated | none (see resolve_validation)
     tensorrt: bool = False  # also write decoder_trt.onnx and vision_trt.onnx (standard ops; the ORT graphs use contrib ops)
 
 
@@ -88,10 +96,11 @@ def _quiet():
     return stack
 
 
-def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int, external: bool) -> None:
+def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int, external: bool):
+    """torch.onnx.export (dynamo); returns the ONNXProgram (its exported_program names the parameters it uses)."""
     with _quiet():
         try:
-            torch.onnx.export(
+            return torch.onnx.export(
                 module.eval(),
                 args,
                 str(path),
@@ -135,67 +144,133 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_graphs(model: PPLLaVAForConditionalGeneration, tmp: Path, opts: ExportOptions, on_stage: Callable[[str], None]) -> dict[str, float]:
-    """Trace and export the four graphs into `tmp`; returns export seconds per graph."""
+class ModelParts:
+    """The checkpoint's model, materialised one part at a time (the rest stays on the meta device), so no step of
+    an export holds the whole model: the vision side (tower, projector, image_newline) or the LLM.
+
+    `exclude` lists checkpoint-name prefixes the model does not have (the dropped layers of a depth-truncated copy).
+    """
+
+    def __init__(self, checkpoint: Path, cfg, dtype: torch.dtype, attn_implementation: str, reader: CheckpointReader, exclude: tuple[str, ...] = ()):
+        self.checkpoint, self.cfg, self.dtype, self.reader, self.exclude = checkpoint, cfg, dtype, reader, exclude
+        self.model = build_skeleton(cfg, attn_implementation)
+
+    def _load(self, prefix: str) -> None:
+        load_weights(self.model, self.checkpoint, prefix, self.dtype, exclude=self.exclude, reader=self.reader)
+
+    @contextlib.contextmanager
+    def vision_side(self, steps: StepRecorder | None = None):
+        m = self.model
+        try:
+            with steps.step("load vision side") if steps is not None else contextlib.nullcontext():
+                self._load("vision_tower")
+                self._load("multi_modal_projector")
+                m.image_newline = torch.nn.Parameter(self.reader.read("image_newline", self.dtype), requires_grad=False)
+            m.requires_grad_(False)
+            m.eval()
+            yield m
+        finally:
+            release_weights(m.vision_tower)
+            release_weights(m.multi_modal_projector)
+            m.image_newline = torch.nn.Parameter(torch.empty(m.image_newline.shape, device="meta"), requires_grad=False)
+
+    @contextlib.contextmanager
+    def llm(self, steps: StepRecorder | None = None):
+        m = self.model
+        try:
+            with steps.step("load LLM") if steps is not None else contextlib.nullcontext():
+                self._load("language_model")
+            m.requires_grad_(False)
+            m.eval()
+            yield m
+        finally:
+            release_weights(m.language_model)
+
+
+def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: StepRecorder, on_stage: Callable[[str], None],
+                  on_progress: Callable[[float, float], None]) -> dict[str, WeightMap]:
+    """Trace / write every graph into `tmp`, one model part in memory at a time. Returns each graph's weight map
+    (see weights_check.py); times and peak RSS go to `steps`."""
     from torch.export import Dim
 
-    cfg = model.cfg
+    cfg = parts.cfg
     P, size = cfg.vision.num_patches, cfg.vision.image_size
-    dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
+    dtype = parts.dtype
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
     fmin, _, fmax = opts.frames
     frames = Dim("frames", min=1 if fmin <= 2 else fmin, max=fmax)  # min 1 so the image path (one tile) runs too
     ctx = cfg.clip_text.context_length
-    timings: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
+    keys = set(parts.reader.names())
+    maps: dict[str, WeightMap] = {}
 
+    def traced(name: str, module: torch.nn.Module, args: tuple, inputs, outputs, shapes, params: dict) -> None:
+        on_stage(f"{name}.onnx")
+        with steps.step(f"{name}.onnx"):
+            external = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+            prog = _onnx_export(module, args, tmp / f"{name}.onnx", inputs, outputs, shapes, opts.opset, external)
+            fqns = used_parameters(prog)
+            composites = []
+            if "position_table" in fqns:
+                composites.append(("clip_positions", [POSITIONS + "position_embedding", POSITIONS + "position_embedding_res"]))
+            used = [checkpoint_name(f, keys) for f in fqns]
+            maps[name] = map_traced_graph(tmp / f"{name}.onnx", params, [u for u in used if u is not None], np_dtype, composites)
+
+    # issue 18: ONNX Runtime runs vision.onnx written fused from the checkpoint's tensors, one tensor at a time
+    # (export/fusion.py); the traced standard-ops graph is vision_trt.onnx for TensorRT (--tensorrt), as for the decoder
     on_stage("vision.onnx")
-    t0 = time.perf_counter()
-    px = torch.randn(4, 3, size, size, generator=gen, dtype=torch.float32).to(dtype)  # example T=4 (T=1 would specialise)
-    _onnx_export(VisionGraph(model), (px,), tmp / "vision.onnx", ["pixel_values"], ["values", "keys"], ({0: frames},), opts.opset, _param_bytes(model.vision_tower) > EXTERNAL_DATA_BYTES)
-    timings["vision"] = time.perf_counter() - t0
-    # issue 18: ONNX Runtime runs the fused vision graph written from the weights; the traced standard-ops graph
-    # stays as vision_trt.onnx for TensorRT (--tensorrt), as the decoder does
-    fused = export_fused_vision(model, tmp, opts.dtype, opts.opset, keep_traced=opts.tensorrt)
-    if opts.tensorrt:
-        timings["vision_trt"] = timings["vision"]
-    timings["vision"] = fused["seconds"]
-
-    with torch.no_grad():
-        values, keys = VisionGraph(model)(px)
-    on_stage("prompt_pool.onnx")
-    t0 = time.perf_counter()
-    _onnx_export(
-        PromptPoolGraph(model), (example_clip_ids(ctx), keys, values), tmp / "prompt_pool.onnx",
-        ["clip_ids", "keys", "values"], ["visual_tokens", "relevance"], (None, {0: P * frames}, {0: frames}), opts.opset, False,
-    )
-    timings["prompt_pool"] = time.perf_counter() - t0
-
-    on_stage("image_pool.onnx")
-    t0 = time.perf_counter()
-    # an image's anyres tiles (base + crops), one relevance softmax over all of them; traced with 4 tiles (1 would specialise)
-    tiles = Dim("tiles", min=1, max=max(IMAGE_MAX_TILES, cfg.image_max_tiles()))
-    _onnx_export(
-        PromptPoolGraph(model, image=True), (example_clip_ids(ctx), keys, values), tmp / "image_pool.onnx",
-        ["clip_ids", "keys", "values"], ["visual_tokens", "relevance"], (None, {0: P * tiles}, {0: tiles}), opts.opset, False,
-    )
-    timings["image_pool"] = time.perf_counter() - t0
-
-    on_stage("projector_head.onnx")
-    t0 = time.perf_counter()
-    tokens = Dim("tokens", min=1, max=65536)
-    _onnx_export(ProjectorHeadGraph(model), (values.reshape(-1, values.shape[-1])[:8],), tmp / "projector_head.onnx", ["values"], ["tokens"], ({0: tokens},), opts.opset, False)
-    timings["projector_head"] = time.perf_counter() - t0
+    with steps.step("vision.onnx"):
+        maps["vision"] = build_vision(lambda name: parts.reader.read(name, torch.float32).numpy(), VisionDims.from_config(cfg),
+                                      tmp / "vision.onnx", opts.dtype, opts.opset)["weights"]
+    with parts.vision_side(steps) as model:
+        params = {k: t for k, t in ((checkpoint_name(f, keys), p) for f, p in model.named_parameters() if not p.is_meta) if k is not None}
+        params = {k: v.detach().numpy() for k, v in params.items()}
+        px = torch.randn(4, 3, size, size, generator=gen, dtype=torch.float32).to(dtype)  # example T=4 (T=1 would specialise)
+        if opts.tensorrt:
+            traced("vision_trt", VisionGraph(model), (px,), ["pixel_values"], ["values", "keys"], ({0: frames},), params)
+        with torch.no_grad():
+            values, vkeys = VisionGraph(model)(px)
+        traced("prompt_pool", PromptPoolGraph(model), (example_clip_ids(ctx), vkeys, values), ["clip_ids", "keys", "values"],
+               ["visual_tokens", "relevance"], (None, {0: P * frames}, {0: frames}), params)
+        # an image's anyres tiles (base + crops), one relevance softmax over all of them; traced with 4 tiles (1 would specialise)
+        tiles = Dim("tiles", min=1, max=max(IMAGE_MAX_TILES, cfg.image_max_tiles()))
+        traced("image_pool", PromptPoolGraph(model, image=True), (example_clip_ids(ctx), vkeys, values), ["clip_ids", "keys", "values"],
+               ["visual_tokens", "relevance"], (None, {0: P * tiles}, {0: tiles}), params)
+        tokens = Dim("tokens", min=1, max=65536)
+        traced("projector_head", ProjectorHeadGraph(model), (values.reshape(-1, values.shape[-1])[:8],), ["values"], ["tokens"], ({0: tokens},), params)
+        if cfg.use_image_newline_parameter:
+            np.save(tmp / IMAGE_NEWLINE_FILE, model.image_newline.detach().numpy())
+        del params, values, vkeys
+    # prompt_pool and image_pool both hold the CLIP text encoder, and with projector_head linear_2: one copy on disk
+    with steps.step("share pool weights"):
+        share_initializers([tmp / "prompt_pool.onnx", tmp / "image_pool.onnx", tmp / "projector_head.onnx"], POOL_DATA)
 
     on_stage("decoder.onnx")
-    t0 = time.perf_counter()
-    export_inplace_decoder(model, tmp / "decoder.onnx", opts)
-    timings["decoder"] = time.perf_counter() - t0
+    with steps.step("decoder.onnx"):
+        info = build_decoder(lambda name: parts.reader.read(name, torch.float32).numpy(), DecoderDims.from_config(cfg.text),
+                             *rotary_tables(cfg), tmp / "decoder.onnx", opts.dtype, opts.opset, on_layer=on_progress)
+        maps["decoder"] = info["weights"]
     if opts.tensorrt:
-        on_stage("decoder_trt.onnx")
-        t0 = time.perf_counter()
-        export_concat_decoder(model, tmp / "decoder_trt.onnx", opts)
-        timings["decoder_trt"] = time.perf_counter() - t0
-    return timings
+        with parts.llm(steps) as model:
+            on_stage("decoder_trt.onnx")
+            with steps.step("decoder_trt.onnx"):
+                prog = export_concat_decoder(model, tmp / "decoder_trt.onnx", opts)
+                lm_params = {k: v.detach().numpy() for k, v in ((checkpoint_name(f, keys), p) for f, p in DecoderGraph(model).named_parameters()) if k is not None}
+                used = [checkpoint_name(f, keys) for f in used_parameters(prog)]
+                maps["decoder_trt"] = map_traced_graph(tmp / "decoder_trt.onnx", lm_params, [u for u in used if u is not None], np_dtype)
+                del lm_params
+    return maps
+
+
+POSITIONS = "multi_modal_projector.clip_text_model.embeddings."
+POOL_DATA = "pools.onnx.data"  # the initializers of prompt_pool, image_pool and projector_head, each stored once
+
+
+def used_parameters(prog) -> list[str]:
+    """Parameter FQNs the traced program reads (a lifted parameter without users, e.g. the dead last layer, is not)."""
+    ep = prog.exported_program
+    users = {n.name: len(n.users) for n in ep.graph.nodes if n.op == "placeholder"}
+    return [fqn for ph, fqn in ep.graph_signature.inputs_to_parameters.items() if users.get(ph, 0)]
 
 
 ROTARY_HEADROOM = 2
@@ -204,25 +279,21 @@ runs past the trained context, as LLaVA-NeXT-Video does) still has positions; th
 stays at max_position_embeddings."""
 
 
-def rotary_tables(model: PPLLaVAForConditionalGeneration) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [positions, head_dim/2] exactly as transformers' rotary module computes them (float32)."""
-    t = model.cfg.text
-    lm = model.language_model.model
+def rotary_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [positions, head_dim/2] exactly as transformers' rotary module computes them (float32), from the
+    config alone (no weights)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    t = cfg.text
+    rotary = LlamaRotaryEmbedding(llama_config(cfg))
     positions = torch.arange(ROTARY_HEADROOM * t.max_position_embeddings)[None]
     with torch.no_grad():
-        cos, sin = lm.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
     half = t.head_dim // 2
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def export_inplace_decoder(model: PPLLaVAForConditionalGeneration, path: Path, opts: ExportOptions) -> None:
-    """decoder.onnx for ONNX Runtime: GroupQueryAttention with an in-place KV cache, written by decoder_builder."""
-    state = model.state_dict()
-    cos, sin = rotary_tables(model)
-    build_decoder(lambda name: state[name].detach().float().numpy(), DecoderDims.from_config(model.cfg.text), cos, sin, path, opts.dtype, opts.opset)
-
-
-def export_concat_decoder(model: PPLLaVAForConditionalGeneration, path: Path, opts: ExportOptions) -> None:
+def export_concat_decoder(model: PPLLaVAForConditionalGeneration, path: Path, opts: ExportOptions):
     """decoder_trt.onnx: standard ONNX ops only (TensorRT's parser takes it), traced from transformers' LLaMA;
     present = concat(past, new) each step."""
     from torch.export import Dim
@@ -239,7 +310,7 @@ def export_concat_decoder(model: PPLLaVAForConditionalGeneration, path: Path, op
     pos = torch.arange(Pl, Pl + S, dtype=torch.int64)[None].repeat(B, 1)
     past = tuple(torch.randn(B, t.num_key_value_heads, Pl, t.head_dim, generator=gen).to(dtype) for _ in range(2 * t.num_hidden_layers))
     names = [f"past.{i}.{kv}" for i in range(t.num_hidden_layers) for kv in ("key", "value")]
-    _onnx_export(
+    return _onnx_export(
         DecoderGraph(model), (emb, mask, pos, past), path,
         ["inputs_embeds", "attention_mask", "position_ids", *names],
         ["logits", *[n.replace("past", "present") for n in names]],
@@ -280,6 +351,7 @@ def image_manifest(cfg, opts: ExportOptions) -> dict:
 
 
 def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp: Path, opts: ExportOptions, timings: dict[str, float]) -> dict:
+    """export.json for the graphs in `tmp`; `model` may be the meta-device skeleton (only sizes are read)."""
     cfg = model.cfg
     t, v = cfg.text, cfg.vision
     preset_file = checkpoint / "ppllava_edge.json"
@@ -355,44 +427,163 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
     }
 
 
+VALIDATION_MODES = ("auto", "full", "truncated", "none")
+FULL_VALIDATION_FRACTION = 0.25
+"""`--validate auto` validates at full depth when the largest part of the fp32 reference (vision side or LLM) takes
+at most this fraction of the machine's memory (tiny, small, mid on 24 GB), else on a depth-truncated copy (7B)."""
+
+
+def resolve_validation(mode: str, skeleton: PPLLaVAForConditionalGeneration) -> str:
+    if mode not in VALIDATION_MODES:
+        raise InputError(f"--validate {mode!r}: choose one of {', '.join(VALIDATION_MODES)}")
+    if mode != "auto":
+        return mode
+    import psutil
+
+    vision = sum(p.numel() for p in skeleton.vision_tower.parameters()) + sum(p.numel() for p in skeleton.multi_modal_projector.parameters())
+    llm = sum(p.numel() for p in skeleton.language_model.parameters())
+    return "full" if 4 * max(vision, llm) <= FULL_VALIDATION_FRACTION * psutil.virtual_memory().total else "truncated"
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
     opts: ExportOptions | None = None,
     on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[float, float], None] | None = None,
 ) -> ExportResult:
-    """Export a checkpoint folder to an export folder (atomically; nothing is left in OUT on failure)."""
+    """Export a checkpoint folder to an export folder (atomically; nothing is left in OUT on failure).
+
+    Memory-bounded: the vision side is traced from a model holding only the tower and projector, the decoder is
+    written tensor by tensor from the shards (decoder_builder), then every initializer is traced back to the
+    checkpoint (weights_check) and the graphs are validated against PyTorch one part at a time - at full depth, or
+    (`validate="truncated"`, the default when the fp32 reference would not fit) on a depth-truncated copy with the
+    real weights of the kept layers. export.json records the time and peak RSS of every step.
+    """
     opts = opts or ExportOptions()
     on_stage = on_stage or (lambda s: None)
+    on_progress = on_progress or (lambda done, total: None)
     checkpoint = Path(checkpoint)
     if opts.dtype not in THRESHOLDS:
         raise InputError(f"--dtype {opts.dtype!r}: choose fp32 or fp16")
-    on_stage("load checkpoint")
-    # The reference (validation) model uses SDPA attention; the exported graphs are traced from a second copy
-    # whose LLM uses eager attention: its ONNX graph has no Where/IsNaN mask plumbing and runs ~10% faster in
-    # ONNX Runtime, and validating it against the SDPA model is a stricter, independent check.
-    reference = load_model(checkpoint, dtype="fp32")
-    cfg = reference.cfg
+    cfg = load_config(checkpoint)
     fmin, fopt, fmax = opts.frames
     if fmax > cfg.max_frames:
         raise InputError(f"--frames max {fmax} exceeds the checkpoint's max_T = {cfg.max_frames}")
-    model = load_model(checkpoint, dtype="fp16" if opts.dtype == "fp16" else "fp32", attn_implementation="eager")
-    with AtomicDir(out, force=opts.force) as tmp:
-        timings = export_graphs(model, tmp, opts, on_stage)
-        on_stage("tokenizers + embeddings")
-        table = model.language_model.get_input_embeddings().weight.detach().numpy()
-        np.save(tmp / "embed_tokens.npy", table)
-        if cfg.use_image_newline_parameter:
-            np.save(tmp / IMAGE_NEWLINE_FILE, model.image_newline.detach().numpy())
-        LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(checkpoint), image_token_id=cfg.image_token_index).save(tmp / "llama_tokenizer.json")
-        ClipTokenizer().save(tmp / "clip_tokenizer.json")
-        manifest = build_manifest(model, checkpoint, tmp, opts, timings)
-        report = ValidationReport([])
-        if opts.validate:
-            on_stage("validate")
-            report = validate_export(reference, tmp, manifest, THRESHOLDS[opts.dtype])
-            manifest["validation"] = report.to_json(THRESHOLDS[opts.dtype])
-            if not report.passed:
-                raise AccuracyError("export validation failed (nothing written to the output folder):\n" + report.text())
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
+    np_dtype = np.float16 if opts.dtype == "fp16" else np.float32
+    thresholds = THRESHOLDS[opts.dtype]
+    steps = StepRecorder()
+    reader = CheckpointReader(checkpoint)
+    try:
+        # The exported graphs are traced from a model whose LLM uses eager attention (its ONNX graph has no Where/IsNaN
+        # mask plumbing); the validation reference uses SDPA: an independent, stricter check.
+        parts = ModelParts(checkpoint, cfg, dtype, "eager", reader)
+        mode = resolve_validation(opts.validation if opts.validate else "none", parts.model)
+        with AtomicDir(out, force=opts.force) as tmp:
+            maps = export_graphs(parts, tmp, opts, steps, on_stage, on_progress)
+            on_stage("tokenizers + embeddings")
+            with steps.step("tokenizers + embeddings"):
+                np.save(tmp / "embed_tokens.npy", reader.read("language_model.model.embed_tokens.weight", dtype).numpy())
+                LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(checkpoint), image_token_id=cfg.image_token_index).save(tmp / "llama_tokenizer.json")
+                ClipTokenizer().save(tmp / "clip_tokenizer.json")
+            timings = {k.removesuffix(".onnx"): v["seconds"] for k, v in steps.as_dict().items() if k.endswith(".onnx")}
+            manifest = build_manifest(parts.model, checkpoint, tmp, opts, timings)
+            for g, wm in maps.items():
+                manifest["graphs"][g]["weights"] = wm.to_json()
+            on_stage("weights check")
+            with steps.step("weights check"):
+                wreport = check_weights(tmp, manifest["graphs"], lambda n: reader.read(n, torch.float32).numpy(), np_dtype, on_progress)
+            manifest["weights_check"] = wreport.to_json()
+            if not wreport.passed:
+                raise AccuracyError("export weights check failed (nothing written to the output folder):\n" + wreport.text())
+            report = ValidationReport([])
+            if mode != "none":
+                on_stage(f"validate ({mode} depth)" if mode == "full" else "validate (depth-truncated copy)")
+                with steps.step("validate"):
+                    report = validate(checkpoint, cfg, reader, tmp, manifest, opts, mode, thresholds, on_progress)
+                manifest["validation"] = report.to_json(thresholds)
+                if not report.passed:
+                    raise AccuracyError("export validation failed (nothing written to the output folder):\n" + report.text())
+            manifest["steps"] = steps.as_dict()
+            manifest["peak_rss_mb"] = steps.peak_rss_mb
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        reader.close()
+        steps.close()
     return ExportResult(out=Path(out), manifest=manifest, report=report, timings=timings)
+
+
+def validate(checkpoint: Path, cfg, reader: CheckpointReader, folder: Path, manifest: dict, opts: ExportOptions, mode: str,
+             thresholds: dict, on_progress: Callable[[float, float], None]) -> ValidationReport:
+    """Full depth: the export's own graphs against the fp32 SDPA reference, one part at a time. Truncated: the same
+    export code writes a depth-truncated copy (first layers of each tower and of the LLM, same widths, the
+    checkpoint's tensors for them) beside OUT, which is validated against the truncated reference and deleted."""
+    import tempfile
+
+    if mode == "full":
+        report = validate_export(ModelParts(checkpoint, cfg, torch.float32, "sdpa", reader), folder, manifest, thresholds, on_progress)
+        report.mode = "full"
+        return report
+    cut = truncated_config(cfg)
+    drop = dropped_prefixes(cfg, cut)
+    with tempfile.TemporaryDirectory(prefix=".validate-", dir=folder.parent) as td:
+        sub = Path(td)
+        sub_opts = ExportOptions(frames=opts.frames, dtype=opts.dtype, opset=opts.opset, tensorrt=opts.tensorrt)
+        scratch = StepRecorder()
+        try:
+            export_graphs(ModelParts(checkpoint, cut, torch.float16 if opts.dtype == "fp16" else torch.float32, "eager", reader, drop),
+                          sub, sub_opts, scratch, lambda s: None, lambda d, t: None)
+        finally:
+            scratch.close()
+        # same vocab and width: the truncated copy reads the full export's embedding table
+        (sub / manifest["embeddings"]["file"]).symlink_to((folder / manifest["embeddings"]["file"]).resolve())
+        sub_manifest = build_manifest(build_skeleton(cut), checkpoint, sub, sub_opts, {})
+        report = validate_export(ModelParts(checkpoint, cut, torch.float32, "sdpa", reader, drop), sub, sub_manifest, thresholds, on_progress)
+    report.mode = "truncated: " + describe_truncation(cfg, cut)
+    return report
+
+
+def trace_vision_graph(checkpoint: str | Path, dst: Path, frames: tuple[int, int, int], dtype: str = "fp32", opset: int = 20) -> Path:
+    """The traced standard-ops vision graph alone (vision_trt.onnx of a --tensorrt export), from the checkpoint's
+    vision side (nothing else loaded): `quantize --vision int8` on an fp16 export calibrates and quantizes this fp32
+    trace for the TensorRT twin."""
+    from torch.export import Dim
+
+    checkpoint = Path(checkpoint)
+    cfg = load_config(checkpoint)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    with CheckpointReader(checkpoint) as reader:
+        parts = ModelParts(checkpoint, cfg, torch_dtype, "eager", reader)
+        with parts.vision_side() as model:
+            fmin, _, fmax = frames
+            dim = Dim("frames", min=1 if fmin <= 2 else fmin, max=fmax)
+            size = cfg.vision.image_size
+            px = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
+            external = sum(p.numel() * p.element_size() for p in model.vision_tower.parameters()) > EXTERNAL_DATA_BYTES
+            _onnx_export(VisionGraph(model), (px,), dst, ["pixel_values"], ["values", "keys"], ({0: dim},), opset, external)
+    return dst
+
+
+def write_vision_graph(checkpoint: str | Path, dst: Path, dtype: str = "fp32", opset: int = 20) -> Path:
+    """The export's fused vision.onnx written again from the checkpoint (+ `dst.data`, one tensor at a time):
+    `quantize --vision int8` on an fp16 export calibrates and quantizes this fp32 twin of the graph it replaces."""
+    checkpoint = Path(checkpoint)
+    cfg = load_config(checkpoint)
+    with CheckpointReader(checkpoint) as reader:
+        build_vision(lambda name: reader.read(name, torch.float32).numpy(), VisionDims.from_config(cfg), dst, dtype, opset)
+    return dst
+
+
+def decoder_copy(checkpoint: str | Path, dst: Path, dtype: str, layers: int | None = None, opset: int = 20) -> Path:
+    """decoder.onnx written from the checkpoint by decoder_builder, optionally with only its first `layers` layers
+    (the quantization gate at 7B compares depth-truncated decoders: the full fp16 reference does not fit)."""
+    from dataclasses import replace
+
+    checkpoint = Path(checkpoint)
+    cfg = load_config(checkpoint)
+    if layers is not None:
+        cfg = replace(cfg, text=replace(cfg.text, num_hidden_layers=min(layers, cfg.text.num_hidden_layers)))
+    with CheckpointReader(checkpoint) as reader:
+        build_decoder(lambda name: reader.read(name, torch.float32).numpy(), DecoderDims.from_config(cfg.text), *rotary_tables(cfg), dst, dtype, opset)
+    return dst

@@ -31,8 +31,11 @@ recorded in a `WeightMap` (export/weights_check.py): `identity`, `transpose` (Li
 and `concat_transpose` (packed q|k|v weights [D, 3D]; the packed q|k|v bias [3D] is the same transform on 1-D
 tensors: the concatenation).
 
-TensorRT's ONNX parser does not take com.microsoft operators: exports made with `--tensorrt` keep the traced
-standard-ops graph as `vision_trt.onnx` (export.json `backends.trt.vision`).
+The exporter writes this graph as `vision.onnx` with external data (`vision.onnx.data`), reading the checkpoint's
+shards one tensor at a time, so a 7B export's vision step holds one tensor, never the tower; fp16 exports get it in
+fp16 (weights, activations, I/O; ONNX Runtime's CPU MultiHeadAttention takes fp16). TensorRT's ONNX parser does not
+take com.microsoft operators: exports made with `--tensorrt` also trace the standard-ops graph as `vision_trt.onnx`
+(export.json `backends.trt.vision`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..external_data import ExternalData, external_files
+from ..external_data import ExternalData
 from .decoder_builder import WeightSource
 from .weights_check import WeightMap
 
@@ -323,7 +326,7 @@ def build_vision(
     path: Path,
     dtype: str = "fp32",
     opset: int = 20,
-    external: bool = False,
+    external: bool = True,
     attention_op: str = "MultiHeadAttention",
 ) -> dict:
     """Write `path` (with `external`: + `path.data`, tensors streamed one at a time): the fused vision graph.
@@ -334,7 +337,8 @@ def build_vision(
         source: checkpoint tensors by name (e.g. 'vision_tower.vision_model.embeddings.class_embedding').
         dims: the tower's dimensions (`VisionDims.from_config`).
         dtype: 'fp32' or 'fp16' (weights, activations, inputs and outputs).
-        external: initializers in `path.data` (needed above protobuf's 2 GB; a CLIP-L tower is 1.2 GB in fp32).
+        external: initializers in `path.data`, streamed (the export's choice: memory-bounded, and above protobuf's
+            2 GB limit); False keeps them in the proto (small test graphs).
         attention_op: 'MultiHeadAttention' (the export's choice), or 'Attention' (com.microsoft Attention, with the
             q|k|v projection inside the op) to measure that alternative.
     """
@@ -367,47 +371,3 @@ def build_vision(
 
 FUSED_OPS = "com.microsoft MultiHeadAttention (flash attention on CPU), QuickGelu, BiasGelu; ONNX Runtime only"
 TRT_OPS = "standard ONNX ops, traced (TensorRT's parser takes them)"
-
-
-def _move_graph(src: Path, dst: Path) -> None:
-    """Rename an ONNX file and its external-data file (if any), keeping the proto's data locations right."""
-    import onnx
-
-    model = onnx.load(str(src), load_external_data=False)
-    data = dst.name + ".data"
-    moved: set[str] = set()
-    for t in model.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location" and e.value != data:
-                if e.value not in moved:
-                    (src.parent / e.value).rename(dst.parent / data)
-                    moved.add(e.value)
-                e.value = data
-    if len(moved) > 1:
-        raise ValueError(f"{src.name}: more than one external-data file ({sorted(moved)})")
-    onnx.save_model(model, str(dst))
-    src.unlink()
-
-
-def export_fused_vision(model, folder: Path, dtype: str, opset: int, keep_traced: bool) -> dict:
-    """Replace the traced `folder/vision.onnx` by the fused graph built from `model`'s tensors.
-
-    With `keep_traced` (export --tensorrt) the traced standard-ops graph is kept as `vision_trt.onnx` for TensorRT;
-    otherwise it is deleted. Returns {'seconds': build time, 'weights': WeightMap of the fused graph}.
-    """
-    import time
-
-    import onnx
-
-    folder = Path(folder)
-    traced = folder / "vision.onnx"
-    external = bool(external_files(onnx.load(str(traced), load_external_data=False)))  # as the exporter chose for it
-    if keep_traced:
-        _move_graph(traced, folder / "vision_trt.onnx")
-    else:
-        for f in (traced, folder / "vision.onnx.data"):
-            f.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    state = model.state_dict()
-    info = build_vision(lambda name: state[name].detach().float().numpy(), VisionDims.from_config(model.cfg), traced, dtype, opset, external)
-    return {"seconds": time.perf_counter() - t0, "weights": info["weights"]}

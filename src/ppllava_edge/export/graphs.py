@@ -17,14 +17,16 @@ from ..model.ppllava import PPLLaVAForConditionalGeneration
 
 
 class VisionGraph(nn.Module):
+    """Holds only the tower and the projector (the LLM may be unloaded, on the meta device)."""
+
     def __init__(self, model: PPLLaVAForConditionalGeneration):
         super().__init__()
-        self.model = model
+        self.vision_tower = model.vision_tower
+        self.projector = model.multi_modal_projector
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.encode_video(pixel_values)
-        proj = self.model.multi_modal_projector
-        return proj.values(features), proj.keys(features)
+        features = self.vision_tower(pixel_values)  # = model.encode_video
+        return self.projector.values(features), self.projector.keys(features)
 
 
 class PromptPoolGraph(nn.Module):
@@ -36,14 +38,13 @@ class PromptPoolGraph(nn.Module):
 
     def __init__(self, model: PPLLaVAForConditionalGeneration, image: bool = False):
         super().__init__()
-        self.model = model
+        self.projector = model.multi_modal_projector
         self.image = image
-        table = model.multi_modal_projector.clip_text_model.embeddings.position_table().detach().clone()
+        table = self.projector.clip_text_model.embeddings.position_table().detach().clone()
         self.position_table = nn.Parameter(table, requires_grad=False)
 
     def forward(self, clip_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        proj = self.model.multi_modal_projector
-        g, tokens = proj.pool(keys, values, clip_ids, image=self.image, position_table=self.position_table)
+        g, tokens = self.projector.pool(keys, values, clip_ids, image=self.image, position_table=self.position_table)
         return tokens, g
 
 

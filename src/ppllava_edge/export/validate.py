@@ -26,6 +26,7 @@ class Check:
 @dataclass
 class ValidationReport:
     checks: list[Check]
+    mode: str = "full"  # "full", or "truncated: <what was kept>" (export.py decides)
 
     @property
     def passed(self) -> bool:
@@ -48,6 +49,7 @@ class ValidationReport:
     def to_json(self, thresholds: dict) -> dict:
         return {
             "passed": self.passed,
+            "mode": self.mode,
             "thresholds": thresholds,
             "checks": [c.__dict__ for c in self.checks],
         }
@@ -80,23 +82,55 @@ def _pick_frames(fmin: int, fmax: int, traced: int = 4) -> list[int]:
     return out[:3] or [fmin]
 
 
-def validate_export(model: PPLLaVAForConditionalGeneration, folder: Path, manifest: dict, thresholds: dict) -> ValidationReport:
-    cfg = model.cfg
-    half = manifest["dtype"] == "fp16"
-    np_dtype = np.float16 if half else np.float32
-    rel, min_cos = thresholds["rel_max_abs"], thresholds["min_cosine"]
+def validate_export(parts, folder: Path, manifest: dict, thresholds: dict, on_progress=None) -> ValidationReport:
+    """PyTorch (fp32, SDPA) vs ONNX Runtime on shapes that differ from the traced ones. `parts` (exporter.ModelParts)
+    holds one part of the reference at a time: the vision side for the vision / pool graphs, then the LLM."""
     checks: list[Check] = []
+    record = _recorder(checks, thresholds)
+    with parts.vision_side() as model:
+        _check_vision_side(model, folder, manifest, record)
+    if on_progress is not None:
+        on_progress(1, 2)
+    # the decoder graphs run first and are closed before the PyTorch LLM is loaded: the two never share memory
+    np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
+    m = manifest["model"]
+    table = np.load(folder / manifest["embeddings"]["file"], mmap_mode="r")
+    cases = decoder_cases(table, m["vocab_size"])
+    ort_out = {}
+    for graph in ("decoder", "decoder_trt"):
+        if graph in manifest["graphs"]:
+            session = _session(folder / manifest["graphs"][graph]["file"])
+            ort_out[graph] = _ort_decoder_outputs(session, cases, m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"], np_dtype)
+            del session
+    del table
+    with parts.llm() as model, torch.no_grad():
+        for graph, out in ort_out.items():
+            _check_decoder(model, graph, cases, out, record)
+    if on_progress is not None:
+        on_progress(2, 2)
+    return ValidationReport(checks)
+
+
+def _recorder(checks: list[Check], thresholds: dict):
+    """record(graph, case, output, ref, got): compare and append a Check (max-abs relative to max|ref|, cosine)."""
+    rel, min_cos = thresholds["rel_max_abs"], thresholds["min_cosine"]
 
     def record(graph, case, name, ref, got):
         max_abs, scale, cos = compare(ref, got)
         checks.append(Check(graph, case, name, max_abs, scale, cos, max_abs <= rel * max(scale, 1e-12) and cos >= min_cos))
+
+    return record
+
+
+def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, manifest: dict, record) -> None:
+    cfg = model.cfg
+    np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
 
     gen = torch.Generator().manual_seed(1234)
     size = cfg.vision.image_size
     vision = _session(folder / "vision.onnx")
     pool = _session(folder / "prompt_pool.onnx")
     image_pool = _session(folder / "image_pool.onnx")
-    decoder = _session(folder / "decoder.onnx")
     vision_trt = _session(folder / manifest["graphs"]["vision_trt"]["file"]) if "vision_trt" in manifest["graphs"] else None
     fmin, _, fmax = manifest["frames"]["min"], None, manifest["frames"]["max"]
     ctx = cfg.clip_text.context_length
@@ -138,57 +172,66 @@ def validate_export(model: PPLLaVAForConditionalGeneration, folder: Path, manife
         flat = ref_values.reshape(-1, ref_values.shape[-1])
         record("projector_head", f"N={flat.shape[0]}", "tokens", model.multi_modal_projector.linear_2(flat).numpy(), head.run(None, {"values": flat.numpy().astype(np_dtype)})[0])
 
-        for graph in ("decoder", "decoder_trt"):
-            if graph in manifest["graphs"]:
-                _check_decoder(model, graph, _session(folder / manifest["graphs"][graph]["file"]), np_dtype, gen, record)
-    return ValidationReport(checks)
+
+def decoder_cases(table: np.ndarray, vocab: int, seed: int = 4321) -> list[tuple[str, np.ndarray, int]]:
+    """(case, input embeddings [1, L, D], positions to prefill) of the decoder checks: prefills of 7 and 19
+    positions followed by one decode step, and an 11-position prefill followed by three decode steps (the
+    in-place path). Embeddings are rows of the exported table, so ONNX Runtime and PyTorch get identical inputs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for L, steps in ((7, 1), (19, 1), (11, 3)):
+        ids = rng.integers(3, vocab, L + steps)
+        out.append((f"L={L}+{steps}", np.asarray(table[ids], np.float32)[None], L))
+    return out
 
 
-def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, session, np_dtype, gen: torch.Generator, record) -> None:
-    """Prefill at two lengths and a decode step on top of the reference past (plain run), and for the in-place
-    graph the runtime's own binding (one shared buffer) over a prefill and three decode steps."""
-    from ..runtime.decoder import InplaceKVDecoder, adapt_feed
+def _ort_decoder_outputs(session, cases, layers: int, kv: int, hd: int, max_len: int, np_dtype) -> list[dict]:
+    """Phase 1 (no PyTorch weights in memory): each case through ONNX Runtime, every step fed its own past. The
+    concat graph runs with plain `run()`; the in-place graph additionally through the runtime's own binding."""
+    from ..runtime.decoder import InplaceKVDecoder, adapt_feed, kv_names
 
-    cfg = model.cfg
-    t = cfg.text
+    names, _ = kv_names(layers)
+    inputs = [i.name for i in session.get_inputs()]
+    results = []
+    for case, emb, L in cases:
+        past = [np.zeros((1, kv, 0, hd), np_dtype) for _ in names]
+        logits, length = [], 0
+        for start, stop in [(0, L)] + [(j, j + 1) for j in range(L, emb.shape[1])]:
+            x = emb[:, start:stop]
+            feed = {"inputs_embeds": x.astype(np_dtype), "attention_mask": np.ones((1, stop), np.int64),
+                    "position_ids": np.arange(start, stop, dtype=np.int64)[None], **dict(zip(names, past))}
+            out = session.run(None, adapt_feed(feed, inputs))
+            logits.append(np.asarray(out[0], np.float32))
+            past, length = list(out[1:]), stop
+        entry = {"case": case, "logits": logits, "cache": past}
+        if "seqlens_k" in inputs:
+            dec = InplaceKVDecoder(session, layers, kv, hd, max_len, dtype=np_dtype)
+            dec.reserve(1, emb.shape[1])
+            dec.reset(1)
+            inplace = [dec.forward(emb[:, :L])] + [dec.forward(emb[:, j : j + 1]) for j in range(L, emb.shape[1])]
+            entry["inplace_logits"] = inplace
+            entry["inplace_cache"] = [np.array(p) for p in dec.past()]
+        results.append(entry)
+    return results
+
+
+def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, cases, ort_out: list[dict], record) -> None:
+    """Phase 2: the same cases through the PyTorch reference (its own past each step), compared with phase 1."""
+    t = model.cfg.text
     dg = DecoderGraph(model)
     names = [f"past.{i}.{kv}" for i in range(t.num_hidden_layers) for kv in ("key", "value")]
-    inputs = [i.name for i in session.get_inputs()]
-    table = model.language_model.get_input_embeddings().weight
-
-    def run(emb, past, length):
-        feed = {"inputs_embeds": emb.numpy().astype(np_dtype), "attention_mask": np.ones((1, length + emb.shape[1]), np.int64),
-                "position_ids": np.arange(length, length + emb.shape[1], dtype=np.int64)[None]}
-        feed.update({n: p.numpy().astype(np_dtype) for n, p in zip(names, past)})
-        return session.run(None, adapt_feed(feed, inputs))
-
-    for L in (7, 19):
-        ids = torch.randint(3, t.vocab_size, (1, L), generator=gen)
-        emb = table[ids]
-        empty = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in names)
-        ref = dg(emb, torch.ones(1, L, dtype=torch.int64), torch.arange(L)[None], empty)
-        got = run(emb, empty, 0)
-        record(graph, f"prefill L={L}", "logits", ref[0].numpy(), got[0])
-        record(graph, f"prefill L={L}", "present.0.key", ref[1].numpy(), got[1])
-        nxt = table[torch.randint(3, t.vocab_size, (1, 1), generator=gen)]
-        ref2 = dg(nxt, torch.ones(1, L + 1, dtype=torch.int64), torch.tensor([[L]]), tuple(ref[1:]))
-        got2 = run(nxt, ref[1:], L)
-        record(graph, f"decode past={L}", "logits", ref2[0].numpy(), got2[0])
-        record(graph, f"decode past={L}", f"present.{t.num_hidden_layers - 1}.value", ref2[-1].numpy(), got2[-1])
-    if "seqlens_k" not in inputs:
-        return
-    # the in-place path as the runtime binds it: past and present share one buffer, written position by position
-    L, steps = 11, 3
-    dec = InplaceKVDecoder(session, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, t.max_position_embeddings, dtype=np_dtype)
-    dec.reserve(1, L + steps)
-    dec.reset(1)
-    seq = table[torch.randint(3, t.vocab_size, (1, L + steps), generator=gen)]
-    empty = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in names)
-    ref = dg(seq, torch.ones(1, L + steps, dtype=torch.int64), torch.arange(L + steps)[None], empty)
-    dec.forward(seq[:, :L].numpy())
-    for j in range(steps):
-        logits = dec.forward(seq[:, L + j : L + j + 1].numpy())
-    ref_last = dg(seq[:, -1:], torch.ones(1, L + steps, dtype=torch.int64), torch.tensor([[L + steps - 1]]), tuple(r[:, :, :-1] for r in ref[1:]))
-    record(graph, f"in-place L={L}+{steps}", "logits", ref_last[0].numpy(), logits)
-    record(graph, f"in-place L={L}+{steps}", "cache (all layers)", np.concatenate([r.numpy().ravel() for r in ref[1:]]),
-           np.concatenate([p.ravel() for p in dec.past()]))
+    for (case, emb, L), got in zip(cases, ort_out):
+        e = torch.from_numpy(emb)
+        past = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in names)
+        steps = [(0, L)] + [(j, j + 1) for j in range(L, e.shape[1])]
+        for k, (start, stop) in enumerate(steps):
+            out = dg(e[:, start:stop], torch.ones(1, stop, dtype=torch.int64), torch.arange(start, stop)[None], past)
+            past = tuple(out[1:])
+            what = "prefill" if k == 0 else f"decode step {k}"
+            record(graph, f"{case} {what}", "logits", out[0].numpy(), got["logits"][k])
+            if "inplace_logits" in got and k == len(steps) - 1:
+                record(graph, f"{case} in-place", "logits", out[0].numpy(), got["inplace_logits"][k])
+        ref_cache = np.concatenate([p.numpy().ravel() for p in past])
+        record(graph, case, "cache (all layers)", ref_cache, np.concatenate([p.ravel() for p in got["cache"]]))
+        if "inplace_cache" in got:
+            record(graph, f"{case} in-place", "cache (all layers)", ref_cache, np.concatenate([p.ravel() for p in got["inplace_cache"]]))

@@ -31,7 +31,7 @@ from ..external_data import read_initializer
 
 TRANSFORMS = ("identity", "transpose", "concat_transpose", "clip_positions")
 CLIP_KEEP_LEN = 20
-MIN_ELEMENTS = 64  # smaller float initializers (scalars, eps, shape-like tables) are not traced to the checkpoint
+MIN_ELEMENTS = 8  # smaller float initializers (scalars, eps, shape-like constants) are not traced to the checkpoint
 
 
 def digest(array: np.ndarray) -> str:
@@ -82,7 +82,8 @@ class WeightMap:
         return cls({k: (v[0], list(v[1])) for k, v in d["map"].items()}, list(d["expected"]), list(d["derived"]))
 
 
-def map_traced_graph(onnx_path: Path, params: dict[str, np.ndarray], used: Iterable[str], dtype) -> WeightMap:
+def map_traced_graph(onnx_path: Path, params: dict[str, np.ndarray], used: Iterable[str], dtype,
+                     composites: Iterable[tuple[str, list[str]]] = ()) -> WeightMap:
     """The weight map of a graph traced from PyTorch: named initializers by name, the exporter's folded copies
     (`val_*`, Linear weights transposed for MatMul) by content among the checkpoint tensors the program uses.
 
@@ -91,17 +92,24 @@ def map_traced_graph(onnx_path: Path, params: dict[str, np.ndarray], used: Itera
         params: checkpoint name -> the tensor the export read (any dtype; cast to `dtype` here).
         used: checkpoint names of the parameters the traced program uses (the `expected` set).
         dtype: the export's numpy dtype (float32 / float16).
+        composites: (transform, sources) tensors the graph may hold that are computed from several checkpoint
+            tensors (the folded CLIP position table); their sources join `expected`.
     """
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     wm = WeightMap(expected=[u for u in used if params[u].size >= MIN_ELEMENTS])
     index: dict[str, tuple[str, str]] = {}  # digest of the cast (and transposed) bytes -> (transform, source)
+    composite_index: dict[str, tuple[str, list[str]]] = {}
+    for transform, sources in composites:
+        wm.expected += [s for s in sources if s not in wm.expected]
+        a = np.ascontiguousarray(apply_transform(transform, [np.asarray(params[s]) for s in sources])).astype(dtype)
+        composite_index[digest(a)] = (transform, list(sources))
     for name in wm.expected:
         a = np.asarray(params[name]).astype(dtype)
         index.setdefault(digest(a), ("identity", name))
         if a.ndim == 2:
-            index.setdefault(digest(a.T), ("transpose", name))
+            index.setdefault(digest(np.ascontiguousarray(a.T)), ("transpose", name))
     for t in model.graph.initializer:
         arr = read_initializer(t, onnx_path.parent)
         if not np.issubdtype(arr.dtype, np.floating) or arr.size < MIN_ELEMENTS:
@@ -111,9 +119,11 @@ def map_traced_graph(onnx_path: Path, params: dict[str, np.ndarray], used: Itera
         if named is not None and named in wm.expected:
             wm.map[t.name] = ("identity", [named])
             continue
-        hit = index.get(digest(arr))
-        if hit is not None:
-            wm.map[t.name] = (hit[0], [hit[1]])
+        d = digest(arr)
+        if d in composite_index:
+            wm.map[t.name] = composite_index[d]
+        elif d in index:
+            wm.map[t.name] = (index[d][0], [index[d][1]])
         else:
             wm.derived.append(t.name)
     return wm

@@ -87,37 +87,45 @@ class PPLLaVAProjector(nn.Module):
         return g, self.linear_2(pooled)
 
 
+def llama_config(cfg: PPLLaVAConfig):
+    """transformers' LlamaConfig of the checkpoint's LLM (the exporter also uses it for the rotary tables)."""
+    from transformers import LlamaConfig
+
+    t = cfg.text
+    return LlamaConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        hidden_act=t.hidden_act,
+        max_position_embeddings=t.max_position_embeddings,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings,
+        attention_bias=t.attention_bias,
+        mlp_bias=t.mlp_bias,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=t.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        **{k: v for k, v in t.extra.items() if k in {"head_dim", "rope_scaling", "pretraining_tp"}},
+    )
+
+
 class PPLLaVAForConditionalGeneration(nn.Module):
     """Module tree mirrors the checkpoint: `vision_tower.vision_model.*`, `multi_modal_projector.*`,
     `language_model.{model,lm_head}.*`, `image_newline`."""
 
     def __init__(self, cfg: PPLLaVAConfig, attn_implementation: str = "sdpa"):
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
         self.cfg = cfg
         t = cfg.text
         self.vision_tower = CLIPVisionTower(cfg.vision)
         self.multi_modal_projector = PPLLaVAProjector(cfg)
-        llama_cfg = LlamaConfig(
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers,
-            num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads,
-            hidden_act=t.hidden_act,
-            max_position_embeddings=t.max_position_embeddings,
-            rms_norm_eps=t.rms_norm_eps,
-            rope_theta=t.rope_theta,
-            tie_word_embeddings=t.tie_word_embeddings,
-            attention_bias=t.attention_bias,
-            mlp_bias=t.mlp_bias,
-            bos_token_id=t.bos_token_id,
-            eos_token_id=t.eos_token_id,
-            pad_token_id=cfg.pad_token_id,
-            **{k: v for k, v in t.extra.items() if k in {"head_dim", "rope_scaling", "pretraining_tp"}},
-        )
+        llama_cfg = llama_config(cfg)
         llama_cfg._attn_implementation = attn_implementation
         self.language_model = LlamaForCausalLM(llama_cfg)
         self.image_newline = nn.Parameter(torch.zeros(t.hidden_size))

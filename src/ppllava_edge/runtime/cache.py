@@ -1,13 +1,16 @@
 """Per-video feature cache: the vision graph's `values`/`keys` keyed by (content, frames, export).
 
 In memory: an LRU bounded in bytes. Optionally on disk: one .npz per key in a folder (written atomically).
-A second question on the same video then runs only prompt_pool + decoder.
+A second question on the same video then runs only prompt_pool + decoder. Safe to share between threads (one
+lock around the LRU and the counters); an entry may carry the warnings its decode produced (a truncated video),
+so a cache hit reports them too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -48,33 +51,47 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self.folder = Path(folder) if folder else None
         self._items: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._warnings: dict[str, tuple[str, ...]] = {}
+        self._lock = threading.RLock()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        if self.folder is not None and (self.folder / f"{key}.npz").is_file():
-            with np.load(self.folder / f"{key}.npz") as z:
+        item = self.get_entry(key)
+        return None if item is None else item[:2]
+
+    def get_entry(self, key: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]] | None:
+        """(values, keys, warnings) for `key`, or None (counts a hit or a miss)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return (*self._items[key], self._warnings.get(key, ()))
+        path = self.folder / f"{key}.npz" if self.folder is not None else None
+        if path is not None and path.is_file():
+            with np.load(path) as z:
                 item = (z["values"], z["keys"])
-            self._put_memory(key, item)
-            self.hits += 1
-            return item
-        self.misses += 1
+                warnings = tuple(str(w) for w in z["warnings"]) if "warnings" in z.files else ()
+            with self._lock:
+                self._put_memory(key, item, warnings)
+                self.hits += 1
+            return (*item, warnings)
+        with self._lock:
+            self.misses += 1
         return None
 
-    def put(self, key: str, values: np.ndarray, keys: np.ndarray) -> None:
-        self._put_memory(key, (values, keys))
+    def put(self, key: str, values: np.ndarray, keys: np.ndarray, warnings: tuple[str, ...] | list[str] = ()) -> None:
+        warnings = tuple(warnings)
+        with self._lock:
+            self._put_memory(key, (values, keys), warnings)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{key}.tmp.npz"
-            np.savez(tmp, values=values, keys=keys)
+            tmp = self.folder / f".{key}.{threading.get_ident()}.tmp.npz"
+            np.savez(tmp, values=values, keys=keys, warnings=np.asarray(warnings, dtype=np.str_))
             tmp.replace(self.folder / f"{key}.npz")
 
-    def _put_memory(self, key: str, item: tuple[np.ndarray, np.ndarray]) -> None:
+    def _put_memory(self, key: str, item: tuple[np.ndarray, np.ndarray], warnings: tuple[str, ...]) -> None:
         size = item[0].nbytes + item[1].nbytes
         if size > self.max_bytes:
             return
@@ -82,9 +99,14 @@ class FeatureCache:
             old = self._items.pop(key)
             self.bytes -= old[0].nbytes + old[1].nbytes
         self._items[key] = item
+        if warnings:
+            self._warnings[key] = warnings
+        else:
+            self._warnings.pop(key, None)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (v, k) = self._items.popitem(last=False)
+            old_key, (v, k) = self._items.popitem(last=False)
+            self._warnings.pop(old_key, None)
             self.bytes -= v.nbytes + k.nbytes
 
     def __len__(self) -> int:

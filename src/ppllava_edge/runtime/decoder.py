@@ -47,6 +47,17 @@ def adapt_feed(feed: dict[str, np.ndarray], input_names: list[str] | set[str]) -
     return out
 
 
+def _check_step(dec, inputs_embeds: np.ndarray) -> tuple[int, int, int]:
+    """(batch, new positions, total positions) of a forward step, checked against the decoder's cache and context."""
+    b, s, _ = inputs_embeds.shape
+    if b != dec.batch:
+        raise InferenceError(f"decoder: inputs_embeds batch {b} != cache batch {dec.batch}")
+    total = dec.length + s
+    if total > dec.max_len:
+        raise InferenceError(f"decoder: {total} positions exceed the LLM context of {dec.max_len}")
+    return b, s, total
+
+
 class _Logits:
     """A preallocated logits buffer [rows, V] bound as the graph's output (copy_outputs_to_cpu would copy every
     present.* tensor too)."""
@@ -144,12 +155,7 @@ class InplaceKVDecoder:
         self._grow(batch, self.capacity)
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        b, s, _ = inputs_embeds.shape
-        if b != self.batch:
-            raise InferenceError(f"decoder: inputs_embeds batch {b} != cache batch {self.batch}")
-        total = self.length + s
-        if total > self.max_len:
-            raise InferenceError(f"decoder: {total} positions exceed the LLM context of {self.max_len}")
+        b, s, total = _check_step(self, inputs_embeds)
         if total > self.capacity:  # nobody reserved enough: grow geometrically (amortised), within the context
             self._grow(b, min(self.max_len, max(total, 2 * self.capacity)))
         io = self.session.io_binding()
@@ -248,12 +254,7 @@ class ConcatKVDecoder:
             self._plain_past = [np.zeros((batch, self.kv, 0, self.hd), self.dtype) for _ in self.past_names]
 
     def forward(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        b, s, _ = inputs_embeds.shape
-        if b != self.batch:
-            raise InferenceError(f"decoder: inputs_embeds batch {b} != cache batch {self.batch}")
-        total = self.length + s
-        if total > self.max_len:
-            raise InferenceError(f"decoder: {total} positions exceed the LLM context of {self.max_len}")
+        b, s, total = _check_step(self, inputs_embeds)
         mask = np.ones((b, total), np.int64)
         pos = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (b, s)).copy()
         embeds = np.ascontiguousarray(inputs_embeds, dtype=self.dtype)
@@ -299,8 +300,18 @@ class ConcatKVDecoder:
         self._cur, self.batch = nxt, new_b
 
 
+def graph_dtype(session, name: str = "inputs_embeds", default=np.float32):
+    """The numpy dtype a graph declares for a floating-point input (the decoder's activations and KV cache)."""
+    for i in session.get_inputs():
+        if i.name == name:
+            return np.float16 if i.type == "tensor(float16)" else np.float32
+    return default
+
+
 def open_decoder(session, graph_entry: dict, model: dict, dtype, provider: str):
-    """The KV decoder for a decoder graph's contract on a resolved ORT provider."""
+    """The KV decoder for a decoder graph's contract on a resolved ORT provider. `dtype` is a fallback: the graph's
+    own inputs_embeds dtype decides (an fp32-activation int4 decoder can sit in an fp16 export)."""
+    dtype = graph_dtype(session, default=dtype)
     args = (session, model["num_layers"], model["num_kv_heads"], model["head_dim"], model["max_position_embeddings"])
     if decoder_contract(graph_entry) == INPLACE:
         return InplaceKVDecoder(*args, dtype=dtype, device="cpu" if provider == "cpu" else "cuda")

@@ -132,6 +132,7 @@ class GenerationOutput:
     prefill_ms: float
     step_ms: list[float] = field(default_factory=list)
     finished_by_eos: bool = False
+    stopped: bool = False  # on_token asked to stop
 
 
 def generate(
@@ -139,7 +140,7 @@ def generate(
     embed: EmbedFn,
     prompt_embeds: np.ndarray,
     config: GenerationConfig | None = None,
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
 ) -> GenerationOutput:
     """Generates tokens after one prompt.
 
@@ -149,7 +150,9 @@ def generate(
         prompt_embeds: the prompt's input embeddings [L, D] (text and visual tokens already merged).
         config: decoding options (defaults: greedy, 32 new tokens, EOS id 2).
         on_token: called with each new id. Greedy and sampling call it as soon as the id is chosen; beam search
-            knows its ids only at the end and calls it then, once per id of the best hypothesis.
+            knows its ids only at the end and calls it then, once per id of the best hypothesis. When it returns
+            True, generation ends after that id (a stop string matched, or the caller went away): the returned
+            ids end with it and `stopped` is set.
 
     Returns:
         The new ids (ending with the EOS id if EOS stopped generation) and the timings.
@@ -163,8 +166,11 @@ def generate(
     if config.num_beams > 1:
         out = _beam_search(decoder, embed, prompt_embeds, config)
         if on_token is not None:
-            for tok in out.ids:
-                on_token(tok)
+            for n, tok in enumerate(out.ids, 1):
+                if on_token(tok):
+                    out.finished_by_eos = out.finished_by_eos and n == len(out.ids)
+                    out.ids, out.stopped = out.ids[:n], True
+                    break
         return out
     return _greedy_or_sample(decoder, embed, prompt_embeds, config, on_token)
 
@@ -178,7 +184,7 @@ def _greedy_or_sample(
     embed: EmbedFn,
     prompt_embeds: np.ndarray,
     config: GenerationConfig,
-    on_token: Callable[[int], None] | None,
+    on_token: Callable[[int], bool | None] | None,
 ) -> GenerationOutput:
     rng = np.random.default_rng(config.seed) if config.do_sample else None
     stops = config.stops_at_eos
@@ -189,17 +195,17 @@ def _greedy_or_sample(
     logits = _checked_logits(decoder.forward(prompt_embeds[None]), 1)
     tok = _pick_token(logits[0], config, rng)
     out = GenerationOutput(ids=[tok], prefill_ms=(time.perf_counter() - t0) * 1e3)
-    if on_token is not None:
-        on_token(tok)
+    if on_token is not None and on_token(tok):
+        out.stopped = True
 
-    while len(out.ids) < config.max_new_tokens and not (stops and tok == config.eos_token_id):
+    while not out.stopped and len(out.ids) < config.max_new_tokens and not (stops and tok == config.eos_token_id):
         t0 = time.perf_counter()
         logits = _checked_logits(decoder.forward(_embed(embed, np.array([tok], dtype=np.int64))), 1)
         tok = _pick_token(logits[0], config, rng)
         out.step_ms.append((time.perf_counter() - t0) * 1e3)
         out.ids.append(tok)
-        if on_token is not None:
-            on_token(tok)
+        if on_token is not None and on_token(tok):
+            out.stopped = True
     out.finished_by_eos = stops and tok == config.eos_token_id
     return out
 

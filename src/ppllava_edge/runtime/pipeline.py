@@ -3,11 +3,21 @@
     pipe = Pipeline.from_export("export/", provider="cpu")
     result = pipe.ask("clip.mp4", "What happens?", num_frames=8)
     print(result.text, result.timings.line())
+
+Thread safety: one Pipeline may be shared by many threads and gives each call exactly the answer it gives
+sequentially. ONNX Runtime sessions are thread-safe; the KV-cache decoder is not, so each `ask` borrows a decoder
+from a small pool (`max_decoders`, made on demand by `_new_decoder()`; a call waits when all are busy; with
+`max_decoders=1` that is a lock around generation). The feature cache has its own lock, and concurrent first
+questions on the same video run the vision graph once (the others wait for it and hit the cache).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,12 +25,12 @@ from typing import Callable
 import numpy as np
 
 from ..anyres import ImageLayout, assemble_tokens
-from ..errors import InputError
+from ..errors import ContextLengthError, InputError
 from ..manifest import ExportManifest, load_manifest
 from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer
 from .cache import FeatureCache, content_key, file_digest
-from .decoder import open_decoder
+from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
 from .session import create_session, resolve_provider
 
@@ -66,6 +76,8 @@ class AskResult:
     visual_tokens: int
     context_len: int
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. a truncated video (names the file and frames decoded)
+    stopped: bool = False  # on_token asked to stop (a stop string, or the caller went away)
 
 
 @dataclass
@@ -75,6 +87,37 @@ class VideoInput:
     key: str
     kind: str
     pixel_values: np.ndarray | None
+    warnings: list[str] = field(default_factory=list)
+
+
+ORT_CACHE = "ort_cache"
+EAGER_STAGES = ("vision", "prompt_pool", "decoder")
+
+
+class LazySessions(dict):
+    """stage -> session; a stage with a factory and no session yet is created on first access (thread-safe).
+    `load_ms` records how long each creation took (the `load` stage of `ask --json` and the bench)."""
+
+    def __init__(self, factories: dict[str, Callable], ready: dict | None = None):
+        super().__init__(ready or {})
+        self._factories = factories
+        self._lock = threading.Lock()
+        self.load_ms: dict[str, float] = {}
+
+    def __missing__(self, stage: str):
+        with self._lock:
+            if dict.__contains__(self, stage):
+                return dict.__getitem__(self, stage)
+            if stage not in self._factories:
+                raise KeyError(stage)
+            t0 = time.perf_counter()
+            session = self._factories[stage]()
+            self.load_ms[stage] = (time.perf_counter() - t0) * 1e3
+            self[stage] = session
+            return session
+
+    def available(self) -> list[str]:
+        return sorted(set(self) | set(self._factories))
 
 
 class Pipeline:
@@ -88,7 +131,10 @@ class Pipeline:
         backend: str = "ort",
         engines: str | Path | None = None,
         cuda_graph: bool = False,
+        max_decoders: int = 1,
     ):
+        if not isinstance(max_decoders, int) or max_decoders < 1:
+            raise InputError(f"max_decoders must be an int >= 1, got {max_decoders!r}")
         self.manifest = manifest
         m = manifest.model
         fp16 = manifest.data["dtype"] == "fp16"
@@ -107,25 +153,94 @@ class Pipeline:
         self.provider = "tensorrt-native" if self.trt is not None else resolve_provider(provider)
         ort_provider = "cpu" if self.trt is not None else self.provider
         trt_cache = trt_cache_dir or manifest.folder / "trt_cache"
-        self.sessions = dict(self.trt.runners) if self.trt is not None else {}
-        # sessions are keyed by stage; export.json says which graph ONNX Runtime runs for each stage
+        # sessions are keyed by stage; export.json says which graph ONNX Runtime runs for each stage. vision,
+        # prompt_pool and the decoder open now; image_pool (images) and projector_head (the bench's baselines) on
+        # first use. Traced graphs reuse ONNX Runtime's optimised copy from EXPORT/ort_cache; graphs written already
+        # fused (the decoder) skip the full optimisation pass.
+        factories = {}
         for stage, graph in manifest.backend_graphs("ort").items():
-            if stage not in self.sessions:
-                self.sessions[stage] = create_session(manifest.path(graph), ort_provider, threads, trt_cache, fp16)
+            fused = manifest.graph(graph).get("contract") is not None
+            factories[stage] = functools.partial(create_session, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
+                                                 "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE)
+        self.sessions = LazySessions(factories, dict(self.trt.runners) if self.trt is not None else {})
+        for stage in EAGER_STAGES:
+            if stage in factories:
+                self.sessions[stage]
+        if self.trt is None:  # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export)
+            self.dtype = graph_dtype(self.sessions["decoder"], default=self.dtype)
         self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
         self.llama = LlamaPromptTokenizer.from_file(manifest.path("llama"), image_token_id=manifest.data["image_token_id"])
         self.clip = ClipTokenizer.from_file(manifest.path("clip"))
-        if self.trt is not None:
-            self.decoder = self.trt.decoder
-        else:
-            entry = manifest.graph(manifest.graph_for("decoder", "ort"))
-            self.decoder = open_decoder(self.sessions["decoder"], entry, m, self.dtype, self.provider)
+        # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
+        self.max_decoders = 1 if self.trt is not None else max_decoders
+        self._pool = threading.Condition()
+        self.decoder = self._new_decoder()
         self.cache = cache if cache is not None else FeatureCache()
         self.vision_runs = 0
+        self._key_locks: dict[str, list] = {}  # content key -> [lock, users]: one vision run per video at a time
         self.image_spec = manifest.data.get("image")  # anyres rules (None: an export from before image tiles)
         has_newline = bool(self.image_spec and self.image_spec.get("newline"))
         self.image_newline = np.load(manifest.path("image_newline")) if has_newline else None
         self.export_id = manifest.data.get("created", "") + manifest.data["checkpoint"]["sha256"]
+
+    def _new_decoder(self):
+        """One KV-cache decoder (its own buffers) over the shared decoder session."""
+        if self.trt is not None:
+            return self.trt.decoder
+        entry = self.manifest.graph(self.manifest.graph_for("decoder", "ort"))
+        return open_decoder(self.sessions["decoder"], entry, self.manifest.model, self.dtype, self.provider)
+
+    @property
+    def decoder(self):
+        """The first decoder of the pool (what single-threaded callers such as the bench and calibration use)."""
+        return self._decoder
+
+    @decoder.setter
+    def decoder(self, dec) -> None:
+        """Replacing the decoder restarts the pool with it."""
+        with self._pool:
+            self._decoder = dec
+            self._idle = [dec]
+            self._made = 1
+            self._pool.notify_all()
+
+    @contextmanager
+    def _borrow_decoder(self) -> Iterator:
+        """A decoder no other thread uses until it is given back (waits while `max_decoders` are busy)."""
+        with self._pool:
+            while not self._idle and self._made >= self.max_decoders:
+                self._pool.wait()
+            dec = self._idle.pop() if self._idle else None
+            if dec is None:
+                self._made += 1
+        if dec is None:
+            try:
+                dec = self._new_decoder()
+            except BaseException:
+                with self._pool:
+                    self._made -= 1
+                    self._pool.notify()
+                raise
+        try:
+            yield dec
+        finally:
+            with self._pool:
+                self._idle.append(dec)
+                self._pool.notify()
+
+    @contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        with self._pool:
+            entry = self._key_locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._pool:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._key_locks[key]
 
     def close(self) -> None:
         if self.trt is not None:
@@ -142,28 +257,47 @@ class Pipeline:
         backend: str = "ort",
         engines: str | Path | None = None,
         cuda_graph: bool = False,
+        max_decoders: int = 1,
     ) -> Pipeline:
-        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines, cuda_graph=cuda_graph)
+        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines, cuda_graph=cuda_graph, max_decoders=max_decoders)
 
     # ---- inputs -----------------------------------------------------------------------------
-    def _check_frames(self, num_frames: int) -> None:
+    def frame_range(self) -> tuple[int, int]:
+        """(min, max) frames a video may be sampled at with this export (and its engines)."""
         fmin, _, fmax = self.manifest.frames
         if self.trt is not None:  # engines may have been built for a narrower range
             fmin, _, fmax = self.trt.metadata["limits"]["frames"]
-        if not (max(fmin, 2) <= num_frames <= fmax):
+        return max(fmin, 2), fmax
+
+    def _check_frames(self, num_frames: int) -> None:
+        fmin, fmax = self.frame_range()
+        if not (fmin <= num_frames <= fmax):
             raise InputError(
-                f"--frames {num_frames} is outside this export's frame range {max(fmin, 2)}..{fmax}.\n"
+                f"--frames {num_frames} is outside this export's frame range {fmin}..{fmax}.\n"
                 "Hint: re-export with --frames MIN:OPT:MAX covering it."
             )
 
-    def _pixels(self, path: Path, kind: str, num_frames: int, t: Timings) -> np.ndarray:
+    def _check_npy_frames(self, path: Path, count: int) -> None:
+        fmin, fmax = self.frame_range()
+        if not (fmin <= count <= fmax):
+            raise InputError(
+                f"{path}: the .npy holds {count} frames, outside this export's frame range {fmin}..{fmax} "
+                "(or 1 for an image).\nHint: save between "
+                f"{fmin} and {fmax} preprocessed frames [T, 3, S, S], or re-export with --frames MIN:OPT:MAX covering {count}."
+            )
+
+    def _pixels(self, path: Path, kind: str, num_frames: int, t: Timings, warnings: list[str]) -> np.ndarray:
         size = self.manifest.model["image_size"]
         t0 = time.perf_counter()
         if kind == "npy":
             px = load_npy_pixel_values(path, size)
             t.decode_video = (time.perf_counter() - t0) * 1e3
+            if px.shape[0] > 1:
+                self._check_npy_frames(path, px.shape[0])
             return px
-        frames = load_video(path, num_frames).frames
+        video = load_video(path, num_frames)
+        frames = video.frames
+        warnings.extend(video.warnings)
         t1 = time.perf_counter()
         px = preprocess_frames(frames, size)
         t.decode_video, t.preprocess = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
@@ -183,23 +317,25 @@ class Pipeline:
             return self.image_features(path, t, need_pixels)
         frames_key = num_frames if kind == "video" else 1
         key = content_key(file_digest(path), frames_key, self.export_id)
-        hit = self.cache.get(key)
-        px = None
-        if hit is None or need_pixels:
-            px = self._pixels(path, kind, num_frames, t)
-            if kind == "npy" and px.shape[0] > 1:
-                self._check_frames(px.shape[0])
-        if hit is not None:
-            t.cache_hit = True
-            values, keys = hit
-        else:
-            t0 = time.perf_counter()
-            values, keys = self.sessions["vision"].run(None, {"pixel_values": px.astype(self.dtype)})
-            t.vision = (time.perf_counter() - t0) * 1e3
-            self.vision_runs += 1
-            self.cache.put(key, values, keys)
+        warnings: list[str] = []
+        with self._key_lock(key):  # concurrent first questions on one video: one vision run, the others hit
+            hit = self.cache.get_entry(key)
+            px = None
+            if hit is None or need_pixels:
+                px = self._pixels(path, kind, num_frames, t, warnings)
+            if hit is not None:
+                t.cache_hit = True
+                values, keys, cached_warnings = hit
+                warnings = list(cached_warnings)
+            else:
+                t0 = time.perf_counter()
+                values, keys = self.sessions["vision"].run(None, {"pixel_values": px})
+                t.vision = (time.perf_counter() - t0) * 1e3
+                with self._pool:
+                    self.vision_runs += 1
+                self.cache.put(key, values, keys, warnings)
         actual_kind = "image" if kind == "image" or values.shape[0] == 1 else "video"
-        return values, keys, VideoInput(key, actual_kind, px)
+        return values, keys, VideoInput(key, actual_kind, px, warnings)
 
     # ---- images (LLaVA-NeXT anyres, see anyres.py) -------------------------------------------
     def image_layout(self, path: str | Path | None) -> ImageLayout:
@@ -213,24 +349,26 @@ class Pipeline:
         r = self.image_spec
         path = Path(path)
         key = content_key(file_digest(path), "anyres-image", self.export_id)
-        hit = self.cache.get(key)
-        px = None
-        if hit is None or need_pixels:
-            t0 = time.perf_counter()
-            img, shown = read_image(path)
-            t1 = time.perf_counter()
-            px = preprocess_image(img, r["tile_size"], r["grid_pinpoints"], image_size=shown).pixel_values
-            t.decode_video, t.preprocess = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-        if hit is not None:
-            t.cache_hit = True
-            values, keys = hit
-        else:
-            t0 = time.perf_counter()
-            outs = [self.sessions["vision"].run(None, {"pixel_values": px[i : i + 1].astype(self.dtype)}) for i in range(px.shape[0])]
-            values, keys = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
-            t.vision = (time.perf_counter() - t0) * 1e3
-            self.vision_runs += 1
-            self.cache.put(key, values, keys)
+        with self._key_lock(key):  # as for videos: concurrent first questions on one image run the tiles once
+            hit = self.cache.get(key)
+            px = None
+            if hit is None or need_pixels:
+                t0 = time.perf_counter()
+                img, shown = read_image(path)
+                t1 = time.perf_counter()
+                px = preprocess_image(img, r["tile_size"], r["grid_pinpoints"], image_size=shown).pixel_values
+                t.decode_video, t.preprocess = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+            if hit is not None:
+                t.cache_hit = True
+                values, keys = hit
+            else:
+                t0 = time.perf_counter()
+                outs = [self.sessions["vision"].run(None, {"pixel_values": px[i : i + 1]}) for i in range(px.shape[0])]
+                values, keys = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+                t.vision = (time.perf_counter() - t0) * 1e3
+                with self._pool:
+                    self.vision_runs += 1
+                self.cache.put(key, values, keys)
         return values, keys, VideoInput(key, "image", px)
 
     # ---- answer -----------------------------------------------------------------------------
@@ -240,13 +378,26 @@ class Pipeline:
         question: str,
         num_frames: int = 8,
         generation: GenerationConfig | None = None,
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[[int], bool | None] | None = None,
         keep_arrays: bool = False,
+        history: Sequence[tuple[str, str]] = (),
+        system: str | None = None,
     ) -> AskResult:
+        """Answer `question` about the video / image / .npy at `path`. Thread-safe.
+
+        `history` holds earlier (user, assistant) turns and `system` a system prompt, rendered with the checkpoint's
+        conversation template (`LlamaPromptTokenizer.chat_prompt_ids`); the relevance query (CLIP text) is
+        `question`, the latest user turn, as in the authors' demo. `on_token` sees each new id; returning True
+        ends generation after it.
+        """
         gen = generation or GenerationConfig()
         t = Timings()
         start = time.perf_counter()
-        input_ids = np.asarray(self.llama.prompt_ids(question), dtype=np.int64)
+        if history or system:
+            prompt = self.llama.chat_prompt_ids(question, history, system)
+        else:
+            prompt = self.llama.prompt_ids(question)
+        input_ids = np.asarray(prompt, dtype=np.int64)
         clip_ids = self.clip.encode(question, self.manifest.model["clip_text_length"])
         kind = input_kind(Path(path))
         layout = self.image_layout(path) if kind == "image" else None
@@ -254,7 +405,7 @@ class Pipeline:
         context = len(input_ids) - 1 + n_vis
         limit = self.manifest.model["max_position_embeddings"]
         if context + gen.max_new_tokens > limit:
-            raise InputError(
+            raise ContextLengthError(
                 f"prompt of {context} tokens ({n_vis} visual) + max_new_tokens={gen.max_new_tokens} exceeds the LLM context of {limit}.\n"
                 "Hint: use fewer frames, a shorter question or fewer new tokens."
             )
@@ -266,7 +417,8 @@ class Pipeline:
             tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
         embeds = self.embed_prompt(input_ids, tokens)
-        out = generate(self.decoder, self.embed, embeds, gen, on_token=on_token)
+        with self._borrow_decoder() as decoder:
+            out = generate(decoder, self.embed, embeds, gen, on_token=on_token)
         t.prefill, t.decode_steps = out.prefill_ms, list(out.step_ms)
         t.e2e = (time.perf_counter() - start) * 1e3
         arrays = {}
@@ -279,7 +431,10 @@ class Pipeline:
                 "visual_tokens": np.asarray(tokens, np.float32),
                 "output_ids": np.asarray(out.ids, np.int64),
             }
-        return AskResult(self.llama.decode(out.ids), list(out.ids), t, int(tokens.shape[0]), int(embeds.shape[0]), arrays)
+        return AskResult(
+            self.llama.decode(out.ids), list(out.ids), t, int(tokens.shape[0]), int(embeds.shape[0]), arrays,
+            warnings=list(vin.warnings), stopped=out.stopped,
+        )
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """[B] ids -> [B, 1, D] embeddings (a gather on the exported table)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InferenceError, MissingDependencyError
 
 PROVIDERS = {
@@ -67,14 +69,96 @@ def provider_list(provider: str, cache_dir: Path | None = None, fp16: bool = Fal
     return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def create_session(path: Path, provider: str, threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False):
+class Session:
+    """An onnxruntime InferenceSession whose `run` casts floating-point feeds to the dtype each input declares, so
+    graphs of different precisions chain (an int8 vision graph with fp32 I/O feeding fp16 pools, an fp32-activation
+    int4 decoder in an fp16 export). Everything else is the InferenceSession's own (io_binding, get_inputs, ...)."""
+
+    _FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+    def __init__(self, session):
+        self.session = session
+        self.float_inputs = {i.name: self._FLOATS[i.type] for i in session.get_inputs() if i.type in self._FLOATS}
+
+    def input_dtype(self, name: str):
+        """numpy dtype of a floating-point input (None for other inputs)."""
+        return self.float_inputs.get(name)
+
+    def run(self, output_names, feed: dict, run_options=None):
+        cast = {}
+        for k, v in feed.items():
+            want = self.float_inputs.get(k)
+            cast[k] = v.astype(want) if want is not None and getattr(v, "dtype", want) != want else v
+        return self.session.run(output_names, cast, run_options)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+OPTIMIZE = ("all", "basic")
+
+
+def _graph_files(path: Path) -> list[Path]:
+    """The graph file and the external-data files next to it that it may name (cheap: no parsing)."""
+    return [path, *sorted(p for p in path.parent.glob("*.data") if p.name.startswith(path.name) or p.name == "pools.onnx.data")]
+
+
+def _cache_key(path: Path, provider: str, threads: int | None) -> str:
+    """Changes when ONNX Runtime, the graph (size, mtime), the provider, the thread count or the CPU changes."""
+    import hashlib
+    import platform
+
+    ort = _ort()
+    h = hashlib.sha256()
+    for part in (ort.__version__, provider, str(threads), platform.machine(), platform.processor()):
+        h.update(part.encode() + b"\0")
+    for f in _graph_files(path):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def create_session(path: Path, provider: str, threads: int | None = None, cache_dir: Path | None = None, fp16: bool = False,
+                   optimize: str = "all", graph_cache: Path | None = None) -> Session:
+    """An ONNX Runtime session over `path`.
+
+    Args:
+        optimize: "all" (ONNX Runtime's full graph optimisation: traced graphs need its fusions) or "basic" (graphs
+            written already fused, such as the in-place decoder: the full pass finds nothing and costs load time).
+        graph_cache: a folder for ONNX Runtime's optimised copy of a traced graph (CPU only): the first load writes it
+            (atomically), later loads read it without optimising again. Keyed by ONNX Runtime's version, the graph
+            files' size and mtime, the provider, thread count and CPU; an unwritable folder just skips the cache.
+    """
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    path = Path(path)
+    load = path
+    if optimize == "basic":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    elif graph_cache is not None and provider == "cpu":
+        cached = Path(graph_cache) / f"{path.stem}-{_cache_key(path, provider, threads)}.onnx"
+        if cached.is_file():
+            load = cached
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        else:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+                so.optimized_model_filepath = os.fspath(tmp)
+                so.add_session_config_entry("session.optimized_model_external_initializers_file_name", cached.name + ".data")
+                so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            except OSError:  # a read-only export folder: no cache
+                cached = None
     try:
-        return ort.InferenceSession(os.fspath(path), so, providers=provider_list(provider, cache_dir, fp16))
+        session = ort.InferenceSession(os.fspath(load), so, providers=provider_list(provider, cache_dir, fp16))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise InferenceError(f"{path}: onnxruntime could not load the graph ({type(exc).__name__}: {exc})") from exc
+    if so.optimized_model_filepath:
+        tmp = Path(so.optimized_model_filepath)
+        if tmp.is_file():
+            tmp.replace(tmp.with_name(tmp.name.rsplit(".", 2)[0]))  # <stem>-<key>.onnx, its .data written beside it
+    return Session(session)

@@ -6,7 +6,7 @@
 - `TrtKVDecoder` implements runtime.generation.KVDecoder over the decoder engine: one execution context per
   optimization profile (context = prefill, generation = one token), the KV cache preallocated on the device as
   two ping-pong buffer sets sized for max_batch x max_seq_len (TensorRT writes `present.*` straight into the
-  other set, as OrtKVDecoder does on the CPU).
+  other set, as ConcatKVDecoder does on the CPU).
 - Every execution context is created with ExecutionContextAllocationStrategy.USER_MANAGED on one shared
   activation buffer sized for the largest engine (device_memory_size_v2): the contexts run one after another on
   one stream, and TensorRT's default (STATIC) would give each of the decoder's two contexts its own maximum-size

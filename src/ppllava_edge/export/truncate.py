@@ -1,0 +1,47 @@
+"""Depth-truncated copies of a model for validation at scales where the full fp32 reference does not fit in memory.
+
+A truncated copy keeps the widths and the first layers of each tower (vision: the first `btadapter_depth + 1` main
+layers, so every BT-Adapter pair still runs; CLIP text and the LLM: the first two layers) with the checkpoint's
+own tensors for them (the same names, read from the same shards); the later layers are simply not built. Exporting
+and validating such a copy checks every graph's maths at the real widths and with real weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..config import PPLLaVAConfig
+
+VISION_LAYERS = "vision_tower.vision_model.encoder.layers."
+TEXT_LAYERS = "multi_modal_projector.clip_text_model.encoder.layers."
+LLM_LAYERS = "language_model.model.layers."
+
+
+def truncated_config(cfg: PPLLaVAConfig, text_layers: int = 2, llm_layers: int = 2, vision_layers: int | None = None) -> PPLLaVAConfig:
+    """`cfg` with fewer layers (never more than it has)."""
+    v = cfg.vision
+    keep_v = vision_layers if vision_layers is not None else v.btadapter_depth + 1
+    return replace(
+        cfg,
+        vision=replace(v, num_hidden_layers=min(v.num_hidden_layers, max(keep_v, v.btadapter_depth + 1))),
+        clip_text=replace(cfg.clip_text, num_hidden_layers=min(cfg.clip_text.num_hidden_layers, text_layers)),
+        text=replace(cfg.text, num_hidden_layers=min(cfg.text.num_hidden_layers, llm_layers)),
+    )
+
+
+def dropped_prefixes(full: PPLLaVAConfig, cut: PPLLaVAConfig) -> tuple[str, ...]:
+    """Checkpoint-name prefixes of the layers the truncated copy does not have (excluded when loading it)."""
+    out: list[str] = []
+    for head, n_full, n_cut in (
+        (VISION_LAYERS, full.vision.num_hidden_layers, cut.vision.num_hidden_layers),
+        (TEXT_LAYERS, full.clip_text.num_hidden_layers, cut.clip_text.num_hidden_layers),
+        (LLM_LAYERS, full.text.num_hidden_layers, cut.text.num_hidden_layers),
+    ):
+        out += [f"{head}{i}." for i in range(n_cut, n_full)]
+    return tuple(out)
+
+
+def describe(full: PPLLaVAConfig, cut: PPLLaVAConfig) -> str:
+    return (f"vision {cut.vision.num_hidden_layers}/{full.vision.num_hidden_layers} layers, CLIP text "
+            f"{cut.clip_text.num_hidden_layers}/{full.clip_text.num_hidden_layers}, LLM {cut.text.num_hidden_layers}/{full.text.num_hidden_layers}; "
+            "full widths, the checkpoint's weights")

@@ -1,0 +1,443 @@
+"""The OpenAI-compatible HTTP server: Starlette app + one shared, thread-safe Pipeline answered by worker threads.
+
+    POST /v1/chat/completions   answer (JSON, or SSE chunks with "stream": true)
+    GET  /v1/models             the one served model
+    GET  /health                the process is up (always 200)
+    GET  /ready                 200 once the model is loaded, else 503
+    GET  /metrics               Prometheus text format (see serve/metrics.py)
+
+Requests are answered by `workers` threads over one Pipeline (a decoder each, the feature cache shared); at most
+`workers + max_queue` requests are admitted at once, the next get 503 with Retry-After. A request waits for its
+first token (or its error) before any byte is sent, so a bad video still gets a proper 4xx JSON error when
+streaming. A client that disconnects — while queued, before its first token or mid-stream — sets its cancel flag,
+and its generation stops at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import ContextLengthError, InputError, PPLLaVAEdgeError
+from .inputs import MediaFile, MediaPolicy
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import ApiError, ChatRequest, StreamText, bad, chunk_body, completion_body, completion_id, parse_chat_request, usage
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
+JSON_OVERHEAD_BYTES = 1 << 20  # request body allowance on top of the base64-encoded upload limit
+
+
+@dataclass
+class ServeOptions:
+    export: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    media_dirs: tuple[Path, ...] = ()
+    api_key: str | None = None
+    max_upload_mb: float = 64.0
+    frames: int = 8
+    max_queue: int = 8
+    workers: int = 1
+    decoders: int | None = None  # KV-cache decoders in the pipeline's pool (None: one per worker)
+    cache_dir: Path | None = None
+    provider: str = "auto"
+    threads: int | None = None
+    model_name: str | None = None
+    max_tokens: int = 256  # max_tokens of a request that gives none
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return math.ceil(self.max_upload_bytes * 4 / 3) + JSON_OVERHEAD_BYTES
+
+
+class _Job:
+    """One admitted request, shared by the event loop and its worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancel = threading.Event()
+        self.admitted = time.perf_counter()
+
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed (shutdown): nobody is listening
+            self.cancel.set()
+
+
+class Server:
+    """The app's state: options, the pipeline (loaded in the background), admission counters, metrics."""
+
+    def __init__(self, opts: ServeOptions, pipeline=None):
+        self.opts = opts
+        self.model_id = opts.model_name or Path(opts.export).name
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.pipe = pipeline
+        self.load_error: BaseException | None = None
+        self.on_load_error = None  # set by the runner: stops the server when the model cannot be loaded
+        self._tmp = tempfile.TemporaryDirectory(prefix="ppllava-serve-")
+        self.policy = MediaPolicy(list(opts.media_dirs), opts.max_upload_bytes, Path(self._tmp.name))
+        self.executor = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="ppllava-worker")
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+        self._jobs: set[_Job] = set()
+        self._mean_e2e: float | None = None
+        if pipeline is not None:
+            self.metrics.ready.set(1)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the pipeline (runs on a background thread at start-up)."""
+        from ..runtime.pipeline import Pipeline
+
+        try:
+            t0 = time.perf_counter()
+            self.pipe = Pipeline.from_export(
+                self.opts.export, provider=self.opts.provider, threads=self.opts.threads, cache_dir=self.opts.cache_dir,
+                max_decoders=self.opts.decoders or self.opts.workers,
+            )
+            self.metrics.ready.set(1)
+            log.info("model %s loaded in %.1f s (provider %s)", self.model_id, time.perf_counter() - t0, self.pipe.provider)
+        except BaseException as exc:  # reported by /ready and by the serve command
+            self.load_error = exc
+            log.error("cannot load %s: %s", self.opts.export, exc)
+            if self.on_load_error is not None:
+                self.on_load_error(exc)
+
+    def close(self) -> None:
+        with self._lock:
+            for job in self._jobs:
+                job.cancel.set()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.pipe is not None:
+            self.pipe.close()
+        self._tmp.cleanup()
+
+    # ---- admission -------------------------------------------------------------------------------------------
+    def _retry_after(self) -> int:
+        per = self._mean_e2e or 1.0
+        return int(min(60, max(1, math.ceil(per * (self.waiting + 1) / self.opts.workers))))
+
+    def admit(self, job: _Job) -> None:
+        with self._lock:
+            if self.waiting + self.running >= self.opts.workers + self.opts.max_queue:
+                raise ApiError(
+                    503, f"The server is busy: {self.running} requests running and {self.waiting} queued "
+                         f"(--max-queue {self.opts.max_queue}); retry later", None, "server_busy",
+                    headers={"Retry-After": str(self._retry_after())},
+                )
+            self.waiting += 1
+            self._jobs.add(job)
+            self.metrics.queue_depth.set(self.waiting)
+
+    def _release(self, job: _Job, started: bool) -> None:
+        with self._lock:
+            if started:
+                self.running -= 1
+            else:
+                self.waiting -= 1
+            self._jobs.discard(job)
+            self.metrics.queue_depth.set(self.waiting)
+            self.metrics.running.set(self.running)
+
+    # ---- the work (worker thread) ----------------------------------------------------------------------------
+    def _generation(self, req: ChatRequest):
+        from ..runtime.generation import GenerationConfig
+
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.opts.max_tokens
+        return GenerationConfig(
+            max_new_tokens=max_tokens, do_sample=req.do_sample, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=req.seed, ignore_eos=req.ignore_eos,
+        )
+
+    def run_job(self, job: _Job, req: ChatRequest, media: MediaFile, frames: int) -> None:
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+            self.metrics.queue_depth.set(self.waiting)
+            self.metrics.running.set(self.running)
+        started = time.perf_counter()
+        first: list[float] = []
+        try:
+            if job.cancel.is_set():  # the client left while queued
+                job.emit(("cancelled",))
+                self.metrics.chat_requests.labels(outcome="cancelled").inc()
+                return
+            text = StreamText(self.pipe.llama.decode, req.stop)
+
+            def on_token(token: int) -> bool:
+                if not first:
+                    first.append(time.perf_counter())
+                if job.cancel.is_set():
+                    return True
+                delta, stop = text.feed(token)
+                job.emit(("token", int(token), delta))
+                return stop
+
+            gen = self._generation(req)
+            result = self.pipe.ask(media.path, req.question, num_frames=frames, generation=gen, on_token=on_token,
+                                   history=req.history, system=req.system)
+        except BaseException as exc:
+            job.emit(("error", self._map_error(exc, req, media)))
+            self.metrics.chat_requests.labels(outcome="error").inc()
+            return
+        finally:
+            media.cleanup()
+            self._release(job, started=True)
+        end = time.perf_counter()
+        if job.cancel.is_set():
+            self.metrics.chat_requests.labels(outcome="cancelled").inc()
+        else:
+            self.metrics.chat_requests.labels(outcome="ok").inc()
+        ttft = (first[0] if first else end) - job.admitted
+        self.metrics.observe_answer(result.timings.as_dict(), started - job.admitted, ttft, end - job.admitted, result.context_len, len(result.ids))
+        with self._lock:
+            e2e = end - job.admitted
+            self._mean_e2e = e2e if self._mean_e2e is None else 0.8 * self._mean_e2e + 0.2 * e2e
+        finish = "stop" if (text.stopped or (result.ids and result.ids[-1] == gen.eos_token_id and gen.stops_at_eos)) else "length"
+        warnings = [w.replace(str(media.path), media.label) for w in result.warnings]
+        job.emit(("done", result, text.text(), text.finish(), finish, warnings))
+
+    def _map_error(self, exc: BaseException, req: ChatRequest, media: MediaFile) -> ApiError:
+        msg = str(exc).replace(str(media.path), media.label)
+        if isinstance(exc, ContextLengthError):
+            return ApiError(400, msg, "max_tokens", "context_length_exceeded")
+        if isinstance(exc, InputError):  # VideoError included: the media could not be used
+            return ApiError(400, msg, req.media.param, "invalid_media")
+        if isinstance(exc, PPLLaVAEdgeError):
+            log.error("request failed: %s", exc)
+            return ApiError(500, f"inference failed: {msg}", None, "inference_error")
+        log.exception("unexpected error while answering", exc_info=exc)
+        return ApiError(500, f"internal error ({type(exc).__name__})", None, "internal_error")
+
+
+# ---- HTTP helpers ----------------------------------------------------------------------------------------------
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 when it is over `limit` (checked on Content-Length first, then while reading)."""
+    too_big = ApiError(413, f"The request body is over this server's limit of {limit / 2**20:.1f} MiB "
+                            "(--max-upload-mb, base64 included)", None, "request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        if int(declared) <= 4 * limit:  # drain (not stored) so the client reads the 413 instead of a reset
+            async for _ in request.stream():
+                pass
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _next_event(job: _Job, disconnected: asyncio.Task) -> tuple | None:
+    """The job's next event, or None when the client disconnected first."""
+    getter = asyncio.ensure_future(job.events.get())
+    done, _ = await asyncio.wait({getter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    return None
+
+
+def create_app(server: Server) -> Starlette:
+    opts = server.opts
+    metrics = server.metrics
+
+    def check_auth(request: Request) -> None:
+        if opts.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), opts.api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def check_ready() -> None:
+        if server.pipe is None:
+            msg = f"the model could not be loaded: {server.load_error}" if server.load_error else "the model is still loading"
+            raise ApiError(503, msg, None, "model_not_ready", headers={"Retry-After": "5"})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if server.pipe is not None:
+            return JSONResponse({"status": "ready", "model": server.model_id})
+        if server.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(server.load_error)}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models(request: Request) -> Response:
+        try:
+            check_auth(request)
+        except ApiError as err:
+            return error_response(err)
+        return JSONResponse({"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created, "owned_by": "ppllava-edge"}]})
+
+    def prepare(body: bytes) -> tuple[ChatRequest, int]:
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad(None, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+        req = parse_chat_request(data, server.model_id)
+        frames = req.frames if req.frames is not None else opts.frames
+        fmin, fmax = server.pipe.frame_range()
+        if not fmin <= frames <= fmax:
+            raise bad("frames", f"'frames' {frames} is outside this model's frame range {fmin}..{fmax}")
+        return req, frames
+
+    async def chat_completions(request: Request) -> Response:
+        job: _Job | None = None
+        try:
+            check_auth(request)
+            check_ready()
+            body = await _read_body(request, opts.max_body_bytes)
+            req, frames = await asyncio.to_thread(prepare, body)
+            media = await asyncio.to_thread(server.policy.resolve, req.media)
+            job = _Job(asyncio.get_running_loop())
+            try:
+                server.admit(job)
+            except BaseException:
+                media.cleanup()
+                raise
+            server.executor.submit(server.run_job, job, req, media, frames)
+        except ApiError as err:
+            return error_response(err)
+
+        disconnected = asyncio.ensure_future(_wait_disconnect(request))
+        cid, created = completion_id(), int(time.time())
+        event = await _next_event(job, disconnected)
+        while event is not None and event[0] == "token" and not req.stream:
+            event = await _next_event(job, disconnected)
+        if event is None:  # the client went away: stop the work, nobody reads the answer
+            job.cancel.set()
+            return Response(status_code=499)
+        if event[0] == "error":
+            disconnected.cancel()
+            return error_response(event[1])
+        if event[0] == "cancelled":
+            disconnected.cancel()
+            return Response(status_code=499)
+        if not req.stream:
+            disconnected.cancel()
+            _, result, text, _, finish, warnings = event
+            return JSONResponse(completion_body(cid, server.model_id, text, finish, result.context_len, result.ids, req.return_token_ids,
+                                                result.timings.as_dict(), warnings))
+        disconnected.cancel()  # from here Starlette's StreamingResponse watches for the disconnect
+        return StreamingResponse(_stream(job, req, cid, created, event), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _stream(job: _Job, req: ChatRequest, cid: str, created: int, event: tuple):
+        model = server.model_id
+        try:
+            yield _sse(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
+            while True:
+                kind = event[0]
+                if kind == "token":
+                    _, token, delta = event
+                    if delta or req.return_token_ids:
+                        extra = {"token_ids": [token]} if req.return_token_ids else {}
+                        yield _sse(chunk_body(cid, model, created, {"content": delta}, **extra))
+                elif kind == "done":
+                    _, result, _, tail, finish, warnings = event
+                    if tail:
+                        yield _sse(chunk_body(cid, model, created, {"content": tail}))
+                    yield _sse(chunk_body(cid, model, created, {}, finish, timings=result.timings.as_dict(), warnings=warnings))
+                    if req.include_usage:
+                        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                                    "usage": usage(result.context_len, len(result.ids))})
+                    yield b"data: [DONE]\n\n"
+                    return
+                elif kind == "error":
+                    yield _sse(event[1].body())
+                    yield b"data: [DONE]\n\n"
+                    return
+                else:  # cancelled
+                    return
+                event = await job.events.get()
+        finally:
+            job.cancel.set()  # a no-op after the last token; stops the generation when the client went away
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code))
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    return _CountRequests(app, metrics)
+
+
+class _CountRequests:
+    """ASGI middleware: counts every HTTP request by route and final status (ppllava_http_requests_total)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counting_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.http_requests.labels(path=path if path in ROUTES else "other", status=str(status)).inc()

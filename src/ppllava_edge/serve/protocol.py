@@ -1,0 +1,304 @@
+"""The OpenAI chat-completions wire format: request validation, response and SSE chunk bodies, JSON errors.
+
+Pure Python (no web framework): the app turns an `ApiError` into its HTTP status and the OpenAI error body
+`{"error": {"message", "type", "param", "code"}}`. Every message names the offending field (`param`), in the
+same dotted/indexed form OpenAI uses (`messages[0].content[1].video_url.url`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status + OpenAI error fields (+ extra response headers)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+@dataclass(frozen=True)
+class MediaPart:
+    """The one video/image of a request: its URL and where it was in the request."""
+
+    url: str
+    kind: str  # "video_url" or "image_url"
+    param: str  # e.g. "messages[0].content[1].video_url.url"
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat-completions request, in the pipeline's terms."""
+
+    model: str
+    question: str  # the latest user turn: the LLM's last turn and the relevance (CLIP) query
+    history: list[tuple[str, str]]  # earlier (user, assistant) turns
+    system: str | None
+    media: MediaPart
+    max_tokens: int | None
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    frames: int | None
+    return_token_ids: bool
+    ignore_eos: bool
+
+
+# fields of the OpenAI schema we cannot honour: refused when set to something other than their neutral value
+_UNSUPPORTED = {
+    "tools": lambda v: v not in (None, []),
+    "tool_choice": lambda v: v not in (None, "none"),
+    "functions": lambda v: v not in (None, []),
+    "logprobs": lambda v: v not in (None, False),
+    "top_logprobs": lambda v: v not in (None, 0),
+    "logit_bias": lambda v: v not in (None, {}),
+    "presence_penalty": lambda v: v not in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v not in (None, 0, 0.0),
+    "response_format": lambda v: v not in (None, {"type": "text"}),
+    "audio": lambda v: v is not None,
+    "modalities": lambda v: v not in (None, ["text"]),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _opt_int(body: dict, name: str, low: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v) or v < low:
+        raise bad(name, f"'{name}' must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def _opt_bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(name, f"'{name}' must be true or false, got {v!r}")
+    return v
+
+
+def _text_of(content: Any, where: str, media: list[MediaPart], allow_media: bool) -> str:
+    """The text of a message's content (a string or a list of parts); media parts are collected."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise bad(f"{where}.content", f"'{where}.content' must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise bad(f"{at}.type", f"'{at}' must be an object with a 'type'")
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise bad(f"{at}.text", f"'{at}.text' must be a string")
+            texts.append(part["text"])
+        elif kind in ("video_url", "image_url"):
+            if not allow_media:
+                raise bad(f"{at}.type", f"'{at}': a {kind} part is only allowed in a user message")
+            ref = part.get(kind)
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str) or not url:
+                raise bad(f"{at}.{kind}.url", f"'{at}.{kind}.url' must be a non-empty string (a data: URL, a file:// URL or a path)")
+            media.append(MediaPart(url, kind, f"{at}.{kind}.url"))
+        else:
+            raise bad(f"{at}.type", f"'{at}.type' {kind!r} is not supported (use text, video_url or image_url)", "unsupported_content_type")
+    return "\n".join(texts)
+
+
+def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
+    """Validate a chat-completions body. Raises ApiError (400, or 404 for an unknown model)."""
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model", "'model' is required (a string; see GET /v1/models)", "missing_required_parameter")
+    if model != model_id:
+        raise ApiError(404, f"The model {model!r} does not exist; this server serves {model_id!r}", "model", "model_not_found")
+    for name, unsupported in _UNSUPPORTED.items():
+        if unsupported(body.get(name)):
+            raise bad(name, f"'{name}' is not supported by this server", "unsupported_parameter")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad("n", f"'n' must be 1 (one choice per request), got {n!r}", "unsupported_parameter")
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list", "missing_required_parameter")
+    media: list[MediaPart] = []
+    system: list[str] = []
+    turns: list[list[Any]] = []  # [role, text]
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise bad(where, f"'{where}' must be an object with 'role' and 'content'")
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_of(msg.get("content"), where, media, allow_media=False))
+            continue
+        if role not in ("user", "assistant"):
+            raise bad(f"{where}.role", f"'{where}.role' must be system, developer, user or assistant, got {role!r}", "unsupported_role")
+        text = _text_of(msg.get("content"), where, media, allow_media=role == "user")
+        if not turns and role == "assistant":
+            raise bad(f"{where}.role", f"'{where}': the conversation must start with a user message")
+        if turns and turns[-1][0] == role:  # consecutive messages of one role form one turn
+            turns[-1][1] += "\n" + text
+        else:
+            turns.append([role, text])
+    if not turns or turns[-1][0] != "user":
+        raise bad("messages", "the last message must be a user message (the question to answer)")
+    if not media:
+        raise bad("messages", "a user message needs one video_url (or image_url) content part: the video to ask about", "missing_media")
+    if len(media) > 1:
+        raise bad(media[1].param, f"one video or image per request; found {len(media)} ({', '.join(m.param for m in media)})", "too_many_media")
+    history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
+
+    max_tokens = _opt_int(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _opt_int(body, "max_tokens", 1)
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_num(temperature) or not 0 <= temperature <= 2):
+        raise bad("temperature", f"'temperature' must be a number in [0, 2], got {temperature!r}")
+    top_p = body.get("top_p")
+    if top_p is not None and (not _is_num(top_p) or not 0 < top_p <= 1):
+        raise bad("top_p", f"'top_p' must be a number in (0, 1], got {top_p!r}")
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < -1):
+        raise bad("top_k", f"'top_k' must be an integer >= -1 (-1 or 0 = off), got {top_k!r}")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise bad("seed", f"'seed' must be an integer >= 0, got {seed!r}")
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        stops = list(stop)
+    else:
+        raise bad("stop", "'stop' must be a string or a list of at most 4 strings")
+    if any(not s for s in stops):
+        raise bad("stop", "'stop' strings must not be empty")
+    stream = _opt_bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options", "'stream_options' must be an object")
+    include_usage = bool(options and options.get("include_usage"))
+    frames = _opt_int(body, "frames", 1)
+    return ChatRequest(
+        model=model, question=turns[-1][1], history=history, system="\n".join(system) if system else None, media=media[0],
+        max_tokens=max_tokens, do_sample=temperature is not None and temperature > 0,
+        temperature=float(temperature) if temperature else 1.0, top_p=float(top_p) if top_p is not None else 1.0,
+        top_k=max(int(top_k or 0), 0), seed=seed, stop=stops, stream=stream, include_usage=include_usage, frames=frames,
+        return_token_ids=_opt_bool(body, "return_token_ids"), ignore_eos=_opt_bool(body, "ignore_eos"),
+    )
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, ids: list[int],
+                    with_ids: bool, timings: dict, warnings: list[str]) -> dict:
+    """A non-streamed answer. Extra fields: `choices[0].token_ids` (when asked for), `timings` (ms per stage) and
+    `warnings` (e.g. a truncated video)."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
+    if with_ids:
+        choice["token_ids"] = list(ids)
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": [choice],
+        "usage": usage(prompt_tokens, len(ids)), "timings": timings, "warnings": warnings,
+    }
+
+
+def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None, **extra: Any) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    if "token_ids" in extra:
+        choice["token_ids"] = extra.pop("token_ids")
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice], **extra}
+
+
+class StreamText:
+    """Turns ids into text deltas as they come: incomplete UTF-8 pieces are held back, and so is any tail that could
+    be the start of a stop string. `feed` returns (delta, stop_matched); the deltas joined with `finish()` equal the
+    final text (the whole decoded answer, cut before the first stop string)."""
+
+    def __init__(self, decode, stops: list[str]):
+        self.decode, self.stops = decode, stops
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def _cut(self, text: str) -> tuple[str, bool]:
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            return text[: min(hits)], True
+        return text, False
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        self.ids.append(int(token))
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return "", False
+        text, self.stopped = self._cut(text)
+        if not self.stopped:  # hold back a tail that may grow into a stop string
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+        if not text.startswith(self.emitted):
+            return "", self.stopped
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta, self.stopped
+
+    def text(self) -> str:
+        return self._cut(self.decode(self.ids))[0]
+
+    def finish(self) -> str:
+        final = self.text()
+        delta = final[len(self.emitted):] if final.startswith(self.emitted) else ""
+        self.emitted = final
+        return delta

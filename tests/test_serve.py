@@ -1,0 +1,401 @@
+"""`ppllava-edge serve`: a real server on a free loopback port, driven with the official `openai` client.
+
+Answers equal `Pipeline.ask` on the same export, video and question (ids and text, streamed or not, alone or with 8
+concurrent clients); the feature cache is shared; bad inputs get the right status and an OpenAI-style error body,
+and the next good request still succeeds; a client that disconnects stops its generation; the queue limit gives
+503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from ppllava_edge.runtime.generation import GenerationConfig  # noqa: E402
+from ppllava_edge.runtime.pipeline import Pipeline  # noqa: E402
+
+from .conftest import write_truncated_video  # noqa: E402
+from .serving import running_server  # noqa: E402
+
+KEY = "test-key-123"
+QUESTIONS = ["What is happening in the video?", "What colour is the square?", "Count the   objects, please.", "Where does the disc go?"]
+
+
+def b64_url(path, mime="video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def video_messages(url: str, question: str, kind: str = "video_url") -> list[dict]:
+    return [{"role": "user", "content": [{"type": kind, kind: {"url": url}}, {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    from ppllava_edge.media import write_test_video
+
+    root = tmp_path_factory.mktemp("serve")
+    d = root / "media"
+    d.mkdir()
+    outside = root / "outside"
+    outside.mkdir()
+    files = {
+        "clip": write_test_video(d / "clip.mp4", num_frames=48),
+        "clip2": write_test_video(d / "clip2.mp4", num_frames=30, size=(96, 96)),
+        "fresh": write_test_video(d / "fresh.mp4", num_frames=40, size=(112, 80)),
+        "secret": write_test_video(outside / "secret.mp4", num_frames=12),
+        "truncated": write_truncated_video(d / "truncated.mp4"),
+    }
+    (d / "notes.mp4").write_text("this is a text file, not a video")
+    files["notes"] = d / "notes.mp4"
+    nan = np.zeros((8, 3, 84, 84), np.float32)
+    nan[3, 1, 2, 2] = np.nan
+    np.save(d / "nan.npy", nan)
+    files["nan"] = d / "nan.npy"
+    os.symlink(files["secret"], d / "escape.mp4")  # inside the media dir, pointing outside it
+    files["escape"] = d / "escape.mp4"
+    return d, files
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, media):
+    with running_server(tiny_export, "--media-dir", str(media[0]), "--api-key", KEY, "--max-upload-mb", "1", "--workers", "2", "--frames", "8") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_export):
+    return Pipeline.from_export(tiny_export, provider="cpu")
+
+
+def model_id(tiny_export) -> str:
+    return tiny_export.name
+
+
+def ask(pipe, path, question, **kw):
+    return pipe.ask(path, question, num_frames=8, generation=GenerationConfig(max_new_tokens=12, **kw))
+
+
+def test_models_health_ready(server, client, tiny_export):
+    assert [m.id for m in client.models.list().data] == [model_id(tiny_export)]
+    for path in ("/health", "/ready"):
+        status, _, body = server.request("GET", path)
+        assert status == 200, body
+    status, _, body = server.request("GET", "/v1/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_answer_equals_ask_streamed_or_not(server, client, pipe, media, tiny_export):
+    _, files = media
+    for name, url in (("clip", f"file://{files['clip']}"), ("clip2", b64_url(files["clip2"]))):
+        for q in QUESTIONS[:2]:
+            want = ask(pipe, files[name], q)
+            r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages(url, q), max_tokens=12, temperature=0,
+                                               extra_body={"return_token_ids": True})
+            choice = r.choices[0]
+            assert choice.message.content == want.text
+            assert choice.model_extra["token_ids"] == want.ids
+            assert r.usage.completion_tokens == len(want.ids) and r.usage.prompt_tokens == want.context_len  # visual tokens included
+            assert choice.finish_reason == ("stop" if want.ids[-1] == 2 else "length")
+            assert set(r.model_extra["timings"]) >= {"vision", "pool", "prefill", "decode", "e2e"} and r.model_extra["warnings"] == []
+
+            stream = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages(url, q), max_tokens=12, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}, extra_body={"return_token_ids": True})
+            text, ids, finish, usage = [], [], None, None
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for c in chunk.choices:
+                    text.append(c.delta.content or "")
+                    ids += (c.model_extra or {}).get("token_ids") or []
+                    finish = c.finish_reason or finish
+            assert "".join(text) == want.text and ids == want.ids
+            assert finish == choice.finish_reason and usage.completion_tokens == len(want.ids)
+
+
+def test_image_url_answer_equals_ask(client, pipe, media, tiny_export, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(2).random((70, 110, 3)) * 255).astype(np.uint8)).save(img)
+    want = pipe.ask(img, "What is this?", generation=GenerationConfig(max_new_tokens=8))
+    r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages(b64_url(img, "image/png"), "What is this?", "image_url"),
+                                       max_tokens=8, temperature=0, extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == want.ids and r.usage.prompt_tokens == want.context_len
+
+
+def test_stop_strings_cut_the_answer(client, pipe, media, tiny_export):
+    _, files = media
+    want = ask(pipe, files["clip"], QUESTIONS[0])
+    assert len(want.text) >= 8, want.text
+    stop = want.text[len(want.text) // 2: len(want.text) // 2 + 3]
+    expected = want.text[: want.text.find(stop)]
+    messages = video_messages("clip.mp4", QUESTIONS[0])
+    r = client.chat.completions.create(model=model_id(tiny_export), messages=messages, max_tokens=12, temperature=0, stop=[stop, "never-seen"])
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens <= len(want.ids)
+    chunks = client.chat.completions.create(model=model_id(tiny_export), messages=messages, max_tokens=12, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_earlier_turns_use_the_conversation_template(client, pipe, media, tiny_export):
+    _, files = media
+    history = [("Describe the video.", "A square moves."), ("And the disc?", "It falls.")]
+    messages = [{"role": "system", "content": "Be brief."}]
+    messages.append({"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{files['clip']}"}}, {"type": "text", "text": history[0][0]}]})
+    messages.append({"role": "assistant", "content": history[0][1]})
+    messages += [{"role": "user", "content": history[1][0]}, {"role": "assistant", "content": history[1][1]}, {"role": "user", "content": "What colour is it?"}]
+    want = pipe.ask(files["clip"], "What colour is it?", num_frames=8, generation=GenerationConfig(max_new_tokens=12), history=history, system="Be brief.")
+    single = ask(pipe, files["clip"], "What colour is it?")
+    r = client.chat.completions.create(model=model_id(tiny_export), messages=messages, max_tokens=12, temperature=0, extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == want.ids
+    assert r.usage.prompt_tokens == want.context_len > single.context_len
+
+
+def test_eight_concurrent_clients_get_the_sequential_answers(client, pipe, media, tiny_export):
+    _, files = media
+    jobs = [(name, q) for name in ("clip", "clip2") for q in QUESTIONS]  # 8 different requests
+    want = {job: ask(pipe, files[job[0]], job[1]).ids for job in jobs}
+
+    def one(job):
+        name, q = job
+        r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages(f"file://{files[name]}", q), max_tokens=12,
+                                           temperature=0, extra_body={"return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(one, jobs * 2))  # 16 requests, 8 at a time
+    assert got == [want[j] for j in jobs * 2]
+
+
+def test_second_question_on_a_video_is_a_cache_hit(server, client, media, tiny_export):
+    _, files = media
+    before = server.metrics()
+    answers = []
+    for q in QUESTIONS[:2]:
+        r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages(b64_url(files["fresh"]), q), max_tokens=4, temperature=0)
+        answers.append(r.model_extra["timings"])
+    after = server.metrics()
+    assert not answers[0]["cache_hit"] and answers[1]["cache_hit"] and answers[1]["vision"] == 0.0
+    assert after["ppllava_feature_cache_misses_total"] - before["ppllava_feature_cache_misses_total"] == 1
+    assert after["ppllava_feature_cache_hits_total"] - before["ppllava_feature_cache_hits_total"] == 1
+    ok = 'ppllava_chat_requests_total{outcome="ok"}'
+    assert after[ok] - before[ok] == 2
+    assert after["ppllava_generated_tokens_total"] - before["ppllava_generated_tokens_total"] == 8
+    assert after['ppllava_stage_seconds_count{stage="e2e"}'] - before['ppllava_stage_seconds_count{stage="e2e"}'] == 2
+    assert "ppllava_queue_depth" in after and 'ppllava_http_requests_total{path="/v1/chat/completions",status="200"}' in after
+
+
+def _bad_cases(files):
+    big = os.urandom(1536 * 1024)  # 1.5 MiB decoded: over --max-upload-mb 1, under the body limit
+    huge = os.urandom(3 << 20)  # 3 MiB: the request body itself is over the limit
+    return [
+        # (label, url, api key, status, openai exception, error code, text the message must hold)
+        ("missing file", "file://{media}/nope.mp4", KEY, 400, openai.BadRequestError, "file_not_found", "nope.mp4"),
+        ("outside the media dir", f"file://{files['secret']}", KEY, 403, openai.PermissionDeniedError, "path_not_allowed", "outside"),
+        ("relative escape", "../outside/secret.mp4", KEY, 403, openai.PermissionDeniedError, "path_not_allowed", "outside"),
+        ("symlink escaping", f"file://{files['escape']}", KEY, 403, openai.PermissionDeniedError, "path_not_allowed", "symlinks"),
+        ("bad base64", "data:video/mp4;base64,@@@not-base64@@@", KEY, 400, openai.BadRequestError, "invalid_base64", "base64"),
+        ("text file as video", "notes.mp4", KEY, 400, openai.BadRequestError, "invalid_media", "notes.mp4"),
+        ("NaN .npy (path)", f"file://{files['nan']}", KEY, 400, openai.BadRequestError, "invalid_media", "non-finite"),
+        ("NaN .npy (upload)", b64_url(files["nan"], "application/x-npy"), KEY, 400, openai.BadRequestError, "invalid_media", "uploaded video"),
+        ("oversize upload", "data:video/mp4;base64," + base64.b64encode(big).decode(), KEY, 413, openai.APIStatusError, "upload_too_large", "--max-upload-mb"),
+        ("oversize body", "data:video/mp4;base64," + base64.b64encode(huge).decode(), KEY, 413, openai.APIStatusError, "request_too_large", "limit"),
+        ("http URL", "https://example.com/clip.mp4", KEY, 400, openai.BadRequestError, "unsupported_url", "not fetched"),
+        ("wrong API key", "clip.mp4", "wrong-key", 401, openai.AuthenticationError, "invalid_api_key", "API key"),
+    ]
+
+
+def test_bad_inputs_get_the_right_status_and_the_server_keeps_serving(server, pipe, media, tiny_export):
+    d, files = media
+    want = ask(pipe, files["clip"], QUESTIONS[0])
+    for label, url, key, status, exc_type, code, needle in _bad_cases(files):
+        bad_client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        with pytest.raises(exc_type) as err:
+            bad_client.chat.completions.create(model=model_id(tiny_export), messages=video_messages(url.replace("{media}", str(d)), "q"), max_tokens=4, temperature=0)
+        assert err.value.status_code == status, label
+        body = err.value.body
+        assert set(body) == {"message", "type", "param", "code"} and body["code"] == code, (label, body)
+        assert needle in body["message"], (label, body["message"])
+        if status in (400, 403, 413) and code != "request_too_large":
+            assert body["param"] == "messages[0].content[0].video_url.url", (label, body)
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        r = good.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", QUESTIONS[0]), max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == want.text, f"after {label}"
+
+
+def test_bad_request_fields_name_the_field(server, client, tiny_export):
+    cases = [
+        ({"model": "other", "messages": video_messages("clip.mp4", "q")}, 404, "model"),
+        ({"model": model_id(tiny_export), "messages": []}, 400, "messages"),
+        ({"model": model_id(tiny_export), "messages": [{"role": "user", "content": "no video"}]}, 400, "messages"),
+        ({"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "temperature": 5}, 400, "temperature"),
+        ({"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "frames": 40}, 400, "frames"),
+        ({"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 5000}, 400, "max_tokens"),
+        ({"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "n": 2}, 400, "n"),
+        ({"model": model_id(tiny_export), "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, 400, "messages[0].content[0].type"),
+    ]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for body, status, param in cases:
+        got, _, raw = server.request("POST", "/v1/chat/completions", body, auth)
+        err = json.loads(raw)["error"]
+        assert (got, err["param"]) == (status, param), (body, err)
+        assert err["type"] in ("invalid_request_error", "not_found_error") and err["message"]
+    got, _, raw = server.request("POST", "/v1/chat/completions", b"{not json", auth)
+    assert got == 400 and json.loads(raw)["error"]["code"] == "invalid_json"
+
+
+def test_truncated_video_is_answered_with_a_warning(client, media, tiny_export):
+    _, files = media
+    r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages("truncated.mp4", "q"), max_tokens=4, temperature=0)
+    warnings = r.model_extra["warnings"]
+    assert len(warnings) == 1 and "truncated.mp4" in warnings[0] and "of 48 announced frames decoded" in warnings[0]
+    again = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages("truncated.mp4", "q2"), max_tokens=4, temperature=0)
+    assert again.model_extra["timings"]["cache_hit"] and again.model_extra["warnings"] == warnings  # a cache hit keeps the warning
+
+
+def _stream_some_then_disconnect(server, body: dict, chunks: int) -> None:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = 0
+    while seen < chunks:
+        if resp.readline().startswith(b"data:"):
+            seen += 1
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_disconnect_mid_stream_stops_generation(server, client, tiny_export):
+    before = server.metrics()
+    body = {"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 3900, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    _stream_some_then_disconnect(server, body, chunks=3)
+    key = 'ppllava_chat_requests_total{outcome="cancelled"}'
+    assert _wait_for(lambda: server.metrics()[key] - before[key] == 1)
+    after = server.metrics()
+    generated = after["ppllava_generated_tokens_total"] - before["ppllava_generated_tokens_total"]
+    assert 0 < generated < 3900  # stopped early, not run to max_tokens
+    r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=4, temperature=0)
+    assert r.choices[0].message.content
+
+
+def test_queue_limit_gives_503_with_retry_after(tiny_export, media, pipe):
+    d, files = media
+    with running_server(tiny_export, "--media-dir", str(d), "--workers", "1", "--max-queue", "0") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        long = {"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 3900, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(long).encode(), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data:")  # the one worker is busy
+        with pytest.raises(openai.InternalServerError) as err:
+            c.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=4, temperature=0)
+        assert err.value.status_code == 503 and err.value.body["code"] == "server_busy"
+        assert int(err.value.response.headers["retry-after"]) >= 1
+        conn.sock.close()
+        conn.close()
+        want = ask(pipe, files["clip"], "q")
+
+        def answered() -> bool:
+            try:
+                r = c.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=12, temperature=0)
+            except openai.InternalServerError:
+                return False
+            return r.choices[0].message.content == want.text
+
+        assert _wait_for(answered)
+
+
+def test_no_media_dir_means_no_path_access(tiny_export, media):
+    _, files = media
+    with running_server(tiny_export) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for url in (f"file://{files['clip']}", str(files["clip"]), "clip.mp4"):
+            with pytest.raises(openai.PermissionDeniedError) as err:
+                c.chat.completions.create(model=model_id(tiny_export), messages=video_messages(url, "q"), max_tokens=4)
+            assert err.value.body["code"] == "path_access_disabled"
+        r = c.chat.completions.create(model=model_id(tiny_export), messages=video_messages(b64_url(files["clip"]), "q"), max_tokens=4)
+        assert r.choices[0].message.content is not None
+        status, _, body = s.request("GET", "/health")
+        assert status == 200
+
+
+def test_soak_200_requests_rss_stays_flat(server, media, tiny_export):
+    """200 requests (uploads and paths, streamed and not) on the tiny export; the server's RSS after the last is
+    at most 5 % above its RSS after the 20th."""
+    _, files = media
+    upload = b64_url(files["clip2"])
+    auth = {"Authorization": f"Bearer {KEY}"}
+    rss = {}
+    for i in range(1, 201):
+        url = upload if i % 2 else "clip.mp4"
+        body = {"model": model_id(tiny_export), "messages": video_messages(url, QUESTIONS[i % len(QUESTIONS)]), "max_tokens": 8, "temperature": 0,
+                "stream": i % 3 == 0}
+        status, _, raw = server.request("POST", "/v1/chat/completions", body, auth)
+        assert status == 200, raw[:300]
+        if body["stream"]:
+            assert raw.rstrip().endswith(b"data: [DONE]")
+        if i in (20, 200):
+            rss[i] = server.rss()
+    assert rss[200] <= rss[20] * 1.05, f"RSS grew from {rss[20] / 2**20:.1f} MiB to {rss[200] / 2**20:.1f} MiB"
+
+
+def test_loadtest_command_against_the_server(server, tmp_path, media):
+    from click.testing import CliRunner
+
+    from ppllava_edge.cli.main import cli
+
+    _, files = media
+    res = CliRunner().invoke(cli, ["bench", "--server", server.url, "--api-key", KEY, "--video", str(files["clip"]), "--concurrency", "1,2",
+                                   "--requests", "4", "--warmup", "1", "--max-new-tokens", "6", "--stream", "-o", "json",
+                                   "--csv", str(tmp_path / "lt.csv"), "-q"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert [r["concurrency"] for r in result["runs"]] == [1, 2]
+    for r in result["runs"]:
+        assert (r["requests"], r["ok"], r["errors"]) == (4, 4, 0)
+        assert r["completion_tokens"] == 4 * 6  # ignore_eos: exactly max_new_tokens each
+        assert r["requests_per_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["ttft_ms"]["n"] == 4 and 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"]
+        assert r["cache_hits"] == 4  # the warm-up put the video's features in the cache
+    rows = (tmp_path / "lt.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("concurrency,requests,ok,errors")
+    md = CliRunner().invoke(cli, ["bench", "--server", server.url, "--video", str(files["clip"]), "--requests", "2", "--warmup", "0", "-q"])
+    assert md.exit_code == 1 and "HTTP 401" in md.output  # no key: every request refused, reported, exit 1
+    from PIL import Image
+
+    img = tmp_path / "photo.jpg"
+    Image.fromarray((np.random.default_rng(3).random((60, 90, 3)) * 255).astype(np.uint8)).save(img)
+    res = CliRunner().invoke(cli, ["bench", "--server", server.url, "--api-key", KEY, "--image", str(img), "--requests", "2", "--warmup", "0",
+                                   "--max-new-tokens", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "| 1 | 2 | 2 | 0 |" in res.stdout  # concurrency 1: 2 requests, 2 ok, 0 errors
