@@ -124,3 +124,15 @@ def test_export_streams_the_fused_graph_with_a_checked_weight_map(tiny_export, t
     px = np.random.default_rng(3).standard_normal((3, 3, 84, 84), dtype=np.float32)
     for a, b in zip(_session(twin).run(None, {"pixel_values": px}), _session(tiny_export / "vision.onnx").run(None, {"pixel_values": px})):
         np.testing.assert_array_equal(a, b)
+
+
+def test_tensorrt_build_refuses_an_export_without_the_standard_ops_vision_graph(tiny_export):
+    """An export made without --tensorrt has only the fused vision graph: `build` says so and how to fix it."""
+    from ppllava_edge.engine.builder import BuildOptions, plan_build
+    from ppllava_edge.errors import EngineBuildError
+    from ppllava_edge.manifest import ExportManifest
+
+    data = json.loads((tiny_export / "export.json").read_text())
+    del data["backends"]["trt"], data["graphs"]["vision_trt"], data["graphs"]["decoder_trt"]
+    with pytest.raises(EngineBuildError, match=r"vision: this export's vision.onnx uses com.microsoft operators(.|\n)*--tensorrt` \(adds vision_trt.onnx\)"):
+        plan_build(ExportManifest(tiny_export, data), Path("/e"), BuildOptions(graphs=("vision",)), "10.16.1", 87)
