@@ -22,7 +22,7 @@ MultiHeadAttention's CPU kernel runs fp32 self-attention without a mask as MLAS 
 head split/merge transposes of the traced graph disappear into the kernel.
 
 Why these operators (measured, see README "Vision graph: fused attention"): SkipLayerNormalization is slower than
-Add + LayerNormalization on ONNX Runtime 1.32's CPU kernel (3-10x on [T*577, 128..1024]), so residuals stay
+Add + LayerNormalization on ONNX Runtime 1.32's CPU kernel (3-30x on [8*577, 1024..128]), so residuals stay
 Add + LayerNormalization; com.microsoft Attention (projection inside the op) materialises the score matrix.
 
 Weights are read one tensor at a time from a `WeightSource` (checkpoint names) and appended to `<path>.data` as
