@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ pytest.importorskip("onnx")
 from ppllava_edge.calibration.collect import collect_calibration  # noqa: E402
 from ppllava_edge.calibration.quantize import quantize_export  # noqa: E402
 from ppllava_edge.calibration.readers import histogram_shape_fix, load_calibration  # noqa: E402
-from ppllava_edge.errors import AccuracyError, CalibrationError  # noqa: E402
+from ppllava_edge.errors import AccuracyError, CalibrationError, InputError  # noqa: E402
 
 # a cheaper gate for tests (fewer prefix cuts and greedy tokens); thresholds are the defaults
 FAST = {"prefill_positions": 3, "greedy_tokens": 4}
@@ -147,6 +148,34 @@ def test_default_int8_passes_gate_and_answers(tiny_export, calib, videos, tmp_pa
     r = CliRunner().invoke(cli, ["ask", str(out), str(video), "What is happening?", "--frames", "4", "--max-new-tokens", "3", "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout.strip().splitlines()[-1])["ids"]) >= 1
+
+
+def test_prefill_only_calibration_never_opens_the_decoder(tiny_export, calib, videos, questions, tmp_path, monkeypatch):
+    """--decode-steps 0 (the 7B flow: an fp16 7B decoder does not fit in RAM on a CPU): the same prefill feeds as a
+    full calibration, empty pasts, no decoder session; weight-only quantization and its gate run on them."""
+    import ppllava_edge.runtime.pipeline as pl
+
+    opened = []
+    real = pl.create_session
+    monkeypatch.setattr(pl, "create_session", lambda path, *a, **k: (opened.append(Path(path).name), real(path, *a, **k))[1])
+    out = tmp_path / "c0"
+    collect_calibration(tiny_export, videos, questions, out, frames=[2, 4], samples=8, decode_steps=0)
+    assert "decoder.onnx" not in opened and "vision.onnx" in opened
+    full, pre = load_calibration(calib), load_calibration(out)
+    assert not [r for r in pre.records("decoder", "all") if r["kind"] == "decode"]
+    a, b = full.records("decoder", "all"), pre.records("decoder", "all")
+    first_full = [r for r in a if r["kind"] == "prefill"]
+    assert [r["seq"] for r in first_full] == [r["seq"] for r in b]
+    for ra, rb in zip(first_full, b):
+        fa, fb = full.feed("decoder", ra), pre.feed("decoder", rb)
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+    monkeypatch.undo()
+    res = quantize_export(tiny_export, out, tmp_path / "w8", vision="fp32", pool="fp32", llm="int8-weight", **FAST)
+    assert res.report.passed
+    with pytest.raises(InputError, match="decoder=False"):
+        pl.Pipeline.from_export(tiny_export, provider="cpu", decoder=False).ask(videos / "clip1.mp4", "Why?", num_frames=2)
 
 
 def test_weight_only_and_fp16(tiny_export, calib, videos, tmp_path):

@@ -154,4 +154,4 @@ def main() -> None:
 
 
 # Commands living in their own modules register themselves on `cli` when imported.
-from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd, serve_cmd  # noqa: E402,F401
+from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd, serve_cmd, triton_cmd  # noqa: E402,F401

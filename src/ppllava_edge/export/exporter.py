@@ -187,6 +187,18 @@ class ModelParts:
             release_weights(m.language_model)
 
 
+def _example_vision_outputs(vision_onnx: Path, frames: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random `values` [frames, P, D] and L2-normalised `keys` [P·frames, E] with the static dims of vision.onnx."""
+    import onnx
+
+    outs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in onnx.load(str(vision_onnx), load_external_data=False).graph.output}
+    _, p, d = outs["values"]
+    e = outs["keys"][1]
+    values = torch.randn(frames, p, d, generator=gen).to(dtype)
+    keys = torch.nn.functional.normalize(torch.randn(p * frames, e, generator=gen), dim=-1).to(dtype)
+    return values, keys
+
+
 def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: StepRecorder, on_stage: Callable[[str], None],
                   on_progress: Callable[[float, float], None]) -> dict[str, WeightMap]:
     """Trace / write every graph into `tmp`, one model part in memory at a time. Returns each graph's weight map
@@ -228,8 +240,9 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
         px = torch.randn(4, 3, size, size, generator=gen, dtype=torch.float32).to(dtype)  # example T=4 (T=1 would specialise)
         if opts.tensorrt:
             traced("vision_trt", VisionGraph(model), (px,), ["pixel_values"], ["values", "keys"], ({0: frames},), params)
-        with torch.no_grad():
-            values, vkeys = VisionGraph(model)(px)
+        # example pool inputs of the tower's output shapes (read from the fused graph): running the tower here would
+        # cost minutes at CLIP-L width in fp16 on a CPU, and tracing needs only shapes and dtypes
+        values, vkeys = _example_vision_outputs(tmp / "vision.onnx", 4, dtype, gen)
         traced("prompt_pool", PromptPoolGraph(model), (example_clip_ids(ctx), vkeys, values), ["clip_ids", "keys", "values"],
                ["visual_tokens", "relevance"], (None, {0: P * frames}, {0: frames}), params)
         # an image's anyres tiles (base + crops), one relevance softmax over all of them; traced with 4 tiles (1 would specialise)
