@@ -237,7 +237,7 @@ def _exclude_target(entry: str, graph: str) -> str | None:
 
     "GRAPH:NAME" applies to that graph ("pool:NAME" to both pools); a plain name to every graph."""
     g, sep, n = entry.partition(":")
-    if sep and g in ("vision", "prompt_pool", "image_pool", "decoder", "decoder_trt", "pool"):
+    if sep and g in ("vision", "vision_trt", "prompt_pool", "image_pool", "decoder", "decoder_trt", "pool"):
         return n if g == graph or (g == "pool" and graph in _POOLS) else None
     return entry
 
@@ -450,14 +450,17 @@ def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
 
 
 # ---- accuracy gate ---------------------------------------------------------------------------------------
-def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th: Thresholds) -> list[Check]:
+def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th: Thresholds, sessions: tuple | None = None) -> list[Check]:
+    """Per output: min cosine (gated) and max |difference| of `qs` against `ref` on the held-out feeds; `sessions`
+    (fp32, quantized) replaces the pipelines' own sessions of `graph`."""
     recs = calib.eval_records(graph)
-    outs = [o.name for o in ref.sessions[graph].get_outputs()]
+    a_s, b_s = sessions or (ref.sessions[graph], qs.sessions[graph])
+    outs = [o.name for o in a_s.get_outputs()]
     cos = {o: [] for o in outs}
     mabs = {o: [] for o in outs}
     for r in recs:
-        a = ref.sessions[graph].run(None, calib.feed(graph, r, input_names=_inputs(ref.sessions[graph])))
-        b = qs.sessions[graph].run(None, calib.feed(graph, r, input_names=_inputs(qs.sessions[graph])))
+        a = a_s.run(None, calib.feed(graph, r, input_names=_inputs(a_s)))
+        b = b_s.run(None, calib.feed(graph, r, input_names=_inputs(b_s)))
         for o, x, y in zip(outs, a, b):
             cos[o].append(_cosine(x, y))
             mabs[o].append(_max_abs(x, y))
@@ -533,6 +536,14 @@ def _trt_decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thre
     cos = [_cosine(a_s.run(["logits"], calib.feed("decoder_trt", r, input_names=_inputs(a_s)))[0],
                    b_s.run(["logits"], calib.feed("decoder_trt", r, input_names=_inputs(b_s)))[0]) for r in recs]
     return [Check("decoder_trt", precision, "logits cosine (min)", min(cos), th.decoder_cosine, len(recs))]
+
+
+def _trt_vision_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds) -> list[Check]:
+    """The TensorRT vision graph (traced standard ops, run here by ONNX Runtime on CPU), gated as the vision graph."""
+    from ..runtime.session import create_session
+
+    sessions = (create_session(ref.manifest.path("vision_trt"), "cpu"), create_session(qs.manifest.path("vision_trt"), "cpu"))
+    return _graph_checks("vision_trt", precision, ref, qs, calib, th, sessions)
 
 
 class _VisionCache:
@@ -682,6 +693,8 @@ def evaluate_accuracy(
         checks += _decoder_checks(precisions["decoder"], ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
     if precisions.get("decoder_trt", "fp32") != "fp32":
         checks += _trt_decoder_checks(precisions["decoder_trt"], ref, qs, calib, thresholds)
+    if precisions.get("vision_trt", "fp32") != "fp32":
+        checks += _trt_vision_checks(precisions["vision_trt"], ref, qs, calib, thresholds)
     if any(p != "fp32" for p in precisions.values()):
         pooled = precisions.get("vision", "fp32") != "fp32" or precisions.get("prompt_pool", "fp32") != "fp32"
         checks += _pipeline_checks(ref, qs, calib, thresholds, greedy_tokens, pooled)
@@ -764,7 +777,7 @@ def quantize_export(
     # the TensorRT decoder (standard ops) follows --llm int8 (TensorRT builds Q/DQ graphs); weight-only MatMulNBits
     # graphs are ONNX Runtime only, so with those it stays fp32 (recorded in the manifest)
     precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
-                  "decoder_trt": llm if llm == "int8" else "fp32"}
+                  "decoder_trt": llm if llm == "int8" else "fp32", "vision_trt": vision}
     precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
     precisions.update({g: "fp32" for g in manifest.data["graphs"] if g not in precisions})
 
@@ -851,12 +864,18 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         if g == "decoder_trt" and llm != "fp32":
             info["note"] = f"--llm {llm} is ONNX Runtime's MatMulNBits, which TensorRT does not parse: the TensorRT decoder stays {src_dtype}"
         return info
-    if prec == "int8" and src_dtype == "fp16":  # an fp32 trace of the same tower, calibrated and quantized
-        from ..export.exporter import trace_vision_graph
+    if prec == "int8" and src_dtype == "fp16":  # an fp32 twin of the same graph, calibrated and quantized
+        from ..export.exporter import trace_vision_graph, write_vision_graph
 
-        fp32 = trace_vision_graph(manifest.data["checkpoint"]["path"], work / "vision.fp32.onnx", manifest.frames, opset=manifest.data.get("opset", 20))
+        ckpt, opset = manifest.data["checkpoint"]["path"], manifest.data.get("opset", 20)
+        if g == "vision":  # the fused graph ONNX Runtime runs, written again in fp32
+            fp32 = write_vision_graph(ckpt, work / f"{g}.fp32.onnx", "fp32", opset)
+            source = "the fused vision graph written in fp32 from the checkpoint (the export is fp16)"
+        else:  # vision_trt: TensorRT's traced standard-ops graph
+            fp32 = trace_vision_graph(ckpt, work / f"{g}.fp32.onnx", manifest.frames, opset=opset)
+            source = "an fp32 trace of the checkpoint's vision tower (the export is fp16)"
         info = _quantize_static(fp32, dst, calib, g, method, op_types, excl, work, trt_dir)
-        info["source"] = "an fp32 trace of the checkpoint's vision tower (the export is fp16)"
+        info["source"] = source
         return info
     if prec == "int8":
         return _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import PPLLaVAEdgeError
 
 
-PRESET_NAMES = ("tiny", "small", "mid", "7b")  # model.presets.PRESETS (not imported here: it needs torch)
+PRESET_NAMES = ("tiny", "small", "vision-l", "mid", "7b")  # model.presets.PRESETS (not imported here: it needs torch)
 
 
 def _terminate(signum, frame) -> None:

@@ -34,6 +34,7 @@ from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 from ..runtime.decoder import CONCAT, INPLACE
 from .decoder_builder import DecoderDims, build_decoder
+from .fusion import FUSED_OPS, TRT_OPS, VisionDims, build_vision
 from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
 from .truncate import describe as describe_truncation
 from .truncate import dropped_prefixes, truncated_config
@@ -60,7 +61,7 @@ class ExportOptions:
     force: bool = False
     validate: bool = True
     validation: str = "auto"  # auto | full | truncated | none (see resolve_validation)
-    tensorrt: bool = False  # also write decoder_trt.onnx (standard ops; the in-place decoder uses contrib ops)
+    tensorrt: bool = False  # also write decoder_trt.onnx and vision_trt.onnx (standard ops; the ORT graphs use contrib ops)
 
 
 @dataclass
@@ -227,12 +228,19 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
             used = [checkpoint_name(f, keys) for f in fqns]
             maps[name] = map_traced_graph(tmp / f"{name}.onnx", params, [u for u in used if u is not None], np_dtype, composites)
 
+    # issue 18: ONNX Runtime runs vision.onnx written fused from the checkpoint's tensors, one tensor at a time
+    # (export/fusion.py); the traced standard-ops graph is vision_trt.onnx for TensorRT (--tensorrt), as for the decoder
+    on_stage("vision.onnx")
+    with steps.step("vision.onnx"):
+        maps["vision"] = build_vision(lambda name: parts.reader.read(name, torch.float32).numpy(), VisionDims.from_config(cfg),
+                                      tmp / "vision.onnx", opts.dtype, opts.opset)["weights"]
     with parts.vision_side(steps) as model:
         params = {k: t for k, t in ((checkpoint_name(f, keys), p) for f, p in model.named_parameters() if not p.is_meta) if k is not None}
         params = {k: v.detach().numpy() for k, v in params.items()}
         px = torch.randn(4, 3, size, size, generator=gen, dtype=torch.float32).to(dtype)  # example T=4 (T=1 would specialise)
-        traced("vision", VisionGraph(model), (px,), ["pixel_values"], ["values", "keys"], ({0: frames},), params)
-        # example pool inputs of the tower's output shapes (read from the traced graph): running the tower here would
+        if opts.tensorrt:
+            traced("vision_trt", VisionGraph(model), (px,), ["pixel_values"], ["values", "keys"], ({0: frames},), params)
+        # example pool inputs of the tower's output shapes (read from the fused graph): running the tower here would
         # cost minutes at CLIP-L width in fp16 on a CPU, and tracing needs only shapes and dtypes
         values, vkeys = _example_vision_outputs(tmp / "vision.onnx", 4, dtype, gen)
         traced("prompt_pool", PromptPoolGraph(model), (example_clip_ids(ctx), vkeys, values), ["clip_ids", "keys", "values"],
@@ -362,7 +370,7 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
     preset_file = checkpoint / "ppllava_edge.json"
     preset = json.loads(preset_file.read_text()).get("preset") if preset_file.is_file() else None
     graphs = {}
-    names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt"] if opts.tensorrt else [])
+    names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt", "vision_trt"] if opts.tensorrt else [])
     for name in names:
         graphs[name] = {"file": f"{name}.onnx", "precision": opts.dtype, **graph_io(tmp / f"{name}.onnx"), "export_seconds": round(timings.get(name, 0.0), 3)}
     kv_dtype = "float16" if opts.dtype == "fp16" else "float32"
@@ -378,9 +386,11 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
             "kv_cache": {"dtype": kv_dtype, "layout": "[batch, kv_heads, past, head_dim]", "shared_past_present": False},
             "ops": "standard ONNX ops (TensorRT's parser takes them)",
         })
+    graphs["vision"]["ops"] = FUSED_OPS
     backends = {"ort": {s: s for s in STAGES}}
     if opts.tensorrt:
-        backends["trt"] = {**{s: s for s in STAGES}, "decoder": "decoder_trt"}
+        graphs["vision_trt"]["ops"] = TRT_OPS
+        backends["trt"] = {**{s: s for s in STAGES}, "decoder": "decoder_trt", "vision": "vision_trt"}
     h, w = cfg.frame_shape
     return {
         "format": "ppllava-edge-export",
@@ -548,8 +558,9 @@ def validate(checkpoint: Path, cfg, reader: CheckpointReader, folder: Path, mani
 
 
 def trace_vision_graph(checkpoint: str | Path, dst: Path, frames: tuple[int, int, int], dtype: str = "fp32", opset: int = 20) -> Path:
-    """vision.onnx alone, traced from the checkpoint's vision side (nothing else loaded): `quantize --vision int8`
-    on an fp16 export calibrates and quantizes this fp32 trace of the same tower."""
+    """The traced standard-ops vision graph alone (vision_trt.onnx of a --tensorrt export), from the checkpoint's
+    vision side (nothing else loaded): `quantize --vision int8` on an fp16 export calibrates and quantizes this fp32
+    trace for the TensorRT twin."""
     from torch.export import Dim
 
     checkpoint = Path(checkpoint)
@@ -564,6 +575,16 @@ def trace_vision_graph(checkpoint: str | Path, dst: Path, frames: tuple[int, int
             px = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
             external = sum(p.numel() * p.element_size() for p in model.vision_tower.parameters()) > EXTERNAL_DATA_BYTES
             _onnx_export(VisionGraph(model), (px,), dst, ["pixel_values"], ["values", "keys"], ({0: dim},), opset, external)
+    return dst
+
+
+def write_vision_graph(checkpoint: str | Path, dst: Path, dtype: str = "fp32", opset: int = 20) -> Path:
+    """The export's fused vision.onnx written again from the checkpoint (+ `dst.data`, one tensor at a time):
+    `quantize --vision int8` on an fp16 export calibrates and quantizes this fp32 twin of the graph it replaces."""
+    checkpoint = Path(checkpoint)
+    cfg = load_config(checkpoint)
+    with CheckpointReader(checkpoint) as reader:
+        build_vision(lambda name: reader.read(name, torch.float32).numpy(), VisionDims.from_config(cfg), dst, dtype, opset)
     return dst
 
 
