@@ -159,32 +159,38 @@ class ModelParts:
         load_weights(self.model, self.checkpoint, prefix, self.dtype, exclude=self.exclude, reader=self.reader)
 
     @contextlib.contextmanager
-    def vision_side(self, steps: StepRecorder | None = None):
+    def _part(self, step: str, prefixes: tuple[str, ...], steps: StepRecorder | None, load_extra=lambda m: None):
+        """The model with the sub-modules under `prefixes` materialised from the shards (timed as `step`), released
+        again on exit."""
         m = self.model
         try:
-            with steps.step("load vision side") if steps is not None else contextlib.nullcontext():
-                self._load("vision_tower")
-                self._load("multi_modal_projector")
-                m.image_newline = torch.nn.Parameter(self.reader.read("image_newline", self.dtype), requires_grad=False)
+            with steps.step(step) if steps is not None else contextlib.nullcontext():
+                for prefix in prefixes:
+                    self._load(prefix)
+                load_extra(m)
             m.requires_grad_(False)
             m.eval()
             yield m
         finally:
-            release_weights(m.vision_tower)
-            release_weights(m.multi_modal_projector)
+            for prefix in prefixes:
+                release_weights(m.get_submodule(prefix))
+
+    @contextlib.contextmanager
+    def vision_side(self, steps: StepRecorder | None = None):
+        def newline(m) -> None:
+            m.image_newline = torch.nn.Parameter(self.reader.read("image_newline", self.dtype), requires_grad=False)
+
+        try:
+            with self._part("load vision side", ("vision_tower", "multi_modal_projector"), steps, newline) as m:
+                yield m
+        finally:
+            m = self.model
             m.image_newline = torch.nn.Parameter(torch.empty(m.image_newline.shape, device="meta"), requires_grad=False)
 
     @contextlib.contextmanager
     def llm(self, steps: StepRecorder | None = None):
-        m = self.model
-        try:
-            with steps.step("load LLM") if steps is not None else contextlib.nullcontext():
-                self._load("language_model")
-            m.requires_grad_(False)
-            m.eval()
+        with self._part("load LLM", ("language_model",), steps) as m:
             yield m
-        finally:
-            release_weights(m.language_model)
 
 
 def _example_vision_outputs(vision_onnx: Path, frames: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
