@@ -359,3 +359,31 @@ def test_streamed_weight_only_equals_onnxruntime_quantizer(tiny_export, tmp_path
         return [(n.op_type, list(n.input), {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}) for n in m.graph.node]
 
     assert nodes(got_model) == nodes(ref.model.model)
+
+
+@pytest.mark.parametrize("graph", ["vision", "prompt_pool"])
+def test_streamed_minmax_equals_onnxruntime_calibrator(tiny_export, calib, tmp_path, graph):
+    """The bounded-memory MinMax calibrator (weights mapped from the graph's external data, running min / max)
+    gives exactly ORT's MinMaxCalibrater ranges: the same tensors, the same values; and leaves no file behind."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from ppllava_edge.calibration.minmax import minmax_ranges
+    from ppllava_edge.calibration.quantize import _WEIGHT_OPS, _preprocess
+    from ppllava_edge.calibration.readers import make_reader
+
+    cs = load_calibration(calib)
+    pre = tmp_path / f"{graph}.pre.onnx"
+    _preprocess(tiny_export / f"{graph}.onnx", pre)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ours = minmax_ranges(pre, cs.feeds(graph), list(_WEIGHT_OPS), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    cal = create_calibrator(pre, list(_WEIGHT_OPS), augmented_model_path=str(ref_dir / "aug.onnx"), calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"symmetric": False})
+    cal.collect_data(make_reader(cs, graph))
+    theirs = cal.compute_data()
+    assert set(ours) == set(theirs.data) and len(ours) > 10
+    for name, (lo, hi) in ours.items():
+        want = theirs.data[name].range_value
+        assert np.array_equal(lo, want[0]) and np.array_equal(hi, want[1]) and lo.dtype == want[0].dtype, name

@@ -62,7 +62,7 @@ import numpy as np
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, CalibrationError, InputError
 from ..external_data import ExternalData, external_files, read_initializer
-from ..memory import StepRecorder
+from ..memory import StepRecorder, trim_heap
 from ..manifest import MANIFEST_NAME, load_manifest
 from ..runtime.decoder import adapt_feed
 from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
@@ -283,20 +283,27 @@ _CHUNK = 4  # samples per collect_data call: histogram calibrators keep every in
 
 def calibrate_ranges(model_path: Path, calib: CalibrationSet, graph: str, method: str, op_types: list[str] | None, out: Path, work: Path) -> None:
     """Activation ranges of `model_path` over CALIB's calibration feeds, saved with ORT's save_tensors_data (the
-    format quantize_static reads back through calibration_cache_path)."""
+    format quantize_static reads back through calibration_cache_path). MinMax streams (`minmax.py`: the weights
+    are mapped once, not copied); the histogram methods use ORT's calibrator, a chunk of samples at a time."""
     import onnx
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, create_calibrator, save_tensors_data
 
     input_names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
     reader = make_reader(calib, graph, "calib", input_names)
     try:
-        with histogram_shape_fix(), _quiet():
-            calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(work / f"{graph}.augmented.onnx"),
-                                           calibrate_method=_cal_method(method), extra_options=dict(_CALIB_OPTIONS[method]))
-            for start in range(0, len(reader), _CHUNK):
-                reader.set_range(start, start + _CHUNK)
-                calibrator.collect_data(reader)
-            ranges = calibrator.compute_data()
+        if method == "minmax":
+            from .minmax import minmax_ranges
+
+            ranges = TensorsData(CalibrationMethod.MinMax, minmax_ranges(model_path, iter(reader.get_next, None), op_types, work,
+                                                                         symmetric=_CALIB_OPTIONS["minmax"]["symmetric"]))
+        else:
+            with histogram_shape_fix(), _quiet():
+                calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(work / f"{graph}.augmented.onnx"),
+                                               calibrate_method=_cal_method(method), extra_options=dict(_CALIB_OPTIONS[method]))
+                for start in range(0, len(reader), _CHUNK):
+                    reader.set_range(start, start + _CHUNK)
+                    calibrator.collect_data(reader)
+                ranges = calibrator.compute_data()
     except (ValueError, RuntimeError, TypeError) as exc:
         raise CalibrationError(
             f"{graph}: {method} calibration failed: {exc}\n"
@@ -311,7 +318,8 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
 
     pre = work / f"{graph}.pre.onnx"
     how = _preprocess(src, pre)
-    model = onnx.load(str(pre))
+    trim_heap()  # the pre-processor's copies of the graph, freed but still held by the C heap
+    model = onnx.load(str(pre), load_external_data=False)  # node names and types only: the weights stay on disk
     names = {n.name for n in model.graph.node}
     unknown = [e for e in excludes if e not in names]
     user_excludes = list(excludes)
@@ -332,6 +340,7 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
         return {"scheme": "none (no weight nodes)", "nodes_quantized": 0, "preprocess": how, "unknown_excludes": unknown}
     ranges = work / f"{graph}.ranges.json"
     calibrate_ranges(pre, calib, graph, method, types, ranges, work)
+    trim_heap()
     try:
         with _quiet():
             quantize_static(
@@ -342,14 +351,16 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
             )
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise CalibrationError(f"{graph}: ONNX Runtime static quantization failed: {exc}") from exc
-    q = onnx.load(str(dst))
+    del model
+    q = onnx.load(str(dst), load_external_data=False)
     nq = sum(n.op_type == "DequantizeLinear" for n in q.graph.node)
     info = {"scheme": "static QDQ (u8 asym activations, s8 sym per-channel weights)", "method": method,
             "op_types": op_types, "nodes_quantized": len(nodes) if nodes is not None else None,
             "dequantize_nodes": nq, "preprocess": how, "kept_float": sorted(set(excludes) - set(user_excludes)),
             "unknown_excludes": unknown}
     if trt_dir is not None:
-        fp32_tensors = {o for n in onnx.load(str(src)).graph.node for o in (*n.input, *n.output)} | {i.name for i in onnx.load(str(src)).graph.input}
+        g = onnx.load(str(src), load_external_data=False).graph
+        fp32_tensors = {o for n in g.node for o in (*n.input, *n.output)} | {i.name for i in g.input}
         trt_dir.mkdir(exist_ok=True)
         n = _ranges_to_trt_cache(ranges, trt_dir / f"{graph}.cache", fp32_tensors)
         info["trt_calibration_cache"] = {"file": f"trt_calibration/{graph}.cache", "tensors": n}
