@@ -167,8 +167,10 @@ class Pipeline:
         factories = {}
         for stage, graph in manifest.backend_graphs("ort").items():
             fused = manifest.graph(graph).get("contract") is not None
+            # the decoder keeps its arena (the decode steps reuse it); the other graphs run once per request
             factories[stage] = functools.partial(create_session, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
-                                                 "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE)
+                                                 "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE,
+                                                 arena=stage == "decoder")
         self.sessions = LazySessions(factories, {**(self.trt.runners if self.trt is not None else {}), **(runners or {})})
         if not decoder:
             factories.pop("decoder", None)
