@@ -261,3 +261,26 @@ def test_targets_per_llm_precision():
     assert got[("tpot_int8_weight", "E8")] == (0.5, True) and got[("tpot_int4_weight", "E4")] == (0.4, False)
     assert got[("kv_allocated", "E")] == (1.0, True) and got[("kv_allocated", "E4")] == (2.0, False)
     assert targets_apply(result) and not targets_apply(dict(result, presets=["tiny"]))
+
+
+def test_vision_targets_before_after_and_int8(tmp_path):
+    """Vision efficiency per export, fp32 vision of a later export vs the first (before/after a graph change), int8
+    vision vs the fp32 export it was quantized from and its gate's vision cosine (numbers made up here)."""
+    from ppllava_edge.bench.report import evaluate_targets
+
+    def entry(name, vis_prec, vision_ms, eff, cos=None, src=None):
+        return {"name": name, "kind": "export", "backend": "ort", "baseline": None, "frames": 32, "precision": vis_prec, "vision_precision": vis_prec,
+                "llm_precision": "fp32", "export": str(tmp_path / name), "stages": {"vision": {"mean": vision_ms}, "decode_step": {"mean": 20.0}},
+                "vision_efficiency": eff, "vision_cosine": cos, "quantized_from": src, "error": None}
+
+    variants = [entry("before", "fp32", 3000.0, 0.40), entry("after", "fp32", 1500.0, 0.80), entry("other", "fp32", 1400.0, 0.85),
+                entry("after-int8", "int8", 600.0, 0.75, cos=0.995, src=str((tmp_path / "after").resolve()))]
+    result = {"variants": variants, "config": {"headline_frames": 32}, "presets": ["small"]}
+    got = {(t["id"], t["compared"].split()[0]): (round(t["value"], 3), t["passed"]) for t in evaluate_targets(result)}
+    assert got[("vision_efficiency", "before")] == (0.4, False) and got[("vision_efficiency", "after")] == (0.8, True)
+    assert got[("vision_vs_first", "after")] == (2.0, True) and ("vision_vs_first", "before") not in got
+    assert ("vision_vs_first", "after-int8") not in got  # int8 is not a before/after of the fp32 graph
+    assert got[("vision_int8", "after-int8")] == (2.5, True)  # against its source export, not the faster "other"
+    assert got[("vision_int8_cosine", "after-int8")] == (0.995, True)
+    variants[3]["quantized_from"] = None  # source not in the run: the first fp32 export
+    assert {t["id"]: t["value"] for t in evaluate_targets(result) if t["compared"].startswith("after-int8 vs")}["vision_int8"] == 5.0

@@ -254,6 +254,22 @@ def test_released_presets_have_the_released_tensors(preset, llm_layers, params):
     assert sum(math.prod(s) for s in expected.values()) == params
 
 
+def test_vision_l_preset_has_the_released_tower_and_clip_text(tmp_path):
+    """`vision-l`: every vision_tower / CLIP tensor of the release (shapes as `mid`), the small preset's LLM."""
+    def skeleton(name):
+        config, clip = preset_config(name)
+        if clip is not None:
+            (tmp_path / name / "clip").mkdir(parents=True)
+            (tmp_path / name / "clip" / "config.json").write_text(json.dumps(clip))
+        return build_skeleton(config_from_dict(config, tmp_path / name)).state_dict()
+
+    vl, mid, small = skeleton("vision-l"), skeleton("mid"), skeleton("small")
+    vision = ("vision_tower.", "multi_modal_projector.clip_")
+    assert {k: v.shape for k, v in vl.items() if k.startswith(vision)} == {k: v.shape for k, v in mid.items() if k.startswith(vision)}
+    assert {k: v.shape for k, v in vl.items() if k.startswith("language_model.")} == {k: v.shape for k, v in small.items() if k.startswith("language_model.")}
+    assert vl["multi_modal_projector.linear_1.weight"].shape == (768, 1024)
+
+
 def test_released_presets_scale_matrices_by_fan_in():
     """The 7b stream's first tensors (drawn lazily; the rest is never generated): std 1/sqrt(fan_in) for
     matrices, 0.02 for embeddings, ~1 for norm gains; chunks of at most FAN_IN_CHUNK elements."""

@@ -730,4 +730,5 @@ def test_build_refuses_an_export_without_a_tensorrt_decoder(tiny_export, tmp_pat
     (plain / "export.json").write_text(json.dumps(data))
     res = CliRunner().invoke(cli, ["build", str(plain), "--out", str(tmp_path / "e"), "--dry-run"])
     assert res.exit_code == 1 and "GroupQueryAttention" in res.output and "--tensorrt" in res.output
+    assert "(adds vision_trt.onnx)" in res.output  # the fused vision graph is refused in the same message
     assert "Traceback" not in res.output

@@ -19,6 +19,11 @@ CASES = {
          "ppllava_edge.cli.serve_cmd", "ppllava_edge.bench.loadtest"],
         ["torch", "transformers", "tensorrt", "onnxruntime", "openai"],
     ),
+    "triton": (
+        ["ppllava_edge.triton.protocol", "ppllava_edge.triton.pbtxt", "ppllava_edge.triton.repository", "ppllava_edge.triton.python_model",
+         "ppllava_edge.triton.server", "ppllava_edge.triton.client", "ppllava_edge.triton.loadtest", "ppllava_edge.cli.triton_cmd"],
+        ["torch", "transformers", "tensorrt", "onnxruntime", "tritonclient", "triton_python_backend_utils", "google.protobuf"],
+    ),
     "engine + cli": (
         ["ppllava_edge.cli.main", "ppllava_edge.engine.builder", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.runtime.cuda"],
         ["tensorrt", "cuda", "torch", "onnx"],

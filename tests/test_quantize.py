@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ pytest.importorskip("onnx")
 from ppllava_edge.calibration.collect import collect_calibration  # noqa: E402
 from ppllava_edge.calibration.quantize import quantize_export  # noqa: E402
 from ppllava_edge.calibration.readers import histogram_shape_fix, load_calibration  # noqa: E402
-from ppllava_edge.errors import AccuracyError, CalibrationError  # noqa: E402
+from ppllava_edge.errors import AccuracyError, CalibrationError, InputError  # noqa: E402
 
 # a cheaper gate for tests (fewer prefix cuts and greedy tokens); thresholds are the defaults
 FAST = {"prefill_positions": 3, "greedy_tokens": 4, "quality_tokens": 4}
@@ -112,10 +113,13 @@ def test_default_int8_passes_gate_and_answers(tiny_export, calib, videos, tmp_pa
     assert res.report.passed
     manifest = json.loads((out / "export.json").read_text())
     assert {g: manifest["graphs"][g]["precision"] for g in manifest["graphs"]} == {
-        "vision": "int8", "prompt_pool": "int8", "image_pool": "int8", "projector_head": "fp32", "decoder": "int8", "decoder_trt": "int8"}
-    # the TensorRT decoder is calibrated on the same feeds (in its own contract) and gated on its logits
-    assert (out / "trt_calibration" / "decoder_trt.cache").is_file()
-    assert any(c.graph == "decoder_trt" and c.passed for c in res.report.checks)
+        "vision": "int8", "prompt_pool": "int8", "image_pool": "int8", "projector_head": "fp32", "decoder": "int8", "decoder_trt": "int8",
+        "vision_trt": "int8"}
+    # the TensorRT decoder and vision graphs are calibrated on the same feeds (the decoder in its own contract) and
+    # gated like their ONNX Runtime twins; the TensorRT cache is written for the graphs TensorRT builds
+    for g in ("decoder_trt", "vision_trt"):
+        assert (out / "trt_calibration" / f"{g}.cache").is_file()
+        assert any(c.graph == g and c.passed for c in res.report.checks)
     assert manifest["quantization"]["llm"] == "int8" and manifest["created"] != json.loads((tiny_export / "export.json").read_text())["created"]
     # LayerNorm / Softmax / Add / the relevance path stay float: only weight MatMul/Gemm/Conv inputs get Q/DQ
     import onnx
@@ -144,6 +148,34 @@ def test_default_int8_passes_gate_and_answers(tiny_export, calib, videos, tmp_pa
     r = CliRunner().invoke(cli, ["ask", str(out), str(video), "What is happening?", "--frames", "4", "--max-new-tokens", "3", "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout.strip().splitlines()[-1])["ids"]) >= 1
+
+
+def test_prefill_only_calibration_never_opens_the_decoder(tiny_export, calib, videos, questions, tmp_path, monkeypatch):
+    """--decode-steps 0 (the 7B flow: an fp16 7B decoder does not fit in RAM on a CPU): the same prefill feeds as a
+    full calibration, empty pasts, no decoder session; weight-only quantization and its gate run on them."""
+    import ppllava_edge.runtime.pipeline as pl
+
+    opened = []
+    real = pl.create_session
+    monkeypatch.setattr(pl, "create_session", lambda path, *a, **k: (opened.append(Path(path).name), real(path, *a, **k))[1])
+    out = tmp_path / "c0"
+    collect_calibration(tiny_export, videos, questions, out, frames=[2, 4], samples=8, decode_steps=0)
+    assert "decoder.onnx" not in opened and "vision.onnx" in opened
+    full, pre = load_calibration(calib), load_calibration(out)
+    assert not [r for r in pre.records("decoder", "all") if r["kind"] == "decode"]
+    a, b = full.records("decoder", "all"), pre.records("decoder", "all")
+    first_full = [r for r in a if r["kind"] == "prefill"]
+    assert [r["seq"] for r in first_full] == [r["seq"] for r in b]
+    for ra, rb in zip(first_full, b):
+        fa, fb = full.feed("decoder", ra), pre.feed("decoder", rb)
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+    monkeypatch.undo()
+    res = quantize_export(tiny_export, out, tmp_path / "w8", vision="fp32", pool="fp32", llm="int8-weight", **FAST)
+    assert res.report.passed
+    with pytest.raises(InputError, match="decoder=False"):
+        pl.Pipeline.from_export(tiny_export, provider="cpu", decoder=False).ask(videos / "clip1.mp4", "Why?", num_frames=2)
 
 
 def test_weight_only_and_fp16(tiny_export, calib, videos, tmp_path):
@@ -327,3 +359,31 @@ def test_streamed_weight_only_equals_onnxruntime_quantizer(tiny_export, tmp_path
         return [(n.op_type, list(n.input), {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}) for n in m.graph.node]
 
     assert nodes(got_model) == nodes(ref.model.model)
+
+
+@pytest.mark.parametrize("graph", ["vision", "prompt_pool"])
+def test_streamed_minmax_equals_onnxruntime_calibrator(tiny_export, calib, tmp_path, graph):
+    """The bounded-memory MinMax calibrator (weights mapped from the graph's external data, running min / max)
+    gives exactly ORT's MinMaxCalibrater ranges: the same tensors, the same values; and leaves no file behind."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from ppllava_edge.calibration.minmax import minmax_ranges
+    from ppllava_edge.calibration.quantize import _WEIGHT_OPS, _preprocess
+    from ppllava_edge.calibration.readers import make_reader
+
+    cs = load_calibration(calib)
+    pre = tmp_path / f"{graph}.pre.onnx"
+    _preprocess(tiny_export / f"{graph}.onnx", pre)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ours = minmax_ranges(pre, cs.feeds(graph), list(_WEIGHT_OPS), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    cal = create_calibrator(pre, list(_WEIGHT_OPS), augmented_model_path=str(ref_dir / "aug.onnx"), calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"symmetric": False})
+    cal.collect_data(make_reader(cs, graph))
+    theirs = cal.compute_data()
+    assert set(ours) == set(theirs.data) and len(ours) > 10
+    for name, (lo, hi) in ours.items():
+        want = theirs.data[name].range_value
+        assert np.array_equal(lo, want[0]) and np.array_equal(hi, want[1]) and lo.dtype == want[0].dtype, name

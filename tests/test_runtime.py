@@ -388,3 +388,23 @@ def test_decoder_feed_contracts(tiny_export):
         s = ort.InferenceSession(str(tiny_export / data["graphs"][g]["file"]), providers=["CPUExecutionProvider"])
         logits.append(s.run(["logits"], adapt_feed(feed, [i.name for i in s.get_inputs()]))[0])
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_ort_graph_cache_is_written_once_by_processes_opening_the_export_together(tiny_export, tmp_path):
+    """Triton's instances open one export at the same moment: the optimised-graph cache ends up with one complete
+    entry (no half-written or temporary files), which a later load uses and which gives the graph's own outputs."""
+    from ppllava_edge.runtime.session import CACHED_GRAPH, create_session
+
+    cache = tmp_path / "ort_cache"
+    code = "import sys; from ppllava_edge.runtime.session import create_session; create_session(sys.argv[1], 'cpu', 1, graph_cache=sys.argv[2])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_export / "vision.onnx"), str(cache)]) for _ in range(3)]
+    assert [p.wait(120) for p in procs] == [0, 0, 0]
+    entries = sorted(cache.iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("vision-"), entries
+    assert sorted(p.name for p in entries[0].iterdir()) == [CACHED_GRAPH, CACHED_GRAPH + ".data"]
+    cached = create_session(tiny_export / "vision.onnx", "cpu", 1, graph_cache=cache)
+    assert cached.session._model_path == str(entries[0] / CACHED_GRAPH)
+    px = np.random.default_rng(0).standard_normal((4, 3, 84, 84)).astype(np.float32)
+    want = create_session(tiny_export / "vision.onnx", "cpu", 1).run(None, {"pixel_values": px})
+    for got, ref in zip(cached.run(None, {"pixel_values": px}), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -233,18 +233,30 @@ def test_spm_round_trip_of_real_model_is_byte_identical(real_spm):
 
 
 @needs_llama
-def test_spm_reader_matches_protobuf(real_spm):
-    pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
-    m = pb2.ModelProto()
-    m.ParseFromString((LLAMA_DIR / "tokenizer.model").read_bytes())
-    assert [(p.piece, p.score, p.type) for p in m.pieces] == real_spm.pieces
-    assert m.trainer_spec.byte_fallback == real_spm.byte_fallback and m.trainer_spec.pad_id == real_spm.pad_id
-    m.normalizer_spec.add_dummy_prefix = False  # our writer's change, checked by protobuf
-    ours = parse_spm_model(m.SerializeToString())
-    assert not ours.add_dummy_prefix
-    m2 = pb2.ModelProto()
-    m2.ParseFromString(serialize_spm_model(ours))
-    assert m2 == m
+def test_spm_reader_matches_sentencepiece(real_spm):
+    """Our protobuf reader/writer against sentencepiece's own C++ loader (not its generated protobuf module: the
+    `triton` extra pins protobuf 6.33.6, older than sentencepiece 0.2.3's gencode)."""
+    import dataclasses
+
+    spm = pytest.importorskip("sentencepiece")
+    raw = (LLAMA_DIR / "tokenizer.model").read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=raw)
+    kind = lambda i: 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else None  # noqa: E731
+    assert len(real_spm.pieces) == sp.get_piece_size()
+    for i, (piece, score, type_) in enumerate(real_spm.pieces):
+        assert (piece, score) == (sp.id_to_piece(i), pytest.approx(sp.get_score(i)))
+        assert kind(i) in (type_, None) and (kind(i) is not None) == (type_ in (2, 3, 5, 6)), (i, piece, type_)
+    assert real_spm.byte_fallback and sp.unk_id() == 0 and sp.bos_id() == 1 and sp.eos_id() == 2
+    texts = ["Hello world", "  What is happening in the video?", "naïve café 東京 🙂", "a\nb\tc", "</s> <image>"]
+    # written back unchanged: sentencepiece loads it and tokenizes exactly as the original
+    same = spm.SentencePieceProcessor(model_proto=serialize_spm_model(parse_spm_model(raw)))
+    assert [same.encode(t) for t in texts] == [sp.encode(t) for t in texts]
+    # our writer's one change (no dummy prefix) is what sentencepiece reads: no leading "▁" piece any more
+    assert real_spm.add_dummy_prefix
+    ours = dataclasses.replace(parse_spm_model(raw), add_dummy_prefix=False)
+    flat = spm.SentencePieceProcessor(model_proto=serialize_spm_model(ours))
+    assert sp.encode("Hello", out_type=str)[0].startswith("\u2581") and not flat.encode("Hello", out_type=str)[0].startswith("\u2581")
+    assert flat.decode(flat.encode("Hello world")) == "Hello world"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,13 @@ GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head", "decoder")
 # Stages of an answer; `export.json` maps each (backend, stage) to one of its graphs (see ExportManifest.graph_for).
 STAGES = GRAPHS
 BACKENDS = ("ort", "trt")
+SHARED_DATA = ("pools.onnx.data",)  # external data shared by several graphs (exporter.POOL_DATA)
+
+
+def graph_files(path: Path) -> list[Path]:
+    """A graph file and the external-data files next to it that it may name (`decoder.onnx.data`, the shared
+    `pools.onnx.data`); cheap: no parsing."""
+    return [path, *sorted(p for p in path.parent.glob("*.data") if p.name.startswith(path.name) or p.name in SHARED_DATA)]
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,19 @@ class MemorySampler:
         self.stop()
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A step that loaded a
+    graph into Python and dropped it otherwise leaves its memory in the process, counted in every later step's RSS."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl)
+        pass
+
+
 class StepRecorder:
     """Wall time and peak RSS of each named step; one sampler thread for the recorder's lifetime."""
 
@@ -105,6 +118,7 @@ class StepRecorder:
             yield
         finally:
             peak, _ = self.sampler.peaks()
+            trim_heap()
             entry = self.steps.setdefault(name, {"seconds": 0.0, "peak_rss_mb": 0.0})
             entry["seconds"] = round(entry["seconds"] + time.perf_counter() - t0, 3)
             entry["peak_rss_mb"] = round(max(entry["peak_rss_mb"], peak / 2**20), 1)

@@ -29,13 +29,16 @@ TARGETS = (
     ("tpot_int8_weight", "int8-weight TPOT / fp32 TPOT", "<=", 0.55),
     ("tpot_int4_weight", "int4-weight TPOT / fp32 TPOT", "<=", 0.35),
     ("kv_allocated", "KV cache bytes allocated / used by the largest request", "<=", 1.1),
-    ("vision_efficiency", "vision compute efficiency (FLOP/s / GEMM FLOP/s)", ">=", 0.5),
+    ("vision_efficiency", "vision compute efficiency (FLOP/s / GEMM FLOP/s)", ">=", 0.7),
+    ("vision_vs_first", "fp32 vision vs the first export's fp32 vision (speed-up; before/after exports in one run)", ">=", 1.6),
+    ("vision_int8", "int8 vision vs fp32 vision (speed-up)", ">=", 2.0),
+    ("vision_int8_cosine", "int8 vision cosine to fp32 (min over its gate's held-out clips)", ">=", 0.99),
     ("prefill_efficiency", "prefill compute efficiency (FLOP/s / GEMM FLOP/s)", ">=", 0.5),
 )
-TARGET_PRESETS = ("small", "mid", "7b")
+TARGET_PRESETS = ("small", "vision-l", "mid", "7b")
 """Presets whose numbers mean something against the targets; on others (tiny, a toy model dominated by fixed
 overheads) the targets are not evaluated."""
-PER_VARIANT = ("decode_efficiency", "kv_allocated")
+PER_VARIANT = ("decode_efficiency", "kv_allocated", "vision_efficiency", "vision_vs_first", "vision_int8", "vision_int8_cosine")
 
 
 def _mean(entry: dict | None, stage: str) -> float | None:
@@ -71,10 +74,8 @@ def evaluate_targets(result: dict) -> list[dict]:
         values["ttft_vs_nopool"] = (_ratio(_mean(nopool, "ttft"), _mean(ref, "ttft")), cmp)
     if ref and ref.get("cache"):
         values["second_question"] = (ref["cache"]["ratio"], f"{ref['name']} {frames}f")
-    if ref:
-        for key in ("vision_efficiency", "prefill_efficiency"):
-            if ref.get(key) is not None:
-                values[key] = (ref[key], f"{ref['name']} {frames}f")
+    if ref and ref.get("prefill_efficiency") is not None:
+        values["prefill_efficiency"] = (ref["prefill_efficiency"], f"{ref['name']} {frames}f")
     per_variant: dict[str, list[tuple[float | None, str]]] = {k: [] for k in PER_VARIANT}
     exports = [e for e in entries if e["kind"] == "export" and e["frames"] == frames]
     for e in exports:
@@ -82,6 +83,7 @@ def evaluate_targets(result: dict) -> list[dict]:
         used = e.get("kv_cache_peak_used_bytes") or e.get("kv_cache_bytes")
         if e.get("kv_cache_allocated_bytes") and used:
             per_variant["kv_allocated"].append((e["kv_cache_allocated_bytes"] / used, f"{e['name']} {frames}f"))
+    _vision_targets(exports, ref, frames, per_variant)
     fp32 = next((e for e in exports if e["backend"] == "ort" and e.get("llm_precision") == "fp32"), None)
     for prec, tid in (("int8-weight", "tpot_int8_weight"), ("int4-weight", "tpot_int4_weight")):
         q = next((e for e in exports if e["backend"] == "ort" and e.get("llm_precision") == prec), None)
@@ -96,6 +98,29 @@ def evaluate_targets(result: dict) -> list[dict]:
             passed = v >= target if op == ">=" else v <= target
             out.append({"id": tid, "description": desc, "compared": cmp, "frames": frames, "value": v, "op": op, "target": target, "passed": bool(passed)})
     return out
+
+
+def _vision_targets(exports: list[dict], ref: dict | None, frames: int, per_variant: dict[str, list]) -> None:
+    """Vision efficiency of every export; fp32 vision of later exports vs the first (the before/after of a graph
+    change, e.g. the traced graph vs the fused one); int8 vision vs the fp32 export it was quantized from (else the
+    first fp32 one) and its gate's vision cosine."""
+    def vis(e: dict) -> str:
+        return e.get("vision_precision", e["precision"])
+
+    fp32 = [e for e in exports if vis(e) == "fp32"]
+    for e in exports:
+        if e.get("vision_efficiency") is not None:
+            per_variant["vision_efficiency"].append((e["vision_efficiency"], f"{e['name']} ({vis(e)} vision) {frames}f"))
+        if ref and ref.get("kind") == "export" and e is not ref and vis(ref) == "fp32" and vis(e) == "fp32" and e["backend"] == ref["backend"]:
+            per_variant["vision_vs_first"].append((_ratio(_mean(ref, "vision"), _mean(e, "vision")), f"{e['name']} vs {ref['name']}, {frames}f"))
+        if vis(e) == "int8":
+            src = e.get("quantized_from")
+            base = next((b for b in fp32 if src and str(Path(b["export"]).resolve()) == src and b["backend"] == e["backend"]), None)
+            base = base or next((b for b in fp32 if b["backend"] == e["backend"]), None)
+            if base:
+                per_variant["vision_int8"].append((_ratio(_mean(base, "vision"), _mean(e, "vision")), f"{e['name']} vs {base['name']}, {frames}f"))
+            if e.get("vision_cosine") is not None:
+                per_variant["vision_int8_cosine"].append((e["vision_cosine"], f"{e['name']} (quantize gate)"))
 
 
 def targets_apply(result: dict) -> bool:
@@ -144,9 +169,11 @@ COLUMNS = (
     ("e2e ms", True, lambda e: _pm(e["stages"]["e2e"])),
     ("peak RSS MB", True, lambda e: f"{e['peak_rss_mb']:.0f}"),
     ("weights MB", True, lambda e: f"{e['weight_bytes'] / 1e6:.0f}"),
+    ("vis eff", True, lambda e: _x(e.get("vision_efficiency"))),
     ("e2e ×", True, lambda e: _x(e.get("ratios", {}).get("e2e"))),
     ("TTFT ×", True, lambda e: _x(e.get("ratios", {}).get("ttft"))),
     ("prefill ×", True, lambda e: _x(e.get("ratios", {}).get("prefill"))),
+    ("vision ×", True, lambda e: _x(e.get("ratios", {}).get("vision"))),
 )
 OPTIONAL = {"precision", "frames"}  # shown only when they vary (llama-bench prints informative columns only)
 
@@ -304,14 +331,14 @@ CSV_FIELDS = (
     "name", "kind", "backend", "baseline", "provider", "precision", "frames", "visual_tokens", "context_len", "new_tokens", "iterations",
     "tokens_per_s", "tokens_per_s_stddev", "e2e_tokens_per_s", "peak_rss_mb", "peak_device_mb", "weight_bytes", "decoder_weight_bytes",
     "kv_cache_bytes", "kv_cache_allocated_bytes", "kv_cache_peak_used_bytes", "llm_precision", "load_ms", "reload_ms", "decode_weight_bytes", "decode_kv_bytes", "decode_bytes_per_token",
-    "vision_efficiency", "prefill_efficiency", "decode_efficiency",
+    "vision_efficiency", "prefill_efficiency", "decode_efficiency", "vision_precision", "vision_cosine",
 )
 CSV_STAGES = (*STAGES, "ttft", "decode")
 
 
 def csv_header() -> list[str]:
     return [
-        *CSV_FIELDS, "cache_first_ms", "cache_second_ms", "cache_ratio", "speedup_e2e", "speedup_ttft", "speedup_prefill",
+        *CSV_FIELDS, "cache_first_ms", "cache_second_ms", "cache_ratio", "speedup_e2e", "speedup_ttft", "speedup_prefill", "speedup_vision",
         *(f"{st}_{k}_ms" for st in CSV_STAGES for k in STATS), "created", "git_commit", "cpu", "error",
     ]
 
@@ -325,7 +352,7 @@ def csv_rows(result: dict) -> list[dict]:
         c = e.get("cache") or {}
         row.update(cache_first_ms=c.get("first_ms"), cache_second_ms=c.get("second_ms"), cache_ratio=c.get("ratio"))
         r = e.get("ratios") or {}
-        row.update(speedup_e2e=r.get("e2e"), speedup_ttft=r.get("ttft"), speedup_prefill=r.get("prefill"))
+        row.update(speedup_e2e=r.get("e2e"), speedup_ttft=r.get("ttft"), speedup_prefill=r.get("prefill"), speedup_vision=r.get("vision"))
         for st in CSV_STAGES:
             stats = (e.get("stages") or {}).get(st) or {}
             for k in STATS:

@@ -335,12 +335,12 @@ def _generation(max_new_tokens: int):
     return GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
 
 
-def _file_bytes(path: Path) -> int:
-    size = path.stat().st_size if path.is_file() else 0
-    for extra in (path.with_name(path.name + ".data"), path.with_suffix(".onnx_data"), path.with_suffix(".data")):
-        if extra != path and extra.is_file():
-            size += extra.stat().st_size
-    return size
+def _files_bytes(paths) -> int:
+    """Bytes of graph files and their external data, each file once (the pools share pools.onnx.data)."""
+    from ..manifest import graph_files
+
+    files = {f for p in paths for f in (graph_files(p) if p.suffix == ".onnx" else [p])}
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 class _PipelineRunner:
@@ -372,9 +372,10 @@ class _PipelineRunner:
         m = spec.manifest
         self.itemsize = np.dtype(self.pipe.dtype).itemsize
         graphs = self._graphs()
-        self.weight_bytes = sum(_file_bytes(m.path(m.graph_for(g))) for g in graphs) + _file_bytes(m.path("embeddings"))
+        self.weight_bytes = _files_bytes([*(m.path(m.graph_for(g)) for g in graphs), m.path("embeddings")])
         self.decoder_weight_bytes = hardware.graph_weight_bytes(m.path(m.graph_for("decoder")))
         self.llm_precision = m.graph(m.graph_for("decoder")).get("precision", m.data.get("dtype", "fp32"))
+        self.vision_precision = m.graph(m.graph_for("vision")).get("precision", m.data.get("dtype", "fp32"))
         self.notes: list[str] = []
 
     def _graphs(self) -> tuple[str, ...]:
@@ -630,6 +631,9 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
         "weight_bytes": int(runner.weight_bytes),
         "decoder_weight_bytes": int(runner.decoder_weight_bytes),
         "llm_precision": getattr(runner, "llm_precision", spec.precision),
+        "vision_precision": getattr(runner, "vision_precision", spec.precision),
+        "vision_cosine": _gate_vision_cosine(spec.manifest) if spec.kind == "export" else None,
+        "quantized_from": _quantized_from(spec.manifest) if spec.kind == "export" else None,
         "kv_cache_bytes": hardware.kv_cache_bytes(m, positions, kv_item),
         "kv_cache_allocated_bytes": runner.kv_allocated_bytes(),
         "kv_cache_peak_used_bytes": runner.kv_peak_used_bytes() if hasattr(runner, "kv_peak_used_bytes") else None,
@@ -649,6 +653,24 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
         "reload_ms": getattr(runner, "reload_ms", None),
         "error": None,
     }
+
+
+def _gate_vision_cosine(manifest: ExportManifest) -> float | None:
+    """A quantized export's vision accuracy: the lowest output cosine to the fp32 export in its gate (accuracy.json)."""
+    import json
+
+    acc = ((manifest.data.get("quantization") or {}).get("accuracy") or {}).get("file")
+    if not acc or not (manifest.folder / acc).is_file():
+        return None
+    checks = json.loads((manifest.folder / acc).read_text()).get("checks", [])
+    values = [c["value"] for c in checks if c.get("graph") == "vision" and c.get("metric", "").endswith("cosine (min)")]
+    return min(values) if values else None
+
+
+def _quantized_from(manifest: ExportManifest) -> str | None:
+    """The fp32 export a quantized export was made from (resolved path), if any."""
+    src = ((manifest.data.get("quantization") or {}).get("source_export") or {}).get("path")
+    return str(Path(src).resolve()) if src else None
 
 
 def _failed(spec: VariantSpec, frames: int, exc: BaseException) -> dict:

@@ -232,6 +232,7 @@ def collect_calibration(
         CalibrationError: empty folder, unreadable videos with on_bad_video="fail" (or all unreadable), malformed
             JSONL (line numbers), bad options.
     """
+    from ..runtime.decoder import kv_names
     from ..runtime.pipeline import Pipeline, Timings
 
     t_start = time.perf_counter()
@@ -270,7 +271,9 @@ def collect_calibration(
     if lonely:
         raise CalibrationError(f"{qpath}: no question applies to video(s) {', '.join(lonely[:_MAX_LISTED])}.\nHint: add a line without \"video\" to ask it about every video.")
 
-    pipe = Pipeline.from_export(export_dir, provider="cpu", threads=threads)
+    # --decode-steps 0: prefill feeds only, taken from the prompt without running the decoder (a weight-only LLM needs
+    # no decoder activations; the fp16 7B decoder would not fit in RAM on a CPU, see Pipeline's `decoder`)
+    pipe = Pipeline.from_export(export_dir, provider="cpu", threads=threads, decoder=decode_steps > 0)
     m = manifest.model
     clip_len = m["clip_text_length"]
     ctx = m["max_position_embeddings"]
@@ -350,17 +353,20 @@ def collect_calibration(
             steps = min(decode_steps, ctx - L)
             if steps < 0:
                 raise CalibrationError(f"{q.question!r} on {path.name}: the prompt of {L} tokens exceeds the LLM context of {ctx}; use fewer frames")
-            dec = pipe.decoder
-            dec.reset(1)
-            logits = dec.forward(embeds)
             ids, step_embeds = [], []
-            for j in range(steps):
-                tok = int(np.argmax(logits[0]))
-                ids.append(tok)
-                step_embeds.append(pipe.embed(np.asarray([tok]))[0])
-                if j < steps - 1:
-                    logits = dec.forward(step_embeds[-1][None])
-            past = {n: np.array(a) for n, a in zip(dec.past_names, dec.past())}  # [1, KV, L+steps-1 (or L), HD]
+            if steps > 0:
+                dec = pipe.decoder
+                dec.reset(1)
+                logits = dec.forward(embeds)
+                for j in range(steps):
+                    tok = int(np.argmax(logits[0]))
+                    ids.append(tok)
+                    step_embeds.append(pipe.embed(np.asarray([tok]))[0])
+                    if j < steps - 1:
+                        logits = dec.forward(step_embeds[-1][None])
+                past = {n: np.array(a) for n, a in zip(dec.past_names, dec.past())}  # [1, KV, L+steps-1 (or L), HD]
+            else:  # the prefill feed's empty past, shaped by the model
+                past = {n: np.zeros((1, m["num_kv_heads"], 0, m["head_dim"]), np.float32) for n in kv_names(m["num_layers"])[0]}
             d = pipe.embed_table.shape[1]
             np.savez(
                 tmp / f"decoder/{s:04d}.npz", inputs_embeds=embeds.astype(np.float32), input_ids=input_ids,

@@ -62,7 +62,7 @@ import numpy as np
 from ..atomic import AtomicDir
 from ..errors import AccuracyError, CalibrationError, InputError
 from ..external_data import ExternalData, external_files, read_initializer
-from ..memory import StepRecorder
+from ..memory import StepRecorder, trim_heap
 from ..manifest import MANIFEST_NAME, load_manifest
 from ..runtime.decoder import adapt_feed
 from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
@@ -260,7 +260,7 @@ def _exclude_target(entry: str, graph: str) -> str | None:
 
     "GRAPH:NAME" applies to that graph ("pool:NAME" to both pools); a plain name to every graph."""
     g, sep, n = entry.partition(":")
-    if sep and g in ("vision", "prompt_pool", "image_pool", "decoder", "decoder_trt", "pool"):
+    if sep and g in ("vision", "vision_trt", "prompt_pool", "image_pool", "decoder", "decoder_trt", "pool"):
         return n if g == graph or (g == "pool" and graph in _POOLS) else None
     return entry
 
@@ -306,20 +306,27 @@ _CHUNK = 4  # samples per collect_data call: histogram calibrators keep every in
 
 def calibrate_ranges(model_path: Path, calib: CalibrationSet, graph: str, method: str, op_types: list[str] | None, out: Path, work: Path) -> None:
     """Activation ranges of `model_path` over CALIB's calibration feeds, saved with ORT's save_tensors_data (the
-    format quantize_static reads back through calibration_cache_path)."""
+    format quantize_static reads back through calibration_cache_path). MinMax streams (`minmax.py`: the weights
+    are mapped once, not copied); the histogram methods use ORT's calibrator, a chunk of samples at a time."""
     import onnx
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, create_calibrator, save_tensors_data
 
     input_names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
     reader = make_reader(calib, graph, "calib", input_names)
     try:
-        with histogram_shape_fix(), _quiet():
-            calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(work / f"{graph}.augmented.onnx"),
-                                           calibrate_method=_cal_method(method), extra_options=dict(_CALIB_OPTIONS[method]))
-            for start in range(0, len(reader), _CHUNK):
-                reader.set_range(start, start + _CHUNK)
-                calibrator.collect_data(reader)
-            ranges = calibrator.compute_data()
+        if method == "minmax":
+            from .minmax import minmax_ranges
+
+            ranges = TensorsData(CalibrationMethod.MinMax, minmax_ranges(model_path, iter(reader.get_next, None), op_types, work,
+                                                                         symmetric=_CALIB_OPTIONS["minmax"]["symmetric"]))
+        else:
+            with histogram_shape_fix(), _quiet():
+                calibrator = create_calibrator(model_path, op_types, augmented_model_path=str(work / f"{graph}.augmented.onnx"),
+                                               calibrate_method=_cal_method(method), extra_options=dict(_CALIB_OPTIONS[method]))
+                for start in range(0, len(reader), _CHUNK):
+                    reader.set_range(start, start + _CHUNK)
+                    calibrator.collect_data(reader)
+                ranges = calibrator.compute_data()
     except (ValueError, RuntimeError, TypeError) as exc:
         raise CalibrationError(
             f"{graph}: {method} calibration failed: {exc}\n"
@@ -334,7 +341,8 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
 
     pre = work / f"{graph}.pre.onnx"
     how = _preprocess(src, pre)
-    model = onnx.load(str(pre))
+    trim_heap()  # the pre-processor's copies of the graph, freed but still held by the C heap
+    model = onnx.load(str(pre), load_external_data=False)  # node names and types only: the weights stay on disk
     names = {n.name for n in model.graph.node}
     unknown = [e for e in excludes if e not in names]
     user_excludes = list(excludes)
@@ -355,6 +363,7 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
         return {"scheme": "none (no weight nodes)", "nodes_quantized": 0, "preprocess": how, "unknown_excludes": unknown}
     ranges = work / f"{graph}.ranges.json"
     calibrate_ranges(pre, calib, graph, method, types, ranges, work)
+    trim_heap()
     try:
         with _quiet():
             quantize_static(
@@ -365,14 +374,16 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
             )
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise CalibrationError(f"{graph}: ONNX Runtime static quantization failed: {exc}") from exc
-    q = onnx.load(str(dst))
+    del model
+    q = onnx.load(str(dst), load_external_data=False)
     nq = sum(n.op_type == "DequantizeLinear" for n in q.graph.node)
     info = {"scheme": "static QDQ (u8 asym activations, s8 sym per-channel weights)", "method": method,
             "op_types": op_types, "nodes_quantized": len(nodes) if nodes is not None else None,
             "dequantize_nodes": nq, "preprocess": how, "kept_float": sorted(set(excludes) - set(user_excludes)),
             "unknown_excludes": unknown}
     if trt_dir is not None:
-        fp32_tensors = {o for n in onnx.load(str(src)).graph.node for o in (*n.input, *n.output)} | {i.name for i in onnx.load(str(src)).graph.input}
+        g = onnx.load(str(src), load_external_data=False).graph
+        fp32_tensors = {o for n in g.node for o in (*n.input, *n.output)} | {i.name for i in g.input}
         trt_dir.mkdir(exist_ok=True)
         n = _ranges_to_trt_cache(ranges, trt_dir / f"{graph}.cache", fp32_tensors)
         info["trt_calibration_cache"] = {"file": f"trt_calibration/{graph}.cache", "tensors": n}
@@ -473,14 +484,17 @@ def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
 
 
 # ---- accuracy gate ---------------------------------------------------------------------------------------
-def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th: Thresholds) -> list[Check]:
+def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th: Thresholds, sessions: tuple | None = None) -> list[Check]:
+    """Per output: min cosine (gated) and max |difference| of `qs` against `ref` on the held-out feeds; `sessions`
+    (fp32, quantized) replaces the pipelines' own sessions of `graph`."""
     recs = calib.eval_records(graph)
-    outs = [o.name for o in ref.sessions[graph].get_outputs()]
+    a_s, b_s = sessions or (ref.sessions[graph], qs.sessions[graph])
+    outs = [o.name for o in a_s.get_outputs()]
     cos = {o: [] for o in outs}
     mabs = {o: [] for o in outs}
     for r in recs:
-        a = ref.sessions[graph].run(None, calib.feed(graph, r, input_names=_inputs(ref.sessions[graph])))
-        b = qs.sessions[graph].run(None, calib.feed(graph, r, input_names=_inputs(qs.sessions[graph])))
+        a = a_s.run(None, calib.feed(graph, r, input_names=_inputs(a_s)))
+        b = b_s.run(None, calib.feed(graph, r, input_names=_inputs(b_s)))
         for o, x, y in zip(outs, a, b):
             cos[o].append(_cosine(x, y))
             mabs[o].append(_max_abs(x, y))
@@ -556,6 +570,14 @@ def _trt_decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thre
     cos = [_cosine(a_s.run(["logits"], calib.feed("decoder_trt", r, input_names=_inputs(a_s)))[0],
                    b_s.run(["logits"], calib.feed("decoder_trt", r, input_names=_inputs(b_s)))[0]) for r in recs]
     return [Check("decoder_trt", precision, "logits cosine (min)", min(cos), th.decoder_cosine, len(recs))]
+
+
+def _trt_vision_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds) -> list[Check]:
+    """The TensorRT vision graph (traced standard ops, run here by ONNX Runtime on CPU), gated as the vision graph."""
+    from ..runtime.session import create_session
+
+    sessions = (create_session(ref.manifest.path("vision_trt"), "cpu"), create_session(qs.manifest.path("vision_trt"), "cpu"))
+    return _graph_checks("vision_trt", precision, ref, qs, calib, th, sessions)
 
 
 class _VisionCache:
@@ -744,6 +766,8 @@ def evaluate_accuracy(
         checks += _decoder_checks(precisions["decoder"], ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
     if precisions.get("decoder_trt", "fp32") != "fp32":
         checks += _trt_decoder_checks(precisions["decoder_trt"], ref, qs, calib, thresholds)
+    if precisions.get("vision_trt", "fp32") != "fp32":
+        checks += _trt_vision_checks(precisions["vision_trt"], ref, qs, calib, thresholds)
     if any(p != "fp32" for p in precisions.values()):
         pooled = precisions.get("vision", "fp32") != "fp32" or precisions.get("prompt_pool", "fp32") != "fp32"
         checks += _pipeline_checks(ref, qs, calib, thresholds, greedy_tokens, pooled)
@@ -835,7 +859,7 @@ def quantize_export(
     # the TensorRT decoder (standard ops) follows --llm int8 (TensorRT builds Q/DQ graphs); weight-only MatMulNBits
     # graphs are ONNX Runtime only, so with those it stays fp32 (recorded in the manifest)
     precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
-                  "decoder_trt": llm if llm == "int8" else "fp32"}
+                  "decoder_trt": llm if llm == "int8" else "fp32", "vision_trt": vision}
     precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
     precisions.update({g: "fp32" for g in manifest.data["graphs"] if g not in precisions})
 
@@ -922,12 +946,18 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         if g == "decoder_trt" and llm != "fp32":
             info["note"] = f"--llm {llm} is ONNX Runtime's MatMulNBits, which TensorRT does not parse: the TensorRT decoder stays {src_dtype}"
         return info
-    if prec == "int8" and src_dtype == "fp16":  # an fp32 trace of the same tower, calibrated and quantized
-        from ..export.exporter import trace_vision_graph
+    if prec == "int8" and src_dtype == "fp16":  # an fp32 twin of the same graph, calibrated and quantized
+        from ..export.exporter import trace_vision_graph, write_vision_graph
 
-        fp32 = trace_vision_graph(manifest.data["checkpoint"]["path"], work / "vision.fp32.onnx", manifest.frames, opset=manifest.data.get("opset", 20))
+        ckpt, opset = manifest.data["checkpoint"]["path"], manifest.data.get("opset", 20)
+        if g == "vision":  # the fused graph ONNX Runtime runs, written again in fp32
+            fp32 = write_vision_graph(ckpt, work / f"{g}.fp32.onnx", "fp32", opset)
+            source = "the fused vision graph written in fp32 from the checkpoint (the export is fp16)"
+        else:  # vision_trt: TensorRT's traced standard-ops graph
+            fp32 = trace_vision_graph(ckpt, work / f"{g}.fp32.onnx", manifest.frames, opset=opset)
+            source = "an fp32 trace of the checkpoint's vision tower (the export is fp16)"
         info = _quantize_static(fp32, dst, calib, g, method, op_types, excl, work, trt_dir)
-        info["source"] = "an fp32 trace of the checkpoint's vision tower (the export is fp16)"
+        info["source"] = source
         return info
     if prec == "int8":
         return _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)

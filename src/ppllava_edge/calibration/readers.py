@@ -94,8 +94,9 @@ class CalibrationSet:
 
 
 def _feed_graph(graph: str) -> str:
-    """The TensorRT decoder graph (decoder_trt) is calibrated on the decoder's feeds (same inputs, concat contract)."""
-    return "decoder" if graph == "decoder_trt" else graph
+    """A TensorRT twin graph (decoder_trt, vision_trt) is calibrated on its stage's feeds (same inputs; the decoder's
+    in the concat contract)."""
+    return graph.removesuffix("_trt")
 
 
 def _past_order(name: str) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import PPLLaVAEdgeError
 
 
-PRESET_NAMES = ("tiny", "small", "mid", "7b")  # model.presets.PRESETS (not imported here: it needs torch)
+PRESET_NAMES = ("tiny", "small", "vision-l", "mid", "7b")  # model.presets.PRESETS (not imported here: it needs torch)
 
 
 def _terminate(signum, frame) -> None:
@@ -161,4 +161,4 @@ def main() -> None:
 
 
 # Commands living in their own modules register themselves on `cli` when imported.
-from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd, serve_cmd  # noqa: E402,F401
+from . import bench_cmd, demo_cmd, engine_cmd, export_cmd, quant_cmd, runtime_cmd, serve_cmd, triton_cmd  # noqa: E402,F401

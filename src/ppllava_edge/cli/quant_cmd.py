@@ -60,7 +60,7 @@ class _Bar:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="CALIB folder to write.")
 @click.option("--frames", "frames", default=None, help="Frames per clip: N, or N,M,... cycled over videos (mixed shapes). Default: the export's opt.")
 @click.option("--samples", type=int, default=32, show_default=True, help="Maximum (video, question) pairs, round-robin over videos.")
-@click.option("--decode-steps", type=int, default=2, show_default=True, help="Decode-step feeds (with their KV cache) per pair.")
+@click.option("--decode-steps", type=int, default=2, show_default=True, help="Decode-step feeds (with their KV cache) per pair. 0: prefill feeds only and the decoder is not loaded (enough for weight-only --llm modes; an fp16 7B decoder would not fit in RAM on a CPU).")
 @click.option("--holdout", type=float, default=0.25, show_default=True, help="Fraction of videos kept out of calibration for the accuracy gate.")
 @click.option("--on-bad-video", type=click.Choice(["skip", "fail"]), default="skip", show_default=True, help="Unreadable videos: list and skip them, or stop.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")

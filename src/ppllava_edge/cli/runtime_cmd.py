@@ -40,16 +40,32 @@ def _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_b
 
 
 @cli.command("ask")
-@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("question")
+@click.argument("args", nargs=-1, required=True, metavar="EXPORT INPUT QUESTION")
 @frames_option()
 @generation_options
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (text, ids, timings) instead of text.")
 @click.option("--dump", type=click.Path(path_type=Path), default=None, help="Write the intermediate arrays as .npy into this folder.")
-def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, stream, as_json, dump):
-    """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime."""
+@click.option("--triton", "triton_url", default=None, metavar="HOST:PORT",
+              help="Ask the `ppllava` model of a Triton server (its gRPC address) instead; then give only VIDEO QUESTION.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="With --triton: seconds to wait for the answer.")
+@click.pass_context
+def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, stream, as_json, dump, triton_url, timeout):
+    """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime.
+
+    With --triton HOST:PORT (`ask --triton URL VIDEO QUESTION`) a Triton server running `ppllava-edge triton-repo`'s
+    model answers instead, streamed over gRPC; the output is the same.
+    """
+    if triton_url is not None:
+        if len(args) != 2:
+            raise click.UsageError("with --triton give VIDEO QUESTION (the export is on the server)")
+        unused = [f"--{name.replace('_', '-')}" for name in TRITON_UNUSED if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if unused:
+            raise click.UsageError(f"{', '.join(unused)} do(es) not apply with --triton (the server's repository decides)")
+        return _ask_triton(triton_url, Path(args[0]), args[1], num_frames, max_new_tokens, temperature if sample else None, seed if sample else None, stream, as_json, timeout)
+    if len(args) != 3:
+        raise click.UsageError("give EXPORT INPUT QUESTION (or --triton HOST:PORT VIDEO QUESTION)")
+    export_dir, input_path, question = Path(args[0]), Path(args[1]), args[2]
     from ..runtime.pipeline import Pipeline
 
     t_load = time.perf_counter()
@@ -74,8 +90,44 @@ def ask_command(export_dir, input_path, question, num_frames, max_new_tokens, te
             streamer.finish()
         else:
             click.echo(result.text)
-        err_console.print(f"provider {pipe.provider}: {result.visual_tokens} visual tokens, context {result.context_len} | load {load_ms:.1f} ms | "
-                          f"{result.timings.line()} | peak RSS {peak_rss_mb():.0f} MB")
+        err_console.print(summary_line(pipe.provider, result.visual_tokens, result.context_len, load_ms, result.timings.line(), peak_rss_mb()))
+
+
+# options of a local `ask` that a Triton server decides for itself
+TRITON_UNUSED = ("top_k", "top_p", "num_beams", "provider", "backend", "engines", "cuda_graph", "threads", "cache_dir", "dump")
+
+
+def summary_line(provider: str, visual_tokens: int, context_len: int, load_ms: float, timing_line: str, peak_rss: float) -> str:
+    """The timing line `ask` prints on stderr (the same for a local and a --triton answer; with --triton, `load` is
+    the time the answering instance took to open the export, and the peak RSS is that instance's)."""
+    return f"provider {provider}: {visual_tokens} visual tokens, context {context_len} | load {load_ms:.1f} ms | {timing_line} | peak RSS {peak_rss:.0f} MB"
+
+
+def _ask_triton(url, video, question, num_frames, max_new_tokens, temperature, seed, stream, as_json, timeout):
+    from ..triton.client import ask_triton
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    answer = ask_triton(url, video, question, frames=num_frames, max_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                        on_text=show if stream and not as_json else None, timeout=timeout)
+    st = answer.stats
+    for w in st["warnings"]:
+        err_console.print(f"warning: {w}")
+    if as_json:
+        click.echo(json.dumps({"text": answer.text, "ids": answer.ids, "visual_tokens": st["visual_tokens"], "context_len": st["context_len"],
+                               "provider": st["provider"], "timings_ms": st["timings_ms"], "load_ms": st["load_ms"], "peak_rss_mb": st["peak_rss_mb"],
+                               "warnings": st["warnings"], "triton": {"instance": st["instance"], "first_text_ms": answer.first_text_ms, "total_ms": answer.total_ms}}))
+    elif stream:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:
+        click.echo(answer.text)
+    if not as_json:
+        err_console.print(summary_line(st["provider"], st["visual_tokens"], st["context_len"], st["load_ms"], st["timing_line"], st["peak_rss_mb"]))
+        first = "-" if answer.first_text_ms is None else f"{answer.first_text_ms:.1f} ms"
+        err_console.print(f"triton {url} ({st['instance']}): first text {first}, answer {answer.total_ms:.1f} ms (measured by this client)")
 
 
 class _Streamer:

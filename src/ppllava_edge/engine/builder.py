@@ -314,13 +314,22 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
     unknown = [g for g in names if g not in stages]
     if unknown:
         raise InputError(f"graphs {unknown} are not in this export (it has: {', '.join(stages)})")
+    refused = []  # every graph TensorRT's parser cannot take, in one error
     for g in names:
         if data["graphs"][stages[g]].get("contract") == "gqa-inplace-v1":
-            raise EngineBuildError(
+            refused.append(
                 f"{g}: this export's {stages[g]}.onnx uses com.microsoft GroupQueryAttention (ONNX Runtime's in-place KV cache), "
                 "which TensorRT's ONNX parser does not take, and the export has no standard-ops decoder for TensorRT.\n"
                 "Hint: re-export with `ppllava-edge export CHECKPOINT OUT --tensorrt` (adds decoder_trt.onnx)."
             )
+        elif "ONNX Runtime only" in data["graphs"][stages[g]].get("ops", ""):  # e.g. the fused vision graph
+            refused.append(
+                f"{g}: this export's {stages[g]}.onnx uses com.microsoft operators ({data['graphs'][stages[g]]['ops']}), which "
+                f"TensorRT's ONNX parser does not take, and the export has no standard-ops {g} graph for TensorRT.\n"
+                f"Hint: re-export with `ppllava-edge export CHECKPOINT OUT --tensorrt` (adds {g}_trt.onnx)."
+            )
+    if refused:
+        raise EngineBuildError("\n".join(refused))
     sources = {g: stages[g] for g in names}
     precisions = {g: data["graphs"][sources[g]].get("precision", data.get("dtype", "fp32")) for g in names}
     if opts.int8 and not any(p == "int8" for p in precisions.values()):

@@ -63,14 +63,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def onnx_files(export_dir: Path, onnx_name: str) -> list[Path]:
-    """The ONNX file of a graph and its external-data files (`decoder.onnx`, `decoder.onnx.data`, ...)."""
-    main = export_dir / onnx_name
-    return [main] + sorted(p for p in export_dir.glob(onnx_name + "*") if p != main and p.is_file())
-
-
 def onnx_hashes(export_dir: Path, onnx_name: str) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in onnx_files(export_dir, onnx_name)}
+    """SHA-256 of a graph's file and the external-data files beside it (manifest.graph_files)."""
+    from ..manifest import graph_files
+
+    return {p.name: sha256_file(p) for p in graph_files(export_dir / onnx_name)}
 
 
 def new_metadata(

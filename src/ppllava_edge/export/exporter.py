@@ -34,6 +34,7 @@ from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 from ..runtime.decoder import CONCAT, INPLACE
 from .decoder_builder import DecoderDims, build_decoder
+from .fusion import FUSED_OPS, TRT_OPS, VisionDims, build_vision
 from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
 from .truncate import describe as describe_truncation
 from .truncate import dropped_prefixes, truncated_config
@@ -60,7 +61,7 @@ class ExportOptions:
     force: bool = False
     validate: bool = True
     validation: str = "auto"  # auto | full | truncated | none (see resolve_validation)
-    tensorrt: bool = False  # also write decoder_trt.onnx (standard ops; the in-place decoder uses contrib ops)
+    tensorrt: bool = False  # also write decoder_trt.onnx and vision_trt.onnx (standard ops; the ORT graphs use contrib ops)
 
 
 @dataclass
@@ -158,32 +159,50 @@ class ModelParts:
         load_weights(self.model, self.checkpoint, prefix, self.dtype, exclude=self.exclude, reader=self.reader)
 
     @contextlib.contextmanager
-    def vision_side(self, steps: StepRecorder | None = None):
+    def _part(self, step: str, prefixes: tuple[str, ...], steps: StepRecorder | None, load_extra=lambda m: None):
+        """The model with the sub-modules under `prefixes` materialised from the shards (timed as `step`), released
+        again on exit."""
         m = self.model
         try:
-            with steps.step("load vision side") if steps is not None else contextlib.nullcontext():
-                self._load("vision_tower")
-                self._load("multi_modal_projector")
-                m.image_newline = torch.nn.Parameter(self.reader.read("image_newline", self.dtype), requires_grad=False)
+            with steps.step(step) if steps is not None else contextlib.nullcontext():
+                for prefix in prefixes:
+                    self._load(prefix)
+                load_extra(m)
             m.requires_grad_(False)
             m.eval()
             yield m
         finally:
-            release_weights(m.vision_tower)
-            release_weights(m.multi_modal_projector)
+            for prefix in prefixes:
+                release_weights(m.get_submodule(prefix))
+
+    @contextlib.contextmanager
+    def vision_side(self, steps: StepRecorder | None = None):
+        def newline(m) -> None:
+            m.image_newline = torch.nn.Parameter(self.reader.read("image_newline", self.dtype), requires_grad=False)
+
+        try:
+            with self._part("load vision side", ("vision_tower", "multi_modal_projector"), steps, newline) as m:
+                yield m
+        finally:
+            m = self.model
             m.image_newline = torch.nn.Parameter(torch.empty(m.image_newline.shape, device="meta"), requires_grad=False)
 
     @contextlib.contextmanager
     def llm(self, steps: StepRecorder | None = None):
-        m = self.model
-        try:
-            with steps.step("load LLM") if steps is not None else contextlib.nullcontext():
-                self._load("language_model")
-            m.requires_grad_(False)
-            m.eval()
+        with self._part("load LLM", ("language_model",), steps) as m:
             yield m
-        finally:
-            release_weights(m.language_model)
+
+
+def _example_vision_outputs(vision_onnx: Path, frames: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random `values` [frames, P, D] and L2-normalised `keys` [P·frames, E] with the static dims of vision.onnx."""
+    import onnx
+
+    outs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in onnx.load(str(vision_onnx), load_external_data=False).graph.output}
+    _, p, d = outs["values"]
+    e = outs["keys"][1]
+    values = torch.randn(frames, p, d, generator=gen).to(dtype)
+    keys = torch.nn.functional.normalize(torch.randn(p * frames, e, generator=gen), dim=-1).to(dtype)
+    return values, keys
 
 
 def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: StepRecorder, on_stage: Callable[[str], None],
@@ -215,13 +234,21 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
             used = [checkpoint_name(f, keys) for f in fqns]
             maps[name] = map_traced_graph(tmp / f"{name}.onnx", params, [u for u in used if u is not None], np_dtype, composites)
 
+    # issue 18: ONNX Runtime runs vision.onnx written fused from the checkpoint's tensors, one tensor at a time
+    # (export/fusion.py); the traced standard-ops graph is vision_trt.onnx for TensorRT (--tensorrt), as for the decoder
+    on_stage("vision.onnx")
+    with steps.step("vision.onnx"):
+        maps["vision"] = build_vision(lambda name: parts.reader.read(name, torch.float32).numpy(), VisionDims.from_config(cfg),
+                                      tmp / "vision.onnx", opts.dtype, opts.opset)["weights"]
     with parts.vision_side(steps) as model:
         params = {k: t for k, t in ((checkpoint_name(f, keys), p) for f, p in model.named_parameters() if not p.is_meta) if k is not None}
         params = {k: v.detach().numpy() for k, v in params.items()}
         px = torch.randn(4, 3, size, size, generator=gen, dtype=torch.float32).to(dtype)  # example T=4 (T=1 would specialise)
-        traced("vision", VisionGraph(model), (px,), ["pixel_values"], ["values", "keys"], ({0: frames},), params)
-        with torch.no_grad():
-            values, vkeys = VisionGraph(model)(px)
+        if opts.tensorrt:
+            traced("vision_trt", VisionGraph(model), (px,), ["pixel_values"], ["values", "keys"], ({0: frames},), params)
+        # example pool inputs of the tower's output shapes (read from the fused graph): running the tower here would
+        # cost minutes at CLIP-L width in fp16 on a CPU, and tracing needs only shapes and dtypes
+        values, vkeys = _example_vision_outputs(tmp / "vision.onnx", 4, dtype, gen)
         traced("prompt_pool", PromptPoolGraph(model), (example_clip_ids(ctx), vkeys, values), ["clip_ids", "keys", "values"],
                ["visual_tokens", "relevance"], (None, {0: P * frames}, {0: frames}), params)
         # an image's anyres tiles (base + crops), one relevance softmax over all of them; traced with 4 tiles (1 would specialise)
@@ -350,7 +377,7 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
     made = json.loads(preset_file.read_text()) if preset_file.is_file() else {}
     preset = made.get("preset")
     graphs = {}
-    names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt"] if opts.tensorrt else [])
+    names = ["vision", "prompt_pool", "image_pool", "projector_head", "decoder"] + (["decoder_trt", "vision_trt"] if opts.tensorrt else [])
     for name in names:
         graphs[name] = {"file": f"{name}.onnx", "precision": opts.dtype, **graph_io(tmp / f"{name}.onnx"), "export_seconds": round(timings.get(name, 0.0), 3)}
     kv_dtype = "float16" if opts.dtype == "fp16" else "float32"
@@ -366,9 +393,11 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
             "kv_cache": {"dtype": kv_dtype, "layout": "[batch, kv_heads, past, head_dim]", "shared_past_present": False},
             "ops": "standard ONNX ops (TensorRT's parser takes them)",
         })
+    graphs["vision"]["ops"] = FUSED_OPS
     backends = {"ort": {s: s for s in STAGES}}
     if opts.tensorrt:
-        backends["trt"] = {**{s: s for s in STAGES}, "decoder": "decoder_trt"}
+        graphs["vision_trt"]["ops"] = TRT_OPS
+        backends["trt"] = {**{s: s for s in STAGES}, "decoder": "decoder_trt", "vision": "vision_trt"}
     h, w = cfg.frame_shape
     return {
         "format": "ppllava-edge-export",
@@ -539,8 +568,9 @@ def validate(checkpoint: Path, cfg, reader: CheckpointReader, folder: Path, mani
 
 
 def trace_vision_graph(checkpoint: str | Path, dst: Path, frames: tuple[int, int, int], dtype: str = "fp32", opset: int = 20) -> Path:
-    """vision.onnx alone, traced from the checkpoint's vision side (nothing else loaded): `quantize --vision int8`
-    on an fp16 export calibrates and quantizes this fp32 trace of the same tower."""
+    """The traced standard-ops vision graph alone (vision_trt.onnx of a --tensorrt export), from the checkpoint's
+    vision side (nothing else loaded): `quantize --vision int8` on an fp16 export calibrates and quantizes this fp32
+    trace for the TensorRT twin."""
     from torch.export import Dim
 
     checkpoint = Path(checkpoint)
@@ -555,6 +585,16 @@ def trace_vision_graph(checkpoint: str | Path, dst: Path, frames: tuple[int, int
             px = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
             external = sum(p.numel() * p.element_size() for p in model.vision_tower.parameters()) > EXTERNAL_DATA_BYTES
             _onnx_export(VisionGraph(model), (px,), dst, ["pixel_values"], ["values", "keys"], ({0: dim},), opset, external)
+    return dst
+
+
+def write_vision_graph(checkpoint: str | Path, dst: Path, dtype: str = "fp32", opset: int = 20) -> Path:
+    """The export's fused vision.onnx written again from the checkpoint (+ `dst.data`, one tensor at a time):
+    `quantize --vision int8` on an fp16 export calibrates and quantizes this fp32 twin of the graph it replaces."""
+    checkpoint = Path(checkpoint)
+    cfg = load_config(checkpoint)
+    with CheckpointReader(checkpoint) as reader:
+        build_vision(lambda name: reader.read(name, torch.float32).numpy(), VisionDims.from_config(cfg), dst, dtype, opset)
     return dst
 
 

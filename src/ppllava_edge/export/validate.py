@@ -131,6 +131,7 @@ def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, man
     vision = _session(folder / "vision.onnx")
     pool = _session(folder / "prompt_pool.onnx")
     image_pool = _session(folder / "image_pool.onnx")
+    vision_trt = _session(folder / manifest["graphs"]["vision_trt"]["file"]) if "vision_trt" in manifest["graphs"] else None
     fmin, _, fmax = manifest["frames"]["min"], None, manifest["frames"]["max"]
     ctx = cfg.clip_text.context_length
     short = torch.full((1, ctx), 49407, dtype=torch.int64)
@@ -146,6 +147,9 @@ def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, man
             values, keys = vision.run(None, {"pixel_values": px.numpy().astype(np_dtype)})
             record("vision", f"T={T}", "values", ref_values.numpy(), values)
             record("vision", f"T={T}", "keys", ref_keys.numpy(), keys)
+            if vision_trt is not None:  # the traced standard-ops graph TensorRT builds (export --tensorrt)
+                for name, ref, got in zip(("values", "keys"), (ref_values, ref_keys), vision_trt.run(None, {"pixel_values": px.numpy().astype(np_dtype)})):
+                    record("vision_trt", f"T={T}", name, ref.numpy(), got)
             for qname, ids in (("short q", short), ("long q", long)):
                 ref_tokens, ref_g = pg(ids, ref_keys, ref_values)
                 tokens, g = pool.run(None, {"clip_ids": ids.numpy(), "keys": ref_keys.numpy().astype(np_dtype), "values": ref_values.numpy().astype(np_dtype)})

@@ -72,6 +72,15 @@ PRESETS: dict[str, dict] = {
         "llm": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 4096},
         "init_std": {"vision": 0.03, "llm": 0.04},
     },
+    # vision measurements at the released tower's size: the CLIP-L tower (336 px, 24 x 1024, 16 heads, MLP 4096,
+    # BT-Adapter depth 4) and CLIP text (12 x 768) of the release, with the small preset's LLM so the whole
+    # pipeline (export, calibrate, quantize, bench) runs in a few GB: ~580 M parameters
+    "vision-l": {
+        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+        "clip_text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768},
+        "llm": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 4096},
+        "init_std": "fan_in",
+    },
     # the released widths everywhere (CLIP-L tower 336 px, 24 x 1024, BT-Adapter depth 4; CLIP text 12 x 768, 248
     # positions; Vicuna width 4096, 32 heads, MLP 11008, vocab 32064), the LLM cut to 4 layers: ~1.6 B parameters
     "mid": {"released": True, "llm_layers": 4, "init_std": "fan_in"},

@@ -87,7 +87,8 @@ class FeatureCache:
             self._put_memory(key, (values, keys), warnings)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{key}.{threading.get_ident()}.tmp.npz"
+            # unique per process and thread: Triton's instances (separate processes) may share one cache folder
+            tmp = self.folder / f".{key}.{os.getpid()}-{threading.get_ident()}.tmp.npz"
             np.savez(tmp, values=values, keys=keys, warnings=np.asarray(warnings, dtype=np.str_))
             tmp.replace(self.folder / f"{key}.npz")
 

@@ -90,6 +90,7 @@ class InplaceKVDecoder:
         self.device = device
         # OrtValue buffers (device memory); on 'cpu' numpy arrays unless asked (tests run the device path on cpu)
         self._ortvalue = device != "cpu" if device_buffers is None else device_buffers
+        self._shrink = _shrink_options() if device == "cpu" else None
         self.past_names, self.present_names = kv_names(num_layers)
         self.batch = 0
         self.length = 0
@@ -169,7 +170,7 @@ class InplaceKVDecoder:
             ptr = buf.data_ptr() if self._ortvalue else buf.ctypes.data
             io.bind_input(pn, self.device, 0, self.dtype, shape, ptr)
             io.bind_output(qn, self.device, 0, self.dtype, shape, ptr)  # same memory: updated in place
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self._shrink if s > 1 and self.device == "cpu" else None)
         self.length = total
         self.peak_used_positions = max(self.peak_used_positions, total)
         return logits.astype(np.float32)  # a copy: the buffer is reused next step
@@ -187,6 +188,16 @@ class InplaceKVDecoder:
             if self._ortvalue:
                 self._bufs[i].update_inplace(host)
         self.batch = new_b
+
+
+def _shrink_options():
+    """RunOptions that give the CPU arena's free chunks back after the run: a prefill's activations (hundreds of MB
+    at 7B) are not kept reserved for the decode steps, which need a few MB."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return ro
 
 
 class ConcatKVDecoder:

@@ -132,7 +132,14 @@ class Pipeline:
         engines: str | Path | None = None,
         cuda_graph: bool = False,
         max_decoders: int = 1,
+        runners: dict | None = None,
+        decoder: bool = True,
     ):
+        """`runners` maps a stage ("vision", "prompt_pool", ...) to an object with ONNX Runtime's `run(output_names,
+        feed) -> [arrays]` that runs it instead of a local session (Triton's BLS requests, see triton/python_model.py).
+        `decoder=False`: the vision and pooling side only (no decoder session, `ask` unavailable) - what calibrating a
+        weight-only LLM needs; an fp16 7B decoder would take twice its size in RAM on a CPU, where ONNX Runtime
+        upcasts fp16 weights it has no kernels for."""
         if not isinstance(max_decoders, int) or max_decoders < 1:
             raise InputError(f"max_decoders must be an int >= 1, got {max_decoders!r}")
         self.manifest = manifest
@@ -160,13 +167,17 @@ class Pipeline:
         factories = {}
         for stage, graph in manifest.backend_graphs("ort").items():
             fused = manifest.graph(graph).get("contract") is not None
+            # the decoder keeps its arena (the decode steps reuse it); the other graphs run once per request
             factories[stage] = functools.partial(create_session, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
-                                                 "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE)
-        self.sessions = LazySessions(factories, dict(self.trt.runners) if self.trt is not None else {})
+                                                 "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE,
+                                                 arena=stage == "decoder")
+        self.sessions = LazySessions(factories, {**(self.trt.runners if self.trt is not None else {}), **(runners or {})})
+        if not decoder:
+            factories.pop("decoder", None)
         for stage in EAGER_STAGES:
             if stage in factories:
                 self.sessions[stage]
-        if self.trt is None:  # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export)
+        if self.trt is None and decoder:  # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export)
             self.dtype = graph_dtype(self.sessions["decoder"], default=self.dtype)
         self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
         self.llama = manifest.llama_tokenizer()  # the export's conversation template
@@ -175,7 +186,7 @@ class Pipeline:
         # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
         self.max_decoders = 1 if self.trt is not None else max_decoders
         self._pool = threading.Condition()
-        self.decoder = self._new_decoder()
+        self.decoder = self._new_decoder() if decoder else None
         self.cache = cache if cache is not None else FeatureCache()
         self.vision_runs = 0
         self._key_locks: dict[str, list] = {}  # content key -> [lock, users]: one vision run per video at a time
@@ -188,6 +199,8 @@ class Pipeline:
         """One KV-cache decoder (its own buffers) over the shared decoder session."""
         if self.trt is not None:
             return self.trt.decoder
+        if "decoder" not in self.sessions.available():
+            raise InputError("this Pipeline was opened without its decoder (decoder=False): it cannot generate")
         entry = self.manifest.graph(self.manifest.graph_for("decoder", "ort"))
         return open_decoder(self.sessions["decoder"], entry, self.manifest.model, self.dtype, self.provider)
 
@@ -201,8 +214,8 @@ class Pipeline:
         """Replacing the decoder restarts the pool with it."""
         with self._pool:
             self._decoder = dec
-            self._idle = [dec]
-            self._made = 1
+            self._idle = [dec] if dec is not None else []
+            self._made = int(dec is not None)
             self._pool.notify_all()
 
     @contextmanager
@@ -259,8 +272,11 @@ class Pipeline:
         engines: str | Path | None = None,
         cuda_graph: bool = False,
         max_decoders: int = 1,
+        runners: dict | None = None,
+        decoder: bool = True,
     ) -> Pipeline:
-        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines, cuda_graph=cuda_graph, max_decoders=max_decoders)
+        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines,
+                   cuda_graph=cuda_graph, max_decoders=max_decoders, runners=runners, decoder=decoder)
 
     # ---- inputs -----------------------------------------------------------------------------
     def frame_range(self) -> tuple[int, int]:
