@@ -164,7 +164,7 @@ def test_quality_rows_on_trained_weights(llm_export, llm_pipe, sample_videos, tm
     same = measure_quality(llm_pipe, llm_pipe, load_calibration(calib, llm_pipe.manifest), tokens=6)
     assert same.pairs == 2 and same.decode_steps == 12 and same.prefill_positions > 10
     assert same.top1_prefill == same.top1_decode == same.exact_match == 1.0
-    assert abs(same.kl_decode) < 1e-9 and abs(same.ppl_change) < 1e-9 and same.common_prefix == 6
+    assert abs(same.kl_decode) < 1e-6 and abs(same.ppl_change) < 1e-6 and same.common_prefix == 6  # two runs of one graph: float noise only
 
     res = quantize_export(llm_export, calib, tmp_path / "w8", vision="fp32", pool="fp32", llm="int8-weight",
                           prefill_positions=2, greedy_tokens=4, quality_tokens=6)

@@ -70,7 +70,7 @@ def _llm_stream(src: LlmSource, name: str, dtype: torch.dtype) -> Iterator[torch
     w = src.read(hf)
     if hf in ("model.embed_tokens.weight", "lm_head.weight"):
         w = np.concatenate([w, w.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)], axis=0)
-    yield torch.from_numpy(w).to(dtype)
+    yield torch.from_numpy(np.require(w, requirements="W")).to(dtype)  # a read-only GGUF / mmap view is copied once
 
 
 def checkpoint_tensors(model, src: LlmSource, init_std, seed: int, dtype: torch.dtype):
