@@ -71,7 +71,10 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
     from ..runtime.pipeline import Pipeline
 
     t_load = time.perf_counter()
-    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
+    # one question per process: an in-memory feature cache would only hold the vision features (302 MB at 7B dims,
+    # 32 frames) through prefill; --cache-dir still keeps them on disk for the next command
+    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, cache_bytes=0, backend=backend, engines=engines,
+                                cuda_graph=cuda_graph)
     load_ms = (time.perf_counter() - t_load) * 1e3
     gen = _config(max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     streamer = _Streamer(pipe) if stream and not as_json else None

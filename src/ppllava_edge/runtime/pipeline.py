@@ -432,6 +432,7 @@ class Pipeline:
         if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
             tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
+        del values, keys  # the feature cache keeps its own reference if it holds them; prefill does not need them
         embeds = self.embed_prompt(input_ids, tokens)
         with self._borrow_decoder() as decoder:
             out = generate(decoder, self.embed, embeds, gen, on_token=on_token)
