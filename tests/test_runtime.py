@@ -408,3 +408,24 @@ def test_ort_graph_cache_is_written_once_by_processes_opening_the_export_togethe
     want = create_session(tiny_export / "vision.onnx", "cpu", 1).run(None, {"pixel_values": px})
     for got, ref in zip(cached.run(None, {"pixel_values": px}), want):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_background_load_gives_the_same_answers_and_reports_each_load(tiny_export, pipe, sample_video, tmp_path):
+    """`background_load=True` (what `ask` uses): the constructor returns before the sessions exist; the answers are
+    the eager pipeline's, each session's load time is recorded, and a graph that fails to load raises its
+    InferenceError at first use, in the caller's thread."""
+    import shutil
+
+    bg = Pipeline.from_export(tiny_export, provider="cpu", background_load=True)
+    for q in QUESTIONS[:2]:
+        got = bg.ask(sample_video, q, num_frames=8, generation=GenerationConfig(max_new_tokens=8))
+        assert got.ids == pipe.ask(sample_video, q, num_frames=8, generation=GenerationConfig(max_new_tokens=8)).ids
+    assert {"vision", "prompt_pool", "decoder"} <= set(bg.sessions.load_ms) and bg.sessions.wait_ms >= 0
+    assert bg.dtype == pipe.dtype and bg.decoder.allocated_bytes > 0
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_export, broken, ignore=shutil.ignore_patterns("ort_cache"))
+    (broken / "decoder.onnx").write_bytes(b"not an onnx graph")
+    bad = Pipeline.from_export(broken, provider="cpu", background_load=True)
+    with pytest.raises(InferenceError, match="decoder.onnx"):
+        bad.ask(sample_video, QUESTIONS[0], num_frames=8, generation=GenerationConfig(max_new_tokens=2))

@@ -95,26 +95,51 @@ EAGER_STAGES = ("vision", "prompt_pool", "decoder")
 
 
 class LazySessions(dict):
-    """stage -> session; a stage with a factory and no session yet is created on first access (thread-safe).
+    """stage -> session; a stage with a factory and no session yet is created on first access (thread-safe: one
+    lock per stage, so a stage loading on a background thread (`preload`) does not hold up the others).
     `load_ms` records how long each creation took (the `load` stage of `ask --json` and the bench)."""
 
     def __init__(self, factories: dict[str, Callable], ready: dict | None = None):
         super().__init__(ready or {})
         self._factories = factories
         self._lock = threading.Lock()
+        self._stage_locks: dict[str, threading.Lock] = {}
+        self._errors: dict[str, BaseException] = {}
         self.load_ms: dict[str, float] = {}
+        self.wait_ms = 0.0  # time callers spent waiting for a stage another thread (preload) was creating
 
     def __missing__(self, stage: str):
+        if stage not in self._factories:
+            raise KeyError(stage)
         with self._lock:
+            lock = self._stage_locks.setdefault(stage, threading.Lock())
+        t_wait = time.perf_counter()
+        with lock:
             if dict.__contains__(self, stage):
+                self.wait_ms += (time.perf_counter() - t_wait) * 1e3
                 return dict.__getitem__(self, stage)
-            if stage not in self._factories:
-                raise KeyError(stage)
+            if stage in self._errors:  # a background load failed: raise its error here, in the caller's thread
+                raise self._errors.pop(stage)
             t0 = time.perf_counter()
             session = self._factories[stage]()
             self.load_ms[stage] = (time.perf_counter() - t0) * 1e3
             self[stage] = session
             return session
+
+    def preload(self, stages: Sequence[str]) -> None:
+        """Create `stages` on one background thread, in order; an access meanwhile waits for that stage only. A
+        failure is kept and raised by the first access to the stage."""
+        todo = [s for s in stages if s in self._factories and not dict.__contains__(self, s)]
+
+        def run() -> None:
+            for stage in todo:
+                try:
+                    self[stage]
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread by __missing__
+                    self._errors[stage] = exc
+
+        if todo:
+            threading.Thread(target=run, name="ppllava-preload", daemon=True).start()
 
     def available(self) -> list[str]:
         return sorted(set(self) | set(self._factories))
@@ -134,18 +159,23 @@ class Pipeline:
         max_decoders: int = 1,
         runners: dict | None = None,
         decoder: bool = True,
+        background_load: bool = False,
     ):
         """`runners` maps a stage ("vision", "prompt_pool", ...) to an object with ONNX Runtime's `run(output_names,
         feed) -> [arrays]` that runs it instead of a local session (Triton's BLS requests, see triton/python_model.py).
         `decoder=False`: the vision and pooling side only (no decoder session, `ask` unavailable) - what calibrating a
         weight-only LLM needs; an fp16 7B decoder would take twice its size in RAM on a CPU, where ONNX Runtime
-        upcasts fp16 weights it has no kernels for."""
+        upcasts fp16 weights it has no kernels for.
+        `background_load=True` returns before the sessions exist: vision, prompt_pool and the decoder are created
+        on a background thread while the caller decodes and preprocesses the video (what a one-question `ask`
+        process wants: start-up overlaps the work); each stage's first use waits for that stage only."""
         if not isinstance(max_decoders, int) or max_decoders < 1:
             raise InputError(f"max_decoders must be an int >= 1, got {max_decoders!r}")
         self.manifest = manifest
         m = manifest.model
         fp16 = manifest.data["dtype"] == "fp16"
-        self.dtype = np.float16 if fp16 else np.float32
+        self._dtype = np.float16 if fp16 else np.float32
+        self._dtype_from_decoder = False
         self.trt = None
         if backend not in ("ort", "trt"):
             raise InputError(f"--backend {backend!r}: choose ort (ONNX Runtime) or trt (native TensorRT engines)")
@@ -174,11 +204,15 @@ class Pipeline:
         self.sessions = LazySessions(factories, {**(self.trt.runners if self.trt is not None else {}), **(runners or {})})
         if not decoder:
             factories.pop("decoder", None)
-        for stage in EAGER_STAGES:
-            if stage in factories:
-                self.sessions[stage]
-        if self.trt is None and decoder:  # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export)
-            self.dtype = graph_dtype(self.sessions["decoder"], default=self.dtype)
+        if background_load and self.trt is None:
+            self.sessions.preload([s for s in EAGER_STAGES if s in factories])
+        else:
+            for stage in EAGER_STAGES:
+                if stage in factories:
+                    self.sessions[stage]
+        # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export), read on first use
+        self._dtype_from_decoder = self.trt is None and decoder
+        self._lazy = threading.RLock()  # re-entered: opening the decoder reads `dtype`
         self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
         self.llama = manifest.llama_tokenizer()  # the export's conversation template
         self.eos_token_id = manifest.eos_token_id
@@ -186,7 +220,10 @@ class Pipeline:
         # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
         self.max_decoders = 1 if self.trt is not None else max_decoders
         self._pool = threading.Condition()
-        self.decoder = self._new_decoder() if decoder else None
+        self.decoder = None
+        self._decoder_pending = decoder  # opened on first use (after the setter above, which clears it)
+        if decoder and not background_load:
+            self._ensure_decoder()
         self.cache = cache if cache is not None else FeatureCache()
         self.vision_runs = 0
         self._key_locks: dict[str, list] = {}  # content key -> [lock, users]: one vision run per video at a time
@@ -194,6 +231,26 @@ class Pipeline:
         has_newline = bool(self.image_spec and self.image_spec.get("newline"))
         self.image_newline = np.load(manifest.path("image_newline")) if has_newline else None
         self.export_id = manifest.data.get("created", "") + manifest.data["checkpoint"]["sha256"]
+
+    @property
+    def dtype(self):
+        """Activation dtype of the embeddings fed to the decoder (its graph's `inputs_embeds`)."""
+        if self._dtype_from_decoder:
+            with self._lazy:
+                if self._dtype_from_decoder:
+                    self._dtype = graph_dtype(self.sessions["decoder"], default=self._dtype)
+                    self._dtype_from_decoder = False
+        return self._dtype
+
+    def _ensure_decoder(self) -> None:
+        """Open the pool's first decoder once its session exists (at construction, or on first use after a
+        background load)."""
+        if self._decoder_pending:
+            with self._lazy:
+                if not self._decoder_pending:
+                    return
+                self.decoder = self._new_decoder()
+                self._decoder_pending = False
 
     def _new_decoder(self):
         """One KV-cache decoder (its own buffers) over the shared decoder session."""
@@ -207,11 +264,13 @@ class Pipeline:
     @property
     def decoder(self):
         """The first decoder of the pool (what single-threaded callers such as the bench and calibration use)."""
+        self._ensure_decoder()
         return self._decoder
 
     @decoder.setter
     def decoder(self, dec) -> None:
         """Replacing the decoder restarts the pool with it."""
+        self._decoder_pending = False
         with self._pool:
             self._decoder = dec
             self._idle = [dec] if dec is not None else []
@@ -221,6 +280,7 @@ class Pipeline:
     @contextmanager
     def _borrow_decoder(self) -> Iterator:
         """A decoder no other thread uses until it is given back (waits while `max_decoders` are busy)."""
+        self._ensure_decoder()
         with self._pool:
             while not self._idle and self._made >= self.max_decoders:
                 self._pool.wait()
@@ -274,9 +334,11 @@ class Pipeline:
         max_decoders: int = 1,
         runners: dict | None = None,
         decoder: bool = True,
+        background_load: bool = False,
     ) -> Pipeline:
         return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines,
-                   cuda_graph=cuda_graph, max_decoders=max_decoders, runners=runners, decoder=decoder)
+                   cuda_graph=cuda_graph, max_decoders=max_decoders, runners=runners, decoder=decoder,
+                   background_load=background_load)
 
     # ---- inputs -----------------------------------------------------------------------------
     def frame_range(self) -> tuple[int, int]:
@@ -433,6 +495,7 @@ class Pipeline:
         if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
             tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
+        del values, keys  # the feature cache keeps its own reference if it holds them; prefill does not need them
         embeds = self.embed_prompt(input_ids, tokens)
         with self._borrow_decoder() as decoder:
             out = generate(decoder, self.embed, embeds, gen, on_token=on_token)
