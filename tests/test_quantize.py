@@ -375,7 +375,7 @@ def test_streamed_minmax_equals_onnxruntime_calibrator(tiny_export, calib, tmp_p
     pre = tmp_path / f"{graph}.pre.onnx"
     _preprocess(tiny_export / f"{graph}.onnx", pre)
     before = sorted(p.name for p in tmp_path.iterdir())
-    ours = minmax_ranges(pre, cs.feeds(graph), list(_WEIGHT_OPS), tmp_path)
+    ours = minmax_ranges(pre, cs.feeds(graph), list(_WEIGHT_OPS))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()

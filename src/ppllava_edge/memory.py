@@ -11,6 +11,7 @@ export.json) and `ask --json` (peak RSS of the answer).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -90,17 +91,25 @@ class MemorySampler:
         self.stop()
 
 
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A step that loaded a
-    graph into Python and dropped it otherwise leaves its memory in the process, counted in every later step's RSS."""
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (None where there is no glibc: macOS, musl)."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl)
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc keeps freed blocks of 1-32 MB, e.g. one layer's matrices,
+    in its arenas); a no-op without glibc. A step that loaded a graph or a layer and dropped it otherwise leaves its
+    memory in the process, counted in every later step's RSS."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class StepRecorder:

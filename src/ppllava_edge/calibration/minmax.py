@@ -84,8 +84,8 @@ def augment(model_path: Path, op_types: Sequence[str] | None, augmented: Path) -
     return names
 
 
-def minmax_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], op_types: Sequence[str] | None, work: Path,
-                  symmetric: bool = False, threads: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def minmax_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], op_types: Sequence[str] | None,
+                  symmetric: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{tensor: (lowest, highest)} over `feeds`, as ORT's MinMax calibrator computes them (arrays of shape (1,)).
 
     Peak memory: the session's mapped weights plus one sample's live activations (the CPU arena is off, so a
@@ -104,8 +104,6 @@ def minmax_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], op_t
         # then: CLIP-L, 4 frames: +2.9 GB over the weights; priority-based order: +1.0 GB, the plain graph's +0.8 GB
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
         session = ort.InferenceSession(os.fspath(augmented), so, providers=["CPUExecutionProvider"])
         inputs = {i.name for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]

@@ -317,7 +317,7 @@ def calibrate_ranges(model_path: Path, calib: CalibrationSet, graph: str, method
         if method == "minmax":
             from .minmax import minmax_ranges
 
-            ranges = TensorsData(CalibrationMethod.MinMax, minmax_ranges(model_path, iter(reader.get_next, None), op_types, work,
+            ranges = TensorsData(CalibrationMethod.MinMax, minmax_ranges(model_path, iter(reader.get_next, None), op_types,
                                                                          symmetric=_CALIB_OPTIONS["minmax"]["symmetric"]))
         else:
             with histogram_shape_fix(), _quiet():

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import PPLLaVAConfig, load_config
 from ..errors import CheckpointError
+from ..memory import trim_heap
 from .ppllava import PPLLaVAForConditionalGeneration
 from .shards import SafetensorsFile, SafetensorsWriter, TensorSpec, plan_shards
 
@@ -219,29 +220,10 @@ def tied_aliases(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps freed blocks of 1-32 MB, the size of one layer's
-    matrices, in its arenas; without this, streaming layer after layer grows RSS by fragments). No-op elsewhere."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
 def release_weights(module: nn.Module) -> None:
     """Send a materialised sub-module back to the meta device, freeing its weights (and returning them to the OS)."""
     module.to("meta")
-    _trim_heap()
+    trim_heap()
 
 
 def load_model(folder: str | Path, dtype: str | torch.dtype = "fp32", attn_implementation: str = "sdpa") -> PPLLaVAForConditionalGeneration:

@@ -170,7 +170,7 @@ class InplaceKVDecoder:
             ptr = buf.data_ptr() if self._ortvalue else buf.ctypes.data
             io.bind_input(pn, self.device, 0, self.dtype, shape, ptr)
             io.bind_output(qn, self.device, 0, self.dtype, shape, ptr)  # same memory: updated in place
-        self.session.run_with_iobinding(io, self._shrink if s > 1 and self.device == "cpu" else None)
+        self.session.run_with_iobinding(io, self._shrink if s > 1 else None)  # None off the CPU
         self.length = total
         self.peak_used_positions = max(self.peak_used_positions, total)
         return logits.astype(np.float32)  # a copy: the buffer is reused next step

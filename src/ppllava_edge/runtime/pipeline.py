@@ -175,7 +175,6 @@ class Pipeline:
         m = manifest.model
         fp16 = manifest.data["dtype"] == "fp16"
         self._dtype = np.float16 if fp16 else np.float32
-        self._dtype_from_decoder = False
         self.trt = None
         if backend not in ("ort", "trt"):
             raise InputError(f"--backend {backend!r}: choose ort (ONNX Runtime) or trt (native TensorRT engines)")
@@ -249,8 +248,7 @@ class Pipeline:
             with self._lazy:
                 if not self._decoder_pending:
                     return
-                self.decoder = self._new_decoder()
-                self._decoder_pending = False
+                self.decoder = self._new_decoder()  # the setter clears _decoder_pending
 
     def _new_decoder(self):
         """One KV-cache decoder (its own buffers) over the shared decoder session."""
