@@ -18,7 +18,6 @@ Hugging Face folder: `config.json` (model_type llama), `model.safetensors` or sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -76,14 +75,15 @@ class LlmSource:
         return load_llama_tokenizer_from_checkpoint(self.path)
 
     def sha256(self) -> str:
-        """Digest of the GGUF file, or of the folder's config.json + safetensors index / single file."""
-        h = hashlib.sha256()
-        files = [self.path] if self.kind == "gguf" else [self.path / n for n in ("config.json", "model.safetensors.index.json", "model.safetensors") if (self.path / n).is_file()]
-        for f in files:
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        """Digest of the GGUF file, or of a folder as `checkpoint_hash` takes it (config.json + the safetensors index,
+        or the single file)."""
+        if self.kind == "gguf":
+            from ..engine.metadata import sha256_file
+
+            return sha256_file(self.path)
+        from .checkpoint import checkpoint_hash
+
+        return checkpoint_hash(self.path)
 
     def close(self) -> None:
         if self.kind == "hf" and self._reader is not None:
