@@ -220,6 +220,31 @@ def test_npy_with_nan_or_inf_is_refused_naming_the_file(media_dir):
     assert str(path) in str(err.value) and "frame(s) 1" in str(err.value)
 
 
+def test_npy_header_is_checked_before_anything_is_allocated(media_dir):
+    from ppllava_edge.media import read_npy_shape
+
+    path = media_dir / "forged.npy"
+    with open(path, "wb") as f:  # 10^12 frames announced, 64 bytes of data (before: MemoryError)
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 3, 32, 32)})
+        f.write(b"\0" * 64)
+    for load in (read_npy_shape, load_npy_pixel_values):
+        with pytest.raises(InputError, match="header announces") as err:
+            load(path, 32)
+        assert str(path) in str(err.value)
+    np.save(path, np.zeros((5, 3, 32, 32), np.float32))
+    assert read_npy_shape(path, 32) == (5, 3, 32, 32)
+
+
+def test_video_over_the_pixel_cap_is_refused_naming_its_size(clip):
+    from ppllava_edge.media import VIDEO_DECODE_PIXELS
+
+    assert VIDEO_DECODE_PIXELS >= 3840 * 2160
+    with pytest.raises(VideoError, match="decode limit") as err:
+        load_video(clip, 8, max_pixels=100 * 100)
+    assert str(clip) in str(err.value) and "128x96" in str(err.value)
+    assert load_video(clip, 8, max_pixels=128 * 96).frames.shape[0] == 8
+
+
 # --------------------------------------------------------------------------------------------
 # preprocessing
 

@@ -159,3 +159,72 @@ def test_media_policy_uploads(tmp_path):
         with pytest.raises(ApiError) as err:
             policy.resolve(MediaPart(url, "video_url", "p"))
         assert (err.value.status, err.value.code) == (status, code), url
+
+
+def test_stream_text_decodes_incrementally():
+    """Each token decodes a window of a few ids, not the whole answer (before: 4000 tokens decoded ~8M ids)."""
+    calls = []
+
+    def counting(ids):
+        calls.append(len(ids))
+        return "".join(PIECES[1 + i % 6] for i in ids)
+
+    st = StreamText(counting, ["never"])
+    deltas = [st.feed(i) for i in range(4000)]
+    assert sum(calls) <= 4 * 4000 and max(calls) <= 2
+    calls.clear()
+    assert "".join(d for d, _ in deltas) + st.finish() == st.text() == counting(range(4000))
+
+
+def test_stream_text_long_stop_strings_cost_what_the_text_costs():
+    """A 200k-character stop string whose prefix the text keeps matching: held back, then emitted, and the
+    matcher's table grows only as far as the text went (before: O(len(stop)^2) a token)."""
+    from ppllava_edge.serve.protocol import _StopMatcher
+
+    stop = "ab" * 100_000
+    pieces = {1: "ab", 2: "c"}
+    st = StreamText(lambda ids: "".join(pieces[i] for i in ids), [stop, "zz" * 100_000])
+    out = [st.feed(1) for _ in range(500)]
+    assert all(d == "" for d, _ in out)  # 1000 characters that may still grow into the stop string
+    assert st.feed(2) == ("ab" * 500 + "c", False)
+    assert max(len(m.fail) for m in st._matchers) <= 1000 and isinstance(st._matchers[0], _StopMatcher)
+    assert st.finish() == "" and st.text() == "ab" * 500 + "c"
+
+
+def test_stream_text_stops_at_the_stop_string_that_ends_first():
+    joined, final, stopped, _ = run(["lo, world! E", "wor"], [1, 2, 3, 4, 5])
+    assert joined == final == "Hello, " and stopped == 3
+
+
+@pytest.mark.parametrize("data,param", [
+    (body(n=1.0), "n"),
+    (body(n=True), "n"),
+    (body(stop=["x" * 262_145]), "stop"),
+    (body(stop=["ok", "bad \ud800"]), "stop[1]"),
+    (body(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "a\udc00.mp4"}}]}]), "messages[0].content[0].video_url.url"),
+    (body(messages=[{"role": "system", "content": "\ud83d"}, {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "a.mp4"}}]}]), "messages[0].content"),
+])
+def test_nits_and_lone_surrogates_are_refused(data, param):
+    with pytest.raises(ApiError) as err:
+        parse_chat_request(data, "m")
+    assert (err.value.status, err.value.param) == (400, param)
+
+
+def test_uploads_decode_piecewise_with_whitespace_and_any_case(tmp_path, monkeypatch):
+    import base64
+
+    from ppllava_edge.serve import inputs
+
+    monkeypatch.setattr(inputs, "_B64_PIECE", 8)  # many pieces, whitespace splitting base64 quanta
+    data = os.urandom(1001)
+    encoded = base64.b64encode(data).decode()
+    spaced = "\n".join(encoded[i:i + 7] for i in range(0, len(encoded), 7))
+    policy = MediaPolicy([], 2000, tmp_path)
+    for url in ("data:video/mp4;base64," + encoded, "DATA:Video/MP4;Base64," + spaced):
+        got = policy.resolve(MediaPart(url, "video_url", "p"))
+        assert got.path.read_bytes() == data
+        got.cleanup()
+    with pytest.raises(ApiError) as err:
+        policy.resolve(MediaPart("data:video/mp4;base64," + encoded[:-8] + "!!!!" + encoded[-4:], "video_url", "p"))
+    assert err.value.code == "invalid_base64"
+    assert list(tmp_path.iterdir()) == []  # the partial file of the bad upload is gone

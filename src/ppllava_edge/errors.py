@@ -30,6 +30,10 @@ class VideoError(InputError):
 class ContextLengthError(InputError):
     """The prompt (text + visual tokens) plus the new tokens asked for do not fit the LLM context."""
 
+    def __init__(self, message: str, prompt_too_long: bool = False):
+        super().__init__(message)
+        self.prompt_too_long = prompt_too_long  # the prompt alone leaves no room for one new token
+
 
 class TokenizerError(PPLLaVAEdgeError):
     """Tokenizer files are missing or malformed."""

@@ -63,6 +63,12 @@ SEEK_COST_FRAMES = 8
 SEEK_MIN_GAIN = 0.9
 SEQUENTIAL_MAX_FRAMES = 256
 
+VIDEO_DECODE_PIXELS = 4096 * 2304
+"""Largest video frame, width x height, that `load_video` decodes by default (9.4 MP: every 4K format, 3840x2160
+and 4096x2160, fits). A larger video is refused with a VideoError from its header, before any frame is decoded, and a
+stream whose decoded frames turn out larger is refused at the first such frame: decoding cost grows with the source
+resolution while the model sees every frame at 336x336 (an 8192x8192 MJPEG clip took +2.8 GB and 80 s for 8 frames)."""
+
 _MARKER = 16  # side of each corner block that carries the frame index in `write_test_video`
 _MARKER_BASE = 16
 _MARKER_DIGITS = 3  # indices up to 16**3 - 1 = 4095 are encoded exactly
@@ -252,6 +258,15 @@ def _demux_index(container: Any, stream: Any, path: str) -> _PacketIndex:
     return _PacketIndex(count=len(entries), pts=pts, keyframes=keyframes)  # type: ignore[arg-type]
 
 
+def _check_pixels(width: int, height: int, path: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise VideoError(
+            f"{path}: the video's frames are {width}x{height} ({width * height / 1e6:.1f} MP), over the decode limit of "
+            f"{max_pixels / 1e6:.1f} MP a frame (3840x2160 fits).\nHint: downscale it first, e.g. "
+            "ffmpeg -i IN -vf scale=1920:-2 OUT.mp4"
+        )
+
+
 def _to_rgb(frame: Any, size: tuple[int, int] | None) -> np.ndarray:
     if size is None:
         return frame.to_ndarray(format="rgb24")
@@ -259,7 +274,7 @@ def _to_rgb(frame: Any, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def _decode_sequential(
-    container: Any, stream: Any, wanted: list[int], path: str
+    container: Any, stream: Any, wanted: list[int], path: str, max_pixels: int = VIDEO_DECODE_PIXELS
 ) -> tuple[dict[int, np.ndarray], int, BaseException | None]:
     """Decode from the start, keep the frames at `wanted` (sorted, unique), stop after the last.
 
@@ -275,6 +290,7 @@ def _decode_sequential(
     try:
         for frame in container.decode(stream):
             i += 1
+            _check_pixels(frame.width, frame.height, path, max_pixels)
             if i in wanted_set:
                 if size is None:
                     size = (frame.width, frame.height)
@@ -289,7 +305,7 @@ def _decode_sequential(
 
 
 def _decode_seek(
-    container: Any, stream: Any, wanted: list[int], index: _PacketIndex, path: str
+    container: Any, stream: Any, wanted: list[int], index: _PacketIndex, path: str, max_pixels: int = VIDEO_DECODE_PIXELS
 ) -> dict[int, np.ndarray]:
     """Decode only the GOPs that hold `wanted` frames: seek to a target's keyframe unless the
     decoder is already inside that GOP, then decode forward to the target's pts.
@@ -312,6 +328,7 @@ def _decode_seek(
                 frames_iter = container.decode(stream)
                 pos = -1
             for frame in frames_iter:
+                _check_pixels(frame.width, frame.height, path, max_pixels)
                 if frame.pts is None:
                     raise _NeedSequential("decoded frame without pts")
                 if frame.pts < target:
@@ -364,6 +381,7 @@ def load_video(
     num_frames: int,
     *,
     strategy: DecodeStrategy = "auto",
+    max_pixels: int = VIDEO_DECODE_PIXELS,
 ) -> VideoFrames:
     """Decode `num_frames` frames at segment centres (`segment_centre_indices`) with PyAV.
 
@@ -385,13 +403,14 @@ def load_video(
         path: video file (anything FFmpeg demuxes: mp4, mkv, webm, avi, mov, gif, ...).
         num_frames: frames to sample, T.
         strategy: "auto", "sequential" or "seek" (the last two force a path; for tests and benchmarks).
+        max_pixels: largest frame (width x height) decoded; see VIDEO_DECODE_PIXELS.
 
     Returns:
         VideoFrames with uint8 RGB frames `[T, H, W, 3]` (all frames at the first decoded frame's size).
 
     Raises:
         VideoError: missing, unreadable, empty or corrupt file; no video stream; no decodable frames;
-            unsupported codec. The message names the file.
+            unsupported codec; frames over `max_pixels`. The message names the file.
         InputError: bad `num_frames` or `strategy`.
     """
     if strategy not in ("auto", "sequential", "seek"):
@@ -406,6 +425,7 @@ def load_video(
 
     with _open_container(av, spath) as container:
         stream = _video_stream(container, spath)
+        _check_pixels(stream.codec_context.width or 0, stream.codec_context.height or 0, spath, max_pixels)  # from the header
         fps = _fps(stream)
         header_total = int(stream.frames or 0)
         index: _PacketIndex | None = None
@@ -442,7 +462,7 @@ def load_video(
         assert index is not None
         with _open_container(av, spath) as container:
             try:
-                got = _decode_seek(container, _video_stream(container, spath), wanted, index, spath)
+                got = _decode_seek(container, _video_stream(container, spath), wanted, index, spath, max_pixels)
             except _NeedSequential as why:
                 log.warning("%s: seek decoding not exact (%s); decoding sequentially", spath, why)
                 got, chosen = None, "sequential"
@@ -452,7 +472,7 @@ def load_video(
         with _open_container(av, spath) as container:
             stream = _video_stream(container, spath)
             codec = _codec_name(stream)
-            got, decoded, error = _decode_sequential(container, stream, wanted, spath)
+            got, decoded, error = _decode_sequential(container, stream, wanted, spath, max_pixels)
         if decoded < 1:
             raise VideoError(
                 f"No decodable frames in video {spath} (codec {codec}, {num_total} frames announced)"
@@ -470,7 +490,7 @@ def load_video(
             indices = segment_centre_indices(num_total, num_frames)
             wanted = sorted(set(indices))
             with _open_container(av, spath) as container:
-                got, _, _ = _decode_sequential(container, _video_stream(container, spath), wanted, spath)
+                got, _, _ = _decode_sequential(container, _video_stream(container, spath), wanted, spath, max_pixels)
             if len(got) < len(wanted):
                 raise VideoError(f"Video {spath} decodes inconsistently ({decoded} frames, then fewer)")
 
@@ -716,30 +736,64 @@ class MediaInfo:
         }
 
 
+def read_npy_shape(path: str | os.PathLike[str], image_size: int | None = None) -> tuple[int, ...]:
+    """The shape of the pixel values in a `.npy` file, from its header alone (nothing is allocated), checked as
+    `load_npy_pixel_values` checks the array: float32 `[T, 3, S, S]`, and a file long enough to hold it.
+
+    Raises:
+        InputError: missing/unreadable file, a header that is not a .npy one, the wrong ndim, channels, dtype or
+            spatial size, or a header announcing more data than the file holds.
+    """
+    spath = os.fspath(path)
+    if not os.path.exists(spath):
+        raise InputError(f"Pixel-values file not found: {spath}")
+    fmt = np.lib.format
+    try:
+        with open(spath, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise InputError(f"Cannot read pixel values from {spath}: not a valid .npy array ({exc})") from exc
+    expect = f"float32 [T, 3, {image_size or 'H'}, {image_size or 'W'}]"
+    got = f"{dtype} {list(shape)}"
+    if len(shape) != 4 or shape[1] != 3 or shape[0] < 1:
+        raise InputError(f"Pixel values in {spath} must be {expect}, got shape {got}")
+    if dtype != np.float32:
+        raise InputError(f"Pixel values in {spath} must be {expect}, got dtype {got}")
+    if image_size is not None and tuple(shape[2:]) != (image_size, image_size):
+        raise InputError(f"Pixel values in {spath} must be {expect}, got spatial size {got}")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size - offset < need:
+        raise InputError(
+            f"Cannot read pixel values from {spath}: its header announces {got} ({need:,} bytes) but the file holds "
+            f"{max(size - offset, 0):,} bytes of data (truncated, or a forged header)"
+        )
+    return tuple(int(d) for d in shape)
+
+
 def load_npy_pixel_values(path: str | os.PathLike[str], image_size: int | None = None) -> np.ndarray:
-    """Load already-preprocessed pixel values float32 `[T, 3, H, W]` from a `.npy` file, unchanged.
+    """Load already-preprocessed pixel values float32 `[T, 3, H, W]` from a `.npy` file, unchanged. The header is
+    checked first (`read_npy_shape`), so a forged or truncated file is refused before anything is allocated.
 
     Raises:
         InputError: missing/unreadable file, wrong ndim, channels, dtype, or (when `image_size` is
             given) spatial size, or non-finite values (NaN/Inf); the message names the file and what is wrong.
     """
     spath = os.fspath(path)
-    if not os.path.exists(spath):
-        raise InputError(f"Pixel-values file not found: {spath}")
+    read_npy_shape(spath, image_size)
     try:
         arr = np.load(spath, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(f"Cannot read pixel values from {spath}: not a valid .npy array ({exc})") from exc
-    if not isinstance(arr, np.ndarray):
-        raise InputError(f"Cannot read pixel values from {spath}: expected one array, got {type(arr).__name__}")
-    expect = f"float32 [T, 3, {image_size or 'H'}, {image_size or 'W'}]"
-    got = f"{arr.dtype} {list(arr.shape)}"
-    if arr.ndim != 4 or arr.shape[1] != 3 or arr.shape[0] < 1:
-        raise InputError(f"Pixel values in {spath} must be {expect}, got shape {got}")
-    if arr.dtype != np.float32:
-        raise InputError(f"Pixel values in {spath} must be {expect}, got dtype {got}")
-    if image_size is not None and arr.shape[2:] != (image_size, image_size):
-        raise InputError(f"Pixel values in {spath} must be {expect}, got spatial size {got}")
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 4:  # changed since the header check
+        raise InputError(f"Cannot read pixel values from {spath}: the file changed while it was read")
     finite = np.isfinite(arr)
     if not finite.all():
         bad = int(arr.size - np.count_nonzero(finite))

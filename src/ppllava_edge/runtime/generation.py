@@ -217,7 +217,13 @@ def _pick_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Gen
     scores = logits.astype(np.float32, copy=True)  # [V]
     vocab = scores.shape[0]
     if config.temperature != 1.0:
-        scores /= np.float32(config.temperature)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scores /= np.float32(config.temperature)
+        top = scores.max()
+        if not np.isfinite(top) or np.isnan(scores).any():
+            # A temperature so small (about 1e-37 and below) that logits / T overflows float32: the distribution is
+            # the limit T -> 0, all mass on the best token, i.e. greedy (transformers would sample from NaNs).
+            return int(np.argmax(logits))
     if 0 < config.top_k < vocab:
         # TopKLogitsWarper: drop tokens scoring below the k-th largest (ties with it are kept).
         kth = np.partition(scores, vocab - config.top_k)[vocab - config.top_k]

@@ -27,12 +27,15 @@ import numpy as np
 from ..anyres import ImageLayout, assemble_tokens
 from ..errors import ContextLengthError, InputError
 from ..manifest import ExportManifest, load_manifest
-from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
+from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size, read_npy_shape
 from ..tokenization import ClipTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
 from .session import create_session, resolve_provider
+
+# stands for the input file's path in cached warnings (memory and .npz), so each request sees its own file named
+_CACHED_INPUT = "\x1finput\x1f"
 
 
 @dataclass
@@ -403,14 +406,14 @@ class Pipeline:
             if hit is not None:
                 t.cache_hit = True
                 values, keys, cached_warnings = hit
-                warnings = list(cached_warnings)
+                warnings = [w.replace(_CACHED_INPUT, str(path)) for w in cached_warnings]  # this request's file name
             else:
                 t0 = time.perf_counter()
                 values, keys = self.sessions["vision"].run(None, {"pixel_values": px})
                 t.vision = (time.perf_counter() - t0) * 1e3
                 with self._pool:
                     self.vision_runs += 1
-                self.cache.put(key, values, keys, warnings)
+                self.cache.put(key, values, keys, [w.replace(str(path), _CACHED_INPUT) for w in warnings])
         actual_kind = "image" if kind == "image" or values.shape[0] == 1 else "video"
         return values, keys, VideoInput(key, actual_kind, px, warnings)
 
@@ -478,13 +481,22 @@ class Pipeline:
         clip_ids = self.clip.encode(question, self.manifest.model["clip_text_length"])
         kind = input_kind(Path(path))
         layout = self.image_layout(path) if kind == "image" else None
-        n_vis = layout.num_tokens if layout is not None else self.manifest.visual_tokens(num_frames)
+        frames = num_frames
+        if kind == "npy":  # the file brings its own frame count: read from its header, before any compute
+            frames = read_npy_shape(path, self.manifest.model["image_size"])[0]
+            if frames == 1:
+                layout = self.image_layout(None)
+            else:
+                self._check_npy_frames(Path(path), frames)
+        n_vis = layout.num_tokens if layout is not None else self.manifest.visual_tokens(frames)
         context = len(input_ids) - 1 + n_vis
         limit = self.manifest.model["max_position_embeddings"]
-        if context + gen.max_new_tokens > limit:
+        if context + gen.max_new_tokens - 1 > limit:  # the last new token is never fed back
             raise ContextLengthError(
-                f"prompt of {context} tokens ({n_vis} visual) + max_new_tokens={gen.max_new_tokens} exceeds the LLM context of {limit}.\n"
-                "Hint: use fewer frames, a shorter question or fewer new tokens."
+                f"prompt of {context} tokens ({n_vis} visual) + max_new_tokens={gen.max_new_tokens} exceeds the LLM context of {limit} "
+                f"(at most {max(limit - context + 1, 0)} new tokens fit).\n"
+                "Hint: use fewer frames, a shorter question or fewer new tokens.",
+                prompt_too_long=context > limit,
             )
         values, keys, vin = self.features(path, num_frames, t, need_pixels=keep_arrays)
         graph = "image_pool" if vin.kind == "image" else "prompt_pool"

@@ -41,6 +41,20 @@ def bad(param: str | None, message: str, code: str = "invalid_value") -> ApiErro
     return ApiError(400, message, param, code)
 
 
+MAX_STOP_CHARS = 1 << 18
+"""Longest `stop` string accepted (262144 characters); the scan is linear in the text generated either way."""
+
+
+def _check_text(text: str, param: str) -> str:
+    """`text`, or 400 when it holds a lone UTF-16 surrogate (JSON "\\ud800" escapes): no tokenizer or path takes one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(param, f"'{param}' holds a lone surrogate ({text[exc.start]!r} at character {exc.start}), not valid Unicode text",
+                  "invalid_text") from None
+    return text
+
+
 @dataclass(frozen=True)
 class MediaPart:
     """The one video/image of a request: its URL and where it was in the request."""
@@ -118,7 +132,7 @@ def _opt_bool(body: dict, name: str, default: bool = False) -> bool:
 def _text_of(content: Any, where: str, media: list[MediaPart], allow_media: bool) -> str:
     """The text of a message's content (a string or a list of parts); media parts are collected."""
     if isinstance(content, str):
-        return content
+        return _check_text(content, f"{where}.content")
     if content is None:
         return ""
     if not isinstance(content, list):
@@ -132,7 +146,7 @@ def _text_of(content: Any, where: str, media: list[MediaPart], allow_media: bool
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise bad(f"{at}.text", f"'{at}.text' must be a string")
-            texts.append(part["text"])
+            texts.append(_check_text(part["text"], f"{at}.text"))
         elif kind in ("video_url", "image_url"):
             if not allow_media:
                 raise bad(f"{at}.type", f"'{at}': a {kind} part is only allowed in a user message")
@@ -140,7 +154,7 @@ def _text_of(content: Any, where: str, media: list[MediaPart], allow_media: bool
             url = ref.get("url") if isinstance(ref, dict) else ref
             if not isinstance(url, str) or not url:
                 raise bad(f"{at}.{kind}.url", f"'{at}.{kind}.url' must be a non-empty string (a data: URL, a file:// URL or a path)")
-            media.append(MediaPart(url, kind, f"{at}.{kind}.url"))
+            media.append(MediaPart(_check_text(url, f"{at}.{kind}.url"), kind, f"{at}.{kind}.url"))
         else:
             raise bad(f"{at}.type", f"'{at}.type' {kind!r} is not supported (use text, video_url or image_url)", "unsupported_content_type")
     return "\n".join(texts)
@@ -159,7 +173,7 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
         if unsupported(body.get(name)):
             raise bad(name, f"'{name}' is not supported by this server", "unsupported_parameter")
     n = body.get("n")
-    if n is not None and n != 1:
+    if n is not None and (not _is_int(n) or n != 1):
         raise bad("n", f"'n' must be 1 (one choice per request), got {n!r}", "unsupported_parameter")
 
     messages = body.get("messages")
@@ -219,6 +233,11 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
         raise bad("stop", "'stop' must be a string or a list of at most 4 strings")
     if any(not s for s in stops):
         raise bad("stop", "'stop' strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        longest = max(len(s) for s in stops)
+        raise bad("stop", f"'stop' strings must be at most {MAX_STOP_CHARS} characters long, got {longest}")
+    for k, s in enumerate(stops):
+        _check_text(s, "stop" if isinstance(stop, str) else f"stop[{k}]")
     stream = _opt_bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -263,42 +282,107 @@ def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: s
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice], **extra}
 
 
+class _StopMatcher:
+    """Knuth–Morris–Pratt automaton of one stop string, fed one character at a time. `state` is the length of the
+    longest prefix of the stop string that ends the text seen so far. The failure table is grown only as far as
+    `state` reaches, so a long stop string costs in proportion to the text generated, not to its own length."""
+
+    def __init__(self, stop: str):
+        self.stop, self.fail, self.state = stop, [0], 0
+
+    def _fail(self, i: int) -> int:
+        s, f = self.stop, self.fail
+        while len(f) <= i:
+            j, k = len(f), f[-1]
+            while k and s[j] != s[k]:
+                k = f[k - 1]
+            f.append(k + 1 if s[j] == s[k] else k)
+        return f[i]
+
+    def step(self, c: str) -> bool:
+        """Advance by one character; True when the stop string ends here."""
+        s, q = self.stop, self.state
+        while q and s[q] != c:
+            q = self._fail(q - 1)
+        if s[q] == c:
+            q += 1
+        self.state = q
+        return q == len(s)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` cut before the stop string that ends first (the longest one when several end at one character), as
+    `StreamText` cuts while streaming."""
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or (i + len(s), i) < (best[0] + best[1], best[0])):
+            best = (i, len(s))
+    return (text, False) if best is None else (text[: best[0]], True)
+
+
 class StreamText:
     """Turns ids into text deltas as they come: incomplete UTF-8 pieces are held back, and so is any tail that could
     be the start of a stop string. `feed` returns (delta, stop_matched); the deltas joined with `finish()` equal the
-    final text (the whole decoded answer, cut before the first stop string)."""
+    final text (the whole decoded answer, cut before the stop string that ends first).
+
+    Detokenisation is incremental (as vLLM's `detokenize_incrementally`): each token decodes only the ids from
+    the previous token's start, so the cost per token does not grow with the answer. Stop strings are scanned by
+    one KMP automaton each over the new characters only: linear in the text, whatever the stop strings' length."""
 
     def __init__(self, decode, stops: list[str]):
-        self.decode, self.stops = decode, stops
+        self.decode, self.stops = decode, list(stops)
         self.ids: list[int] = []
-        self.emitted = ""
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the text before the newest token's
+        self._matchers = [_StopMatcher(s) for s in self.stops]
+        self._pending = ""  # decoded, not emitted yet: a possible stop-string start
+        self._emitted: list[str] = []
+        self._final: str | None = None
         self.stopped = False
 
-    def _cut(self, text: str) -> tuple[str, bool]:
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            return text[: min(hits)], True
-        return text, False
+    @property
+    def emitted(self) -> str:
+        return "".join(self._emitted)
+
+    def _new_text(self) -> str:
+        before = self.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        now = self.decode(self.ids[self._prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # nothing new, or an incomplete UTF-8 sequence
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return now[len(before):]
 
     def feed(self, token: int) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
         self.ids.append(int(token))
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self._final = None
+        new = self._new_text()
+        if not new:
             return "", False
-        text, self.stopped = self._cut(text)
-        if not self.stopped:  # hold back a tail that may grow into a stop string
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold]
-        if not text.startswith(self.emitted):
-            return "", self.stopped
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta, self.stopped
+        base = len(self._pending)
+        self._pending += new
+        if self._matchers:
+            for i, c in enumerate(new):
+                ended = [m for m in self._matchers if m.step(c)]
+                if ended:
+                    start = base + i + 1 - max(len(m.stop) for m in ended)
+                    delta, self._pending, self.stopped = self._pending[:start], "", True
+                    self._emitted.append(delta)
+                    return delta, True
+        hold = max((m.state for m in self._matchers), default=0)  # a tail that may grow into a stop string
+        cut = len(self._pending) - hold
+        delta, self._pending = self._pending[:cut], self._pending[cut:]
+        self._emitted.append(delta)
+        return delta, False
 
     def text(self) -> str:
-        return self._cut(self.decode(self.ids))[0]
+        if self._final is None:
+            self._final = cut_at_stop(self.decode(self.ids), self.stops)[0]
+        return self._final
 
     def finish(self) -> str:
-        final = self.text()
-        delta = final[len(self.emitted):] if final.startswith(self.emitted) else ""
-        self.emitted = final
+        final, emitted = self.text(), self.emitted
+        delta = final[len(emitted):] if final.startswith(emitted) else ""
+        self._emitted, self._pending = [final], ""
         return delta
