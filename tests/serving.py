@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import subprocess
@@ -65,10 +66,12 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(export: Path, *args: str):
-    """Start `ppllava-edge serve EXPORT --port 0 ARGS`, wait until /ready, yield it; stop it whatever happens."""
+def running_server(export: Path, *args: str, env: dict | None = None, preexec_fn=None):
+    """Start `ppllava-edge serve EXPORT --port 0 ARGS`, wait until /ready, yield it; stop it whatever happens.
+    `env` adds environment variables; `preexec_fn` runs in the child before the server (e.g. to set an rlimit)."""
     cmd = [sys.executable, "-c", BOOT, "serve", str(export), "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env} if env else None, preexec_fn=preexec_fn)
     lines: list[str] = []
     listening = threading.Event()
 

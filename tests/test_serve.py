@@ -399,3 +399,243 @@ def test_loadtest_command_against_the_server(server, tmp_path, media):
                                    "--max-new-tokens", "3", "-q"])
     assert res.exit_code == 0, res.output
     assert "| 1 | 2 | 2 | 0 |" in res.stdout  # concurrency 1: 2 requests, 2 ok, 0 errors
+
+
+# ---- hardening (issue 22): every hostile or careless request gets one clear 4xx in OpenAI's format ----------------
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _post(server, body, timeout: float = 60.0) -> tuple[int, dict]:
+    status, headers, raw = server.request("POST", "/v1/chat/completions", body, AUTH, timeout=timeout)
+    assert headers["content-type"].startswith("application/json"), (status, raw[:200])
+    return status, json.loads(raw)
+
+
+def _error(server, body, status: int, code: str, param: str | None = "messages[0].content[0].video_url.url") -> str:
+    got, data = _post(server, body)
+    err = data["error"]
+    assert set(err) == {"message", "type", "param", "code"} and (got, err["code"], err["param"]) == (status, code, param), err
+    return err["message"]
+
+
+def _chat(tiny_export, url: str, question: str = "q", **kw) -> dict:
+    return {"model": model_id(tiny_export), "messages": video_messages(url, question), "max_tokens": 4, "temperature": 0, **kw}
+
+
+def test_context_check_uses_the_npy_frame_count_and_allows_exactly_the_limit(server, pipe, media, tiny_export):
+    d, _ = media
+    limit = pipe.manifest.model["max_position_embeddings"]
+    status, ok = _post(server, _chat(tiny_export, "clip.mp4", max_tokens=1))
+    context = ok["usage"]["prompt_tokens"]  # 8 frames' visual tokens + the text
+    # context + max_tokens - 1 == limit needs exactly `limit` positions (the last token is never fed): admitted
+    _stream_some_then_disconnect(server, _chat(tiny_export, "clip.mp4", max_tokens=limit - context + 1, ignore_eos=True, stream=True), chunks=2)
+    msg = _error(server, _chat(tiny_export, "clip.mp4", max_tokens=limit - context + 2), 400, "context_length_exceeded", "max_tokens")
+    assert f"at most {limit - context + 1} new tokens fit" in msg
+    # a 16-frame .npy brings its own frame count: refused before any compute with its real visual tokens,
+    # although max_tokens fits the request's 8 frames (before: generated, then 500)
+    np.save(d / "sixteen.npy", np.zeros((16, 3, 84, 84), np.float32))
+    for stream in (False, True):
+        msg = _error(server, _chat(tiny_export, "sixteen.npy", max_tokens=limit - context, stream=stream), 400, "context_length_exceeded", "max_tokens")
+        assert f"({pipe.manifest.visual_tokens(16)} visual)" in msg
+
+
+def test_tiny_temperature_samples_greedily_instead_of_nan(server, pipe, media, tiny_export):
+    _, files = media
+    want = ask(pipe, files["clip"], QUESTIONS[1])
+    for temperature in (1e-40, 5e-324):
+        status, r = _post(server, _chat(tiny_export, "clip.mp4", QUESTIONS[1], max_tokens=12, temperature=temperature, seed=3, return_token_ids=True))
+        assert status == 200 and r["choices"][0]["token_ids"] == want.ids, (temperature, r)
+
+
+def test_ask_sample_with_a_tiny_temperature_is_greedy(tiny_export, media):
+    from click.testing import CliRunner
+
+    from ppllava_edge.cli.main import cli
+
+    _, files = media
+    base = ["ask", str(tiny_export), str(files["clip"]), QUESTIONS[1], "--max-new-tokens", "6", "--json"]
+    greedy = CliRunner().invoke(cli, base)
+    tiny = CliRunner().invoke(cli, [*base, "--sample", "--temperature", "1e-40", "--seed", "1"])
+    assert greedy.exit_code == 0 and tiny.exit_code == 0, tiny.output
+    assert json.loads(tiny.stdout)["ids"] == json.loads(greedy.stdout)["ids"]
+
+
+def test_hostile_bodies_get_400_in_openai_format(server, media, tiny_export):
+    d, _ = media
+    nested = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    got, headers, raw = server.request("POST", "/v1/chat/completions", nested, AUTH)
+    assert got == 400 and headers["content-type"].startswith("application/json") and json.loads(raw)["error"]["code"] == "invalid_json"
+    msg = _error(server, _chat(tiny_export, f"file://{d}/{'a' * 5000}.mp4"), 400, "invalid_path")
+    assert "File name too long" in msg
+    surrogate = json.dumps(_chat(tiny_export, "clip.mp4", "QUESTION")).replace("QUESTION", "bad \\ud800 text").encode()
+    got, _, raw = server.request("POST", "/v1/chat/completions", surrogate, AUTH)
+    err = json.loads(raw)["error"]
+    assert got == 400 and (err["code"], err["param"]) == ("invalid_text", "messages[0].content[1].text"), err
+    with open(d / "forged.npy", "wb") as f:  # a header claiming 10^12 frames over a few bytes of data
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 3, 84, 84)})
+        f.write(b"\0" * 64)
+    msg = _error(server, _chat(tiny_export, "forged.npy"), 400, "invalid_media")
+    assert "header announces" in msg and "forged.npy" in msg
+
+
+def test_cache_hit_warnings_name_this_request_s_input(server, media, tiny_export):
+    _, files = media
+    upload = b64_url(files["truncated"])
+    seen = []
+    for url in ("truncated.mp4", upload, upload):  # the first fills the cache (or hits it), the next two hit it
+        status, r = _post(server, _chat(tiny_export, url))
+        assert status == 200
+        seen.append(r["warnings"])
+    assert len(seen[0]) == 1 and seen[0][0].startswith("truncated.mp4: truncated or partly corrupt video")
+    for w in seen[1:]:
+        assert len(w) == 1 and w[0].startswith("the uploaded video (messages[0].content[0].video_url.url): truncated"), w
+        assert "/tmp" not in w[0] and "upload-" not in w[0] and "truncated.mp4" not in w[0]
+
+
+def test_small_nits_get_the_right_answer(server, media, tiny_export):
+    _, files = media
+    for n in (1.0, True):
+        _error(server, _chat(tiny_export, "clip.mp4", n=n), 400, "unsupported_parameter", "n")
+    msg = _error(server, _chat(tiny_export, "clip.mp4", "word " * 5000), 400, "context_length_exceeded", "messages")
+    assert "exceeds the LLM context" in msg
+    status, r = _post(server, _chat(tiny_export, "DATA:video/mp4;BASE64," + b64_url(files["clip2"]).partition(",")[2]))
+    assert status == 200 and r["choices"][0]["message"]["content"] is not None
+
+
+def test_ready_does_not_echo_the_load_error(tiny_export):
+    import asyncio
+
+    from ppllava_edge.serve.app import ServeOptions, Server, create_app
+
+    server = Server(ServeOptions(export=tiny_export))
+    server.load_error = RuntimeError("secret detail /home/me/export")
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/ready", "headers": [], "query_string": b"", "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2), "root_path": ""}
+    try:
+        asyncio.run(create_app(server)(scope, receive, send))
+    finally:
+        server.close()
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert sent[0]["status"] == 503 and json.loads(body)["status"] == "failed" and b"secret" not in body
+
+
+def test_long_stop_strings_are_scanned_in_linear_time(server, pipe, media, tiny_export):
+    from ppllava_edge.serve.protocol import MAX_STOP_CHARS
+
+    _, files = media
+    want = ask(pipe, files["clip"], QUESTIONS[0])
+    stops = [c * 200_000 for c in "abcd"]  # four 200k-character stops (before: ~55 s a token for 1M)
+    status, r = _post(server, _chat(tiny_export, "clip.mp4", QUESTIONS[0], max_tokens=12, stop=stops), timeout=30)
+    assert status == 200 and r["choices"][0]["message"]["content"] == want.text
+    _error(server, _chat(tiny_export, "clip.mp4", stop=["x" * (MAX_STOP_CHARS + 1)]), 400, "invalid_value", "stop")
+
+
+def test_videos_over_the_resolution_cap_are_refused_before_decoding(server, media, tiny_export):
+    import av
+
+    d, _ = media
+    path = d / "huge.avi"
+    with av.open(str(path), "w") as c:  # 4100x2400 = 9.8 MP, just over the 9.4 MP cap
+        s = c.add_stream("mjpeg", rate=4)
+        s.width, s.height, s.pix_fmt = 4100, 2400, "yuvj420p"
+        for p in s.encode(av.VideoFrame.from_ndarray(np.zeros((2400, 4100, 3), np.uint8), format="rgb24")):
+            c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    msg = _error(server, _chat(tiny_export, "huge.avi"), 400, "invalid_media")
+    assert "4100x2400" in msg and "decode limit" in msg and "huge.avi" in msg
+
+
+def _raw(server, data: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send raw bytes on a fresh connection; (everything the server sent until it closed or went quiet, seconds)."""
+    import socket
+
+    t0 = time.monotonic()
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+    return out, time.monotonic() - t0
+
+
+def _head(length: int) -> bytes:
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_admission_before_the_body_and_read_timeouts(tiny_export, media, pipe):
+    d, files = media
+    with running_server(tiny_export, "--media-dir", str(d), "--workers", "1", "--max-queue", "0", "--max-upload-mb", "1",
+                        "--read-timeout", "1", "--body-timeout", "3") as s:
+        long = {"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 3900, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(long).encode(), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data:")  # the one worker is busy
+        # a busy server refuses before reading the body: 503 although only 1 KiB of the announced 1 MB came
+        out, _ = _raw(s, _head(1_000_000) + b"{" + b" " * 1023)
+        assert out.startswith(b"HTTP/1.1 503") and b'"code":"server_busy"' in out.replace(b" ", b""), out[:300]
+        conn.sock.close()
+        conn.close()
+        want = ask(pipe, files["clip"], "q")
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def answered() -> bool:
+            try:
+                r = c.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=12, temperature=0)
+            except openai.InternalServerError:
+                return False
+            return r.choices[0].message.content == want.text
+
+        assert _wait_for(answered)
+        # headers that never end: the connection is closed after --read-timeout
+        out, took = _raw(s, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        assert out == b"" and took < 5
+        # a body that stops arriving: 408 in OpenAI's format
+        out, took = _raw(s, _head(5000) + b'{"model": ')
+        assert out.startswith(b"HTTP/1.1 408") and b"request_timeout" in out and took < 5, out[:300]
+        # a client that leaves mid-upload: one log line, no traceback
+        import socket
+
+        before = len(s.stderr)
+        with socket.create_connection((s.host, s.port), timeout=10) as sock:
+            sock.sendall(_head(5000) + b'{"model": ')
+            time.sleep(0.3)
+        assert _wait_for(lambda: any("disconnected" in line for line in s.stderr[before:]), timeout=10)
+        time.sleep(0.5)
+        new = s.stderr[before:]
+        assert sum("disconnected" in line for line in new) == 1 and not any("Traceback" in line for line in new), new
+        assert answered()
+
+
+def test_a_full_upload_folder_answers_507_and_leaves_nothing(tiny_export, media, tmp_path):
+    import resource
+
+    _, files = media
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+
+    def small_files() -> None:  # every file the server writes is cut at 256 KiB: a stand-in for a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+
+    with running_server(tiny_export, "--max-upload-mb", "1", env={"TMPDIR": str(tmp)}, preexec_fn=small_files) as s:
+        big = "data:video/mp4;base64," + base64.b64encode(os.urandom(600 << 10)).decode()
+        for _ in range(2):
+            msg = _error(s, _chat(tiny_export, big), 507, "insufficient_storage")
+            assert "cannot store the upload" in msg
+            assert [p.name for p in tmp.glob("ppllava-serve-*/*")] == []  # the partial upload was removed
+        status, r = _post(s, _chat(tiny_export, b64_url(files["clip2"])))
+        assert status == 200 and r["choices"][0]["message"]["content"] is not None

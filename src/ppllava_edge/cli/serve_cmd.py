@@ -34,9 +34,11 @@ from .main import cli
 @click.option("--model-name", default=None, help="Model id clients send (default: the export folder's name).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per graph run.")
+@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Seconds a client has to send a request's headers, and between two pieces of its body (408 / closed after).")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True, help="Seconds a client has to send a whole request body (408 after).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 @click.pass_context
-def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_mb, num_frames, max_queue, workers, decoders, cache_dir, max_tokens, model_name, provider, threads, access_log):
+def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_mb, num_frames, max_queue, workers, decoders, cache_dir, max_tokens, model_name, provider, threads, read_timeout, body_timeout, access_log):
     """Serve EXPORT over HTTP with the OpenAI chat-completions API (video_url / image_url content parts)."""
     from ..errors import InputError
     from ..manifest import load_manifest
@@ -57,7 +59,7 @@ def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_m
     opts = ServeOptions(
         export=Path(export_dir), host=host, port=port, media_dirs=tuple(Path(os.path.abspath(d)) for d in media_dirs), api_key=api_key,
         max_upload_mb=max_upload_mb, frames=num_frames, max_queue=max_queue, workers=workers, decoders=decoders, cache_dir=cache_dir, provider=provider,
-        threads=threads, model_name=model_name, max_tokens=max_tokens,
+        threads=threads, model_name=model_name, max_tokens=max_tokens, read_timeout=read_timeout, body_timeout=body_timeout,
     )
     verbose = bool(ctx.obj and ctx.obj.get("verbose"))
 

@@ -7,7 +7,9 @@
     GET  /metrics               Prometheus text format (see serve/metrics.py)
 
 Requests are answered by `workers` threads over one Pipeline (a decoder each, the feature cache shared); at most
-`workers + max_queue` requests are admitted at once, the next get 503 with Retry-After. A request waits for its
+`workers + max_queue` requests are admitted at once, the next get 503 with Retry-After. Admission comes before the
+body is read, so only admitted requests hold a body (and its upload) in memory; a body must arrive within the read
+timeouts (408 otherwise). A request waits for its
 first token (or its error) before any byte is sent, so a bad video still gets a proper 4xx JSON error when
 streaming. A client that disconnects — while queued, before its first token or mid-stream — sets its cancel flag,
 and its generation stops at the next token.
@@ -16,6 +18,7 @@ and its generation stops at the next token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -30,7 +33,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -62,6 +65,8 @@ class ServeOptions:
     threads: int | None = None
     model_name: str | None = None
     max_tokens: int = 256  # max_tokens of a request that gives none
+    read_timeout: float = 30.0  # seconds for a request's headers, and between two pieces of its body
+    body_timeout: float = 300.0  # seconds for a whole request body
 
     @property
     def max_upload_bytes(self) -> int:
@@ -101,6 +106,7 @@ class Server:
         self.on_load_error = None  # set by the runner: stops the server when the model cannot be loaded
         self._tmp = tempfile.TemporaryDirectory(prefix="ppllava-serve-")
         self.policy = MediaPolicy(list(opts.media_dirs), opts.max_upload_bytes, Path(self._tmp.name))
+        self._uploads = self.policy.upload_names()
         self.executor = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="ppllava-worker")
         self._lock = threading.Lock()
         self.waiting = 0
@@ -218,13 +224,17 @@ class Server:
             e2e = end - job.admitted
             self._mean_e2e = e2e if self._mean_e2e is None else 0.8 * self._mean_e2e + 0.2 * e2e
         finish = "stop" if (text.stopped or (result.ids and result.ids[-1] == gen.eos_token_id and gen.stops_at_eos)) else "length"
-        warnings = [w.replace(str(media.path), media.label) for w in result.warnings]
+        warnings = [self._hide_paths(w, media) for w in result.warnings]
         job.emit(("done", result, text.text(), text.finish(), finish, warnings))
 
+    def _hide_paths(self, text: str, media: MediaFile) -> str:
+        """`text` naming this request's media by its label, and no upload temp file of any request."""
+        return self._uploads.sub(media.label if media.temporary else "an uploaded file", text.replace(str(media.path), media.label))
+
     def _map_error(self, exc: BaseException, req: ChatRequest, media: MediaFile) -> ApiError:
-        msg = str(exc).replace(str(media.path), media.label)
+        msg = self._hide_paths(str(exc), media)
         if isinstance(exc, ContextLengthError):
-            return ApiError(400, msg, "max_tokens", "context_length_exceeded")
+            return ApiError(400, msg, "messages" if exc.prompt_too_long else "max_tokens", "context_length_exceeded")
         if isinstance(exc, InputError):  # VideoError included: the media could not be used
             return ApiError(400, msg, req.media.param, "invalid_media")
         if isinstance(exc, PPLLaVAEdgeError):
@@ -235,31 +245,64 @@ class Server:
 
 
 # ---- HTTP helpers ----------------------------------------------------------------------------------------------
-def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def error_response(err: ApiError) -> Response:
+    # json.dumps' ASCII escapes: a message quoting client text (a lone surrogate included) always encodes
+    return Response(json.dumps(err.body()), status_code=err.status, headers=err.headers, media_type="application/json")
 
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 when it is over `limit` (checked on Content-Length first, then while reading)."""
-    too_big = ApiError(413, f"The request body is over this server's limit of {limit / 2**20:.1f} MiB "
-                            "(--max-upload-mb, base64 included)", None, "request_too_large")
+def _too_big(limit: int) -> ApiError:
+    return ApiError(413, f"The request body is over this server's limit of {limit / 2**20:.1f} MiB "
+                         "(--max-upload-mb, base64 included)", None, "request_too_large")
+
+
+def _declared_size(request: Request) -> int | None:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        if int(declared) <= 4 * limit:  # drain (not stored) so the client reads the 413 instead of a reset
-            async for _ in request.stream():
-                pass
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
+async def _drain(request: Request, size: int | None, limit: int, opts: ServeOptions) -> None:
+    """Read and drop a refused request's body (up to 4x `limit`, within the read timeouts), so the client reads the
+    error instead of a reset connection; nothing is stored."""
+    if size is None or size > 4 * limit:
+        return
+    try:
+        async for _ in _timed_stream(request, opts):
+            pass
+    except (ApiError, ClientDisconnect):
+        pass
+
+
+async def _timed_stream(request: Request, opts: ServeOptions):
+    """The body's pieces; 408 when one takes over `read_timeout` s or the whole body over `body_timeout` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + opts.body_timeout
+    pieces = request.stream().__aiter__()
+    while True:
+        wait = min(opts.read_timeout, deadline - loop.time())
+        try:
+            piece = await asyncio.wait_for(pieces.__anext__(), timeout=max(wait, 0.001))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            what = "the body" if wait < opts.read_timeout else "a piece of the body"
+            raise ApiError(408, f"The request timed out: {what} did not arrive in time (--read-timeout {opts.read_timeout:g} s "
+                                f"between pieces, --body-timeout {opts.body_timeout:g} s in all)", None, "request_timeout",
+                           headers={"Connection": "close"}) from None
+        yield piece
+
+
+async def _read_body(request: Request, limit: int, opts: ServeOptions) -> bytearray:
+    """The body, or 413 when it is over `limit` (checked while reading), or 408 (`_timed_stream`)."""
+    body = bytearray()
+    async for piece in _timed_stream(request, opts):
+        if len(body) + len(piece) > limit:
+            raise _too_big(limit)
+        body += piece
+    return body
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -294,7 +337,7 @@ def create_app(server: Server) -> Starlette:
 
     def check_ready() -> None:
         if server.pipe is None:
-            msg = f"the model could not be loaded: {server.load_error}" if server.load_error else "the model is still loading"
+            msg = "the model could not be loaded (see the server log)" if server.load_error else "the model is still loading"
             raise ApiError(503, msg, None, "model_not_ready", headers={"Retry-After": "5"})
 
     async def health(request: Request) -> Response:
@@ -303,8 +346,8 @@ def create_app(server: Server) -> Starlette:
     async def ready(request: Request) -> Response:
         if server.pipe is not None:
             return JSONResponse({"status": "ready", "model": server.model_id})
-        if server.load_error is not None:
-            return JSONResponse({"status": "failed", "error": str(server.load_error)}, status_code=503)
+        if server.load_error is not None:  # the reason is in the server's log, not for unauthenticated clients
+            return JSONResponse({"status": "failed", "error": "the model could not be loaded (see the server log)"}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -317,11 +360,16 @@ def create_app(server: Server) -> Starlette:
             return error_response(err)
         return JSONResponse({"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created, "owned_by": "ppllava-edge"}]})
 
-    def prepare(body: bytes) -> tuple[ChatRequest, int]:
+    def prepare(body: bytearray) -> tuple[ChatRequest, int]:
         try:
-            data = json.loads(body)
+            text = body.decode("utf-8")
+            body.clear()  # one copy of the body at a time
+            data = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise bad(None, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+        except RecursionError:
+            raise bad(None, "the request body is nested too deeply", "invalid_json") from None
+        del text
         req = parse_chat_request(data, server.model_id)
         frames = req.frames if req.frames is not None else opts.frames
         fmin, fmax = server.pipe.frame_range()
@@ -331,21 +379,35 @@ def create_app(server: Server) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         job: _Job | None = None
+        size: int | None = None
+        read = False
         try:
+            size = _declared_size(request)
             check_auth(request)
             check_ready()
-            body = await _read_body(request, opts.max_body_bytes)
-            req, frames = await asyncio.to_thread(prepare, body)
-            media = await asyncio.to_thread(server.policy.resolve, req.media)
+            if size is not None and size > opts.max_body_bytes:
+                raise _too_big(opts.max_body_bytes)
             job = _Job(asyncio.get_running_loop())
+            server.admit(job)  # before the body is read: a refused request costs no memory
             try:
-                server.admit(job)
+                body = await _read_body(request, opts.max_body_bytes, opts)
+                read = True
+                req, frames = await asyncio.to_thread(prepare, body)
+                del body
+                media = await asyncio.to_thread(server.policy.resolve, req.media)
+                req.media = dataclasses.replace(req.media, url="")  # the payload is in the file now: drop it
             except BaseException:
-                media.cleanup()
+                server._release(job, started=False)
                 raise
             server.executor.submit(server.run_job, job, req, media, frames)
         except ApiError as err:
+            if not read and err.status != 408:
+                await _drain(request, size, opts.max_body_bytes, opts)
             return error_response(err)
+        except ClientDisconnect:
+            client = request.client
+            log.warning("client %s disconnected before its request body arrived", f"{client.host}:{client.port}" if client else "?")
+            return Response(status_code=499)
 
         disconnected = asyncio.ensure_future(_wait_disconnect(request))
         cid, created = completion_id(), int(time.time())

@@ -1,7 +1,8 @@
 """Where a request's video comes from, under the server's security rules.
 
-- `data:<mime>;base64,<payload>`: decoded into a private temporary folder (deleted after the answer). A payload
-  over the upload limit is refused with 413 before it is decoded; bad base64 is a 400.
+- `data:<mime>;base64,<payload>` (the scheme in any case): decoded piecewise straight into a private temporary folder
+  (deleted after the answer; a failed write leaves nothing behind and answers 507). A payload over the upload limit
+  is refused with 413 before it is decoded; bad base64 is a 400.
 - `file:///path` or a plain path: allowed only when it resolves — symlinks followed — inside one of the
   `--media-dir` folders (a relative path is taken relative to each of them, in order). Anything else is a 403 and
   the file is never opened (only its path is resolved). Without `--media-dir` there is no path access at all.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +55,7 @@ class MediaPolicy:
 
     def resolve(self, part: MediaPart) -> MediaFile:
         url = part.url
-        if url.startswith("data:"):
+        if url[:5].lower() == "data:":
             return self._data_url(part)
         scheme = urlsplit(url).scheme.lower() if "://" in url or url[:5].lower() in ("http:", "file:") else ""
         if scheme == "file":
@@ -79,6 +82,12 @@ class MediaPolicy:
                                 "send the media as a base64 data: URL", part.param, "path_access_disabled")
         if "\x00" in raw:
             raise bad(part.param, f"'{part.param}': the path contains a NUL byte", "invalid_path")
+        try:
+            return self._resolve_path(raw, part)
+        except OSError as exc:  # e.g. a name longer than the filesystem allows
+            raise bad(part.param, f"'{part.param}': cannot use the path ({exc.strerror or exc})", "invalid_path") from None
+
+    def _resolve_path(self, raw: str, part: MediaPart) -> MediaFile:
         candidates = [Path(raw)] if os.path.isabs(raw) else [d / raw for d in self.media_dirs]
         allowed = []
         for c in candidates:
@@ -93,11 +102,16 @@ class MediaPolicy:
         raise bad(part.param, f"'{part.param}': no such file {raw!r} in the server's media folders", "file_not_found")
 
     # ---- uploads ---------------------------------------------------------------------------------------------
+    def upload_names(self) -> re.Pattern:
+        """Matches this policy's temporary upload paths (and bare names) in messages and cached warnings."""
+        return re.compile(re.escape(str(self.upload_dir)) + r"/upload-[0-9a-f]{32}\.\w+|upload-[0-9a-f]{32}\.\w+")
+
     def _data_url(self, part: MediaPart) -> MediaFile:
-        header, sep, payload = part.url.partition(",")
-        if not sep:
+        url = part.url
+        comma = url.find(",")
+        if comma < 0:
             raise bad(part.param, f"'{part.param}': a data: URL needs a ',' before its payload", "invalid_data_url")
-        fields = header[5:].split(";")
+        fields = url[5:comma].split(";")
         mime = fields[0].strip().lower()
         if "base64" not in [f.strip().lower() for f in fields[1:]]:
             raise bad(part.param, f"'{part.param}': only base64 data: URLs are accepted (data:<mime>;base64,...)", "invalid_data_url")
@@ -109,20 +123,56 @@ class MediaPolicy:
                 suffix = ".png"  # Pillow finds the real format from the content
             else:
                 raise bad(part.param, f"'{part.param}': unsupported media type {mime!r} (send a video/*, image/* or application/x-npy payload)", "unsupported_media_type")
-        payload = payload.translate({ord(c): None for c in " \t\r\n"})
-        size = len(payload) * 3 // 4 - payload[-2:].count("=")
+        start = comma + 1
+        spaces = sum(url.count(c, start) for c in _SPACES)  # counted in place: the payload is never copied whole
+        chars = len(url) - start - spaces
+        size = chars * 3 // 4 - (url[-2:].count("=") if not spaces else 0)
         if size > self.max_upload_bytes:
             raise ApiError(413, f"'{part.param}': the upload is {size / 2**20:.1f} MiB, over this server's limit of "
                                 f"{self.max_upload_bytes / 2**20:g} MiB (--max-upload-mb)", part.param, "upload_too_large")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise bad(part.param, f"'{part.param}': the data: URL payload is not valid base64 ({exc})", "invalid_base64") from None
-        if not data:
+        if chars == 0:
             raise bad(part.param, f"'{part.param}': the data: URL payload is empty", "invalid_data_url")
         path = self.upload_dir / f"upload-{uuid.uuid4().hex}{suffix}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                _decode_base64_into(url, start, bool(spaces), f, part)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)  # never leave a partial upload behind
+            if isinstance(exc, OSError):
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                raise ApiError(
+                    507 if full else 503,
+                    f"'{part.param}': the server cannot store the upload right now ({exc.strerror or exc}); retry later or send a smaller file",
+                    part.param, "insufficient_storage" if full else "upload_failed",
+                ) from None
+            raise
         kind = "video" if part.kind == "video_url" else "image"
         return MediaFile(path, f"the uploaded {kind} ({part.param})", temporary=True)
+
+
+_SPACES = " \t\r\n"
+_NO_SPACES = {ord(c): None for c in _SPACES}
+_B64_PIECE = 1 << 22  # base64 characters decoded at a time (a multiple of 4): 3 MiB of output
+
+
+def _decode_base64_into(url: str, start: int, has_spaces: bool, out, part: MediaPart) -> None:
+    """Decode url[start:] (base64, whitespace ignored) into the file `out`, one piece at a time."""
+    carry = ""
+    for pos in range(start, len(url), _B64_PIECE):
+        piece = url[pos:pos + _B64_PIECE]
+        if has_spaces:
+            piece = piece.translate(_NO_SPACES)
+        piece = carry + piece
+        whole = len(piece) - len(piece) % 4
+        carry = piece[whole:]
+        _write_base64(piece[:whole], out, part)
+    if carry:
+        _write_base64(carry, out, part)
+
+
+def _write_base64(chunk: str, out, part: MediaPart) -> None:
+    try:
+        out.write(base64.b64decode(chunk, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise bad(part.param, f"'{part.param}': the data: URL payload is not valid base64 ({exc})", "invalid_base64") from None
