@@ -9,9 +9,8 @@
 Requests are answered by `workers` threads over one Pipeline (a decoder each, the feature cache shared); at most
 `workers + max_queue` requests are admitted at once, the next get 503 with Retry-After. Admission comes before the
 body is read, so only admitted requests hold a body (and its upload) in memory; a body must arrive within the read
-timeouts (408 otherwise). A request waits for its
-first token (or its error) before any byte is sent, so a bad video still gets a proper 4xx JSON error when
-streaming. A client that disconnects — while queued, before its first token or mid-stream — sets its cancel flag,
+timeouts (408 otherwise). A request waits for its first token (or its error) before any byte is sent, so a bad video
+still gets a proper 4xx JSON error when streaming. A client that disconnects — while queued, before its first token or mid-stream — sets its cancel flag,
 and its generation stops at the next token.
 """
 
