@@ -3,7 +3,7 @@
 Answers equal `Pipeline.ask` on the same export, video and question (ids and text, streamed or not, alone or with 8
 concurrent clients); the feature cache is shared; bad inputs get the right status and an OpenAI-style error body,
 and the next good request still succeeds; a client that disconnects stops its generation; the queue limit gives
-503 + Retry-After.
+503 + Retry-After; and each limit of the README's "Reliability" table (issue 22) answers as documented.
 """
 
 from __future__ import annotations
