@@ -696,11 +696,97 @@ def test_cuda_major_mismatches():
         assert tensorrt_cuda_major(lambda cmd: "libnvinfer-dev 10.3.0.30-1+cuda12.5\nlibnvinfer10 10.3.0.30-1+cuda12.5\n") == (12, "dpkg libnvinfer10")
 
 
-def test_tensorrt_extra_pins_the_cuda12_build():
+def test_tensorrt_and_gpu_extras_pin_cuda12_builds():
     import tomllib
+
+    from ppllava_edge.engine.availability import ORT_GPU_PINS
 
     extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["tensorrt"] == ["tensorrt-cu12==10.16.1.11", "cuda-python==12.9.10"]  # not `tensorrt`, which pulls the CUDA 13 build
+    # onnxruntime-gpu 1.27+ on PyPI are CUDA 13 builds (Requires-Dist nvidia-cuda-runtime ~= 13.0); 1.26.0 is the newest CUDA 12
+    assert extras["gpu"] == [f"onnxruntime-gpu=={ORT_GPU_PINS[12]}"] == ["onnxruntime-gpu==1.26.0"]
+
+
+def fake_dist(site: Path, name: str, version: str, files: dict[str, bytes] = {}, requires: tuple[str, ...] = ()) -> None:  # noqa: B006
+    """Install a distribution as pip does: its files written (over any other's), a RECORD with their SHA-256 and size."""
+    import base64
+    import hashlib
+
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    rows = []
+    for rel, data in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        rows.append(f"{rel},sha256={digest},{len(data)}")
+    (info / "RECORD").write_text("\n".join(rows + [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]) + "\n")
+
+
+def install_trt(site: Path, major: int, libs: bool = True, bindings: bool = True) -> None:
+    """tensorrt-cuXX as pip lays it out: the meta-package, `tensorrt_libs` and `tensorrt_bindings` (a later install of
+    the other CUDA major overwrites these shared folders)."""
+    fake_dist(site, f"tensorrt-cu{major}", "10.16.1.11")
+    if libs:
+        fake_dist(site, f"tensorrt-cu{major}-libs", "10.16.1.11", {"tensorrt_libs/libnvinfer.so.10": f"libnvinfer cuda {major}".encode()})
+    if bindings:
+        fake_dist(site, f"tensorrt-cu{major}-bindings", "10.16.1.11", {"tensorrt_bindings/tensorrt.so": f"bindings cuda {major} build".encode()})
+
+
+def test_cu12_and_cu13_both_installed_are_judged_by_the_files_import_loads(tmp_path, monkeypatch):
+    import ppllava_edge.engine.availability as availability
+
+    site = tmp_path / "site"
+    monkeypatch.setattr(availability, "DIST_PATH", [str(site)])
+    fake_dist(site, "cuda-python", "12.9.10")
+    install_trt(site, 13)
+    install_trt(site, 12)  # installed last: its bindings and libraries are on disk
+    assert availability.tensorrt_cuda_major(lambda cmd: None)[0] == 12
+    stack = availability.cuda_stack("12.8", lambda cmd: None)
+    assert stack["problems"] == []  # on main: "TensorRT is a CUDA 13 build but cuda-python 12.9.10 is for CUDA 12"
+    assert stack["tensorrt_cuda_source"].startswith("pip tensorrt-cu12-bindings, whose files `import tensorrt` loads")
+    assert availability.tensorrt_version() == "10.16.1.11"
+
+    install_trt(site, 13, libs=False)  # then only the CUDA 13 bindings again: cu13 bindings over cu12 libraries
+    stack = availability.cuda_stack("12.8", lambda cmd: None)
+    assert stack["tensorrt_cuda"] == 13 and stack["problems"] == [
+        "`import tensorrt` loads the bindings of tensorrt-cu13 over the libraries of tensorrt-cu12 (tensorrt-cu13 and tensorrt-cu12 "
+        "are both installed and overwrote each other's files)",
+        "TensorRT is a CUDA 13 build but cuda-python 12.9.10 is for CUDA 12",
+        "TensorRT needs a driver for CUDA 13, this NVIDIA driver supports CUDA 12.8",
+    ]
+    with pytest.raises(MissingDependencyError) as err:
+        availability.check_cuda_stack("Building TensorRT engines", stack)
+    hint = next(line for line in str(err.value).splitlines() if line.startswith("Hint: "))
+    for dist in ("tensorrt-cu12-libs", "tensorrt-cu12-bindings", "tensorrt-cu13-libs", "tensorrt-cu13-bindings", "cuda-bindings"):
+        assert f" {dist} " in hint  # all removed: the -libs / -bindings of the other build would stay on disk otherwise
+    assert "pip install 'tensorrt-cu12==10.16.1.11' 'cuda-python==12.9.10'" in hint
+
+
+@pytest.mark.parametrize("ort, ok", [("1.26.0", True), ("1.31.1", False)])
+def test_env_checks_the_cuda_major_of_onnxruntime_gpu(tmp_path, monkeypatch, ort, ok):
+    """The CUDA major comes from the wheel metadata pip installed (Requires-Dist of the two real releases)."""
+    import ppllava_edge.engine.availability as availability
+
+    site = tmp_path / "site"
+    monkeypatch.setattr(availability, "DIST_PATH", [str(site)])
+    requires = {"1.26.0": ('nvidia-cuda-runtime-cu12~=12.0; extra == "cuda"', 'nvidia-cudnn-cu12~=9.0; extra == "cudnn"'),
+                "1.31.1": ('nvidia-cuda-runtime~=13.0; extra == "cuda"', 'nvidia-cudnn-cu13~=9.0; extra == "cudnn"')}[ort]
+    fake_dist(site, "onnxruntime-gpu", ort, requires=requires)
+    install_trt(site, 12)
+    fake_dist(site, "cuda-python", "12.9.10")
+    res = CliRunner().invoke(cli, ["env"])
+    cuda = 12 if ok else 13
+    assert f"cuda-python 12.9.10, onnxruntime-gpu {ort} (CUDA {cuda})" in res.stdout and "Traceback" not in res.output
+    if ok:
+        assert res.exit_code == 0 and res.stdout.count(": ok") >= 1 and "MISMATCH" not in res.stdout
+    else:
+        assert res.exit_code == 1 and "MISMATCH: onnxruntime-gpu 1.31.1 is a CUDA 13 build but TensorRT is a CUDA 12 build" in res.stdout
+        assert "Hint: pip uninstall -y onnxruntime-gpu && pip install 'onnxruntime-gpu==1.26.0'" in res.stderr
+        assert "tensorrt-cu12==" not in res.stderr  # TensorRT itself is fine: only onnxruntime-gpu is replaced
+    # building engines and the native backend do not load onnxruntime-gpu: its mismatch does not stop them
+    availability.check_cuda_stack("Building TensorRT engines", availability.cuda_stack(None, lambda cmd: None))
 
 
 def test_env_fails_on_a_cuda_mismatch(monkeypatch):

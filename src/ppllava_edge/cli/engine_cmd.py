@@ -153,10 +153,10 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def env_command(as_json):
     """Print the environment: package, Python, CPU, memory, GPU, driver, CUDA, TensorRT, onnxruntime providers, Jetson.
-    Exits 1 (after printing) when TensorRT, cuda-python and the driver target different CUDA majors."""
+    Exits 1 (after printing) when TensorRT, cuda-python, onnxruntime-gpu and the driver target different CUDA majors."""
     from ..engine.availability import check_cuda_stack
     from ..engine.environment import collect_environment, format_environment
 
     env = collect_environment()
     click.echo(json.dumps(env, indent=2) if as_json else format_environment(env))
-    check_cuda_stack("TensorRT", env["cuda_stack"])
+    check_cuda_stack("TensorRT", env["cuda_stack"], ort=True)

@@ -4,7 +4,7 @@
     print(format_environment(env))   # the text block `ppllava-edge env` prints
 
 Nothing here fails: a tool or library that is missing is reported as such ("not installed", "none"). A CUDA
-major-version mismatch between TensorRT, cuda-python and the driver is reported in `cuda_stack.problems` (the
+major-version mismatch between TensorRT, cuda-python, onnxruntime-gpu and the driver is reported in `cuda_stack.problems` (the
 `env` command then exits 1 with an error after printing everything).
 """
 
@@ -170,9 +170,14 @@ def format_environment(env: dict) -> str:
     lines.append(f"TensorRT: {env['tensorrt'] or 'not installed'}")
     lines.append(f"cuda-python: {env['cuda_python'] or 'not installed'}")
     stack = env["cuda_stack"]
+    ort_gpu = stack.get("onnxruntime_gpu")
+    ort_cuda = stack.get("onnxruntime_gpu_cuda")
     majors = (f"TensorRT {stack['tensorrt_cuda'] if stack['tensorrt_cuda'] is not None else '?'} ({stack['tensorrt_cuda_source']}), "
-              f"cuda-python {stack['cuda_python'] or '-'}, driver {stack['driver_cuda'] or '-'}")
-    lines.append(f"CUDA majors: {majors}: " + ("MISMATCH: " + "; ".join(stack["problems"]) if stack["problems"] else "ok"))
+              f"cuda-python {stack['cuda_python'] or '-'}, "
+              f"onnxruntime-gpu {f'{ort_gpu} (CUDA {ort_cuda if ort_cuda is not None else chr(63)})' if ort_gpu else '-'}, "
+              f"driver {stack['driver_cuda'] or '-'}")
+    problems = stack["problems"] + stack.get("ort_problems", [])
+    lines.append(f"CUDA majors: {majors}: " + ("MISMATCH: " + "; ".join(problems) if problems else "ok"))
     ort = env["onnxruntime"]
     lines.append(f"onnxruntime: {ort['version'] or 'not installed'} (providers: {', '.join(ort['providers']) or 'none'})")
     lines.append(f"numpy: {env['numpy'] or 'not installed'}")
