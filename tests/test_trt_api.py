@@ -185,28 +185,49 @@ VISION_NET = [
 
 
 def test_dla_vision_engine_is_static_and_records_placement(standin, tmp_path, caplog):
+    """DLA on TensorRT 10 as trtexec --useDLACore builds it (sampleEngines.cpp, release/10.3:1123-1147): the fp32 graph,
+    weakly typed, FP16 + PREFER_PRECISION_CONSTRAINTS + GPU_FALLBACK; the placement is checked on the built engine."""
     sim = standin(V10_JETPACK)
     sim.dla_cores = 2
     sim.networks["vision.onnx"] = VISION_NET
     sim.engines["vision.onnx"] = EngineSpec(inputs={"pixel_values": ("HALF", (8, 3, 84, 84), [((8, 3, 84, 84),) * 3])}, outputs={})
-    export = fake_export(tmp_path / "export", tiny_data("fp16")).folder
+    export = fake_export(tmp_path / "export", tiny_data()).folder
     with caplog.at_level(logging.WARNING, logger="ppllava_edge.engine.builder"):
         build_engines(export, tmp_path / "engines", BuildOptions(dla_core=1, frames=(8, 8, 8), max_input_len=64, max_seq_len=128))
+    assert parses(sim)[0] == ("parse", "vision.onnx", 0)  # weakly typed: TensorRT 10 takes no precision flags on strongly typed networks
+    assert sim.calls.count(("flag", "FP16")) == sim.calls.count(("flag", "PREFER_PRECISION_CONSTRAINTS")) == 1  # the vision engine only
+    assert ("flag", "GPU_FALLBACK") in sim.calls
     vision = load_metadata(tmp_path / "engines")["engines"]["vision"]
     assert vision["device"] == "dla:1" and vision["profiles"][0]["shapes"]["pixel_values"] == {"min": [8, 3, 84, 84], "opt": [8, 3, 84, 84], "max": [8, 3, 84, 84]}
+    assert (vision["precision"], vision["strongly_typed"]) == ("fp16", False)
+    assert "--fp16 --precisionConstraints=prefer" in vision["trtexec"] and "--stronglyTyped" not in vision["trtexec"]
     assert vision["placement"] == {"requested": "dla:1", "source": "IBuilderConfig.can_run_on_DLA", "dla_layers": 1, "gpu_layers": 2,
-                                   "gpu_layer_names": ["flatten", "qkv"], "layer_info": "vision.layers.json"}
-    assert json.loads((tmp_path / "engines/vision.layers.json").read_text())["Layers"]
+                                   "gpu_layer_names": ["flatten", "qkv"], "layer_info": "vision.layers.json",
+                                   "engine": {"source": "IEngineInspector", "dla_subgraphs": 1, "other_layers": 2,
+                                              "dla_subgraph_names": ["{ForeignNode[patch_embed...patch_embed]}"]}}
+    assert [x["Name"] for x in json.loads((tmp_path / "engines/vision.layers.json").read_text())["Layers"]][1:] == ["flatten", "qkv"]
     assert ("DLA_core", 1) in sim.calls and ("deserialize", "vision.onnx", 1) in sim.calls  # inspected on the DLA core it runs on
     assert ("profile", {"pixel_values": ((8, 3, 84, 84),) * 3}) in sim.calls  # a (static) profile: the ONNX dims are named
     assert any("2 of 3 layers fall back to the GPU" in r.getMessage() for r in caplog.records)
     assert "dla" not in json.dumps(load_metadata(tmp_path / "engines")["engines"]["decoder"]["device"])
 
 
+def test_a_dla_engine_that_runs_nothing_on_the_dla_is_refused(standin, tmp_path):
+    """can_run_on_DLA says yes before the build, but the built engine's layer information has no DLA subgraph."""
+    sim = standin(V10_JETPACK)
+    sim.dla_cores, sim.place_on_dla = 2, False
+    sim.networks["vision.onnx"] = VISION_NET
+    sim.engines["vision.onnx"] = EngineSpec(inputs={"pixel_values": ("HALF", (8, 3, 84, 84), [((8, 3, 84, 84),) * 3])}, outputs={})
+    export = fake_export(tmp_path / "export", tiny_data()).folder
+    with pytest.raises(EngineBuildError, match=r"vision: TensorRT said 1 layer\(s\) can run on DLA core 0, but the built engine runs none there"):
+        build_engines(export, tmp_path / "engines", BuildOptions(dla_core=0, frames=(8, 8, 8), max_input_len=64, max_seq_len=128))
+    assert not (tmp_path / "engines").exists()
+
+
 def test_dla_with_nothing_dla_can_run_is_refused(standin, tmp_path):
     sim = standin(V10_JETPACK)
     sim.dla_cores, sim.dla_layer_types = 2, set()
-    export = fake_export(tmp_path / "export", tiny_data("fp16")).folder
+    export = fake_export(tmp_path / "export", tiny_data()).folder
     with pytest.raises(EngineBuildError, match="none of its 3 layers can run on DLA core 0, so with GPU fallback the whole engine would run on the GPU"):
         sim.networks["vision.onnx"] = VISION_NET
         build_engines(export, tmp_path / "engines", BuildOptions(dla_core=0, frames=(8, 8, 8), max_input_len=64, max_seq_len=128))

@@ -13,7 +13,13 @@ None, a C++ bool as a Python bool, and a few setters raise RuntimeError instead 
 Knobs (attributes of StandIn) make a call fail the way TensorRT reports it, so tests can check that every result
 is looked at: `profile_index` (-1), `set_timing_cache_ok`, `lose_timing_cache`, `calibration_profile_ok`,
 `reject_calibration_cache`, `refuse_address`, `refuse_shape`, `enqueue_ok`, `profile_async_ok`, `dla_cores`,
-`dla_layer_types`, `networks` (layers per ONNX file name), `engines` (I/O per engine file).
+`dla_layer_types`, `place_on_dla` (False: the built engine runs everything on the GPU whatever can_run_on_DLA said),
+`networks` (layers per ONNX file name), `engines` (I/O per engine file).
+
+A DLA build's engine inspector answers with DETAILED layer information: {"Layers": [{"Name", "LayerType"}, ...]} (the
+keys trex reads: tools/experimental/trt-engine-explorer/trex/parser.py:42, layer.py:35), each run of consecutive
+DLA layers one layer named "{ForeignNode[first...last]}" (TensorRT's "[DlaLayer] {ForeignNode[...]}",
+samples/sampleCudla/README.md:69). A foreign node's LayerType is not known here and our code does not read it.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ def enums(version: str) -> dict[str, type[enum.IntEnum]]:
     # NetworkDefinitionCreationFlag: 10.16 NvInfer.h:12107 kEXPLICIT_BATCH = 0 (deprecated), :12113 kSTRONGLY_TYPED = 1;
     # 11.1 NvInfer.h:11471 kSTRONGLY_TYPED = 0 (deprecated: always strongly typed), no kEXPLICIT_BATCH.
     network_flags = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if v10 else {"STRONGLY_TYPED": 0}
-    # BuilderFlag: 10.16 NvInfer.h:10468 kFP16 = 0, :10472 kINT8 = 1, :10478 kGPU_FALLBACK = 3;
-    # 11.1 NvInfer.h:9965 kGPU_FALLBACK = 3 (kFP16 / kINT8 removed with weak typing and implicit INT8).
-    builder_flags = {"FP16": 0, "INT8": 1, "GPU_FALLBACK": 3} if v10 else {"GPU_FALLBACK": 3}
+    # BuilderFlag: 10.16 NvInfer.h:10468 kFP16 = 0, :10472 kINT8 = 1, :10478 kGPU_FALLBACK = 3, :10514
+    # kPREFER_PRECISION_CONSTRAINTS = 10 (release/10.3 NvInfer.h:8338); 11.1 NvInfer.h:9965 kGPU_FALLBACK = 3 (kFP16,
+    # kINT8 and the precision-constraint flags removed with weak typing and implicit INT8).
+    builder_flags = {"FP16": 0, "INT8": 1, "GPU_FALLBACK": 3, "PREFER_PRECISION_CONSTRAINTS": 10} if v10 else {"GPU_FALLBACK": 3}
     return {
         "NetworkDefinitionCreationFlag": enum.IntEnum("NetworkDefinitionCreationFlag", network_flags),
         "BuilderFlag": enum.IntEnum("BuilderFlag", builder_flags),
@@ -153,6 +160,8 @@ class StandIn:
         self.profile_async_ok = True
         self.dla_cores = 0
         self.dla_layer_types = {"CONVOLUTION"}
+        self.place_on_dla = True
+        self.built: dict[str, list[tuple[str, str, bool]]] = {}  # ONNX name -> [(layer, type, on DLA)] of DLA builds
         self.networks: dict[str, list[tuple[str, str, list[str], str]]] = {}
         self.engines: dict[str, EngineSpec] = {}
         self.contexts: list = []
@@ -286,6 +295,8 @@ class StandIn:
                             return None
                 if config.cache is not None:
                     config.cache.entries += 1  # the build adds its timings to the attached cache
+                if config.default_device_type == m.DeviceType.DLA and getattr(config, "profiling_verbosity", None) == m.ProfilingVerbosity.DETAILED:
+                    sim.built[network.source] = [(x.name, x.type.name, sim.place_on_dla and config.can_run_on_DLA(x)) for x in network.layers]
                 sim.calls.append(("build", network.source))
                 return f"standin:{network.source}".encode()  # an IHostMemory stand-in: a buffer of placeholder bytes
 
@@ -345,8 +356,8 @@ class StandIn:
                 return sim.enqueue_ok
 
         class Engine:
-            def __init__(self, spec: EngineSpec):
-                self.spec = spec
+            def __init__(self, spec: EngineSpec, key: str = ""):
+                self.spec, self.key = spec, key
                 self.names = [*spec.inputs, *spec.outputs]
 
             @property
@@ -381,11 +392,23 @@ class StandIn:
                 return Context(self.spec, strategy)
 
             def create_engine_inspector(self):
-                spec = self.spec
+                spec, built = self.spec, sim.built.get(self.key)
 
                 class Inspector:
                     def get_engine_information(self, fmt):
-                        return json.dumps({"Layers": [f"standin layer of {', '.join(spec.inputs)}"], "format": int(fmt)})
+                        if built is None:  # LAYER_NAMES_ONLY: layer names as strings
+                            return json.dumps({"Layers": [f"standin layer of {', '.join(spec.inputs)}"], "format": int(fmt)})
+                        layers, run = [], []
+                        for name, kind, on_dla in [*built, ("", "", False)]:
+                            if on_dla:
+                                run.append(name)
+                                continue
+                            if run:
+                                layers.append({"Name": f"{{ForeignNode[{run[0]}...{run[-1]}]}}", "LayerType": "?"})
+                                run = []
+                            if name:
+                                layers.append({"Name": name, "LayerType": kind})
+                        return json.dumps({"Layers": layers, "Bindings": list(spec.inputs)})
 
                 return Inspector()
 
@@ -396,6 +419,6 @@ class StandIn:
             def deserialize_cuda_engine(self, data):
                 key = bytes(data).decode(errors="replace").removeprefix("standin:")
                 sim.calls.append(("deserialize", key, self.DLA_core))
-                return Engine(sim.engines[key]) if key in sim.engines else None
+                return Engine(sim.engines[key], key) if key in sim.engines else None
 
         return Runtime

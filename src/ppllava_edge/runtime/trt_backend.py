@@ -105,10 +105,12 @@ def reorder_copies(beam_idx: np.ndarray, row_bytes: int) -> list[tuple[int, int,
 
 
 def check_engine_dir(
-    meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",), gpu_name: str | None = None
+    meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",), gpu_name: str | None = None,
+    module: str | None = None,
 ) -> None:
-    """Everything checked before any engine is deserialized: TensorRT version, GPU SM and model, export, graphs present."""
-    check_compatible(meta, trt_version, sm, gpu_name)
+    """Everything checked before any engine is deserialized: TensorRT version, GPU SM, model and Jetson module, export,
+    graphs present."""
+    check_compatible(meta, trt_version, sm, gpu_name, module)
     if manifest is not None:
         check_export(meta, manifest.data, manifest.folder)
     missing = [g for g in need if g not in meta.get("engines", {})]
@@ -390,7 +392,9 @@ def open_engines(engines_dir: str | Path, manifest: ExportManifest, cuda_graph: 
     folder = Path(engines_dir)
     meta = load_metadata(folder)
     dev = device_info(0)
-    check_engine_dir(meta, trt.__version__, dev["sm"], manifest, gpu_name=dev["name"])
+    from ..engine.jetson import device_tree
+
+    check_engine_dir(meta, trt.__version__, dev["sm"], manifest, gpu_name=dev["name"], module=device_tree()["module"])
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
     engines = {
