@@ -402,3 +402,76 @@ def test_cli_cuda_graph_is_one_clear_error(tiny_export, tmp_path):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 1 and "Traceback" not in res.output, args
         assert res.output.startswith("error: --cuda-graph is not supported by the TensorRT decoder") and "Hint: drop --cuda-graph" in res.output
+
+
+# ---- thread safety of the TensorRT-backed Pipeline ---------------------------------------------------------
+def test_trt_pipeline_shared_by_threads_caches_each_videos_own_features(standin, monkeypatch, tmp_path, tiny_export, sample_videos):
+    """Two threads ask one TensorRT-backed Pipeline about two different videos. The stand-in engines compute what the
+    export's graphs compute (ONNX Runtime on a host-memory "device"), and both vision runs are held at their enqueue
+    until the other arrives: with one execution context and one set of input buffers per engine and no lock, the
+    second video's pixels overwrote the first's before its enqueue, and the first video's cache entry held the second
+    video's features (on main: so did every later answer about it)."""
+    import threading
+
+    from ppllava_edge.runtime.pipeline import Pipeline, Timings
+    from ppllava_edge.runtime.generation import GenerationConfig
+
+    from .trt_standin import Device, onnx_engine_spec
+
+    sim = standin(V10)
+    device = sim.device = Device()
+    monkeypatch.setattr(cuda, "Stream", device.Stream)
+    monkeypatch.setattr(cuda, "DeviceBuffer", device.DeviceBuffer)
+    monkeypatch.setattr(cuda, "HostBuffer", device.HostBuffer)
+    build_engines(tiny_export, tmp_path / "engines", BuildOptions(frames=(8, 8, 8), max_input_len=96, max_seq_len=128))
+    meta = load_metadata(tmp_path / "engines")
+    export = json.loads((tiny_export / "export.json").read_text())
+    for stage, entry in meta["engines"].items():  # build_engines wrote "standin:<onnx file>" into each engine file
+        graph = export["graphs"][entry["graph"]]
+        sim.engines[graph["file"]] = onnx_engine_spec(tiny_export / graph["file"], graph, entry["profiles"])
+
+    held = threading.Barrier(2, timeout=1.0)
+    vision_spec = sim.engines[export["graphs"][meta["engines"]["vision"]["graph"]]["file"]]
+
+    def hold_vision(ctx) -> None:
+        if ctx.spec is vision_spec:
+            try:  # with the runner locked the other thread cannot get here: the barrier breaks after 1 s
+                held.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    videos = sample_videos[:2]
+    alone = Pipeline.from_export(tiny_export, backend="trt", engines=tmp_path / "engines")
+    want_ids = {v: alone.ask(v, "What happens?", generation=gen).ids for v in videos}  # one at a time
+    want = {v: alone.features(v, 8, Timings())[:2] for v in videos}
+    assert not np.allclose(want[videos[0]][0], want[videos[1]][0])  # two different videos, two different feature sets
+    ref = Pipeline.from_export(tiny_export, provider="cpu")  # the ONNX Runtime path agrees with the stand-in engines
+    np.testing.assert_allclose(ref.features(videos[0], 8, Timings())[0], want[videos[0]][0], rtol=1e-4, atol=1e-4)
+
+    pipe = Pipeline.from_export(tiny_export, backend="trt", engines=tmp_path / "engines")
+    sim.before_enqueue = hold_vision
+    got, errors = {}, []
+
+    def ask(video) -> None:
+        try:
+            got[video] = pipe.ask(video, "What happens?", generation=gen).ids
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(v,)) for v in videos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    sim.before_enqueue = None
+    assert not errors and pipe.vision_runs == 2
+    for v in videos:
+        t = Timings()
+        values, keys, _ = pipe.features(v, 8, t)
+        assert t.cache_hit
+        np.testing.assert_array_equal(values, want[v][0])
+        np.testing.assert_array_equal(keys, want[v][1])
+    assert got == want_ids
+    for p in (alone, pipe):
+        p.close()

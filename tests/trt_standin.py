@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 V10 = "10.16.1.11"
 V11 = "11.1.0.106"
 
@@ -139,6 +141,8 @@ class EngineSpec:
     inputs: dict[str, tuple[str, tuple[int, ...], list[tuple[tuple[int, ...], ...]]]]
     outputs: dict[str, tuple[str, Callable[[dict], tuple[int, ...]]]]
     memory: list[int] = field(default_factory=lambda: [1 << 20])  # activation bytes per profile
+    # inputs -> outputs, run at enqueue on the bound device buffers when the test gives the stand-in a `Device`
+    compute: Callable[[dict], dict] | None = None
 
     @property
     def num_profiles(self) -> int:
@@ -162,6 +166,8 @@ class StandIn:
         self.dla_layer_types = {"CONVOLUTION"}
         self.place_on_dla = True
         self.built: dict[str, list[tuple[str, str, bool]]] = {}  # ONNX name -> [(layer, type, on DLA)] of DLA builds
+        self.device: Device | None = None  # device memory computing engines read and write (see Device)
+        self.before_enqueue: Callable[[object], None] | None = None  # called with the context at every enqueue
         self.networks: dict[str, list[tuple[str, str, list[str], str]]] = {}
         self.engines: dict[str, EngineSpec] = {}
         self.contexts: list = []
@@ -321,6 +327,7 @@ class StandIn:
                 self.memory = None
                 self.profile = 0
                 self.shapes: dict[str, tuple] = {}
+                self.addresses: dict[str, int] = {}
                 sim.contexts.append(self)
 
             def set_device_memory(self, memory, size):  # pyCore.cpp:359 (setDeviceMemoryV2), returns nothing
@@ -349,10 +356,20 @@ class StandIn:
 
             def set_tensor_address(self, name, ptr):  # NvInferRuntime.h:4764: false when refused
                 sim.calls.append(("address", id(self), name))
-                return name not in sim.refuse_address and (name in self.spec.inputs or name in self.spec.outputs)
+                ok = name not in sim.refuse_address and (name in self.spec.inputs or name in self.spec.outputs)
+                if ok:
+                    self.addresses[name] = int(ptr)
+                return ok
 
             def execute_async_v3(self, stream_handle):  # NvInferRuntime.h:5025: false if not enqueued
                 sim.calls.append(("enqueue", id(self), self.profile))
+                if sim.before_enqueue is not None:
+                    sim.before_enqueue(self)
+                if sim.enqueue_ok and self.spec.compute is not None and sim.device is not None:
+                    dt = {n: nptype(k) for n, (k, *_) in {**self.spec.inputs, **self.spec.outputs}.items()}
+                    feed = {n: sim.device.read(self.addresses[n], self.shapes[n], dt[n]) for n in self.spec.inputs}
+                    for n, value in self.spec.compute(feed).items():
+                        sim.device.write(self.addresses[n], np.ascontiguousarray(value, dtype=dt[n]))
                 return sim.enqueue_ok
 
         class Engine:
@@ -422,3 +439,97 @@ class StandIn:
                 return Engine(sim.engines[key], key) if key in sim.engines else None
 
         return Runtime
+
+
+# ---- a device for computing engines ---------------------------------------------------------------------
+def nptype(kind: str) -> np.dtype:
+    return np.dtype({"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8, "BOOL": np.bool_, "UINT8": np.uint8}[kind])
+
+
+class Device:
+    """Host memory standing in for device memory, so engines with a `compute` really move data: DeviceBuffer,
+    HostBuffer and Stream with runtime/cuda.py's interface (copies happen at once; synchronize does nothing), and the
+    engines read their inputs from, and write their outputs to, the addresses bound with set_tensor_address."""
+
+    def __init__(self) -> None:
+        self.memory: dict[int, bytearray] = {}  # base address -> bytes
+        self._next = 1 << 32
+        device = self
+
+        class Stream:
+            handle = 7
+
+            def synchronize(self) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        class DeviceBuffer:
+            def __init__(self, nbytes: int) -> None:
+                self.nbytes = int(nbytes)
+                self.ptr = device._next
+                device._next += (max(self.nbytes, 1) + 0xFFFF) & ~0xFFFF
+                device.memory[self.ptr] = bytearray(max(self.nbytes, 1))
+
+            def copy_from_host(self, array, stream, offset: int = 0) -> None:
+                data = np.ascontiguousarray(array).tobytes()
+                assert offset + len(data) <= self.nbytes, "copy past the end of a device buffer"
+                device.memory[self.ptr][offset : offset + len(data)] = data
+
+            def copy_to_host(self, array, stream, offset: int = 0) -> None:
+                raw = device.memory[self.ptr][offset : offset + array.nbytes]
+                array[...] = np.frombuffer(bytes(raw), array.dtype).reshape(array.shape)
+
+            def copy_from_device(self, src, nbytes, stream, dst_offset: int = 0, src_offset: int = 0) -> None:
+                device.memory[self.ptr][dst_offset : dst_offset + nbytes] = device.memory[src.ptr][src_offset : src_offset + nbytes]
+
+            def free(self) -> None:
+                self.ptr = 0
+
+        class HostBuffer:
+            def __init__(self, shape, dtype) -> None:
+                self.array = np.zeros(shape, dtype)
+
+            def free(self) -> None:
+                pass
+
+        self.Stream, self.DeviceBuffer, self.HostBuffer = Stream, DeviceBuffer, HostBuffer
+
+    def _locate(self, ptr: int, nbytes: int) -> tuple[bytearray, int]:
+        base = max(b for b in self.memory if b <= ptr)
+        assert ptr - base + nbytes <= len(self.memory[base]), "a tensor past the end of its device buffer"
+        return self.memory[base], ptr - base
+
+    def read(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * dtype.itemsize
+        buf, off = self._locate(ptr, n)
+        return np.frombuffer(bytes(buf[off : off + n]), dtype).reshape(shape)
+
+    def write(self, ptr: int, array: np.ndarray) -> None:
+        buf, off = self._locate(ptr, array.nbytes)
+        buf[off : off + array.nbytes] = array.tobytes()
+
+
+def onnx_engine_spec(onnx: Path, graph: dict, profiles: list[dict]) -> EngineSpec:
+    """An engine that computes what its ONNX graph computes (with ONNX Runtime on the CPU): I/O types from the graph,
+    input shapes and profiles from engines.json `profiles`, output shapes from export.json's dims of `graph`."""
+    import onnxruntime as ort
+
+    from ppllava_edge.engine.profiles import eval_dim
+
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    kinds = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+    dims = {io["name"]: io["dims"] for io in (*graph["inputs"], *graph["outputs"])}
+    inputs = {i.name: (kinds[i.type], tuple(d if isinstance(d, int) else -1 for d in dims[i.name]),
+                       [tuple(tuple(p["shapes"][i.name][k]) for k in ("min", "opt", "max")) for p in profiles]) for i in session.get_inputs()}
+
+    def symbols(shapes: dict) -> dict:
+        return {d: v for name, shape in shapes.items() for d, v in zip(dims[name], shape) if isinstance(d, str) and d.isidentifier()}
+
+    def shape_of(name: str) -> Callable[[dict], tuple[int, ...]]:
+        return lambda shapes: tuple(eval_dim(d, symbols(shapes)) for d in dims[name])
+
+    outputs = {o.name: (kinds[o.type], shape_of(o.name)) for o in session.get_outputs()}
+    names = [o.name for o in session.get_outputs()]
+    return EngineSpec(inputs, outputs, compute=lambda feed: dict(zip(names, session.run(names, feed))))
