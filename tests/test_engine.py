@@ -478,6 +478,9 @@ def test_engines_built_for_orin_are_compatible_on_an_orin(tmp_path, monkeypatch,
     assert res.stdout.startswith("compatible with this machine (TensorRT 10.3.0.30, Orin, sm87, Jetson AGX Orin; GPU from nvidia-smi")
     if compute_cap == "[N/A]":
         assert "sm of the Jetson SoC tegra234" in res.stdout
+    export = fake_export(tmp_path / "export", make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))).folder
+    res = CliRunner().invoke(cli, ["build", str(export), "--out", str(tmp_path / "e"), "--dry-run"])
+    assert res.exit_code == 0 and "dry run (TensorRT 10.3.0.30, sm 87)" in res.stderr and "vision.trt10.3.0.sm87.engine" in res.stdout
     (tmp_path / "root/proc/device-tree/model").write_text("NVIDIA Jetson Orin Nano Developer Kit\x00")  # another module
     res = CliRunner().invoke(cli, ["engines", str(folder)])
     assert res.stdout.startswith("NOT compatible: the engines cannot run here: they were built on a Jetson AGX Orin, this is a Jetson Orin Nano")

@@ -51,7 +51,7 @@ def _target_for_dry_run() -> tuple[str, str]:
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Timing cache file, loaded if present and saved after every engine.")
 @click.option("--workspace", "workspace_mb", type=int, default=None, metavar="MB", help="Builder workspace limit in MiB (default: TensorRT's).")
 @click.option("--builder-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level 0-5 (TensorRT default 3).")
-@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX, TensorRT <= 10.7 or >= 11.4.1). DLA has no dynamic shapes: needs --frames N:N:N (one frame count; images then need a GPU engine folder).")
+@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX, TensorRT <= 10.7: from an fp32 export, built FP16 as trtexec --useDLACore does; >= 11.4.1: from an fp16 export). DLA has no dynamic shapes: needs --frames N:N:N (one frame count; images then need a GPU engine folder).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the equivalent trtexec commands; build nothing (works without TensorRT).")
 def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_len, max_batch, timing_cache, workspace_mb, builder_level, dla_core, force, dry_run):

@@ -293,11 +293,12 @@ def _check_dla(opts: BuildOptions, limits: BuildLimits, trt_version: str) -> Non
         )
 
 
-def dla_precision(stage: str, graph_precision: str, precision: str, strongly: bool, int8_flag: bool, trt_version: str) -> tuple[str, bool, bool]:
+def dla_precision(stage: str, graph_precision: str, precision: str, strongly: bool, fp16_flag: bool, int8_flag: bool, trt_version: str) -> tuple[str, bool, bool]:
     """(precision, strongly_typed, fp16_flag) of a DLA engine. DLA runs fp16 and int8, never fp32.
 
     TensorRT 10 (<= 10.7): as trtexec --useDLACore (sampleEngines.cpp, release/10.3:1123-1147): weakly typed with
-    PREFER_PRECISION_CONSTRAINTS and FP16, or INT8 for an implicit-INT8 graph; so the fp32 graph is built, and a
+    PREFER_PRECISION_CONSTRAINTS and FP16, or INT8 (and FP16 only with --fp16) for an implicit-INT8 graph; so the
+    fp32 graph is built, and a
     strongly typed (fp16 / Q/DQ) export is refused: TensorRT 10 rejects FP16 / INT8 flags on strongly typed networks
     (NVIDIA/TensorRT#4228, #4253). TensorRT >= 11.4.1: strongly typed only, so the graph must be fp16 or int8.
     """
@@ -309,7 +310,7 @@ def dla_precision(stage: str, graph_precision: str, precision: str, strongly: bo
             )
         return precision, strongly, False
     if int8_flag:
-        return precision, False, False
+        return precision, False, fp16_flag
     if strongly and graph_precision != "fp32":
         raise InputError(
             f"--dla-core on TensorRT 10 needs an fp32 export: DLA engines are built from the fp32 graph with the FP16 flag (as "
@@ -398,7 +399,7 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         _check_precision_sm(g, precision, sm)
         device, prefer = "gpu", False
         if g in on_dla:
-            precision, strongly, fp16_flag = dla_precision(g, precisions[g], precision, strongly, int8_flag, trt_version)
+            precision, strongly, fp16_flag = dla_precision(g, precisions[g], precision, strongly, fp16_flag, int8_flag, trt_version)
             device, prefer = f"dla:{opts.dla_core}", not strongly
         ranges = symbol_ranges(g, data, limits, g in on_dla)
         plans.append(
