@@ -298,9 +298,9 @@ def dla_precision(stage: str, graph_precision: str, precision: str, strongly: bo
 
     TensorRT 10 (<= 10.7): as trtexec --useDLACore (sampleEngines.cpp, release/10.3:1123-1147): weakly typed with
     PREFER_PRECISION_CONSTRAINTS and FP16, or INT8 (and FP16 only with --fp16) for an implicit-INT8 graph; so the
-    fp32 graph is built, and a
-    strongly typed (fp16 / Q/DQ) export is refused: TensorRT 10 rejects FP16 / INT8 flags on strongly typed networks
-    (NVIDIA/TensorRT#4228, #4253). TensorRT >= 11.4.1: strongly typed only, so the graph must be fp16 or int8.
+    fp32 graph is built, and a strongly typed (fp16 / Q/DQ) export is refused: TensorRT 10 rejects FP16 / INT8 flags
+    on strongly typed networks (NVIDIA/TensorRT#4228, #4253). TensorRT >= 11.4.1: strongly typed only, so the graph
+    must be fp16 or int8.
     """
     if _major(trt_version) >= 11:
         if graph_precision == "fp32":
