@@ -469,7 +469,9 @@ def test_engines_built_for_orin_are_compatible_on_an_orin(tmp_path, monkeypatch,
     monkeypatch.setenv("PATH", f"{stub_nvidia_smi(tmp_path / 'bin', compute_cap)}:{os.environ['PATH']}")
     monkeypatch.setattr(jetson, "ROOT", make_jetson_root(tmp_path / "root"))
     monkeypatch.setattr(availability, "tensorrt_version", lambda: "10.3.0.30")  # JetPack 6.1's (python3-libnvinfer)
-    monkeypatch.setattr(availability, "cuda_python_version", lambda: None)  # no cudart: nvidia-smi is what is left
+    import ppllava_edge.engine.environment as environment
+
+    monkeypatch.setattr(environment, "cuda_python_version", lambda: None)  # no cudart (as here): nvidia-smi is what is left
     folder = tmp_path / "engines"
     folder.mkdir()
     write_metadata(folder, {**_meta(), "jetson": {"model": "NVIDIA Jetson AGX Orin Developer Kit"}})
