@@ -41,7 +41,7 @@ JETSON_HINT = (
 # (`tensorrt_bindings`, what `import tensorrt` loads). Two majors installed side by side share those module folders:
 # the one installed last owns the files on disk (see `owns_its_files`).
 TRT_CUDA_DISTS = {major: (f"tensorrt-cu{major}", f"tensorrt-cu{major}-libs", f"tensorrt-cu{major}-bindings") for major in (13, 12, 11)}
-# onnxruntime-gpu on PyPI: 1.19-1.26 are CUDA 12 builds, 1.27 and newer CUDA 13 (their wheel metadata, Requires-Dist
+# onnxruntime-gpu on PyPI: up to 1.26 CUDA 12 builds (1.23.2-1.26.0 checked), 1.27 and newer CUDA 13 (their wheel metadata, Requires-Dist
 # nvidia-cuda-runtime-cu12 ~= 12.0 / nvidia-cuda-runtime ~= 13.0). The `gpu` extra pins the CUDA 12 one.
 ORT_GPU_PINS = {12: "1.26.0", 13: "1.31.1"}
 DIST_PATH: list[str] | None = None  # where installed distributions are looked up (None: sys.path; tests point it at fixtures)
@@ -153,7 +153,7 @@ def split_tensorrt_install() -> list[str]:
 
 def onnxruntime_gpu_cuda() -> tuple[str | None, int | None]:
     """(onnxruntime-gpu version, the CUDA major it was built for) from its wheel metadata: Requires-Dist
-    `nvidia-cuda-runtime-cu12 ~= 12.0` (1.19-1.26 on PyPI) or `nvidia-cuda-runtime ~= 13.0` (1.27+); (None, None)
+    `nvidia-cuda-runtime-cu12 ~= 12.0` (up to 1.26 on PyPI) or `nvidia-cuda-runtime ~= 13.0` (1.27+); (None, None)
     when not installed, (version, None) when its metadata does not say (e.g. a Jetson wheel)."""
     dist = _dist("onnxruntime-gpu")
     if dist is None:
