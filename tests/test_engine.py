@@ -8,6 +8,7 @@ real build + run is marked `gpu` and skipped without TensorRT and a CUDA device.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -252,8 +253,14 @@ def test_compatibility_checks():
     with pytest.raises(EngineBuildError, match="TensorRT 11.4.0; they target sm87"):
         check_compatible(_meta(), "11.4.0.106", 89)
     check_compatible(_meta(), "10.3.0", 87, "Orin")  # same GPU model
-    with pytest.raises(EngineBuildError, match=r"built on a Orin, this GPU is a Orin \(nvgpu\)(.|\n)*specific to the GPU model"):
-        check_compatible(_meta(), "10.3.0", 87, "Orin (nvgpu)")  # same SM, another model: NVIDIA says rebuild
+    check_compatible(_meta(), "10.3.0", 87, "Orin (nvgpu)")  # nvidia-smi's name for cudart's "Orin" (JetPack 6)
+    check_compatible(_meta(), "10.3.0", None, "Orin")  # SM not known here ("[N/A]"): not judged
+    with pytest.raises(EngineBuildError, match=r"built on a Orin, this GPU is a NVIDIA RTX A2000(.|\n)*specific to the GPU model"):
+        check_compatible(_meta(), "10.3.0", 87, "NVIDIA RTX A2000")  # same SM, another model: NVIDIA says rebuild
+    agx = {**_meta(), "jetson": {"model": "NVIDIA Jetson AGX Orin Developer Kit"}}
+    check_compatible(agx, "10.3.0", 87, "Orin", "Jetson AGX Orin")
+    with pytest.raises(EngineBuildError, match=r"built on a Jetson AGX Orin, this is a Jetson Orin Nano \(same GPU architecture, another number of SMs, and no DLA\)"):
+        check_compatible(agx, "10.3.0", 87, "Orin", "Jetson Orin Nano")
     check_export(_meta(), SMALL)
     with pytest.raises(EngineBuildError, match="another export"):
         check_export(_meta(), {**SMALL, "checkpoint": {"sha256": "cd" * 32}})
@@ -298,7 +305,7 @@ def test_trtexec_lines_for_vision_on_dla(tmp_path):
     assert plans["vision"].device == "dla:0" and plans["decoder"].device == "gpu"
     assert plans["vision"].profile_names == ["frames=8"] and not plans["vision"].dynamic  # DLA: min = opt = max
     assert trtexec_command(plans["vision"], Path("/engines"), opts, "10.3.0.30") == (
-        f"trtexec --onnx={tmp_path}/vision.onnx --saveEngine=/engines/vision.trt10.3.0.sm87.engine --fp16 "
+        f"trtexec --onnx={tmp_path}/vision.onnx --saveEngine=/engines/vision.trt10.3.0.sm87.engine --fp16 --precisionConstraints=prefer "
         "--minShapes=pixel_values:8x3x84x84 --optShapes=pixel_values:8x3x84x84 --maxShapes=pixel_values:8x3x84x84 "
         "--memPoolSize=workspace:2048M --builderOptimizationLevel=4 --timingCacheFile=/cache/tc.bin --useDLACore=0 --allowGPUFallback "
         "--profilingVerbosity=detailed --exportLayerInfo=/engines/vision.layers.json --skipInference"
@@ -314,7 +321,8 @@ def test_trtexec_lines_for_vision_on_dla(tmp_path):
 
 
 def test_dla_needs_one_frame_count_and_a_tensorrt_with_dla(tmp_path):
-    m = fake_export(tmp_path, make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16), dtype="fp16"))
+    m = fake_export(tmp_path, make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16)))
+    m16 = fake_export(tmp_path / "fp16", make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16), dtype="fp16"))
     with pytest.raises(InputError, match=r"DLA has no dynamic shapes(.|\n)*--frames 8:8:8(.|\n)*images"):
         plan_build(m, Path("/e"), BuildOptions(dla_core=0), "10.3.0", 87)
     two = {p.graph: p for p in plan_build(m, Path("/e"), BuildOptions(dla_core=1, frames=(2, 2, 2)), "10.3.0", 87)}
@@ -322,7 +330,7 @@ def test_dla_needs_one_frame_count_and_a_tensorrt_with_dla(tmp_path):
     assert two["prompt_pool"].device == "gpu"
     for version, ok in [("10.7.0", True), ("10.8.0", False), ("10.16.1.11", False), ("11.1.0", False), ("11.4.0.106", False), ("11.4.1", True)]:
         if ok:
-            plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), version, 87)
+            plan_build(m16 if version.startswith("11") else m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), version, 87)
         else:
             with pytest.raises(EngineBuildError, match="no DLA support"):
                 plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), version, 87)
@@ -347,8 +355,18 @@ def test_int8_and_dla_option_checks(tmp_path):
     m = fake_export(tmp_path, data)
     with pytest.raises(InputError, match="--int8 needs a quantized"):
         plan_build(m, Path("/e"), BuildOptions(int8=True), "10.3.0", 87)
-    with pytest.raises(InputError, match="DLA has no fp32"):
-        plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), "10.3.0", 87)
+    # DLA on TensorRT 10 as trtexec --useDLACore builds it: the fp32 graph, weakly typed, FP16 + PREFER_PRECISION_CONSTRAINTS
+    vision = next(p for p in plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), "10.3.0", 87) if p.graph == "vision")
+    assert (vision.precision, vision.strongly_typed, vision.fp16_flag, vision.prefer_precision) == ("fp16", False, True, True)
+    line = trtexec_command(vision, Path("/e"), BuildOptions(dla_core=0), "10.3.0")
+    assert "--stronglyTyped" not in line and " --fp16 --precisionConstraints=prefer " in line and "--useDLACore=0 --allowGPUFallback" in line
+    m16 = fake_export(tmp_path / "fp16", make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16), dtype="fp16"))
+    with pytest.raises(InputError, match=r"--dla-core on TensorRT 10 needs an fp32 export(.|\n)*rejects precision flags(.|\n)*Hint: export without --dtype fp16"):
+        plan_build(m16, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), "10.3.0", 87)  # on main: a strongly typed DLA build trtexec cannot make
+    with pytest.raises(InputError, match=r"TensorRT 11.4.1 builds strongly typed networks only(.|\n)*--dtype fp16"):
+        plan_build(m, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), "11.4.1", 87)
+    v11 = next(p for p in plan_build(m16, Path("/e"), BuildOptions(dla_core=0, frames=(8, 8, 8)), "11.4.1", 87) if p.graph == "vision")
+    assert (v11.precision, v11.strongly_typed, v11.fp16_flag, v11.prefer_precision) == ("fp16", True, False, False)
     data["graphs"]["decoder"]["precision"] = "int8"  # a Q/DQ decoder, as the INT8 export will record it
     plans = {p.graph: p for p in plan_build(ExportManifest(tmp_path, data), Path("/e"), BuildOptions(int8=True, fp16=True), "10.3.0", 87)}
     assert (plans["decoder"].precision, plans["decoder"].strongly_typed, plans["decoder"].fp16_flag) == ("int8", True, False)
@@ -417,6 +435,59 @@ def test_not_a_jetson(tmp_path):
     (tmp_path / "proc/meminfo").write_text(MEMINFO)
     assert detect_jetson(tmp_path, run=no_commands) is None
     assert clocks_state(tmp_path)["state"] == "unknown"
+
+
+def test_jetson_modules_from_the_device_tree_model():
+    from ppllava_edge.engine.jetson import jetson_module
+
+    assert jetson_module("NVIDIA Jetson AGX Orin Developer Kit") == "Jetson AGX Orin"
+    assert jetson_module("NVIDIA Jetson Orin NX Engineering Reference Developer Kit") == "Jetson Orin NX"
+    assert jetson_module("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super") == "Jetson Orin Nano"
+    assert jetson_module("NVIDIA Jetson Xavier NX Developer Kit") == "Jetson Xavier NX"
+    assert jetson_module("NVIDIA Jetson AGX Xavier") == "Jetson AGX Xavier"
+    assert jetson_module(None) is None and jetson_module("Raspberry Pi 5 Model B Rev 1.0") is None
+
+
+def stub_nvidia_smi(folder: Path, compute_cap: str) -> Path:
+    """An `nvidia-smi` that answers as JetPack 6's does on an Orin: name 'Orin (nvgpu)', memory '[N/A]'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n"
+                   'case "$1" in --query-gpu=*) echo "Orin (nvgpu), 540.4.0, ' + compute_cap + ', [N/A]" ;;\n'
+                   '  *) echo "| NVIDIA-SMI 540.4.0   Driver Version: 540.4.0   CUDA Version: 12.6 |" ;; esac\n')
+    exe.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("compute_cap", ["8.7", "[N/A]"])
+def test_engines_built_for_orin_are_compatible_on_an_orin(tmp_path, monkeypatch, compute_cap):
+    """`engines ENGINES` on a Jetson AGX Orin whose nvidia-smi says 'Orin (nvgpu)' (and maybe '[N/A]') for engines that
+    `build` recorded with cudart's name 'Orin': compatible (on main: NOT compatible, or a ValueError for '[N/A]')."""
+    import ppllava_edge.engine.availability as availability
+    import ppllava_edge.engine.jetson as jetson
+
+    monkeypatch.setenv("PATH", f"{stub_nvidia_smi(tmp_path / 'bin', compute_cap)}:{os.environ['PATH']}")
+    monkeypatch.setattr(jetson, "ROOT", make_jetson_root(tmp_path / "root"))
+    monkeypatch.setattr(availability, "tensorrt_version", lambda: "10.3.0.30")  # JetPack 6.1's (python3-libnvinfer)
+    import ppllava_edge.engine.environment as environment
+
+    monkeypatch.setattr(environment, "cuda_python_version", lambda: None)  # no cudart (as here): nvidia-smi is what is left
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    write_metadata(folder, {**_meta(), "jetson": {"model": "NVIDIA Jetson AGX Orin Developer Kit"}})
+    res = CliRunner().invoke(cli, ["engines", str(folder)])
+    assert res.exit_code == 0 and "Traceback" not in res.output
+    assert res.stdout.startswith("compatible with this machine (TensorRT 10.3.0.30, Orin, sm87, Jetson AGX Orin; GPU from nvidia-smi")
+    if compute_cap == "[N/A]":
+        assert "sm of the Jetson SoC tegra234" in res.stdout
+    export = fake_export(tmp_path / "export", make_manifest(image=84, patch=14, hidden=64, layers=2, kv=4, head_dim=16, clip_dim=32, frames=(2, 8, 16))).folder
+    res = CliRunner().invoke(cli, ["build", str(export), "--out", str(tmp_path / "e"), "--dry-run"])
+    assert res.exit_code == 0 and "dry run (TensorRT 10.3.0.30, sm 87)" in res.stderr and "vision.trt10.3.0.sm87.engine" in res.stdout
+    (tmp_path / "root/proc/device-tree/model").write_text("NVIDIA Jetson Orin Nano Developer Kit\x00")  # another module
+    res = CliRunner().invoke(cli, ["engines", str(folder)])
+    assert res.stdout.startswith("NOT compatible: the engines cannot run here: they were built on a Jetson AGX Orin, this is a Jetson Orin Nano")
+    res = CliRunner().invoke(cli, ["env"])
+    assert "gpu 0: Orin (sm " + ("8.7" if compute_cap == "8.7" else "?") + ", ?)" in res.stdout and "module Jetson Orin Nano" in res.stdout
 
 
 def test_jetson_parsers():
@@ -696,11 +767,97 @@ def test_cuda_major_mismatches():
         assert tensorrt_cuda_major(lambda cmd: "libnvinfer-dev 10.3.0.30-1+cuda12.5\nlibnvinfer10 10.3.0.30-1+cuda12.5\n") == (12, "dpkg libnvinfer10")
 
 
-def test_tensorrt_extra_pins_the_cuda12_build():
+def test_tensorrt_and_gpu_extras_pin_cuda12_builds():
     import tomllib
+
+    from ppllava_edge.engine.availability import ORT_GPU_PINS
 
     extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["tensorrt"] == ["tensorrt-cu12==10.16.1.11", "cuda-python==12.9.10"]  # not `tensorrt`, which pulls the CUDA 13 build
+    # onnxruntime-gpu 1.27+ on PyPI are CUDA 13 builds (Requires-Dist nvidia-cuda-runtime ~= 13.0); 1.26.0 is the newest CUDA 12
+    assert extras["gpu"] == [f"onnxruntime-gpu=={ORT_GPU_PINS[12]}"] == ["onnxruntime-gpu==1.26.0"]
+
+
+def fake_dist(site: Path, name: str, version: str, files: dict[str, bytes] = {}, requires: tuple[str, ...] = ()) -> None:  # noqa: B006
+    """Install a distribution as pip does: its files written (over any other's), a RECORD with their SHA-256 and size."""
+    import base64
+    import hashlib
+
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    rows = []
+    for rel, data in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        rows.append(f"{rel},sha256={digest},{len(data)}")
+    (info / "RECORD").write_text("\n".join(rows + [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]) + "\n")
+
+
+def install_trt(site: Path, major: int, libs: bool = True, bindings: bool = True) -> None:
+    """tensorrt-cuXX as pip lays it out: the meta-package, `tensorrt_libs` and `tensorrt_bindings` (a later install of
+    the other CUDA major overwrites these shared folders)."""
+    fake_dist(site, f"tensorrt-cu{major}", "10.16.1.11")
+    if libs:
+        fake_dist(site, f"tensorrt-cu{major}-libs", "10.16.1.11", {"tensorrt_libs/libnvinfer.so.10": f"libnvinfer cuda {major}".encode()})
+    if bindings:
+        fake_dist(site, f"tensorrt-cu{major}-bindings", "10.16.1.11", {"tensorrt_bindings/tensorrt.so": f"bindings cuda {major} build".encode()})
+
+
+def test_cu12_and_cu13_both_installed_are_judged_by_the_files_import_loads(tmp_path, monkeypatch):
+    import ppllava_edge.engine.availability as availability
+
+    site = tmp_path / "site"
+    monkeypatch.setattr(availability, "DIST_PATH", [str(site)])
+    fake_dist(site, "cuda-python", "12.9.10")
+    install_trt(site, 13)
+    install_trt(site, 12)  # installed last: its bindings and libraries are on disk
+    assert availability.tensorrt_cuda_major(lambda cmd: None)[0] == 12
+    stack = availability.cuda_stack("12.8", lambda cmd: None)
+    assert stack["problems"] == []  # on main: "TensorRT is a CUDA 13 build but cuda-python 12.9.10 is for CUDA 12"
+    assert stack["tensorrt_cuda_source"].startswith("pip tensorrt-cu12-bindings, whose files `import tensorrt` loads")
+    assert availability.tensorrt_version() == "10.16.1.11"
+
+    install_trt(site, 13, libs=False)  # then only the CUDA 13 bindings again: cu13 bindings over cu12 libraries
+    stack = availability.cuda_stack("12.8", lambda cmd: None)
+    assert stack["tensorrt_cuda"] == 13 and stack["problems"] == [
+        "`import tensorrt` loads the bindings of tensorrt-cu13 over the libraries of tensorrt-cu12 (tensorrt-cu13 and tensorrt-cu12 "
+        "are both installed and overwrote each other's files)",
+        "TensorRT is a CUDA 13 build but cuda-python 12.9.10 is for CUDA 12",
+        "TensorRT needs a driver for CUDA 13, this NVIDIA driver supports CUDA 12.8",
+    ]
+    with pytest.raises(MissingDependencyError) as err:
+        availability.check_cuda_stack("Building TensorRT engines", stack)
+    hint = next(line for line in str(err.value).splitlines() if line.startswith("Hint: "))
+    for dist in ("tensorrt-cu12-libs", "tensorrt-cu12-bindings", "tensorrt-cu13-libs", "tensorrt-cu13-bindings", "cuda-bindings"):
+        assert f" {dist} " in hint  # all removed: the -libs / -bindings of the other build would stay on disk otherwise
+    assert "pip install 'tensorrt-cu12==10.16.1.11' 'cuda-python==12.9.10'" in hint
+
+
+@pytest.mark.parametrize("ort, ok", [("1.26.0", True), ("1.31.1", False)])
+def test_env_checks_the_cuda_major_of_onnxruntime_gpu(tmp_path, monkeypatch, ort, ok):
+    """The CUDA major comes from the wheel metadata pip installed (Requires-Dist of the two real releases)."""
+    import ppllava_edge.engine.availability as availability
+
+    site = tmp_path / "site"
+    monkeypatch.setattr(availability, "DIST_PATH", [str(site)])
+    requires = {"1.26.0": ('nvidia-cuda-runtime-cu12~=12.0; extra == "cuda"', 'nvidia-cudnn-cu12~=9.0; extra == "cudnn"'),
+                "1.31.1": ('nvidia-cuda-runtime~=13.0; extra == "cuda"', 'nvidia-cudnn-cu13~=9.0; extra == "cudnn"')}[ort]
+    fake_dist(site, "onnxruntime-gpu", ort, requires=requires)
+    install_trt(site, 12)
+    fake_dist(site, "cuda-python", "12.9.10")
+    res = CliRunner().invoke(cli, ["env"])
+    cuda = 12 if ok else 13
+    assert f"cuda-python 12.9.10, onnxruntime-gpu {ort} (CUDA {cuda})" in res.stdout and "Traceback" not in res.output
+    if ok:
+        assert res.exit_code == 0 and res.stdout.count(": ok") >= 1 and "MISMATCH" not in res.stdout
+    else:
+        assert res.exit_code == 1 and "MISMATCH: onnxruntime-gpu 1.31.1 is a CUDA 13 build but TensorRT is a CUDA 12 build" in res.stdout
+        assert "Hint: pip uninstall -y onnxruntime-gpu && pip install 'onnxruntime-gpu==1.26.0'" in res.stderr
+        assert "tensorrt-cu12==" not in res.stderr  # TensorRT itself is fine: only onnxruntime-gpu is replaced
+    # building engines and the native backend do not load onnxruntime-gpu: its mismatch does not stop them
+    availability.check_cuda_stack("Building TensorRT engines", availability.cuda_stack(None, lambda cmd: None))
 
 
 def test_env_fails_on_a_cuda_mismatch(monkeypatch):

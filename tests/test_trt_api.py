@@ -185,28 +185,49 @@ VISION_NET = [
 
 
 def test_dla_vision_engine_is_static_and_records_placement(standin, tmp_path, caplog):
+    """DLA on TensorRT 10 as trtexec --useDLACore builds it (sampleEngines.cpp, release/10.3:1123-1147): the fp32 graph,
+    weakly typed, FP16 + PREFER_PRECISION_CONSTRAINTS + GPU_FALLBACK; the placement is checked on the built engine."""
     sim = standin(V10_JETPACK)
     sim.dla_cores = 2
     sim.networks["vision.onnx"] = VISION_NET
     sim.engines["vision.onnx"] = EngineSpec(inputs={"pixel_values": ("HALF", (8, 3, 84, 84), [((8, 3, 84, 84),) * 3])}, outputs={})
-    export = fake_export(tmp_path / "export", tiny_data("fp16")).folder
+    export = fake_export(tmp_path / "export", tiny_data()).folder
     with caplog.at_level(logging.WARNING, logger="ppllava_edge.engine.builder"):
         build_engines(export, tmp_path / "engines", BuildOptions(dla_core=1, frames=(8, 8, 8), max_input_len=64, max_seq_len=128))
+    assert parses(sim)[0] == ("parse", "vision.onnx", 0)  # weakly typed: TensorRT 10 takes no precision flags on strongly typed networks
+    assert sim.calls.count(("flag", "FP16")) == sim.calls.count(("flag", "PREFER_PRECISION_CONSTRAINTS")) == 1  # the vision engine only
+    assert ("flag", "GPU_FALLBACK") in sim.calls
     vision = load_metadata(tmp_path / "engines")["engines"]["vision"]
     assert vision["device"] == "dla:1" and vision["profiles"][0]["shapes"]["pixel_values"] == {"min": [8, 3, 84, 84], "opt": [8, 3, 84, 84], "max": [8, 3, 84, 84]}
+    assert (vision["precision"], vision["strongly_typed"]) == ("fp16", False)
+    assert "--fp16 --precisionConstraints=prefer" in vision["trtexec"] and "--stronglyTyped" not in vision["trtexec"]
     assert vision["placement"] == {"requested": "dla:1", "source": "IBuilderConfig.can_run_on_DLA", "dla_layers": 1, "gpu_layers": 2,
-                                   "gpu_layer_names": ["flatten", "qkv"], "layer_info": "vision.layers.json"}
-    assert json.loads((tmp_path / "engines/vision.layers.json").read_text())["Layers"]
+                                   "gpu_layer_names": ["flatten", "qkv"], "layer_info": "vision.layers.json",
+                                   "engine": {"source": "IEngineInspector", "dla_subgraphs": 1, "other_layers": 2,
+                                              "dla_subgraph_names": ["{ForeignNode[patch_embed...patch_embed]}"]}}
+    assert [x["Name"] for x in json.loads((tmp_path / "engines/vision.layers.json").read_text())["Layers"]][1:] == ["flatten", "qkv"]
     assert ("DLA_core", 1) in sim.calls and ("deserialize", "vision.onnx", 1) in sim.calls  # inspected on the DLA core it runs on
     assert ("profile", {"pixel_values": ((8, 3, 84, 84),) * 3}) in sim.calls  # a (static) profile: the ONNX dims are named
     assert any("2 of 3 layers fall back to the GPU" in r.getMessage() for r in caplog.records)
     assert "dla" not in json.dumps(load_metadata(tmp_path / "engines")["engines"]["decoder"]["device"])
 
 
+def test_a_dla_engine_that_runs_nothing_on_the_dla_is_refused(standin, tmp_path):
+    """can_run_on_DLA says yes before the build, but the built engine's layer information has no DLA subgraph."""
+    sim = standin(V10_JETPACK)
+    sim.dla_cores, sim.place_on_dla = 2, False
+    sim.networks["vision.onnx"] = VISION_NET
+    sim.engines["vision.onnx"] = EngineSpec(inputs={"pixel_values": ("HALF", (8, 3, 84, 84), [((8, 3, 84, 84),) * 3])}, outputs={})
+    export = fake_export(tmp_path / "export", tiny_data()).folder
+    with pytest.raises(EngineBuildError, match=r"vision: TensorRT said 1 layer\(s\) can run on DLA core 0, but the built engine runs none there"):
+        build_engines(export, tmp_path / "engines", BuildOptions(dla_core=0, frames=(8, 8, 8), max_input_len=64, max_seq_len=128))
+    assert not (tmp_path / "engines").exists()
+
+
 def test_dla_with_nothing_dla_can_run_is_refused(standin, tmp_path):
     sim = standin(V10_JETPACK)
     sim.dla_cores, sim.dla_layer_types = 2, set()
-    export = fake_export(tmp_path / "export", tiny_data("fp16")).folder
+    export = fake_export(tmp_path / "export", tiny_data()).folder
     with pytest.raises(EngineBuildError, match="none of its 3 layers can run on DLA core 0, so with GPU fallback the whole engine would run on the GPU"):
         sim.networks["vision.onnx"] = VISION_NET
         build_engines(export, tmp_path / "engines", BuildOptions(dla_core=0, frames=(8, 8, 8), max_input_len=64, max_seq_len=128))
@@ -381,3 +402,76 @@ def test_cli_cuda_graph_is_one_clear_error(tiny_export, tmp_path):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 1 and "Traceback" not in res.output, args
         assert res.output.startswith("error: --cuda-graph is not supported by the TensorRT decoder") and "Hint: drop --cuda-graph" in res.output
+
+
+# ---- thread safety of the TensorRT-backed Pipeline ---------------------------------------------------------
+def test_trt_pipeline_shared_by_threads_caches_each_videos_own_features(standin, monkeypatch, tmp_path, tiny_export, sample_videos):
+    """Two threads ask one TensorRT-backed Pipeline about two different videos. The stand-in engines compute what the
+    export's graphs compute (ONNX Runtime on a host-memory "device"), and both vision runs are held at their enqueue
+    until the other arrives: with one execution context and one set of input buffers per engine and no lock, the
+    second video's pixels overwrote the first's before its enqueue, and the first video's cache entry held the second
+    video's features (on main: so did every later answer about it)."""
+    import threading
+
+    from ppllava_edge.runtime.pipeline import Pipeline, Timings
+    from ppllava_edge.runtime.generation import GenerationConfig
+
+    from .trt_standin import Device, onnx_engine_spec
+
+    sim = standin(V10)
+    device = sim.device = Device()
+    monkeypatch.setattr(cuda, "Stream", device.Stream)
+    monkeypatch.setattr(cuda, "DeviceBuffer", device.DeviceBuffer)
+    monkeypatch.setattr(cuda, "HostBuffer", device.HostBuffer)
+    build_engines(tiny_export, tmp_path / "engines", BuildOptions(frames=(8, 8, 8), max_input_len=96, max_seq_len=128))
+    meta = load_metadata(tmp_path / "engines")
+    export = json.loads((tiny_export / "export.json").read_text())
+    for stage, entry in meta["engines"].items():  # build_engines wrote "standin:<onnx file>" into each engine file
+        graph = export["graphs"][entry["graph"]]
+        sim.engines[graph["file"]] = onnx_engine_spec(tiny_export / graph["file"], graph, entry["profiles"])
+
+    held = threading.Barrier(2, timeout=1.0)
+    vision_spec = sim.engines[export["graphs"][meta["engines"]["vision"]["graph"]]["file"]]
+
+    def hold_vision(ctx) -> None:
+        if ctx.spec is vision_spec:
+            try:  # with the runner locked the other thread cannot get here: the barrier breaks after 1 s
+                held.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    videos = sample_videos[:2]
+    alone = Pipeline.from_export(tiny_export, backend="trt", engines=tmp_path / "engines")
+    want_ids = {v: alone.ask(v, "What happens?", generation=gen).ids for v in videos}  # one at a time
+    want = {v: alone.features(v, 8, Timings())[:2] for v in videos}
+    assert not np.allclose(want[videos[0]][0], want[videos[1]][0])  # two different videos, two different feature sets
+    ref = Pipeline.from_export(tiny_export, provider="cpu")  # the ONNX Runtime path agrees with the stand-in engines
+    np.testing.assert_allclose(ref.features(videos[0], 8, Timings())[0], want[videos[0]][0], rtol=1e-4, atol=1e-4)
+
+    pipe = Pipeline.from_export(tiny_export, backend="trt", engines=tmp_path / "engines")
+    sim.before_enqueue = hold_vision
+    got, errors = {}, []
+
+    def ask(video) -> None:
+        try:
+            got[video] = pipe.ask(video, "What happens?", generation=gen).ids
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(v,)) for v in videos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    sim.before_enqueue = None
+    assert not errors and pipe.vision_runs == 2
+    for v in videos:
+        t = Timings()
+        values, keys, _ = pipe.features(v, 8, t)
+        assert t.cache_hit
+        np.testing.assert_array_equal(values, want[v][0])
+        np.testing.assert_array_equal(keys, want[v][1])
+    assert got == want_ids
+    for p in (alone, pipe):
+        p.close()

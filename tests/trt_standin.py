@@ -13,7 +13,13 @@ None, a C++ bool as a Python bool, and a few setters raise RuntimeError instead 
 Knobs (attributes of StandIn) make a call fail the way TensorRT reports it, so tests can check that every result
 is looked at: `profile_index` (-1), `set_timing_cache_ok`, `lose_timing_cache`, `calibration_profile_ok`,
 `reject_calibration_cache`, `refuse_address`, `refuse_shape`, `enqueue_ok`, `profile_async_ok`, `dla_cores`,
-`dla_layer_types`, `networks` (layers per ONNX file name), `engines` (I/O per engine file).
+`dla_layer_types`, `place_on_dla` (False: the built engine runs everything on the GPU whatever can_run_on_DLA said),
+`networks` (layers per ONNX file name), `engines` (I/O per engine file).
+
+A DLA build's engine inspector answers with DETAILED layer information: {"Layers": [{"Name", "LayerType"}, ...]} (the
+keys trex reads: tools/experimental/trt-engine-explorer/trex/parser.py:42, layer.py:35), each run of consecutive
+DLA layers one layer named "{ForeignNode[first...last]}" (TensorRT's "[DlaLayer] {ForeignNode[...]}",
+samples/sampleCudla/README.md:69). A foreign node's LayerType is not known here and our code does not read it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 V10 = "10.16.1.11"
 V11 = "11.1.0.106"
@@ -39,9 +47,10 @@ def enums(version: str) -> dict[str, type[enum.IntEnum]]:
     # NetworkDefinitionCreationFlag: 10.16 NvInfer.h:12107 kEXPLICIT_BATCH = 0 (deprecated), :12113 kSTRONGLY_TYPED = 1;
     # 11.1 NvInfer.h:11471 kSTRONGLY_TYPED = 0 (deprecated: always strongly typed), no kEXPLICIT_BATCH.
     network_flags = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if v10 else {"STRONGLY_TYPED": 0}
-    # BuilderFlag: 10.16 NvInfer.h:10468 kFP16 = 0, :10472 kINT8 = 1, :10478 kGPU_FALLBACK = 3;
-    # 11.1 NvInfer.h:9965 kGPU_FALLBACK = 3 (kFP16 / kINT8 removed with weak typing and implicit INT8).
-    builder_flags = {"FP16": 0, "INT8": 1, "GPU_FALLBACK": 3} if v10 else {"GPU_FALLBACK": 3}
+    # BuilderFlag: 10.16 NvInfer.h:10468 kFP16 = 0, :10472 kINT8 = 1, :10478 kGPU_FALLBACK = 3, :10514
+    # kPREFER_PRECISION_CONSTRAINTS = 10 (release/10.3 NvInfer.h:8338); 11.1 NvInfer.h:9965 kGPU_FALLBACK = 3 (kFP16,
+    # kINT8 and the precision-constraint flags removed with weak typing and implicit INT8).
+    builder_flags = {"FP16": 0, "INT8": 1, "GPU_FALLBACK": 3, "PREFER_PRECISION_CONSTRAINTS": 10} if v10 else {"GPU_FALLBACK": 3}
     return {
         "NetworkDefinitionCreationFlag": enum.IntEnum("NetworkDefinitionCreationFlag", network_flags),
         "BuilderFlag": enum.IntEnum("BuilderFlag", builder_flags),
@@ -132,6 +141,8 @@ class EngineSpec:
     inputs: dict[str, tuple[str, tuple[int, ...], list[tuple[tuple[int, ...], ...]]]]
     outputs: dict[str, tuple[str, Callable[[dict], tuple[int, ...]]]]
     memory: list[int] = field(default_factory=lambda: [1 << 20])  # activation bytes per profile
+    # inputs -> outputs, run at enqueue on the bound device buffers when the test gives the stand-in a `Device`
+    compute: Callable[[dict], dict] | None = None
 
     @property
     def num_profiles(self) -> int:
@@ -153,6 +164,10 @@ class StandIn:
         self.profile_async_ok = True
         self.dla_cores = 0
         self.dla_layer_types = {"CONVOLUTION"}
+        self.place_on_dla = True
+        self.built: dict[str, list[tuple[str, str, bool]]] = {}  # ONNX name -> [(layer, type, on DLA)] of DLA builds
+        self.device: Device | None = None  # device memory computing engines read and write (see Device)
+        self.before_enqueue: Callable[[object], None] | None = None  # called with the context at every enqueue
         self.networks: dict[str, list[tuple[str, str, list[str], str]]] = {}
         self.engines: dict[str, EngineSpec] = {}
         self.contexts: list = []
@@ -286,6 +301,8 @@ class StandIn:
                             return None
                 if config.cache is not None:
                     config.cache.entries += 1  # the build adds its timings to the attached cache
+                if config.default_device_type == m.DeviceType.DLA and getattr(config, "profiling_verbosity", None) == m.ProfilingVerbosity.DETAILED:
+                    sim.built[network.source] = [(x.name, x.type.name, sim.place_on_dla and config.can_run_on_DLA(x)) for x in network.layers]
                 sim.calls.append(("build", network.source))
                 return f"standin:{network.source}".encode()  # an IHostMemory stand-in: a buffer of placeholder bytes
 
@@ -310,6 +327,7 @@ class StandIn:
                 self.memory = None
                 self.profile = 0
                 self.shapes: dict[str, tuple] = {}
+                self.addresses: dict[str, int] = {}
                 sim.contexts.append(self)
 
             def set_device_memory(self, memory, size):  # pyCore.cpp:359 (setDeviceMemoryV2), returns nothing
@@ -338,15 +356,25 @@ class StandIn:
 
             def set_tensor_address(self, name, ptr):  # NvInferRuntime.h:4764: false when refused
                 sim.calls.append(("address", id(self), name))
-                return name not in sim.refuse_address and (name in self.spec.inputs or name in self.spec.outputs)
+                ok = name not in sim.refuse_address and (name in self.spec.inputs or name in self.spec.outputs)
+                if ok:
+                    self.addresses[name] = int(ptr)
+                return ok
 
             def execute_async_v3(self, stream_handle):  # NvInferRuntime.h:5025: false if not enqueued
                 sim.calls.append(("enqueue", id(self), self.profile))
+                if sim.before_enqueue is not None:
+                    sim.before_enqueue(self)
+                if sim.enqueue_ok and self.spec.compute is not None and sim.device is not None:
+                    dt = {n: nptype(k) for n, (k, *_) in {**self.spec.inputs, **self.spec.outputs}.items()}
+                    feed = {n: sim.device.read(self.addresses[n], self.shapes[n], dt[n]) for n in self.spec.inputs}
+                    for n, value in self.spec.compute(feed).items():
+                        sim.device.write(self.addresses[n], np.ascontiguousarray(value, dtype=dt[n]))
                 return sim.enqueue_ok
 
         class Engine:
-            def __init__(self, spec: EngineSpec):
-                self.spec = spec
+            def __init__(self, spec: EngineSpec, key: str = ""):
+                self.spec, self.key = spec, key
                 self.names = [*spec.inputs, *spec.outputs]
 
             @property
@@ -381,11 +409,23 @@ class StandIn:
                 return Context(self.spec, strategy)
 
             def create_engine_inspector(self):
-                spec = self.spec
+                spec, built = self.spec, sim.built.get(self.key)
 
                 class Inspector:
                     def get_engine_information(self, fmt):
-                        return json.dumps({"Layers": [f"standin layer of {', '.join(spec.inputs)}"], "format": int(fmt)})
+                        if built is None:  # LAYER_NAMES_ONLY: layer names as strings
+                            return json.dumps({"Layers": [f"standin layer of {', '.join(spec.inputs)}"], "format": int(fmt)})
+                        layers, run = [], []
+                        for name, kind, on_dla in [*built, ("", "", False)]:
+                            if on_dla:
+                                run.append(name)
+                                continue
+                            if run:
+                                layers.append({"Name": f"{{ForeignNode[{run[0]}...{run[-1]}]}}", "LayerType": "?"})
+                                run = []
+                            if name:
+                                layers.append({"Name": name, "LayerType": kind})
+                        return json.dumps({"Layers": layers, "Bindings": list(spec.inputs)})
 
                 return Inspector()
 
@@ -396,6 +436,100 @@ class StandIn:
             def deserialize_cuda_engine(self, data):
                 key = bytes(data).decode(errors="replace").removeprefix("standin:")
                 sim.calls.append(("deserialize", key, self.DLA_core))
-                return Engine(sim.engines[key]) if key in sim.engines else None
+                return Engine(sim.engines[key], key) if key in sim.engines else None
 
         return Runtime
+
+
+# ---- a device for computing engines ---------------------------------------------------------------------
+def nptype(kind: str) -> np.dtype:
+    return np.dtype({"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8, "BOOL": np.bool_, "UINT8": np.uint8}[kind])
+
+
+class Device:
+    """Host memory standing in for device memory, so engines with a `compute` really move data: DeviceBuffer,
+    HostBuffer and Stream with runtime/cuda.py's interface (copies happen at once; synchronize does nothing), and the
+    engines read their inputs from, and write their outputs to, the addresses bound with set_tensor_address."""
+
+    def __init__(self) -> None:
+        self.memory: dict[int, bytearray] = {}  # base address -> bytes
+        self._next = 1 << 32
+        device = self
+
+        class Stream:
+            handle = 7
+
+            def synchronize(self) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        class DeviceBuffer:
+            def __init__(self, nbytes: int) -> None:
+                self.nbytes = int(nbytes)
+                self.ptr = device._next
+                device._next += (max(self.nbytes, 1) + 0xFFFF) & ~0xFFFF
+                device.memory[self.ptr] = bytearray(max(self.nbytes, 1))
+
+            def copy_from_host(self, array, stream, offset: int = 0) -> None:
+                data = np.ascontiguousarray(array).tobytes()
+                assert offset + len(data) <= self.nbytes, "copy past the end of a device buffer"
+                device.memory[self.ptr][offset : offset + len(data)] = data
+
+            def copy_to_host(self, array, stream, offset: int = 0) -> None:
+                raw = device.memory[self.ptr][offset : offset + array.nbytes]
+                array[...] = np.frombuffer(bytes(raw), array.dtype).reshape(array.shape)
+
+            def copy_from_device(self, src, nbytes, stream, dst_offset: int = 0, src_offset: int = 0) -> None:
+                device.memory[self.ptr][dst_offset : dst_offset + nbytes] = device.memory[src.ptr][src_offset : src_offset + nbytes]
+
+            def free(self) -> None:
+                self.ptr = 0
+
+        class HostBuffer:
+            def __init__(self, shape, dtype) -> None:
+                self.array = np.zeros(shape, dtype)
+
+            def free(self) -> None:
+                pass
+
+        self.Stream, self.DeviceBuffer, self.HostBuffer = Stream, DeviceBuffer, HostBuffer
+
+    def _locate(self, ptr: int, nbytes: int) -> tuple[bytearray, int]:
+        base = max(b for b in self.memory if b <= ptr)
+        assert ptr - base + nbytes <= len(self.memory[base]), "a tensor past the end of its device buffer"
+        return self.memory[base], ptr - base
+
+    def read(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * dtype.itemsize
+        buf, off = self._locate(ptr, n)
+        return np.frombuffer(bytes(buf[off : off + n]), dtype).reshape(shape)
+
+    def write(self, ptr: int, array: np.ndarray) -> None:
+        buf, off = self._locate(ptr, array.nbytes)
+        buf[off : off + array.nbytes] = array.tobytes()
+
+
+def onnx_engine_spec(onnx: Path, graph: dict, profiles: list[dict]) -> EngineSpec:
+    """An engine that computes what its ONNX graph computes (with ONNX Runtime on the CPU): I/O types from the graph,
+    input shapes and profiles from engines.json `profiles`, output shapes from export.json's dims of `graph`."""
+    import onnxruntime as ort
+
+    from ppllava_edge.engine.profiles import eval_dim
+
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    kinds = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+    dims = {io["name"]: io["dims"] for io in (*graph["inputs"], *graph["outputs"])}
+    inputs = {i.name: (kinds[i.type], tuple(d if isinstance(d, int) else -1 for d in dims[i.name]),
+                       [tuple(tuple(p["shapes"][i.name][k]) for k in ("min", "opt", "max")) for p in profiles]) for i in session.get_inputs()}
+
+    def symbols(shapes: dict) -> dict:
+        return {d: v for name, shape in shapes.items() for d, v in zip(dims[name], shape) if isinstance(d, str) and d.isidentifier()}
+
+    def shape_of(name: str) -> Callable[[dict], tuple[int, ...]]:
+        return lambda shapes: tuple(eval_dim(d, symbols(shapes)) for d in dims[name])
+
+    outputs = {o.name: (kinds[o.type], shape_of(o.name)) for o in session.get_outputs()}
+    names = [o.name for o in session.get_outputs()]
+    return EngineSpec(inputs, outputs, compute=lambda feed: dict(zip(names, session.run(names, feed))))

@@ -33,14 +33,10 @@ def _frames(ctx, param, value):
 def _target_for_dry_run() -> tuple[str, str]:
     """(TensorRT version, SM) for engine names in a dry run: the installed ones when known, else 'unknown'."""
     from ..engine.availability import tensorrt_version
-    from ..engine.environment import NVIDIA_SMI_QUERY, parse_nvidia_smi
-    from ..engine.jetson import run_command
-    from ..engine.metadata import sm_of
+    from ..engine.environment import current_gpu
 
-    version = tensorrt_version() or "unknown"
-    gpus = parse_nvidia_smi(run_command(NVIDIA_SMI_QUERY), None)["gpus"]
-    sm = str(sm_of(gpus[0]["compute_capability"])) if gpus else "unknown"
-    return version, sm
+    sm = current_gpu()["sm"]
+    return tensorrt_version() or "unknown", str(sm) if sm is not None else "unknown"
 
 
 @cli.command("build")
@@ -55,7 +51,7 @@ def _target_for_dry_run() -> tuple[str, str]:
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Timing cache file, loaded if present and saved after every engine.")
 @click.option("--workspace", "workspace_mb", type=int, default=None, metavar="MB", help="Builder workspace limit in MiB (default: TensorRT's).")
 @click.option("--builder-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level 0-5 (TensorRT default 3).")
-@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX, TensorRT <= 10.7 or >= 11.4.1). DLA has no dynamic shapes: needs --frames N:N:N (one frame count; images then need a GPU engine folder).")
+@click.option("--dla-core", type=int, default=None, help="Build the vision engine for this DLA core, with GPU fallback (Jetson AGX Orin / Orin NX, TensorRT <= 10.7: from an fp32 export, built FP16 as trtexec --useDLACore does; >= 11.4.1: from an fp16 export). DLA has no dynamic shapes: needs --frames N:N:N (one frame count; images then need a GPU engine folder).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the equivalent trtexec commands; build nothing (works without TensorRT).")
 def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_len, max_batch, timing_cache, workspace_mb, builder_level, dla_core, force, dry_run):
@@ -108,7 +104,7 @@ def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_le
 def engines_command(engines_dir, export_dir, load, cuda_graph):
     """Show an engine folder (engines.json), check it against this machine, optionally load it."""
     from ..engine.availability import tensorrt_version
-    from ..engine.metadata import check_compatible, load_metadata, sm_of
+    from ..engine.metadata import check_compatible, load_metadata
     from ..engine.profiles import format_symbols
     from ..errors import EngineBuildError
     from ..runtime.trt_backend import check_cuda_graph
@@ -126,14 +122,15 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
     if have is None:
         status = "cannot check here: TensorRT is not installed"
     else:
-        from ..engine.environment import NVIDIA_SMI_QUERY, parse_nvidia_smi
-        from ..engine.jetson import run_command
+        from ..engine.environment import current_gpu
 
-        gpus = parse_nvidia_smi(run_command(NVIDIA_SMI_QUERY), None)["gpus"]
-        sm = sm_of(gpus[0]["compute_capability"]) if gpus else None
+        here = current_gpu()
+        what = ", ".join(x for x in (here["name"], f"sm{here['sm']}" if here["sm"] is not None else None, here["module"]) if x)
+        unknown = [k for k in ("name", "sm") if here[k] is None]
         try:
-            check_compatible(meta, have, sm if sm is not None else gpu.get("sm", 0), gpus[0]["name"] if gpus else None)
-            status = f"compatible with this machine (TensorRT {have}" + (f", sm{sm})" if sm is not None else "; GPU not checked: nvidia-smi not found)")
+            check_compatible(meta, have, here["sm"], here["name"], here["module"])
+            status = f"compatible with this machine (TensorRT {have}" + (f", {what}" if what else "") + (
+                f"; GPU {' and '.join(unknown)} not checked: {here['source']})" if unknown else f"; GPU from {here['source']})")
         except EngineBuildError as exc:
             status = f"NOT compatible: {str(exc).splitlines()[0]}"
     click.echo(status)
@@ -153,10 +150,10 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def env_command(as_json):
     """Print the environment: package, Python, CPU, memory, GPU, driver, CUDA, TensorRT, onnxruntime providers, Jetson.
-    Exits 1 (after printing) when TensorRT, cuda-python and the driver target different CUDA majors."""
+    Exits 1 (after printing) when TensorRT, cuda-python, onnxruntime-gpu and the driver target different CUDA majors."""
     from ..engine.availability import check_cuda_stack
     from ..engine.environment import collect_environment, format_environment
 
     env = collect_environment()
     click.echo(json.dumps(env, indent=2) if as_json else format_environment(env))
-    check_cuda_stack("TensorRT", env["cuda_stack"])
+    check_cuda_stack("TensorRT", env["cuda_stack"], ort=True)

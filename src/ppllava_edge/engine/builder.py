@@ -24,8 +24,14 @@ each plan:
 - the timing cache file is loaded before and saved (atomically) after every engine; a cache TensorRT cannot read or
   refuses is replaced by a fresh one with a warning, as Polygraphy does, and never costs the output folder;
 - `--dla-core` builds a static-shape vision engine (one frame count: DLA has no dynamic shapes) for that DLA core
-  with GPU fallback, and records in engines.json how many layers can run on the DLA and the engine inspector's
-  layer information (Jetson AGX Orin / Orin NX with TensorRT <= 10.7, or TensorRT >= 11.4.1 on JetPack 7.2.2+).
+  with GPU fallback (Jetson AGX Orin / Orin NX with TensorRT <= 10.7, or TensorRT >= 11.4.1 on JetPack 7.2.2+). On
+  TensorRT 10 it is built as trtexec --useDLACore builds it (samples/common/sampleEngines.cpp, release/10.3
+  lines 1123-1147, release/10.7 1103-1127, release/10.16 1241-1265): from the fp32 graph, weakly typed, with
+  PREFER_PRECISION_CONSTRAINTS and FP16 (INT8 instead for an implicit-INT8 graph); TensorRT 10 rejects precision
+  flags on strongly typed networks (NVIDIA/TensorRT#4228, #4253), so an fp16 export is refused. TensorRT 11.4.1+
+  builds DLA strongly typed (an fp16 export). engines.json records how many layers `can_run_on_DLA` before the
+  build and how many DLA subgraphs the built engine has (its engine inspector's layer information); an engine with
+  none is refused.
 
     result = build_engines("export/", "engines/", BuildOptions(fp16=True, timing_cache=Path("tc.bin")))
 """
@@ -89,6 +95,7 @@ class EnginePlan:
     profiles: list[Profile]
     profile_names: list[str]
     int8_flag: bool = False  # implicit INT8 from a calibration cache (TensorRT 10 only)
+    prefer_precision: bool = False  # BuilderFlag.PREFER_PRECISION_CONSTRAINTS (DLA on TensorRT 10, as trtexec sets it)
     calibration_cache: Path | None = None
     symbols: list[dict[str, tuple[int, int, int]]] = field(default_factory=list)  # per profile: dim symbol -> (min, opt, max)
     source: str = ""  # the export's graph built for this stage (export.json backends.trt; default: the stage itself)
@@ -286,6 +293,33 @@ def _check_dla(opts: BuildOptions, limits: BuildLimits, trt_version: str) -> Non
         )
 
 
+def dla_precision(stage: str, graph_precision: str, precision: str, strongly: bool, fp16_flag: bool, int8_flag: bool, trt_version: str) -> tuple[str, bool, bool]:
+    """(precision, strongly_typed, fp16_flag) of a DLA engine. DLA runs fp16 and int8, never fp32.
+
+    TensorRT 10 (<= 10.7): as trtexec --useDLACore (sampleEngines.cpp, release/10.3:1123-1147): weakly typed with
+    PREFER_PRECISION_CONSTRAINTS and FP16, or INT8 (and FP16 only with --fp16) for an implicit-INT8 graph; so the
+    fp32 graph is built, and a strongly typed (fp16 / Q/DQ) export is refused: TensorRT 10 rejects FP16 / INT8 flags
+    on strongly typed networks (NVIDIA/TensorRT#4228, #4253). TensorRT >= 11.4.1: strongly typed only, so the graph
+    must be fp16 or int8.
+    """
+    if _major(trt_version) >= 11:
+        if graph_precision == "fp32":
+            raise InputError(
+                f"--dla-core on TensorRT {trt_version} builds strongly typed networks only, and DLA has no fp32: {stage} needs an fp16 graph.\n"
+                "Hint: export with --dtype fp16 and build that with --dla-core."
+            )
+        return precision, strongly, False
+    if int8_flag:
+        return precision, False, fp16_flag
+    if strongly and graph_precision != "fp32":
+        raise InputError(
+            f"--dla-core on TensorRT 10 needs an fp32 export: DLA engines are built from the fp32 graph with the FP16 flag (as "
+            f"`trtexec --useDLACore` does), and TensorRT 10 rejects precision flags on this export's strongly typed {graph_precision} graph.\n"
+            "Hint: export without --dtype fp16 (fp32, the default) and build that with --dla-core; the vision engine is built fp16 for the DLA."
+        )
+    return "fp16", False, True
+
+
 def check_io_dtypes(stage: str, graph: str, spec: dict) -> None:
     """Refuse a graph whose inputs or outputs are bf16 / fp8 / 4-bit: the engine would build, then fail to load."""
     bad = [f"{io['name']} ({io['dtype']})" for io in (*spec["inputs"], *spec["outputs"]) if str(io.get("dtype", "")).startswith(NUMPY_LESS_DTYPES)]
@@ -363,14 +397,10 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         else:
             precision, strongly, fp16_flag = resolve_precision(precisions[g], opts.fp16, trt_version)
         _check_precision_sm(g, precision, sm)
-        device = "gpu"
+        device, prefer = "gpu", False
         if g in on_dla:
-            if precision == "fp32":
-                raise InputError(
-                    "--dla-core needs an fp16 or int8 vision graph (DLA has no fp32).\n"
-                    "Hint: add --fp16 (TensorRT 10) or export with --dtype fp16."
-                )
-            device = f"dla:{opts.dla_core}"
+            precision, strongly, fp16_flag = dla_precision(g, precisions[g], precision, strongly, fp16_flag, int8_flag, trt_version)
+            device, prefer = f"dla:{opts.dla_core}", not strongly
         ranges = symbol_ranges(g, data, limits, g in on_dla)
         plans.append(
             EnginePlan(
@@ -385,6 +415,7 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
                 profile_names=[n for n, _ in ranges],
                 symbols=[r for _, r in ranges],
                 int8_flag=int8_flag,
+                prefer_precision=prefer,
                 calibration_cache=cache,
                 source=src,
                 symbolic=any(dim_symbols(d) for i in spec["inputs"] for d in i["dims"]),
@@ -407,6 +438,8 @@ def trtexec_command(plan: EnginePlan, out_dir: Path, opts: BuildOptions, trt_ver
         args.append("--stronglyTyped")
     if plan.fp16_flag:
         args.append("--fp16")
+    if plan.prefer_precision:
+        args.append("--precisionConstraints=prefer")
     if plan.int8_flag:
         args += ["--int8", f"--calib={plan.calibration_cache}"]
     if plan.symbolic:  # named dims in the ONNX need shapes, also when the profile is static (DLA)
@@ -523,6 +556,8 @@ def _config(trt, builder, plan: EnginePlan, opts: BuildOptions):
         config.builder_optimization_level = int(opts.builder_level)
     if plan.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
+    if plan.prefer_precision:  # what trtexec sets for every DLA build on TensorRT 10 (sampleEngines.cpp, release/10.3:1129)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
     if plan.int8_flag:
         config.set_flag(trt.BuilderFlag.INT8)
         calibrator = _cache_calibrator(trt, Path(plan.calibration_cache).read_bytes(), plan.calibration_algorithm or "EntropyCalibration2")
@@ -635,6 +670,22 @@ def _dla_placement(network, config, plan: EnginePlan) -> dict:
             "gpu_layer_names": on_gpu[:20], "layer_info": None}
 
 
+def engine_placement(info: str | None) -> dict | None:
+    """DLA placement of a built engine from its inspector's JSON layer information (DETAILED verbosity): layers are
+    objects with "Name" and "LayerType" under "Layers" (as trex reads them: trex/parser.py:42, layer.py:35), and
+    TensorRT hands each DLA subgraph over as one layer named "{ForeignNode[first...last]}" (its build log lists DLA
+    layers as "[DlaLayer] {ForeignNode[...]}", samples/sampleCudla/README.md:69). None when `info` is not in that
+    form. GPU subgraphs may also be foreign nodes, so `dla_subgraphs` is an upper bound; zero means no DLA at all."""
+    try:
+        layers = json.loads(info)["Layers"] if info else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, dict) and "Name" in x for x in layers):
+        return None
+    foreign = [x["Name"] for x in layers if str(x["Name"]).startswith("{ForeignNode[")]
+    return {"source": "IEngineInspector", "dla_subgraphs": len(foreign), "other_layers": len(layers) - len(foreign), "dla_subgraph_names": foreign[:20]}
+
+
 def _layer_information(trt, logger, serialized, dla_core: int | None) -> str | None:
     """The engine inspector's JSON layer information of a built engine, or None where TensorRT does not offer it
     (the inspector binding is optional in TensorRT's Python build)."""
@@ -677,9 +728,11 @@ def build_engines(
     trt, _ = require_tensorrt("Building TensorRT engines")
     from ..runtime.cuda import device_info
 
-    gpu = device_info(0)
+    gpu = device_info(0)  # cudart's name ("Orin" on every Jetson Orin): what `engines` and --backend trt compare with
     plans = plan_build(manifest, out_dir, opts, trt.__version__, gpu["sm"], limits)
     jetson = detect_jetson()
+    if jetson and jetson.get("module"):
+        gpu["module"] = jetson["module"]  # AGX Orin / Orin NX / Orin Nano: same name and SM, different GPUs
     meta = new_metadata(
         trt_version=trt.__version__,
         gpu=gpu,
@@ -741,6 +794,15 @@ def build_engines(
                 if info is not None:
                     (tmp / layer_info_name(plan.graph)).write_text(info)
                     placement["layer_info"] = layer_info_name(plan.graph)
+                placement["engine"] = engine_placement(info)
+                if placement["engine"] is None:
+                    log.warning("%s: the engine inspector gave no detailed layer information: the DLA placement of the built engine is not checked", plan.graph)
+                elif placement["engine"]["dla_subgraphs"] == 0:
+                    raise EngineBuildError(
+                        f"{plan.graph}: TensorRT said {placement['dla_layers']} layer(s) can run on DLA core {plan.dla_core}, but the built engine "
+                        f"runs none there (its layer information has no DLA subgraph; see {layer_info_name(plan.graph)} and the TensorRT log above).\n"
+                        "Hint: build without --dla-core: this engine would run entirely on the GPU."
+                    )
             if timing is not None:
                 built_cache = _timing_cache_bytes(config)
                 use_timing_cache = built_cache is not None

@@ -4,7 +4,7 @@
     print(format_environment(env))   # the text block `ppllava-edge env` prints
 
 Nothing here fails: a tool or library that is missing is reported as such ("not installed", "none"). A CUDA
-major-version mismatch between TensorRT, cuda-python and the driver is reported in `cuda_stack.problems` (the
+major-version mismatch between TensorRT, cuda-python, onnxruntime-gpu and the driver is reported in `cuda_stack.problems` (the
 `env` command then exits 1 with an error after printing everything).
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .. import __version__
 from .availability import cuda_python_version, cuda_stack, tensorrt_version
-from .jetson import Runner, detect_jetson, read_meminfo, run_command
+from .jetson import SOC_SM, Runner, detect_jetson, device_tree, read_meminfo, run_command
+from .metadata import normalize_gpu_name, sm_of
 
 NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,driver_version,compute_cap,memory.total", "--format=csv,noheader,nounits"]
 
@@ -59,19 +60,22 @@ def memory(root: Path = Path("/")) -> dict:
 
 
 def parse_nvidia_smi(query_out: str | None, header_out: str | None) -> dict:
-    """GPUs from `nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total` and the CUDA version in its header."""
+    """GPUs from `nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total` and the CUDA version in its header.
+    Names as cudart spells them ('Orin (nvgpu)' -> 'Orin'); a compute capability or memory of '[N/A]' is None."""
     gpus = []
     for line in (query_out or "").strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) >= 4:
             mem = int(float(parts[3])) * (1 << 20) if re.match(r"^[\d.]+$", parts[3]) else None
-            gpus.append({"name": parts[0], "driver": parts[1], "compute_capability": parts[2], "memory_bytes": mem})
+            cc = parts[2] if re.match(r"^\d+\.\d+$", parts[2]) else None  # "[N/A]" on some Jetsons
+            gpus.append({"name": normalize_gpu_name(parts[0]), "driver": parts[1], "compute_capability": cc, "memory_bytes": mem})
     m = re.search(r"CUDA Version:\s*([\d.]+)", header_out or "")
     return {"gpus": gpus, "driver": gpus[0]["driver"] if gpus else None, "cuda_driver": m.group(1) if m else None}
 
 
 def gpu_info(run: Runner) -> dict:
-    """GPUs via nvidia-smi, refined with cuda-python when installed; source says where it came from."""
+    """GPUs via nvidia-smi, with device 0's name and compute capability from cudart when cuda-python is installed;
+    source says where it came from."""
     q = run(NVIDIA_SMI_QUERY)
     smi = parse_nvidia_smi(q, run(["nvidia-smi"]) if q is not None else None)
     info = {"gpus": smi["gpus"], "driver": smi["driver"], "cuda_driver": smi["cuda_driver"], "cuda_runtime": None,
@@ -85,12 +89,43 @@ def gpu_info(run: Runner) -> dict:
                 dev = device_info(0)
                 info["cuda_driver"] = info["cuda_driver"] or dev["cuda_driver"]
                 info["cuda_runtime"] = dev["cuda_runtime"]
-                if not info["gpus"]:  # e.g. Jetson, where nvidia-smi may be absent or limited
-                    info["gpus"] = [{"name": dev["name"], "driver": None, "compute_capability": dev["compute_capability"], "memory_bytes": dev["memory_bytes"]}]
-                    info["source"] = "cuda-python"
+                # cudart names the GPU as `build` records it in engines.json: the one source of truth for name and SM
+                first = info["gpus"][0] if info["gpus"] else {"driver": None}
+                info["gpus"] = [{**first, "name": dev["name"], "compute_capability": dev["compute_capability"],
+                                 "memory_bytes": first.get("memory_bytes") or dev["memory_bytes"]}, *info["gpus"][1:]]
+                info["source"] = "cuda-python" + (" + nvidia-smi" if first.get("driver") else "")
         except Exception as exc:  # a broken CUDA install is reported, not raised
             info["cuda_error"] = f"{type(exc).__name__}: {exc}"
     return info
+
+
+def current_gpu(run: Runner | None = None, root: Path | None = None) -> dict:
+    """The GPU engines are checked against: {"name", "sm", "module", "source"} (None where unknown).
+
+    One source of truth: cudart (what `build` records in engines.json) when cuda-python sees a device; else
+    nvidia-smi with the name as cudart spells it ("Orin (nvgpu)" -> "Orin") and, when it reports the compute
+    capability as "[N/A]", the SM of the Jetson SoC (tegra234 -> 87). `module` tells the Jetson modules apart
+    (from the device-tree model), as every Orin is "Orin" to CUDA.
+    """
+    run = run or run_command
+    tree = device_tree(root)
+    module = tree["module"]
+    if cuda_python_version():
+        try:
+            from ..runtime.cuda import device_count, device_info
+
+            if device_count():
+                dev = device_info(0)
+                return {"name": dev["name"], "sm": dev["sm"], "module": module, "source": "cudart"}
+        except Exception:  # noqa: BLE001 - a broken CUDA install: fall back to nvidia-smi
+            pass
+    gpus = parse_nvidia_smi(run(NVIDIA_SMI_QUERY), None)["gpus"]
+    if not gpus:
+        return {"name": None, "sm": None, "module": module, "source": "none (no cuda-python device, nvidia-smi not found)"}
+    sm, source = (sm_of(gpus[0]["compute_capability"]), "nvidia-smi") if gpus[0]["compute_capability"] else (None, "nvidia-smi")
+    if sm is None and SOC_SM.get(tree["soc"] or ""):
+        sm, source = SOC_SM[tree["soc"]], f"nvidia-smi; sm of the Jetson SoC {tree['soc']}"
+    return {"name": gpus[0]["name"], "sm": sm, "module": module, "source": source}
 
 
 def onnxruntime_info() -> dict:
@@ -120,9 +155,11 @@ def _module_version(name: str) -> str | None:
         return None
 
 
-def collect_environment(root: str | Path = "/", run: Runner | None = None) -> dict:
+def collect_environment(root: str | Path | None = None, run: Runner | None = None) -> dict:
     """The machine, its accelerator stack and this package, as a JSON-serializable dict."""
-    root = Path(root)
+    from . import jetson
+
+    root = Path(root if root is not None else jetson.ROOT)
     run = run or run_command
     package_dir = Path(__file__).resolve().parents[1]
     gpu = gpu_info(run)
@@ -162,7 +199,7 @@ def format_environment(env: dict) -> str:
     gpu = env["gpu"]
     if gpu["gpus"]:
         for i, g in enumerate(gpu["gpus"]):
-            lines.append(f"gpu {i}: {g['name']} (sm {g['compute_capability']}, {_gib(g['memory_bytes'])})")
+            lines.append(f"gpu {i}: {g['name']} (sm {g['compute_capability'] or '?'}, {_gib(g['memory_bytes'])})")
     else:
         lines.append(f"gpu: none detected ({gpu['source']})")
     lines.append(f"nvidia driver: {gpu['driver'] or 'n/a'}")
@@ -170,9 +207,14 @@ def format_environment(env: dict) -> str:
     lines.append(f"TensorRT: {env['tensorrt'] or 'not installed'}")
     lines.append(f"cuda-python: {env['cuda_python'] or 'not installed'}")
     stack = env["cuda_stack"]
+    ort_gpu = stack.get("onnxruntime_gpu")
+    ort_cuda = stack.get("onnxruntime_gpu_cuda")
     majors = (f"TensorRT {stack['tensorrt_cuda'] if stack['tensorrt_cuda'] is not None else '?'} ({stack['tensorrt_cuda_source']}), "
-              f"cuda-python {stack['cuda_python'] or '-'}, driver {stack['driver_cuda'] or '-'}")
-    lines.append(f"CUDA majors: {majors}: " + ("MISMATCH: " + "; ".join(stack["problems"]) if stack["problems"] else "ok"))
+              f"cuda-python {stack['cuda_python'] or '-'}, "
+              f"onnxruntime-gpu {f'{ort_gpu} (CUDA {ort_cuda if ort_cuda is not None else chr(63)})' if ort_gpu else '-'}, "
+              f"driver {stack['driver_cuda'] or '-'}")
+    problems = stack["problems"] + stack.get("ort_problems", [])
+    lines.append(f"CUDA majors: {majors}: " + ("MISMATCH: " + "; ".join(problems) if problems else "ok"))
     ort = env["onnxruntime"]
     lines.append(f"onnxruntime: {ort['version'] or 'not installed'} (providers: {', '.join(ort['providers']) or 'none'})")
     lines.append(f"numpy: {env['numpy'] or 'not installed'}")
@@ -180,7 +222,8 @@ def format_environment(env: dict) -> str:
     if not j:
         lines.append("jetson: no")
     else:
-        lines.append(f"jetson: {j['model'] or 'unknown model'}" + (f" ({j['soc_name']})" if j.get("soc_name") else ""))
+        lines.append(f"jetson: {j['model'] or 'unknown model'}" + (f" ({j['soc_name']})" if j.get("soc_name") else "")
+                     + (f", module {j['module']}" if j.get("module") else ""))
         lines.append(f"  L4T: {j['l4t'] or '?'} (JetPack {j['jetpack'] or '?'}, {j['jetpack_source']})")
         pm = j["power_mode"]
         lines.append(f"  power mode: {pm['name'] or '?'} (id {pm['id'] if pm['id'] is not None else '?'}, {pm['source']})")

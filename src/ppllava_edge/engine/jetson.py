@@ -35,6 +35,22 @@ L4T_TO_JETPACK = {
     "38.2.0": "7.0",
 }
 SOC_NAMES = {"tegra194": "Xavier", "tegra234": "Orin", "tegra264": "Thor", "tegra210": "Nano (TX1)", "tegra186": "TX2"}
+# SM of the Jetson SoCs whose compute capability every CUDA release agrees on (Xavier 7.2, Orin 8.7), for when
+# nvidia-smi reports the compute capability as "[N/A]"
+SOC_SM = {"tegra194": 72, "tegra234": 87}
+ROOT = Path("/")  # where /proc/device-tree, /etc/nv_tegra_release ... are read (tests point it at fixture files)
+
+
+def jetson_module(model: str | None) -> str | None:
+    """The module a device-tree model names: 'NVIDIA Jetson AGX Orin Developer Kit' -> 'Jetson AGX Orin', '... Orin NX
+    ...' -> 'Jetson Orin NX', '... Orin Nano ...' -> 'Jetson Orin Nano'; None for anything else. Every Orin module's
+    GPU is "Orin" to CUDA, with 4 to 16 SMs and DLA only on AGX Orin / Orin NX: engines built on one module are for
+    that module (NVIDIA: engines are specific to the GPU model they were built on)."""
+    m = re.search(r"Jetson\s+(AGX\s+)?(Orin|Xavier|Thor|TX2)(\s+(?:NX|Nano))?", model or "", flags=re.I)
+    if not m:
+        return None
+    words = [w.strip() for w in (m.group(1), m.group(2), m.group(3)) if w and w.strip()]
+    return "Jetson " + " ".join(w.upper() if w.upper() in ("AGX", "NX", "TX2") else w.capitalize() for w in words)
 
 
 def run_command(cmd: list[str], timeout: float = 5.0) -> str | None:
@@ -171,22 +187,33 @@ def jetpack_release(l4t: str | None, run: Runner) -> tuple[str | None, str]:
     return None, "unknown"
 
 
-def detect_jetson(root: str | Path = "/", run: Runner | None = None) -> dict | None:
-    """Jetson facts, or None when `root` is not a Jetson (no /etc/nv_tegra_release and no Jetson device-tree model)."""
-    root = Path(root)
+def device_tree(root: str | Path | None = None) -> dict:
+    """{"model", "soc", "module"} from the device tree (/proc/device-tree/model and compatible, below `root`, default
+    ROOT): cheap, no commands run; all None off Jetson."""
+    root = Path(root if root is not None else ROOT)
+    model = _read(root, "proc/device-tree/model") or _read(root, "sys/firmware/devicetree/base/model")
+    model = model.replace("\x00", "").strip() or None if model else None
+    compatible = _read(root, "proc/device-tree/compatible") or ""
+    soc = next((s for s in re.split(r"[\x00,\s]+", compatible) if s.startswith("tegra")), None)
+    return {"model": model, "soc": soc, "module": jetson_module(model)}
+
+
+def detect_jetson(root: str | Path | None = None, run: Runner | None = None) -> dict | None:
+    """Jetson facts, or None when `root` (default ROOT, "/") is not a Jetson (no /etc/nv_tegra_release and no Jetson
+    device-tree model)."""
+    root = Path(root if root is not None else ROOT)
     run = run or run_command
     rel_text = _read(root, "etc/nv_tegra_release")
-    model = _read(root, "proc/device-tree/model") or _read(root, "sys/firmware/devicetree/base/model")
-    model = model.replace("\x00", "").strip() if model else None
+    tree = device_tree(root)
+    model, soc = tree["model"], tree["soc"]
     if rel_text is None and not (model and "jetson" in model.lower()):
         return None
     release = parse_tegra_release(rel_text) if rel_text else None
-    compatible = _read(root, "proc/device-tree/compatible") or ""
-    soc = next((s for s in re.split(r"[\x00,\s]+", compatible) if s.startswith("tegra")), None)
     l4t = release["l4t"] if release else None
     jetpack, jp_source = jetpack_release(l4t, run)
     return {
         "model": model,
+        "module": tree["module"],
         "soc": soc,
         "soc_name": SOC_NAMES.get(soc or ""),
         "l4t": l4t,

@@ -166,19 +166,39 @@ def load_metadata(folder: str | Path) -> dict:
     return meta
 
 
-def check_compatible(meta: dict, trt_version: str, sm: int, gpu_name: str | None = None) -> None:
-    """Refuse engines built by another TensorRT version, for another GPU architecture or on another GPU model
-    (EngineBuildError). `gpu_name` None (not known here) skips the model check."""
+def normalize_gpu_name(name: str | None) -> str | None:
+    """One spelling per GPU: nvidia-smi on Jetson (JetPack 6) says 'Orin (nvgpu)' for what cudart (and engines.json)
+    calls 'Orin'."""
+    if name is None:
+        return None
+    return re.sub(r"\s*\(nvgpu\)\s*$", "", str(name)).strip() or None
+
+
+def built_module(meta: dict) -> str | None:
+    """The Jetson module the engines were built on (engines.json `gpu.module`, else from the recorded device-tree model)."""
+    from .jetson import jetson_module
+
+    return meta.get("gpu", {}).get("module") or jetson_module((meta.get("jetson") or {}).get("model"))
+
+
+def check_compatible(meta: dict, trt_version: str, sm: int | None, gpu_name: str | None = None, module: str | None = None) -> None:
+    """Refuse engines built by another TensorRT version, for another GPU architecture, on another GPU model or on
+    another Jetson module (EngineBuildError). None for `sm`, `gpu_name` or `module` (not known here) skips that check."""
     built_v, built_sm = meta.get("tensorrt", "?"), meta.get("gpu", {}).get("sm")
-    built_name = meta.get("gpu", {}).get("name")
+    built_name = normalize_gpu_name(meta.get("gpu", {}).get("name"))
+    gpu_name = normalize_gpu_name(gpu_name)
+    built_mod = built_module(meta)
     have_v = normalize_trt_version(trt_version)
     problems = []
     if built_v != have_v:
         problems.append(f"TensorRT {built_v} built them, this machine has TensorRT {have_v}")
-    if built_sm is not None and int(built_sm) != int(sm):
+    if built_sm is not None and sm is not None and int(built_sm) != int(sm):
         problems.append(f"they target sm{built_sm} ({built_name or '?'}), this GPU is sm{sm}")
-    elif built_name and gpu_name and built_name.strip() != gpu_name.strip():
+    elif built_name and gpu_name and built_name != gpu_name:
         problems.append(f"they were built on a {built_name}, this GPU is a {gpu_name}")
+    elif built_mod and module and built_mod != module:
+        problems.append(f"they were built on a {built_mod}, this is a {module} (same GPU architecture, another number of SMs"
+                        + (", and no DLA" if module.endswith("Nano") else "") + ")")
     if problems:
         src = meta.get("export", {}).get("folder", "EXPORT")
         raise EngineBuildError(

@@ -5,7 +5,8 @@
     print(result.text, result.timings.line())
 
 Thread safety: one Pipeline may be shared by many threads and gives each call exactly the answer it gives
-sequentially. ONNX Runtime sessions are thread-safe; the KV-cache decoder is not, so each `ask` borrows a decoder
+sequentially. ONNX Runtime sessions are thread-safe, and so are the TensorRT stage runners (each locks its one
+execution context and buffers for a run); the KV-cache decoder is not, so each `ask` borrows a decoder
 from a small pool (`max_decoders`, made on demand by `_new_decoder()`; a call waits when all are busy; with
 `max_decoders=1` that is a lock around generation). The feature cache has its own lock, and concurrent first
 questions on the same video run the vision graph once (the others wait for it and hit the cache).

@@ -12,6 +12,8 @@
   one stream, and TensorRT's default (STATIC) would give each of the decoder's two contexts its own maximum-size
   block - twice the activation memory, which matters on Jetson.
 - Every set_input_shape / set_tensor_address / execute_async_v3 result is checked and fails with the tensor's name.
+- Thread safety: each stage runner locks its context and buffers for one `run` at a time; the decoder (one KV
+  cache) is borrowed by one `ask` at a time (the Pipeline's decoder pool of one).
 - CUDA graphs are refused (`--cuda-graph`): the decoder's KV cache grows every step, so each decode step is a new
   shape, and TensorRT needs an uncaptured enqueue after every shape change before a capture (trtexec:
   sampleInference.cpp) - which already runs the step; the graph could only run it again.
@@ -24,6 +26,7 @@ and cuda-python are imported only when an engine is opened.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +108,12 @@ def reorder_copies(beam_idx: np.ndarray, row_bytes: int) -> list[tuple[int, int,
 
 
 def check_engine_dir(
-    meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",), gpu_name: str | None = None
+    meta: dict, trt_version: str, sm: int, manifest: ExportManifest | None = None, need: tuple[str, ...] = ("decoder",), gpu_name: str | None = None,
+    module: str | None = None,
 ) -> None:
-    """Everything checked before any engine is deserialized: TensorRT version, GPU SM and model, export, graphs present."""
-    check_compatible(meta, trt_version, sm, gpu_name)
+    """Everything checked before any engine is deserialized: TensorRT version, GPU SM, model and Jetson module, export,
+    graphs present."""
+    check_compatible(meta, trt_version, sm, gpu_name, module)
     if manifest is not None:
         check_export(meta, manifest.data, manifest.folder)
     missing = [g for g in need if g not in meta.get("engines", {})]
@@ -208,11 +213,17 @@ class TrtEngine:
 
 
 class TrtGraphRunner:
-    """One non-decoder engine with an onnxruntime-like `run(output_names, feed)`; buffers sized for the profile max."""
+    """One non-decoder engine with an onnxruntime-like `run(output_names, feed)`; buffers sized for the profile max.
+
+    Thread-safe as an ONNX Runtime session is: its one execution context and input / output buffers are used by one
+    `run` at a time (a lock), so two threads asking about two videos cannot overwrite each other's shapes and pixels.
+    Runs of different runners (and the decoder) may interleave: they enqueue on one stream, which runs their kernels
+    one after another, as the activation memory all contexts share requires."""
 
     def __init__(self, engine: TrtEngine, output_order: list[str], stream: Any):
         from .cuda import DeviceBuffer
 
+        self._lock = threading.Lock()
         self.engine, self.stream = engine, stream
         self.output_order = output_order
         self.ctx = engine.contexts[0]
@@ -229,6 +240,10 @@ class TrtGraphRunner:
             set_address(self.ctx, name, buf.ptr, self.name)
 
     def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            return self._run(output_names, feed)
+
+    def _run(self, output_names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         shapes = {k: tuple(np.shape(v)) for k, v in feed.items()}
         if self.engine.profiles and select_profile(self.engine.profiles, shapes) < 0:
             prof = self.engine.profiles[0]
@@ -390,7 +405,9 @@ def open_engines(engines_dir: str | Path, manifest: ExportManifest, cuda_graph: 
     folder = Path(engines_dir)
     meta = load_metadata(folder)
     dev = device_info(0)
-    check_engine_dir(meta, trt.__version__, dev["sm"], manifest, gpu_name=dev["name"])
+    from ..engine.jetson import device_tree
+
+    check_engine_dir(meta, trt.__version__, dev["sm"], manifest, gpu_name=dev["name"], module=device_tree()["module"])
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
     engines = {
