@@ -6,13 +6,16 @@ The released PPLLaVA was trained and is served with transformers 4.45.2 (the aut
 column is stretched back to S x S in `_preprocess`), and its `unpad_image` truncates with `int()` where 5.x rounds
 first. This script runs the 4.45.2 code itself, in a side environment (never the project's, never committed):
 
-    python3 -m venv SIDE && SIDE/bin/pip install torch==2.13.0 transformers==4.45.2 einops==0.8.1 numpy==1.26.4
+    python3 -m venv SIDE && SIDE/bin/pip install torch==2.13.0 transformers==4.45.2 einops==0.8.1 numpy==1.26.4 pillow==11.3.0
     ppllava-edge make-checkpoint --preset tiny --seed 0 CKPT          # in the project's environment
     PYTHONPATH=src SIDE/bin/python tools/make_image_fixtures.py --checkpoint CKPT \\
         --authors-meta PPLLAVA/ppllava/models/llava_interleave_meta.py --out tests/fixtures/images_tf4452.npz
 
-PPLLAVA is a checkout of github.com/farewellthree/PPLLaVA; `--authors-meta` is their `encode_image` module, imported
-as is (it needs only torch, einops and transformers' llava_next helpers).
+PPLLAVA is a checkout of github.com/farewellthree/PPLLaVA (the fixture was made from commit d5766c8);
+`--authors-meta` is their `encode_image` module, imported as is (it needs only torch, einops and transformers'
+llava_next helpers). The side environment imports ppllava_edge from `src` only for the model's tower, projector,
+Llama module tree and tokenizers; the tiles, the assembly and the generation loop are 4.45.2's and the authors'.
+(The tiles come out bit-identical with the project's Pillow 12.0.0: the tests compare them exactly.)
 
 What it writes, for a landscape (200x120), a square (100x100) and a portrait (90x150) picture (kept as PNG bytes):
 - `{name}/png`, `{name}/image_size` (the processor's `image_sizes`), `{name}/best_resolution`;
@@ -25,9 +28,9 @@ What it writes, for a landscape (200x120), a square (100x100) and a portrait (90
   against independent ports elsewhere); the image tokens spliced at the image token; 4.45.2's LlamaForCausalLM greedy
   `generate` (16 new tokens): `{name}/question`, `{name}/visual_tokens`, `{name}/output_ids`, `{name}/input_ids`,
   `{name}/clip_ids` (questions chosen so that 5.x's tiles give other ids on this checkpoint);
-- `sweep/{tiny,released}`: int32 rows (h, w, best_h, best_w, y0, rows, x0, cols) of the kept crop map from 4.45's `select_best_resolution`,
-  `get_anyres_image_grid_shape` and `unpad_image` over a grid of image sizes plus sizes where `int()` and 5.x's
-  `int(round(x, 7))` differ;
+- `sweep/{tiny,released}`: int32 rows (h, w, best_h, best_w, y0, rows, x0, cols) of the kept crop map from 4.45's
+  `select_best_resolution`, `get_anyres_image_grid_shape` and `unpad_image` over a grid of image sizes plus sizes
+  where `int()` and 5.x's `int(round(x, 7))` differ;
 - `checkpoint_sha256`: sha256 over the tiny checkpoint's shard files (the test refuses a changed preset).
 """
 
@@ -151,19 +154,16 @@ def main() -> None:
         raise SystemExit(f"run this in the side environment with transformers 4.45.2 (found {transformers.__version__})")
 
     from ppllava_edge.media import make_test_photo
-    from ppllava_edge.model.generate import ReferenceModel  # tokenizers only (no model load here)
+    from ppllava_edge.tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 
     spec = importlib.util.spec_from_file_location("authors_meta", args.authors_meta)
     meta = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(meta)
     model = load_tiny(args.checkpoint)
     cfg = model.cfg
-    tok = ReferenceModel.__new__(ReferenceModel)
-    tok.checkpoint, tok.cfg = args.checkpoint, cfg
-    from ppllava_edge.tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
-
-    tok.llama = LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(args.checkpoint), image_token_id=cfg.image_token_index, template=cfg.conversation)
-    tok.clip = ClipTokenizer()
+    llama = LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(args.checkpoint), image_token_id=cfg.image_token_index,
+                                 template=cfg.conversation)
+    clip = ClipTokenizer()
 
     tile, tiny_pins = cfg.vision.image_size, [list(p) for p in cfg.image_grid_pinpoints]
     pooled = cfg.image_pooled_grid
@@ -193,7 +193,8 @@ def main() -> None:
         out[f"{name}/tiles336_sha256"] = np.asarray(sha(r["pixel_values"][0]))
         out[f"{name}/tiles336_shape"] = np.asarray(r["pixel_values"][0].shape, np.int32)
         out[f"{name}/best336"] = np.asarray(select_best_resolution(tuple(size.tolist()), RELEASED_PINPOINTS), np.int32)
-        clip_ids, input_ids = tok.tokenize(QUESTIONS[name])
+        clip_ids = clip.encode(QUESTIONS[name], length=cfg.clip_text.context_length)  # as ReferenceModel.tokenize
+        input_ids = np.asarray(llama.prompt_ids(QUESTIONS[name]), dtype=np.int64)
         with torch.no_grad():
             vis = authors.encode_image(pv, size, torch.from_numpy(clip_ids)[None], None)[0]
             embeds = model.embed_prompt(torch.from_numpy(input_ids), vis)
