@@ -11,8 +11,10 @@ and then assembles:
 
 The assembly is a gather: `ImageLayout.index()` lists, for every output token, the pooled token it copies (tile
 t, row y, column x → t·g·g + y·g + x) or the newline (index = tiles·g·g). The PyTorch model and the torch-free
-runtime both apply that one index, so they cannot disagree on token order. The rules follow transformers 5.24
-(`select_best_resolution`, `get_patch_output_size`, `get_anyres_image_grid_shape`, `unpad_image`).
+runtime both apply that one index, so they cannot disagree on token order. The rules follow transformers 4.45.2, the
+authors' pinned version the released model was trained with (`select_best_resolution`, `_get_patch_output_size`,
+`get_anyres_image_grid_shape`, `unpad_image`; 4.45's `unpad_image` truncates with `int()` where 5.x rounds to 7
+digits first, which keeps one more or one fewer row for a few sizes, e.g. 196x147 at 84-px tiles).
 """
 
 from __future__ import annotations
@@ -82,14 +84,15 @@ def fitted_size(image_size: Size, target: Size) -> Size:
 
 
 def unpad_window(image_size: Size, current: Size) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): the part of a padded (H, W) feature map that holds the image (`unpad_image`)."""
+    """(y0, y1, x0, x1): the part of a padded (H, W) feature map that holds the image (4.45.2's `unpad_image`, plain
+    `int()` truncation)."""
     oh, ow = image_size
     ch, cw = current
     if ow / oh > cw / ch:
-        new_h = int(round(oh * (cw / ow), 7))
+        new_h = int(oh * (cw / ow))
         pad = (ch - new_h) // 2
         return pad, ch - pad, 0, cw
-    new_w = int(round(ow * (ch / oh), 7))
+    new_w = int(ow * (ch / oh))
     pad = (cw - new_w) // 2
     return 0, ch, pad, cw - pad
 

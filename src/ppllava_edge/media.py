@@ -8,7 +8,7 @@ segment-centre frame indices, each frame squashed to S×S with bicubic resamplin
 no crop), then `x/255` and CLIP mean/std normalisation, giving float32 `[T, 3, S, S]`.
 
 Images take LLaVA-NeXT's anyres path instead (`read_image`, `preprocess_image`, `load_image_tiles`): the
-tiles of transformers' `LlavaNextImageProcessor` (geometry in anyres.py), `[tiles, 3, S, S]`.
+tiles of transformers 4.45.2's `LlavaNextImageProcessor`, the authors' pinned version (geometry in anyres.py), `[tiles, 3, S, S]`.
 """
 
 from __future__ import annotations
@@ -570,11 +570,12 @@ _SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 de
 
 @dataclass(frozen=True)
 class ImageTiles:
-    """An image preprocessed as transformers' `LlavaNextImageProcessor` does (anyres).
+    """An image preprocessed as transformers 4.45.2's `LlavaNextImageProcessor` does (anyres).
 
     Attributes:
         pixel_values: float32 `[tiles, 3, S, S]`: the base tile (whole image squashed to S×S), then the S×S crops of
-            the image fitted (aspect kept, bicubic) and zero-padded into `best_resolution`, row by row.
+            the image fitted (aspect kept, bicubic) and zero-padded into `best_resolution`, row by row (transformers
+            4.45.2's rules, see `preprocess_image`).
         image_size: (H, W) of the image as shown (EXIF orientation applied): LLaVA-NeXT's `image_sizes`.
         best_resolution: the `image_grid_pinpoints` entry (H, W) the image was fitted into.
         grid: (rows, cols) of crops.
@@ -652,13 +653,18 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = IMAGE_DECODE_PIXE
 
 
 def preprocess_image(img: Image.Image, tile: int, pinpoints, image_size: Size | None = None) -> ImageTiles:
-    """LLaVA-NeXT anyres preprocessing of an RGB image (transformers' `LlavaNextImageProcessor`, PIL backend).
+    """LLaVA-NeXT anyres preprocessing of an RGB image exactly as transformers **4.45.2**'s `LlavaNextImageProcessor`
+    (the authors' pinned version, which the released model was trained with; PIL backend).
 
     1. best resolution: the pinpoint that keeps most of the image (`select_best_resolution` on `image_size`);
-    2. the image resized into it with its aspect kept (bicubic) and centred on black padding; cut into S×S crops,
-       row by row;
-    3. the base tile: the whole image resized to S×S (bicubic, aspect not kept);
-    4. every tile: `x / 255`, CLIP mean/std.
+    2. the image resized into it with its aspect kept (PIL bicubic) and padded with black by `(target - new) // 2` on
+       both sides (`_pad_for_patching`): an odd remainder leaves the canvas one pixel short of the pinpoint;
+    3. the canvas cut into S×S crops row by row (`divide_to_patches`); a crop of the short last row or column
+       (S-1 px) is resized so its short side is S (bicubic, long side `int(S * long / short)`) and centre-cropped to
+       S×S, as `_preprocess` does (transformers 5.x pads the remainder instead and differs there);
+    4. the base tile: the whole image resized to S×S (bicubic, aspect not kept);
+    5. every tile: `u8 * (1/255)` in float64 cast to float32, then CLIP mean/std in float32 (4.45's `rescale`,
+       `normalize`): bit-exact with the processor (tests/test_image_tf4452.py).
 
     Args:
         img: RGB image (possibly decoded at a reduced scale, see `read_image`).
@@ -672,14 +678,39 @@ def preprocess_image(img: Image.Image, tile: int, pinpoints, image_size: Size | 
     size = tuple(image_size) if image_size is not None else decoded
     best = select_best_resolution(size, pinpoints)
     new_h, new_w = fitted_size(size, best)
-    canvas = Image.new("RGB", (best[1], best[0]))
-    canvas.paste(img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC), ((best[1] - new_w) // 2, (best[0] - new_h) // 2))
+    pad_y, pad_x = (best[0] - new_h) // 2, (best[1] - new_w) // 2
+    canvas = Image.new("RGB", (new_w + 2 * pad_x, new_h + 2 * pad_y))  # one pixel short of `best` on an odd remainder
+    canvas.paste(img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC), (pad_x, pad_y))
     rows, cols = best[0] // tile, best[1] // tile
-    out = np.empty((1 + rows * cols, tile, tile, 3), dtype=np.float32)
-    out[0] = np.asarray(img.resize((tile, tile), resample=Image.Resampling.BICUBIC), dtype=np.float32)
+    out = np.empty((1 + rows * cols, tile, tile, 3), dtype=np.uint8)
+    out[0] = np.asarray(img.resize((tile, tile), resample=Image.Resampling.BICUBIC))
     padded = np.asarray(canvas)
-    out[1:] = padded.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile, tile, 3)
-    return ImageTiles(_clip_normalize(out), size, best, (rows, cols), decoded)  # type: ignore[arg-type]
+    for r in range(rows):
+        for c in range(cols):
+            out[1 + r * cols + c] = _crop_to_tile(padded[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile], tile)
+    return ImageTiles(_clip_normalize_u8(out), size, best, (rows, cols), decoded)  # type: ignore[arg-type]
+
+
+def _crop_to_tile(crop: np.ndarray, tile: int) -> np.ndarray:
+    """A crop of the canvas as 4.45's `_preprocess` leaves it: S×S as is; a short one (S-1 px on one side) resized so
+    its short side is S (`get_resize_output_image_size`, bicubic) and centre-cropped (`center_crop`)."""
+    h, w = crop.shape[:2]
+    if (h, w) == (tile, tile):
+        return crop
+    long = int(tile * max(h, w) / min(h, w))
+    out_h, out_w = (long, tile) if w <= h else (tile, long)
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((out_w, out_h), resample=Image.Resampling.BICUBIC))
+    top, left = (out_h - tile) // 2, (out_w - tile) // 2
+    return resized[top : top + tile, left : left + tile]
+
+
+def _clip_normalize_u8(tiles: np.ndarray) -> np.ndarray:
+    """uint8 `[N, S, S, 3]` -> float32 `[N, 3, S, S]` as transformers 4.45's `rescale` (the product in float64, cast to
+    float32) then `normalize` (float32 mean/std)."""
+    out = (tiles * (1 / 255)).astype(np.float32)
+    out -= np.asarray(CLIP_MEAN, dtype=np.float32)
+    out /= np.asarray(CLIP_STD, dtype=np.float32)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
 def load_image_tiles(path: str | os.PathLike[str], tile: int, pinpoints, max_pixels: int = IMAGE_DECODE_PIXELS) -> ImageTiles:
@@ -843,6 +874,17 @@ def load_pixel_values(
 
 # --------------------------------------------------------------------------------------------
 # Synthetic test media
+
+
+def make_test_photo(w: int, h: int, seed: int = 0, noise: float = 12.0) -> np.ndarray:
+    """A deterministic uint8 RGB `[h, w, 3]` picture with smooth ramps, darker checkerboard cells and Gaussian noise of
+    `noise` levels (so resampling matters): the image tests' and tools/make_image_fixtures.py's pictures."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:h, 0:w]
+    img = np.stack([xs * 255 // max(w - 1, 1), ys * 255 // max(h - 1, 1), (xs + ys) * 127 // max(w + h - 2, 1)], axis=-1).astype(np.float64)
+    img[(xs // max(w // 7, 1) + ys // max(h // 5, 1)) % 2 == 0] *= 0.6
+    img += rng.normal(0, noise, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _marker_digits(index: int) -> list[int]:
