@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from .protocol import ApiError
 STATIC = Path(__file__).with_name("static")
 MEDIA_SUFFIXES = frozenset(MIME_SUFFIX.values()) | frozenset(IMAGE_EXTENSIONS) | {".m4v", ".mpeg"}
 MAX_LISTED = 1000  # files listed at most (the listing says when it stopped)
+MAX_VISITED = 20000  # directory entries looked at, at most (a huge tree of other files stops the walk too)
 MAX_DEPTH = 4  # sub-folder levels walked below each media dir
 # the page loads nothing from elsewhere; thumbnails are data: URLs, an upload preview a blob: URL
 CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; script-src 'self'; "
@@ -43,11 +45,15 @@ def list_media(media_dirs: list[Path], inside: Callable[[Path], bool]) -> tuple[
     kept only when they resolve inside a media dir). `name` is relative to its dir, which is how a request names
     it; when two dirs hold the same name the first dir wins, as in MediaPolicy. Returns (entries, truncated)."""
     seen: dict[str, dict] = {}
+    visited = 0
     for root in media_dirs:
         for dirpath, dirnames, filenames in os.walk(root):
             rel_dir = Path(dirpath).relative_to(root)
             depth = len(rel_dir.parts)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < MAX_DEPTH)
+            visited += len(dirnames) + len(filenames)
+            if visited > MAX_VISITED:
+                return sorted(seen.values(), key=lambda e: e["name"]), True
             for fn in sorted(filenames):
                 suffix = Path(fn).suffix.lower()
                 if fn.startswith(".") or suffix not in MEDIA_SUFFIXES:
@@ -84,7 +90,7 @@ def page_routes(server, check_auth: Callable[[Request], None], check_ready: Call
             check_ready()
         except ApiError as err:
             return error_response(err)
-        entries, truncated = list_media(server.policy.media_dirs, server.policy._inside)
+        entries, truncated = await asyncio.to_thread(list_media, server.policy.media_dirs, server.policy._inside)
         fmin, fmax = server.pipe.frame_range()
         return JSONResponse({
             "object": "list", "data": entries, "truncated": truncated, "model": server.model_id,
