@@ -330,4 +330,10 @@ def test_api_key_typed_once_in_the_page(keyed_server, browser, tmp_path):
     answer = _ask(d, Q1)
     assert answer.get_attribute("data-state") == "done", answer.text
     d.save_screenshot(str(tmp_path / "keyed.png"))
+    big = tmp_path / "big.mp4"
+    big.write_bytes(os.urandom(1536 * 1024))  # over --max-upload-mb 1: refused before it is read or sent
+    d.find_element(By.ID, "upload").send_keys(str(big))
+    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "li.answer")[-1].get_attribute("data-state") == "error")
+    assert _text(d, d.find_elements(By.CSS_SELECTOR, "li.answer")[-1]) == "big.mp4: the upload is 1.5 MiB, over this server's limit of 1 MiB (--max-upload-mb)"
+    assert "No media chosen" in d.find_element(By.ID, "media-current").text
     assert _script_errors(d, allowed_network=("/v1/media - Failed to load resource: the server responded with a status of 401",)) == []

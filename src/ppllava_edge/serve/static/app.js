@@ -104,6 +104,14 @@ function onUpload() {
   const file = $("upload").files[0];
   if (!file) return;
   $("media-select").value = "";
+  const limit = Number($("upload").dataset.maxBytes || 0);
+  if (limit && file.size > limit) {  // the server's rule (413), said before reading the whole file into the page
+    $("upload").value = "";
+    setMedia(null);
+    addError(null, `${file.name}: the upload is ${(file.size / 2 ** 20).toFixed(1)} MiB, over this server's limit of ` +
+      `${+(limit / 2 ** 20).toFixed(2)} MiB (--max-upload-mb)`);
+    return;
+  }
   const reader = new FileReader();
   reader.onerror = () => addError(null, `Cannot read ${file.name}: ${reader.error}`);
   reader.onload = () => {
