@@ -19,6 +19,7 @@ CASES = {
          "ppllava_edge.cli.serve_cmd", "ppllava_edge.bench.loadtest"],
         ["torch", "transformers", "tensorrt", "onnxruntime", "openai"],
     ),
+    "chat page + relevance": (["ppllava_edge.serve.page", "ppllava_edge.relevance"], ["torch", "transformers", "tensorrt", "onnxruntime", "openai"]),
     "triton": (
         ["ppllava_edge.triton.protocol", "ppllava_edge.triton.pbtxt", "ppllava_edge.triton.repository", "ppllava_edge.triton.python_model",
          "ppllava_edge.triton.server", "ppllava_edge.triton.client", "ppllava_edge.triton.loadtest", "ppllava_edge.cli.triton_cmd"],

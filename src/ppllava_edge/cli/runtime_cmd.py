@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import InputError
 from ..memory import peak_rss_mb
 from ._progress import err_console
 from .main import cli, frames_option
@@ -46,11 +47,13 @@ def _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_b
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (text, ids, timings) instead of text.")
 @click.option("--dump", type=click.Path(path_type=Path), default=None, help="Write the intermediate arrays as .npy into this folder.")
+@click.option("--relevance-png", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write what the question looked at as a PNG: the pooling's relevance over each sampled frame (each image tile).")
 @click.option("--triton", "triton_url", default=None, metavar="HOST:PORT",
               help="Ask the `ppllava` model of a Triton server (its gRPC address) instead; then give only VIDEO QUESTION.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --triton: seconds to wait for the answer.")
 @click.pass_context
-def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, stream, as_json, dump, triton_url, timeout):
+def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, stream, as_json, dump, relevance_png, triton_url, timeout):
     """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime.
 
     With --triton HOST:PORT (`ask --triton URL VIDEO QUESTION`) a Triton server running `ppllava-edge triton-repo`'s
@@ -66,6 +69,8 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
     if len(args) != 3:
         raise click.UsageError("give EXPORT INPUT QUESTION (or --triton HOST:PORT VIDEO QUESTION)")
     export_dir, input_path, question = Path(args[0]), Path(args[1]), args[2]
+    if relevance_png is not None and not relevance_png.parent.is_dir():
+        raise InputError(f"--relevance-png {relevance_png}: no such folder {relevance_png.parent}")
     from ..runtime.pipeline import Pipeline
 
     t_load = time.perf_counter()
@@ -77,7 +82,13 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
     load_ms = (time.perf_counter() - t_load) * 1e3
     gen = _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     streamer = _Streamer(pipe) if stream and not as_json else None
-    result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None)
+    result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None or relevance_png is not None)
+    if relevance_png is not None:
+        from ..relevance import relevance_kind, write_relevance_png
+
+        rel = result.arrays["relevance"]
+        write_relevance_png(relevance_png, rel, result.arrays["pixel_values"], relevance_kind(input_path, rel), f"relevance to: {question}")
+        err_console.print(f"relevance map ({'x'.join(map(str, rel.shape))}) written to {relevance_png}")
     if dump is not None:
         from ..dump import write_dump
 
@@ -99,7 +110,7 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
 
 
 # options of a local `ask` that a Triton server decides for itself
-TRITON_UNUSED = ("top_k", "top_p", "num_beams", "provider", "backend", "engines", "cuda_graph", "threads", "cache_dir", "dump")
+TRITON_UNUSED = ("top_k", "top_p", "num_beams", "provider", "backend", "engines", "cuda_graph", "threads", "cache_dir", "dump", "relevance_png")
 
 
 def summary_line(provider: str, visual_tokens: int, context_len: int, load_ms: float, timing_line: str, peak_rss: float) -> str:

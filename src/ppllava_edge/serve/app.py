@@ -5,6 +5,7 @@
     GET  /health                the process is up (always 200)
     GET  /ready                 200 once the model is loaded, else 503
     GET  /metrics               Prometheus text format (see serve/metrics.py)
+    GET  /, /static/*, /v1/media  the chat page and its media listing (see serve/page.py)
 
 Requests are answered by `workers` threads over one Pipeline (a decoder each, the feature cache shared); at most
 `workers + max_queue` requests are admitted at once, the next get 503 with Retry-After. Admission comes before the
@@ -39,11 +40,12 @@ from starlette.routing import Route
 from ..errors import ContextLengthError, InputError, PPLLaVAEdgeError
 from .inputs import MediaFile, MediaPolicy
 from .metrics import CONTENT_TYPE, Metrics
+from .page import page_routes, relevance_extra
 from .protocol import ApiError, ChatRequest, StreamText, bad, chunk_body, completion_body, completion_id, parse_chat_request, usage
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics", "/", "/v1/media")
 JSON_OVERHEAD_BYTES = 1 << 20  # request body allowance on top of the base64-encoded upload limit
 
 
@@ -204,7 +206,8 @@ class Server:
 
             gen = self._generation(req)
             result = self.pipe.ask(media.path, req.question, num_frames=frames, generation=gen, on_token=on_token,
-                                   history=req.history, system=req.system)
+                                   history=req.history, system=req.system, keep_arrays=req.return_relevance)
+            extra = relevance_extra(result, media.path) if req.return_relevance else {}
         except BaseException as exc:
             job.emit(("error", self._map_error(exc, req, media)))
             self.metrics.chat_requests.labels(outcome="error").inc()
@@ -224,7 +227,7 @@ class Server:
             self._mean_e2e = e2e if self._mean_e2e is None else 0.8 * self._mean_e2e + 0.2 * e2e
         finish = "stop" if (text.stopped or (result.ids and result.ids[-1] == gen.eos_token_id and gen.stops_at_eos)) else "length"
         warnings = [self._hide_paths(w, media) for w in result.warnings]
-        job.emit(("done", result, text.text(), text.finish(), finish, warnings))
+        job.emit(("done", result, text.text(), text.finish(), finish, warnings, extra))
 
     def _hide_paths(self, text: str, media: MediaFile) -> str:
         """`text` naming this request's media by its label, and no upload temp file of any request."""
@@ -424,9 +427,9 @@ def create_app(server: Server) -> Starlette:
             return Response(status_code=499)
         if not req.stream:
             disconnected.cancel()
-            _, result, text, _, finish, warnings = event
-            return JSONResponse(completion_body(cid, server.model_id, text, finish, result.context_len, result.ids, req.return_token_ids,
-                                                result.timings.as_dict(), warnings))
+            _, result, text, _, finish, warnings, fields = event
+            return JSONResponse({**completion_body(cid, server.model_id, text, finish, result.context_len, result.ids, req.return_token_ids,
+                                                   result.timings.as_dict(), warnings), **fields})
         disconnected.cancel()  # from here Starlette's StreamingResponse watches for the disconnect
         return StreamingResponse(_stream(job, req, cid, created, event), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -443,10 +446,10 @@ def create_app(server: Server) -> Starlette:
                         extra = {"token_ids": [token]} if req.return_token_ids else {}
                         yield _sse(chunk_body(cid, model, created, {"content": delta}, **extra))
                 elif kind == "done":
-                    _, result, _, tail, finish, warnings = event
+                    _, result, _, tail, finish, warnings, fields = event
                     if tail:
                         yield _sse(chunk_body(cid, model, created, {"content": tail}))
-                    yield _sse(chunk_body(cid, model, created, {}, finish, timings=result.timings.as_dict(), warnings=warnings))
+                    yield _sse(chunk_body(cid, model, created, {}, finish, timings=result.timings.as_dict(), warnings=warnings, **fields))
                     if req.include_usage:
                         yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
                                     "usage": usage(result.context_len, len(result.ids))})
@@ -472,6 +475,7 @@ def create_app(server: Server) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *page_routes(server, check_auth, check_ready, error_response),  # the chat page (serve/page.py)
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
     return _CountRequests(app, metrics)

@@ -85,6 +85,7 @@ class ChatRequest:
     frames: int | None
     return_token_ids: bool
     ignore_eos: bool
+    return_relevance: bool = False  # add the pooling's relevance map (+ frame thumbnails) to the answer
 
 
 # fields of the OpenAI schema we cannot honour: refused when set to something other than their neutral value
@@ -250,6 +251,7 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
         temperature=float(temperature) if temperature else 1.0, top_p=float(top_p) if top_p is not None else 1.0,
         top_k=max(int(top_k or 0), 0), seed=seed, stop=stops, stream=stream, include_usage=include_usage, frames=frames,
         return_token_ids=_opt_bool(body, "return_token_ids"), ignore_eos=_opt_bool(body, "ignore_eos"),
+        return_relevance=_opt_bool(body, "return_relevance"),
     )
 
 
