@@ -413,6 +413,23 @@ def test_chunked_prefill_equals_one_run_and_generate(tiny_export, reference, sam
     assert pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=12)).ids == greedy.output_ids
 
 
+def test_per_request_graphs_keep_an_arena_that_shrinks_after_each_run(tiny_export, sample_video):
+    """vision and the pools (one run per request) run on ONNX Runtime's CPU arena without the memory pattern and
+    give its free chunks back after every run (faster than no arena, and a lower peak: README "Vision at 2
+    threads"); the decoder keeps its arena for the decode steps. The answer is the one the decoder alone gives."""
+    pipe = Pipeline.from_export(tiny_export, provider="cpu")
+    r = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=4))
+    for stage in ("vision", "prompt_pool", "image_pool"):
+        s = pipe.sessions[stage]
+        o = s.session.get_session_options()
+        assert (o.enable_cpu_mem_arena, o.enable_mem_pattern) == (True, False), stage
+        assert s.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0", stage
+    dec = pipe.sessions["decoder"]
+    assert dec.run_options is None and dec.session.get_session_options().enable_cpu_mem_arena
+    again = Pipeline.from_export(tiny_export, provider="cpu").ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=4))
+    assert again.ids == r.ids
+
+
 def test_decoder_feed_contracts(tiny_export):
     """One concat-contract feed, fitted to each decoder graph (in-place: seqlens_k / total_sequence_length), gives
     the same logits from decoder.onnx and decoder_trt.onnx."""
