@@ -187,6 +187,17 @@ def test_bench_json_fields_present_and_consistent(bench_run, tiny_export):
     pooled = data["variants"][1]
     assert pooled["cache"]["second_hits"] == ITERATIONS and pooled["cache"]["second_stages"]["vision"] == 0.0
     assert data["variants"][0]["ratios"]["e2e"] == pytest.approx(1.0)
+    # every runtime variant carries its same-run speed-up against the PyTorch reference at the same frames
+    torch = {v["frames"]: v for v in data["variants"] if v["kind"] == "torch"}
+    for v in data["variants"]:
+        if v["kind"] == "torch":
+            assert "vs_torch" not in v
+            continue
+        if v["frames"] not in torch:  # nopool's 8 frames: no torch run at those frames, no ratio
+            assert v["vs_torch"] is None and v["baseline"] == "nopool"
+            continue
+        for st in ("vision", "prefill", "decode_step", "ttft", "e2e"):
+            assert v["vs_torch"][st] == pytest.approx(torch[v["frames"]]["stages"][st]["mean"] / v["stages"][st]["mean"]), (v["name"], st)
     nopool = next(v for v in data["variants"] if v["baseline"] == "nopool")
     assert nopool["visual_tokens"] == 8 * 36  # T*P on the tiny preset
     for t in data["targets"]:  # reported with a verdict, never asserted
@@ -201,6 +212,11 @@ def test_bench_markdown_csv_and_png(bench_run):
     # a toy preset prints no ✓/✗ target verdicts, and says why
     assert "targets: not evaluated — preset tiny" in md and "✗" not in md and "✓" not in md
     assert f"- decode ({data['variants'][0]['name']}, fp32):" in md and "allocated /" in md
+    # the same-run ratio against PyTorch per stage, one row per runtime variant (no verdicts on a toy preset)
+    first = data["variants"][0]
+    vt = first["vs_torch"]
+    row = f"| {first['name']} | {first['frames']} | " + " | ".join(f"{vt[st]:.2f}" for st in ("vision", "prefill", "decode_step", "ttft", "e2e")) + " |"
+    assert "same run against the PyTorch reference" in md and row in md
     assert "Traceback" not in res.output
     for v in data["variants"]:
         assert f"| {v['name']} |" in md
@@ -209,6 +225,10 @@ def test_bench_markdown_csv_and_png(bench_run):
     assert len(rows) == len(data["variants"])
     for row, v in zip(rows, data["variants"]):
         assert row["name"] == v["name"] and int(row["visual_tokens"]) == v["visual_tokens"]
+        if v.get("vs_torch"):
+            assert float(row["vs_torch_prefill"]) == pytest.approx(v["vs_torch"]["prefill"])
+        else:  # torch itself, nopool (no torch run at its 8 frames)
+            assert row["vs_torch_prefill"] == ""
         for st in STAGES:
             assert float(row[f"{st}_p50_ms"]) <= float(row[f"{st}_p99_ms"])
             assert float(row[f"{st}_mean_ms"]) == pytest.approx(v["stages"][st]["mean"])
@@ -261,6 +281,34 @@ def test_targets_per_llm_precision():
     assert got[("tpot_int8_weight", "E8")] == (0.5, True) and got[("tpot_int4_weight", "E4")] == (0.4, False)
     assert got[("kv_allocated", "E")] == (1.0, True) and got[("kv_allocated", "E4")] == (2.0, False)
     assert targets_apply(result) and not targets_apply(dict(result, presets=["tiny"]))
+
+
+def test_targets_and_table_against_torch():
+    """The same-run ratios against PyTorch: e2e and vision speed-ups, prefill as a time ratio, and the per-stage
+    table's ✓/✗ (numbers made up here; the evaluation and the printing are what is tested)."""
+    from ppllava_edge.bench.report import evaluate_targets, vs_torch_table
+    from ppllava_edge.bench.runner import _add_torch_ratios
+
+    def entry(name, kind, vision, prefill, step, e2e, ck="S"):
+        stages = {"vision": {"mean": vision}, "prefill": {"mean": prefill}, "decode_step": {"mean": step}, "ttft": {"mean": e2e - 10 * step},
+                  "e2e": {"mean": e2e}}
+        return {"name": name, "kind": kind, "backend": "torch" if kind == "torch" else "ort", "baseline": None, "frames": 32, "precision": "fp32",
+                "llm_precision": "fp32", "checkpoint": ck, "export": name, "stages": stages, "error": None}
+
+    variants = [entry("E", "export", 2000.0, 1000.0, 20.0, 4000.0), entry("torch", "torch", 3000.0, 1500.0, 60.0, 6400.0)]
+    _add_torch_ratios(variants)
+    assert variants[0]["vs_torch"]["vision"] == 1.5 and variants[0]["vs_torch"]["decode_step"] == 3.0 and "vs_torch" not in variants[1]
+    result = {"variants": variants, "config": {"headline_frames": 32}, "presets": ["small"]}
+    got = {t["id"]: (round(t["value"], 3), t["passed"]) for t in evaluate_targets(result)}
+    assert got["ort_vs_torch_e2e"] == (1.6, True) and got["ort_vs_torch_vision"] == (1.5, True)
+    assert got["ort_vs_torch_prefill"] == (0.667, True)  # ORT's prefill time / PyTorch's, target <= 0.7
+    assert vs_torch_table(variants)[2] == "| E | 1.50 ✓ | 1.50 ✓ | 3.00 | 1.53 | 1.60 ✓ |"
+    variants[0]["stages"]["prefill"]["mean"] = 1200.0  # 0.8x PyTorch's time: missed
+    _add_torch_ratios(variants)
+    assert vs_torch_table(variants)[2].startswith("| E | 1.50 ✓ | 1.25 ✗ |")
+    assert vs_torch_table(variants, marks=False)[2].startswith("| E | 1.50 | 1.25 |")
+    _add_torch_ratios([variants[0], dict(variants[1], frames=16)])  # no torch run at the same frames: no ratio
+    assert variants[0]["vs_torch"] is None and vs_torch_table(variants) == []
 
 
 def test_vision_targets_before_after_and_int8(tmp_path):

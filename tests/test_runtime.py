@@ -367,6 +367,69 @@ def test_inplace_decoder_paths_agree(tiny_export, sample_video):
     assert len(outs[0]) >= 1
 
 
+def test_chunked_prefill_equals_one_run_and_generate(tiny_export, reference, sample_video):
+    """The CPU decoder prefills a long prompt in chunks of `prefill_chunk` positions (one graph run each, the cache
+    bound in place): the same ids as PyTorch's generate (greedy and beam search) and the same cache as one run."""
+    from ppllava_edge.runtime.decoder import PREFILL_CHUNK, InplaceKVDecoder
+    from ppllava_edge.runtime.generation import generate
+
+    pipe = Pipeline.from_export(tiny_export, provider="cpu")
+    assert pipe.decoder.prefill_chunk == PREFILL_CHUNK > 0
+    m = pipe.manifest.model
+    session = pipe.sessions["decoder"]
+    runs = []
+
+    class Counting:  # the decoder's session, counting graph runs
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_with_iobinding(self, io, options=None):
+            runs.append(1)
+            return session.run_with_iobinding(io, options)
+
+    args = (Counting(), m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"])
+    r = pipe.ask(sample_video, QUESTIONS[0], keep_arrays=True, generation=GenerationConfig(max_new_tokens=2))
+    embeds = pipe.embed_prompt(r.arrays["input_ids"], r.arrays["visual_tokens"])
+    n = embeds.shape[0]
+    assert n > 16
+    for beams in (1, 3):
+        cfg = GenerationConfig(max_new_tokens=10, num_beams=beams)
+        want = reference.answer(sample_video, QUESTIONS[0], num_frames=8, max_new_tokens=10, num_beams=beams)
+        ids, caches = [], []
+        for chunk in (0, 7):
+            dec = InplaceKVDecoder(*args)
+            dec.prefill_chunk = chunk
+            dec.reset(1)
+            runs.clear()
+            dec.forward(embeds[None])
+            assert len(runs) == (1 if chunk == 0 else -(-n // chunk))
+            caches.append([p.copy() for p in dec.past()])
+            ids.append(generate(dec, pipe.embed, embeds, cfg).ids)
+        assert ids[0] == ids[1] == want.output_ids, beams
+        for a, b in zip(*caches):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    greedy = reference.answer(sample_video, QUESTIONS[0], num_frames=8, max_new_tokens=12)
+    pipe.decoder.prefill_chunk = 5
+    assert pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=12)).ids == greedy.output_ids
+
+
+def test_per_request_graphs_keep_an_arena_that_shrinks_after_each_run(tiny_export, sample_video):
+    """vision and the pools (one run per request) run on ONNX Runtime's CPU arena without the memory pattern and
+    give its free chunks back after every run (faster than no arena, and a lower peak: README "Vision at 2
+    threads"); the decoder keeps its arena for the decode steps. The answer is the one the decoder alone gives."""
+    pipe = Pipeline.from_export(tiny_export, provider="cpu")
+    r = pipe.ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=4))
+    for stage in ("vision", "prompt_pool", "image_pool"):
+        s = pipe.sessions[stage]
+        o = s.session.get_session_options()
+        assert (o.enable_cpu_mem_arena, o.enable_mem_pattern) == (True, False), stage
+        assert s.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0", stage
+    dec = pipe.sessions["decoder"]
+    assert dec.run_options is None and dec.session.get_session_options().enable_cpu_mem_arena
+    again = Pipeline.from_export(tiny_export, provider="cpu").ask(sample_video, QUESTIONS[0], generation=GenerationConfig(max_new_tokens=4))
+    assert again.ids == r.ids
+
+
 def test_decoder_feed_contracts(tiny_export):
     """One concat-contract feed, fitted to each decoder graph (in-place: seqlens_k / total_sequence_length), gives
     the same logits from decoder.onnx and decoder_trt.onnx."""

@@ -519,3 +519,20 @@ def test_chat_prompt_ids_follow_the_conversation_template(real_prompt, real_tok)
     assert typed.count(real_prompt.image_token_id) == 1 and typed.count(2) == 1  # typed specials stay text
     with pytest.raises(InputError, match="history"):
         real_prompt.chat_prompt_ids(q, [("only one",)])
+
+
+def test_prompt_tokenizer_from_file_parses_the_tokenizer_once_for_full_and_head(synth_tok, tmp_path):
+    """`from_file` (what the runtime loads at start-up) uses its own parse as the full tokenizer and the head piece's
+    (one parse fewer); a caller's tokenizer is copied, never switched to encode special tokens; the ids and the
+    decoding are the same either way."""
+    real_tok = synth_tok
+    real_prompt = LlamaPromptTokenizer(real_tok)
+    path = tmp_path / "tokenizer.json"
+    real_prompt.save(path)
+    loaded = LlamaPromptTokenizer.from_file(path)
+    assert loaded._head is loaded.tokenizer and loaded._tail is not loaded.tokenizer
+    assert real_prompt._head is not real_tok and real_tok.encode_special_tokens is False
+    for q in ("What is happening in the video?", "a </s> b <s> c", "  spaced\tout\n"):
+        assert loaded.prompt_ids(q) == real_prompt.prompt_ids(q)
+        ids = loaded.prompt_ids(q)
+        assert loaded.decode(ids) == real_prompt.decode(ids)

@@ -928,6 +928,7 @@ class LlamaPromptTokenizer:
         eos_token: str = "</s>",
         check_merges: bool = True,
         _tok_json: dict[str, Any] | None = None,
+        _owned: bool = False,
     ) -> None:
         tok_json = json.loads(tokenizer.to_str()) if _tok_json is None else _tok_json
         if check_merges:
@@ -935,7 +936,10 @@ class LlamaPromptTokenizer:
         self.tokenizer = tokenizer
         self.image_token_id = int(image_token_id)
         self.template = template or PLAIN_V1
-        self._head = Tokenizer.from_str(tokenizer.to_str())  # first piece: dummy prefix and BOS as configured
+        # first piece: dummy prefix and BOS as configured. A tokenizer we parsed ourselves (`from_file`) serves as
+        # the head too: `encode_special_tokens` changes only encoding, and `self.tokenizer` only decodes, looks up
+        # ids and saves (the flag is not serialized). A caller's tokenizer is copied, never changed.
+        self._head = tokenizer if _owned else Tokenizer.from_str(tokenizer.to_str())
         self._head.encode_special_tokens = True  # runtime-only flag: not serialized, so set on every load
         self._tail = Tokenizer.from_str(json.dumps(_tail_json(tok_json)))
         self._tail.encode_special_tokens = True
@@ -959,7 +963,7 @@ class LlamaPromptTokenizer:
             raise TokenizerError(f"Cannot load tokenizer file {path}: {exc}") from exc
         if kwargs.pop("check_merges", True):
             check_llama_merge_order(tok_json, str(path))
-        return cls(tok, image_token_id, check_merges=False, _tok_json=tok_json, **kwargs)
+        return cls(tok, image_token_id, check_merges=False, _tok_json=tok_json, _owned=True, **kwargs)
 
     @classmethod
     def from_checkpoint(

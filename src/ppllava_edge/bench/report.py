@@ -16,12 +16,14 @@ import json
 import math
 from pathlib import Path
 
-from .runner import STAGES, reference_entry
+from .runner import STAGES, TORCH_RATIO_STAGES, reference_entry
 from .stats import STATS
 
 # (id, description, op, target)
 TARGETS = (
     ("ort_vs_torch_e2e", "ORT end to end vs --backend torch (speed-up)", ">=", 1.5),
+    ("ort_vs_torch_vision", "ORT vision vs --backend torch (speed-up)", ">=", 1.2),
+    ("ort_vs_torch_prefill", "ORT prefill time / --backend torch's prefill time", "<=", 0.7),
     ("prefill_vs_nopool", "prefill, pooled vs nopool (speed-up)", ">=", 4.0),
     ("ttft_vs_nopool", "time to first token, pooled vs nopool (speed-up)", ">=", 2.0),
     ("second_question", "second question / first on the same video (feature cache)", "<=", 0.35),
@@ -67,7 +69,10 @@ def evaluate_targets(result: dict) -> list[dict]:
     nopool = find(lambda e: e.get("baseline") == "nopool")
     values: dict[str, tuple[float | None, str]] = {}
     if ort and torch:
-        values["ort_vs_torch_e2e"] = (_ratio(_mean(torch, "e2e"), _mean(ort, "e2e")), f"{ort['name']} vs {torch['name']}, {frames} frames")
+        cmp = f"{ort['name']} vs {torch['name']}, {frames} frames"
+        values["ort_vs_torch_e2e"] = (_ratio(_mean(torch, "e2e"), _mean(ort, "e2e")), cmp)
+        values["ort_vs_torch_vision"] = (_ratio(_mean(torch, "vision"), _mean(ort, "vision")), cmp)
+        values["ort_vs_torch_prefill"] = (_ratio(_mean(ort, "prefill"), _mean(torch, "prefill")), cmp)
     if ref and nopool:
         cmp = f"{ref['name']} {frames}f ({ref['visual_tokens']} tok) vs nopool {nopool['frames']}f ({nopool['visual_tokens']} tok)"
         values["prefill_vs_nopool"] = (_ratio(_mean(nopool, "prefill"), _mean(ref, "prefill")), cmp)
@@ -200,6 +205,35 @@ def _table(entries: list[dict]) -> list[str]:
     return lines
 
 
+VS_TORCH = (
+    # (header, stage, speed-up target or None): torch time / this time, > 1 = faster than PyTorch
+    ("vision", "vision", 1.2),
+    ("prefill", "prefill", 1 / 0.7),  # the target is ORT's prefill in <= 0.7x PyTorch's time
+    ("TPOT", "decode_step", None),
+    ("TTFT", "ttft", None),
+    ("e2e", "e2e", 1.5),
+)
+
+
+def vs_torch_table(entries: list[dict], marks: bool = True) -> list[str]:
+    """Per runtime variant and stage, the same-run speed-up against the PyTorch reference (torch ms / this ms),
+    marked ✓/✗ where the issue sets a target (`marks`: not on toy presets); empty when no torch variant ran."""
+    rows = [e for e in entries if not e.get("error") and e.get("vs_torch")]
+    if not rows:
+        return []
+    frames = len({e["frames"] for e in rows}) > 1
+    lines = ["| variant | " + ("frames | " if frames else "") + " | ".join(h for h, _, _ in VS_TORCH) + " |",
+             "| --- |" + (" ---: |" if frames else "") + " ---: |" * len(VS_TORCH)]
+    for e in rows:
+        cells = []
+        for _, st, target in VS_TORCH:
+            v = e["vs_torch"].get(st)
+            mark = "" if v is None or target is None or not marks else (" ✓" if v >= target else " ✗")
+            cells.append(_x(v) + mark)
+        lines.append(f"| {e['name']} | " + (f"{e['frames']} | " if frames else "") + " | ".join(cells) + " |")
+    return lines
+
+
 def _env_line(result: dict) -> str:
     env = result["environment"]
     pkg = env.get("ppllava_edge", {})
@@ -291,6 +325,11 @@ def markdown(result: dict) -> str:
     for e in result["variants"]:
         for n in e.get("notes") or []:
             lines.append(f"- note ({e['name']}): {n}")
+    marks = targets_apply(result)
+    vs = vs_torch_table(result["variants"], marks)
+    if vs:
+        lines += ["", "same run against the PyTorch reference (torch ms / this ms, > 1 = faster" + ("; ✓/✗: vision ≥ 1.2, prefill ≥ 1.43 "
+                  "i.e. ≤ 0.7× PyTorch's time, e2e ≥ 1.5):" if marks else "):"), "", *vs]
     if result["targets"] and not targets_apply(result):
         lines.append("")
         lines.append(f"targets: not evaluated — preset {', '.join(map(str, result.get('presets') or ['unknown']))} is a toy model whose "
@@ -339,6 +378,7 @@ CSV_STAGES = (*STAGES, "ttft", "decode")
 def csv_header() -> list[str]:
     return [
         *CSV_FIELDS, "cache_first_ms", "cache_second_ms", "cache_ratio", "speedup_e2e", "speedup_ttft", "speedup_prefill", "speedup_vision",
+        *(f"vs_torch_{st}" for st in TORCH_RATIO_STAGES),
         *(f"{st}_{k}_ms" for st in CSV_STAGES for k in STATS), "created", "git_commit", "cpu", "error",
     ]
 
@@ -353,6 +393,8 @@ def csv_rows(result: dict) -> list[dict]:
         row.update(cache_first_ms=c.get("first_ms"), cache_second_ms=c.get("second_ms"), cache_ratio=c.get("ratio"))
         r = e.get("ratios") or {}
         row.update(speedup_e2e=r.get("e2e"), speedup_ttft=r.get("ttft"), speedup_prefill=r.get("prefill"), speedup_vision=r.get("vision"))
+        vt = e.get("vs_torch") or {}
+        row.update({f"vs_torch_{st}": vt.get(st) for st in TORCH_RATIO_STAGES})
         for st in CSV_STAGES:
             stats = (e.get("stages") or {}).get(st) or {}
             for k in STATS:

@@ -612,6 +612,7 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
         "baseline": spec.baseline,
         "provider": runner.provider,
         "export": str(spec.manifest.folder),
+        "checkpoint": spec.manifest.data["checkpoint"].get("path"),
         "precision": spec.precision,
         "frames": frames,
         "questions": opts.questions if runner.uses_cache else 1,
@@ -869,3 +870,26 @@ def _add_ratios(entries: list[dict], head: int) -> None:
         for st in ("e2e", "ttft", "prefill", "vision", "decode_step"):
             a, b = (ref["stages"][st]["mean"] if ref else None), e["stages"][st]["mean"]
             e["ratios"][st] = a / b if a and b else None
+    _add_torch_ratios(entries)
+
+
+TORCH_RATIO_STAGES = ("vision", "prefill", "decode_step", "ttft", "e2e")
+
+
+def _add_torch_ratios(entries: list[dict]) -> None:
+    """Speed-up of each runtime entry vs the PyTorch reference of the same run at the same frames (`vs_torch`:
+    torch time / this time per stage, > 1 = faster than PyTorch); None when no torch variant ran at those frames.
+    With several checkpoints, the torch variant of the entry's own checkpoint."""
+    torch = [e for e in entries if e["kind"] == "torch" and not e.get("error")]
+    for e in entries:
+        if e.get("error") or e["kind"] == "torch":
+            continue
+        same = [t for t in torch if t["frames"] == e["frames"]]
+        ref = next((t for t in same if t.get("checkpoint") == e.get("checkpoint")), same[0] if same else None)
+        if ref is None:
+            e["vs_torch"] = None
+            continue
+        e["vs_torch"] = {"reference": f"{ref['name']} {ref['frames']}f"}
+        for st in TORCH_RATIO_STAGES:
+            a, b = ref["stages"][st]["mean"], e["stages"][st]["mean"]
+            e["vs_torch"][st] = a / b if a and b else None

@@ -19,6 +19,9 @@ import numpy as np
 from ..errors import InferenceError
 
 INPLACE = "gqa-inplace-v1"
+PREFILL_CHUNK = 256
+"""Prompt positions per run of a CPU prefill (measured: tools/prefill_attention_bench.py and the README's
+"Prefill attention" section)."""
 CONCAT = "concat-v1"
 
 
@@ -91,6 +94,9 @@ class InplaceKVDecoder:
         # OrtValue buffers (device memory); on 'cpu' numpy arrays unless asked (tests run the device path on cpu)
         self._ortvalue = device != "cpu" if device_buffers is None else device_buffers
         self._shrink = _shrink_options() if device == "cpu" else None
+        # positions per prefill run on the CPU provider (0: the whole prompt in one run); device providers run
+        # GroupQueryAttention's flash / memory-efficient kernels, which skip the masked positions themselves
+        self.prefill_chunk = PREFILL_CHUNK if device == "cpu" else 0
         self.past_names, self.present_names = kv_names(num_layers)
         self.batch = 0
         self.length = 0
@@ -159,6 +165,19 @@ class InplaceKVDecoder:
         b, s, total = _check_step(self, inputs_embeds)
         if total > self.capacity:  # nobody reserved enough: grow geometrically (amortised), within the context
             self._grow(b, min(self.max_len, max(total, 2 * self.capacity)))
+        chunk = self.prefill_chunk
+        if not chunk or s <= chunk:
+            return self._run(inputs_embeds, b, s)
+        # chunked prefill (CPU): each chunk attends to the cached positions and causally within itself, so the
+        # result equals one run; ONNX Runtime's CPU GroupQueryAttention computes the whole [new, total] score block
+        # per head, so chunks skip most of the masked upper triangle (see PREFILL_CHUNK)
+        for a in range(0, s, chunk):
+            logits = self._run(inputs_embeds[:, a : a + chunk], b, min(chunk, s - a), last=a + chunk >= s)
+        return logits
+
+    def _run(self, inputs_embeds: np.ndarray, b: int, s: int, last: bool = True) -> np.ndarray:
+        """One run of the graph over `s` new positions, the cache bound in place."""
+        total = self.length + s
         io = self.session.io_binding()
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         io.bind_cpu_input("seqlens_k", np.full(b, total - 1, np.int32))
@@ -170,7 +189,7 @@ class InplaceKVDecoder:
             ptr = buf.data_ptr() if self._ortvalue else buf.ctypes.data
             io.bind_input(pn, self.device, 0, self.dtype, shape, ptr)
             io.bind_output(qn, self.device, 0, self.dtype, shape, ptr)  # same memory: updated in place
-        self.session.run_with_iobinding(io, self._shrink if s > 1 else None)  # None off the CPU
+        self.session.run_with_iobinding(io, self._shrink if s > 1 and last else None)  # None off the CPU
         self.length = total
         self.peak_used_positions = max(self.peak_used_positions, total)
         return logits.astype(np.float32)  # a copy: the buffer is reused next step
