@@ -367,6 +367,42 @@ def test_inplace_decoder_paths_agree(tiny_export, sample_video):
     assert len(outs[0]) >= 1
 
 
+class _FakeLogitsSession:
+    """Only what the decoders' constructors read (the logits output); no graph runs."""
+
+    def get_outputs(self):
+        return [type("Out", (), {"type": "tensor(float)", "shape": ["batch", 11]})()]
+
+
+@pytest.mark.parametrize("device_buffers", [False, True])
+def test_kv_growth_before_a_request_copies_nothing(device_buffers):
+    """reserve() for a longer request drops the previous request's cache instead of copying it into the grown
+    buffer (on a device that copy went through the host, every layer); a growth in the middle of a request still
+    keeps the cached positions."""
+    from ppllava_edge.runtime.decoder import ConcatKVDecoder, InplaceKVDecoder
+
+    decoders = [InplaceKVDecoder(_FakeLogitsSession(), 2, 1, 4, 64, device_buffers=device_buffers)]
+    if not device_buffers:
+        decoders.append(ConcatKVDecoder(_FakeLogitsSession(), 2, 1, 4, 64))
+    for dec in decoders:
+        copies = []
+        past = dec.past
+        dec.past = lambda: copies.append(1) or past()  # ConcatKVDecoder copies through past()
+        host = getattr(dec, "_host", None)
+        if host is not None:
+            dec._host = lambda i: copies.append(i) or host(i)
+        dec.reserve(1, 8)
+        dec.reset(1)
+        dec.length = 6  # as after the previous request's prefill and decode steps
+        dec.reserve(1, 30)  # the next request needs more: a new buffer, nothing copied
+        dec.reset(1)
+        assert (dec.capacity, dec.length, copies) == (30, 0, []), type(dec).__name__
+        dec.length = 20
+        grow = getattr(dec, "_grow", None) or dec._ensure
+        grow(1, 40)  # mid-request growth keeps the 20 cached positions
+        assert dec.capacity == 40 and copies, type(dec).__name__
+
+
 def test_decoder_feed_contracts(tiny_export):
     """One concat-contract feed, fitted to each decoder graph (in-place: seqlens_k / total_sequence_length), gives
     the same logits from decoder.onnx and decoder_trt.onnx."""
