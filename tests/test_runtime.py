@@ -446,6 +446,40 @@ def test_ort_graph_cache_is_written_once_by_processes_opening_the_export_togethe
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_ort_graph_cache_never_publishes_a_failed_write(tiny_export, tmp_path):
+    """A cache write that fails (here: a file-size limit, as a full disk) is skipped with a warning, the graph still
+    loads, nothing half-written is published, and a later load writes a good entry. An entry damaged before this
+    rule (a 0-byte model.onnx) is removed with a warning and rewritten instead of failing every later load."""
+    from ppllava_edge.runtime.session import CACHED_GRAPH, _cache_key, create_session
+
+    cache = tmp_path / "ort_cache"
+    full_disk = textwrap.dedent("""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as ENOSPC would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        from ppllava_edge.runtime.session import create_session
+        s = create_session(sys.argv[1], 'cpu', 1, graph_cache=sys.argv[2])
+        print('loaded', [o.name for o in s.get_outputs()])
+        """)
+    res = subprocess.run([sys.executable, "-c", full_disk, str(tiny_export / "vision.onnx"), str(cache)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "loaded ['values', 'keys']" in res.stdout
+    assert "graph cache skipped: writing the optimised copy failed" in res.stderr and "Traceback" not in res.stderr
+    assert [p for p in cache.iterdir()] == []  # nothing published, no temporary folder left
+
+    key = f"vision-{_cache_key(tiny_export / 'vision.onnx', 'cpu', 1)}"
+    (cache / key).mkdir()
+    (cache / key / CACHED_GRAPH).write_bytes(b"")  # what the old code published after a failed write
+    px = np.random.default_rng(0).standard_normal((4, 3, 84, 84)).astype(np.float32)
+    want = create_session(tiny_export / "vision.onnx", "cpu", 1).run(None, {"pixel_values": px})
+    healed = create_session(tiny_export / "vision.onnx", "cpu", 1, graph_cache=cache)
+    assert (cache / key / CACHED_GRAPH).stat().st_size > 0
+    for s in (healed, create_session(tiny_export / "vision.onnx", "cpu", 1, graph_cache=cache)):
+        for got, ref in zip(s.run(None, {"pixel_values": px}), want):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in cache.iterdir()) == [key]
+
+
 def test_background_load_gives_the_same_answers_and_reports_each_load(tiny_export, pipe, sample_video, tmp_path):
     """`background_load=True` (what `ask` uses): the constructor returns before the sessions exist; the answers are
     the eager pipeline's, each session's load time is recorded, and a graph that fails to load raises its
