@@ -123,3 +123,30 @@ def test_missing_extra_names_the_extra(tiny_ckpt, sample_video):
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 1, out.stderr
         assert "ppllava-edge[export]" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as a full disk's ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+    from ppllava_edge.cli.main import main
+    sys.argv = ['ppllava-edge', *sys.argv[1:]]
+    main()
+    """)
+
+
+@pytest.mark.parametrize("command", ["make-checkpoint", "export", "ask --dump"])
+def test_full_disk_is_one_error_line_and_leaves_nothing(command, tmp_path, tiny_ckpt, tiny_export, sample_video):
+    """A write that fails for lack of space (make-checkpoint's shards; export, where a stage wraps the OSError;
+    ask --dump, outside an atomic output): exit 1, one `error:` line naming the output, no traceback, no temp folder."""
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    args = {"make-checkpoint": ["make-checkpoint", str(out)], "export": ["export", str(tiny_ckpt), str(out)],
+            "ask --dump": ["ask", str(tiny_export), str(sample_video), "q", "--max-new-tokens", "2", "--dump", str(out)]}[command]
+    res = subprocess.run([sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "file too large while writing" in errors[0] and "Traceback" not in res.stderr, res.stderr
+    if command != "ask --dump":
+        assert str(out) in errors[0] and "partial output was removed" in errors[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -204,6 +204,32 @@ def test_feature_cache_is_bounded_in_bytes_and_lru():
     assert cache.bytes <= 3 * 800 and len(cache) == 3
 
 
+def test_feature_cache_folder_that_cannot_be_written_is_skipped(tmp_path, monkeypatch, caplog):
+    """A full --cache-dir: the entry is not written (no partial file left), a warning says so, the in-memory
+    cache still holds it, and the next write works once there is space."""
+    import errno
+
+    from ppllava_edge.runtime import cache as cache_mod
+
+    real = np.savez
+
+    def full_disk(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = cache_mod.FeatureCache(max_bytes=1 << 20, folder=tmp_path / "features")
+    item = (np.ones(100, np.float32), np.zeros(100, np.float32))
+    monkeypatch.setattr(cache_mod.np, "savez", full_disk)
+    cache.put("k1", *item)
+    assert "feature cache entry not written (No space left on device)" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == []
+    assert cache.get("k1") is not None
+    monkeypatch.setattr(cache_mod.np, "savez", real)
+    cache.put("k2", *item)
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["k2.npz"]
+
+
 def test_file_fingerprint_changes_with_content(tmp_path):
     from ppllava_edge.runtime.cache import file_digest
 

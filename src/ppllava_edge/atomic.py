@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, disk_full_cause, disk_full_error
 
 
 class AtomicDir:
@@ -32,6 +32,9 @@ class AtomicDir:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            cause = disk_full_cause(exc)
+            if cause is not None:  # one clear error naming the output instead of a bare OSError
+                raise disk_full_error(cause, self.target, removed=True) from exc
             return
         if self.target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
@@ -40,3 +43,19 @@ class AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.target)
+
+
+class _Writes:
+    """Only a `write` method: np.save then writes through Python's file object, whose errors carry the errno
+    (ENOSPC, EFBIG); ndarray.tofile, which np.save uses on a real file, raises an OSError without one."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
+def save_npy(path: str | Path, array) -> None:
+    """np.save to `path`; a full disk raises an OSError with its errno (see _Writes)."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(_Writes(f), array)
