@@ -150,3 +150,67 @@ def test_full_disk_is_one_error_line_and_leaves_nothing(command, tmp_path, tiny_
     if command != "ask --dump":
         assert str(out) in errors[0] and "partial output was removed" in errors[0]
         assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+SLOW_LOADER = textwrap.dedent("""
+    import sys, threading, time
+    from ppllava_edge.runtime import pipeline
+    real, real_ask, asked = pipeline.create_session, pipeline.Pipeline.ask, threading.Event()
+
+    def ask(self, *args, **kwargs):
+        asked.set()
+        return real_ask(self, *args, **kwargs)
+
+    def slow(path, *args, **kwargs):  # the background loader is surely inside a session load when the input fails
+        asked.wait(5)
+        time.sleep(1.0)
+        session = real(path, *args, **kwargs)
+        print('session loaded:', path, file=sys.stderr, flush=True)
+        return session
+
+    pipeline.create_session, pipeline.Pipeline.ask = slow, ask
+    from ppllava_edge.cli.main import main
+    sys.argv = ['ppllava-edge', 'ask', *sys.argv[1:], 'What?', '--max-new-tokens', '2']
+    main()
+    """)
+
+
+def _damaged_export(src, dst, name, damage):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ort_cache"))
+    data = (dst / name).read_bytes()
+    (dst / name).write_bytes(damage(data))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "wrong-shape npy", "object npy", "truncated tokenizer", "half embeddings"])
+def test_ask_bad_input_joins_the_session_loader(case, tiny_export, sample_video, tmp_path):
+    """`ask` on a bad input or a damaged export: exit 1 with one `error:` line naming the file, never an abort
+    (signal 6, "terminate called without an active exception") from a loader thread still inside ONNX Runtime.
+    The session load in flight finishes (joined) and the rest are cancelled."""
+    export, target = tiny_export, None
+    if case == "missing":
+        target = tmp_path / "missing.mp4"
+    elif case == "folder":
+        target = tmp_path
+    elif case == "wrong-shape npy":
+        target = tmp_path / "wrong.npy"
+        np.save(target, np.zeros((8, 3, 10, 10), np.float32))
+    elif case == "object npy":
+        target = tmp_path / "object.npy"
+        np.save(target, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    elif case == "truncated tokenizer":
+        export = _damaged_export(tiny_export, tmp_path / "ex", "llama_tokenizer.json", lambda b: b[: len(b) // 2])
+        target = export / "llama_tokenizer.json"
+    else:
+        export = _damaged_export(tiny_export, tmp_path / "ex", "embed_tokens.npy", lambda b: b[: len(b) // 2])
+        target = export / "embed_tokens.npy"
+    video = target if export is tiny_export else sample_video
+    res = subprocess.run([sys.executable, "-c", SLOW_LOADER, str(export), str(video)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(target) in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and "terminate called" not in res.stderr
+    loaded = res.stderr.count("session loaded:")
+    assert loaded == 1 if export is tiny_export else loaded <= 1, res.stderr  # joined, later stages cancelled
