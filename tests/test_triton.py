@@ -176,9 +176,25 @@ def test_cpu_repository_configs_parse_and_link_the_export(tiny_export, tmp_path)
     copied = load_manifest(repo / "ppllava" / "1" / "export")  # a complete export folder
     for f in [tiny_export / "export.json", tiny_export / "decoder.onnx.data", *(copied.path(g) for g in copied.data["graphs"])]:
         src = tiny_export / Path(f).name
-        assert (repo / "ppllava" / "1" / "export" / src.name).stat().st_ino == src.stat().st_ino  # hard links, no copy
+        dst = repo / "ppllava" / "1" / "export" / src.name
+        assert dst.stat().st_ino != src.stat().st_ino and dst.read_bytes() == src.read_bytes()  # copies (or reflinks)
     assert_external_data_beside(repo / "ppllava" / "1" / "export", [f"{g}.onnx" for g in copied.data["graphs"]])
     assert not list(tmp_path.glob(".repo.tmp-*"))
+
+
+def test_triton_repo_leaves_the_source_export_usable(tiny_export, tmp_path):
+    """After triton-repo the source export's files still have one link each, so onnx's external-data loader (what
+    `quantize EXPORT` uses) still opens its graphs; with hard links it refused them as a "hardlink attack"."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx")
+    src = tmp_path / "export"
+    shutil.copytree(tiny_export, src, ignore=shutil.ignore_patterns("ort_cache"))
+    write_repository(src, tmp_path / "repo")
+    assert all(f.stat().st_nlink == 1 for f in src.iterdir() if f.is_file())
+    for graph in ("vision.onnx", "decoder.onnx", "prompt_pool.onnx"):
+        model = onnx.load(str(src / graph), load_external_data=True)
+        assert model.graph.initializer and max(t.ByteSize() for t in model.graph.initializer) > 1024
 
 
 def assert_external_data_beside(folder: Path, graphs: list[str]) -> None:

@@ -3,16 +3,17 @@
     OUT/
       ppllava/config.pbtxt              Python backend, decoupled (streams text deltas), instance_group
       ppllava/1/model.py                imports TritonPythonModel from the installed ppllava_edge
-      ppllava/1/export/                 the export folder's files (hard links where the filesystem allows)
+      ppllava/1/export/                 the export folder's files (reflinks where the filesystem allows, else copies)
       ppllava/1/engines/                --backend trt: engines.json + the decoder engine
       vision/, prompt_pool/, image_pool/    --kind gpu only: each stage as its own model, called by ppllava (BLS)
         config.pbtxt                    onnxruntime backend (TensorRT accelerator) or tensorrt_plan
         1/model.onnx | 1/model.plan
 
-The export is copied into the repository, as hard links when it sits on the same filesystem (no bytes are
-duplicated), else as a copy: the repository is then self-contained (one folder to mount into a container or
-ship to a replica), and a later `ppllava-edge export --force` to the same path cannot change a running server's
-model under it (the exporter writes new files and renames them; linked files keep the old content).
+The export is copied into the repository, as reflinks (copy-on-write clones: no bytes duplicated) on file systems
+that have them (Btrfs, XFS, ...), else as plain copies: the repository is then self-contained (one folder to mount
+into a container or ship to a replica), and a later `ppllava-edge export --force` to the same path cannot change a
+running server's model under it. Never hard links: onnx's external-data loader refuses a file with several links
+("potential hardlink attack"), so the source export could no longer be quantized.
 
 Written atomically (a temp folder beside OUT, renamed at the end): an error leaves no half-written repository.
 """
@@ -117,11 +118,19 @@ def write_repository(export_dir: str | Path, out: str | Path, options: Repositor
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
+FICLONE = 0x40049409  # Linux ioctl: make dst a copy-on-write clone of src (Btrfs, XFS, bcachefs, OCFS2)
+
+
 def _link(src: Path, dst: Path) -> None:
-    """Hard link `src` at `dst`, or copy it when the filesystem refuses (another device, no link support)."""
+    """`src` at `dst` as a reflink where the file system can clone, else a copy (never a hard link: see the module
+    docstring)."""
     try:
-        os.link(src, dst)
-    except OSError:
+        import fcntl
+
+        with open(src, "rb") as fs, open(dst, "wb") as fd:
+            fcntl.ioctl(fd.fileno(), FICLONE, fs.fileno())
+        shutil.copystat(src, dst)
+    except (OSError, ImportError):  # no reflinks here (ext4, tmpfs, another device, not Linux): copy
         shutil.copy2(src, dst)
 
 
