@@ -20,8 +20,10 @@ Written atomically (a temp folder beside OUT, renamed at the end): an error leav
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,7 @@ class RepositoryOptions:
     threads: int | None = None  # ONNX Runtime intra-op threads per instance (None: CPU cores // instances)
     cache_dir: Path | None = None  # feature cache shared on disk by every instance (and replicas on a shared volume)
     cache_mb: int = 2048  # in-memory feature cache per instance
-    trt_cache_dir: str = "/tmp/ppllava-edge-trt-cache"  # --kind gpu --backend ort: TensorRT engine cache of onnxruntime
+    trt_cache_dir: str | None = None  # --kind gpu --backend ort: onnxruntime's TensorRT engine cache (None: default_trt_cache_dir())
 
     def check(self) -> None:
         if self.instances < 1:
@@ -97,6 +99,8 @@ def write_repository(export_dir: str | Path, out: str | Path, options: Repositor
         if opts.kind == "gpu" and need not in stages:
             raise ConfigError(f"{manifest.folder}: --kind gpu serves the {need} stage as its own model, but there is no {need} "
                               + ("engine in " + str(opts.engines or manifest.folder / "engines") if engines is not None else "graph in the export"))
+    if stages and engines is None:  # the onnxruntime backend's TensorRT engine cache: a folder only we can write
+        opts = dataclasses.replace(opts, trt_cache_dir=str(private_dir(Path(opts.trt_cache_dir) if opts.trt_cache_dir else default_trt_cache_dir())))
     out = Path(out)
     with AtomicDir(out, force=force) as tmp:
         version = tmp / MODEL_NAME / "1"
@@ -118,6 +122,36 @@ def write_repository(export_dir: str | Path, out: str | Path, options: Repositor
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
+def default_trt_cache_dir() -> Path:
+    """Per user: $XDG_CACHE_HOME (or ~/.cache)/ppllava-edge/trt-cache. Not a shared /tmp path, where another local
+    user could create the folder first and pre-seed engines the server would load."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ppllava-edge" / "trt-cache"
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can write (created with mode 0700; an existing one of ours is tightened
+    to 0700). Absolute, so the server finds it whatever its working directory.
+
+    Raises:
+        ConfigError: it exists and is not a folder, or belongs to another user.
+    """
+    path = Path(path).absolute()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the TensorRT engine cache folder ({exc.strerror}).") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: not a folder (a symlink or a file); the TensorRT engine cache must be a private folder.")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path}: owned by another user (uid {st.st_uid}), who could place engines in it.\n"
+                          "Hint: pass a folder of your own (RepositoryOptions.trt_cache_dir) or remove that one.")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
 FICLONE = 0x40049409  # Linux ioctl: make dst a copy-on-write clone of src (Btrfs, XFS, bcachefs, OCFS2)
 
 
