@@ -214,3 +214,43 @@ def test_ask_bad_input_joins_the_session_loader(case, tiny_export, sample_video,
     assert "Traceback" not in res.stderr and "terminate called" not in res.stderr
     loaded = res.stderr.count("session loaded:")
     assert loaded == 1 if export is tiny_export else loaded <= 1, res.stderr  # joined, later stages cancelled
+
+
+def test_stale_temp_folders_of_killed_runs_are_removed(tmp_path, caplog):
+    """make-checkpoint killed with SIGKILL leaves its `.OUT.tmp-HOST-PID-*` folder; the next atomic write of OUT
+    removes it (its process is gone) with a warning, keeps a live process's and another host's folder, and only
+    names (with the command to remove it) a pid-less folder of an older version."""
+    import signal
+    import time
+
+    from ppllava_edge.atomic import AtomicDir
+
+    pytest.importorskip("torch")
+    out = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-c", "from ppllava_edge.cli.main import main; main()", "make-checkpoint", "--preset", "small", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".ck.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (killed,) = list(tmp_path.glob(".ck.tmp-*"))
+    assert f"-{proc.pid}-" in killed.name
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = killed.name.split(".tmp-")[1].rsplit("-", 2)[0]
+        kept = [tmp_path / f".ck.tmp-{host}-{live.pid}-abcd1234", tmp_path / f".ck.tmp-otherhost-{proc.pid}-abcd1234"]
+        legacy = tmp_path / ".ck.tmp-abcd1234"
+        for p in [*kept, legacy]:
+            p.mkdir()
+        with AtomicDir(out) as tmp:
+            (tmp / "f").write_text("x")
+        assert not killed.exists() and all(p.exists() for p in kept) and legacy.exists()
+        assert f"removed {killed}, the temp folder of process {proc.pid}, which is gone" in caplog.text
+        assert f"rm -rf {legacy}" in caplog.text
+        assert (out / "f").read_text() == "x"
+    finally:
+        live.kill()
+        live.wait()
