@@ -525,3 +525,53 @@ def test_background_load_gives_the_same_answers_and_reports_each_load(tiny_expor
     bad = Pipeline.from_export(broken, provider="cpu", background_load=True)
     with pytest.raises(InferenceError, match="decoder.onnx"):
         bad.ask(sample_video, QUESTIONS[0], num_frames=8, generation=GenerationConfig(max_new_tokens=2))
+
+
+def test_export_records_digests_and_verify_checks_them(tiny_export, tmp_path, sample_video):
+    """export.json records size + sha256 of every file the runtime reads; `verify` hashes every byte (a flipped
+    byte anywhere is found), loading checks size + a sampled digest (a zeroed or truncated file is refused with one
+    error naming it), and an export without digests (older versions) still loads, `verify` saying so."""
+    import hashlib
+    import shutil
+
+    data = json.loads((tiny_export / "export.json").read_text())
+    files = sorted(p.name for p in tiny_export.iterdir() if p.is_file() and p.name != "export.json")
+    assert sorted(data["weights"]) == files
+    for name, rec in data["weights"].items():
+        assert rec["bytes"] == (tiny_export / name).stat().st_size
+        assert rec["sha256"] == hashlib.sha256((tiny_export / name).read_bytes()).hexdigest()
+    runner = CliRunner()
+    res = runner.invoke(cli, ["verify", str(tiny_export)])
+    assert res.exit_code == 0 and f"all {len(files)} files match export.json (sha256)" in res.stdout, res.output
+
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(tiny_export, folder, ignore=shutil.ignore_patterns("ort_cache"))
+        change(folder)
+        return folder
+
+    def flip(folder):  # one byte at a quarter of the 9 MB decoder data: outside the sampled windows
+        p = folder / "decoder.onnx.data"
+        b = bytearray(p.read_bytes())
+        b[len(b) // 4] ^= 0x40
+        p.write_bytes(bytes(b))
+
+    flipped = damaged("flipped", flip)
+    res = runner.invoke(cli, ["verify", str(flipped)])
+    assert res.exit_code == 1 and "1 of" in res.stderr and "decoder.onnx.data (sha256 differs from export.json)" in res.stderr
+    zeroed = damaged("zeroed", lambda f: (f / "vision.onnx.data").write_bytes(bytes((f / "vision.onnx.data").stat().st_size)))
+    with pytest.raises(InferenceError, match=r"vision.onnx.data: damaged \(its content differs from the digest export.json records\)"):
+        Pipeline.from_export(zeroed, provider="cpu")
+    half = damaged("half", lambda f: (f / "embed_tokens.npy").write_bytes((f / "embed_tokens.npy").read_bytes()[:1000]))
+    res = runner.invoke(cli, ["ask", str(half), str(sample_video), "q", "--max-new-tokens", "2"])
+    assert res.exit_code == 1 and "embed_tokens.npy: damaged (1000 bytes, export.json records" in res.stderr
+
+    def drop_digests(folder):
+        m = json.loads((folder / "export.json").read_text())
+        del m["weights"]
+        (folder / "export.json").write_text(json.dumps(m))
+
+    old = damaged("old", drop_digests)
+    assert len(Pipeline.from_export(old, provider="cpu").ask(sample_video, "q", generation=GenerationConfig(max_new_tokens=2)).ids) >= 1
+    res = runner.invoke(cli, ["verify", str(old)])
+    assert res.exit_code == 0 and "records no digests" in res.stdout and "content not verified" in res.stdout

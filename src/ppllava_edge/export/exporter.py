@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..atomic import AtomicDir, save_npy
 from ..errors import AccuracyError, ExportError, InputError
+from ..integrity import WEIGHTS_KEY, file_digests
 from ..manifest import MANIFEST_NAME, STAGES
 from ..config import load_config
 from ..external_data import share_initializers
@@ -530,6 +531,7 @@ def export_checkpoint(
                     raise AccuracyError("export validation failed (nothing written to the output folder):\n" + report.text())
             manifest["steps"] = steps.as_dict()
             manifest["peak_rss_mb"] = steps.peak_rss_mb
+            manifest[WEIGHTS_KEY] = file_digests(tmp, manifest)  # checked at load and by `ppllava-edge verify`
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         reader.close()

@@ -25,8 +25,9 @@ from typing import Callable
 import numpy as np
 
 from ..anyres import ImageLayout, assemble_tokens
-from ..errors import ConfigError, ContextLengthError, InputError
-from ..manifest import ExportManifest, load_manifest
+from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
+from ..integrity import check_files
+from ..manifest import ExportManifest, graph_files, load_manifest
 from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size
 from ..tokenization import ClipTokenizer
 from .cache import FeatureCache, content_key, file_digest
@@ -160,6 +161,13 @@ class LazySessions(dict):
         return sorted(set(self) | set(self._factories))
 
 
+def _open_graph(manifest: ExportManifest, path: Path, *args, **kwargs):
+    """create_session after the cheap check of the graph's files against export.json (a damaged file is an
+    InferenceError naming it, raised where a graph that does not load raises)."""
+    check_files(manifest, graph_files(path), InferenceError)
+    return create_session(path, *args, **kwargs)
+
+
 def _load_table(path: Path, mmap: bool = False) -> np.ndarray:
     """An export's .npy table (embeddings, image newline); a damaged file is a ConfigError naming it."""
     try:
@@ -221,7 +229,7 @@ class Pipeline:
         for stage, graph in manifest.backend_graphs("ort").items():
             fused = manifest.graph(graph).get("contract") is not None
             # the decoder keeps its arena (the decode steps reuse it); the other graphs run once per request
-            factories[stage] = functools.partial(create_session, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
+            factories[stage] = functools.partial(_open_graph, manifest, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
                                                  "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE,
                                                  arena=stage == "decoder")
         self.sessions = LazySessions(factories, {**(self.trt.runners if self.trt is not None else {}), **(runners or {})})
@@ -241,6 +249,7 @@ class Pipeline:
 
     def _open_rest(self, manifest: ExportManifest, cache: FeatureCache | None, max_decoders: int, decoder: bool, background_load: bool) -> None:
         """Everything of the constructor after the sessions: tables, tokenizers, the decoder pool, the caches."""
+        check_files(manifest, manifest.data_files())  # size + sampled digest against export.json (integrity.py)
         # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export), read on first use
         self._dtype_from_decoder = self.trt is None and decoder
         self._lazy = threading.RLock()  # re-entered: opening the decoder reads `dtype`
