@@ -198,8 +198,9 @@ def _open_and_cache(path: Path, entry: Path, options, open_session):
         try:
             session = open_session(path, so)
         except Exception as exc:  # noqa: BLE001 - writing the optimised copy failed (disk full) or the graph is bad
+            session = open_session(path, options())  # a bad graph raises again here: then the cache was not the cause
             log.warning("%s: ONNX Runtime graph cache skipped: writing the optimised copy failed (%s)", entry.parent, _first_line(exc))
-            return open_session(path, options())  # a bad graph raises again here, without the cache in the way
+            return session
         if _flushed(writing):
             try:
                 writing.rename(entry)  # atomic; refused when another process renamed its copy first
@@ -213,11 +214,11 @@ def _open_and_cache(path: Path, entry: Path, options, open_session):
 
 
 def _flushed(folder: Path) -> bool:
-    """Every file of a freshly written cache entry non-empty and on disk (fsync), so a crash or a full disk after
-    the rename cannot leave a published entry with empty files."""
+    """A freshly written cache entry's graph non-empty and every file on disk (fsync), so a crash or a full disk
+    after the rename cannot leave a published entry with an empty graph."""
     try:
         files = [f for f in folder.iterdir() if f.is_file()]
-        if not (folder / CACHED_GRAPH).is_file() or any(f.stat().st_size == 0 for f in files):
+        if not (folder / CACHED_GRAPH).is_file() or (folder / CACHED_GRAPH).stat().st_size == 0:
             return False
         for f in files:
             fd = os.open(f, os.O_RDONLY)
