@@ -123,3 +123,134 @@ def test_missing_extra_names_the_extra(tiny_ckpt, sample_video):
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 1, out.stderr
         assert "ppllava-edge[export]" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as a full disk's ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+    from ppllava_edge.cli.main import main
+    sys.argv = ['ppllava-edge', *sys.argv[1:]]
+    main()
+    """)
+
+
+@pytest.mark.parametrize("command", ["make-checkpoint", "export", "ask --dump"])
+def test_full_disk_is_one_error_line_and_leaves_nothing(command, tmp_path, tiny_ckpt, tiny_export, sample_video):
+    """A write that fails for lack of space (make-checkpoint's shards; export, where a stage wraps the OSError;
+    ask --dump, outside an atomic output): exit 1, one `error:` line naming the output, no traceback, no temp folder."""
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    args = {"make-checkpoint": ["make-checkpoint", str(out)], "export": ["export", str(tiny_ckpt), str(out)],
+            "ask --dump": ["ask", str(tiny_export), str(sample_video), "q", "--max-new-tokens", "2", "--dump", str(out)]}[command]
+    res = subprocess.run([sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "file too large while writing" in errors[0] and "Traceback" not in res.stderr, res.stderr
+    if command != "ask --dump":
+        assert str(out) in errors[0] and "partial output was removed" in errors[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+SLOW_LOADER = textwrap.dedent("""
+    import sys, threading, time
+    from ppllava_edge.runtime import pipeline
+    real, real_ask, asked = pipeline.create_session, pipeline.Pipeline.ask, threading.Event()
+
+    def ask(self, *args, **kwargs):
+        asked.set()
+        return real_ask(self, *args, **kwargs)
+
+    def slow(path, *args, **kwargs):  # the background loader is surely inside a session load when the input fails
+        asked.wait(5)
+        time.sleep(1.0)
+        session = real(path, *args, **kwargs)
+        print('session loaded:', path, file=sys.stderr, flush=True)
+        return session
+
+    pipeline.create_session, pipeline.Pipeline.ask = slow, ask
+    from ppllava_edge.cli.main import main
+    sys.argv = ['ppllava-edge', 'ask', *sys.argv[1:], 'What?', '--max-new-tokens', '2']
+    main()
+    """)
+
+
+def _damaged_export(src, dst, name, damage):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ort_cache"))
+    data = (dst / name).read_bytes()
+    (dst / name).write_bytes(damage(data))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "wrong-shape npy", "object npy", "truncated tokenizer", "half embeddings"])
+def test_ask_bad_input_joins_the_session_loader(case, tiny_export, sample_video, tmp_path):
+    """`ask` on a bad input or a damaged export: exit 1 with one `error:` line naming the file, never an abort
+    (signal 6, "terminate called without an active exception") from a loader thread still inside ONNX Runtime.
+    The session load in flight finishes (joined) and the rest are cancelled."""
+    export, target = tiny_export, None
+    if case == "missing":
+        target = tmp_path / "missing.mp4"
+    elif case == "folder":
+        target = tmp_path
+    elif case == "wrong-shape npy":
+        target = tmp_path / "wrong.npy"
+        np.save(target, np.zeros((8, 3, 10, 10), np.float32))
+    elif case == "object npy":
+        target = tmp_path / "object.npy"
+        np.save(target, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    elif case == "truncated tokenizer":
+        export = _damaged_export(tiny_export, tmp_path / "ex", "llama_tokenizer.json", lambda b: b[: len(b) // 2])
+        target = export / "llama_tokenizer.json"
+    else:
+        export = _damaged_export(tiny_export, tmp_path / "ex", "embed_tokens.npy", lambda b: b[: len(b) // 2])
+        target = export / "embed_tokens.npy"
+    video = target if export is tiny_export else sample_video
+    res = subprocess.run([sys.executable, "-c", SLOW_LOADER, str(export), str(video)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(target) in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and "terminate called" not in res.stderr
+    loaded = res.stderr.count("session loaded:")
+    assert loaded == 1 if export is tiny_export else loaded <= 1, res.stderr  # joined, later stages cancelled
+
+
+def test_stale_temp_folders_of_killed_runs_are_removed(tmp_path, caplog):
+    """make-checkpoint killed with SIGKILL leaves its `.OUT.tmp-HOST-PID-*` folder; the next atomic write of OUT
+    removes it (its process is gone) with a warning, keeps a live process's and another host's folder, and only
+    names (with the command to remove it) a pid-less folder of an older version."""
+    import signal
+    import time
+
+    from ppllava_edge.atomic import AtomicDir
+
+    pytest.importorskip("torch")
+    out = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-c", "from ppllava_edge.cli.main import main; main()", "make-checkpoint", "--preset", "small", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".ck.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (killed,) = list(tmp_path.glob(".ck.tmp-*"))
+    assert f"-{proc.pid}-" in killed.name
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = killed.name.split(".tmp-")[1].rsplit("-", 2)[0]
+        kept = [tmp_path / f".ck.tmp-{host}-{live.pid}-abcd1234", tmp_path / f".ck.tmp-otherhost-{proc.pid}-abcd1234"]
+        legacy = tmp_path / ".ck.tmp-abcd1234"
+        for p in [*kept, legacy]:
+            p.mkdir()
+        with AtomicDir(out) as tmp:
+            (tmp / "f").write_text("x")
+        assert not killed.exists() and all(p.exists() for p in kept) and legacy.exists()
+        assert f"removed {killed}, the temp folder of process {proc.pid}, which is gone" in caplog.text
+        assert f"rm -rf {legacy}" in caplog.text
+        assert (out / "f").read_text() == "x"
+    finally:
+        live.kill()
+        live.wait()

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("einops")
@@ -224,6 +225,31 @@ def test_legacy_config_keys_say_what_to_rename(tiny_ckpt, tmp_path, key, value, 
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=hint):
         load_config(ck)
+
+
+@pytest.mark.parametrize("key,rope", [("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+                                      ("rope_parameters", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})])
+def test_dynamic_rope_is_refused_at_export(tiny_ckpt, tmp_path, key, rope):
+    """A rope type whose cos/sin change with the sequence length cannot live in the decoder's fixed tables: export
+    stops with one error line naming the key; a static type (linear) exports its own scaled tables."""
+    from ppllava_edge.cli.main import cli
+    from ppllava_edge.config import load_config
+    from ppllava_edge.export.exporter import rotary_tables
+
+    ck = _copy_ckpt(tiny_ckpt, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["text_config"][key] = rope
+    (ck / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(cli, ["export", str(ck), str(tmp_path / "out")])
+    assert res.exit_code == 1, res.output
+    assert f"text_config.{key} has rope type '{rope.get('type', rope.get('rope_type'))}'" in res.output
+    assert res.output.count("error:") == 1 and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+    cfg["text_config"][key] = {"rope_type": "linear", "factor": 2.0}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    cos, _ = rotary_tables(load_config(ck))
+    plain, _ = rotary_tables(load_config(tiny_ckpt))
+    np.testing.assert_allclose(cos[8], plain[4], atol=1e-6)  # linear x2: position 8 takes position 4's angles
 
 
 def test_clip_weight_hub_id_uses_known_openai_config():

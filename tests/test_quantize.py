@@ -148,6 +148,10 @@ def test_default_int8_passes_gate_and_answers(tiny_export, calib, videos, tmp_pa
     r = CliRunner().invoke(cli, ["ask", str(out), str(video), "What is happening?", "--frames", "4", "--max-new-tokens", "3", "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout.strip().splitlines()[-1])["ids"]) >= 1
+    # export.json records the quantized folder's own files (not the source export's digests)
+    assert "vision.int8.onnx" in manifest["weights"] and "vision.onnx" not in manifest["weights"]
+    r = CliRunner().invoke(cli, ["verify", str(out)])
+    assert r.exit_code == 0 and f"all {len(manifest['weights'])} files match export.json" in r.stdout, r.output
 
 
 def test_prefill_only_calibration_never_opens_the_decoder(tiny_export, calib, videos, questions, tmp_path, monkeypatch):

@@ -204,6 +204,32 @@ def test_feature_cache_is_bounded_in_bytes_and_lru():
     assert cache.bytes <= 3 * 800 and len(cache) == 3
 
 
+def test_feature_cache_folder_that_cannot_be_written_is_skipped(tmp_path, monkeypatch, caplog):
+    """A full --cache-dir: the entry is not written (no partial file left), a warning says so, the in-memory
+    cache still holds it, and the next write works once there is space."""
+    import errno
+
+    from ppllava_edge.runtime import cache as cache_mod
+
+    real = np.savez
+
+    def full_disk(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = cache_mod.FeatureCache(max_bytes=1 << 20, folder=tmp_path / "features")
+    item = (np.ones(100, np.float32), np.zeros(100, np.float32))
+    monkeypatch.setattr(cache_mod.np, "savez", full_disk)
+    cache.put("k1", *item)
+    assert "feature cache entry not written (No space left on device)" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == []
+    assert cache.get("k1") is not None
+    monkeypatch.setattr(cache_mod.np, "savez", real)
+    cache.put("k2", *item)
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["k2.npz"]
+
+
 def test_file_fingerprint_changes_with_content(tmp_path):
     from ppllava_edge.runtime.cache import file_digest
 
@@ -430,6 +456,42 @@ def test_per_request_graphs_keep_an_arena_that_shrinks_after_each_run(tiny_expor
     assert again.ids == r.ids
 
 
+class _FakeLogitsSession:
+    """Only what the decoders' constructors read (the logits output); no graph runs."""
+
+    def get_outputs(self):
+        return [type("Out", (), {"type": "tensor(float)", "shape": ["batch", 11]})()]
+
+
+@pytest.mark.parametrize("device_buffers", [False, True])
+def test_kv_growth_before_a_request_copies_nothing(device_buffers):
+    """reserve() for a longer request drops the previous request's cache instead of copying it into the grown
+    buffer (on a device that copy went through the host, every layer); a growth in the middle of a request still
+    keeps the cached positions."""
+    from ppllava_edge.runtime.decoder import ConcatKVDecoder, InplaceKVDecoder
+
+    decoders = [InplaceKVDecoder(_FakeLogitsSession(), 2, 1, 4, 64, device_buffers=device_buffers)]
+    if not device_buffers:
+        decoders.append(ConcatKVDecoder(_FakeLogitsSession(), 2, 1, 4, 64))
+    for dec in decoders:
+        copies = []
+        past = dec.past
+        dec.past = lambda: copies.append(1) or past()  # ConcatKVDecoder copies through past()
+        host = getattr(dec, "_host", None)
+        if host is not None:
+            dec._host = lambda i: copies.append(i) or host(i)
+        dec.reserve(1, 8)
+        dec.reset(1)
+        dec.length = 6  # as after the previous request's prefill and decode steps
+        dec.reserve(1, 30)  # the next request needs more: a new buffer, nothing copied
+        dec.reset(1)
+        assert (dec.capacity, dec.length, copies) == (30, 0, []), type(dec).__name__
+        dec.length = 20
+        grow = getattr(dec, "_grow", None) or dec._ensure
+        grow(1, 40)  # mid-request growth keeps the 20 cached positions
+        assert dec.capacity == 40 and copies, type(dec).__name__
+
+
 def test_decoder_feed_contracts(tiny_export):
     """One concat-contract feed, fitted to each decoder graph (in-place: seqlens_k / total_sequence_length), gives
     the same logits from decoder.onnx and decoder_trt.onnx."""
@@ -473,6 +535,40 @@ def test_ort_graph_cache_is_written_once_by_processes_opening_the_export_togethe
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_ort_graph_cache_never_publishes_a_failed_write(tiny_export, tmp_path):
+    """A cache write that fails (here: a file-size limit, as a full disk) is skipped with a warning, the graph still
+    loads, nothing half-written is published, and a later load writes a good entry. An entry damaged before this
+    rule (a 0-byte model.onnx) is removed with a warning and rewritten instead of failing every later load."""
+    from ppllava_edge.runtime.session import CACHED_GRAPH, _cache_key, create_session
+
+    cache = tmp_path / "ort_cache"
+    full_disk = textwrap.dedent("""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as ENOSPC would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        from ppllava_edge.runtime.session import create_session
+        s = create_session(sys.argv[1], 'cpu', 1, graph_cache=sys.argv[2])
+        print('loaded', [o.name for o in s.get_outputs()])
+        """)
+    res = subprocess.run([sys.executable, "-c", full_disk, str(tiny_export / "vision.onnx"), str(cache)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "loaded ['values', 'keys']" in res.stdout
+    assert "graph cache skipped: writing the optimised copy failed" in res.stderr and "Traceback" not in res.stderr
+    assert [p for p in cache.iterdir()] == []  # nothing published, no temporary folder left
+
+    key = f"vision-{_cache_key(tiny_export / 'vision.onnx', 'cpu', 1)}"
+    (cache / key).mkdir()
+    (cache / key / CACHED_GRAPH).write_bytes(b"")  # what the old code published after a failed write
+    px = np.random.default_rng(0).standard_normal((4, 3, 84, 84)).astype(np.float32)
+    want = create_session(tiny_export / "vision.onnx", "cpu", 1).run(None, {"pixel_values": px})
+    healed = create_session(tiny_export / "vision.onnx", "cpu", 1, graph_cache=cache)
+    assert (cache / key / CACHED_GRAPH).stat().st_size > 0
+    for s in (healed, create_session(tiny_export / "vision.onnx", "cpu", 1, graph_cache=cache)):
+        for got, ref in zip(s.run(None, {"pixel_values": px}), want):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in cache.iterdir()) == [key]
+
+
 def test_background_load_gives_the_same_answers_and_reports_each_load(tiny_export, pipe, sample_video, tmp_path):
     """`background_load=True` (what `ask` uses): the constructor returns before the sessions exist; the answers are
     the eager pipeline's, each session's load time is recorded, and a graph that fails to load raises its
@@ -492,3 +588,53 @@ def test_background_load_gives_the_same_answers_and_reports_each_load(tiny_expor
     bad = Pipeline.from_export(broken, provider="cpu", background_load=True)
     with pytest.raises(InferenceError, match="decoder.onnx"):
         bad.ask(sample_video, QUESTIONS[0], num_frames=8, generation=GenerationConfig(max_new_tokens=2))
+
+
+def test_export_records_digests_and_verify_checks_them(tiny_export, tmp_path, sample_video):
+    """export.json records size + sha256 of every file the runtime reads; `verify` hashes every byte (a flipped
+    byte anywhere is found), loading checks size + a sampled digest (a zeroed or truncated file is refused with one
+    error naming it), and an export without digests (older versions) still loads, `verify` saying so."""
+    import hashlib
+    import shutil
+
+    data = json.loads((tiny_export / "export.json").read_text())
+    files = sorted(p.name for p in tiny_export.iterdir() if p.is_file() and p.name != "export.json")
+    assert sorted(data["weights"]) == files
+    for name, rec in data["weights"].items():
+        assert rec["bytes"] == (tiny_export / name).stat().st_size
+        assert rec["sha256"] == hashlib.sha256((tiny_export / name).read_bytes()).hexdigest()
+    runner = CliRunner()
+    res = runner.invoke(cli, ["verify", str(tiny_export)])
+    assert res.exit_code == 0 and f"all {len(files)} files match export.json (sha256)" in res.stdout, res.output
+
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(tiny_export, folder, ignore=shutil.ignore_patterns("ort_cache"))
+        change(folder)
+        return folder
+
+    def flip(folder):  # one byte at a quarter of the 9 MB decoder data: outside the sampled windows
+        p = folder / "decoder.onnx.data"
+        b = bytearray(p.read_bytes())
+        b[len(b) // 4] ^= 0x40
+        p.write_bytes(bytes(b))
+
+    flipped = damaged("flipped", flip)
+    res = runner.invoke(cli, ["verify", str(flipped)])
+    assert res.exit_code == 1 and "1 of" in res.stderr and "decoder.onnx.data (sha256 differs from export.json)" in res.stderr
+    zeroed = damaged("zeroed", lambda f: (f / "vision.onnx.data").write_bytes(bytes((f / "vision.onnx.data").stat().st_size)))
+    with pytest.raises(InferenceError, match=r"vision.onnx.data: damaged \(its content differs from the digest export.json records\)"):
+        Pipeline.from_export(zeroed, provider="cpu")
+    half = damaged("half", lambda f: (f / "embed_tokens.npy").write_bytes((f / "embed_tokens.npy").read_bytes()[:1000]))
+    res = runner.invoke(cli, ["ask", str(half), str(sample_video), "q", "--max-new-tokens", "2"])
+    assert res.exit_code == 1 and "embed_tokens.npy: damaged (1000 bytes, export.json records" in res.stderr
+
+    def drop_digests(folder):
+        m = json.loads((folder / "export.json").read_text())
+        del m["weights"]
+        (folder / "export.json").write_text(json.dumps(m))
+
+    old = damaged("old", drop_digests)
+    assert len(Pipeline.from_export(old, provider="cpu").ask(sample_video, "q", generation=GenerationConfig(max_new_tokens=2)).ids) >= 1
+    res = runner.invoke(cli, ["verify", str(old)])
+    assert res.exit_code == 0 and "records no digests" in res.stdout and "content not verified" in res.stdout

@@ -176,9 +176,25 @@ def test_cpu_repository_configs_parse_and_link_the_export(tiny_export, tmp_path)
     copied = load_manifest(repo / "ppllava" / "1" / "export")  # a complete export folder
     for f in [tiny_export / "export.json", tiny_export / "decoder.onnx.data", *(copied.path(g) for g in copied.data["graphs"])]:
         src = tiny_export / Path(f).name
-        assert (repo / "ppllava" / "1" / "export" / src.name).stat().st_ino == src.stat().st_ino  # hard links, no copy
+        dst = repo / "ppllava" / "1" / "export" / src.name
+        assert dst.stat().st_ino != src.stat().st_ino and dst.read_bytes() == src.read_bytes()  # copies (or reflinks)
     assert_external_data_beside(repo / "ppllava" / "1" / "export", [f"{g}.onnx" for g in copied.data["graphs"]])
     assert not list(tmp_path.glob(".repo.tmp-*"))
+
+
+def test_triton_repo_leaves_the_source_export_usable(tiny_export, tmp_path):
+    """After triton-repo the source export's files still have one link each, so onnx's external-data loader (what
+    `quantize EXPORT` uses) still opens its graphs; with hard links it refused them as a "hardlink attack"."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx")
+    src = tmp_path / "export"
+    shutil.copytree(tiny_export, src, ignore=shutil.ignore_patterns("ort_cache"))
+    write_repository(src, tmp_path / "repo")
+    assert all(f.stat().st_nlink == 1 for f in src.iterdir() if f.is_file())
+    for graph in ("vision.onnx", "decoder.onnx", "prompt_pool.onnx"):
+        model = onnx.load(str(src / graph), load_external_data=True)
+        assert model.graph.initializer and max(t.ByteSize() for t in model.graph.initializer) > 1024
 
 
 def assert_external_data_beside(folder: Path, graphs: list[str]) -> None:
@@ -191,8 +207,9 @@ def assert_external_data_beside(folder: Path, graphs: list[str]) -> None:
             assert (folder / location).is_file(), f"{folder / g} names {location}, which is not in {folder}"
 
 
-def test_gpu_repository_ort_names_backends_and_shapes(tiny_export, tmp_path):
+def test_gpu_repository_ort_names_backends_and_shapes(tiny_export, tmp_path, monkeypatch):
     pytest.importorskip("tritonclient.grpc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     repo = write_repository(tiny_export, tmp_path / "repo", RepositoryOptions(instances=3, kind="gpu"))
     data = load_manifest(tiny_export).data
     assert sorted(p.name for p in repo.iterdir()) == ["image_pool", "ppllava", "prompt_pool", "vision"]
@@ -210,14 +227,34 @@ def test_gpu_repository_ort_names_backends_and_shapes(tiny_export, tmp_path):
         assert [(o.name, list(o.dims)) for o in cfg.output] == [(t["name"], [d if isinstance(d, int) else -1 for d in t["dims"]]) for t in graph["outputs"]]
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator
         assert [a.name for a in acc] == ["tensorrt"] and acc[0].parameters["precision_mode"] == "FP32"
-        assert (repo / stage / "1" / "model.onnx").stat().st_ino == (tiny_export / graph["file"]).stat().st_ino
+        assert (repo / stage / "1" / "model.onnx").read_bytes() == (tiny_export / graph["file"]).read_bytes()
         assert_external_data_beside(repo / stage / "1", ["model.onnx"])
     vision = parse_config(repo / "vision" / "config.pbtxt").optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
     # the export's frame range 2:8:16; images run one tile at a time, so the vision profile starts at 1
     assert (vision["trt_profile_min_shapes"], vision["trt_profile_opt_shapes"], vision["trt_profile_max_shapes"]) == (
         "pixel_values:1x3x84x84", "pixel_values:8x3x84x84", "pixel_values:16x3x84x84")
     assert list(parse_config(repo / "vision" / "config.pbtxt").input[0].dims) == [-1, 3, 84, 84]
+    # the TensorRT engine cache: a per-user folder only its owner can write (not a shared /tmp path)
+    cache = tmp_path / "cache" / "ppllava-edge" / "trt-cache"
+    assert vision["trt_engine_cache_path"] == f"{cache}/vision" and (cache.stat().st_mode & 0o777) == 0o700
     assert list(parse_config(repo / "prompt_pool" / "config.pbtxt").output[0].dims) == [-1, 64]
+
+
+def test_trt_engine_cache_folder_is_private(tiny_export, tmp_path):
+    """A cache folder of ours that others could write is tightened to 0700; one owned by another user (pre-seeded
+    engines) is refused with one error naming it."""
+    pytest.importorskip("tritonclient.grpc")
+    cache = tmp_path / "trt"
+    cache.mkdir(mode=0o777)
+    os.chmod(cache, 0o777)
+    write_repository(tiny_export, tmp_path / "repo", RepositoryOptions(kind="gpu", trt_cache_dir=str(cache)))
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    if os.getuid() != 0:
+        pytest.skip("changing a folder's owner needs root")
+    os.chown(cache, 65534, 65534)
+    with pytest.raises(ConfigError, match=f"{cache}: owned by another user"):
+        write_repository(tiny_export, tmp_path / "repo2", RepositoryOptions(kind="gpu", trt_cache_dir=str(cache)))
+    assert not (tmp_path / "repo2").exists()
 
 
 def fabricated_engines(tiny_export: Path, folder: Path) -> Path:
@@ -291,11 +328,76 @@ def test_cli_triton_repo_errors_are_one_line(tiny_export, tmp_path):
     assert res.exit_code == 2 and "--num-beams" in res.stderr
 
 
+def test_python_model_never_raises_when_the_client_is_gone():
+    """execute() answers a bad request with an error response; when sending it fails (the client went away, the
+    sender is closed) the failure is logged and execute() returns normally: Triton is not handed an exception."""
+    import types
+
+    from ppllava_edge.triton.python_model import OUTCOMES, TritonPythonModel
+
+    logged = []
+
+    class Sender:
+        def send(self, *args, **kwargs):
+            raise RuntimeError("Unable to send response. Response sender has been closed.")
+
+        def is_cancelled(self):
+            return True
+
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def increment(self, k):
+            self.n += k
+
+    pb = types.SimpleNamespace(
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=1, InferenceResponse=lambda *a, **k: ("response", a, k),
+        TritonError=type("TritonError", (), {"INVALID_ARG": 3, "INTERNAL": 13, "__init__": lambda self, msg, code=13: None}),
+        get_input_tensor_by_name=lambda request, name: None,
+        Logger=types.SimpleNamespace(log_warn=logged.append, log_error=logged.append, log_info=logged.append),
+    )
+    model = TritonPythonModel()
+    model.pb, model.instance, model.frames, model.max_tokens = pb, "ppllava_0", 8, 4
+    model.answers, model.cache_hits = {o: Counter() for o in OUTCOMES}, Counter()
+    request = types.SimpleNamespace(get_response_sender=Sender)
+    assert model.execute([request, request]) is None
+    assert model.answers["invalid_input"].n == 2
+    assert len(logged) == 2 and all("could not send the final response" in m for m in logged)
+
+
 def test_missing_server_files_name_the_install_command(tmp_path):
     from ppllava_edge.triton.server import find_server
 
     with pytest.raises(MissingDependencyError, match=re.escape(f"pip install --no-deps --target {tmp_path} nvidia-pytriton==0.7.0 numpy==1.26.4")):
         find_server(tmp_path)
+
+
+def test_failed_server_start_leaves_no_work_folder(tiny_export, tmp_path, monkeypatch):
+    """tritonserver cannot be started (here: exec fails): the error comes out, and the work folder with the
+    backends and the stub venv is removed."""
+    import tempfile
+
+    from ppllava_edge.triton import server as server_mod
+
+    try:
+        server_mod.find_server()
+    except MissingDependencyError:
+        pytest.skip("the Triton server files are not installed")
+    repo = write_repository(tiny_export, tmp_path / "repo")
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
+
+    def no_exec(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", args[0][0])
+
+    monkeypatch.setattr(server_mod.subprocess, "Popen", no_exec)
+    ports = free_ports()
+    with pytest.raises(PermissionError):
+        with server_mod.TritonServer(repo, *ports):
+            pass
+    assert list(work.iterdir()) == []
 
 
 # ---- the real server ---------------------------------------------------------------------------------------------

@@ -308,6 +308,7 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         raise ConfigError("config.json: vision_feature_select_strategy must be 'default' (drop CLS).")
 
     traw = _filled(raw.get("text_config", {}), _LLAMA_DEFAULTS)
+    check_rope(traw, "config.json: text_config")
     if traw.get("num_key_value_heads") is None:
         traw["num_key_value_heads"] = traw["num_attention_heads"]
     known = set(_LLAMA_DEFAULTS)
@@ -398,6 +399,31 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         conversation=ConversationTemplate.from_dict(raw.get("conversation_template")),
         raw=raw,
     )
+
+
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""RoPE variants whose cos/sin depend on the position alone: the exported decoder holds them as fixed tables.
+`dynamic` (NTK) and `longrope` change the tables with the sequence length at run time, which a table cannot do."""
+
+
+def check_rope(text_config: dict, where: str) -> None:
+    """Refuse a `rope_scaling` / `rope_parameters` whose type is not static (see STATIC_ROPE_TYPES).
+
+    Raises:
+        ConfigError: a dynamic or unknown rope type (the export would carry wrong cos/sin tables).
+    """
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = text_config.get(key)
+        if not rope:
+            continue
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+        if kind not in STATIC_ROPE_TYPES:
+            raise ConfigError(
+                f"{where}.{key} has rope type {kind!r}: only {', '.join(STATIC_ROPE_TYPES)} are supported. The exported "
+                "decoder holds fixed cos/sin tables, and a dynamic type (dynamic NTK, longrope) recomputes them from the "
+                "sequence length at run time.\nHint: use the checkpoint without rope_scaling, or with a static type "
+                "(e.g. linear with the same factor), knowing its answers then differ from the dynamic model's."
+            )
 
 
 def load_config(checkpoint_dir: str | Path) -> PPLLaVAConfig:

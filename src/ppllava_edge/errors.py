@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class PPLLaVAEdgeError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -55,5 +58,33 @@ class EngineBuildError(PPLLaVAEdgeError):
     """A TensorRT engine could not be built or loaded."""
 
 
+class DiskFullError(PPLLaVAEdgeError):
+    """Writing an output failed for lack of space (ENOSPC, a quota, a file-size limit)."""
+
+
 class InferenceError(PPLLaVAEdgeError):
     """Running a graph failed, or its inputs do not match its contract."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The OSError for a full disk (or quota / file-size limit) in `exc` or the chain of exceptions that caused it
+    (an export stage wraps it in an ExportError), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_error(cause: OSError, target=None, removed: bool = False) -> DiskFullError:
+    """A DiskFullError naming what was being written (`target`, else the OSError's file) and the file system to free."""
+    where = str(target) if target is not None else (cause.filename or None)
+    what = f"{where}: " if where else ""
+    folder = os.path.dirname(os.path.abspath(where)) if where else "."
+    return DiskFullError(f"{what}{os.strerror(cause.errno).lower()} while writing" + ("; the partial output was removed" if removed else "")
+                         + f".\nHint: free space on that file system (df -h {folder}) or write somewhere else.")

@@ -63,6 +63,7 @@ from ..atomic import AtomicDir
 from ..errors import AccuracyError, CalibrationError, InputError
 from ..external_data import ExternalData, external_files, read_initializer
 from ..memory import StepRecorder, trim_heap
+from ..integrity import WEIGHTS_KEY, file_digests
 from ..manifest import MANIFEST_NAME, load_manifest
 from ..runtime.decoder import adapt_feed
 from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
@@ -910,6 +911,7 @@ def quantize_export(
             "llm_activations": llm_activations, "gate": gate,
             "tool": {"onnxruntime": _ort_version()},
         }
+        data[WEIGHTS_KEY] = file_digests(tmp, data)  # this folder's files, not the source export's
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
         stage("accuracy gate" + (" (depth-truncated decoder)" if gate == "truncated" else ""))
         with steps.step("accuracy gate"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import PPLLaVAEdgeError
+from ..errors import PPLLaVAEdgeError, disk_full_cause, disk_full_error
 
 
 PRESET_NAMES = ("tiny", "small", "vision-l", "mid", "7b")  # model.presets.PRESETS (not imported here: it needs torch)
@@ -36,6 +36,12 @@ class Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except OSError as exc:  # a full disk outside an atomic output (ask --dump, a cache folder): one line too
+            cause = disk_full_cause(exc)
+            if cause is None or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            click.echo(f"error: {disk_full_error(cause)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -56,8 +56,8 @@ def triton_serve_cmd(repo, http_port, grpc_port, metrics_port, server_dir, ready
     # the background with SIGINT ignored; a second signal during the stop kills it at once
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
-    server.start()
     try:
+        server.start()
         server.wait_ready(ready_timeout)
         err_console.print(
             f"ready: gRPC {server.grpc_url} | HTTP {server.http_url} | metrics {server.metrics_url} (tritonserver pid {server.pid}); Ctrl-C stops it"

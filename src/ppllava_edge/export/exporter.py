@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..atomic import AtomicDir
+from ..atomic import AtomicDir, save_npy
 from ..errors import AccuracyError, ExportError, InputError
+from ..integrity import WEIGHTS_KEY, file_digests
 from ..manifest import MANIFEST_NAME, STAGES
 from ..config import load_config
 from ..external_data import share_initializers
@@ -258,7 +259,7 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
         tokens = Dim("tokens", min=1, max=65536)
         traced("projector_head", ProjectorHeadGraph(model), (values.reshape(-1, values.shape[-1])[:8],), ["values"], ["tokens"], ({0: tokens},), params)
         if cfg.use_image_newline_parameter:
-            np.save(tmp / IMAGE_NEWLINE_FILE, model.image_newline.detach().numpy())
+            save_npy(tmp / IMAGE_NEWLINE_FILE, model.image_newline.detach().numpy())
         del params, values, vkeys
     # prompt_pool and image_pool both hold the CLIP text encoder, and with projector_head linear_2: one copy on disk
     with steps.step("share pool weights"):
@@ -506,7 +507,7 @@ def export_checkpoint(
             maps = export_graphs(parts, tmp, opts, steps, on_stage, on_progress)
             on_stage("tokenizers + embeddings")
             with steps.step("tokenizers + embeddings"):
-                np.save(tmp / "embed_tokens.npy", reader.read("language_model.model.embed_tokens.weight", dtype).numpy())
+                save_npy(tmp / "embed_tokens.npy", reader.read("language_model.model.embed_tokens.weight", dtype).numpy())
                 LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(checkpoint), image_token_id=cfg.image_token_index,
                                      template=cfg.conversation).save(tmp / "llama_tokenizer.json")
                 ClipTokenizer().save(tmp / "clip_tokenizer.json")
@@ -530,6 +531,7 @@ def export_checkpoint(
                     raise AccuracyError("export validation failed (nothing written to the output folder):\n" + report.text())
             manifest["steps"] = steps.as_dict()
             manifest["peak_rss_mb"] = steps.peak_rss_mb
+            manifest[WEIGHTS_KEY] = file_digests(tmp, manifest)  # checked at load and by `ppllava-edge verify`
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         reader.close()

@@ -109,7 +109,7 @@ def llama_config(cfg: PPLLaVAConfig):
         bos_token_id=t.bos_token_id,
         eos_token_id=t.eos_token_id,
         pad_token_id=cfg.pad_token_id,
-        **{k: v for k, v in t.extra.items() if k in {"head_dim", "rope_scaling", "pretraining_tp"}},
+        **{k: v for k, v in t.extra.items() if k in {"head_dim", "rope_scaling", "rope_parameters", "pretraining_tp"}},
     )
 
 

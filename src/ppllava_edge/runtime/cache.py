@@ -9,12 +9,15 @@ so a cache hit reports them too.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def content_key(*parts: bytes | str | int) -> str:
@@ -86,11 +89,15 @@ class FeatureCache:
         with self._lock:
             self._put_memory(key, (values, keys), warnings)
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
             # unique per process and thread: Triton's instances (separate processes) may share one cache folder
             tmp = self.folder / f".{key}.{os.getpid()}-{threading.get_ident()}.tmp.npz"
-            np.savez(tmp, values=values, keys=keys, warnings=np.asarray(warnings, dtype=np.str_))
-            tmp.replace(self.folder / f"{key}.npz")
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                np.savez(tmp, values=values, keys=keys, warnings=np.asarray(warnings, dtype=np.str_))
+                tmp.replace(self.folder / f"{key}.npz")
+            except OSError as exc:  # a full or read-only cache folder: the answer goes on without the disk copy
+                tmp.unlink(missing_ok=True)
+                log.warning("%s: feature cache entry not written (%s)", self.folder, exc.strerror or exc)
 
     def _put_memory(self, key: str, item: tuple[np.ndarray, np.ndarray], warnings: tuple[str, ...]) -> None:
         size = item[0].nbytes + item[1].nbytes

@@ -4,8 +4,9 @@
 one KV buffer per layer tensor, bound with IO binding as both `past.*` and `present.*`. ONNX Runtime's
 GroupQueryAttention writes the new positions' keys/values into it and reads the cached ones where they lie, so a
 decode step reads the weights and the used part of the cache once and writes one position. The buffers are sized
-for what a request needs (`reserve(batch, positions)`: context + max_new_tokens), grow (with a copy) only when a
-later request needs more, never past the model's context. Beam search reorders rows in place.
+for what a request needs (`reserve(batch, positions)`: context + max_new_tokens, the previous request's cache
+dropped), grow only when a later request needs more (copying the cache only when it grows mid-request), never past
+the model's context. Beam search reorders rows in place.
 
 `ConcatKVDecoder` runs the standard-ops decoder graph (contract 'concat-v1': attention_mask + position_ids, present
 = concat(past, new)): exports made before the in-place graph, and the TensorRT-parsable `decoder_trt.onnx` when it
@@ -149,7 +150,10 @@ class InplaceKVDecoder:
         self.allocations += 1
 
     def reserve(self, batch: int, positions: int) -> None:
-        """Size the cache for `batch` rows of `positions` positions (context + new tokens) before a request."""
+        """Size the cache for `batch` rows of `positions` positions (context + new tokens) before a request. The
+        previous request's cache is dropped first (`reset` follows): a growth copies nothing (on a device it would
+        round-trip every layer through the host)."""
+        self.length = 0
         self._grow(batch, min(positions, self.max_len))
 
     def past(self) -> list[np.ndarray]:
@@ -267,6 +271,8 @@ class ConcatKVDecoder:
         return self._bufs[which][i][:n].reshape(batch, self.kv, length, self.hd)
 
     def reserve(self, batch: int, positions: int) -> None:
+        """As InplaceKVDecoder.reserve: before a request, the previous request's cache is dropped (not copied)."""
+        self.length = 0
         if self.io_binding:
             self._ensure(batch, positions)
 

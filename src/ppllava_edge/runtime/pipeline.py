@@ -26,8 +26,9 @@ from typing import Callable
 import numpy as np
 
 from ..anyres import ImageLayout, assemble_tokens
-from ..errors import ContextLengthError, InputError
-from ..manifest import ExportManifest, load_manifest
+from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
+from ..integrity import check_files
+from ..manifest import ExportManifest, graph_files, load_manifest
 from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size, read_npy_shape
 from ..tokenization import ClipTokenizer
 from .cache import FeatureCache, content_key, file_digest
@@ -109,6 +110,8 @@ class LazySessions(dict):
         self._lock = threading.Lock()
         self._stage_locks: dict[str, threading.Lock] = {}
         self._errors: dict[str, BaseException] = {}
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
         self.load_ms: dict[str, float] = {}
         self.wait_ms = 0.0  # time callers spent waiting for a stage another thread (preload) was creating
 
@@ -132,21 +135,50 @@ class LazySessions(dict):
 
     def preload(self, stages: Sequence[str]) -> None:
         """Create `stages` on one background thread, in order; an access meanwhile waits for that stage only. A
-        failure is kept and raised by the first access to the stage."""
+        failure is kept and raised by the first access to the stage. `close()` stops and joins the thread."""
         todo = [s for s in stages if s in self._factories and not dict.__contains__(self, s)]
 
         def run() -> None:
             for stage in todo:
+                if self._cancel.is_set():
+                    return
                 try:
                     self[stage]
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread by __missing__
                     self._errors[stage] = exc
 
         if todo:
-            threading.Thread(target=run, name="ppllava-preload", daemon=True).start()
+            # not a daemon: the interpreter waits for it at exit. A process that exits while this thread is inside
+            # ONNX Runtime's session creation aborts ("terminate called without an active exception", signal 6)
+            self._thread = threading.Thread(target=run, name="ppllava-preload")
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop a background load after the stage it is creating (ONNX Runtime cannot be interrupted inside one)
+        and wait for it; what the thread created stays usable."""
+        self._cancel.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def available(self) -> list[str]:
         return sorted(set(self) | set(self._factories))
+
+
+def _open_graph(manifest: ExportManifest, path: Path, *args, **kwargs):
+    """create_session after the cheap check of the graph's files against export.json (a damaged file is an
+    InferenceError naming it, raised where a graph that does not load raises)."""
+    check_files(manifest, graph_files(path), InferenceError)
+    return create_session(path, *args, **kwargs)
+
+
+def _load_table(path: Path, mmap: bool = False) -> np.ndarray:
+    """An export's .npy table (embeddings, image newline); a damaged file is a ConfigError naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"{path}: not a readable .npy table ({exc}); the export is damaged.\n"
+                          f"Hint: ppllava-edge verify {path.parent} lists the damaged files; re-export to replace them.") from exc
 
 
 class Pipeline:
@@ -202,7 +234,7 @@ class Pipeline:
             fused = manifest.graph(graph).get("contract") is not None
             # the decoder keeps its arena (the decode steps reuse it); the other graphs run once per request: their
             # arena gives its free memory back after each run (faster than no arena, and a lower peak)
-            factories[stage] = functools.partial(create_session, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
+            factories[stage] = functools.partial(_open_graph, manifest, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
                                                  "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE,
                                                  arena=True if stage == "decoder" else "shrink")
         self.sessions = LazySessions(factories, {**(self.trt.runners if self.trt is not None else {}), **(runners or {})})
@@ -214,10 +246,19 @@ class Pipeline:
             for stage in EAGER_STAGES:
                 if stage in factories:
                     self.sessions[stage]
+        try:
+            self._open_rest(manifest, cache, max_decoders, decoder, background_load)
+        except BaseException:  # a damaged export file: stop the background loader before the error leaves (see close)
+            self.sessions.close()
+            raise
+
+    def _open_rest(self, manifest: ExportManifest, cache: FeatureCache | None, max_decoders: int, decoder: bool, background_load: bool) -> None:
+        """Everything of the constructor after the sessions: tables, tokenizers, the decoder pool, the caches."""
+        check_files(manifest, manifest.data_files())  # size + sampled digest against export.json (integrity.py)
         # the decoder graph's own activation dtype (an int4 decoder may run fp32 in an fp16 export), read on first use
         self._dtype_from_decoder = self.trt is None and decoder
         self._lazy = threading.RLock()  # re-entered: opening the decoder reads `dtype`
-        self.embed_table = np.load(manifest.path("embeddings"), mmap_mode="r")
+        self.embed_table = _load_table(manifest.path("embeddings"), mmap=True)
         self.llama = manifest.llama_tokenizer()  # the export's conversation template
         self.eos_token_id = manifest.eos_token_id
         self.clip = ClipTokenizer.from_file(manifest.path("clip"))
@@ -233,7 +274,7 @@ class Pipeline:
         self._key_locks: dict[str, list] = {}  # content key -> [lock, users]: one vision run per video at a time
         self.image_spec = manifest.data.get("image")  # anyres rules (None: an export from before image tiles)
         has_newline = bool(self.image_spec and self.image_spec.get("newline"))
-        self.image_newline = np.load(manifest.path("image_newline")) if has_newline else None
+        self.image_newline = _load_table(manifest.path("image_newline")) if has_newline else None
         self.export_id = manifest.data.get("created", "") + manifest.data["checkpoint"]["sha256"]
 
     @property
@@ -320,6 +361,9 @@ class Pipeline:
                     del self._key_locks[key]
 
     def close(self) -> None:
+        """Stop and join a background session load (`background_load`), release TensorRT engines. A process that
+        made a Pipeline with background_load must close it before it exits, on errors too."""
+        self.sessions.close()
         if self.trt is not None:
             self.trt.close()
 
@@ -394,7 +438,7 @@ class Pipeline:
         if not path.is_file():
             from ..errors import VideoError
 
-            raise VideoError(f"{path}: no such file.")
+            raise VideoError(f"{path}: " + ("a folder, not a video, image or .npy file." if path.is_dir() else "no such file."))
         if kind == "image":
             return self.image_features(path, t, need_pixels)
         frames_key = num_frames if kind == "video" else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -127,7 +128,9 @@ def create_session(path: Path, provider: str, threads: int | None = None, cache_
             written already fused, such as the in-place decoder: the full pass finds nothing and costs load time).
         graph_cache: a folder for ONNX Runtime's optimised copy of a traced graph (CPU only): the first load writes it
             (atomically), later loads read it without optimising again. Keyed by ONNX Runtime's version, the graph
-            files' size and mtime, the provider, thread count and CPU; an unwritable folder just skips the cache.
+            files' size and mtime, the provider, thread count and CPU. The cache never stops a load: a folder that
+            cannot be written (read-only, disk full) is skipped with a warning and nothing half-written is
+            published; an entry that does not load is removed with a warning and the graph is optimised again.
         arena: True: ONNX Runtime's CPU memory arena with its memory pattern (activations stay reserved for the
             next run). "shrink": the arena without the memory pattern, its free chunks given back to the system
             after every `run` (what a graph run once per request wants: the vision tower at 32 frames of CLIP-L
@@ -136,50 +139,112 @@ def create_session(path: Path, provider: str, threads: int | None = None, cache_
             False: no arena (every activation from malloc).
     """
     ort = _ort()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    if not arena:
-        so.enable_cpu_mem_arena = False
-    if arena is not True:
-        so.enable_mem_pattern = False
     run_options = None
     if arena == "shrink" and provider == "cpu":
         run_options = ort.RunOptions()
         run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     path = Path(path)
-    load = path
-    writing: Path | None = None
-    if optimize == "basic":
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    elif graph_cache is not None and provider == "cpu":
+
+    def options(level=None):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        if not arena:
+            so.enable_cpu_mem_arena = False
+        if arena is not True:
+            so.enable_mem_pattern = False
+        if level is not None:
+            so.graph_optimization_level = level
+        return so
+
+    def open_session(load: Path, so):
+        return ort.InferenceSession(os.fspath(load), so, providers=provider_list(provider, cache_dir, fp16))
+
+    try:
+        if optimize == "basic":
+            return Session(open_session(path, options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)), run_options)
+        if graph_cache is None or provider != "cpu":
+            return Session(open_session(path, options()), run_options)
         # one folder per key, written under a private temporary name and renamed: processes that open the same
         # export at once (Triton's instances) never see or write each other's half-written files
         entry = Path(graph_cache) / f"{path.stem}-{_cache_key(path, provider, threads)}"
         if (entry / CACHED_GRAPH).is_file():
-            load = entry / CACHED_GRAPH
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        else:
             try:
-                writing = entry.with_name(f".{entry.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-                writing.mkdir(parents=True)
-                so.optimized_model_filepath = os.fspath(writing / CACHED_GRAPH)
-                so.add_session_config_entry("session.optimized_model_external_initializers_file_name", CACHED_GRAPH + ".data")
-                so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            except OSError:  # a read-only export folder: no cache
-                writing = None
-    try:
-        session = ort.InferenceSession(os.fspath(load), so, providers=provider_list(provider, cache_dir, fp16))
+                return Session(open_session(entry / CACHED_GRAPH, options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)), run_options)
+            except Exception as exc:  # noqa: BLE001 - a damaged entry (an older version's failed write): drop it, optimise again
+                log.warning("%s: the cached optimised graph does not load (%s: %s); removing it and optimising %s again",
+                            entry, type(exc).__name__, _first_line(exc), path.name)
+                _discard(entry)
+        return Session(_open_and_cache(path, entry, options, open_session), run_options)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise InferenceError(f"{path}: onnxruntime could not load the graph ({type(exc).__name__}: {exc})") from exc
-    finally:
-        if writing is not None:
+
+
+log = logging.getLogger(__name__)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+
+
+def _open_and_cache(path: Path, entry: Path, options, open_session):
+    """Open `path` with full optimisation and write ONNX Runtime's optimised copy to the cache `entry`; publish the
+    copy (rename into place) only when the session loaded and every file was written and flushed. A cache that
+    cannot be written is skipped with a warning: the session opens without it."""
+    writing = entry.with_name(f".{entry.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        writing.mkdir(parents=True)
+    except OSError as exc:  # a read-only export folder, a full disk: no cache
+        log.warning("%s: ONNX Runtime graph cache skipped (%s)", entry.parent, exc.strerror or exc)
+        return open_session(path, options())
+    so = options()
+    so.optimized_model_filepath = os.fspath(writing / CACHED_GRAPH)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", CACHED_GRAPH + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        try:
+            session = open_session(path, so)
+        except Exception as exc:  # noqa: BLE001 - writing the optimised copy failed (disk full) or the graph is bad
+            session = open_session(path, options())  # a bad graph raises again here: then the cache was not the cause
+            log.warning("%s: ONNX Runtime graph cache skipped: writing the optimised copy failed (%s)", entry.parent, _first_line(exc))
+            return session
+        if _flushed(writing):
             try:
-                if (writing / CACHED_GRAPH).is_file():
-                    writing.rename(entry)  # atomic; refused when another process renamed its copy first
+                writing.rename(entry)  # atomic; refused when another process renamed its copy first
             except OSError:
                 pass
-            shutil.rmtree(writing, ignore_errors=True)
-    return Session(session, run_options)
+        else:
+            log.warning("%s: ONNX Runtime graph cache skipped: the optimised copy was not written completely", entry.parent)
+        return session
+    finally:
+        shutil.rmtree(writing, ignore_errors=True)
+
+
+def _flushed(folder: Path) -> bool:
+    """A freshly written cache entry's graph non-empty and every file on disk (fsync), so a crash or a full disk
+    after the rename cannot leave a published entry with an empty graph."""
+    try:
+        files = [f for f in folder.iterdir() if f.is_file()]
+        if not (folder / CACHED_GRAPH).is_file() or (folder / CACHED_GRAPH).stat().st_size == 0:
+            return False
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _discard(entry: Path) -> None:
+    """Remove a cache entry without exposing a half-removed one: rename it away first, then delete."""
+    gone = entry.with_name(f".{entry.name}.{os.getpid()}-{threading.get_ident()}.gone")
+    try:
+        entry.rename(gone)
+    except OSError:
+        return  # another process removed (or replaced) it first
+    shutil.rmtree(gone, ignore_errors=True)

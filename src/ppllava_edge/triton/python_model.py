@@ -172,7 +172,10 @@ class TritonPythonModel:
         self.answers[outcome].increment(1)
         if cache_hit:
             self.cache_hits.increment(1)
-        if last is None:  # cancelled: just close the stream
-            sender.send(flags=final)
-        else:
-            sender.send(last, flags=final)
+        try:
+            if last is None:  # cancelled: just close the stream
+                sender.send(flags=final)
+            else:
+                sender.send(last, flags=final)
+        except Exception as exc:  # noqa: BLE001 - the client went away: nobody to answer; never raise out of execute()
+            pb.Logger.log_warn(f"{self.instance}: could not send the final response (client gone?): {type(exc).__name__}: {exc}")

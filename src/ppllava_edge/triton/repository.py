@@ -3,24 +3,27 @@
     OUT/
       ppllava/config.pbtxt              Python backend, decoupled (streams text deltas), instance_group
       ppllava/1/model.py                imports TritonPythonModel from the installed ppllava_edge
-      ppllava/1/export/                 the export folder's files (hard links where the filesystem allows)
+      ppllava/1/export/                 the export folder's files (reflinks where the filesystem allows, else copies)
       ppllava/1/engines/                --backend trt: engines.json + the decoder engine
       vision/, prompt_pool/, image_pool/    --kind gpu only: each stage as its own model, called by ppllava (BLS)
         config.pbtxt                    onnxruntime backend (TensorRT accelerator) or tensorrt_plan
         1/model.onnx | 1/model.plan
 
-The export is copied into the repository, as hard links when it sits on the same filesystem (no bytes are
-duplicated), else as a copy: the repository is then self-contained (one folder to mount into a container or
-ship to a replica), and a later `ppllava-edge export --force` to the same path cannot change a running server's
-model under it (the exporter writes new files and renames them; linked files keep the old content).
+The export is copied into the repository, as reflinks (copy-on-write clones: no bytes duplicated) on file systems
+that have them (Btrfs, XFS, ...), else as plain copies: the repository is then self-contained (one folder to mount
+into a container or ship to a replica), and a later `ppllava-edge export --force` to the same path cannot change a
+running server's model under it. Never hard links: onnx's external-data loader refuses a file with several links
+("potential hardlink attack"), so the source export could no longer be quantized.
 
 Written atomically (a temp folder beside OUT, renamed at the end): an error leaves no half-written repository.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +57,7 @@ class RepositoryOptions:
     threads: int | None = None  # ONNX Runtime intra-op threads per instance (None: CPU cores // instances)
     cache_dir: Path | None = None  # feature cache shared on disk by every instance (and replicas on a shared volume)
     cache_mb: int = 2048  # in-memory feature cache per instance
-    trt_cache_dir: str = "/tmp/ppllava-edge-trt-cache"  # --kind gpu --backend ort: TensorRT engine cache of onnxruntime
+    trt_cache_dir: str | None = None  # --kind gpu --backend ort: onnxruntime's TensorRT engine cache (None: default_trt_cache_dir())
 
     def check(self) -> None:
         if self.instances < 1:
@@ -96,6 +99,8 @@ def write_repository(export_dir: str | Path, out: str | Path, options: Repositor
         if opts.kind == "gpu" and need not in stages:
             raise ConfigError(f"{manifest.folder}: --kind gpu serves the {need} stage as its own model, but there is no {need} "
                               + ("engine in " + str(opts.engines or manifest.folder / "engines") if engines is not None else "graph in the export"))
+    if stages and engines is None:  # the onnxruntime backend's TensorRT engine cache: a folder only we can write
+        opts = dataclasses.replace(opts, trt_cache_dir=str(private_dir(Path(opts.trt_cache_dir) if opts.trt_cache_dir else default_trt_cache_dir())))
     out = Path(out)
     with AtomicDir(out, force=force) as tmp:
         version = tmp / MODEL_NAME / "1"
@@ -117,11 +122,49 @@ def write_repository(export_dir: str | Path, out: str | Path, options: Repositor
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
-def _link(src: Path, dst: Path) -> None:
-    """Hard link `src` at `dst`, or copy it when the filesystem refuses (another device, no link support)."""
+def default_trt_cache_dir() -> Path:
+    """Per user: $XDG_CACHE_HOME (or ~/.cache)/ppllava-edge/trt-cache. Not a shared /tmp path, where another local
+    user could create the folder first and pre-seed engines the server would load."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ppllava-edge" / "trt-cache"
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can write (created with mode 0700; an existing one of ours is tightened
+    to 0700). Absolute, so the server finds it whatever its working directory.
+
+    Raises:
+        ConfigError: it exists and is not a folder, or belongs to another user.
+    """
+    path = Path(path).absolute()
     try:
-        os.link(src, dst)
-    except OSError:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the TensorRT engine cache folder ({exc.strerror}).") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: not a folder (a symlink or a file); the TensorRT engine cache must be a private folder.")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path}: owned by another user (uid {st.st_uid}), who could place engines in it.\n"
+                          "Hint: pass a folder of your own (RepositoryOptions.trt_cache_dir) or remove that one.")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+FICLONE = 0x40049409  # Linux ioctl: make dst a copy-on-write clone of src (Btrfs, XFS, bcachefs, OCFS2)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`src` at `dst` as a reflink where the file system can clone, else a copy (never a hard link: see the module
+    docstring)."""
+    try:
+        import fcntl
+
+        with open(src, "rb") as fs, open(dst, "wb") as fd:
+            fcntl.ioctl(fd.fileno(), FICLONE, fs.fileno())
+        shutil.copystat(src, dst)
+    except (OSError, ImportError):  # no reflinks here (ext4, tmpfs, another device, not Linux): copy
         shutil.copy2(src, dst)
 
 

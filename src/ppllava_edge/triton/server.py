@@ -211,14 +211,18 @@ class TritonServer:
         for port, option in ((self.http_port, "--http-port"), (self.grpc_port, "--grpc-port"), (self.metrics_port, "--metrics-port")):
             check_port_free(port, option)
         self._work = Path(tempfile.mkdtemp(prefix="ppllava-triton-"))
-        backends = prepare_backends(files, self._work / "backends")
-        stub_env = prepare_stub_env(files, self._work / "stub-env")
-        out = self.log if self.log is not None else None
-        self.process = subprocess.Popen(
-            self.command(files, backends), env=server_environment(files, stub_env), stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT if out is not None else None,
-            start_new_session=True,  # its own process group: Ctrl-C reaches us, we stop it (and its stubs) in order
-        )
+        try:
+            backends = prepare_backends(files, self._work / "backends")
+            stub_env = prepare_stub_env(files, self._work / "stub-env")
+            out = self.log if self.log is not None else None
+            self.process = subprocess.Popen(
+                self.command(files, backends), env=server_environment(files, stub_env), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT if out is not None else None,
+                start_new_session=True,  # its own process group: Ctrl-C reaches us, we stop it (and its stubs) in order
+            )
+        except BaseException:  # a failed start (a full disk, an exec error, Ctrl-C) leaves no work folder behind
+            self.stop()
+            raise
 
     def ready(self) -> bool:
         try:
@@ -273,8 +277,8 @@ class TritonServer:
         return code
 
     def __enter__(self) -> TritonServer:
-        self.start()
         try:
+            self.start()
             self.wait_ready()
         except BaseException:
             self.stop()
