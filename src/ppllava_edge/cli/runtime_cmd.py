@@ -81,12 +81,12 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
                                 cuda_graph=cuda_graph, background_load=True)
     load_ms = (time.perf_counter() - t_load) * 1e3
     try:
-        _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, stream, as_json, dump)
+        _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, stream, as_json, dump, relevance_png)
     finally:  # join the background session loader: exiting while it is inside ONNX Runtime aborts the process
         pipe.close()
 
 
-def _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, stream, as_json, dump):
+def _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, stream, as_json, dump, relevance_png):
     gen = _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     streamer = _Streamer(pipe) if stream and not as_json else None
     result = pipe.ask(input_path, question, num_frames=num_frames, generation=gen, on_token=streamer, keep_arrays=dump is not None or relevance_png is not None)
