@@ -5,7 +5,7 @@
 
 Per graph (`export.json` records the precision of each graph and a `quantization` block; `ask` runs Q unchanged):
 
-- ``int8`` (vision, prompt_pool/image_pool, decoder): static QDQ from the CALIB feeds. Activations uint8 asymmetric,
+- ``int8`` (vision, prompt_pool/image_pool, TensorRT's decoder_trt): static QDQ from the CALIB feeds. Activations uint8 asymmetric,
   weights int8 symmetric per channel. By default (``op_types="weights"``) only MatMul/Gemm/Conv nodes with a
   constant weight operand are quantized: LayerNorm, Softmax, residual Adds, attention Q·Kᵀ / P·V and, in the pools,
   the relevance path (the whole CLIP text branch up to keys · text, the softmaxes, the weighted pooling ``w @ v``)
@@ -14,7 +14,11 @@ Per graph (`export.json` records the precision of each graph and a `quantization
   ``op_types="all"`` is ORT's default (every quantizable op type, Softmax/Add/... included): it exists to show the
   accuracy gate failing; do not ship it.
 - ``int8-weight`` / ``int4-weight`` (decoder): weight-only ``MatMulNBits`` (symmetric, blocks of ``block_size``
-  along K, ``accuracy_level`` 4 = int8 activations inside the kernel), no calibration needed.
+  along K, ``accuracy_level`` 4 = int8 activations inside the kernel), no calibration needed. The default
+  (``llm="auto"``) is int8-weight. Static int8 on this decoder is refused (``STATIC_INT8_DECODER``): ONNX Runtime
+  leaves its activations float and dequantizes every weight at every step, ~100x slower than fp32.
+  decoder_trt gets the same mode as standard ``DequantizeLinear`` weights (``weight_dq.py``), or static int8
+  with ``llm_trt="int8"``.
 - ``fp16`` (vision): ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``; I/O stays
   float32. ORT CPU has few fp16 kernels and inserts Casts, so this is a size / GPU format, not a CPU speed-up.
 - ``fp32``: the graph file is copied. ``projector_head`` (the no-pooling baseline graph) is always copied.
@@ -71,7 +75,14 @@ log = logging.getLogger(__name__)
 
 VISION_PRECISIONS = ("int8", "fp16", "fp32")
 POOL_PRECISIONS = ("int8", "fp32")
-LLM_PRECISIONS = ("int8", "int8-weight", "int4-weight", "fp32")
+LLM_PRECISIONS = ("auto", "int8-weight", "int4-weight", "fp32")  # the ONNX Runtime decoder ("int8": refused, see STATIC_INT8_DECODER)
+LLM_TRT_PRECISIONS = ("auto", "int8", "int8-weight", "int4-weight", "fp32")  # TensorRT's decoder_trt
+AUTO_LLM = "int8-weight"  # --llm auto: passes the trained-LLM gate with margin and decodes faster than fp32 (README)
+STATIC_INT8_DECODER = (
+    "--llm int8 (static Q/DQ) is not offered for ONNX Runtime's decoder: ONNX Runtime leaves its activations float and "
+    "dequantizes every weight at every step (1.47 s per token against ~15 ms for fp32, README \"Quantization quality on "
+    "trained weights\").\nHint: use --llm int8-weight (MatMulNBits: int8 weights, faster than fp32) or int4-weight; "
+    "static INT8 with a TensorRT calibration cache stays available for TensorRT's decoder: --llm-trt int8 --trt-cache.")
 METHODS = ("minmax", "percentile", "entropy")
 OP_TYPES = ("weights", "matmul", "all")
 ACCURACY_NAME = "accuracy.json"
@@ -656,9 +667,6 @@ def _quality_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int,
         met = q.top1_decode >= t1 and q.top1_prefill >= t1 and q.ppl_change <= ppl
         notes.append(f"target for --llm {llm}: top-1 >= {t1:g} and perplexity within +{ppl:.0%}: "
                      f"{'met' if met else 'MISSED'} (top-1 {q.top1_prefill:.3f} / {q.top1_decode:.3f}, perplexity {q.ppl_change:+.1%})")
-    elif llm == "int8":
-        notes.append(f"static int8 LLM: top-1 {q.top1_prefill:.3f} / {q.top1_decode:.3f}, perplexity {q.ppl_change:+.1%}"
-                     + ("" if min(q.top1_prefill, q.top1_decode) >= 0.90 else " - below 0.90: prefer --llm int8-weight (README)"))
     return checks, asdict(q) | {"ppl_change": q.ppl_change}, notes
 
 
@@ -786,7 +794,7 @@ def quantize_export(
     out: str | Path,
     vision: str = "int8",
     pool: str = "int8",
-    llm: str = "int8",
+    llm: str = "auto",
     method: str = "minmax",
     exclude_nodes: Sequence[str] = (),
     op_types: str = "weights",
@@ -802,6 +810,7 @@ def quantize_export(
     on_stage: Callable[[str], None] | None = None,
     llm_activations: str = "fp32",
     gate: str = "auto",
+    llm_trt: str = "auto",
 ) -> QuantizeResult:
     """Write a complete quantized export folder `out` from the fp32 `export_dir` and CALIB, then gate it.
 
@@ -811,7 +820,11 @@ def quantize_export(
         out: the folder to write (atomically: it appears only when everything, gate included, succeeded).
         vision: "int8" | "fp16" | "fp32".
         pool: "int8" | "fp32" (prompt_pool and image_pool).
-        llm: "int8" | "int8-weight" | "int4-weight" | "fp32" (decoder).
+        llm: "auto" | "int8-weight" | "int4-weight" | "fp32": ONNX Runtime's decoder ("auto": AUTO_LLM). "int8" (static
+            Q/DQ) is refused with STATIC_INT8_DECODER: ONNX Runtime runs it far slower than fp32.
+        llm_trt: TensorRT's standard-ops decoder_trt (exports made with --tensorrt): "auto" (the --llm mode: int8 /
+            int4 weight-only as DequantizeLinear weights, see weight_dq.py; fp32 copied), "int8" (static Q/DQ from
+            CALIB, with --trt-cache its calibration cache), "int8-weight", "int4-weight", "fp32".
         method: static calibration method "minmax" | "percentile" | "entropy".
         exclude_nodes: node names kept float ("graph:name" for one graph, or a plain name for every graph;
             names of the graph after ORT pre-processing, which keeps the exporter's names for MatMul/Gemm nodes).
@@ -837,8 +850,10 @@ def quantize_export(
     """
     t_start = time.perf_counter()
     stage = on_stage or (lambda s: None)
+    if llm == "int8":
+        raise InputError(STATIC_INT8_DECODER)
     for name, value, allowed in (("vision", vision, VISION_PRECISIONS), ("pool", pool, POOL_PRECISIONS), ("llm", llm, LLM_PRECISIONS),
-                                 ("method", method, METHODS), ("op_types", op_types, OP_TYPES)):
+                                 ("llm_trt", llm_trt, LLM_TRT_PRECISIONS), ("method", method, METHODS), ("op_types", op_types, OP_TYPES)):
         if value not in allowed:
             raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -849,17 +864,22 @@ def quantize_export(
     if any(p != src_dtype for p in src_prec.values()):
         raise InputError(f"{export_dir} is already quantized ({src_prec}); quantize the fp32 or fp16 export instead.")
     if src_dtype == "fp16":
-        for name, value in (("--pool", pool), ("--llm", llm)):
+        for name, value in (("--pool", pool), ("--llm-trt", llm_trt)):
             if value == "int8":
                 raise InputError(f"{name} int8 (static Q/DQ) needs an fp32 export; {export_dir} is fp16.\n"
                                  "Hint: use --llm int8-weight / int4-weight (weight-only) or export with --dtype fp32.")
     calib = load_calibration(calib_dir, manifest)
     gate = _gate_mode(gate, manifest)
     thresholds = thresholds or default_thresholds(manifest)
-    # the TensorRT decoder (standard ops) follows --llm int8 (TensorRT builds Q/DQ graphs); weight-only MatMulNBits
-    # graphs are ONNX Runtime only, so with those it stays fp32 (recorded in the manifest)
+    llm = AUTO_LLM if llm == "auto" else llm
+    # the TensorRT decoder (standard ops) follows the weight-only --llm mode as DequantizeLinear weights (weight_dq.py),
+    # or --llm-trt int8: static Q/DQ (TensorRT builds it from the fp32 graph with the calibration cache)
+    llm_trt = llm if llm_trt == "auto" else llm_trt
     precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
-                  "decoder_trt": llm if llm == "int8" else "fp32", "vision_trt": vision}
+                  "decoder_trt": llm_trt, "vision_trt": vision}
+    if llm_trt not in ("auto", llm) and "decoder_trt" not in manifest.data["graphs"]:
+        raise InputError(f"--llm-trt {llm_trt}: {export_dir} has no TensorRT decoder (decoder_trt).\n"
+                         "Hint: export with `ppllava-edge export CHECKPOINT OUT --tensorrt`, or leave --llm-trt out.")
     precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
     precisions.update({g: "fp32" for g in manifest.data["graphs"] if g not in precisions})
 
@@ -905,7 +925,7 @@ def quantize_export(
             "source_export": {"path": str(Path(export_dir).resolve()), "created": manifest.data.get("created")},
             "calibration": {"path": str(Path(calib_dir).resolve()), "created": calib.index.get("created"),
                             "sources": len(calib.index["sources"]), "held_out": calib.has_holdout()},
-            "vision": vision, "pool": pool, "llm": llm, "method": method, "op_types": op_types,
+            "vision": vision, "pool": pool, "llm": llm, "llm_trt": precisions.get("decoder_trt"), "method": method, "op_types": op_types,
             "block_size": block_size, "exclude_nodes": list(exclude_nodes), "accept_degraded": accept_degraded,
             "llm_activations": llm_activations, "gate": gate,
             "tool": {"onnxruntime": _ort_version()},
@@ -943,8 +963,6 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
     if prec == "fp32":
         copy_graph(src, dst)
         info = {"scheme": f"{src_dtype} (copied)"}
-        if g == "decoder_trt" and llm != "fp32":
-            info["note"] = f"--llm {llm} is ONNX Runtime's MatMulNBits, which TensorRT does not parse: the TensorRT decoder stays {src_dtype}"
         return info
     if prec == "int8" and src_dtype == "fp16":  # an fp32 twin of the same graph, calibrated and quantized
         from ..export.exporter import trace_vision_graph, write_vision_graph
@@ -961,6 +979,10 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         return info
     if prec == "int8":
         return _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)
+    if prec in ("int8-weight", "int4-weight") and g == "decoder_trt":
+        from .weight_dq import quantize_dq
+
+        return quantize_dq(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl)
     if prec in ("int8-weight", "int4-weight"):
         upcast = src_dtype == "fp16" and llm_activations == "fp32"
         return _quantize_nbits(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl, upcast=upcast)
