@@ -77,6 +77,7 @@ VISION_PRECISIONS = ("int8", "fp16", "fp32")
 POOL_PRECISIONS = ("int8", "fp32")
 LLM_PRECISIONS = ("auto", "int8-weight", "int4-weight", "fp32")  # the ONNX Runtime decoder ("int8": refused, see STATIC_INT8_DECODER)
 LLM_TRT_PRECISIONS = ("auto", "int8", "int8-weight", "int4-weight", "fp32")  # TensorRT's decoder_trt
+ACCURACY_LEVEL = {8: 4, 4: 4}  # MatMulNBits accuracy_level per bit width when not given (README: measured on SmolLM2)
 AUTO_LLM = "int8-weight"  # --llm auto: passes the trained-LLM gate with margin and decodes faster than fp32 (README)
 STATIC_INT8_DECODER = (
     "--llm int8 (static Q/DQ) is not offered for ONNX Runtime's decoder: ONNX Runtime leaves its activations float and "
@@ -401,7 +402,8 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
     return info
 
 
-def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str], upcast: bool = False) -> dict:
+def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str], upcast: bool = False,
+                    accuracy_level: int = 4, symmetric: bool = True) -> dict:
     """Weight-only MatMulNBits, one initializer at a time (peak memory: one weight in fp32 + its packed form).
 
     Every MatMul whose B is a 2-D initializer becomes MatMulNBits (symmetric, blocks of `block_size` along K,
@@ -451,9 +453,11 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
                 zero_points = np.zeros((n, (k_blocks * bits + 7) // 8), dtype=np.uint8)
                 if k_blocks * block_size != k:
                     w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
-                (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, True)
+                (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, symmetric)
                 new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
                 new_inits.append(out.add(f"{t.name}_scales", out_dtype(scales.astype(arr.dtype))))
+                if not symmetric:
+                    new_inits.append(out.add(f"{t.name}_zero_points", zero_points))
                 quantized[t.name] = (f"{t.name}_Q{bits}", f"{t.name}_scales", k, n)
                 del w, packed
                 if t.name not in keep_float:
@@ -462,8 +466,9 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
         for nd in graph.node:
             if nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in quantized:
                 qb, sc, k, n = quantized[nd.input[1]]
-                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc], list(nd.output), name=f"{nd.name}_Q{bits}",
-                                                  domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4))
+                zp = [] if symmetric else [f"{nd.input[1]}_zero_points"]
+                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc, *zp], list(nd.output), name=f"{nd.name}_Q{bits}",
+                                                  domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level))
                 count += 1
             else:
                 new_nodes.append(nd)
@@ -478,7 +483,8 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.save_model(model, str(dst))
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4; streamed per initializer)"
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric (zero points)'}, block {block_size}, "
+                      f"accuracy_level {accuracy_level}; streamed per initializer)"
             + ("; fp32 activations" if upcast else ""), "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
 
 
@@ -811,6 +817,8 @@ def quantize_export(
     llm_activations: str = "fp32",
     gate: str = "auto",
     llm_trt: str = "auto",
+    accuracy_level: int | None = None,
+    asymmetric: bool = False,
 ) -> QuantizeResult:
     """Write a complete quantized export folder `out` from the fp32 `export_dir` and CALIB, then gate it.
 
@@ -840,6 +848,10 @@ def quantize_export(
         on_stage: called with a stage label before each stage (for progress output).
         llm_activations: "fp32" (default; what a CPU runs fast) or "fp16": the activations of a weight-only decoder
             quantized from an fp16 export (an fp32 export stays fp32).
+        accuracy_level: MatMulNBits compute of the weight-only decoder: 0 (fp32 activations) or 4 (int8 activations
+            inside the kernel); None: ACCURACY_LEVEL[bits] (README "Quantization quality on trained weights").
+        asymmetric: weight-only blocks with zero points (min/max grid) instead of symmetric ones (ONNX Runtime's decoder
+            only; TensorRT requires zero points of 0, so decoder_trt stays symmetric).
         gate: "full" (the whole quantized export against the source), "truncated" (the decoder gate on depth-truncated
             decoders built from the checkpoint - the full fp16 reference of a 7B decoder needs 13.5 GB), or "auto".
 
@@ -856,6 +868,8 @@ def quantize_export(
                                  ("llm_trt", llm_trt, LLM_TRT_PRECISIONS), ("method", method, METHODS), ("op_types", op_types, OP_TYPES)):
         if value not in allowed:
             raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise InputError(f"accuracy_level must be 0..4 (ONNX Runtime MatMulNBits), got {accuracy_level!r}")
     if block_size < 16 or block_size & (block_size - 1):
         raise InputError(f"block_size must be a power of two >= 16, got {block_size}")
     manifest = load_manifest(export_dir)
@@ -902,7 +916,8 @@ def quantize_export(
             if prec != "fp32":
                 stage(f"{g} -> {prec}")
             with steps.step(g):
-                info = _quantize_graph(manifest, g, prec, dst, calib, method, op_types, excl, block_size, llm, llm_activations, work, trt_dir)
+                info = _quantize_graph(manifest, g, prec, dst, calib, method, op_types, excl, block_size, llm, llm_activations, work, trt_dir,
+                                       accuracy_level, asymmetric)
             if prec == "fp32":
                 prec = src_dtype
             else:
@@ -927,7 +942,7 @@ def quantize_export(
                             "sources": len(calib.index["sources"]), "held_out": calib.has_holdout()},
             "vision": vision, "pool": pool, "llm": llm, "llm_trt": precisions.get("decoder_trt"), "method": method, "op_types": op_types,
             "block_size": block_size, "exclude_nodes": list(exclude_nodes), "accept_degraded": accept_degraded,
-            "llm_activations": llm_activations, "gate": gate,
+            "llm_activations": llm_activations, "gate": gate, "accuracy_level": accuracy_level, "asymmetric": asymmetric,
             "tool": {"onnxruntime": _ort_version()},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
@@ -956,7 +971,8 @@ def quantize_export(
 
 
 def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSet, method: str, op_types: str, excl: list[str],
-                    block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None) -> dict:
+                    block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None,
+                    accuracy_level: int | None = None, asymmetric: bool = False) -> dict:
     """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied)."""
     src = manifest.path(g)
     src_dtype = manifest.data.get("dtype", "fp32")
@@ -985,7 +1001,9 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         return quantize_dq(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl)
     if prec in ("int8-weight", "int4-weight"):
         upcast = src_dtype == "fp16" and llm_activations == "fp32"
-        return _quantize_nbits(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl, upcast=upcast)
+        bits = 8 if prec == "int8-weight" else 4
+        level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
+        return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asymmetric)
     return _to_fp16(src, dst, excl)
 
 

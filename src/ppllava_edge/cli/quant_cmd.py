@@ -115,12 +115,15 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
               help="Activations of a weight-only decoder quantized from an fp16 export (fp32: what a CPU runs fast).")
 @click.option("--gate", type=click.Choice(["auto", "full", "truncated"]), default="auto", show_default=True,
               help="Decoder gate on the whole decoders, or on depth-truncated copies built from the checkpoint (auto: when the source decoder takes over a quarter of RAM, e.g. 7B).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="Weight-only decoder compute (ONNX Runtime MatMulNBits): 0 fp32 activations, 4 int8 activations. Default: per bit width (README).")
+@click.option("--asymmetric", is_flag=True, help="Weight-only blocks with zero points (ONNX Runtime's decoder; TensorRT's stays symmetric).")
 @click.option("--trt-cache", is_flag=True, help="Also write TensorRT calibration caches (trt_calibration/<graph>.cache) for int8 graphs.")
 @click.option("--accept-degraded", is_flag=True, help="Write --out even if the accuracy gate fails.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_types, exclude_nodes, block_size, min_cosine, min_logits_cosine,
                      min_top1, min_greedy, min_quality_top1, max_quality_kl, max_ppl_change, greedy_tokens, quality_tokens, quality_pairs,
-                     prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force, llm_trt):
+                     prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force, llm_trt, accuracy_level, asymmetric):
     """Write a quantized copy of the fp32 or fp16 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
     from .._deps import require
 
@@ -140,7 +143,8 @@ def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_t
                                      op_types=op_types, block_size=block_size, accept_degraded=accept_degraded, thresholds=th,
                                      greedy_tokens=greedy_tokens, quality_tokens=quality_tokens, quality_pairs=quality_pairs,
                                      prefill_positions=prefill_positions, trt_cache=trt_cache, force=force,
-                                     on_stage=log, llm_activations=llm_activations, gate=gate, llm_trt=llm_trt)
+                                     on_stage=log, llm_activations=llm_activations, gate=gate, llm_trt=llm_trt,
+                                     accuracy_level=accuracy_level, asymmetric=asymmetric)
     except AccuracyError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
