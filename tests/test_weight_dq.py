@@ -55,6 +55,45 @@ def test_int4_blocks_are_matmulnbits_values():
     assert np.abs(dq - w).max() < np.abs(w).max() / 7  # a 4-bit grid, not garbage
 
 
+def test_asymmetric_blocks_reproduce_a_q4_1_grid():
+    """--asymmetric: min/max blocks with float zero points (llama.cpp's Q4_1 grid). A weight that is a dequantized
+    Q4_1 tensor (w = d * q + m per block of 32, q spanning 0..15) comes back exactly through ONNX Runtime's
+    MatMulNBits at block 32 (the symmetric grid cannot: it rounds it a second time)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from ppllava_edge.calibration.quantize import minmax_blocks
+
+    rng = np.random.default_rng(1)
+    k, n, b, bits = 96, 8, 32, 4
+    d = rng.uniform(0.01, 0.05, (n, k // b, 1)).astype(np.float32)
+    m = rng.uniform(-0.3, -0.1, (n, k // b, 1)).astype(np.float32)
+    q = rng.integers(0, 16, (n, k // b, b))
+    q[..., 0], q[..., 1] = 0, 15
+    w = (d * q + m).reshape(n, k).T.astype(np.float32)
+
+    def through_kernel(packed, scales, zp):
+        node = helper.make_node("MatMulNBits", ["x", "B", "S"] + (["Z"] if zp is not None else []), ["y"], domain="com.microsoft",
+                                K=k, N=n, bits=bits, block_size=b, accuracy_level=0)
+        inits = [onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales, "S")]
+        inits += [onnx.numpy_helper.from_array(zp, "Z")] if zp is not None else []
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+
+    packed, scales, zp = minmax_blocks(w, bits, b)
+    assert packed.shape == (n, k // b, b * bits // 8) and scales.shape == zp.shape == (n, k // b)
+    err = np.abs(through_kernel(packed, scales, zp) - w).max()
+    assert err < 1e-6  # the Q4_1 grid itself
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    sp, ss = np.zeros((n, k // b, b // 2), np.uint8), np.zeros((n, k // b), np.float32)
+    quantize_matmul_4bits(sp, w, ss, np.zeros((n, 2), np.uint8), b, n, k, True)
+    assert np.abs(through_kernel(sp, ss, None) - w).max() > 100 * max(err, 1e-7)  # symmetric: a second rounding
+
+
 @pytest.fixture(scope="module")
 def trt_export(tmp_path_factory) -> Path:
     from ppllava_edge.export.exporter import ExportOptions, export_checkpoint

@@ -402,6 +402,28 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
     return info
 
 
+def minmax_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric blocks for MatMulNBits with *float* zero points: per column and block of K (padded with zeros),
+    scale = (max - min) / (2^bits - 1), zero point = -min / scale, q = round((w - min) / scale); the kernel computes
+    (q - zero_point) * scale. This is llama.cpp's Q4_1 / Q8_1 grid (d = scale, m = min), so a weight that *is* a
+    dequantized Q4_1 tensor (an LLM read from a Q4_1 GGUF) comes back exactly at block 32 instead of being rounded a
+    second time onto another grid. Returns (packed [N, blocks, block_size * bits / 8] uint8, scales [N, blocks]
+    float32, zero points [N, blocks] float32)."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    kb = (k + block_size - 1) // block_size
+    if kb * block_size != k:
+        w = np.pad(w, ((0, kb * block_size - k), (0, 0)))
+    blocks = w.T.reshape(n, kb, block_size)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+    top = (1 << bits) - 1
+    scale = (hi - lo) / top
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, top).astype(np.uint8)
+    packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed), scale, (-lo / scale).astype(np.float32)
+
+
 def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str], upcast: bool = False,
                     accuracy_level: int = 4, symmetric: bool = True) -> dict:
     """Weight-only MatMulNBits, one initializer at a time (peak memory: one weight in fp32 + its packed form).
@@ -453,7 +475,11 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
                 zero_points = np.zeros((n, (k_blocks * bits + 7) // 8), dtype=np.uint8)
                 if k_blocks * block_size != k:
                     w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
-                (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, symmetric)
+                if symmetric or bits == 8:  # (ONNX Runtime's CPU kernel takes no float zero points at 8 bits: uint8 ones)
+                    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, symmetric)
+                else:
+                    packed, scales, zero_points = minmax_blocks(w, bits, block_size)
+                    zero_points = out_dtype(zero_points.astype(arr.dtype))
                 new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
                 new_inits.append(out.add(f"{t.name}_scales", out_dtype(scales.astype(arr.dtype))))
                 if not symmetric:
@@ -483,7 +509,7 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.save_model(model, str(dst))
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric (zero points)'}, block {block_size}, "
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, ' + ('float' if bits == 4 else 'uint8') + ' zero points'}, block {block_size}, "
                       f"accuracy_level {accuracy_level}; streamed per initializer)"
             + ("; fp32 activations" if upcast else ""), "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
 
@@ -891,7 +917,7 @@ def quantize_export(
     llm_trt = llm if llm_trt == "auto" else llm_trt
     precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
                   "decoder_trt": llm_trt, "vision_trt": vision}
-    if llm_trt not in ("auto", llm) and "decoder_trt" not in manifest.data["graphs"]:
+    if llm_trt not in ("auto", "fp32", llm) and "decoder_trt" not in manifest.data["graphs"]:
         raise InputError(f"--llm-trt {llm_trt}: {export_dir} has no TensorRT decoder (decoder_trt).\n"
                          "Hint: export with `ppllava-edge export CHECKPOINT OUT --tensorrt`, or leave --llm-trt out.")
     precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
