@@ -106,7 +106,7 @@ def trt_export(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dq")
     ckpt = make_checkpoint("tiny", root / "ckpt", llm=gguf)
     out = root / "e"
-    export_checkpoint(ckpt, out, ExportOptions(frames=(2, 4, 8), tensorrt=True))
+    export_checkpoint(ckpt, out, ExportOptions(frames=(2, 4, 8), tensorrt=True, validate=False))  # validation: test_export
     return out
 
 
