@@ -741,7 +741,8 @@ class _GateSide:
 
 def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, precisions: dict[str, str], thresholds: Thresholds,
                                 prefill_positions: int, greedy_tokens: int, block_size: int, excludes: list[str],
-                                llm_activations: str, work: Path) -> AccuracyReport:
+                                llm_activations: str, work: Path, accuracy_level: int | None = None,
+                                asymmetric: bool = False) -> AccuracyReport:
     """The gate at a scale where the source decoder does not fit: the vision / pool graphs against the source's as
     usual; the decoder as a depth-truncated pair (its first GATE_LAYERS layers and the real head, written from the
     checkpoint in the export's dtype, and the same quantization of it) on CALIB's held-out prompts. The end-to-end
@@ -768,8 +769,10 @@ def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, pr
             src_dtype = manifest.data.get("dtype", "fp32")
             ref_path = decoder_copy(manifest.data["checkpoint"]["path"], work / "decoder.ref.onnx", src_dtype, GATE_LAYERS)
             q_path = work / "decoder.q.onnx"
-            _quantize_nbits(ref_path, q_path, 8 if prec == "int8-weight" else 4, block_size, _split_excludes(excludes, "decoder"),
-                            upcast=src_dtype == "fp16" and llm_activations == "fp32")
+            bits = 8 if prec == "int8-weight" else 4
+            _quantize_nbits(ref_path, q_path, bits, block_size, _split_excludes(excludes, "decoder"),
+                            upcast=src_dtype == "fp16" and llm_activations == "fp32",
+                            accuracy_level=ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level, symmetric=not asymmetric)
             ref, qs = _GateSide(manifest, ref_path, GATE_LAYERS), _GateSide(manifest, q_path, GATE_LAYERS)
             checks += _decoder_checks(prec, ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
         finally:
@@ -976,7 +979,7 @@ def quantize_export(
         with steps.step("accuracy gate"):
             if gate == "truncated":
                 report = evaluate_accuracy_truncated(manifest, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens, block_size,
-                                                     list(exclude_nodes), llm_activations, tmp / ".gate")
+                                                     list(exclude_nodes), llm_activations, tmp / ".gate", accuracy_level, asymmetric)
             else:
                 report = evaluate_accuracy(export_dir, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens, quality_tokens, quality_pairs)
         data["quantization"]["steps"] = steps.as_dict()
