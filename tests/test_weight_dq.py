@@ -130,7 +130,7 @@ def test_int4_decoder_trt(trt_export, sample_videos, tmp_path):
     # accuracy_level 0 (fp32 activations): with int8 activations (level 4) the kernel rounds its inputs, and the two
     # graphs' inputs differ by float noise (~1e-5), which that rounding turns into logit differences of ~0.5
     quantize_export(trt_export, calib, q, vision="fp32", pool="fp32", llm="int4-weight", block_size=32, accept_degraded=True,
-                    prefill_positions=1, greedy_tokens=1, quality_tokens=0, accuracy_level=0)
+                    prefill_positions=1, greedy_tokens=1, quality_tokens=0, accuracy_level=0, asymmetric=False)
     m = json.loads((q / "export.json").read_text())
     entry = m["graphs"]["decoder_trt"]
     assert entry["precision"] == "int4-weight" and "DequantizeLinear" in entry["quantization"]["scheme"]
@@ -166,3 +166,38 @@ def test_int4_decoder_trt(trt_export, sample_videos, tmp_path):
     r = CliRunner().invoke(cli, ["build", str(q), "--out", str(tmp_path / "engines"), "--dry-run", "--fp16"])
     assert r.exit_code == 0, r.output + r.stderr
     assert "int4-weight+fp16" in r.output + r.stderr and "decoder_trt.int4-weight.onnx" in r.output + r.stderr
+
+
+def test_asymmetric_decoder_graph_is_exact_and_uses_the_fast_kernel(tmp_path):
+    """The default int4 (asymmetric) MatMul: MatMulNBits with zero points 0 (ONNX Runtime's fast path) minus the block
+    sums of x times z * s equals x @ the float-zero-point weight (float noise only), for rank-2 and rank-3 inputs;
+    where K is not a multiple of the block, ONNX Runtime's uint8 zero points are used (no float zero points at all)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from ppllava_edge.calibration.quantize import _quantize_nbits, minmax_blocks
+
+    rng = np.random.default_rng(2)
+    for k, rank in ((96, 3), (96, 2), (80, 3)):  # 80: not a multiple of 32
+        n = 16
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        shape = ["b", "s", k] if rank == 3 else ["b", k]
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape[:-1] + [n])], [onnx.numpy_helper.from_array(w, "w")])
+        src, dst = tmp_path / f"src{k}{rank}.onnx", tmp_path / f"q{k}{rank}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), str(src))
+        info = _quantize_nbits(src, dst, 4, 32, [], accuracy_level=0, symmetric=False)
+        model = onnx.load(str(dst))
+        zps = [t for t in model.graph.initializer if t.name.endswith("_zero_points")]
+        assert info["nodes_quantized"] == 1 and zps and all(t.data_type == TensorProto.UINT8 for t in zps)
+        x = rng.standard_normal((2, 3, k) if rank == 3 else (2, k)).astype(np.float32)
+        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        if k % 32 == 0:
+            p, s, z = minmax_blocks(w, 4, 32)
+            u = np.empty((n, k // 32, 32), np.uint8)
+            u[..., 0::2], u[..., 1::2] = p & 15, p >> 4
+            wd = ((u - z[..., None]) * s[..., None]).reshape(n, k).T
+            np.testing.assert_allclose(y, x @ wd, atol=2e-4)
+        else:
+            assert np.abs(y - x @ w).max() < 0.35 * np.abs(x @ w).max()  # a 4-bit approximation, through the fast kernel

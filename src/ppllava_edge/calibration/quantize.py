@@ -78,6 +78,7 @@ POOL_PRECISIONS = ("int8", "fp32")
 LLM_PRECISIONS = ("auto", "int8-weight", "int4-weight", "fp32")  # the ONNX Runtime decoder ("int8": refused, see STATIC_INT8_DECODER)
 LLM_TRT_PRECISIONS = ("auto", "int8", "int8-weight", "int4-weight", "fp32")  # TensorRT's decoder_trt
 ACCURACY_LEVEL = {8: 4, 4: 4}  # MatMulNBits accuracy_level per bit width when not given (README: measured on SmolLM2)
+ASYMMETRIC = {8: False, 4: True}  # min/max blocks per bit width when not given (int4 b32 on SmolLM2: +2.0 % vs +62.6 %)
 AUTO_LLM = "int8-weight"  # --llm auto: passes the trained-LLM gate with margin and decodes faster than fp32 (README)
 STATIC_INT8_DECODER = (
     "--llm int8 (static Q/DQ) is not offered for ONNX Runtime's decoder: ONNX Runtime leaves its activations float and "
@@ -460,9 +461,10 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
     keep_float = {i for nd in graph.node for j, i in enumerate(nd.input) if not (quantizable(nd) and j == 1)}
     keep_float |= {o.name for o in graph.output}
     data_name = dst.name + ".data"
-    new_inits, new_nodes, count = [], [], 0
+    new_inits, new_nodes, extra_inits, count = [], [], [], 0
     with ExternalData(dst.parent / data_name) as out:
         quantized: dict[str, tuple[str, str, int, int]] = {}
+        split: set[str] = set()  # asymmetric int4 weights written as MatMulNBits + a zero-point correction
         for t in graph.initializer:
             arr = read_initializer(t, src.parent)
             if t.name in targets:
@@ -478,12 +480,18 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
                 if symmetric or bits == 8:  # (ONNX Runtime's CPU kernel takes no float zero points at 8 bits: uint8 ones)
                     (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, symmetric)
                 else:
-                    packed, scales, zero_points = minmax_blocks(w, bits, block_size)
-                    zero_points = out_dtype(zero_points.astype(arr.dtype))
+                    if k % block_size:  # no whole blocks to sum: ONNX Runtime's own asymmetric grid (uint8 zero points, fast)
+                        quantize_matmul_4bits(packed, w, scales, zero_points, block_size, n, k, False)
+                    else:
+                        packed, scales, zp_float = minmax_blocks(w, bits, block_size)
+                        # fast exact form: sum_k x_k (q_k - z) s = [MatMulNBits with zero points 0] - blocksum(x) @ (z * s);
+                        # ONNX Runtime's CPU kernel takes float zero points only on a slow reference path (~80x)
+                        new_inits.append(out.add(f"{t.name}_zp_correction", out_dtype((zp_float * scales).T.astype(arr.dtype))))
+                        split.add(t.name)
                 new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
                 new_inits.append(out.add(f"{t.name}_scales", out_dtype(scales.astype(arr.dtype))))
                 if not symmetric:
-                    new_inits.append(out.add(f"{t.name}_zero_points", zero_points))
+                    new_inits.append(out.add(f"{t.name}_zero_points", zero_points))  # (split: uint8 zeros)
                 quantized[t.name] = (f"{t.name}_Q{bits}", f"{t.name}_scales", k, n)
                 del w, packed
                 if t.name not in keep_float:
@@ -492,14 +500,18 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
         for nd in graph.node:
             if nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in quantized:
                 qb, sc, k, n = quantized[nd.input[1]]
-                zp = [] if symmetric else [f"{nd.input[1]}_zero_points"]
-                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc, *zp], list(nd.output), name=f"{nd.name}_Q{bits}",
+                w_name = nd.input[1]
+                zp = [] if symmetric else [f"{w_name}_zero_points"]
+                y = nd.output[0] if w_name not in split else f"{nd.name}/nbits"
+                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc, *zp], [y], name=f"{nd.name}_Q{bits}",
                                                   domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level))
+                if w_name in split:
+                    new_nodes += _zero_point_correction(nd, y, k // block_size, block_size, f"{w_name}_zp_correction", extra_inits)
                 count += 1
             else:
                 new_nodes.append(nd)
     del graph.initializer[:]
-    graph.initializer.extend(new_inits)
+    graph.initializer.extend(new_inits + extra_inits)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -509,9 +521,27 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.save_model(model, str(dst))
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, ' + ('float' if bits == 4 else 'uint8') + ' zero points'}, block {block_size}, "
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, ' + ('float zero points (as zero points 0 + a block-sum correction where K is a multiple of the block)' if bits == 4 else 'uint8 zero points')}, block {block_size}, "
                       f"accuracy_level {accuracy_level}; streamed per initializer)"
             + ("; fp32 activations" if upcast else ""), "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
+
+
+def _zero_point_correction(nd, y_nbits: str, blocks: int, block_size: int, correction: str, inits: list) -> list:
+    """Nodes computing nd's output = y_nbits - (block sums of x) @ correction, with correction = (z * s)^T [blocks, N]:
+    Reshape(x, [-1, blocks, B]) -> ReduceSum(-1) -> MatMul -> Reshape to y's shape -> Sub."""
+    from onnx import helper, numpy_helper
+
+    x, base = nd.input[0], nd.name
+    shape_name, axes_name = f"{base}/zp/blocks_shape", f"{base}/zp/axes"
+    inits += [numpy_helper.from_array(np.array([-1, blocks, block_size], np.int64), shape_name), numpy_helper.from_array(np.array([-1], np.int64), axes_name)]
+    return [
+        helper.make_node("Reshape", [x, shape_name], [f"{base}/zp/x_blocks"], name=f"{base}/zp/reshape"),
+        helper.make_node("ReduceSum", [f"{base}/zp/x_blocks", axes_name], [f"{base}/zp/x_sums"], name=f"{base}/zp/sum", keepdims=0),
+        helper.make_node("MatMul", [f"{base}/zp/x_sums", correction], [f"{base}/zp/flat"], name=f"{base}/zp/matmul"),
+        helper.make_node("Shape", [y_nbits], [f"{base}/zp/y_shape"], name=f"{base}/zp/shape"),
+        helper.make_node("Reshape", [f"{base}/zp/flat", f"{base}/zp/y_shape"], [f"{base}/zp/term"], name=f"{base}/zp/reshape_back"),
+        helper.make_node("Sub", [y_nbits, f"{base}/zp/term"], list(nd.output), name=f"{base}/zp/sub"),
+    ]
 
 
 def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
@@ -742,7 +772,7 @@ class _GateSide:
 def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, precisions: dict[str, str], thresholds: Thresholds,
                                 prefill_positions: int, greedy_tokens: int, block_size: int, excludes: list[str],
                                 llm_activations: str, work: Path, accuracy_level: int | None = None,
-                                asymmetric: bool = False) -> AccuracyReport:
+                                asymmetric: bool | None = None) -> AccuracyReport:
     """The gate at a scale where the source decoder does not fit: the vision / pool graphs against the source's as
     usual; the decoder as a depth-truncated pair (its first GATE_LAYERS layers and the real head, written from the
     checkpoint in the export's dtype, and the same quantization of it) on CALIB's held-out prompts. The end-to-end
@@ -772,7 +802,8 @@ def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, pr
             bits = 8 if prec == "int8-weight" else 4
             _quantize_nbits(ref_path, q_path, bits, block_size, _split_excludes(excludes, "decoder"),
                             upcast=src_dtype == "fp16" and llm_activations == "fp32",
-                            accuracy_level=ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level, symmetric=not asymmetric)
+                            accuracy_level=ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level,
+                            symmetric=not (ASYMMETRIC[bits] if asymmetric is None else asymmetric))
             ref, qs = _GateSide(manifest, ref_path, GATE_LAYERS), _GateSide(manifest, q_path, GATE_LAYERS)
             checks += _decoder_checks(prec, ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
         finally:
@@ -847,7 +878,7 @@ def quantize_export(
     gate: str = "auto",
     llm_trt: str = "auto",
     accuracy_level: int | None = None,
-    asymmetric: bool = False,
+    asymmetric: bool | None = None,
 ) -> QuantizeResult:
     """Write a complete quantized export folder `out` from the fp32 `export_dir` and CALIB, then gate it.
 
@@ -879,8 +910,8 @@ def quantize_export(
             quantized from an fp16 export (an fp32 export stays fp32).
         accuracy_level: MatMulNBits compute of the weight-only decoder: 0 (fp32 activations) or 4 (int8 activations
             inside the kernel); None: ACCURACY_LEVEL[bits] (README "Quantization quality on trained weights").
-        asymmetric: weight-only blocks with zero points (min/max grid) instead of symmetric ones (ONNX Runtime's decoder
-            only; TensorRT requires zero points of 0, so decoder_trt stays symmetric).
+        asymmetric: weight-only min/max blocks with zero points instead of symmetric ones (ONNX Runtime's decoder only;
+            TensorRT requires zero points of 0, so decoder_trt stays symmetric); None: ASYMMETRIC[bits].
         gate: "full" (the whole quantized export against the source), "truncated" (the decoder gate on depth-truncated
             decoders built from the checkpoint - the full fp16 reference of a 7B decoder needs 13.5 GB), or "auto".
 
@@ -1001,7 +1032,7 @@ def quantize_export(
 
 def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSet, method: str, op_types: str, excl: list[str],
                     block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None,
-                    accuracy_level: int | None = None, asymmetric: bool = False) -> dict:
+                    accuracy_level: int | None = None, asymmetric: bool | None = None) -> dict:
     """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied)."""
     src = manifest.path(g)
     src_dtype = manifest.data.get("dtype", "fp32")
@@ -1032,7 +1063,8 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         upcast = src_dtype == "fp16" and llm_activations == "fp32"
         bits = 8 if prec == "int8-weight" else 4
         level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
-        return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asymmetric)
+        asym = ASYMMETRIC[bits] if asymmetric is None else asymmetric
+        return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asym)
     return _to_fp16(src, dst, excl)
 
 

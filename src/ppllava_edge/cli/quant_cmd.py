@@ -117,7 +117,8 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
               help="Decoder gate on the whole decoders, or on depth-truncated copies built from the checkpoint (auto: when the source decoder takes over a quarter of RAM, e.g. 7B).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="Weight-only decoder compute (ONNX Runtime MatMulNBits): 0 fp32 activations, 4 int8 activations. Default: per bit width (README).")
-@click.option("--asymmetric", is_flag=True, help="Weight-only min/max blocks with zero points (int4: float zero points, llama.cpp's Q4_1 grid; ONNX Runtime's decoder only, TensorRT's stays symmetric). Measured ~80x slower per int4 MatMul on ONNX Runtime 1.32's CPU kernel: for quality, not CPU speed (README).")
+@click.option("--asymmetric/--symmetric", default=None,
+              help="Weight-only min/max blocks with zero points, or symmetric ones (default: asymmetric int4, symmetric int8; README). ONNX Runtime's decoder only: TensorRT's decoder_trt is always symmetric.")
 @click.option("--trt-cache", is_flag=True, help="Also write TensorRT calibration caches (trt_calibration/<graph>.cache) for int8 graphs.")
 @click.option("--accept-degraded", is_flag=True, help="Write --out even if the accuracy gate fails.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
