@@ -13,8 +13,10 @@ Per graph (`export.json` records the precision of each graph and a `quantization
   also quantizes activation×activation MatMuls of vision and decoder (the pools stay weights-only).
   ``op_types="all"`` is ORT's default (every quantizable op type, Softmax/Add/... included): it exists to show the
   accuracy gate failing; do not ship it.
-- ``int8-weight`` / ``int4-weight`` (decoder): weight-only ``MatMulNBits`` (symmetric, blocks of ``block_size``
-  along K, ``accuracy_level`` 4 = int8 activations inside the kernel), no calibration needed. The default
+- ``int8-weight`` / ``int4-weight`` (decoder): weight-only ``MatMulNBits`` (blocks of ``block_size`` along K,
+  ``accuracy_level`` 4 = int8 activations inside the kernel), no calibration needed. int8 blocks are symmetric; int4
+  blocks are asymmetric min/max by default (``minmax_blocks``: float zero points, llama.cpp's Q4_1 grid, computed
+  as zero points 0 plus a block-sum correction, ``_zero_point_correction``, on ONNX Runtime's fast kernel). The default
   (``llm="auto"``) is int8-weight. Static int8 on this decoder is refused (``STATIC_INT8_DECODER``): ONNX Runtime
   leaves its activations float and dequantizes every weight at every step, ~100x slower than fp32.
   decoder_trt gets the same mode as standard ``DequantizeLinear`` weights (``weight_dq.py``), or static int8
