@@ -517,6 +517,21 @@ def test_environment_block_with_a_jetson(tmp_path):
     json.dumps(env)  # serializable for bench reports
 
 
+def test_cpu_int8_units(tmp_path):
+    """`env` names the CPU's int8 / bf16 units from /proc/cpuinfo (what ONNX Runtime's int8 GEMM can use)."""
+    from ppllava_edge.engine.environment import collect_environment, cpu_units
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n"
+                                         "\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_units(tmp_path) == ["avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"]
+    (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert cpu_units(tmp_path) == ["asimddp", "i8mm"]
+    assert cpu_units(tmp_path / "missing") == []
+    env = collect_environment(tmp_path, run=no_commands)
+    assert "cpu int8/bf16 units: asimddp i8mm" in format_environment(env)
+
+
 def test_env_command_on_this_machine():
     import onnxruntime
 

@@ -106,21 +106,24 @@ def test_histogram_fix_is_scoped():
 
 
 def test_default_int8_passes_gate_and_answers(tiny_export, calib, videos, tmp_path):
+    """The defaults: int8 vision and pools, int8-weight (MatMulNBits) for ONNX Runtime's decoder and the same mode as
+    DequantizeLinear weights for TensorRT's decoder_trt; --llm-trt int8 keeps static int8 + the calibration cache."""
     from ppllava_edge.cli.main import cli
 
     out = tmp_path / "q"
-    res = quantize_export(tiny_export, calib, out, trt_cache=True, **FAST)
+    res = quantize_export(tiny_export, calib, out, trt_cache=True, llm_trt="int8", **FAST)
     assert res.report.passed
     manifest = json.loads((out / "export.json").read_text())
     assert {g: manifest["graphs"][g]["precision"] for g in manifest["graphs"]} == {
-        "vision": "int8", "prompt_pool": "int8", "image_pool": "int8", "projector_head": "fp32", "decoder": "int8", "decoder_trt": "int8",
+        "vision": "int8", "prompt_pool": "int8", "image_pool": "int8", "projector_head": "fp32", "decoder": "int8-weight", "decoder_trt": "int8",
         "vision_trt": "int8"}
+    assert "MatMulNBits" in manifest["graphs"]["decoder"]["quantization"]["scheme"]
     # the TensorRT decoder and vision graphs are calibrated on the same feeds (the decoder in its own contract) and
     # gated like their ONNX Runtime twins; the TensorRT cache is written for the graphs TensorRT builds
     for g in ("decoder_trt", "vision_trt"):
         assert (out / "trt_calibration" / f"{g}.cache").is_file()
         assert any(c.graph == g and c.passed for c in res.report.checks)
-    assert manifest["quantization"]["llm"] == "int8" and manifest["created"] != json.loads((tiny_export / "export.json").read_text())["created"]
+    assert manifest["quantization"]["llm"] == "int8-weight" and manifest["quantization"]["llm_trt"] == "int8" and manifest["created"] != json.loads((tiny_export / "export.json").read_text())["created"]
     # LayerNorm / Softmax / Add / the relevance path stay float: only weight MatMul/Gemm/Conv inputs get Q/DQ
     import onnx
 
@@ -224,6 +227,17 @@ def test_gate_fails_on_degraded_decoder(tiny_export, calib, tmp_path):
     assert not out.exists()
 
 
+def test_static_int8_decoder_is_refused(tiny_export, calib, tmp_path):
+    """--llm int8 on ONNX Runtime's decoder (float activations, every weight dequantized every step: ~100x slower than
+    fp32) is refused with one error naming int8-weight; nothing is written."""
+    out = tmp_path / "s8"
+    with pytest.raises(InputError, match="int8-weight"):
+        quantize_export(tiny_export, calib, out, llm="int8", **FAST)
+    r = _run(["quantize", str(tiny_export), "--calib", str(calib), "--out", str(out), "--llm", "int8"])
+    assert r.exit_code == 1 and "--llm int8-weight" in r.stderr and "--llm-trt int8" in r.stderr
+    assert not out.exists()
+
+
 def test_test_videos_are_reproducible(tiny_export, calib, videos, tmp_path):
     """write_test_video gives the same bytes in a fresh process and in this one (after an export, ORT sessions,
     calibration): with x264's default mbtree the bundled libx264 did not, so CALIB and every gate number drifted."""
@@ -261,7 +275,7 @@ def test_quantize_independent_of_hash_seed(tiny_export, calib, tmp_path):
 
 
 @pytest.mark.parametrize("method,kw", [("percentile", {"vision": "int8", "pool": "int8", "llm": "fp32"}),  # frames 2 / 4
-                                        ("entropy", {"vision": "fp32", "pool": "fp32", "llm": "int8"})])  # prompts of different lengths
+                                        ("entropy", {"vision": "fp32", "pool": "fp32", "llm": "fp32", "llm_trt": "int8"})])  # prompts of different lengths
 def test_mixed_shapes_histogram_methods(tiny_export, calib, videos, tmp_path, method, kw):
     from onnxruntime.quantization.calibrate import HistogramCollector
 
@@ -272,8 +286,8 @@ def test_mixed_shapes_histogram_methods(tiny_export, calib, videos, tmp_path, me
     m = json.loads((out / "export.json").read_text())
     assert m["quantization"]["method"] == method
     values = {(c.graph, c.metric): c.value for c in res.report.checks}
-    graph = "decoder" if kw["llm"] == "int8" else "vision"
-    key = (graph, "logits cosine (min)" if graph == "decoder" else "values cosine (min)")
+    graph = "decoder_trt" if kw.get("llm_trt") == "int8" else "vision"
+    key = (graph, "logits cosine (min)" if graph == "decoder_trt" else "values cosine (min)")
     assert values[key] > 0.98
     assert len(_ask(out, videos / "clip2.mp4").ids) == 4
 

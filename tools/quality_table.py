@@ -4,7 +4,7 @@
     ppllava-edge make-checkpoint --preset tiny --llm SmolLM2-135M-Instruct.Q4_1.gguf T
     ppllava-edge export T TE
     ppllava-edge calibrate TE --videos videos --questions questions.jsonl --out C --samples 40 --holdout 0.5
-    python tools/quality_table.py TE C WORK [--tokens 32] [--pairs N]
+    python tools/quality_table.py TE C WORK [--tokens 32] [--pairs N] [--modes int4-weight:32:0:asym,...]
 
 Each configuration is written by `quantize_export` (the gate's own decoder / pipeline rows are cut short here; the
 quality rows are computed below) and measured with calibration/quality.py - the same code as the gate's quality
@@ -29,7 +29,18 @@ from ppllava_edge.calibration.readers import load_calibration
 from ppllava_edge.manifest import load_manifest
 from ppllava_edge.runtime.pipeline import Pipeline
 
-LLM_MODES = [("int8", 32), ("int8-weight", 32), ("int4-weight", 32), ("int4-weight", 128)]
+# (--llm, --block-size, --accuracy-level, asymmetric): ONNX Runtime's weight-only variants measured for the README
+LLM_MODES = [("int8-weight", 32, 4, False), ("int8-weight", 32, 0, False), ("int4-weight", 32, 4, False), ("int4-weight", 32, 0, False),
+             ("int4-weight", 32, 0, True), ("int4-weight", 128, 4, False), ("int4-weight", 128, 0, False), ("int4-weight", 128, 0, True)]
+
+
+def parse_modes(text: str) -> list[tuple[str, int, int, bool]]:
+    """'int4-weight:32:0:asym,int8-weight:32:4' -> LLM_MODES entries."""
+    out = []
+    for item in filter(None, text.split(",")):
+        llm, block, level, *rest = item.split(":")
+        out.append((llm, int(block), int(level), rest == ["asym"]))
+    return out
 
 
 def main() -> None:
@@ -41,7 +52,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--first", type=int, default=None, help="Measure on the first N of the cached fp32 answers only (CPU time).")
     ap.add_argument("--vision", default="fp32,int8")
-    ap.add_argument("--llm", default="int8,int8-weight,int4-weight")
+    ap.add_argument("--llm", default="int8-weight,int4-weight")
+    ap.add_argument("--modes", default=None, help="LLM variants llm:block:accuracy_level[:asym], comma-separated (default: LLM_MODES).")
     args = ap.parse_args()
     console = Console(stderr=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -66,12 +78,13 @@ def main() -> None:
     vision_int8 = None
     if "int8" in args.vision.split(","):  # the vision graph quantized once; joined to each LLM mode's export below
         vision_int8 = _quantize(args, "vision-int8_llm-fp32", "int8", "fp32", 32)[0].sessions["vision"]
-    for llm, block in [m for m in LLM_MODES if m[0] in args.llm.split(",")]:
-        name = f"llm-{llm}" + (f"-b{block}" if llm == "int4-weight" else "")
+    modes = parse_modes(args.modes) if args.modes else LLM_MODES
+    for llm, block, level, asym in [m for m in modes if m[0] in args.llm.split(",")]:
+        name = f"llm-{llm}-b{block}-acc{level}" + ("-asym" if asym else "")
         todo = [v for v in args.vision.split(",") if f"vision-{v}_{name}" not in results]
         if not todo:
             continue
-        qs, t_quant, mb = _quantize(args, f"vision-fp32_{name}", "fp32", llm, block)
+        qs, t_quant, mb = _quantize(args, f"vision-fp32_{name}", "fp32", llm, block, level, asym)
         for vision in todo:
             if vision == "int8":
                 # the same as `quantize --vision int8 --llm ...`: every graph is quantized on its own from the fp32 export
@@ -79,7 +92,7 @@ def main() -> None:
             with Progress(console=console) as bar:
                 task = bar.add_task(f"vision {vision}, {name}", total=len(refs))
                 summary = compare_answers(qs, calib, refs, progress=lambda k: bar.update(task, completed=k))
-            row = {"vision": vision, "llm": llm, "block_size": block if llm != "int8" else None, "quantize_s": round(t_quant, 1),
+            row = {"vision": vision, "llm": llm, "block_size": block, "accuracy_level": level, "asymmetric": asym, "quantize_s": round(t_quant, 1),
                    **summary.__dict__, "ppl_change": summary.ppl_change, "decoder_mb": mb}
             results[f"vision-{vision}_{name}"] = row
             results_file.write_text(json.dumps(results, indent=2))
@@ -89,25 +102,26 @@ def main() -> None:
     print(markdown(results))
 
 
-def _quantize(args, name: str, vision: str, llm: str, block: int):
+def _quantize(args, name: str, vision: str, llm: str, block: int, level: int | None = None, asym: bool = False):
     """quantize_export (reusing a finished folder), its Pipeline, seconds and decoder MB. The gate's own decoder and
     pipeline rows are cut short (1 prefix cut, 1 greedy token): the quality rows are measured by the caller."""
     out = args.work / name
     t0 = time.perf_counter()
     if not (out / "export.json").is_file():
         quantize_export(args.export, args.calib, out, vision=vision, pool="fp32", llm=llm, block_size=block, accept_degraded=True,
-                        prefill_positions=1, greedy_tokens=1, quality_tokens=0, force=True)
+                        prefill_positions=1, greedy_tokens=1, quality_tokens=0, force=True, accuracy_level=level, asymmetric=asym,
+                        llm_trt="fp32")
     mb = round(sum(f.stat().st_size for f in out.glob("decoder*")) / 1e6, 1)
     return Pipeline.from_export(out, provider="cpu"), time.perf_counter() - t0, mb
 
 
 def markdown(results: dict) -> str:
-    head = ("| --vision | --llm | decoder MB | top-1 prefill | top-1 decode | KL prefill | KL decode | perplexity (fp32 → Q) | "
-            "exact match | common prefix |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+    head = ("| --vision | --llm | --accuracy-level | decoder MB | top-1 prefill | top-1 decode | KL prefill | KL decode | perplexity (fp32 → Q) | "
+            "exact match | common prefix |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
     rows = []
     for r in results.values():
-        llm = r["llm"] + (f" (block {r['block_size']})" if r["llm"] == "int4-weight" else "")
-        rows.append(f"| {r['vision']} | {llm} | {r['decoder_mb']:.0f} | {r['top1_prefill']:.3f} | {r['top1_decode']:.3f} | {r['kl_prefill']:.4f} | "
+        llm = r["llm"] + f" (block {r['block_size']}{', asymmetric' if r.get('asymmetric') else ''})"
+        rows.append(f"| {r['vision']} | {llm} | {r.get('accuracy_level', 4)} | {r['decoder_mb']:.0f} | {r['top1_prefill']:.3f} | {r['top1_decode']:.3f} | {r['kl_prefill']:.4f} | "
                     f"{r['kl_decode']:.4f} | {r['ppl_fp32']:.3f} → {r['ppl_q']:.3f} ({r['ppl_change']:+.1%}) | "
                     f"{round(r['exact_match'] * r['pairs'])}/{r['pairs']} | {r['common_prefix']:.1f} / {r['tokens']} |")
     return head + "\n".join(rows) + "\n"

@@ -5,7 +5,7 @@
 
 Per graph (`export.json` records the precision of each graph and a `quantization` block; `ask` runs Q unchanged):
 
-- ``int8`` (vision, prompt_pool/image_pool, decoder): static QDQ from the CALIB feeds. Activations uint8 asymmetric,
+- ``int8`` (vision, prompt_pool/image_pool, TensorRT's decoder_trt): static QDQ from the CALIB feeds. Activations uint8 asymmetric,
   weights int8 symmetric per channel. By default (``op_types="weights"``) only MatMul/Gemm/Conv nodes with a
   constant weight operand are quantized: LayerNorm, Softmax, residual Adds, attention Q·Kᵀ / P·V and, in the pools,
   the relevance path (the whole CLIP text branch up to keys · text, the softmaxes, the weighted pooling ``w @ v``)
@@ -13,8 +13,14 @@ Per graph (`export.json` records the precision of each graph and a `quantization
   also quantizes activation×activation MatMuls of vision and decoder (the pools stay weights-only).
   ``op_types="all"`` is ORT's default (every quantizable op type, Softmax/Add/... included): it exists to show the
   accuracy gate failing; do not ship it.
-- ``int8-weight`` / ``int4-weight`` (decoder): weight-only ``MatMulNBits`` (symmetric, blocks of ``block_size``
-  along K, ``accuracy_level`` 4 = int8 activations inside the kernel), no calibration needed.
+- ``int8-weight`` / ``int4-weight`` (decoder): weight-only ``MatMulNBits`` (blocks of ``block_size`` along K,
+  ``accuracy_level`` 4 = int8 activations inside the kernel), no calibration needed. int8 blocks are symmetric; int4
+  blocks are asymmetric min/max by default (``minmax_blocks``: float zero points, llama.cpp's Q4_1 grid, computed
+  as zero points 0 plus a block-sum correction, ``_zero_point_correction``, on ONNX Runtime's fast kernel). The default
+  (``llm="auto"``) is int8-weight. Static int8 on this decoder is refused (``STATIC_INT8_DECODER``): ONNX Runtime
+  leaves its activations float and dequantizes every weight at every step, ~100x slower than fp32.
+  decoder_trt gets the same mode as standard ``DequantizeLinear`` weights (``weight_dq.py``), or static int8
+  with ``llm_trt="int8"``.
 - ``fp16`` (vision): ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``; I/O stays
   float32. ORT CPU has few fp16 kernels and inserts Casts, so this is a size / GPU format, not a CPU speed-up.
 - ``fp32``: the graph file is copied. ``projector_head`` (the no-pooling baseline graph) is always copied.
@@ -72,7 +78,16 @@ log = logging.getLogger(__name__)
 
 VISION_PRECISIONS = ("int8", "fp16", "fp32")
 POOL_PRECISIONS = ("int8", "fp32")
-LLM_PRECISIONS = ("int8", "int8-weight", "int4-weight", "fp32")
+LLM_PRECISIONS = ("auto", "int8-weight", "int4-weight", "fp32")  # the ONNX Runtime decoder ("int8": refused, see STATIC_INT8_DECODER)
+LLM_TRT_PRECISIONS = ("auto", "int8", "int8-weight", "int4-weight", "fp32")  # TensorRT's decoder_trt
+ACCURACY_LEVEL = {8: 4, 4: 4}  # MatMulNBits accuracy_level per bit width when not given (README: measured on SmolLM2)
+ASYMMETRIC = {8: False, 4: True}  # min/max blocks per bit width when not given (int4 b32 on SmolLM2: +2.0 % vs +62.6 %)
+AUTO_LLM = "int8-weight"  # --llm auto: passes the trained-LLM gate with margin and decodes faster than fp32 (README)
+STATIC_INT8_DECODER = (
+    "--llm int8 (static Q/DQ) is not offered for ONNX Runtime's decoder: ONNX Runtime leaves its activations float and "
+    "dequantizes every weight at every step (1.47 s per token against ~15 ms for fp32, README \"Quantization quality on "
+    "trained weights\").\nHint: use --llm int8-weight (MatMulNBits: int8 weights, faster than fp32) or int4-weight; "
+    "static INT8 with a TensorRT calibration cache stays available for TensorRT's decoder: --llm-trt int8 --trt-cache.")
 METHODS = ("minmax", "percentile", "entropy")
 OP_TYPES = ("weights", "matmul", "all")
 ACCURACY_NAME = "accuracy.json"
@@ -391,7 +406,30 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
     return info
 
 
-def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str], upcast: bool = False) -> dict:
+def minmax_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric blocks for MatMulNBits with *float* zero points: per column and block of K (padded with zeros),
+    scale = (max - min) / (2^bits - 1), zero point = -min / scale, q = round((w - min) / scale); the kernel computes
+    (q - zero_point) * scale. This is llama.cpp's Q4_1 / Q8_1 grid (d = scale, m = min), so a weight that *is* a
+    dequantized Q4_1 tensor (an LLM read from a Q4_1 GGUF) comes back exactly at block 32 instead of being rounded a
+    second time onto another grid. Returns (packed [N, blocks, block_size * bits / 8] uint8, scales [N, blocks]
+    float32, zero points [N, blocks] float32)."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    kb = (k + block_size - 1) // block_size
+    if kb * block_size != k:
+        w = np.pad(w, ((0, kb * block_size - k), (0, 0)))
+    blocks = w.T.reshape(n, kb, block_size)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+    top = (1 << bits) - 1
+    scale = (hi - lo) / top
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, top).astype(np.uint8)
+    packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed), scale, (-lo / scale).astype(np.float32)
+
+
+def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str], upcast: bool = False,
+                    accuracy_level: int = 4, symmetric: bool = True) -> dict:
     """Weight-only MatMulNBits, one initializer at a time (peak memory: one weight in fp32 + its packed form).
 
     Every MatMul whose B is a 2-D initializer becomes MatMulNBits (symmetric, blocks of `block_size` along K,
@@ -426,9 +464,10 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
     keep_float = {i for nd in graph.node for j, i in enumerate(nd.input) if not (quantizable(nd) and j == 1)}
     keep_float |= {o.name for o in graph.output}
     data_name = dst.name + ".data"
-    new_inits, new_nodes, count = [], [], 0
+    new_inits, new_nodes, extra_inits, count = [], [], [], 0
     with ExternalData(dst.parent / data_name) as out:
         quantized: dict[str, tuple[str, str, int, int]] = {}
+        split: set[str] = set()  # asymmetric int4 weights written as MatMulNBits + a zero-point correction
         for t in graph.initializer:
             arr = read_initializer(t, src.parent)
             if t.name in targets:
@@ -441,9 +480,21 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
                 zero_points = np.zeros((n, (k_blocks * bits + 7) // 8), dtype=np.uint8)
                 if k_blocks * block_size != k:
                     w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
-                (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, True)
+                if symmetric or bits == 8:  # (ONNX Runtime's CPU kernel takes no float zero points at 8 bits: uint8 ones)
+                    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, symmetric)
+                else:
+                    if k % block_size:  # no whole blocks to sum: ONNX Runtime's own asymmetric grid (uint8 zero points, fast)
+                        quantize_matmul_4bits(packed, w, scales, zero_points, block_size, n, k, False)
+                    else:
+                        packed, scales, zp_float = minmax_blocks(w, bits, block_size)
+                        # fast exact form: sum_k x_k (q_k - z) s = [MatMulNBits with zero points 0] - blocksum(x) @ (z * s);
+                        # ONNX Runtime's CPU kernel takes float zero points only on a slow reference path (~80x)
+                        new_inits.append(out.add(f"{t.name}_zp_correction", out_dtype((zp_float * scales).T.astype(arr.dtype))))
+                        split.add(t.name)
                 new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
                 new_inits.append(out.add(f"{t.name}_scales", out_dtype(scales.astype(arr.dtype))))
+                if not symmetric:
+                    new_inits.append(out.add(f"{t.name}_zero_points", zero_points))  # (split: uint8 zeros)
                 quantized[t.name] = (f"{t.name}_Q{bits}", f"{t.name}_scales", k, n)
                 del w, packed
                 if t.name not in keep_float:
@@ -452,13 +503,18 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
         for nd in graph.node:
             if nd.op_type == "MatMul" and nd.name not in skip and nd.input[1] in quantized:
                 qb, sc, k, n = quantized[nd.input[1]]
-                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc], list(nd.output), name=f"{nd.name}_Q{bits}",
-                                                  domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4))
+                w_name = nd.input[1]
+                zp = [] if symmetric else [f"{w_name}_zero_points"]
+                y = nd.output[0] if w_name not in split else f"{nd.name}/nbits"
+                new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], qb, sc, *zp], [y], name=f"{nd.name}_Q{bits}",
+                                                  domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level))
+                if w_name in split:
+                    new_nodes += _zero_point_correction(nd, y, k // block_size, block_size, f"{w_name}_zp_correction", extra_inits)
                 count += 1
             else:
                 new_nodes.append(nd)
     del graph.initializer[:]
-    graph.initializer.extend(new_inits)
+    graph.initializer.extend(new_inits + extra_inits)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -468,8 +524,27 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.save_model(model, str(dst))
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit symmetric, block {block_size}, accuracy_level 4; streamed per initializer)"
+    return {"scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, ' + ('float zero points (as zero points 0 + a block-sum correction where K is a multiple of the block)' if bits == 4 else 'uint8 zero points')}, block {block_size}, "
+                      f"accuracy_level {accuracy_level}; streamed per initializer)"
             + ("; fp32 activations" if upcast else ""), "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
+
+
+def _zero_point_correction(nd, y_nbits: str, blocks: int, block_size: int, correction: str, inits: list) -> list:
+    """Nodes computing nd's output = y_nbits - (block sums of x) @ correction, with correction = (z * s)^T [blocks, N]:
+    Reshape(x, [-1, blocks, B]) -> ReduceSum(-1) -> MatMul -> Reshape to y's shape -> Sub."""
+    from onnx import helper, numpy_helper
+
+    x, base = nd.input[0], nd.name
+    shape_name, axes_name = f"{base}/zp/blocks_shape", f"{base}/zp/axes"
+    inits += [numpy_helper.from_array(np.array([-1, blocks, block_size], np.int64), shape_name), numpy_helper.from_array(np.array([-1], np.int64), axes_name)]
+    return [
+        helper.make_node("Reshape", [x, shape_name], [f"{base}/zp/x_blocks"], name=f"{base}/zp/reshape"),
+        helper.make_node("ReduceSum", [f"{base}/zp/x_blocks", axes_name], [f"{base}/zp/x_sums"], name=f"{base}/zp/sum", keepdims=0),
+        helper.make_node("MatMul", [f"{base}/zp/x_sums", correction], [f"{base}/zp/flat"], name=f"{base}/zp/matmul"),
+        helper.make_node("Shape", [y_nbits], [f"{base}/zp/y_shape"], name=f"{base}/zp/shape"),
+        helper.make_node("Reshape", [f"{base}/zp/flat", f"{base}/zp/y_shape"], [f"{base}/zp/term"], name=f"{base}/zp/reshape_back"),
+        helper.make_node("Sub", [y_nbits, f"{base}/zp/term"], list(nd.output), name=f"{base}/zp/sub"),
+    ]
 
 
 def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
@@ -657,9 +732,6 @@ def _quality_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int,
         met = q.top1_decode >= t1 and q.top1_prefill >= t1 and q.ppl_change <= ppl
         notes.append(f"target for --llm {llm}: top-1 >= {t1:g} and perplexity within +{ppl:.0%}: "
                      f"{'met' if met else 'MISSED'} (top-1 {q.top1_prefill:.3f} / {q.top1_decode:.3f}, perplexity {q.ppl_change:+.1%})")
-    elif llm == "int8":
-        notes.append(f"static int8 LLM: top-1 {q.top1_prefill:.3f} / {q.top1_decode:.3f}, perplexity {q.ppl_change:+.1%}"
-                     + ("" if min(q.top1_prefill, q.top1_decode) >= 0.90 else " - below 0.90: prefer --llm int8-weight (README)"))
     return checks, asdict(q) | {"ppl_change": q.ppl_change}, notes
 
 
@@ -702,7 +774,8 @@ class _GateSide:
 
 def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, precisions: dict[str, str], thresholds: Thresholds,
                                 prefill_positions: int, greedy_tokens: int, block_size: int, excludes: list[str],
-                                llm_activations: str, work: Path) -> AccuracyReport:
+                                llm_activations: str, work: Path, accuracy_level: int | None = None,
+                                asymmetric: bool | None = None) -> AccuracyReport:
     """The gate at a scale where the source decoder does not fit: the vision / pool graphs against the source's as
     usual; the decoder as a depth-truncated pair (its first GATE_LAYERS layers and the real head, written from the
     checkpoint in the export's dtype, and the same quantization of it) on CALIB's held-out prompts. The end-to-end
@@ -729,8 +802,11 @@ def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, pr
             src_dtype = manifest.data.get("dtype", "fp32")
             ref_path = decoder_copy(manifest.data["checkpoint"]["path"], work / "decoder.ref.onnx", src_dtype, GATE_LAYERS)
             q_path = work / "decoder.q.onnx"
-            _quantize_nbits(ref_path, q_path, 8 if prec == "int8-weight" else 4, block_size, _split_excludes(excludes, "decoder"),
-                            upcast=src_dtype == "fp16" and llm_activations == "fp32")
+            bits = 8 if prec == "int8-weight" else 4
+            _quantize_nbits(ref_path, q_path, bits, block_size, _split_excludes(excludes, "decoder"),
+                            upcast=src_dtype == "fp16" and llm_activations == "fp32",
+                            accuracy_level=ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level,
+                            symmetric=not (ASYMMETRIC[bits] if asymmetric is None else asymmetric))
             ref, qs = _GateSide(manifest, ref_path, GATE_LAYERS), _GateSide(manifest, q_path, GATE_LAYERS)
             checks += _decoder_checks(prec, ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
         finally:
@@ -787,7 +863,7 @@ def quantize_export(
     out: str | Path,
     vision: str = "int8",
     pool: str = "int8",
-    llm: str = "int8",
+    llm: str = "auto",
     method: str = "minmax",
     exclude_nodes: Sequence[str] = (),
     op_types: str = "weights",
@@ -803,6 +879,9 @@ def quantize_export(
     on_stage: Callable[[str], None] | None = None,
     llm_activations: str = "fp32",
     gate: str = "auto",
+    llm_trt: str = "auto",
+    accuracy_level: int | None = None,
+    asymmetric: bool | None = None,
 ) -> QuantizeResult:
     """Write a complete quantized export folder `out` from the fp32 `export_dir` and CALIB, then gate it.
 
@@ -812,7 +891,11 @@ def quantize_export(
         out: the folder to write (atomically: it appears only when everything, gate included, succeeded).
         vision: "int8" | "fp16" | "fp32".
         pool: "int8" | "fp32" (prompt_pool and image_pool).
-        llm: "int8" | "int8-weight" | "int4-weight" | "fp32" (decoder).
+        llm: "auto" | "int8-weight" | "int4-weight" | "fp32": ONNX Runtime's decoder ("auto": AUTO_LLM). "int8" (static
+            Q/DQ) is refused with STATIC_INT8_DECODER: ONNX Runtime runs it far slower than fp32.
+        llm_trt: TensorRT's standard-ops decoder_trt (exports made with --tensorrt): "auto" (the --llm mode: int8 /
+            int4 weight-only as DequantizeLinear weights, see weight_dq.py; fp32 copied), "int8" (static Q/DQ from
+            CALIB, with --trt-cache its calibration cache), "int8-weight", "int4-weight", "fp32".
         method: static calibration method "minmax" | "percentile" | "entropy".
         exclude_nodes: node names kept float ("graph:name" for one graph, or a plain name for every graph;
             names of the graph after ORT pre-processing, which keeps the exporter's names for MatMul/Gemm nodes).
@@ -828,6 +911,10 @@ def quantize_export(
         on_stage: called with a stage label before each stage (for progress output).
         llm_activations: "fp32" (default; what a CPU runs fast) or "fp16": the activations of a weight-only decoder
             quantized from an fp16 export (an fp32 export stays fp32).
+        accuracy_level: MatMulNBits compute of the weight-only decoder: 0 (fp32 activations) or 4 (int8 activations
+            inside the kernel); None: ACCURACY_LEVEL[bits] (README "Quantization quality on trained weights").
+        asymmetric: weight-only min/max blocks with zero points instead of symmetric ones (ONNX Runtime's decoder only;
+            TensorRT requires zero points of 0, so decoder_trt stays symmetric); None: ASYMMETRIC[bits].
         gate: "full" (the whole quantized export against the source), "truncated" (the decoder gate on depth-truncated
             decoders built from the checkpoint - the full fp16 reference of a 7B decoder needs 13.5 GB), or "auto".
 
@@ -838,10 +925,14 @@ def quantize_export(
     """
     t_start = time.perf_counter()
     stage = on_stage or (lambda s: None)
+    if llm == "int8":
+        raise InputError(STATIC_INT8_DECODER)
     for name, value, allowed in (("vision", vision, VISION_PRECISIONS), ("pool", pool, POOL_PRECISIONS), ("llm", llm, LLM_PRECISIONS),
-                                 ("method", method, METHODS), ("op_types", op_types, OP_TYPES)):
+                                 ("llm_trt", llm_trt, LLM_TRT_PRECISIONS), ("method", method, METHODS), ("op_types", op_types, OP_TYPES)):
         if value not in allowed:
             raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise InputError(f"accuracy_level must be 0..4 (ONNX Runtime MatMulNBits), got {accuracy_level!r}")
     if block_size < 16 or block_size & (block_size - 1):
         raise InputError(f"block_size must be a power of two >= 16, got {block_size}")
     manifest = load_manifest(export_dir)
@@ -850,17 +941,22 @@ def quantize_export(
     if any(p != src_dtype for p in src_prec.values()):
         raise InputError(f"{export_dir} is already quantized ({src_prec}); quantize the fp32 or fp16 export instead.")
     if src_dtype == "fp16":
-        for name, value in (("--pool", pool), ("--llm", llm)):
+        for name, value in (("--pool", pool), ("--llm-trt", llm_trt)):
             if value == "int8":
                 raise InputError(f"{name} int8 (static Q/DQ) needs an fp32 export; {export_dir} is fp16.\n"
                                  "Hint: use --llm int8-weight / int4-weight (weight-only) or export with --dtype fp32.")
     calib = load_calibration(calib_dir, manifest)
     gate = _gate_mode(gate, manifest)
     thresholds = thresholds or default_thresholds(manifest)
-    # the TensorRT decoder (standard ops) follows --llm int8 (TensorRT builds Q/DQ graphs); weight-only MatMulNBits
-    # graphs are ONNX Runtime only, so with those it stays fp32 (recorded in the manifest)
+    llm = AUTO_LLM if llm == "auto" else llm
+    # the TensorRT decoder (standard ops) follows the weight-only --llm mode as DequantizeLinear weights (weight_dq.py),
+    # or --llm-trt int8: static Q/DQ (TensorRT builds it from the fp32 graph with the calibration cache)
+    llm_trt = llm if llm_trt == "auto" else llm_trt
     precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
-                  "decoder_trt": llm if llm == "int8" else "fp32", "vision_trt": vision}
+                  "decoder_trt": llm_trt, "vision_trt": vision}
+    if llm_trt not in ("auto", "fp32", llm) and "decoder_trt" not in manifest.data["graphs"]:
+        raise InputError(f"--llm-trt {llm_trt}: {export_dir} has no TensorRT decoder (decoder_trt).\n"
+                         "Hint: export with `ppllava-edge export CHECKPOINT OUT --tensorrt`, or leave --llm-trt out.")
     precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
     precisions.update({g: "fp32" for g in manifest.data["graphs"] if g not in precisions})
 
@@ -883,7 +979,8 @@ def quantize_export(
             if prec != "fp32":
                 stage(f"{g} -> {prec}")
             with steps.step(g):
-                info = _quantize_graph(manifest, g, prec, dst, calib, method, op_types, excl, block_size, llm, llm_activations, work, trt_dir)
+                info = _quantize_graph(manifest, g, prec, dst, calib, method, op_types, excl, block_size, llm, llm_activations, work, trt_dir,
+                                       accuracy_level, asymmetric)
             if prec == "fp32":
                 prec = src_dtype
             else:
@@ -906,9 +1003,9 @@ def quantize_export(
             "source_export": {"path": str(Path(export_dir).resolve()), "created": manifest.data.get("created")},
             "calibration": {"path": str(Path(calib_dir).resolve()), "created": calib.index.get("created"),
                             "sources": len(calib.index["sources"]), "held_out": calib.has_holdout()},
-            "vision": vision, "pool": pool, "llm": llm, "method": method, "op_types": op_types,
+            "vision": vision, "pool": pool, "llm": llm, "llm_trt": precisions.get("decoder_trt"), "method": method, "op_types": op_types,
             "block_size": block_size, "exclude_nodes": list(exclude_nodes), "accept_degraded": accept_degraded,
-            "llm_activations": llm_activations, "gate": gate,
+            "llm_activations": llm_activations, "gate": gate, "accuracy_level": accuracy_level, "asymmetric": asymmetric,
             "tool": {"onnxruntime": _ort_version()},
         }
         data[WEIGHTS_KEY] = file_digests(tmp, data)  # this folder's files, not the source export's
@@ -917,7 +1014,7 @@ def quantize_export(
         with steps.step("accuracy gate"):
             if gate == "truncated":
                 report = evaluate_accuracy_truncated(manifest, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens, block_size,
-                                                     list(exclude_nodes), llm_activations, tmp / ".gate")
+                                                     list(exclude_nodes), llm_activations, tmp / ".gate", accuracy_level, asymmetric)
             else:
                 report = evaluate_accuracy(export_dir, tmp, calib, precisions, thresholds, prefill_positions, greedy_tokens, quality_tokens, quality_pairs)
         data["quantization"]["steps"] = steps.as_dict()
@@ -938,15 +1035,14 @@ def quantize_export(
 
 
 def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSet, method: str, op_types: str, excl: list[str],
-                    block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None) -> dict:
+                    block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None,
+                    accuracy_level: int | None = None, asymmetric: bool | None = None) -> dict:
     """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied)."""
     src = manifest.path(g)
     src_dtype = manifest.data.get("dtype", "fp32")
     if prec == "fp32":
         copy_graph(src, dst)
         info = {"scheme": f"{src_dtype} (copied)"}
-        if g == "decoder_trt" and llm != "fp32":
-            info["note"] = f"--llm {llm} is ONNX Runtime's MatMulNBits, which TensorRT does not parse: the TensorRT decoder stays {src_dtype}"
         return info
     if prec == "int8" and src_dtype == "fp16":  # an fp32 twin of the same graph, calibrated and quantized
         from ..export.exporter import trace_vision_graph, write_vision_graph
@@ -963,9 +1059,16 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         return info
     if prec == "int8":
         return _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)
+    if prec in ("int8-weight", "int4-weight") and g == "decoder_trt":
+        from .weight_dq import quantize_dq
+
+        return quantize_dq(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl)
     if prec in ("int8-weight", "int4-weight"):
         upcast = src_dtype == "fp16" and llm_activations == "fp32"
-        return _quantize_nbits(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl, upcast=upcast)
+        bits = 8 if prec == "int8-weight" else 4
+        level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
+        asym = ASYMMETRIC[bits] if asymmetric is None else asymmetric
+        return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asym)
     return _to_fp16(src, dst, excl)
 
 

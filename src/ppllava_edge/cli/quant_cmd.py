@@ -91,7 +91,10 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Quantized export folder to write.")
 @click.option("--vision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
 @click.option("--pool", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True, help="prompt_pool and image_pool.")
-@click.option("--llm", type=click.Choice(["int8", "int8-weight", "int4-weight", "fp32"]), default="int8", show_default=True, help="The decoder.")
+@click.option("--llm", type=click.Choice(["auto", "int8", "int8-weight", "int4-weight", "fp32"]), default="auto", show_default=True,
+              help="ONNX Runtime's decoder. auto: int8-weight (faster than fp32, passes the gate on trained weights). int8 (static Q/DQ) is refused: ONNX Runtime runs it ~100x slower than fp32.")
+@click.option("--llm-trt", type=click.Choice(["auto", "int8", "int8-weight", "int4-weight", "fp32"]), default="auto", show_default=True,
+              help="TensorRT's decoder_trt (exports made with --tensorrt). auto: the --llm mode as DequantizeLinear weights (TensorRT's weight-only pattern); int8: static Q/DQ (with --trt-cache, its calibration cache).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="Activation calibration (int8).")
 @click.option("--op-types", type=click.Choice(["weights", "matmul", "all"]), default="weights", show_default=True,
               help="int8 scope: weight MatMul/Gemm/Conv; + activation MatMuls; or every op type (breaks accuracy; for tests).")
@@ -112,12 +115,16 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
               help="Activations of a weight-only decoder quantized from an fp16 export (fp32: what a CPU runs fast).")
 @click.option("--gate", type=click.Choice(["auto", "full", "truncated"]), default="auto", show_default=True,
               help="Decoder gate on the whole decoders, or on depth-truncated copies built from the checkpoint (auto: when the source decoder takes over a quarter of RAM, e.g. 7B).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="Weight-only decoder compute (ONNX Runtime MatMulNBits): 0 fp32 activations, 4 int8 activations. Default: per bit width (README).")
+@click.option("--asymmetric/--symmetric", default=None,
+              help="Weight-only min/max blocks with zero points, or symmetric ones (default: asymmetric int4, symmetric int8; README). ONNX Runtime's decoder only: TensorRT's decoder_trt is always symmetric.")
 @click.option("--trt-cache", is_flag=True, help="Also write TensorRT calibration caches (trt_calibration/<graph>.cache) for int8 graphs.")
 @click.option("--accept-degraded", is_flag=True, help="Write --out even if the accuracy gate fails.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_types, exclude_nodes, block_size, min_cosine, min_logits_cosine,
                      min_top1, min_greedy, min_quality_top1, max_quality_kl, max_ppl_change, greedy_tokens, quality_tokens, quality_pairs,
-                     prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force):
+                     prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force, llm_trt, accuracy_level, asymmetric):
     """Write a quantized copy of the fp32 or fp16 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
     from .._deps import require
 
@@ -137,7 +144,8 @@ def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_t
                                      op_types=op_types, block_size=block_size, accept_degraded=accept_degraded, thresholds=th,
                                      greedy_tokens=greedy_tokens, quality_tokens=quality_tokens, quality_pairs=quality_pairs,
                                      prefill_positions=prefill_positions, trt_cache=trt_cache, force=force,
-                                     on_stage=log, llm_activations=llm_activations, gate=gate)
+                                     on_stage=log, llm_activations=llm_activations, gate=gate, llm_trt=llm_trt,
+                                     accuracy_level=accuracy_level, asymmetric=asymmetric)
     except AccuracyError as exc:
         report = getattr(exc, "report", None)
         if report is not None:

@@ -16,6 +16,7 @@ each plan:
   first profile's opt, as Polygraphy does), and a build where TensorRT still asks the calibrator for data fails
   with a message saying the cache was rejected;
 - ONNX Runtime's weight-only MatMulNBits graphs (int4-weight / int8-weight) are refused (no TensorRT parser support);
+  the weight-only decoder_trt `quantize` writes with DequantizeLinear weights builds (precision e.g. "int4-weight+fp16");
 - graphs whose inputs or outputs are bf16 / fp8 are refused at plan time (numpy, hence the runtime, has no such types);
 - fp32 exports build fp32 (TF32 allowed), or with `--fp16` as a weakly typed network with BuilderFlag.FP16 on
   TensorRT 10 (TensorRT 11 removed weak typing: re-export with `--dtype fp16` instead);
@@ -385,12 +386,17 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         spec = data["graphs"][src]
         check_io_dtypes(g, src, spec)
         onnx, cache, int8_flag, algorithm = manifest.path(src), None, False, None
-        if precisions[g] in ("int8-weight", "int4-weight"):
+        dq_weights = "DequantizeLinear" in str(spec.get("quantization", {}).get("scheme", ""))
+        if precisions[g] in ("int8-weight", "int4-weight") and dq_weights:
+            # weight-only DequantizeLinear weights (calibration/weight_dq.py): the activations keep the export's dtype
+            act, strongly, fp16_flag = resolve_precision(data.get("dtype", "fp32"), opts.fp16, trt_version)
+            precision = f"{precisions[g]}+{act}"
+        elif precisions[g] in ("int8-weight", "int4-weight"):
             raise EngineBuildError(
                 f"{g}: precision {precisions[g]} is ONNX Runtime's weight-only MatMulNBits operator, which TensorRT's ONNX parser does not implement.\n"
                 "Hint: build engines from the fp32 / fp16 export (or an int8 Q/DQ one); keep MatMulNBits exports for `ppllava-edge ask`."
             )
-        if precisions[g] == "int8" and is_asymmetric_qdq(spec):
+        elif precisions[g] == "int8" and is_asymmetric_qdq(spec):
             onnx, cache = implicit_int8_source(manifest, src, trt_version)
             algorithm = read_calibration_cache(cache)[0]
             precision, strongly, fp16_flag, int8_flag = "int8", False, opts.fp16, True

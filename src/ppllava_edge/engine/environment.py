@@ -37,6 +37,23 @@ def cpu_model(root: Path = Path("/")) -> str:
     return platform.processor() or platform.machine()
 
 
+# /proc/cpuinfo flags of the CPU units ONNX Runtime's int8 / bf16 kernels can use (x86; ARM's are asimddp / i8mm / bf16)
+CPU_UNITS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+             "asimddp", "i8mm", "bf16")
+
+
+def cpu_units(root: Path = Path("/")) -> list[str]:
+    """The int8 / bf16 units of CPU_UNITS the first processor of /proc/cpuinfo lists (`flags` on x86, `Features`
+    on ARM), in CPU_UNITS order; [] when unreadable."""
+    try:
+        text = (root / "proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return []
+    m = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, flags=re.M)
+    flags = set(m.group(1).split()) if m else set()
+    return [u for u in CPU_UNITS if u in flags]
+
+
 def cpu_cores() -> dict:
     try:
         import psutil
@@ -167,7 +184,7 @@ def collect_environment(root: str | Path | None = None, run: Runner | None = Non
         "ppllava_edge": {"version": __version__, "path": str(package_dir), "git": git_commit(package_dir, run)},
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation(), "executable": sys.executable},
         "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(), "platform": platform.platform()},
-        "cpu": {"model": cpu_model(root), **cpu_cores()},
+        "cpu": {"model": cpu_model(root), **cpu_cores(), "units": cpu_units(root)},
         "memory": memory(root),
         "gpu": gpu,
         "tensorrt": tensorrt_version(),
@@ -194,6 +211,7 @@ def format_environment(env: dict) -> str:
     lines.append(f"platform: {env['platform']['platform']}")
     cpu = env["cpu"]
     lines.append(f"cpu: {cpu['model']} ({cpu['logical']} logical cores" + (f", {cpu['physical']} physical)" if cpu.get("physical") else ")"))
+    lines.append(f"cpu int8/bf16 units: {' '.join(cpu.get('units') or []) or 'none found'}")
     mem = env["memory"]
     lines.append(f"memory: {_gib(mem['total_bytes'])} total, {_gib(mem['available_bytes'])} available")
     gpu = env["gpu"]
