@@ -328,15 +328,21 @@ def test_queue_limit_gives_503_with_retry_after(tiny_export, media, pipe):
         conn.sock.close()
         conn.close()
         want = ask(pipe, files["clip"], "q")
-
-        def answered() -> bool:
-            try:
-                r = c.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=12, temperature=0)
-            except openai.InternalServerError:
-                return False
-            return r.choices[0].message.content == want.text
-
+        answered = _answers(c, tiny_export, want.text)
         assert _wait_for(answered)
+
+
+def _answers(client, tiny_export, text: str):
+    """A predicate: the server answers a plain question on the clip with `text` (False while it is busy)."""
+
+    def answered() -> bool:
+        try:
+            r = client.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=12, temperature=0)
+        except openai.InternalServerError:
+            return False
+        return r.choices[0].message.content == text
+
+    return answered
 
 
 def test_no_media_dir_means_no_path_access(tiny_export, media):
@@ -597,14 +603,7 @@ def test_read_timeouts_and_one_log_line_per_disconnect(tiny_export, media, pipe)
         conn.close()
         want = ask(pipe, files["clip"], "q")
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-        def answered() -> bool:
-            try:
-                r = c.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=12, temperature=0)
-            except openai.InternalServerError:
-                return False
-            return r.choices[0].message.content == want.text
-
+        answered = _answers(c, tiny_export, want.text)
         assert _wait_for(answered)
         # headers that never end: the connection is closed after --read-timeout
         out, took = _raw(s, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
