@@ -307,16 +307,23 @@ def test_disconnect_mid_stream_stops_generation(server, client, tiny_export):
     assert r.choices[0].message.content
 
 
+def _occupy_the_worker(s, tiny_export) -> http.client.HTTPConnection:
+    """Start a long streamed answer (3900 tokens, EOS ignored) and wait for its first chunk: the one worker is busy
+    until the returned connection is closed."""
+    long = {"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 3900, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(long).encode(), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data:")
+    return conn
+
+
 def test_queue_limit_gives_503_with_retry_after(tiny_export, media, pipe):
     d, files = media
     with running_server(tiny_export, "--media-dir", str(d), "--workers", "1", "--max-queue", "0") as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        long = {"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 3900, "ignore_eos": True,
-                "temperature": 0, "stream": True}
-        conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", json.dumps(long).encode(), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200 and resp.readline().startswith(b"data:")  # the one worker is busy
+        conn = _occupy_the_worker(s, tiny_export)
         with pytest.raises(openai.InternalServerError) as err:
             c.chat.completions.create(model=model_id(tiny_export), messages=video_messages("clip.mp4", "q"), max_tokens=4, temperature=0)
         assert err.value.status_code == 503 and err.value.body["code"] == "server_busy"
@@ -589,12 +596,7 @@ def test_read_timeouts_and_one_log_line_per_disconnect(tiny_export, media, pipe)
     d, files = media
     with running_server(tiny_export, "--media-dir", str(d), "--workers", "1", "--max-queue", "0", "--max-upload-mb", "1",
                         "--read-timeout", "1", "--body-timeout", "3") as s:
-        long = {"model": model_id(tiny_export), "messages": video_messages("clip.mp4", "q"), "max_tokens": 3900, "ignore_eos": True,
-                "temperature": 0, "stream": True}
-        conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", json.dumps(long).encode(), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200 and resp.readline().startswith(b"data:")  # the one worker is busy
+        conn = _occupy_the_worker(s, tiny_export)
         # a busy server refuses before reading the body: 503 (once the drained rest stops coming) although only
         # 1 KiB of the announced 1 MB came
         out, took = _raw(s, _head(1_000_000) + b"{" + b" " * 1023)
