@@ -232,11 +232,12 @@ class Pipeline:
         factories = {}
         for stage, graph in manifest.backend_graphs("ort").items():
             fused = manifest.graph(graph).get("contract") is not None
-            # the decoder keeps its arena (the decode steps reuse it); the other graphs run once per request: their
-            # arena gives its free memory back after each run (faster than no arena, and a lower peak)
+            # the decoder keeps its arena (the decode steps reuse it); the other graphs run once per request and
+            # give their memory back after each run: vision without an arena (the lowest peak at CLIP-L), the pools
+            # on a shrinking arena (README "Vision at 2 threads")
             factories[stage] = functools.partial(_open_graph, manifest, manifest.path(graph), ort_provider, threads, trt_cache, fp16,
                                                  "basic" if fused else "all", None if fused else manifest.folder / ORT_CACHE,
-                                                 arena=True if stage == "decoder" else "shrink")
+                                                 arena={"decoder": True, "vision": False}.get(stage, "shrink"))
         self.sessions = LazySessions(factories, {**(self.trt.runners if self.trt is not None else {}), **(runners or {})})
         if not decoder:
             factories.pop("decoder", None)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import InferenceError, MissingDependencyError
 from ..manifest import graph_files
+from ..memory import trim_heap
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -80,10 +81,14 @@ class Session:
 
     _FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
-    def __init__(self, session, run_options=None):
+    _OUTPUTS = {**_FLOATS, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+    def __init__(self, session, run_options=None, bind_outputs: bool = False, trim: bool = False):
         self.session = session
         self.float_inputs = {i.name: self._FLOATS[i.type] for i in session.get_inputs() if i.type in self._FLOATS}
         self.run_options = run_options  # used by `run` when the caller gives none (create_session(arena="shrink"))
+        self.bind_outputs = bind_outputs  # outputs into numpy arrays, outside the arena (arena="shrink")
+        self.trim = trim  # give the C heap's free pages back after every run (arena=False)
 
     def input_dtype(self, name: str):
         """numpy dtype of a floating-point input (None for other inputs)."""
@@ -94,7 +99,50 @@ class Session:
         for k, v in feed.items():
             want = self.float_inputs.get(k)
             cast[k] = v.astype(want) if want is not None and getattr(v, "dtype", want) != want else v
-        return self.session.run(output_names, cast, run_options if run_options is not None else self.run_options)
+        ro = run_options if run_options is not None else self.run_options
+        shapes = self.output_shapes(cast) if self.bind_outputs else None
+        try:
+            if shapes is not None:
+                return self._run_into(output_names, cast, shapes, ro)
+            return self.session.run(output_names, cast, ro)
+        finally:
+            if self.trim:
+                trim_heap()
+
+    def output_shapes(self, feed: dict) -> dict[str, tuple] | None:
+        """Every output's shape for this feed, from the graph's symbolic dims ('frames', '576*frames') bound by the
+        inputs' shapes; None when one is not computable (a dim only the run knows)."""
+        from ..engine.profiles import eval_dim  # pure: integer dim expressions, no TensorRT
+
+        env: dict[str, int] = {}
+        for i in self.session.get_inputs():
+            if i.name in feed:
+                for d, n in zip(i.shape, np.shape(feed[i.name])):
+                    if isinstance(d, str) and d.isidentifier():
+                        env[d] = int(n)
+        try:
+            return {o.name: tuple(eval_dim(d, env) for d in o.shape) for o in self.session.get_outputs()
+                    if o.type in self._OUTPUTS and None not in o.shape}
+        except Exception:  # noqa: BLE001 - a symbol no input binds, an expression eval_dim does not take
+            return None
+
+    def _run_into(self, output_names, feed: dict, shapes: dict[str, tuple], run_options):
+        """`run` with every output written into a numpy array allocated here (IO binding), so that no output lives
+        in ONNX Runtime's arena: with `arena="shrink"` the arena then gives back *all* of the run's memory, where
+        a region holding an output stayed reserved until the next run (0.75 GB after a 32-frame CLIP-L run)."""
+        outs = self.session.get_outputs()
+        if len(shapes) != len(outs):
+            return self.session.run(output_names, feed, run_options)
+        binding = self.session.io_binding()
+        inputs = {k: np.ascontiguousarray(v) for k, v in feed.items()}  # alive until the run returns
+        for k, v in inputs.items():
+            binding.bind_cpu_input(k, v)
+        arrays = {}
+        for o in outs:
+            a = arrays[o.name] = np.empty(shapes[o.name], self._OUTPUTS[o.type])
+            binding.bind_output(o.name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        self.session.run_with_iobinding(binding, run_options)
+        return [arrays[n] for n in (output_names or [o.name for o in outs])]
 
     def __getattr__(self, name):
         return getattr(self.session, name)
@@ -132,18 +180,22 @@ def create_session(path: Path, provider: str, threads: int | None = None, cache_
             cannot be written (read-only, disk full) is skipped with a warning and nothing half-written is
             published; an entry that does not load is removed with a warning and the graph is optimised again.
         arena: True: ONNX Runtime's CPU memory arena with its memory pattern (activations stay reserved for the
-            next run). "shrink": the arena without the memory pattern, its free chunks given back to the system
-            after every `run` (what a graph run once per request wants: the vision tower at 32 frames of CLIP-L
-            holds 1.6 GB of activations). Measured on the small preset's vision graph at 32 frames (README,
-            "Vision at 2 threads"): 1.08x faster than without an arena, and a lower peak (0.41 vs 1.11 GB RSS).
-            False: no arena (every activation from malloc).
+            next run; the decoder). "shrink": the arena without the memory pattern, its free regions given back to
+            the system after every `run`, whose outputs are written into numpy arrays outside the arena so that no
+            region outlives the run (the pools). False: no arena, every activation from malloc, and the C heap
+            trimmed after every run (the vision graph: the lowest peak and nothing kept at CLIP-L width, README
+            "Vision at 2 threads")
     """
     ort = _ort()
     run_options = None
-    if arena == "shrink" and provider == "cpu":
+    shrink = arena == "shrink" and provider == "cpu"
+    if shrink:
         run_options = ort.RunOptions()
         run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     path = Path(path)
+
+    def wrap(session):
+        return Session(session, run_options, bind_outputs=shrink, trim=arena is False and provider == "cpu")
 
     def options(level=None):
         so = ort.SessionOptions()
@@ -164,20 +216,20 @@ def create_session(path: Path, provider: str, threads: int | None = None, cache_
 
     try:
         if optimize == "basic":
-            return Session(open_session(path, options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)), run_options)
+            return wrap(open_session(path, options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)))
         if graph_cache is None or provider != "cpu":
-            return Session(open_session(path, options()), run_options)
+            return wrap(open_session(path, options()))
         # one folder per key, written under a private temporary name and renamed: processes that open the same
         # export at once (Triton's instances) never see or write each other's half-written files
         entry = Path(graph_cache) / f"{path.stem}-{_cache_key(path, provider, threads)}"
         if (entry / CACHED_GRAPH).is_file():
             try:
-                return Session(open_session(entry / CACHED_GRAPH, options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)), run_options)
+                return wrap(open_session(entry / CACHED_GRAPH, options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)))
             except Exception as exc:  # noqa: BLE001 - a damaged entry (an older version's failed write): drop it, optimise again
                 log.warning("%s: the cached optimised graph does not load (%s: %s); removing it and optimising %s again",
                             entry, type(exc).__name__, _first_line(exc), path.name)
                 _discard(entry)
-        return Session(_open_and_cache(path, entry, options, open_session), run_options)
+        return wrap(_open_and_cache(path, entry, options, open_session))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise InferenceError(f"{path}: onnxruntime could not load the graph ({type(exc).__name__}: {exc})") from exc
 
@@ -215,6 +267,16 @@ def _open_and_cache(path: Path, entry: Path, options, open_session):
                 writing.rename(entry)  # atomic; refused when another process renamed its copy first
             except OSError:
                 pass
+            if (entry / CACHED_GRAPH).is_file():
+                # the optimising session keeps the graph's weights in the heap (its optimisers copy them): answer from
+                # the saved copy, as a second process does (weights memory-mapped), and give that memory back
+                del session
+                trim_heap()
+                try:
+                    return open_session(entry / CACHED_GRAPH, options(_ort().GraphOptimizationLevel.ORT_DISABLE_ALL))
+                except Exception as exc:  # noqa: BLE001 - the next process removes and rewrites a bad entry
+                    log.warning("%s: the optimised copy just written does not load (%s); using %s", entry, _first_line(exc), path.name)
+                    return open_session(path, options())
         else:
             log.warning("%s: ONNX Runtime graph cache skipped: the optimised copy was not written completely", entry.parent)
         return session
