@@ -24,7 +24,7 @@ def quantized(tiny_export, tmp_path_factory):
     for i, (n, size) in enumerate([(24, (96, 64)), (30, (64, 64)), (20, (80, 64))]):
         write_test_video(work / "videos" / f"clip{i}.mp4", num_frames=n, size=size)
     (work / "q.jsonl").write_text(json.dumps({"question": "What happens?"}) + "\n")
-    collect_calibration(tiny_export, work / "videos", work / "q.jsonl", work / "calib", frames=[2, 4], samples=6, decode_steps=1)
+    collect_calibration(tiny_export, work / "videos", work / "q.jsonl", work / "calib", frames=[2], samples=4, decode_steps=1)
     result = quantize_export(tiny_export, work / "calib", work / "q", vision="int8", pool="fp32", llm="fp32", quality_tokens=0, greedy_tokens=2)
     return result.folder, work
 
