@@ -612,7 +612,7 @@ def test_trt_backend_without_tensorrt_fails_cleanly(tiny_export, tmp_path):
 def test_cuda_wrappers_without_cuda_python():
     if has_module("cuda"):
         pytest.skip("cuda-python is installed")
-    from ppllava_edge.runtime.cuda import DeviceBuffer
+    from ppllava_edge.device import DeviceBuffer
 
     with pytest.raises(MissingDependencyError, match="cuda-python"):
         DeviceBuffer(16)
@@ -621,7 +621,7 @@ def test_cuda_wrappers_without_cuda_python():
 def _gpu_ready() -> bool:
     if not (HAVE_TRT and has_module("cuda")):
         return False
-    from ppllava_edge.runtime.cuda import device_count
+    from ppllava_edge.device import device_count
 
     return device_count() > 0
 

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import ppllava_edge.engine.availability as availability
-import ppllava_edge.runtime.cuda as cuda
+import ppllava_edge.device as cuda
 from ppllava_edge.cli.main import cli
 from ppllava_edge.engine.builder import BuildOptions, build_engines
 from ppllava_edge.engine.metadata import engine_entry, export_fingerprint, load_metadata, new_metadata, write_metadata

@@ -732,7 +732,7 @@ def build_engines(
         raise InputError(f"{out_dir} exists and is not empty.\nHint: pass --force to replace it, or choose another folder.")
 
     trt, _ = require_tensorrt("Building TensorRT engines")
-    from ..runtime.cuda import device_info
+    from ..device import device_info
 
     gpu = device_info(0)  # cudart's name ("Orin" on every Jetson Orin): what `engines` and --backend trt compare with
     plans = plan_build(manifest, out_dir, opts, trt.__version__, gpu["sm"], limits)
