@@ -26,7 +26,7 @@ CASES = {
         ["torch", "transformers", "tensorrt", "onnxruntime", "tritonclient", "triton_python_backend_utils", "google.protobuf"],
     ),
     "engine + cli": (
-        ["ppllava_edge.cli.main", "ppllava_edge.engine.builder", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.device"],
+        ["ppllava_edge.cli.main", "ppllava_edge.engine.plan", "ppllava_edge.engine.build", "ppllava_edge.engine.calibration_cache", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.device"],
         ["tensorrt", "cuda", "torch", "onnx"],
     ),
 }
