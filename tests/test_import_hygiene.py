@@ -15,7 +15,7 @@ CASES = {
         ["torch", "onnxruntime", "tensorrt", "matplotlib"],
     ),
     "serve + load test": (
-        ["ppllava_edge.serve.app", "ppllava_edge.serve.protocol", "ppllava_edge.serve.inputs", "ppllava_edge.serve.metrics", "ppllava_edge.serve.run",
+        ["ppllava_edge.serve.app", "ppllava_edge.serve.scheduler", "ppllava_edge.serve.protocol", "ppllava_edge.serve.inputs", "ppllava_edge.serve.metrics", "ppllava_edge.serve.run",
          "ppllava_edge.cli.serve_cmd", "ppllava_edge.bench.loadtest"],
         ["torch", "transformers", "tensorrt", "onnxruntime", "openai"],
     ),
