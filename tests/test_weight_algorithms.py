@@ -86,7 +86,7 @@ def _one_matmul(tmp_path, w, name="src.onnx"):
     return src
 
 
-@pytest.mark.parametrize("bits,block,symmetric,algorithm", [(4, 32, False, "gptq"), (4, 32, True, "gptq"), (8, 32, True, "gptq"),
+@pytest.mark.parametrize("bits,block,symmetric,algorithm", [(4, 32, False, "gptq"), (4, 32, True, "gptq"), (8, 32, True, "gptq"), (8, 32, False, "gptq"),
                                                              (4, 128, False, "hqq"), (4, 32, False, "rtn")])
 def test_written_decoder_equals_a_numpy_dequantize_and_matmul(tmp_path, bits, block, symmetric, algorithm):
     """The MatMulNBits graph `_quantize_nbits(algorithm=...)` writes computes x @ (what refine() chose, dequantized in
@@ -121,6 +121,28 @@ def test_written_decoder_equals_a_numpy_dequantize_and_matmul(tmp_path, bits, bl
         assert np.abs(y_rtn - got).max() > 1e-3
         if algorithm == "gptq":
             assert np.linalg.norm(got - x @ w) < np.linalg.norm(y_rtn - x @ w)
+
+
+def test_int8_asymmetric_keeps_a_q4_1_weight_exactly(tmp_path):
+    """int8-weight --asymmetric: min/max blocks with float zero points at 8 bits too (zero points 0 + the block-sum
+    correction). A dequantized Q4_1 weight (16 levels per block of 32) lies on that grid (scale = 15 d / 255), so the
+    written graph computes x @ w up to float noise; the symmetric int8 grid rounds it a second time."""
+    rng = np.random.default_rng(6)
+    k, n, b = 128, 24, 32
+    d = rng.uniform(0.01, 0.05, (n, k // b, 1))
+    m = rng.uniform(-0.3, -0.1, (n, k // b, 1))
+    q = rng.integers(0, 16, (n, k // b, b))
+    q[..., 0], q[..., 1] = 0, 15
+    w = (d * q + m).reshape(n, k).T.astype(np.float32)
+    x = _activations(rng, 64, k)
+    src = _one_matmul(tmp_path, w)
+    errs = {}
+    for sym in (False, True):
+        dst = tmp_path / f"q{sym}.onnx"
+        _quantize_nbits(src, dst, 8, b, [], accuracy_level=0, symmetric=sym)
+        y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        errs[sym] = np.abs(y - x @ w).max() / np.abs(x @ w).max()
+    assert errs[False] < 1e-5 and errs[True] > 20 * errs[False], errs
 
 
 def test_pack_round_trips():

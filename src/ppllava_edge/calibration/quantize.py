@@ -486,12 +486,12 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
                 if k_blocks * block_size != k:
                     w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
                 zp_float = None
-                if symmetric or bits == 8:  # (ONNX Runtime's CPU kernel takes no float zero points at 8 bits: uint8 ones)
+                if symmetric:
                     (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, symmetric)
                 else:
                     if k % block_size:  # no whole blocks to sum: ONNX Runtime's own asymmetric grid (uint8 zero points, fast)
-                        quantize_matmul_4bits(packed, w, scales, zero_points, block_size, n, k, False)
-                    else:
+                        (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, False)
+                    else:  # (at 8 bits too: ONNX Runtime's CPU kernel takes no float zero points there, the correction does)
                         packed, scales, zp_float = minmax_blocks(w, bits, block_size)
                 if algorithm != "rtn":  # the same grid, other values on it (weight_algorithms.py)
                     zero = (1 << (bits - 1)) if symmetric else zp_float if zp_float is not None else unpack_zero_points(zero_points, bits, k_blocks)
@@ -535,7 +535,7 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.save_model(model, str(dst))
-    return {"algorithm": algorithm, "scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, ' + ('float zero points (as zero points 0 + a block-sum correction where K is a multiple of the block)' if bits == 4 else 'uint8 zero points')}, block {block_size}, "
+    return {"algorithm": algorithm, "scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, float zero points (as zero points 0 + a block-sum correction where K is a multiple of the block)'}, block {block_size}, "
                       f"accuracy_level {accuracy_level}; streamed per initializer)"
             + ("; fp32 activations" if upcast else ""), "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
 
