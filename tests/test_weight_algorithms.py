@@ -195,6 +195,18 @@ def test_hessians_come_from_every_position_of_the_calibration_feeds(tmp_path):
     assert not (tmp_path / "work" / "decoder.hessians.onnx").exists()
 
 
+def test_gptq_refuses_hessians_that_do_not_fit(tmp_path, monkeypatch):
+    """GPTQ holds every H at once: when that is over half the available RAM it is refused before any work, naming
+    the alternative."""
+    import psutil
+
+    src = _one_matmul(tmp_path, np.ones((64, 8), np.float32), "decoder.onnx")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 40000})())
+    with pytest.raises(InputError, match=r"gptq holds H = XᵀX for 1 MatMul inputs .* use --weight-algorithm rtn"):
+        collect_hessians(src, _Calib([]), tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
 def test_bad_weight_algorithm_is_one_clear_error(tmp_path):
     """A bad --weight-algorithm, or hqq where zero points cannot move, is refused before any work, naming the option."""
     from ppllava_edge.calibration.quantize import quantize_export

@@ -201,6 +201,13 @@ def collect_hessians(decoder: Path, calib, work: Path, weights: set[str] | None 
     for nd in model.graph.node:
         if nd.op_type == "MatMul" and nd.input[1] in inits and len(inits[nd.input[1]].dims) == 2 and (weights is None or nd.input[1] in weights):
             by_input.setdefault(_activation_source(model, nd.input[0]), []).append(nd.input[1])
+    dims = {x: inits[ws[0]].dims[0] for x, ws in by_input.items()}
+    need = sum(8 * int(k) ** 2 for k in dims.values())  # every H at once, float64
+    import psutil
+
+    if need > psutil.virtual_memory().available // 2:
+        raise InputError(f"{decoder.name}: --weight-algorithm gptq holds H = XᵀX for {len(dims)} MatMul inputs ({need / 1e9:.1f} GB), over half "
+                         f"the available RAM; use --weight-algorithm rtn (or hqq) for this decoder")
     have = {o.name for o in model.graph.output}
     for name in by_input:
         if name not in have:
