@@ -1086,7 +1086,7 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
         asym = ASYMMETRIC[bits] if asymmetric is None else asymmetric
         algorithm = WEIGHT_ALGORITHM[bits] if weight_algorithm == "auto" else weight_algorithm
-        hessians = collect_hessians(src, calib, work / "hessians") if algorithm == "gptq" else None
+        hessians = collect_hessians(src, calib) if algorithm == "gptq" else None
         return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asym,
                                algorithm=algorithm, hessians=hessians)
     return _to_fp16(src, dst, excl)

@@ -22,8 +22,6 @@ this module only changes what lands on that grid, so every algorithm is stored b
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,16 +182,14 @@ def _activation_source(model, x_name: str) -> str:
     return x_name
 
 
-def collect_hessians(decoder: Path, calib, work: Path, weights: set[str] | None = None,
+def collect_hessians(decoder: Path, calib, weights: set[str] | None = None,
                      progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """{weight initializer name: H = Σ XᵀX (float64 [K, K])} for every MatMul with a 2-D initializer weight, over
     the CALIB split's decoder feeds (prefills with visual tokens, decode steps). The fp32 decoder is run once per
-    feed with each distinct MatMul input added as a graph output (a copy of the graph in `work`, the weights read
-    from the export's own external data file)."""
+    feed with each distinct MatMul input added as a graph output (the graph from memory, its weights read from the
+    export's own external data file)."""
     import onnx
     import onnxruntime as ort
-
-    from ..external_data import external_files
 
     model = onnx.load(str(decoder), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
@@ -212,19 +208,12 @@ def collect_hessians(decoder: Path, calib, work: Path, weights: set[str] | None 
     for name in by_input:
         if name not in have:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    work.mkdir(parents=True, exist_ok=True)
-    for f in external_files(model):  # the copy reads the export's weights: a hard link (ONNX Runtime refuses symlinks
-        link = work / f                # out of the model's folder), a copy across file systems
-        if not link.exists():
-            try:
-                os.link(decoder.parent / f, link)
-            except OSError:
-                shutil.copyfile(decoder.parent / f, link)
-    path = work / "decoder.hessians.onnx"
-    onnx.save_model(model, str(path))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # the graph (without its weights) from memory; its weights read in place from the export's own data file - no
+    # copy, and no link to the export's file (onnx.checker refuses hard-linked data files)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(decoder.parent.resolve()))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     wanted = list(by_input)
     hs: dict[str, np.ndarray] = {}
@@ -239,7 +228,6 @@ def collect_hessians(decoder: Path, calib, work: Path, weights: set[str] | None 
         if progress:
             progress(j + 1, len(records))
     del sess
-    path.unlink()
     return {w: hs[x] for x, ws in by_input.items() for w in ws}
 
 
