@@ -29,6 +29,7 @@ On CPUs with AMX, a native build segfaults on its first eval (toolchain notes), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def llama_side(gguf: Path, ids_file: Path, out: Path, work: Path, threads: int) 
         res[f"{name}/mb"] = np.array(path.stat().st_size / 1e6)
         print(f"llama.cpp {name}: ppl {np.exp(s['nll'].mean()):.3f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         del llm
-    np.savez(out, **res)
+    np.savez(out, ids=ids, **res)
 
 
 def our_side(args, ids: np.ndarray) -> dict[str, dict]:
@@ -96,6 +97,12 @@ def our_side(args, ids: np.ndarray) -> dict[str, dict]:
     res = {}
     variants = [("fp32", None)] + [(m, mode) for m, mode in zip(args.modes.split(","), parse_modes(args.modes))]
     for label, mode in variants:
+        cache = args.work / f"ours-{label.replace(':', '_')}.npz"
+        if cache.is_file():
+            with np.load(cache) as z:
+                if np.array_equal(z["ids"], ids):
+                    res[label] = {"nll": z["nll"], "argmax": z["argmax"], "mb": float(z["mb"])}
+                    continue
         if mode is None:
             pipe, mb = Pipeline.from_export(args.export, provider="cpu"), sum(f.stat().st_size for f in args.export.glob("decoder.onnx*")) / 1e6
         else:
@@ -106,6 +113,7 @@ def our_side(args, ids: np.ndarray) -> dict[str, dict]:
             bar.add_task(f"ours {label}", total=None)
             logp = np.stack(_positions(pipe.decoder, pipe.embed, prompt, 1, []))
         res[label] = {**scores(logp, ids), "mb": mb}
+        np.savez(cache, ids=ids, **res[label])
         del pipe
     return res
 
@@ -145,9 +153,12 @@ def main() -> None:
     ids = np.asarray(open_llm(gguf).tokenizer().encode(args.text.read_text()).ids, np.int64)
     np.save(args.work / "text-ids.npy", ids)
     console.print(f"{args.text.name}: {len(ids)} tokens, {len(ids) - 1} scored positions")
-    llama_npz = args.work / "llamacpp-scores.npz"
-    subprocess.run([args.llama_python, __file__, "--llama-side", str(gguf), str(args.work / "text-ids.npy"), str(llama_npz), str(args.work),
-                    "--threads", str(args.threads)], check=True)
+    llama_npz = args.work / "llamacpp-scores.npz"  # reused while the text's ids are the same
+    with np.load(llama_npz) if llama_npz.is_file() else contextlib.nullcontext({}) as z:
+        fresh = "ids" in z and np.array_equal(z["ids"], ids)
+    if not fresh:
+        subprocess.run([args.llama_python, __file__, "--llama-side", str(gguf), str(args.work / "text-ids.npy"), str(llama_npz), str(args.work),
+                        "--threads", str(args.threads)], check=True)
     with np.load(llama_npz) as z:
         llama = {n: {"nll": z[f"{n}/nll"], "argmax": z[f"{n}/argmax"], "mb": float(z[f"{n}/mb"])} for n in LLAMA_VARIANTS}
     ours = our_side(args, ids)
