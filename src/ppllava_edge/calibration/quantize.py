@@ -360,6 +360,12 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
     pre = work / f"{graph}.pre.onnx"
     how = _preprocess(src, pre)
     trim_heap()  # the pre-processor's copies of the graph, freed but still held by the C heap
+    extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if graph == "vision":  # every weight MatMul on an int8 kernel (vision_int8.py)
+        from .vision_int8 import VISION_EXTRA_OPTIONS, type_contrib_outputs
+
+        type_contrib_outputs(pre)
+        extra.update(VISION_EXTRA_OPTIONS)
     model = onnx.load(str(pre), load_external_data=False)  # node names and types only: the weights stay on disk
     names = {n.name for n in model.graph.node}
     unknown = [e for e in excludes if e not in names]
@@ -388,7 +394,7 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
                 str(pre), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=types, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                 nodes_to_exclude=[e for e in excludes if e in names], calibrate_method=_cal_method(method),
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, calibration_cache_path=str(ranges),
+                extra_options=extra, calibration_cache_path=str(ranges),
             )
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise CalibrationError(f"{graph}: ONNX Runtime static quantization failed: {exc}") from exc
