@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from ppllava_edge._deps import has_module
 from ppllava_edge.cli.main import cli
-from ppllava_edge.engine.builder import BuildOptions, EnginePlan, plan_build, resolve_precision, shape_spec, trtexec_command
+from ppllava_edge.engine.plan import BuildOptions, EnginePlan, plan_build, resolve_precision, shape_spec, trtexec_command
 from ppllava_edge.engine.environment import format_environment, parse_nvidia_smi
 from ppllava_edge.engine.jetson import clocks_state, detect_jetson, parse_nvpmodel_query, parse_tegra_release
 from ppllava_edge.engine.metadata import (
@@ -612,7 +612,7 @@ def test_trt_backend_without_tensorrt_fails_cleanly(tiny_export, tmp_path):
 def test_cuda_wrappers_without_cuda_python():
     if has_module("cuda"):
         pytest.skip("cuda-python is installed")
-    from ppllava_edge.runtime.cuda import DeviceBuffer
+    from ppllava_edge.device import DeviceBuffer
 
     with pytest.raises(MissingDependencyError, match="cuda-python"):
         DeviceBuffer(16)
@@ -621,7 +621,7 @@ def test_cuda_wrappers_without_cuda_python():
 def _gpu_ready() -> bool:
     if not (HAVE_TRT and has_module("cuda")):
         return False
-    from ppllava_edge.runtime.cuda import device_count
+    from ppllava_edge.device import device_count
 
     return device_count() > 0
 
@@ -629,7 +629,7 @@ def _gpu_ready() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs TensorRT, cuda-python and a CUDA GPU")
 def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
-    from ppllava_edge.engine.builder import build_engines
+    from ppllava_edge.engine.build import build_engines
     from ppllava_edge.runtime.decoder import open_decoder
     from ppllava_edge.runtime.session import create_session
     from ppllava_edge.runtime.trt_backend import open_engines
@@ -661,7 +661,7 @@ def test_built_engines_match_onnxruntime(tiny_export, tmp_path):
 
 # ---- the int8 exports of `ppllava-edge quantize` ---------------------------------------------------
 def test_calibration_cache_header_follows_the_installed_tensorrt():
-    from ppllava_edge.engine.builder import retag_calibration_cache, trt_version_code
+    from ppllava_edge.engine.calibration_cache import retag_calibration_cache, trt_version_code
 
     assert trt_version_code("8.6.1") == 8601 and trt_version_code("10.3.0.30") == 100300
     text = "TRT-8601-EntropyCalibration2\nx: 3c010a14\n"
@@ -713,7 +713,7 @@ def test_unbuildable_quantized_graphs_are_refused(tmp_path):
 
 
 def test_calibration_cache_is_checked_before_building(tmp_path):
-    from ppllava_edge.engine.builder import read_calibration_cache
+    from ppllava_edge.engine.calibration_cache import read_calibration_cache
 
     good = tmp_path / "good.cache"
     good.write_text("TRT-100300-EntropyCalibration2\nx: 3c010a14\nonnx::MatMul_7: 3d4ccccd\n")

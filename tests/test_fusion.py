@@ -34,7 +34,7 @@ def _build(model, path, **kw):
 
 
 def test_ort_runs_the_fused_vision_graph_and_tensorrt_the_traced_one(tiny_export):
-    from ppllava_edge.engine.builder import BuildOptions, plan_build
+    from ppllava_edge.engine.plan import BuildOptions, plan_build
     from ppllava_edge.manifest import load_manifest
 
     m = load_manifest(tiny_export)
@@ -128,7 +128,7 @@ def test_export_streams_the_fused_graph_with_a_checked_weight_map(tiny_export, t
 
 def test_tensorrt_build_refuses_an_export_without_the_standard_ops_vision_graph(tiny_export):
     """An export made without --tensorrt has only the fused vision graph: `build` says so and how to fix it."""
-    from ppllava_edge.engine.builder import BuildOptions, plan_build
+    from ppllava_edge.engine.plan import BuildOptions, plan_build
     from ppllava_edge.errors import EngineBuildError
     from ppllava_edge.manifest import ExportManifest
 

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ppllava_edge.anyres import LLAVA_NEXT_PINPOINTS, assemble_tokens, fitted_size, image_layout, select_best_resolution
+from ppllava_edge.media.anyres import LLAVA_NEXT_PINPOINTS, assemble_tokens, fitted_size, image_layout, select_best_resolution
 from ppllava_edge.cli.main import cli
 from ppllava_edge.errors import ConfigError, VideoError
 from ppllava_edge.manifest import ExportManifest, load_manifest
@@ -343,7 +343,7 @@ def test_huge_jpeg_is_decoded_within_the_pixel_budget(tmp_path):
     code = textwrap.dedent(f"""
         import resource, json
         from ppllava_edge.media import load_image_tiles
-        from ppllava_edge.anyres import LLAVA_NEXT_PINPOINTS
+        from ppllava_edge.media.anyres import LLAVA_NEXT_PINPOINTS
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = load_image_tiles({str(path)!r}, 336, LLAVA_NEXT_PINPOINTS)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppllava_edge.anyres import LLAVA_NEXT_PINPOINTS, fitted_size, image_layout
+from ppllava_edge.media.anyres import LLAVA_NEXT_PINPOINTS, fitted_size, image_layout
 from ppllava_edge.media import CLIP_MEAN, CLIP_STD, load_image_tiles, preprocess_image, read_image
 from ppllava_edge.runtime.generation import GenerationConfig
 

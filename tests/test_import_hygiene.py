@@ -15,7 +15,7 @@ CASES = {
         ["torch", "onnxruntime", "tensorrt", "matplotlib"],
     ),
     "serve + load test": (
-        ["ppllava_edge.serve.app", "ppllava_edge.serve.protocol", "ppllava_edge.serve.inputs", "ppllava_edge.serve.metrics", "ppllava_edge.serve.run",
+        ["ppllava_edge.serve.app", "ppllava_edge.serve.scheduler", "ppllava_edge.serve.protocol", "ppllava_edge.serve.inputs", "ppllava_edge.serve.metrics", "ppllava_edge.serve.run",
          "ppllava_edge.cli.serve_cmd", "ppllava_edge.bench.loadtest"],
         ["torch", "transformers", "tensorrt", "onnxruntime", "openai"],
     ),
@@ -26,7 +26,7 @@ CASES = {
         ["torch", "transformers", "tensorrt", "onnxruntime", "tritonclient", "triton_python_backend_utils", "google.protobuf"],
     ),
     "engine + cli": (
-        ["ppllava_edge.cli.main", "ppllava_edge.engine.builder", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.runtime.cuda"],
+        ["ppllava_edge.cli.main", "ppllava_edge.engine.plan", "ppllava_edge.engine.build", "ppllava_edge.engine.calibration_cache", "ppllava_edge.engine.environment", "ppllava_edge.runtime.trt_backend", "ppllava_edge.device"],
         ["tensorrt", "cuda", "torch", "onnx"],
     ),
 }

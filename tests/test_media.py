@@ -162,7 +162,7 @@ def test_auto_strategy_rule(clip, long_clip):
 
 def test_seek_cost_model():
     # keyframes every 10 frames; targets 5 and 7 share a GOP (one seek), 25 needs another
-    assert media._seek_cost([5, 7, 25], [0, 10, 20]) == (6 + 2 + 6, 2)
+    assert media.video._seek_cost([5, 7, 25], [0, 10, 20]) == (6 + 2 + 6, 2)
 
 
 def test_short_clip_repeats_frames(media_dir):

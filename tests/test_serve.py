@@ -522,7 +522,8 @@ def test_small_nits_get_the_right_answer(server, media, tiny_export):
 def test_ready_does_not_echo_the_load_error(tiny_export):
     import asyncio
 
-    from ppllava_edge.serve.app import ServeOptions, Server, create_app
+    from ppllava_edge.serve.app import create_app
+    from ppllava_edge.serve.scheduler import ServeOptions, Server
 
     server = Server(ServeOptions(export=tiny_export))
     server.load_error = RuntimeError("secret detail /home/me/export")

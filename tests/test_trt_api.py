@@ -17,10 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 import ppllava_edge.engine.availability as availability
-import ppllava_edge.runtime.cuda as cuda
+import ppllava_edge.device as cuda
 from ppllava_edge.cli.main import cli
-from ppllava_edge.engine.builder import BuildOptions, build_engines
+from ppllava_edge.engine.build import build_engines
 from ppllava_edge.engine.metadata import engine_entry, export_fingerprint, load_metadata, new_metadata, write_metadata
+from ppllava_edge.engine.plan import BuildOptions
 from ppllava_edge.engine.profiles import graph_profiles, profiles_to_json, resolve_limits
 from ppllava_edge.errors import EngineBuildError, InferenceError, InputError
 from ppllava_edge.manifest import ExportManifest
@@ -103,7 +104,7 @@ def test_a_bad_timing_cache_warns_and_the_build_completes(standin, tmp_path, cap
     tc = tmp_path / "tc.bin"
     tc.write_bytes(b"TC\x03" if knob.get("set_timing_cache_ok") is False else b"\x00corrupt timing cache")
     export = fake_export(tmp_path / "export", tiny_data()).folder
-    with caplog.at_level(logging.WARNING, logger="ppllava_edge.engine.builder"):
+    with caplog.at_level(logging.WARNING, logger="ppllava_edge.engine.build"):
         result = build_engines(export, tmp_path / "engines", BuildOptions(timing_cache=tc, max_input_len=64, max_seq_len=128))
     messages = [r.getMessage() for r in caplog.records]
     assert sum(warning in m for m in messages) == 1  # said once, not once per engine
@@ -192,7 +193,7 @@ def test_dla_vision_engine_is_static_and_records_placement(standin, tmp_path, ca
     sim.networks["vision.onnx"] = VISION_NET
     sim.engines["vision.onnx"] = EngineSpec(inputs={"pixel_values": ("HALF", (8, 3, 84, 84), [((8, 3, 84, 84),) * 3])}, outputs={})
     export = fake_export(tmp_path / "export", tiny_data()).folder
-    with caplog.at_level(logging.WARNING, logger="ppllava_edge.engine.builder"):
+    with caplog.at_level(logging.WARNING, logger="ppllava_edge.engine.build"):
         build_engines(export, tmp_path / "engines", BuildOptions(dla_core=1, frames=(8, 8, 8), max_input_len=64, max_seq_len=128))
     assert parses(sim)[0] == ("parse", "vision.onnx", 0)  # weakly typed: TensorRT 10 takes no precision flags on strongly typed networks
     assert sim.calls.count(("flag", "FP16")) == sim.calls.count(("flag", "PREFER_PRECISION_CONSTRAINTS")) == 1  # the vision engine only

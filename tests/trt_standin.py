@@ -448,7 +448,7 @@ def nptype(kind: str) -> np.dtype:
 
 class Device:
     """Host memory standing in for device memory, so engines with a `compute` really move data: DeviceBuffer,
-    HostBuffer and Stream with runtime/cuda.py's interface (copies happen at once; synchronize does nothing), and the
+    HostBuffer and Stream with ppllava_edge/device.py's interface (copies happen at once; synchronize does nothing), and the
     engines read their inputs from, and write their outputs to, the addresses bound with set_tensor_address."""
 
     def __init__(self) -> None:

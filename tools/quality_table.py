@@ -29,17 +29,19 @@ from ppllava_edge.calibration.readers import load_calibration
 from ppllava_edge.manifest import load_manifest
 from ppllava_edge.runtime.pipeline import Pipeline
 
-# (--llm, --block-size, --accuracy-level, asymmetric): ONNX Runtime's weight-only variants measured for the README
-LLM_MODES = [("int8-weight", 32, 4, False), ("int8-weight", 32, 0, False), ("int4-weight", 32, 4, False), ("int4-weight", 32, 0, False),
-             ("int4-weight", 32, 0, True), ("int4-weight", 128, 4, False), ("int4-weight", 128, 0, False), ("int4-weight", 128, 0, True)]
+# (--llm, --block-size, --accuracy-level, asymmetric, --weight-algorithm): ONNX Runtime's weight-only variants measured for the README
+LLM_MODES = [("int8-weight", 32, 4, False, "rtn"), ("int8-weight", 32, 4, False, "gptq"),
+             ("int4-weight", 32, 4, False, "rtn"), ("int4-weight", 32, 4, True, "rtn"), ("int4-weight", 32, 4, True, "hqq"), ("int4-weight", 32, 4, True, "gptq"),
+             ("int4-weight", 128, 4, False, "rtn"), ("int4-weight", 128, 4, False, "gptq"),
+             ("int4-weight", 128, 4, True, "rtn"), ("int4-weight", 128, 4, True, "hqq"), ("int4-weight", 128, 4, True, "gptq")]
 
 
-def parse_modes(text: str) -> list[tuple[str, int, int, bool]]:
-    """'int4-weight:32:0:asym,int8-weight:32:4' -> LLM_MODES entries."""
+def parse_modes(text: str) -> list[tuple[str, int, int, bool, str]]:
+    """'int4-weight:32:0:asym:gptq,int8-weight:32:4' -> LLM_MODES entries (llm:block:accuracy_level[:asym|sym[:algorithm]])."""
     out = []
     for item in filter(None, text.split(",")):
         llm, block, level, *rest = item.split(":")
-        out.append((llm, int(block), int(level), rest == ["asym"]))
+        out.append((llm, int(block), int(level), rest[:1] == ["asym"], rest[1] if len(rest) > 1 else "rtn"))
     return out
 
 
@@ -53,7 +55,7 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=None, help="Measure on the first N of the cached fp32 answers only (CPU time).")
     ap.add_argument("--vision", default="fp32,int8")
     ap.add_argument("--llm", default="int8-weight,int4-weight")
-    ap.add_argument("--modes", default=None, help="LLM variants llm:block:accuracy_level[:asym], comma-separated (default: LLM_MODES).")
+    ap.add_argument("--modes", default=None, help="LLM variants llm:block:accuracy_level[:asym|sym[:rtn|hqq|gptq]], comma-separated (default: LLM_MODES).")
     args = ap.parse_args()
     console = Console(stderr=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -79,12 +81,12 @@ def main() -> None:
     if "int8" in args.vision.split(","):  # the vision graph quantized once; joined to each LLM mode's export below
         vision_int8 = _quantize(args, "vision-int8_llm-fp32", "int8", "fp32", 32)[0].sessions["vision"]
     modes = parse_modes(args.modes) if args.modes else LLM_MODES
-    for llm, block, level, asym in [m for m in modes if m[0] in args.llm.split(",")]:
-        name = f"llm-{llm}-b{block}-acc{level}" + ("-asym" if asym else "")
+    for llm, block, level, asym, algorithm in [m for m in modes if m[0] in args.llm.split(",")]:
+        name = f"llm-{llm}-b{block}-acc{level}" + ("-asym" if asym else "") + ("" if algorithm == "rtn" else f"-{algorithm}")
         todo = [v for v in args.vision.split(",") if f"vision-{v}_{name}" not in results]
         if not todo:
             continue
-        qs, t_quant, mb = _quantize(args, f"vision-fp32_{name}", "fp32", llm, block, level, asym)
+        qs, t_quant, mb = _quantize(args, f"vision-fp32_{name}", "fp32", llm, block, level, asym, algorithm)
         for vision in todo:
             if vision == "int8":
                 # the same as `quantize --vision int8 --llm ...`: every graph is quantized on its own from the fp32 export
@@ -92,7 +94,8 @@ def main() -> None:
             with Progress(console=console) as bar:
                 task = bar.add_task(f"vision {vision}, {name}", total=len(refs))
                 summary = compare_answers(qs, calib, refs, progress=lambda k: bar.update(task, completed=k))
-            row = {"vision": vision, "llm": llm, "block_size": block, "accuracy_level": level, "asymmetric": asym, "quantize_s": round(t_quant, 1),
+            row = {"vision": vision, "llm": llm, "block_size": block, "accuracy_level": level, "asymmetric": asym, "algorithm": algorithm,
+                   "quantize_s": round(t_quant, 1),
                    **summary.__dict__, "ppl_change": summary.ppl_change, "decoder_mb": mb}
             results[f"vision-{vision}_{name}"] = row
             results_file.write_text(json.dumps(results, indent=2))
@@ -102,7 +105,7 @@ def main() -> None:
     print(markdown(results))
 
 
-def _quantize(args, name: str, vision: str, llm: str, block: int, level: int | None = None, asym: bool = False):
+def _quantize(args, name: str, vision: str, llm: str, block: int, level: int | None = None, asym: bool = False, algorithm: str = "rtn"):
     """quantize_export (reusing a finished folder), its Pipeline, seconds and decoder MB. The gate's own decoder and
     pipeline rows are cut short (1 prefix cut, 1 greedy token): the quality rows are measured by the caller."""
     out = args.work / name
@@ -110,7 +113,7 @@ def _quantize(args, name: str, vision: str, llm: str, block: int, level: int | N
     if not (out / "export.json").is_file():
         quantize_export(args.export, args.calib, out, vision=vision, pool="fp32", llm=llm, block_size=block, accept_degraded=True,
                         prefill_positions=1, greedy_tokens=1, quality_tokens=0, force=True, accuracy_level=level, asymmetric=asym,
-                        llm_trt="fp32")
+                        llm_trt="fp32", weight_algorithm=algorithm)
     mb = round(sum(f.stat().st_size for f in out.glob("decoder*")) / 1e6, 1)
     return Pipeline.from_export(out, provider="cpu"), time.perf_counter() - t0, mb
 
@@ -120,7 +123,7 @@ def markdown(results: dict) -> str:
             "exact match | common prefix |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
     rows = []
     for r in results.values():
-        llm = r["llm"] + f" (block {r['block_size']}{', asymmetric' if r.get('asymmetric') else ''})"
+        llm = r["llm"] + f" (block {r['block_size']}{', asymmetric' if r.get('asymmetric') else ''}, {r.get('algorithm', 'rtn')})"
         rows.append(f"| {r['vision']} | {llm} | {r.get('accuracy_level', 4)} | {r['decoder_mb']:.0f} | {r['top1_prefill']:.3f} | {r['top1_decode']:.3f} | {r['kl_prefill']:.4f} | "
                     f"{r['kl_decode']:.4f} | {r['ppl_fp32']:.3f} → {r['ppl_q']:.3f} ({r['ppl_change']:+.1%}) | "
                     f"{round(r['exact_match'] * r['pairs'])}/{r['pairs']} | {r['common_prefix']:.1f} / {r['tokens']} |")

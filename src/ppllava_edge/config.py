@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, default_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
 from .conversation import ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
+from .media.anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, default_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
 
 # Known config of the separate CLIP model named by `clip_weight` in the released checkpoints
 # (openai/clip-vit-large-patch14-336), kept here so no hub access is needed.

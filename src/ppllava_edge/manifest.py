@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .anyres import ImageLayout, image_layout, single_tile_layout
 from .conversation import ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
+from .media.anyres import ImageLayout, image_layout, single_tile_layout
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "ppllava-edge-export"

@@ -304,7 +304,7 @@ def headline_frames(frames: list[int]) -> int:
 # ---- memory sampling ----------------------------------------------------------------------------------------
 def _device_used_bytes() -> int | None:
     try:
-        from ..runtime.cuda import mem_get_info
+        from ..device import mem_get_info
 
         free, total = mem_get_info()
         return int(total - free)

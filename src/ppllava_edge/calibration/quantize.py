@@ -73,6 +73,7 @@ from ..integrity import WEIGHTS_KEY, file_digests
 from ..manifest import MANIFEST_NAME, load_manifest
 from ..runtime.decoder import adapt_feed
 from .readers import CalibrationSet, histogram_shape_fix, load_calibration, make_reader
+from .weight_algorithms import ALGORITHMS, check_algorithm, collect_hessians, refine_packed, unpack_zero_points
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ LLM_PRECISIONS = ("auto", "int8-weight", "int4-weight", "fp32")  # the ONNX Runt
 LLM_TRT_PRECISIONS = ("auto", "int8", "int8-weight", "int4-weight", "fp32")  # TensorRT's decoder_trt
 ACCURACY_LEVEL = {8: 4, 4: 4}  # MatMulNBits accuracy_level per bit width when not given (README: measured on SmolLM2)
 ASYMMETRIC = {8: False, 4: True}  # min/max blocks per bit width when not given (int4 b32 on SmolLM2: +2.0 % vs +62.6 %)
+WEIGHT_ALGORITHM = {8: "rtn", 4: "rtn"}  # --weight-algorithm auto per bit width (README "Quantization quality on trained weights")
 AUTO_LLM = "int8-weight"  # --llm auto: passes the trained-LLM gate with margin and decodes faster than fp32 (README)
 STATIC_INT8_DECODER = (
     "--llm int8 (static Q/DQ) is not offered for ONNX Runtime's decoder: ONNX Runtime leaves its activations float and "
@@ -358,6 +360,12 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
     pre = work / f"{graph}.pre.onnx"
     how = _preprocess(src, pre)
     trim_heap()  # the pre-processor's copies of the graph, freed but still held by the C heap
+    extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if graph == "vision":  # every weight MatMul on an int8 kernel (vision_int8.py)
+        from .vision_int8 import VISION_EXTRA_OPTIONS, type_contrib_outputs
+
+        type_contrib_outputs(pre)
+        extra.update(VISION_EXTRA_OPTIONS)
     model = onnx.load(str(pre), load_external_data=False)  # node names and types only: the weights stay on disk
     names = {n.name for n in model.graph.node}
     unknown = [e for e in excludes if e not in names]
@@ -386,7 +394,7 @@ def _quantize_static(src: Path, dst: Path, calib: CalibrationSet, graph: str, me
                 str(pre), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=types, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                 nodes_to_exclude=[e for e in excludes if e in names], calibrate_method=_cal_method(method),
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, calibration_cache_path=str(ranges),
+                extra_options=extra, calibration_cache_path=str(ranges),
             )
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise CalibrationError(f"{graph}: ONNX Runtime static quantization failed: {exc}") from exc
@@ -429,13 +437,16 @@ def minmax_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray
 
 
 def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: list[str], upcast: bool = False,
-                    accuracy_level: int = 4, symmetric: bool = True) -> dict:
+                    accuracy_level: int = 4, symmetric: bool = True, algorithm: str = "rtn", hessians: dict | None = None) -> dict:
     """Weight-only MatMulNBits, one initializer at a time (peak memory: one weight in fp32 + its packed form).
 
     Every MatMul whose B is a 2-D initializer becomes MatMulNBits (symmetric, blocks of `block_size` along K,
     accuracy_level 4) with the same kernels ONNX Runtime's MatMulNBitsQuantizer calls (quantize_matmul_4bits /
     _8bits), so the packed bytes are identical to it; weights are read memory-mapped from the source's external
     data and written to `dst.data` as they are produced, so a 7B decoder quantizes in a few GB.
+
+    `algorithm` / `hessians`: how the values on each block's grid are chosen (weight_algorithms.py; "gptq" reads
+    H = XᵀX per weight name from `hessians`).
 
     `upcast`: an fp16 graph comes out with fp32 activations (every remaining fp16 initializer, the scales and the
     graph's inputs / outputs become fp32) - what a CPU runs fast. Only for graphs without Cast nodes (the decoder
@@ -480,17 +491,23 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
                 zero_points = np.zeros((n, (k_blocks * bits + 7) // 8), dtype=np.uint8)
                 if k_blocks * block_size != k:
                     w = np.pad(w, ((0, k_blocks * block_size - k), (0, 0)))
-                if symmetric or bits == 8:  # (ONNX Runtime's CPU kernel takes no float zero points at 8 bits: uint8 ones)
+                zp_float = None
+                if symmetric:
                     (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, symmetric)
                 else:
                     if k % block_size:  # no whole blocks to sum: ONNX Runtime's own asymmetric grid (uint8 zero points, fast)
-                        quantize_matmul_4bits(packed, w, scales, zero_points, block_size, n, k, False)
-                    else:
+                        (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, w, scales, zero_points, block_size, n, k, False)
+                    else:  # (at 8 bits too: ONNX Runtime's CPU kernel takes no float zero points there, the correction does)
                         packed, scales, zp_float = minmax_blocks(w, bits, block_size)
-                        # fast exact form: sum_k x_k (q_k - z) s = [MatMulNBits with zero points 0] - blocksum(x) @ (z * s);
-                        # ONNX Runtime's CPU kernel takes float zero points only on a slow reference path (~80x)
-                        new_inits.append(out.add(f"{t.name}_zp_correction", out_dtype((zp_float * scales).T.astype(arr.dtype))))
-                        split.add(t.name)
+                if algorithm != "rtn":  # the same grid, other values on it (weight_algorithms.py)
+                    zero = (1 << (bits - 1)) if symmetric else zp_float if zp_float is not None else unpack_zero_points(zero_points, bits, k_blocks)
+                    packed, zero = refine_packed(algorithm, w, packed, scales, zero, bits, block_size, (hessians or {}).get(t.name), zp_float is not None)
+                    zp_float = zero if zp_float is not None else None
+                if zp_float is not None:
+                    # fast exact form: sum_k x_k (q_k - z) s = [MatMulNBits with zero points 0] - blocksum(x) @ (z * s);
+                    # ONNX Runtime's CPU kernel takes float zero points only on a slow reference path (~80x)
+                    new_inits.append(out.add(f"{t.name}_zp_correction", out_dtype((zp_float * scales).T.astype(arr.dtype))))
+                    split.add(t.name)
                 new_inits.append(out.add(f"{t.name}_Q{bits}", packed))
                 new_inits.append(out.add(f"{t.name}_scales", out_dtype(scales.astype(arr.dtype))))
                 if not symmetric:
@@ -524,7 +541,7 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, excludes: 
             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     onnx.save_model(model, str(dst))
-    return {"scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, ' + ('float zero points (as zero points 0 + a block-sum correction where K is a multiple of the block)' if bits == 4 else 'uint8 zero points')}, block {block_size}, "
+    return {"algorithm": algorithm, "scheme": f"weight-only MatMulNBits ({bits}-bit {'symmetric' if symmetric else 'asymmetric min/max, float zero points (as zero points 0 + a block-sum correction where K is a multiple of the block)'}, block {block_size}, "
                       f"accuracy_level {accuracy_level}; streamed per initializer)"
             + ("; fp32 activations" if upcast else ""), "nodes_quantized": count, "unknown_excludes": [e for e in excludes if e not in names]}
 
@@ -882,6 +899,7 @@ def quantize_export(
     llm_trt: str = "auto",
     accuracy_level: int | None = None,
     asymmetric: bool | None = None,
+    weight_algorithm: str = "auto",
 ) -> QuantizeResult:
     """Write a complete quantized export folder `out` from the fp32 `export_dir` and CALIB, then gate it.
 
@@ -915,6 +933,8 @@ def quantize_export(
             inside the kernel); None: ACCURACY_LEVEL[bits] (README "Quantization quality on trained weights").
         asymmetric: weight-only min/max blocks with zero points instead of symmetric ones (ONNX Runtime's decoder only;
             TensorRT requires zero points of 0, so decoder_trt stays symmetric); None: ASYMMETRIC[bits].
+        weight_algorithm: how the weight-only decoder's values are chosen on their grid: "rtn" | "hqq" | "gptq"
+            (weight_algorithms.py; gptq calibrates on CALIB's decoder feeds); "auto": WEIGHT_ALGORITHM[bits].
         gate: "full" (the whole quantized export against the source), "truncated" (the decoder gate on depth-truncated
             decoders built from the checkpoint - the full fp16 reference of a 7B decoder needs 13.5 GB), or "auto".
 
@@ -935,6 +955,9 @@ def quantize_export(
         raise InputError(f"accuracy_level must be 0..4 (ONNX Runtime MatMulNBits), got {accuracy_level!r}")
     if block_size < 16 or block_size & (block_size - 1):
         raise InputError(f"block_size must be a power of two >= 16, got {block_size}")
+    if llm in ("int8-weight", "int4-weight") or weight_algorithm not in ALGORITHMS:
+        bits = 8 if llm == "int8-weight" else 4
+        check_algorithm(weight_algorithm, bits, not (ASYMMETRIC[bits] if asymmetric is None else asymmetric))
     manifest = load_manifest(export_dir)
     src_dtype = manifest.data.get("dtype", "fp32")
     src_prec = {g: manifest.graph(g).get("precision", src_dtype) for g in manifest.data["graphs"]}
@@ -980,7 +1003,7 @@ def quantize_export(
                 stage(f"{g} -> {prec}")
             with steps.step(g):
                 info = _quantize_graph(manifest, g, prec, dst, calib, method, op_types, excl, block_size, llm, llm_activations, work, trt_dir,
-                                       accuracy_level, asymmetric)
+                                       accuracy_level, asymmetric, weight_algorithm)
             if prec == "fp32":
                 prec = src_dtype
             else:
@@ -1036,7 +1059,7 @@ def quantize_export(
 
 def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSet, method: str, op_types: str, excl: list[str],
                     block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None,
-                    accuracy_level: int | None = None, asymmetric: bool | None = None) -> dict:
+                    accuracy_level: int | None = None, asymmetric: bool | None = None, weight_algorithm: str = "auto") -> dict:
     """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied)."""
     src = manifest.path(g)
     src_dtype = manifest.data.get("dtype", "fp32")
@@ -1068,7 +1091,10 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         bits = 8 if prec == "int8-weight" else 4
         level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
         asym = ASYMMETRIC[bits] if asymmetric is None else asymmetric
-        return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asym)
+        algorithm = WEIGHT_ALGORITHM[bits] if weight_algorithm == "auto" else weight_algorithm
+        hessians = collect_hessians(src, calib) if algorithm == "gptq" else None
+        return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asym,
+                               algorithm=algorithm, hessians=hessians)
     return _to_fp16(src, dst, excl)
 
 

@@ -57,7 +57,8 @@ def _target_for_dry_run() -> tuple[str, str]:
 def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_len, max_batch, timing_cache, workspace_mb, builder_level, dla_core, force, dry_run):
     """Build TensorRT engines from an EXPORT folder: one profile over T for vision / prompt_pool, two (context,
     generation) for the decoder; engines named NAME.trtVERSION.smXY.engine, described in engines.json."""
-    from ..engine.builder import BuildOptions, build_engines, plan_build, trtexec_command
+    from ..engine.build import build_engines
+    from ..engine.plan import BuildOptions, plan_build, trtexec_command
     from ..engine.profiles import format_symbols, resolve_limits
     from ..manifest import load_manifest
 

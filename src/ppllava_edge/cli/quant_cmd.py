@@ -119,12 +119,15 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
               help="Weight-only decoder compute (ONNX Runtime MatMulNBits): 0 fp32 activations, 4 int8 activations. Default: per bit width (README).")
 @click.option("--asymmetric/--symmetric", default=None,
               help="Weight-only min/max blocks with zero points, or symmetric ones (default: asymmetric int4, symmetric int8; README). ONNX Runtime's decoder only: TensorRT's decoder_trt is always symmetric.")
+@click.option("--weight-algorithm", type=click.Choice(["auto", "rtn", "hqq", "gptq"]), default="auto", show_default=True,
+              help="How the weight-only decoder's values are chosen: round to nearest, HQQ (int4 asymmetric), or GPTQ calibrated on CALIB's decoder feeds. auto: per bit width (README).")
 @click.option("--trt-cache", is_flag=True, help="Also write TensorRT calibration caches (trt_calibration/<graph>.cache) for int8 graphs.")
 @click.option("--accept-degraded", is_flag=True, help="Write --out even if the accuracy gate fails.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_types, exclude_nodes, block_size, min_cosine, min_logits_cosine,
                      min_top1, min_greedy, min_quality_top1, max_quality_kl, max_ppl_change, greedy_tokens, quality_tokens, quality_pairs,
-                     prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force, llm_trt, accuracy_level, asymmetric):
+                     prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force, llm_trt, accuracy_level, asymmetric,
+                     weight_algorithm):
     """Write a quantized copy of the fp32 or fp16 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
     from .._deps import require
 
@@ -145,7 +148,7 @@ def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_t
                                      greedy_tokens=greedy_tokens, quality_tokens=quality_tokens, quality_pairs=quality_pairs,
                                      prefill_positions=prefill_positions, trt_cache=trt_cache, force=force,
                                      on_stage=log, llm_activations=llm_activations, gate=gate, llm_trt=llm_trt,
-                                     accuracy_level=accuracy_level, asymmetric=asymmetric)
+                                     accuracy_level=accuracy_level, asymmetric=asymmetric, weight_algorithm=weight_algorithm)
     except AccuracyError as exc:
         report = getattr(exc, "report", None)
         if report is not None:

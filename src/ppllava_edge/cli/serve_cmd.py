@@ -42,7 +42,7 @@ def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_m
     """Serve EXPORT over HTTP with the OpenAI chat-completions API (video_url / image_url content parts)."""
     from ..errors import InputError
     from ..manifest import load_manifest
-    from ..serve.app import ServeOptions
+    from ..serve.scheduler import ServeOptions
     from ..serve.run import run_server
 
     manifest = load_manifest(export_dir)  # a missing or broken export fails here, before binding

@@ -273,7 +273,7 @@ def require_tensorrt(purpose: str, need_gpu: bool = True) -> tuple[ModuleType, A
         missing.append("the TensorRT Python package 'tensorrt'")
         notes.append(str(exc))
     try:
-        from ..runtime.cuda import import_cudart
+        from ..device import import_cudart
 
         cudart = import_cudart()
     except MissingDependencyError:

@@ -99,7 +99,7 @@ def gpu_info(run: Runner) -> dict:
             "source": "nvidia-smi" if q is not None else "nvidia-smi not found"}
     if cuda_python_version():
         try:
-            from ..runtime.cuda import device_count, device_info
+            from ..device import device_count, device_info
 
             n = device_count()
             if n:
@@ -129,7 +129,7 @@ def current_gpu(run: Runner | None = None, root: Path | None = None) -> dict:
     module = tree["module"]
     if cuda_python_version():
         try:
-            from ..runtime.cuda import device_count, device_info
+            from ..device import device_count, device_info
 
             if device_count():
                 dev = device_info(0)

@@ -3,7 +3,7 @@
 - VisionGraph:      pixel_values [T,3,H,W] -> values [T,P,D_llm] = GELU(linear_1(F)), keys [T*P,E] (normalised)
 - PromptPoolGraph:  clip_ids [1,L], keys, values -> visual_tokens [T//2*(h/3)*(w/3), D_llm], relevance [T,h,w]
 - image_pool:       PromptPoolGraph(image=True): the same for N image tiles with the (1,3,3) kernel -> [N*(h/3)*(w/3), D];
-                    the anyres assembly (unpadding, image_newline rows) is done by the caller (anyres.py)
+                    the anyres assembly (unpadding, image_newline rows) is done by the caller (media/anyres.py)
 - ProjectorHeadGraph: values [N,D_llm] -> linear_2(values) (baselines without prompt-guided pooling)
 - DecoderGraph:     inputs_embeds, attention_mask, position_ids, past.{i}.key/value -> logits [B,V], present.*
 """

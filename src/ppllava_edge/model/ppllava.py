@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anyres import ImageLayout
 from ..config import PPLLaVAConfig
 from ..errors import InputError
+from ..media.anyres import ImageLayout
 from .clip import CLIPTextTransformer, CLIPVisionTower, l2_normalize
 from .pooling import pool_windows, relevance
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..anyres import default_pinpoints
 from ..atomic import AtomicDir
 from ..config import config_from_dict
 from ..errors import ConfigError
+from ..media.anyres import default_pinpoints
 from .checkpoint import ProgressFn, build_skeleton, write_shards
 from .ppllava import PPLLaVAForConditionalGeneration
 from .shards import TensorSpec

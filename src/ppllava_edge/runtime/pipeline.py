@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..anyres import ImageLayout, assemble_tokens
+from ..media.anyres import ImageLayout, assemble_tokens
 from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
 from ..integrity import check_files
 from ..manifest import ExportManifest, graph_files, load_manifest
@@ -464,7 +464,7 @@ class Pipeline:
         actual_kind = "image" if kind == "image" or values.shape[0] == 1 else "video"
         return values, keys, VideoInput(key, actual_kind, px, warnings)
 
-    # ---- images (LLaVA-NeXT anyres, see anyres.py) -------------------------------------------
+    # ---- images (LLaVA-NeXT anyres, see media/anyres.py) -------------------------------------------
     def image_layout(self, path: str | Path | None) -> ImageLayout:
         """Token layout of an image file (from its header: EXIF-oriented size); None: a lone tile (a 1-row .npy)."""
         return self.manifest.image_layout(None if path is None else read_image_size(path))

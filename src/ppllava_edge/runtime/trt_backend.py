@@ -221,7 +221,7 @@ class TrtGraphRunner:
     one after another, as the activation memory all contexts share requires."""
 
     def __init__(self, engine: TrtEngine, output_order: list[str], stream: Any):
-        from .cuda import DeviceBuffer
+        from ..device import DeviceBuffer
 
         self._lock = threading.Lock()
         self.engine, self.stream = engine, stream
@@ -276,7 +276,7 @@ class TrtKVDecoder:
     """runtime.generation.KVDecoder over the decoder engine, with the KV cache on the device."""
 
     def __init__(self, engine: TrtEngine, model: dict, limits: dict, stream: Any):
-        from .cuda import DeviceBuffer, HostBuffer
+        from ..device import DeviceBuffer, HostBuffer
 
         if len(engine.contexts) < 2:
             raise EngineBuildError(f"{engine.path.name}: expected the context and generation profiles, found {len(engine.contexts)} profile(s).\nHint: rebuild with `ppllava-edge build`.")
@@ -400,7 +400,7 @@ def open_engines(engines_dir: str | Path, manifest: ExportManifest, cuda_graph: 
 
     check_cuda_graph(cuda_graph)
     trt, _ = require_tensorrt("The TensorRT backend (--backend trt)")
-    from .cuda import DeviceBuffer, Stream, device_info
+    from ..device import DeviceBuffer, Stream, device_info
 
     folder = Path(engines_dir)
     meta = load_metadata(folder)

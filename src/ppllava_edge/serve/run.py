@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from .._deps import require
 from ..errors import InputError
-from .app import ServeOptions, Server, create_app
+from .app import create_app
+from .scheduler import ServeOptions, Server
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InferenceError, MissingDependencyError
+from .errors import InferenceError, MissingDependencyError
 
 CUDA_PYTHON_HINT = (
     "pip install 'ppllava-edge[tensorrt]' (x86_64 + CUDA; brings cuda-python), "

@@ -1,0 +1,78 @@
+"""Reading videos and images, frame sampling and CLIP pixel preprocessing (no torch).
+
+Used by both the PyTorch reference and the torch-free runtime, so it imports only the standard
+library, numpy and Pillow at module top; PyAV (`av`) is imported inside the functions that need it.
+
+Sampling and preprocessing follow the authors' inference code (see ppllava-model.md §2):
+segment-centre frame indices, each frame squashed to S×S with bicubic resampling (no aspect ratio,
+no crop), then `x/255` and CLIP mean/std normalisation, giving float32 `[T, 3, S, S]`.
+
+Images take LLaVA-NeXT's anyres path instead (`read_image`, `preprocess_image`, `load_image_tiles`): the
+tiles of transformers 4.45.2's `LlavaNextImageProcessor`, the authors' pinned version (geometry in anyres.py), `[tiles, 3, S, S]`.
+
+- `video`: frame sampling and PyAV decoding (`load_video`).
+- `preprocess`: CLIP preprocessing of frames and the dispatch from a file to pixel values (`load_pixel_values`).
+- `image` + `anyres`: the image path (anyres tiles) and its geometry (best resolution, unpadding, token layout).
+- `synthetic`: test photos, frames that carry their index, test videos.
+"""
+
+from __future__ import annotations
+
+from .image import IMAGE_DECODE_PIXELS, ImageTiles, load_image_tiles, preprocess_image, read_image, read_image_size
+from .preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_EXTENSIONS,
+    MediaInfo,
+    MediaKind,
+    input_kind,
+    load_image,
+    load_npy_pixel_values,
+    load_pixel_values,
+    preprocess_frames,
+    read_npy_shape,
+)
+from .synthetic import make_test_frame, make_test_photo, read_frame_marker, write_test_audio, write_test_video
+from .video import (
+    SEEK_COST_FRAMES,
+    SEEK_MIN_GAIN,
+    SEQUENTIAL_MAX_FRAMES,
+    VIDEO_DECODE_PIXELS,
+    DecodeStrategy,
+    VideoFrames,
+    load_video,
+    segment_centre_indices,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGE_DECODE_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "SEEK_COST_FRAMES",
+    "SEEK_MIN_GAIN",
+    "SEQUENTIAL_MAX_FRAMES",
+    "VIDEO_DECODE_PIXELS",
+    "DecodeStrategy",
+    "ImageTiles",
+    "MediaInfo",
+    "MediaKind",
+    "VideoFrames",
+    "input_kind",
+    "load_image",
+    "load_image_tiles",
+    "load_npy_pixel_values",
+    "load_pixel_values",
+    "load_video",
+    "make_test_frame",
+    "make_test_photo",
+    "preprocess_frames",
+    "preprocess_image",
+    "read_frame_marker",
+    "read_image",
+    "read_image_size",
+    "read_npy_shape",
+    "segment_centre_indices",
+    "write_test_audio",
+    "write_test_video",
+]

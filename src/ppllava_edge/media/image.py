@@ -1,0 +1,179 @@
+"""The image path: LLaVA-NeXT anyres tiles (geometry in `anyres.py`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError, VideoError
+from .anyres import Size, fitted_size, select_best_resolution
+from .preprocess import CLIP_MEAN, CLIP_STD
+from .video import _file_size
+
+IMAGE_DECODE_PIXELS = 16_000_000
+"""Decoded-pixel budget of one image (48 MB as RGB). A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
+(DCT scaling, no full-size buffer) to fit it; the tile geometry still comes from the full size. Other formats cannot
+be decoded at a reduced scale and are read in full up to Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`)."""
+
+_ORIENTATION = ExifTags.Base.Orientation
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+
+
+@dataclass(frozen=True)
+class ImageTiles:
+    """An image preprocessed as transformers 4.45.2's `LlavaNextImageProcessor` does (anyres).
+
+    Attributes:
+        pixel_values: float32 `[tiles, 3, S, S]`: the base tile (whole image squashed to S×S), then the S×S crops of
+            the image fitted (aspect kept, bicubic) and zero-padded into `best_resolution`, row by row (transformers
+            4.45.2's rules, see `preprocess_image`).
+        image_size: (H, W) of the image as shown (EXIF orientation applied): LLaVA-NeXT's `image_sizes`.
+        best_resolution: the `image_grid_pinpoints` entry (H, W) the image was fitted into.
+        grid: (rows, cols) of crops.
+        decoded_size: (H, W) actually decoded (smaller than `image_size` for a JPEG over IMAGE_DECODE_PIXELS).
+    """
+
+    pixel_values: np.ndarray
+    image_size: Size
+    best_resolution: Size
+    grid: Size
+    decoded_size: Size
+
+
+@contextlib.contextmanager
+def _image_errors(spath: str) -> Iterator[None]:
+    """Map Pillow's failures inside the block to one VideoError naming the file."""
+    if not os.path.exists(spath):
+        raise VideoError(f"Image file not found: {spath}")
+    if os.path.isdir(spath):
+        raise VideoError(f"Image path is a directory, not a file: {spath}")
+    try:
+        yield
+    except UnidentifiedImageError as exc:
+        what = "is empty (0 bytes)" if _file_size(spath) == 0 else "is corrupt or not an image"
+        raise VideoError(f"Cannot open image {spath}: the file {what}") from exc
+    except Image.DecompressionBombError as exc:
+        raise VideoError(f"Cannot read image {spath}: {exc}\nHint: downscale the image first.") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data, unsupported mode
+        raise VideoError(f"Cannot read image {spath}: the file is corrupt or truncated ({exc})") from exc
+
+
+def _shown_size(img: Image.Image) -> Size:
+    """(H, W) of an opened (not necessarily decoded) image once its EXIF orientation is applied."""
+    w, h = img.size
+    return (w, h) if img.getexif().get(_ORIENTATION, 1) in _SWAPS_SIDES else (h, w)
+
+
+def read_image_size(path: str | os.PathLike[str]) -> Size:
+    """(H, W) of an image file as shown (EXIF orientation applied), read from its header only.
+
+    Raises:
+        VideoError: missing, unreadable or non-image file (the message names the file).
+    """
+    spath = os.fspath(path)
+    with _image_errors(spath), Image.open(spath) as img:
+        return _shown_size(img)
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = IMAGE_DECODE_PIXELS) -> tuple[Image.Image, Size]:
+    """Decode an image file as an RGB Pillow image, upright, within a pixel budget.
+
+    - EXIF orientation is applied (as transformers' `load_image` does), so a phone photo stored sideways is seen as
+      shown; grayscale, palette, CMYK and 16-bit images become RGB; alpha is dropped (`convert("RGB")`, as the
+      authors' loaders do).
+    - A JPEG of more than `max_pixels` pixels is decoded at the smallest of 1/2, 1/4, 1/8 scale that fits (libjpeg DCT
+      scaling), so an 8000×6000 photo never occupies more than the budget.
+
+    Returns:
+        (image, (H, W) of the full-size upright image).
+
+    Raises:
+        VideoError: missing, empty, corrupt, truncated or too large file (the message names the file).
+    """
+    spath = os.fspath(path)
+    with _image_errors(spath), Image.open(spath) as img:
+        shown = _shown_size(img)
+        w, h = img.size
+        if w * h > max_pixels:  # JPEG / MPO (phone photos) scale in the decoder; draft() is a no-op for other formats
+            scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), 8)
+            img.draft("RGB", (-(-w // scale), -(-h // scale)))
+        img.load()  # leaving the `with` closes the file only; the decoded pixels stay
+        ImageOps.exif_transpose(img, in_place=True)  # no copy unless the photo really is rotated
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return rgb, shown
+
+
+def preprocess_image(img: Image.Image, tile: int, pinpoints, image_size: Size | None = None) -> ImageTiles:
+    """LLaVA-NeXT anyres preprocessing of an RGB image exactly as transformers **4.45.2**'s `LlavaNextImageProcessor`
+    (the authors' pinned version, which the released model was trained with; PIL backend).
+
+    1. best resolution: the pinpoint that keeps most of the image (`select_best_resolution` on `image_size`);
+    2. the image resized into it with its aspect kept (PIL bicubic) and padded with black by `(target - new) // 2` on
+       both sides (`_pad_for_patching`): an odd remainder leaves the canvas one pixel short of the pinpoint;
+    3. the canvas cut into S×S crops row by row (`divide_to_patches`); a crop of the short last row or column
+       (S-1 px) is resized so its short side is S (bicubic, long side `int(S * long / short)`) and centre-cropped to
+       S×S, as `_preprocess` does (transformers 5.x pads the remainder instead and differs there);
+    4. the base tile: the whole image resized to S×S (bicubic, aspect not kept);
+    5. every tile: `u8 * (1/255)` in float64 cast to float32, then CLIP mean/std in float32 (4.45's `rescale`,
+       `normalize`): bit-exact with the processor (tests/test_image_tf4452.py).
+
+    Args:
+        img: RGB image (possibly decoded at a reduced scale, see `read_image`).
+        tile: S, the tower's image size.
+        pinpoints: `image_grid_pinpoints`, (H, W) pairs in whole tiles.
+        image_size: (H, W) the geometry is computed from (default: the image's own size).
+    """
+    if img.mode != "RGB":
+        raise InputError(f"preprocess_image needs an RGB image, got mode {img.mode}")
+    decoded = (img.height, img.width)
+    size = tuple(image_size) if image_size is not None else decoded
+    best = select_best_resolution(size, pinpoints)
+    new_h, new_w = fitted_size(size, best)
+    pad_y, pad_x = (best[0] - new_h) // 2, (best[1] - new_w) // 2
+    canvas = Image.new("RGB", (new_w + 2 * pad_x, new_h + 2 * pad_y))  # one pixel short of `best` on an odd remainder
+    canvas.paste(img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC), (pad_x, pad_y))
+    rows, cols = best[0] // tile, best[1] // tile
+    out = np.empty((1 + rows * cols, tile, tile, 3), dtype=np.uint8)
+    out[0] = np.asarray(img.resize((tile, tile), resample=Image.Resampling.BICUBIC))
+    padded = np.asarray(canvas)
+    for r in range(rows):
+        for c in range(cols):
+            out[1 + r * cols + c] = _crop_to_tile(padded[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile], tile)
+    return ImageTiles(_clip_normalize_u8(out), size, best, (rows, cols), decoded)  # type: ignore[arg-type]
+
+
+def _crop_to_tile(crop: np.ndarray, tile: int) -> np.ndarray:
+    """A crop of the canvas as 4.45's `_preprocess` leaves it: S×S as is; a short one (S-1 px on one side) resized so
+    its short side is S (`get_resize_output_image_size`, bicubic) and centre-cropped (`center_crop`)."""
+    h, w = crop.shape[:2]
+    if (h, w) == (tile, tile):
+        return crop
+    long = int(tile * max(h, w) / min(h, w))
+    out_h, out_w = (long, tile) if w <= h else (tile, long)
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((out_w, out_h), resample=Image.Resampling.BICUBIC))
+    top, left = (out_h - tile) // 2, (out_w - tile) // 2
+    return resized[top : top + tile, left : left + tile]
+
+
+def _clip_normalize_u8(tiles: np.ndarray) -> np.ndarray:
+    """uint8 `[N, S, S, 3]` -> float32 `[N, 3, S, S]` as transformers 4.45's `rescale` (the product in float64, cast to
+    float32) then `normalize` (float32 mean/std)."""
+    out = (tiles * (1 / 255)).astype(np.float32)
+    out -= np.asarray(CLIP_MEAN, dtype=np.float32)
+    out /= np.asarray(CLIP_STD, dtype=np.float32)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def load_image_tiles(path: str | os.PathLike[str], tile: int, pinpoints, max_pixels: int = IMAGE_DECODE_PIXELS) -> ImageTiles:
+    """`read_image` + `preprocess_image`: the model-ready tiles of an image file.
+
+    Raises:
+        VideoError: the file cannot be read (the message names it).
+    """
+    img, shown = read_image(path, max_pixels)
+    return preprocess_image(img, tile, pinpoints, image_size=shown)
