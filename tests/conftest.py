@@ -13,7 +13,7 @@ REAL_LLAMA_TOKENIZER = SHARED / "data" / "llama-tokenizer"
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random-weight checkpoint in the released layout (made once per session)."""
     pytest.importorskip("torch")
-    from ppllava_edge.model.presets import make_checkpoint
+    from ppllava_edge.model.make import make_checkpoint
 
     return make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny")
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from ppllava_edge.bench import hardware
 from ppllava_edge.bench.stats import STATS, mean_std, percentile, stddev, summarize
+from ppllava_edge.external_data import graph_weight_bytes
 from ppllava_edge.cli.main import cli
 
 STAGES = ("decode_video", "preprocess", "vision", "pool", "prefill", "decode_step", "e2e")
@@ -112,7 +113,7 @@ def test_decode_bytes_count_weights_as_stored_plus_kv(tiny_export):
     path = tiny_export / m["graphs"]["decoder"]["file"]
     model = onnx.load(str(path))
     want = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if not t.name.startswith("rotary."))
-    assert hardware.graph_weight_bytes(path) == want
+    assert graph_weight_bytes(path) == want
     w, kv = hardware.decode_bytes_per_token(want, m["model"], context=100, new_tokens=9, kv_itemsize=4)
     # 8 decode steps attend 101..108 positions: mean 104.5
     assert w == want and kv == int(hardware.kv_cache_bytes(m["model"], 1, 4) * 104.5)
@@ -183,7 +184,7 @@ def test_bench_json_fields_present_and_consistent(bench_run, tiny_export):
         assert v["decode_efficiency"] == pytest.approx(v["decode_bytes_per_token"] * v["tokens_per_s"] / (data["memory_bandwidth_gbs"] * 1e9))
         if v["kind"] == "export":  # one KV buffer set, sized to the largest request served (first or second question)
             assert v["kv_cache_allocated_bytes"] == v["kv_cache_peak_used_bytes"] >= v["kv_cache_bytes"]
-            assert v["decode_weight_bytes"] == hardware.graph_weight_bytes(tiny_export / manifest["graphs"]["decoder"]["file"])
+            assert v["decode_weight_bytes"] == graph_weight_bytes(tiny_export / manifest["graphs"]["decoder"]["file"])
     pooled = data["variants"][1]
     assert pooled["cache"]["second_hits"] == ITERATIONS and pooled["cache"]["second_stages"]["vision"] == 0.0
     assert data["variants"][0]["ratios"]["e2e"] == pytest.approx(1.0)
@@ -267,7 +268,7 @@ def test_bench_bad_arguments_are_clear_errors(tiny_export, sample_video, args, m
 def test_targets_per_llm_precision():
     """Decode efficiency per variant, TPOT of the weight-only decoders against fp32 and KV allocated / used are
     evaluated on a small-preset run (numbers made up here; the evaluation is what is tested)."""
-    from ppllava_edge.bench.report import evaluate_targets, targets_apply
+    from ppllava_edge.bench.targets import evaluate_targets, targets_apply
 
     def entry(name, prec, tpot, eff, alloc):
         return {"name": name, "kind": "export", "backend": "ort", "baseline": None, "frames": 32, "precision": prec, "llm_precision": prec,
@@ -286,7 +287,8 @@ def test_targets_per_llm_precision():
 def test_targets_and_table_against_torch():
     """The same-run ratios against PyTorch: e2e and vision speed-ups, prefill as a time ratio, and the per-stage
     table's ✓/✗ (numbers made up here; the evaluation and the printing are what is tested)."""
-    from ppllava_edge.bench.report import evaluate_targets, vs_torch_table
+    from ppllava_edge.bench.report import vs_torch_table
+    from ppllava_edge.bench.targets import evaluate_targets
     from ppllava_edge.bench.runner import _add_torch_ratios
 
     def entry(name, kind, vision, prefill, step, e2e, ck="S"):
@@ -314,7 +316,7 @@ def test_targets_and_table_against_torch():
 def test_vision_targets_before_after_and_int8(tmp_path):
     """Vision efficiency per export, fp32 vision of a later export vs the first (before/after a graph change), int8
     vision vs the fp32 export it was quantized from and its gate's vision cosine (numbers made up here)."""
-    from ppllava_edge.bench.report import evaluate_targets
+    from ppllava_edge.bench.targets import evaluate_targets
 
     def entry(name, vis_prec, vision_ms, eff, cos=None, src=None):
         return {"name": name, "kind": "export", "backend": "ort", "baseline": None, "frames": 32, "precision": vis_prec, "vision_precision": vis_prec,

@@ -26,7 +26,8 @@ from ppllava_edge.model.checkpoint import (  # noqa: E402
     read_state_dict,
     release_weights,
 )
-from ppllava_edge.model.presets import FAN_IN_CHUNK, PRESETS, make_checkpoint, preset_config, random_tensors  # noqa: E402
+from ppllava_edge.model.make import make_checkpoint  # noqa: E402
+from ppllava_edge.model.presets import FAN_IN_CHUNK, PRESETS, preset_config, random_tensors  # noqa: E402
 from ppllava_edge.model.shards import SafetensorsFile, SafetensorsWriter, TensorSpec  # noqa: E402
 
 from .legacy_checkpoint import legacy_random_state_dict, legacy_save_shards  # noqa: E402

@@ -92,8 +92,8 @@ def test_weights_check_on_tiny(tiny_export, tiny_ckpt, tmp_path):
 def small_cut(tmp_path_factory):
     """A checkpoint at the small preset's widths (336 px, 24x24 grid, CLIP text 256, LLM 768), depth cut to the
     truncated-validation depth, with the small preset's own tensors for the kept layers; and its export."""
-    from ppllava_edge.model.checkpoint import write_truncated_checkpoint
-    from ppllava_edge.model.presets import make_checkpoint
+    from ppllava_edge.export.truncate import write_truncated_checkpoint
+    from ppllava_edge.model.make import make_checkpoint
 
     root = tmp_path_factory.mktemp("small")
     full = make_checkpoint("small", root / "small")

@@ -41,7 +41,7 @@ def hf(gguf):
 
 @pytest.fixture(scope="module")
 def llm_ckpt(gguf, tmp_path_factory) -> Path:
-    from ppllava_edge.model.presets import make_checkpoint
+    from ppllava_edge.model.make import make_checkpoint
 
     return make_checkpoint("tiny", tmp_path_factory.mktemp("llm") / "tiny-smollm2", llm=gguf)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from ppllava_edge.engine.build import build_engines
 from ppllava_edge.engine.metadata import engine_entry, export_fingerprint, load_metadata, new_metadata, write_metadata
 from ppllava_edge.engine.plan import BuildOptions
 from ppllava_edge.engine.profiles import graph_profiles, profiles_to_json, resolve_limits
-from ppllava_edge.errors import EngineBuildError, InferenceError, InputError
+from ppllava_edge.errors import EngineBuildError, InferenceError
 from ppllava_edge.manifest import ExportManifest
 
 from .test_engine import fake_export, make_manifest, quantized_export
@@ -385,15 +386,16 @@ def test_bf16_engine_outputs_are_refused_at_load(standin, monkeypatch, tmp_path)
 
 
 def test_cuda_graph_is_refused_before_tensorrt_is_needed(monkeypatch, tmp_path):
-    from ppllava_edge.runtime.trt_backend import open_engines
+    """--cuda-graph is refused by the CLI while parsing (cli/app.py), before any engine or TensorRT is touched."""
 
     def unreachable(purpose, need_gpu=True):
         raise AssertionError("TensorRT must not be needed to refuse --cuda-graph")
 
     monkeypatch.setattr(availability, "require_tensorrt", unreachable)
-    manifest = fake_export(tmp_path / "export", tiny_data())
-    with pytest.raises(InputError, match=r"--cuda-graph is not supported(.|\n)*uncaptured enqueue after each shape change"):
-        open_engines(tmp_path / "engines", manifest, cuda_graph=True)
+    fake_export(tmp_path / "export", tiny_data())
+    res = CliRunner().invoke(cli, ["ask", str(tmp_path / "export"), str(tmp_path / "clip.mp4"), "what?", "--backend", "trt", "--cuda-graph"])
+    assert res.exit_code == 1, res.output
+    assert re.search(r"--cuda-graph is not supported(.|\n)*uncaptured enqueue after each shape change", res.output)
 
 
 def test_cli_cuda_graph_is_one_clear_error(tiny_export, tmp_path):

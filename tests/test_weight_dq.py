@@ -98,7 +98,7 @@ def test_asymmetric_blocks_reproduce_a_q4_1_grid():
 def trt_export(tmp_path_factory) -> Path:
     from ppllava_edge.export.exporter import ExportOptions, export_checkpoint
     from ppllava_edge.model.llm_source import SMOLLM2_WHEEL, find_smollm2_gguf
-    from ppllava_edge.model.presets import make_checkpoint
+    from ppllava_edge.model.make import make_checkpoint
 
     gguf = find_smollm2_gguf()
     if gguf is None:

@@ -138,3 +138,24 @@ def share_initializers(paths: list[Path], data_name: str, min_bytes: int = INLIN
 def external_files(model) -> list[str]:
     """The external-data file names a ModelProto's initializers point to."""
     return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+
+
+def graph_weight_bytes(path: str | os.PathLike, skip_prefixes: tuple[str, ...] = ("rotary.",)) -> int:
+    """Bytes of a graph's initializers as stored (fp32 / fp16 / int8 / packed int4 + scales), without loading them;
+    tables a step reads one row of (the rotary cos/sin caches) are left out."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        if t.name.startswith(skip_prefixes):
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            total += int(ext["length"])
+        elif t.raw_data:
+            total += len(t.raw_data)
+        else:
+            n = int(np.prod(t.dims)) if t.dims else 1
+            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total

@@ -33,15 +33,14 @@ def export_files(folder: str | os.PathLike, data: dict) -> list[Path]:
 
 def file_digests(folder: str | os.PathLike, data: dict) -> dict[str, dict]:
     """export.json's `weights` entry for the files in `folder` (reads every byte once)."""
-    from .engine.metadata import sha256_file
-    from .runtime.cache import file_digest
+    from .digest import file_digest, sha256_file
 
     return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p), "sampled_sha256": file_digest(p)} for p in export_files(folder, data)}
 
 
 def quick_problem(path: Path, record: dict | None) -> str | None:
     """What is wrong with `path` by its size and sampled digest (cheap), or None (also when nothing is recorded)."""
-    from .runtime.cache import file_digest
+    from .digest import file_digest
 
     if record is None:
         return None
@@ -91,7 +90,7 @@ class VerifyReport:
 
 def verify_export(folder: str | os.PathLike, progress=None) -> VerifyReport:
     """Hash every file of an export and compare with export.json (see the module docstring)."""
-    from .engine.metadata import sha256_file
+    from .digest import sha256_file
 
     manifest = load_manifest(folder)
     records = manifest.data.get(WEIGHTS_KEY)

@@ -73,6 +73,61 @@ class ExportManifest:
     def model(self) -> dict:
         return self.data["model"]
 
+    # ---- the export.json fields, one accessor each (nothing outside this file reads `data` by key) --------------
+    @property
+    def dtype(self) -> str:
+        """The export's float dtype ("fp32" | "fp16")."""
+        return self.data.get("dtype", "fp32")
+
+    @property
+    def graph_names(self) -> list[str]:
+        return list(self.data["graphs"])
+
+    def precision(self, graph: str) -> str:
+        """The precision of a graph: its own (a quantized export records one per graph), else the export's dtype."""
+        return self.graph(graph).get("precision", self.dtype)
+
+    @property
+    def created(self) -> str | None:
+        return self.data.get("created")
+
+    @property
+    def checkpoint(self) -> dict:
+        """{"path", "sha256", ...} of the checkpoint the export was made from."""
+        return self.data["checkpoint"]
+
+    @property
+    def export_id(self) -> str:
+        """Identity of this export's numbers (feature caches must not mix exports): creation time + checkpoint digest."""
+        return (self.created or "") + self.checkpoint["sha256"]
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.data["image_token_id"])
+
+    @property
+    def image_rules(self) -> dict | None:
+        """The anyres rules (`image`), None for an export made before image tiles."""
+        return self.data.get("image")
+
+    @property
+    def quantization(self) -> dict:
+        """The `quantization` block of a quantized export ({} for an fp32 / fp16 export)."""
+        return self.data.get("quantization") or {}
+
+    @property
+    def trained_llm(self) -> bool:
+        """The checkpoint's LLM is a trained model (make-checkpoint --llm)."""
+        return bool((self.data.get("llm") or {}).get("trained"))
+
+    @property
+    def preset(self) -> str | None:
+        return self.data.get("preset")
+
+    @property
+    def opset(self) -> int:
+        return int(self.data.get("opset", 20))
+
     @property
     def conversation(self) -> ConversationTemplate:
         """The LLM's conversation template (`conversation_template`; exports made before it: the authors' plain_v1)."""
@@ -86,7 +141,7 @@ class ExportManifest:
         """The prompt tokenizer (tokenization.LlamaPromptTokenizer) with this export's template and image id."""
         from .tokenization import LlamaPromptTokenizer
 
-        return LlamaPromptTokenizer.from_file(self.path("llama"), image_token_id=self.data["image_token_id"], template=self.conversation)
+        return LlamaPromptTokenizer.from_file(self.path("llama"), image_token_id=self.image_token_id, template=self.conversation)
 
     @property
     def llm_note(self) -> str | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 
+
 # ---- probes -----------------------------------------------------------------------------------------
 def _best_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: page faults, thread-pool start
@@ -216,27 +217,6 @@ def decode_efficiency(bytes_per_token: float, tokens_per_s: float | None, bandwi
     if not tokens_per_s or not bandwidth_gbs:
         return None
     return bytes_per_token * tokens_per_s / (bandwidth_gbs * 1e9)
-
-
-def graph_weight_bytes(path: str | os.PathLike, skip_prefixes: tuple[str, ...] = ("rotary.",)) -> int:
-    """Bytes of a graph's initializers as stored (fp32 / fp16 / int8 / packed int4 + scales), without loading them;
-    tables a step reads one row of (the rotary cos/sin caches) are left out."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for t in model.graph.initializer:
-        if t.name.startswith(skip_prefixes):
-            continue
-        ext = {e.key: e.value for e in t.external_data}
-        if "length" in ext:
-            total += int(ext["length"])
-        elif t.raw_data:
-            total += len(t.raw_data)
-        else:
-            n = int(np.prod(t.dims)) if t.dims else 1
-            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
 
 
 def decode_bytes_per_token(weight_bytes: int, model: dict, context: int, new_tokens: int, kv_itemsize: int) -> tuple[int, int]:

@@ -28,7 +28,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import InputError
-from .runner import QUESTIONS, _environment, _video
+from .plan import QUESTIONS
+from .runner import _environment, _video
 from .stats import summarize
 
 ProgressFn = Callable[[int, int, str], None]

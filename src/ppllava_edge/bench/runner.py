@@ -27,535 +27,20 @@ import logging
 import os
 import resource
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import ConfigError, InputError
-from ..manifest import ExportManifest, load_manifest
+from ..errors import InputError
+from ..manifest import ExportManifest
 from ..memory import MemorySampler
 from . import hardware
+from .plan import (BACKENDS, NOPOOL_FRAMES, QUESTIONS, STAGES, TORCH_RATIO_STAGES, BenchOptions, ProgressFn, VariantSpec,
+                   headline_frames, plan, reference_entry)
 from .stats import mean_std, summarize
+from .targets import evaluate_targets, targets_apply
+from .variants import RunRecord, VariantRunner, _device_used_bytes, open_runner
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("ort", "trt", "torch")
-BASELINES = ("nopool", "avgpool")
-STAGES = ("decode_video", "preprocess", "vision", "pool", "prefill", "decode_step", "e2e")
-"""Timed stages (ms). `decode_step` pools every decode step of every run (TPOT)."""
-DERIVED_STAGES = ("ttft", "decode")
-"""Per run: `ttft` = e2e minus the decode steps (time to first token); `decode` = all decode steps."""
-DEFAULT_FRAMES = (8, 16, 32, 64)
-NOPOOL_FRAMES = 8
-"""LLaVA-NeXT's video setting in the paper: 8 frames x 576 patch tokens = 4608 visual tokens."""
-HEADLINE_FRAMES = 32
-"""Top-level numbers and targets use 32 frames (the paper's setting) when measured, else the largest frames."""
-QUESTIONS = (
-    "What is happening in the video?",
-    "Describe the colours and the shapes you can see.",
-    "Which object moves fastest, and in which direction?",
-    "How many distinct objects appear in the clip?",
-    "Summarise the video in one sentence.",
-    "What changes between the beginning and the end?",
-    "Is there any text or number visible?",
-    "Where is the square at the end of the clip?",
-)
-
-ProgressFn = Callable[[int, int, str], None]
-
-
-# ---- options and validation ---------------------------------------------------------------------------------
-@dataclass
-class BenchOptions:
-    exports: list[Path]
-    video: Path | None = None
-    image: Path | None = None  # bench an image instead of a video (its anyres tiles play the frames' part)
-    synthetic: bool = False
-    frames: list[int] | None = None  # None: DEFAULT_FRAMES within every export's range
-    questions: int = 2
-    max_new_tokens: int = 32
-    warmup: int = 1
-    iterations: int = 5
-    provider: str = "auto"
-    backends: tuple[str, ...] = ("ort",)
-    baselines: tuple[str, ...] = ()
-    threads: int | None = None
-    engines: tuple[Path, ...] = ()  # one TensorRT engine folder per export, for backend "trt"
-    hardware: bool = True  # measure bandwidth / GEMM FLOP/s (a few seconds)
-    bandwidth_mb: int | None = None  # working set of the bandwidth probe (default: 1 GiB or 16x the LLC)
-    gemm_n: int = 1536
-    workdir: Path | None = None  # where --synthetic writes its video (default: a temporary folder)
-    raise_errors: bool = False  # re-raise a failing variant's exception instead of recording it
-    command: str | None = None
-
-
-def parse_choices(value: str | list[str] | tuple[str, ...] | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
-    """'a,b' (or a list) -> ('a', 'b'), each checked against `allowed`; duplicates dropped, order kept."""
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else [v for part in value for v in str(part).split(",")]
-    out: list[str] = []
-    for raw in items:
-        name = raw.strip().lower()
-        if not name:
-            continue
-        if name not in allowed:
-            raise InputError(f"unknown {what} {raw.strip()!r}; choose from: {', '.join(allowed)}")
-        if name not in out:
-            out.append(name)
-    return tuple(out)
-
-
-def parse_frames(value: str | list[int] | None) -> list[int] | None:
-    """'8,16,32' -> [8, 16, 32]; every value must be an even integer >= 2."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else list(value)
-    frames: list[int] = []
-    for raw in items:
-        text = str(raw).strip()
-        if not text:
-            continue
-        try:
-            f = int(text)
-        except ValueError:
-            raise InputError(f"--frames: {text!r} is not an integer (expected a list such as 8,16,32)") from None
-        if f < 2 or f % 2:
-            raise InputError(
-                f"--frames {f}: frame counts must be even and >= 2 (the (2,3,3) pooling pairs frames, so the token "
-                "count is T/2 x tokens per pair).\nHint: use 8,16,32 or 64."
-            )
-        if f not in frames:
-            frames.append(f)
-    if not frames:
-        raise InputError("--frames is empty; give a list such as 8,16,32")
-    return frames
-
-
-@dataclass
-class VariantSpec:
-    name: str
-    kind: str  # "export" | "torch" | "baseline"
-    backend: str  # "ort" | "trt" | "torch"
-    manifest: ExportManifest
-    frames: list[int]
-    baseline: str | None = None
-    engines: Path | None = None
-    precision: str = "fp32"
-
-
-def precision_label(manifest: ExportManifest) -> str:
-    """Precision of the graphs a pooled answer runs: 'fp32' when vision, prompt_pool and decoder agree, else
-    'vis int8 / pool fp32 / llm int8'."""
-    graphs = manifest.data["graphs"]
-    default = manifest.data.get("dtype", "fp32")
-    precs = [graphs.get(g, {}).get("precision", default) for g in ("vision", "prompt_pool", "decoder")]
-    if len(set(precs)) == 1:
-        return precs[0]
-    return " / ".join(f"{short} {p}" for short, p in zip(("vis", "pool", "llm"), precs))
-
-
-def _check_frames(manifest: ExportManifest, frames: list[int], what: str) -> None:
-    fmin, _, fmax = manifest.frames
-    lo = max(fmin, 2)
-    bad = [f for f in frames if not lo <= f <= fmax]
-    if bad:
-        raise InputError(
-            f"{what} {','.join(map(str, bad))} outside the frame range {lo}..{fmax} of export {manifest.folder}.\n"
-            "Hint: re-export with --frames MIN:OPT:MAX covering it, or bench fewer frames."
-        )
-
-
-def _prompt_len(manifest: ExportManifest, questions: int) -> int:
-    """Longest prompt (text ids, image token excluded) of the first `questions` questions."""
-    tok = manifest.llama_tokenizer()
-    return max(len(tok.prompt_ids(q)) - 1 for q in QUESTIONS[:questions])
-
-
-def plan(opts: BenchOptions) -> list[VariantSpec]:
-    """Check the options against the exports and list the variants; raises InputError / ConfigError."""
-    if not opts.exports:
-        raise InputError("give at least one EXPORT folder")
-    for name, value, low in (("--iterations", opts.iterations, 1), ("--warmup", opts.warmup, 0), ("--questions", opts.questions, 1), ("--max-new-tokens", opts.max_new_tokens, 1)):
-        if value < low:
-            raise InputError(f"{name} must be >= {low}, got {value}")
-    if opts.questions > len(QUESTIONS):
-        raise InputError(f"--questions must be <= {len(QUESTIONS)}, got {opts.questions}")
-    if opts.video is not None and opts.synthetic:
-        raise InputError("give either --video FILE or --synthetic, not both")
-    if opts.image is not None and (opts.video is not None or opts.synthetic):
-        raise InputError("give either --image FILE or a video (--video / --synthetic), not both")
-    if opts.threads is not None and opts.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {opts.threads}")
-    backends = parse_choices(list(opts.backends), BACKENDS, "backend")
-    baselines = parse_choices(list(opts.baselines), BASELINES, "baseline")
-    if not backends and not baselines:
-        raise InputError("nothing to run: give at least one --backend or --baseline")
-    manifests = [load_manifest(e) for e in opts.exports]
-    engines: list[Path] = []
-    if "trt" in backends:
-        if opts.engines and len(opts.engines) != len(manifests):
-            raise ConfigError(
-                f"--backend trt takes one --engines folder per EXPORT ({len(manifests)} export(s), {len(opts.engines)} --engines given)."
-            )
-        engines = [Path(e) for e in opts.engines] or [m.folder / "engines" for m in manifests]
-        from ..engine.metadata import ENGINES_JSON
-
-        missing = [str(e) for e in engines if not (e / ENGINES_JSON).is_file()]
-        if missing:
-            raise ConfigError(
-                f"--backend trt: no TensorRT engine folder ({ENGINES_JSON}) at {', '.join(missing)}.\n"
-                "Hint: build one with `ppllava-edge build EXPORT --out EXPORT/engines` (the default place), or pass --engines DIR per EXPORT."
-            )
-        from ..engine.availability import require_tensorrt
-
-        require_tensorrt("--backend trt")
-    if any(b in backends for b in ("ort", "trt")) or baselines:
-        from ..runtime.session import resolve_provider
-
-        resolve_provider(opts.provider)  # unknown / unavailable provider -> InferenceError
-
-    if opts.image is not None:
-        frames = _image_frames(opts, manifests, baselines)
-    else:
-        if opts.frames is None:
-            frames = [f for f in DEFAULT_FRAMES if all(max(m.frames[0], 2) <= f <= m.frames[2] for m in manifests)]
-            frames = frames or [manifests[0].frames[1] + manifests[0].frames[1] % 2]
-        else:
-            frames = parse_frames(opts.frames)
-        for m in manifests:
-            _check_frames(m, frames, "--frames")
-            limit = m.model["max_position_embeddings"]
-            longest = _prompt_len(m, opts.questions) + m.visual_tokens(max(frames)) + opts.max_new_tokens
-            if longest > limit:
-                raise InputError(
-                    f"{max(frames)} frames ({m.visual_tokens(max(frames))} visual tokens) + prompt + --max-new-tokens "
-                    f"{opts.max_new_tokens} = {longest} positions exceed the LLM context of {limit} ({m.folder}).\n"
-                    "Hint: bench fewer frames or fewer new tokens."
-                )
-    if "nopool" in baselines:
-        _check_frames(manifests[0], [NOPOOL_FRAMES], "the nopool baseline's frames")
-
-    labels = [m.folder.name or str(m.folder) for m in manifests]
-    if len(set(labels)) < len(labels):
-        labels = [f"{lab}#{i + 1}" for i, lab in enumerate(labels)]
-    specs: list[VariantSpec] = []
-    for i, (m, label) in enumerate(zip(manifests, labels)):
-        for b in backends:
-            if b == "torch":
-                continue
-            name = label if b == "ort" else f"{label} {b}"
-            specs.append(VariantSpec(name, "export", b, m, frames, engines=engines[i] if b == "trt" else None, precision=precision_label(m)))
-    for b in baselines:
-        m = manifests[0]
-        specs.append(VariantSpec(b, "baseline", "ort", m, [NOPOOL_FRAMES] if b == "nopool" else frames, baseline=b, precision=precision_label(m)))
-    if "torch" in backends:
-        seen: list[str] = []
-        for m in manifests:
-            ck = m.data["checkpoint"]["path"]
-            if ck in seen:
-                continue
-            seen.append(ck)
-        for ck in seen:
-            m = next(x for x in manifests if x.data["checkpoint"]["path"] == ck)
-            name = "torch" if len(seen) == 1 else f"torch {Path(ck).name}"
-            specs.append(VariantSpec(name, "torch", "torch", m, frames, precision="fp32"))
-    return specs
-
-
-def _image_frames(opts: BenchOptions, manifests: list[ExportManifest], baselines: tuple[str, ...]) -> list[int]:
-    """--image: the image's tile count stands in for the frames (one entry per variant); checks the options."""
-    from ..media import input_kind, read_image_size
-
-    if opts.frames is not None:
-        raise InputError("--frames is for videos; an image's tiles follow from its size and the export's image_grid_pinpoints")
-    if baselines:
-        raise InputError("--baseline nopool/avgpool are video baselines; drop --baseline with --image")
-    image = Path(opts.image)
-    if not image.is_file():
-        raise InputError(f"--image {image}: no such file")
-    if input_kind(image) != "image":
-        raise InputError(f"--image {image}: not an image file (by its extension)")
-    size = read_image_size(image)
-    tiles = set()
-    for m in manifests:
-        layout = m.image_layout(size)
-        tiles.add(layout.tiles)
-        limit = m.model["max_position_embeddings"]
-        longest = _prompt_len(m, opts.questions) + layout.num_tokens + opts.max_new_tokens
-        if longest > limit:
-            raise InputError(
-                f"the image ({layout.num_tokens} visual tokens) + prompt + --max-new-tokens {opts.max_new_tokens} = {longest} "
-                f"positions exceed the LLM context of {limit} ({m.folder}).\nHint: bench fewer new tokens."
-            )
-    if len(tiles) != 1:
-        raise InputError(f"--image {image}: the exports cut it into different tile counts ({sorted(tiles)}); bench them separately")
-    return [tiles.pop()]
-
-
-def headline_frames(frames: list[int]) -> int:
-    return HEADLINE_FRAMES if HEADLINE_FRAMES in frames else max(frames)
-
-
-# ---- memory sampling ----------------------------------------------------------------------------------------
-def _device_used_bytes() -> int | None:
-    try:
-        from ..device import mem_get_info
-
-        free, total = mem_get_info()
-        return int(total - free)
-    except Exception:
-        return None
-
-
-# ---- one run ------------------------------------------------------------------------------------------------
-@dataclass
-class RunRecord:
-    """One answer: stage times (ms), decode steps, token counts."""
-
-    stages: dict[str, float]
-    decode_steps: list[float]
-    visual_tokens: int
-    context_len: int
-    new_tokens: int
-    cache_hit: bool = False
-
-    @property
-    def ttft(self) -> float:
-        return self.stages["e2e"] - float(sum(self.decode_steps))
-
-
-def _generation(max_new_tokens: int):
-    from ..runtime.generation import GenerationConfig
-
-    return GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
-
-
-def _files_bytes(paths) -> int:
-    """Bytes of graph files and their external data, each file once (the pools share pools.onnx.data)."""
-    from ..manifest import graph_files
-
-    files = {f for p in paths for f in (graph_files(p) if p.suffix == ".onnx" else [p])}
-    return sum(f.stat().st_size for f in files if f.is_file())
-
-
-class _PipelineRunner:
-    """A pooled export variant: Pipeline.ask (ONNX Runtime sessions, or TensorRT engines swapped in)."""
-
-    uses_cache = True
-
-    def __init__(self, spec: VariantSpec, opts: BenchOptions):
-        from ..runtime.pipeline import Pipeline
-
-        self.spec = spec
-
-        def load():
-            t0 = time.perf_counter()
-            pipe = Pipeline(spec.manifest, provider=opts.provider, threads=opts.threads, backend="trt" if spec.backend == "trt" else "ort", engines=spec.engines)
-            return pipe, (time.perf_counter() - t0) * 1e3
-
-        # session load: the first Pipeline of this process (graphs read, optimised copies written on a first run), then
-        # a second one (page cache warm, ONNX Runtime's optimised graphs reused) - the cold / warm load of an answer
-        self.pipe, self.load_ms = load()
-        if spec.backend != "trt":
-            extra, self.reload_ms = load()
-            extra.close()
-            del extra
-        else:
-            self.reload_ms = None
-        self.provider = self.pipe.provider
-        self.gen = _generation(opts.max_new_tokens)
-        m = spec.manifest
-        self.itemsize = np.dtype(self.pipe.dtype).itemsize
-        graphs = self._graphs()
-        self.weight_bytes = _files_bytes([*(m.path(m.graph_for(g)) for g in graphs), m.path("embeddings")])
-        self.decoder_weight_bytes = hardware.graph_weight_bytes(m.path(m.graph_for("decoder")))
-        self.llm_precision = m.graph(m.graph_for("decoder")).get("precision", m.data.get("dtype", "fp32"))
-        self.vision_precision = m.graph(m.graph_for("vision")).get("precision", m.data.get("dtype", "fp32"))
-        self.notes: list[str] = []
-
-    def _graphs(self) -> tuple[str, ...]:
-        return ("vision", "prompt_pool", "decoder")
-
-    def kv_allocated_bytes(self) -> int | None:
-        """KV-cache bytes the decoder holds (every buffer it allocated), or None when it does not say."""
-        return getattr(self.pipe.decoder, "allocated_bytes", None)
-
-    def kv_peak_used_bytes(self) -> int | None:
-        """KV-cache bytes of the largest request the decoder served (its buffer never needs to be larger)."""
-        dec = self.pipe.decoder
-        if not hasattr(dec, "peak_used_positions"):
-            return None
-        return hardware.kv_cache_bytes(self.spec.manifest.model, dec.peak_used_positions, dec.dtype.itemsize, max(1, dec.max_batch))
-
-    def clear_cache(self) -> None:
-        from ..runtime.cache import FeatureCache
-
-        self.pipe.cache = FeatureCache(self.pipe.cache.max_bytes)
-
-    def run(self, video: Path, question: str, frames: int) -> RunRecord:
-        r = self.pipe.ask(video, question, num_frames=frames, generation=self.gen)
-        t = r.timings
-        stages = {"decode_video": t.decode_video, "preprocess": t.preprocess, "vision": t.vision, "pool": t.pool, "prefill": t.prefill, "e2e": t.e2e}
-        return RunRecord(stages, list(t.decode_steps), r.visual_tokens, r.context_len, len(r.ids), t.cache_hit)
-
-    def close(self) -> None:
-        if self.pipe is not None:
-            self.pipe.close()
-        self.pipe = None
-
-
-class _BaselineRunner(_PipelineRunner):
-    """`nopool` / `avgpool` on the export's graphs: vision -> (all T*P tokens | mean over T) -> projector_head
-    (linear_2) -> LLM. The `pool` stage is the reshape / mean plus projector_head."""
-
-    uses_cache = False
-
-    def __init__(self, spec: VariantSpec, opts: BenchOptions):
-        super().__init__(spec, opts)
-        m = spec.manifest.model
-        if spec.baseline == "nopool":
-            need = _prompt_len(spec.manifest, 1) + NOPOOL_FRAMES * m["patches_per_frame"] + opts.max_new_tokens
-            if need > m["max_position_embeddings"]:
-                rotary = spec.manifest.graph(spec.manifest.graph_for("decoder")).get("rotary_positions")
-                if rotary is not None and need > rotary:
-                    raise InputError(f"nopool needs {need} positions; this export's decoder has rotary tables for {rotary}")
-                self.pipe.decoder.max_len = need  # the runtime's own context check stays at max_position_embeddings
-                self.notes.append(
-                    f"context {need} > max_position_embeddings {m['max_position_embeddings']}: the decoder runs past its "
-                    "trained context (RoPE extrapolates; timing only, as LLaVA-NeXT-Video extends the context)"
-                )
-
-    def _graphs(self) -> tuple[str, ...]:
-        return ("vision", "projector_head", "decoder")
-
-    def run(self, video: Path, question: str, frames: int) -> RunRecord:
-        from ..media import load_video, preprocess_frames
-        from ..runtime.generation import generate
-
-        pipe = self.pipe
-        s: dict[str, float] = {}
-        start = time.perf_counter()
-        input_ids = np.asarray(pipe.llama.prompt_ids(question), dtype=np.int64)
-        t0 = time.perf_counter()
-        raw = load_video(video, frames).frames
-        t1 = time.perf_counter()
-        px = preprocess_frames(raw, pipe.manifest.model["image_size"])
-        t2 = time.perf_counter()
-        values, _keys = pipe.sessions["vision"].run(None, {"pixel_values": px.astype(pipe.dtype)})
-        t3 = time.perf_counter()
-        values = np.asarray(values)
-        flat = values.reshape(-1, values.shape[-1]) if self.spec.baseline == "nopool" else values.mean(axis=0)
-        (tokens,) = pipe.sessions["projector_head"].run(None, {"values": np.ascontiguousarray(flat, dtype=pipe.dtype)})
-        t4 = time.perf_counter()
-        embeds = pipe.embed_prompt(input_ids, np.asarray(tokens))
-        out = generate(pipe.decoder, pipe.embed, embeds, self.gen)
-        s.update(decode_video=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3, vision=(t3 - t2) * 1e3, pool=(t4 - t3) * 1e3, prefill=out.prefill_ms)
-        s["e2e"] = (time.perf_counter() - start) * 1e3
-        return RunRecord(s, list(out.step_ms), int(tokens.shape[0]), int(embeds.shape[0]), len(out.ids))
-
-
-class _TorchRunner:
-    """The PyTorch reference (fp32, sdpa) timed stage by stage on the same inputs; greedy decoding with a manual
-    KV-cache loop (transformers DynamicCache), exactly `max_new_tokens` tokens."""
-
-    uses_cache = False
-
-    def __init__(self, spec: VariantSpec, opts: BenchOptions):
-        from .._deps import require
-
-        torch = require("torch", "export", "--backend torch (the PyTorch reference)")
-        require("transformers", "export", "--backend torch (the PyTorch reference)")
-        ck = Path(spec.manifest.data["checkpoint"]["path"])
-        if not (ck / "config.json").is_file():
-            raise ConfigError(
-                f"--backend torch: the checkpoint recorded in {spec.manifest.folder}/export.json ({ck}) is not there.\n"
-                "Hint: bench on the machine that exported, or drop torch from --backend."
-            )
-        from ..model.generate import ReferenceModel
-
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        self.torch = torch
-        self.spec = spec
-        self.ref = ReferenceModel(ck)
-        self.model = self.ref.model.eval()
-        self.max_new_tokens = opts.max_new_tokens
-        self.provider = f"cpu ({torch.get_num_threads()} threads)"
-        params = list(self.model.parameters())
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in params)
-        lm = self.model.language_model
-        emb = lm.get_input_embeddings().weight
-        self.decoder_weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) - emb.numel() * emb.element_size()
-        self.itemsize = 4
-        self.notes: list[str] = []
-
-    def kv_allocated_bytes(self) -> int | None:
-        return None  # DynamicCache grows with the context
-
-    def clear_cache(self) -> None:
-        pass
-
-    def run(self, video: Path, question: str, frames: int) -> RunRecord:
-        """One answer on a video (`frames` frames) or an image (its anyres tiles; `frames` is their count)."""
-        from ..media import input_kind, load_video, preprocess_frames, preprocess_image, read_image
-
-        torch, model = self.torch, self.model
-        proj, lm, cfg = model.multi_modal_projector, model.language_model, model.cfg
-        image = input_kind(video) == "image"
-        s: dict[str, float] = {}
-        steps: list[float] = []
-        start = time.perf_counter()
-        clip_ids, input_ids = self.ref.tokenize(question)
-        t0 = time.perf_counter()
-        raw, shown = read_image(video) if image else (load_video(video, frames).frames, None)
-        t1 = time.perf_counter()
-        if image:
-            px = preprocess_image(raw, cfg.vision.image_size, cfg.image_grid_pinpoints, image_size=shown).pixel_values
-        else:
-            px = preprocess_frames(raw, cfg.vision.image_size)
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            feats = model.encode_tiles(torch.from_numpy(px)) if image else model.encode_video(torch.from_numpy(px))
-            keys, values = proj.keys(feats), proj.values(feats)
-            t3 = time.perf_counter()
-            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image)
-            if image:
-                tokens = model.assemble_image(tokens, model.image_layout(px.shape[0], shown))
-            t4 = time.perf_counter()
-            embeds = model.embed_prompt(torch.from_numpy(input_ids), tokens)  # [1, L, D]
-            t5 = time.perf_counter()
-            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-            tok = int(out.logits[0, -1].argmax())
-            t6 = time.perf_counter()
-            cache = out.cache
-            ids = [tok]
-            table = lm.get_input_embeddings()
-            while len(ids) < self.max_new_tokens:
-                a = time.perf_counter()
-                out = lm(inputs_embeds=table(torch.tensor([[tok]])), cache=cache, use_cache=True, logits_to_keep=1)
-                cache = out.cache
-                tok = int(out.logits[0, -1].argmax())
-                ids.append(tok)
-                steps.append((time.perf_counter() - a) * 1e3)
-        s.update(decode_video=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3, vision=(t3 - t2) * 1e3, pool=(t4 - t3) * 1e3, prefill=(t6 - t5) * 1e3)
-        s["e2e"] = (time.perf_counter() - start) * 1e3
-        return RunRecord(s, steps, int(tokens.shape[0]), int(embeds.shape[1]), len(ids))
-
-    def close(self) -> None:
-        self.model = self.ref = None
-
-
-def _open(spec: VariantSpec, opts: BenchOptions):
-    if spec.kind == "torch":
-        return _TorchRunner(spec, opts)
-    if spec.kind == "baseline":
-        return _BaselineRunner(spec, opts)
-    return _PipelineRunner(spec, opts)
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------
@@ -573,7 +58,7 @@ def _stage_stats(records: list[RunRecord]) -> dict:
     return out
 
 
-def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: list[RunRecord], seconds: list[RunRecord],
+def _entry(spec: VariantSpec, runner: VariantRunner, frames: int, opts: BenchOptions, records: list[RunRecord], seconds: list[RunRecord],
            peak_rss: int, rss_before: int, peak_dev: int | None, dev_base: int | None, hw: dict) -> dict:
     m = spec.manifest.model
     first = records[0]
@@ -584,8 +69,7 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
     e2e_tps, _ = mean_std([r.new_tokens / (r.stages["e2e"] / 1e3) for r in records])
     stages = _stage_stats(records)
     positions = first.context_len + first.new_tokens - 1
-    kv_item = getattr(getattr(runner, "pipe", None), "decoder", None)
-    kv_item = kv_item.dtype.itemsize if kv_item is not None and hasattr(kv_item, "dtype") else runner.itemsize
+    kv_item = runner.kv_itemsize()
     w_bytes, kv_bytes = hardware.decode_bytes_per_token(runner.decoder_weight_bytes, m, first.context_len, first.new_tokens, kv_item)
     vis_frames = frames
     vflops = hardware.vision_flops(m, vis_frames)
@@ -612,7 +96,7 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
         "baseline": spec.baseline,
         "provider": runner.provider,
         "export": str(spec.manifest.folder),
-        "checkpoint": spec.manifest.data["checkpoint"].get("path"),
+        "checkpoint": spec.manifest.checkpoint.get("path"),
         "precision": spec.precision,
         "frames": frames,
         "questions": opts.questions if runner.uses_cache else 1,
@@ -631,13 +115,13 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
         "device_before_mb": dev_base / 2**20 if dev_base is not None else None,
         "weight_bytes": int(runner.weight_bytes),
         "decoder_weight_bytes": int(runner.decoder_weight_bytes),
-        "llm_precision": getattr(runner, "llm_precision", spec.precision),
-        "vision_precision": getattr(runner, "vision_precision", spec.precision),
+        "llm_precision": runner.llm_precision or spec.precision,
+        "vision_precision": runner.vision_precision or spec.precision,
         "vision_cosine": _gate_vision_cosine(spec.manifest) if spec.kind == "export" else None,
         "quantized_from": _quantized_from(spec.manifest) if spec.kind == "export" else None,
         "kv_cache_bytes": hardware.kv_cache_bytes(m, positions, kv_item),
         "kv_cache_allocated_bytes": runner.kv_allocated_bytes(),
-        "kv_cache_peak_used_bytes": runner.kv_peak_used_bytes() if hasattr(runner, "kv_peak_used_bytes") else None,
+        "kv_cache_peak_used_bytes": runner.kv_peak_used_bytes(),
         "decode_weight_bytes": w_bytes,
         "decode_kv_bytes": kv_bytes,
         "decode_bytes_per_token": w_bytes + kv_bytes,
@@ -650,8 +134,8 @@ def _entry(spec: VariantSpec, runner, frames: int, opts: BenchOptions, records: 
         "runs": [{"visual_tokens": r.visual_tokens, "context_len": r.context_len, "new_tokens": r.new_tokens, "e2e_ms": round(r.stages["e2e"], 4)} for r in records],
         "cache": cache,
         "notes": list(runner.notes),
-        "load_ms": getattr(runner, "load_ms", None),
-        "reload_ms": getattr(runner, "reload_ms", None),
+        "load_ms": runner.load_ms,
+        "reload_ms": runner.reload_ms,
         "error": None,
     }
 
@@ -660,7 +144,7 @@ def _gate_vision_cosine(manifest: ExportManifest) -> float | None:
     """A quantized export's vision accuracy: the lowest output cosine to the fp32 export in its gate (accuracy.json)."""
     import json
 
-    acc = ((manifest.data.get("quantization") or {}).get("accuracy") or {}).get("file")
+    acc = (manifest.quantization.get("accuracy") or {}).get("file")
     if not acc or not (manifest.folder / acc).is_file():
         return None
     checks = json.loads((manifest.folder / acc).read_text()).get("checks", [])
@@ -670,7 +154,7 @@ def _gate_vision_cosine(manifest: ExportManifest) -> float | None:
 
 def _quantized_from(manifest: ExportManifest) -> str | None:
     """The fp32 export a quantized export was made from (resolved path), if any."""
-    src = ((manifest.data.get("quantization") or {}).get("source_export") or {}).get("path")
+    src = (manifest.quantization.get("source_export") or {}).get("path")
     return str(Path(src).resolve()) if src else None
 
 
@@ -765,7 +249,7 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
                 rss_before = sampler.reset()
                 dev_base = sampler.device_base
                 try:
-                    runner = _open(spec, opts)
+                    runner = open_runner(spec, opts)
                 except Exception as exc:
                     if opts.raise_errors or isinstance(exc, KeyboardInterrupt):
                         raise
@@ -837,21 +321,11 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
         result[key] = ref.get(key) if ref else None
     result["decode_efficiency_by_variant"] = {e["name"]: e.get("decode_efficiency") for e in entries if not e.get("error") and e["frames"] == head}
     result["cache"] = (dict(ref["cache"], variant=ref["name"], frames=ref["frames"]) if ref and ref.get("cache") else None)
-    from .report import evaluate_targets, targets_apply
-
-    result["presets"] = sorted({str(s.manifest.data.get("preset")) for s in specs})
+    result["presets"] = sorted({str(s.manifest.preset) for s in specs})
     result["targets"] = evaluate_targets(result)
     result["targets_apply"] = targets_apply(result)  # False on toy presets (tiny): the markdown does not print them
     result["failed"] = sum(1 for e in entries if e.get("error"))
     return result
-
-
-def reference_entry(entries: list[dict], frames: int) -> dict | None:
-    """The first variant's entry at `frames` (the reference of ratios and headline numbers), if it ran."""
-    if not entries:
-        return None
-    first = entries[0]["name"]
-    return next((e for e in entries if e["name"] == first and e["frames"] == frames and not e.get("error")), None)
 
 
 def _add_ratios(entries: list[dict], head: int) -> None:
@@ -871,9 +345,6 @@ def _add_ratios(entries: list[dict], head: int) -> None:
             a, b = (ref["stages"][st]["mean"] if ref else None), e["stages"][st]["mean"]
             e["ratios"][st] = a / b if a and b else None
     _add_torch_ratios(entries)
-
-
-TORCH_RATIO_STAGES = ("vision", "prefill", "decode_step", "ttft", "e2e")
 
 
 def _add_torch_ratios(entries: list[dict]) -> None:

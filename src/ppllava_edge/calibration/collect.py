@@ -234,6 +234,7 @@ def collect_calibration(
     """
     from ..runtime.decoder import kv_names
     from ..runtime.pipeline import Pipeline, Timings
+    from ..runtime.stages import encode, pool
 
     t_start = time.perf_counter()
     if on_bad_video not in ("skip", "fail"):
@@ -245,8 +246,8 @@ def collect_calibration(
     if not 0.0 <= holdout < 1.0:
         raise CalibrationError(f"holdout must be in [0, 1), got {holdout}")
     manifest = load_manifest(export_dir)
-    dtype = manifest.data.get("dtype", "fp32")
-    precisions = {g: manifest.graph(g).get("precision", dtype) for g in manifest.data["graphs"]}
+    dtype = manifest.dtype
+    precisions = {g: manifest.precision(g) for g in manifest.graph_names}
     if any(p != dtype for p in precisions.values()):
         raise CalibrationError(
             f"{export_dir}: calibration needs an export as written by `ppllava-edge export` (fp32 or fp16), but it holds {precisions}.\n"
@@ -292,7 +293,7 @@ def collect_calibration(
             log.info("skipping unreadable video %s: %s", path, exc)
         else:
             px = vin.pixel_values
-            iv, ik = pipe.sessions["vision"].run(None, {"pixel_values": np.ascontiguousarray(px[:1])})
+            iv, ik = encode(pipe.sessions["vision"], np.ascontiguousarray(px[:1]))
             feats[path] = {"frames": t, "pixel_values": px, "values": values, "keys": keys, "image_values": iv, "image_keys": ik}
         done += 1
         if progress:
@@ -343,7 +344,7 @@ def collect_calibration(
             vid = video_ids[path]
             input_ids = np.asarray(pipe.llama.prompt_ids(q.question), dtype=np.int64)
             clip_ids = pipe.clip.encode(q.question, clip_len)[None].astype(np.int64)
-            tokens, _ = pipe.sessions["prompt_pool"].run(None, {"clip_ids": clip_ids, "keys": f["keys"], "values": f["values"]})
+            tokens, _ = pool(pipe.sessions["prompt_pool"], clip_ids, f["keys"], f["values"])
             np.savez(tmp / f"prompt_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["keys"], values=f["values"])
             records["prompt_pool"].append({"file": f"prompt_pool/{s:04d}.npz", "source": s, "video": vid, "split": split, "frames": f["frames"]})
             np.savez(tmp / f"image_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["image_keys"], values=f["image_values"])
@@ -406,8 +407,8 @@ def collect_calibration(
             "format": INDEX_FORMAT,
             "format_version": 1,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "export": {"path": str(Path(export_dir).resolve()), "created": manifest.data.get("created"),
-                       "checkpoint_sha256": manifest.data["checkpoint"]["sha256"]},
+            "export": {"path": str(Path(export_dir).resolve()), "created": manifest.created,
+                       "checkpoint_sha256": manifest.checkpoint["sha256"]},
             "videos_dir": str(videos_dir.resolve()),
             "questions": str(qpath.resolve()),
             "frames": frame_list,

@@ -426,7 +426,7 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
                     accuracy_level: int | None = None, asymmetric: bool | None = None, weight_algorithm: str = "auto") -> dict:
     """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied)."""
     src = manifest.path(g)
-    src_dtype = manifest.data.get("dtype", "fp32")
+    src_dtype = manifest.dtype
     if prec == "fp32":
         copy_graph(src, dst)
         info = {"scheme": f"{src_dtype} (copied)"}
@@ -434,7 +434,7 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
     if prec == "int8" and src_dtype == "fp16":  # an fp32 twin of the same graph, calibrated and quantized
         from ..export.exporter import trace_vision_graph, write_vision_graph
 
-        ckpt, opset = manifest.data["checkpoint"]["path"], manifest.data.get("opset", 20)
+        ckpt, opset = manifest.checkpoint["path"], manifest.opset
         if g == "vision":  # the fused graph ONNX Runtime runs, written again in fp32
             fp32 = write_vision_graph(ckpt, work / f"{g}.fp32.onnx", "fp32", opset)
             source = "the fused vision graph written in fp32 from the checkpoint (the export is fp16)"

@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import InputError
 from ..manifest import load_manifest
 from ..runtime.decoder import adapt_feed
+from ..runtime.stages import pool
 from .convert import ACCURACY_LEVEL, ASYMMETRIC, _quantize_nbits, _split_excludes
 from .quality import VisionCache, measure_quality
 from .readers import CalibrationSet
@@ -67,7 +68,7 @@ TRAINED = Thresholds(quality_top1=0.90, quality_kl=0.05, quality_ppl=0.10, profi
 
 def default_thresholds(manifest) -> Thresholds:
     """TRAINED when the export's LLM is a trained model (make-checkpoint --llm), else the random-weight defaults."""
-    return TRAINED if (manifest.data.get("llm") or {}).get("trained") else Thresholds()
+    return TRAINED if manifest.trained_llm else Thresholds()
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ def _pipeline_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int
         vts, ids = [], []
         for pipe in (ref, qs):
             values, keys = vision(pipe, r["video"])
-            vt, _ = pipe.sessions["prompt_pool"].run(None, {"clip_ids": clip_ids, "keys": keys, "values": values})
+            vt, _ = pool(pipe.sessions["prompt_pool"], clip_ids, keys, values)
             vts.append(vt)
             ids.append(list(generate(pipe.decoder, pipe.embed, pipe.embed_prompt(input_ids, vt), cfg).ids))
         cos.append(_cosine(*vts))
@@ -307,7 +308,7 @@ def _gate_mode(mode: str, manifest) -> str:
         return mode
     import psutil
 
-    from ..bench.hardware import graph_weight_bytes
+    from ..external_data import graph_weight_bytes
 
     decoder = graph_weight_bytes(manifest.path(manifest.graph_for("decoder")), skip_prefixes=())
     return "full" if decoder <= FULL_GATE_FRACTION * psutil.virtual_memory().total else "truncated"
@@ -371,8 +372,8 @@ def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, pr
     if prec in ("int8-weight", "int4-weight"):
         work.mkdir(parents=True, exist_ok=True)
         try:
-            src_dtype = manifest.data.get("dtype", "fp32")
-            ref_path = decoder_copy(manifest.data["checkpoint"]["path"], work / "decoder.ref.onnx", src_dtype, GATE_LAYERS)
+            src_dtype = manifest.dtype
+            ref_path = decoder_copy(manifest.checkpoint["path"], work / "decoder.ref.onnx", src_dtype, GATE_LAYERS)
             q_path = work / "decoder.q.onnx"
             bits = 8 if prec == "int8-weight" else 4
             _quantize_nbits(ref_path, q_path, bits, block_size, _split_excludes(excludes, "decoder"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.stages import encode, pool
 from .readers import CalibrationSet
 
 
@@ -38,7 +39,7 @@ class VisionCache:
         key = (id(pipe), video)
         if key not in self.out:
             px = self.calib.load(self.records[video])["pixel_values"]
-            values, keys = pipe.sessions["vision"].run(None, {"pixel_values": px})
+            values, keys = encode(pipe.sessions["vision"], px)
             self.out[key] = (values, keys)
         return self.out[key]
 
@@ -100,12 +101,12 @@ class Reference:
 
 def _visual_tokens(pipe, vision, video: int, clip_ids: np.ndarray) -> np.ndarray:
     values, keys = vision(pipe, video)
-    return pipe.sessions["prompt_pool"].run(None, {"clip_ids": clip_ids, "keys": keys, "values": values})[0]
+    return pool(pipe.sessions["prompt_pool"], clip_ids, keys, values)[0]
 
 
 def reference_pair(ref, input_ids: np.ndarray, clip_ids: np.ndarray, video: int, ref_tokens: np.ndarray, tokens: int) -> Reference:
     """The fp32 export reads the prompt and answers `tokens` tokens greedily, keeping its distribution everywhere."""
-    image = int(np.flatnonzero(input_ids == ref.manifest.data["image_token_id"])[0])
+    image = int(np.flatnonzero(input_ids == ref.manifest.image_token_id)[0])
     prompt = ref.embed_prompt(input_ids, ref_tokens)
     first_text = image + ref_tokens.shape[0]
     p = _positions(ref.decoder, ref.embed, prompt, first_text, [])

@@ -143,8 +143,8 @@ def quantize_export(
         bits = 8 if llm == "int8-weight" else 4
         check_algorithm(weight_algorithm, bits, not (ASYMMETRIC[bits] if asymmetric is None else asymmetric))
     manifest = load_manifest(export_dir)
-    src_dtype = manifest.data.get("dtype", "fp32")
-    src_prec = {g: manifest.graph(g).get("precision", src_dtype) for g in manifest.data["graphs"]}
+    src_dtype = manifest.dtype
+    src_prec = {g: manifest.precision(g) for g in manifest.graph_names}
     if any(p != src_dtype for p in src_prec.values()):
         raise InputError(f"{export_dir} is already quantized ({src_prec}); quantize the fp32 or fp16 export instead.")
     if src_dtype == "fp16":
@@ -161,11 +161,11 @@ def quantize_export(
     llm_trt = llm if llm_trt == "auto" else llm_trt
     precisions = {"vision": vision, "prompt_pool": pool, "image_pool": pool, "decoder": llm, "projector_head": "fp32",
                   "decoder_trt": llm_trt, "vision_trt": vision}
-    if llm_trt not in ("auto", "fp32", llm) and "decoder_trt" not in manifest.data["graphs"]:
+    if llm_trt not in ("auto", "fp32", llm) and "decoder_trt" not in manifest.graph_names:
         raise InputError(f"--llm-trt {llm_trt}: {export_dir} has no TensorRT decoder (decoder_trt).\n"
                          "Hint: export with `ppllava-edge export CHECKPOINT OUT --tensorrt`, or leave --llm-trt out.")
-    precisions = {g: p for g, p in precisions.items() if g in manifest.data["graphs"]}
-    precisions.update({g: "fp32" for g in manifest.data["graphs"] if g not in precisions})
+    precisions = {g: p for g, p in precisions.items() if g in manifest.graph_names}
+    precisions.update({g: "fp32" for g in manifest.graph_names if g not in precisions})
 
     graphs_info: dict[str, dict] = {}
     steps = StepRecorder()
@@ -207,7 +207,7 @@ def quantize_export(
         shutil.rmtree(work)
         data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")  # new id: feature caches must not mix exports
         data["quantization"] = {
-            "source_export": {"path": str(Path(export_dir).resolve()), "created": manifest.data.get("created")},
+            "source_export": {"path": str(Path(export_dir).resolve()), "created": manifest.created},
             "calibration": {"path": str(Path(calib_dir).resolve()), "created": calib.index.get("created"),
                             "sources": len(calib.index["sources"]), "held_out": calib.has_holdout()},
             "vision": vision, "pool": pool, "llm": llm, "llm_trt": precisions.get("decoder_trt"), "method": method, "op_types": op_types,

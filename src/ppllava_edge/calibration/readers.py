@@ -114,7 +114,7 @@ def load_calibration(folder: str | Path, manifest=None) -> CalibrationSet:
     if missing:
         raise CalibrationError(f"{folder}: calibration files named by index.json are missing: {', '.join(missing[:10])}")
     if manifest is not None:
-        want = manifest.data["checkpoint"]["sha256"]
+        want = manifest.checkpoint["sha256"]
         got = index["export"]["checkpoint_sha256"]
         if got != want:
             raise CalibrationError(

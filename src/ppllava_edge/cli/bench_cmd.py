@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from ._progress import err_console
-from .main import cli
+from .app import cli
 
 
 class _Progress:
@@ -98,7 +98,8 @@ def bench_command(ctx, exports, server_url, concurrency, num_requests, stream, a
     if not exports:
         raise click.UsageError("give at least one EXPORT folder (or --server URL for a load test)")
     from ..bench import report
-    from ..bench.runner import BACKENDS, BASELINES, BenchOptions, parse_choices, run_bench
+    from ..bench.plan import BACKENDS, BASELINES, BenchOptions, parse_choices
+    from ..bench.runner import run_bench
 
     backend_list = parse_choices(backends, BACKENDS, "backend") if backends is not None else (("ort", "trt") if engines else ("ort",))
     baseline_list = parse_choices(baselines, BASELINES, "baseline") if baselines is not None else ()
@@ -151,7 +152,7 @@ def _loadtest(ctx, url, concurrency, num_requests, stream, api_key, video, image
         raise InputError(f"--concurrency {concurrency!r}: expected integers such as 1,4") from None
     frame_list = None
     if frames is not None:
-        from ..bench.runner import parse_frames
+        from ..bench.plan import parse_frames
 
         frame_list = parse_frames(frames)
         if len(frame_list) != 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ._progress import err_console, out_console, stages
-from .main import cli
+from .app import cli
 
 
 @cli.command("demo")
@@ -25,13 +25,14 @@ def demo_command(workdir: Path, preset: str, num_frames: int, question: str, max
     SmolLM2 wheel installed) the answers are fluent text; the vision side is random either way."""
     from .._deps import require
     from ..bench.report import markdown
-    from ..bench.runner import BenchOptions, run_bench
+    from ..bench.plan import BenchOptions
+    from ..bench.runner import run_bench
 
     require("torch", "export", "demo (it makes a checkpoint and exports it)")
     from ..export.exporter import ExportOptions, export_checkpoint
     from ..media import write_test_video
     from ..model.generate import ReferenceModel
-    from ..model.presets import make_checkpoint
+    from ..model.make import make_checkpoint
     from ..runtime.generation import GenerationConfig
     from ..runtime.pipeline import Pipeline
 

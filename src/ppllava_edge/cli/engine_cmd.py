@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from ._progress import err_console, out_console, stages, table
-from .main import cli
+from .app import cli, cuda_graph_option
 
 
 def _frames(ctx, param, value):
@@ -101,16 +101,13 @@ def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_le
 @click.argument("engines_dir", metavar="ENGINES", type=click.Path(path_type=Path))
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None, help="Export folder the engines serve (default: the one recorded in engines.json).")
 @click.option("--load", is_flag=True, help="Also deserialize every engine with the native TensorRT backend (needs TensorRT and a GPU).")
-@click.option("--cuda-graph", is_flag=True, help="Refused with an explanation: the TensorRT decoder's shapes change every step (README: TensorRT / Jetson).")
-def engines_command(engines_dir, export_dir, load, cuda_graph):
+@cuda_graph_option
+def engines_command(engines_dir, export_dir, load):
     """Show an engine folder (engines.json), check it against this machine, optionally load it."""
     from ..engine.availability import tensorrt_version
     from ..engine.metadata import check_compatible, load_metadata
     from ..engine.profiles import format_symbols
     from ..errors import EngineBuildError
-    from ..runtime.trt_backend import check_cuda_graph
-
-    check_cuda_graph(cuda_graph)
     meta = load_metadata(engines_dir)
     gpu = meta.get("gpu", {})
     rows = [[g, e["file"], e["precision"], e["device"], "\n".join(f"{p['name']}: {format_symbols({k: tuple(v) for k, v in p.get('dims', {}).items()})}" for p in e["profiles"]),
@@ -140,7 +137,7 @@ def engines_command(engines_dir, export_dir, load, cuda_graph):
         from ..runtime.trt_backend import open_engines
 
         manifest = load_manifest(export_dir or meta.get("export", {}).get("folder", ""))
-        engines = open_engines(engines_dir, manifest, cuda_graph=cuda_graph)
+        engines = open_engines(engines_dir, manifest)
         try:
             click.echo(f"loaded {len(engines.runners) + 1} engines from {engines_dir}")
         finally:

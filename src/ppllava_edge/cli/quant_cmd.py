@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ._progress import err_console, out_console, stages, table
-from .main import cli
+from .app import cli
 
 
 def _frames(value: str | None) -> list[int] | None:

@@ -12,7 +12,7 @@ import click
 from ..errors import InputError
 from ..memory import peak_rss_mb
 from ._progress import err_console
-from .main import cli, frames_option
+from .app import cli, cuda_graph_option, frames_option
 
 
 def generation_options(f):
@@ -27,7 +27,7 @@ def generation_options(f):
         click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider (tensorrt = ORT's TensorRT EP)."),
         click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ort: ONNX Runtime; trt: native TensorRT engines from `ppllava-edge build`."),
         click.option("--engines", type=click.Path(path_type=Path), default=None, help="Engine folder for --backend trt (default: EXPORT/engines)."),
-        click.option("--cuda-graph", is_flag=True, help="Refused with an explanation: the TensorRT decoder's shapes change every step (README: TensorRT / Jetson)."),
+        cuda_graph_option,
         click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Also keep per-video features on disk here."),
     ]
@@ -53,7 +53,7 @@ def _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_b
               help="Ask the `ppllava` model of a Triton server (its gRPC address) instead; then give only VIDEO QUESTION.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --triton: seconds to wait for the answer.")
 @click.pass_context
-def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, stream, as_json, dump, relevance_png, triton_url, timeout):
+def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, threads, cache_dir, stream, as_json, dump, relevance_png, triton_url, timeout):
     """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime.
 
     With --triton HOST:PORT (`ask --triton URL VIDEO QUESTION`) a Triton server running `ppllava-edge triton-repo`'s
@@ -71,14 +71,14 @@ def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p
     export_dir, input_path, question = Path(args[0]), Path(args[1]), args[2]
     if relevance_png is not None and not relevance_png.parent.is_dir():
         raise InputError(f"--relevance-png {relevance_png}: no such folder {relevance_png.parent}")
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline, PipelineOptions
 
     t_load = time.perf_counter()
     # one question per process: an in-memory feature cache would only hold the vision features (302 MB at 7B dims,
     # 32 frames) through prefill (--cache-dir still keeps them on disk for the next command), and the sessions load
     # on a background thread while the video is decoded (session_load_ms still reports each one)
-    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, cache_bytes=0, backend=backend, engines=engines,
-                                cuda_graph=cuda_graph, background_load=True)
+    options = PipelineOptions(provider=provider, threads=threads, cache_dir=cache_dir, cache_bytes=0, backend=backend, engines=engines, background_load=True)
+    pipe = Pipeline.from_export(export_dir, options)
     load_ms = (time.perf_counter() - t_load) * 1e3
     try:
         _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, stream, as_json, dump, relevance_png)
@@ -117,7 +117,7 @@ def _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, 
 
 
 # options of a local `ask` that a Triton server decides for itself
-TRITON_UNUSED = ("top_k", "top_p", "num_beams", "provider", "backend", "engines", "cuda_graph", "threads", "cache_dir", "dump", "relevance_png")
+TRITON_UNUSED = ("top_k", "top_p", "num_beams", "provider", "backend", "engines", "threads", "cache_dir", "dump", "relevance_png")
 
 
 def summary_line(provider: str, visual_tokens: int, context_len: int, load_ms: float, timing_line: str, peak_rss: float) -> str:
@@ -178,11 +178,11 @@ class _Streamer:
 @frames_option()
 @generation_options
 @click.option("-q", "--question", "questions", multiple=True, help="Questions to ask in order (otherwise read lines from stdin).")
-def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, cuda_graph, threads, cache_dir, questions):
+def chat_command(export_dir, input_path, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, threads, cache_dir, questions):
     """Several questions on one video or image: the vision graph runs once, later questions hit the feature cache."""
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline, PipelineOptions
 
-    pipe = Pipeline.from_export(export_dir, provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines, cuda_graph=cuda_graph)
+    pipe = Pipeline.from_export(export_dir, PipelineOptions(provider=provider, threads=threads, cache_dir=cache_dir, backend=backend, engines=engines))
     gen = _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams)
     source = list(questions) if questions else (line.strip() for line in sys.stdin)
     for q in source:

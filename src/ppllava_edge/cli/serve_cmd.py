@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from ._progress import err_console
-from .main import cli
+from .app import cli
 
 
 @cli.command("serve")

@@ -10,13 +10,13 @@ error or a silently slower engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ConfigError, EngineBuildError
+from ..digest import sha256_file
 from ..jsonfile import read_json
 
 ENGINES_JSON = "engines.json"
@@ -53,14 +53,6 @@ def engine_file_name(graph: str, trt_version: str, sm: int | str) -> str:
     """'{graph}.trt{version}.sm{XY}.engine', e.g. 'vision.trt10.3.0.sm87.engine' (for humans; engines.json is the truth)."""
     version = normalize_trt_version(trt_version) if trt_version != "unknown" else "unknown"
     return f"{graph}.trt{version}.sm{sm}.engine"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def onnx_hashes(export_dir: Path, onnx_name: str) -> dict[str, str]:

@@ -124,7 +124,7 @@ def implicit_int8_source(manifest: ExportManifest, graph: str, trt_version: str)
             "Hint: re-run `ppllava-edge quantize ... --trt-cache`, or build the fp32 source export."
         )
     cache = manifest.folder / cache_entry["file"]
-    source = Path(manifest.data.get("quantization", {}).get("source_export", {}).get("path", "") or "<no source export recorded>")
+    source = Path(manifest.quantization.get("source_export", {}).get("path", "") or "<no source export recorded>")
     try:
         onnx = source / json.loads((source / "export.json").read_text())["graphs"][graph]["file"]
     except (OSError, ValueError, KeyError):
@@ -244,7 +244,7 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
     if refused:
         raise EngineBuildError("\n".join(refused))
     sources = {g: stages[g] for g in names}
-    precisions = {g: data["graphs"][sources[g]].get("precision", data.get("dtype", "fp32")) for g in names}
+    precisions = {g: manifest.precision(sources[g]) for g in names}
     if opts.int8 and not any(p == "int8" for p in precisions.values()):
         raise InputError(
             "--int8 needs a quantized (Q/DQ) export, but no graph of this export records precision int8 "

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..config import LlamaTextConfig
 from ..external_data import ExternalData
+from ..runtime.decoder import kv_names
 from .weights_check import WeightMap
 
 PREFIX = "language_model."
@@ -73,11 +74,11 @@ class DecoderDims:
 
 
 def past_names(num_layers: int) -> list[str]:
-    return [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return kv_names(num_layers)[0]
 
 
 def present_names(num_layers: int) -> list[str]:
-    return [n.replace("past.", "present.") for n in past_names(num_layers)]
+    return kv_names(num_layers)[1]
 
 
 def build_decoder(

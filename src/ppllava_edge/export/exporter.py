@@ -33,7 +33,7 @@ from ..model.checkpoint import CheckpointReader, build_skeleton, checkpoint_hash
 from ..model.ppllava import llama_config
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
-from ..runtime.decoder import CONCAT, INPLACE
+from ..runtime.decoder import CONCAT, INPLACE, kv_names
 from .decoder_builder import DecoderDims, build_decoder
 from .fusion import FUSED_OPS, TRT_OPS, VisionDims, build_vision
 from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
@@ -329,11 +329,11 @@ def export_concat_decoder(model: PPLLaVAForConditionalGeneration, path: Path, op
     mask = torch.ones(B, Pl + S, dtype=torch.int64)
     pos = torch.arange(Pl, Pl + S, dtype=torch.int64)[None].repeat(B, 1)
     past = tuple(torch.randn(B, t.num_key_value_heads, Pl, t.head_dim, generator=gen).to(dtype) for _ in range(2 * t.num_hidden_layers))
-    names = [f"past.{i}.{kv}" for i in range(t.num_hidden_layers) for kv in ("key", "value")]
+    names, present = kv_names(t.num_hidden_layers)
     return _onnx_export(
         DecoderGraph(model), (emb, mask, pos, past), path,
         ["inputs_embeds", "attention_mask", "position_ids", *names],
-        ["logits", *[n.replace("past", "present") for n in names]],
+        ["logits", *present],
         ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in names)),
         opts.opset, _param_bytes(model.language_model) > EXTERNAL_DATA_BYTES,
     )

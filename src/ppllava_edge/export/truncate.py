@@ -9,6 +9,7 @@ and validating such a copy checks every graph's maths at the real widths and wit
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from ..config import PPLLaVAConfig
 
@@ -45,3 +46,37 @@ def describe(full: PPLLaVAConfig, cut: PPLLaVAConfig) -> str:
     return (f"vision {cut.vision.num_hidden_layers}/{full.vision.num_hidden_layers} layers, CLIP text "
             f"{cut.clip_text.num_hidden_layers}/{full.clip_text.num_hidden_layers}, LLM {cut.text.num_hidden_layers}/{full.text.num_hidden_layers}; "
             "full widths, the checkpoint's weights")
+
+
+def write_truncated_checkpoint(src: str | Path, dst: str | Path, text_layers: int = 2, llm_layers: int = 2, force: bool = False) -> Path:
+    """A checkpoint folder holding `src`'s first layers only (vision: btadapter_depth + 1 main layers, CLIP text and
+    LLM: the given counts) at full width, with `src`'s own tensors for them, streamed tensor by tensor. Used to run
+    the full export at a real model's widths quickly (tests, trying a 7B export on a small machine)."""
+    import json
+    import shutil
+
+    from ..atomic import AtomicDir
+    from ..config import load_config, resolve_clip_config
+    from ..model.checkpoint import CheckpointReader, write_shards
+
+    src, dst = Path(src), Path(dst)
+    cfg = load_config(src)
+    cut = truncated_config(cfg, text_layers=text_layers, llm_layers=llm_layers)
+    drop = dropped_prefixes(cfg, cut)
+    raw = json.loads((src / "config.json").read_text())
+    raw["vision_config"]["num_hidden_layers"] = cut.vision.num_hidden_layers
+    raw["text_config"]["num_hidden_layers"] = cut.text.num_hidden_layers
+    clip = dict(resolve_clip_config(raw.get("clip_weight") or "clip", src))
+    clip["text_config"] = {**clip.get("text_config", {}), "num_hidden_layers": cut.clip_text.num_hidden_layers}
+    raw["clip_weight"] = "clip"
+    with AtomicDir(dst, force=force) as tmp, CheckpointReader(src) as reader:
+        (tmp / "clip").mkdir()
+        (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        names = [n for n in reader.names() if not n.startswith(drop)]
+        write_shards(tmp, [reader.spec(n) for n in names], ((n, reader.read(n)) for n in names))
+        for f in src.iterdir():
+            if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json", "generation_config.json")):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "ppllava_edge.json").write_text(json.dumps({"preset": None, "truncated_from": str(src.resolve())}) + "\n")
+    return dst

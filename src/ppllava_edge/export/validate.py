@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..model.ppllava import PPLLaVAForConditionalGeneration
+from ..runtime.decoder import kv_names
 from .graphs import DecoderGraph, PromptPoolGraph, VisionGraph
 
 
@@ -188,7 +189,7 @@ def decoder_cases(table: np.ndarray, vocab: int, seed: int = 4321) -> list[tuple
 def _ort_decoder_outputs(session, cases, layers: int, kv: int, hd: int, max_len: int, np_dtype) -> list[dict]:
     """Phase 1 (no PyTorch weights in memory): each case through ONNX Runtime, every step fed its own past. The
     concat graph runs with plain `run()`; the in-place graph additionally through the runtime's own binding."""
-    from ..runtime.decoder import InplaceKVDecoder, adapt_feed, kv_names
+    from ..runtime.decoder import InplaceKVDecoder, adapt_feed
 
     names, _ = kv_names(layers)
     inputs = [i.name for i in session.get_inputs()]
@@ -219,7 +220,7 @@ def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, cases, or
     """Phase 2: the same cases through the PyTorch reference (its own past each step), compared with phase 1."""
     t = model.cfg.text
     dg = DecoderGraph(model)
-    names = [f"past.{i}.{kv}" for i in range(t.num_hidden_layers) for kv in ("key", "value")]
+    names = kv_names(t.num_hidden_layers)[0]
     for (case, emb, L), got in zip(cases, ort_out):
         e = torch.from_numpy(emb)
         past = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in names)

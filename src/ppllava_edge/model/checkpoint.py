@@ -292,35 +292,3 @@ def save_shards(state: dict[str, torch.Tensor], folder: Path, num_shards: int = 
     """Write an in-memory state dict as released-layout shards + index (`write_shards` for tensors in memory)."""
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()]
     write_shards(folder, specs, state.items(), num_shards)
-
-
-def write_truncated_checkpoint(src: str | Path, dst: str | Path, text_layers: int = 2, llm_layers: int = 2, force: bool = False) -> Path:
-    """A checkpoint folder holding `src`'s first layers only (vision: btadapter_depth + 1 main layers, CLIP text and
-    LLM: the given counts) at full width, with `src`'s own tensors for them, streamed tensor by tensor. Used to run
-    the full export at a real model's widths quickly (tests, trying a 7B export on a small machine)."""
-    import shutil
-
-    from ..atomic import AtomicDir
-    from ..config import resolve_clip_config
-    from ..export.truncate import dropped_prefixes, truncated_config
-    src, dst = Path(src), Path(dst)
-    cfg = load_config(src)
-    cut = truncated_config(cfg, text_layers=text_layers, llm_layers=llm_layers)
-    drop = dropped_prefixes(cfg, cut)
-    raw = json.loads((src / "config.json").read_text())
-    raw["vision_config"]["num_hidden_layers"] = cut.vision.num_hidden_layers
-    raw["text_config"]["num_hidden_layers"] = cut.text.num_hidden_layers
-    clip = dict(resolve_clip_config(raw.get("clip_weight") or "clip", src))
-    clip["text_config"] = {**clip.get("text_config", {}), "num_hidden_layers": cut.clip_text.num_hidden_layers}
-    raw["clip_weight"] = "clip"
-    with AtomicDir(dst, force=force) as tmp, CheckpointReader(src) as reader:
-        (tmp / "clip").mkdir()
-        (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        names = [n for n in reader.names() if not n.startswith(drop)]
-        write_shards(tmp, [reader.spec(n) for n in names], ((n, reader.read(n)) for n in names))
-        for f in src.iterdir():
-            if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json", "generation_config.json")):
-                shutil.copyfile(f, tmp / f.name)
-        (tmp / "ppllava_edge.json").write_text(json.dumps({"preset": None, "truncated_from": str(src.resolve())}) + "\n")
-    return dst

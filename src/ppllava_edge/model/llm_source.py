@@ -78,7 +78,7 @@ class LlmSource:
         """Digest of the GGUF file, or of a folder as `checkpoint_hash` takes it (config.json + the safetensors index,
         or the single file)."""
         if self.kind == "gguf":
-            from ..engine.metadata import sha256_file
+            from ..digest import sha256_file
 
             return sha256_file(self.path)
         from .checkpoint import checkpoint_hash

@@ -298,19 +298,10 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def make_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False, dtype: str | None = None, progress: ProgressFn | None = None,
-                    llm: str | Path | None = None) -> Path:
-    """Write a random-weight checkpoint folder for `preset` (atomically), streaming tensor by tensor.
-
-    `llm`: a GGUF file or Hugging Face LLaMA folder whose trained LLM (weights, dims, tokenizer, chat template)
-    replaces the preset's (see llm_checkpoint.py); `dtype` then defaults to fp32 (the trained values as read), else
-    to bf16 (the release). `progress(bytes_done, bytes_total)` is called after each tensor. Returns the folder.
-    """
-    if llm is not None:
-        from .llm_checkpoint import make_llm_checkpoint
-
-        return make_llm_checkpoint(preset, llm, out, seed=seed, force=force, dtype=dtype or "fp32", progress=progress)
-    dtype = dtype or "bf16"
+def make_random_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False, dtype: str = "bf16",
+                           progress: ProgressFn | None = None) -> Path:
+    """Write a random-weight checkpoint folder for `preset` (atomically), streaming tensor by tensor
+    (`make.make_checkpoint` is the entry point). `progress(bytes_done, bytes_total)` is called after each tensor."""
     config, clip = preset_config(preset)
     store = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
     config["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..digest import file_digest  # noqa: F401  (the feature cache key of a media file)
+
 log = logging.getLogger(__name__)
 
 
@@ -25,27 +27,6 @@ def content_key(*parts: bytes | str | int) -> str:
     for p in parts:
         h.update(p if isinstance(p, bytes) else str(p).encode())
         h.update(b"\0")
-    return h.hexdigest()
-
-
-def file_digest(path: str | os.PathLike, window: int = 1 << 20) -> str:
-    """Content fingerprint of a media file in O(1): size + the first and last MiB (+ the whole file when small).
-
-    Hashing a multi-GB video on every question would cost seconds; the head holds the container header and the
-    tail the index (mp4 moov / mkv cues), so an edited file changes the key.
-    """
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= 3 * window:
-            h.update(f.read())
-        else:
-            h.update(f.read(window))
-            f.seek(size // 2)
-            h.update(f.read(window))
-            f.seek(size - window)
-            h.update(f.read(window))
     return h.hexdigest()
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,12 +29,13 @@ from ..media.anyres import ImageLayout, assemble_tokens
 from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
 from ..integrity import check_files
 from ..manifest import ExportManifest, graph_files, load_manifest
-from ..media import input_kind, load_npy_pixel_values, load_video, preprocess_frames, preprocess_image, read_image, read_image_size, read_npy_shape
+from ..media import input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
 from ..tokenization import ClipTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
 from .session import create_session, resolve_provider
+from .stages import encode, encode_tiles, pool, read_frames, read_image_tiles, splice
 
 # stands for the input file's path in cached warnings (memory and .npz), so each request sees its own file named
 _CACHED_INPUT = "\x1finput\x1f"
@@ -93,6 +94,30 @@ class VideoInput:
     kind: str
     pixel_values: np.ndarray | None
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a Pipeline runs an export: one object that the CLI, the server, Triton's model and the bench build once
+    and pass through unchanged (`Pipeline.from_export(export, options)`; `dataclasses.replace` for a variant).
+
+    `decoder=False`: the vision and pooling side only (no decoder session, `ask` unavailable) - what calibrating a
+    weight-only LLM needs; an fp16 7B decoder would take twice its size in RAM on a CPU, where ONNX Runtime upcasts
+    fp16 weights it has no kernels for. `background_load=True`: the constructor returns before the sessions exist;
+    vision, prompt_pool and the decoder are created on a background thread while the caller decodes and
+    preprocesses the video (a one-question `ask` process: start-up overlaps the work); each stage's first use
+    waits for that stage only."""
+
+    provider: str = "auto"
+    threads: int | None = None
+    backend: str = "ort"  # "ort" (ONNX Runtime) | "trt" (native TensorRT engines)
+    engines: str | Path | None = None  # engine folder for backend "trt" (default: EXPORT/engines)
+    cache_dir: str | Path | None = None  # also keep per-video features on disk here (from_export)
+    cache_bytes: int = 2 << 30  # in-memory feature cache (from_export)
+    trt_cache_dir: Path | None = None  # ONNX Runtime's TensorRT EP engine cache (default: EXPORT/trt_cache)
+    max_decoders: int = 1  # KV decoders shared by concurrent `ask` calls
+    decoder: bool = True
+    background_load: bool = False
 
 
 ORT_CACHE = "ort_cache"
@@ -182,46 +207,30 @@ def _load_table(path: Path, mmap: bool = False) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(
-        self,
-        manifest: ExportManifest,
-        provider: str = "auto",
-        threads: int | None = None,
-        cache: FeatureCache | None = None,
-        trt_cache_dir: Path | None = None,
-        backend: str = "ort",
-        engines: str | Path | None = None,
-        cuda_graph: bool = False,
-        max_decoders: int = 1,
-        runners: dict | None = None,
-        decoder: bool = True,
-        background_load: bool = False,
-    ):
-        """`runners` maps a stage ("vision", "prompt_pool", ...) to an object with ONNX Runtime's `run(output_names,
-        feed) -> [arrays]` that runs it instead of a local session (Triton's BLS requests, see triton/python_model.py).
-        `decoder=False`: the vision and pooling side only (no decoder session, `ask` unavailable) - what calibrating a
-        weight-only LLM needs; an fp16 7B decoder would take twice its size in RAM on a CPU, where ONNX Runtime
-        upcasts fp16 weights it has no kernels for.
-        `background_load=True` returns before the sessions exist: vision, prompt_pool and the decoder are created
-        on a background thread while the caller decodes and preprocesses the video (what a one-question `ask`
-        process wants: start-up overlaps the work); each stage's first use waits for that stage only."""
+    def __init__(self, manifest: ExportManifest, options: PipelineOptions | None = None, *, cache: FeatureCache | None = None,
+                 runners: dict | None = None, **overrides):
+        """`options` (PipelineOptions; keyword `overrides` replace its fields, e.g. `provider="cpu"`). `runners` maps
+        a stage ("vision", "prompt_pool", ...) to an object with ONNX Runtime's `run(output_names, feed) -> [arrays]`
+        that runs it instead of a local session (Triton's BLS requests, see triton/python_model.py). `cache`: the
+        feature cache (default: in memory, 2 GiB)."""
+        options = replace(options or PipelineOptions(), **overrides)
+        self.options = options
+        provider, threads, backend, engines = options.provider, options.threads, options.backend, options.engines
+        trt_cache_dir, max_decoders = options.trt_cache_dir, options.max_decoders
+        decoder, background_load = options.decoder, options.background_load
         if not isinstance(max_decoders, int) or max_decoders < 1:
             raise InputError(f"max_decoders must be an int >= 1, got {max_decoders!r}")
         self.manifest = manifest
         m = manifest.model
-        fp16 = manifest.data["dtype"] == "fp16"
+        fp16 = manifest.dtype == "fp16"
         self._dtype = np.float16 if fp16 else np.float32
         self.trt = None
         if backend not in ("ort", "trt"):
             raise InputError(f"--backend {backend!r}: choose ort (ONNX Runtime) or trt (native TensorRT engines)")
-        if cuda_graph:  # refused whatever the backend: see trt_backend.CUDA_GRAPH_REFUSAL
-            from .trt_backend import check_cuda_graph
-
-            check_cuda_graph(cuda_graph)
         if backend == "trt":
             from .trt_backend import open_engines  # lazy: needs tensorrt + cuda-python + a GPU
 
-            self.trt = open_engines(engines or manifest.folder / "engines", manifest, cuda_graph=cuda_graph)
+            self.trt = open_engines(engines or manifest.folder / "engines", manifest)
         self.provider = "tensorrt-native" if self.trt is not None else resolve_provider(provider)
         ort_provider = "cpu" if self.trt is not None else self.provider
         trt_cache = trt_cache_dir or manifest.folder / "trt_cache"
@@ -273,10 +282,10 @@ class Pipeline:
         self.cache = cache if cache is not None else FeatureCache()
         self.vision_runs = 0
         self._key_locks: dict[str, list] = {}  # content key -> [lock, users]: one vision run per video at a time
-        self.image_spec = manifest.data.get("image")  # anyres rules (None: an export from before image tiles)
+        self.image_spec = manifest.image_rules  # anyres rules (None: an export from before image tiles)
         has_newline = bool(self.image_spec and self.image_spec.get("newline"))
         self.image_newline = _load_table(manifest.path("image_newline")) if has_newline else None
-        self.export_id = manifest.data.get("created", "") + manifest.data["checkpoint"]["sha256"]
+        self.export_id = manifest.export_id
 
     @property
     def dtype(self):
@@ -369,24 +378,10 @@ class Pipeline:
             self.trt.close()
 
     @classmethod
-    def from_export(
-        cls,
-        folder: str | Path,
-        provider: str = "auto",
-        threads: int | None = None,
-        cache_dir: str | Path | None = None,
-        cache_bytes: int = 2 << 30,
-        backend: str = "ort",
-        engines: str | Path | None = None,
-        cuda_graph: bool = False,
-        max_decoders: int = 1,
-        runners: dict | None = None,
-        decoder: bool = True,
-        background_load: bool = False,
-    ) -> Pipeline:
-        return cls(load_manifest(folder), provider=provider, threads=threads, cache=FeatureCache(cache_bytes, cache_dir), backend=backend, engines=engines,
-                   cuda_graph=cuda_graph, max_decoders=max_decoders, runners=runners, decoder=decoder,
-                   background_load=background_load)
+    def from_export(cls, folder: str | Path, options: PipelineOptions | None = None, *, runners: dict | None = None, **overrides) -> Pipeline:
+        """The Pipeline of an export folder, its feature cache sized by `options.cache_bytes` / `cache_dir`."""
+        options = replace(options or PipelineOptions(), **overrides)
+        return cls(load_manifest(folder), options, cache=FeatureCache(options.cache_bytes, options.cache_dir), runners=runners)
 
     # ---- inputs -----------------------------------------------------------------------------
     def frame_range(self) -> tuple[int, int]:
@@ -422,13 +417,10 @@ class Pipeline:
             if px.shape[0] > 1:
                 self._check_npy_frames(path, px.shape[0])
             return px
-        video = load_video(path, num_frames)
-        frames = video.frames
-        warnings.extend(video.warnings)
-        t1 = time.perf_counter()
-        px = preprocess_frames(frames, size)
-        t.decode_video, t.preprocess = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-        return px
+        frames = read_frames(path, num_frames, size)
+        warnings.extend(frames.warnings)
+        t.decode_video, t.preprocess = frames.decode_ms, frames.preprocess_ms
+        return frames.pixel_values
 
     def features(self, path: str | Path, num_frames: int, t: Timings, need_pixels: bool = False) -> tuple[np.ndarray, np.ndarray, VideoInput]:
         """(values, keys) for an input file, from the cache or the vision graph (an image: of its anyres tiles)."""
@@ -456,7 +448,7 @@ class Pipeline:
                 warnings = [w.replace(_CACHED_INPUT, str(path)) for w in cached_warnings]  # this request's file name
             else:
                 t0 = time.perf_counter()
-                values, keys = self.sessions["vision"].run(None, {"pixel_values": px})
+                values, keys = encode(self.sessions["vision"], px)
                 t.vision = (time.perf_counter() - t0) * 1e3
                 with self._pool:
                     self.vision_runs += 1
@@ -480,18 +472,15 @@ class Pipeline:
             hit = self.cache.get(key)
             px = None
             if hit is None or need_pixels:
-                t0 = time.perf_counter()
-                img, shown = read_image(path)
-                t1 = time.perf_counter()
-                px = preprocess_image(img, r["tile_size"], r["grid_pinpoints"], image_size=shown).pixel_values
-                t.decode_video, t.preprocess = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+                tiles = read_image_tiles(path, r["tile_size"], r["grid_pinpoints"])
+                px = tiles.pixel_values
+                t.decode_video, t.preprocess = tiles.decode_ms, tiles.preprocess_ms
             if hit is not None:
                 t.cache_hit = True
                 values, keys = hit
             else:
                 t0 = time.perf_counter()
-                outs = [self.sessions["vision"].run(None, {"pixel_values": px[i : i + 1]}) for i in range(px.shape[0])]
-                values, keys = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+                values, keys = encode_tiles(self.sessions["vision"], px)
                 t.vision = (time.perf_counter() - t0) * 1e3
                 with self._pool:
                     self.vision_runs += 1
@@ -548,7 +537,7 @@ class Pipeline:
         values, keys, vin = self.features(path, num_frames, t, need_pixels=keep_arrays)
         graph = "image_pool" if vin.kind == "image" else "prompt_pool"
         t0 = time.perf_counter()
-        tokens, relevance = self.sessions[graph].run(None, {"clip_ids": clip_ids[None], "keys": keys, "values": values})
+        tokens, relevance = pool(self.sessions[graph], clip_ids, keys, values)
         if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
             tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
@@ -583,9 +572,4 @@ class Pipeline:
 
     def embed_prompt(self, input_ids: np.ndarray, visual_tokens: np.ndarray) -> np.ndarray:
         """[L-1+N, D]: text embeddings with the single image token replaced by the visual tokens."""
-        where = np.flatnonzero(input_ids == self.manifest.data["image_token_id"])
-        if where.size != 1:
-            raise InputError(f"the prompt must hold exactly one image token; found {where.size}")
-        i = int(where[0])
-        table = self.embed_table
-        return np.concatenate([table[input_ids[:i]], visual_tokens.astype(table.dtype), table[input_ids[i + 1 :]]], axis=0).astype(self.dtype)
+        return splice(self.embed_table, input_ids, visual_tokens, self.manifest.image_token_id, self.dtype)

@@ -14,7 +14,7 @@
 - Every set_input_shape / set_tensor_address / execute_async_v3 result is checked and fails with the tensor's name.
 - Thread safety: each stage runner locks its context and buffers for one `run` at a time; the decoder (one KV
   cache) is borrowed by one `ask` at a time (the Pipeline's decoder pool of one).
-- CUDA graphs are refused (`--cuda-graph`): the decoder's KV cache grows every step, so each decode step is a new
+- CUDA graphs are refused (`--cuda-graph`, by the CLI: cli/app.py `cuda_graph_option`): the decoder's KV cache grows every step, so each decode step is a new
   shape, and TensorRT needs an uncaptured enqueue after every shape change before a capture (trtexec:
   sampleInference.cpp) - which already runs the step; the graph could only run it again.
 - `open_engines(engines_dir, manifest)` checks engines.json against this machine (TensorRT version, GPU SM and
@@ -35,8 +35,9 @@ import numpy as np
 
 from ..engine.metadata import check_compatible, check_export, load_metadata
 from ..engine.profiles import CONTEXT, GENERATION, Profile, profiles_from_json, select_profile
-from ..errors import EngineBuildError, InferenceError, InputError
+from ..errors import EngineBuildError, InferenceError
 from ..manifest import ExportManifest
+from .decoder import kv_names
 
 RUNNER_GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head")
 # TensorRT DataType (python enum name) -> numpy; BF16, FP8, INT4, FP4 and E8M0 have no numpy type (TensorRT's own
@@ -51,11 +52,6 @@ CUDA_GRAPH_REFUSAL = (
 
 
 # ---- pure helpers (tested without TensorRT) --------------------------------------------------------
-def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return past, [n.replace("past", "present", 1) for n in past]
-
-
 def decoder_input_shapes(batch: int, past: int, seq: int, num_layers: int, num_kv_heads: int, head_dim: int, hidden: int) -> dict[str, tuple[int, ...]]:
     """Input shapes of one decoder call with `past` cached positions and `seq` new ones."""
     shapes: dict[str, tuple[int, ...]] = {
@@ -124,12 +120,6 @@ def check_engine_dir(
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_batch: int, max_seq_len: int, itemsize: int) -> int:
     """Device memory of the preallocated KV cache (two ping-pong sets)."""
     return 2 * 2 * num_layers * max_batch * num_kv_heads * max_seq_len * head_dim * itemsize
-
-
-def check_cuda_graph(cuda_graph: bool) -> None:
-    """InputError for --cuda-graph (see CUDA_GRAPH_REFUSAL), before anything needs TensorRT."""
-    if cuda_graph:
-        raise InputError(CUDA_GRAPH_REFUSAL)
 
 
 def numpy_dtype(trt_dtype: Any, tensor: str, engine: str) -> np.dtype:
@@ -389,16 +379,15 @@ class TrtEngines:
         self.stream.close()
 
 
-def open_engines(engines_dir: str | Path, manifest: ExportManifest, cuda_graph: bool = False) -> TrtEngines:
+def open_engines(engines_dir: str | Path, manifest: ExportManifest) -> TrtEngines:
     """Check and load an engine folder for `manifest`'s export.
 
-    Raises InputError for `cuda_graph` (see CUDA_GRAPH_REFUSAL), MissingDependencyError without TensorRT /
+    Raises MissingDependencyError without TensorRT /
     cuda-python / GPU or with mismatched CUDA majors, EngineBuildError when the engines were built by another
     TensorRT version, for another GPU SM or model, or from another export (the message says to rebuild).
     """
     from ..engine.availability import require_tensorrt
 
-    check_cuda_graph(cuda_graph)
     trt, _ = require_tensorrt("The TensorRT backend (--backend trt)")
     from ..device import DeviceBuffer, Stream, device_info
 

@@ -100,14 +100,13 @@ class Server:
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def load(self) -> None:
         """Load the pipeline (runs on a background thread at start-up)."""
-        from ..runtime.pipeline import Pipeline
+        from ..runtime.pipeline import Pipeline, PipelineOptions
 
         try:
             t0 = time.perf_counter()
-            self.pipe = Pipeline.from_export(
-                self.opts.export, provider=self.opts.provider, threads=self.opts.threads, cache_dir=self.opts.cache_dir,
-                max_decoders=self.opts.decoders or self.opts.workers,
-            )
+            options = PipelineOptions(provider=self.opts.provider, threads=self.opts.threads, cache_dir=self.opts.cache_dir,
+                                      max_decoders=self.opts.decoders or self.opts.workers)
+            self.pipe = Pipeline.from_export(self.opts.export, options)
             self.metrics.ready.set(1)
             log.info("model %s loaded in %.1f s (provider %s)", self.model_id, time.perf_counter() - t0, self.pipe.provider)
         except BaseException as exc:  # reported by /ready and by the serve command

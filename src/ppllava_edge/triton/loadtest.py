@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..bench.runner import QUESTIONS
+from ..bench.plan import QUESTIONS
 from ..bench.stats import summarize
 from ..errors import InferenceError, InputError
 from .client import ask_triton

@@ -63,7 +63,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         from ..manifest import load_manifest
-        from ..runtime.pipeline import Pipeline
+        from ..runtime.pipeline import Pipeline, PipelineOptions
 
         self.pb = pb_utils
         t_load = time.perf_counter()
@@ -80,16 +80,15 @@ class TritonPythonModel:
         runners = {
             s: BlsRunner(pb_utils, s, [o["name"] for o in manifest.graph(manifest.graph_for(s, backend))["outputs"]]) for s in stages
         }
-        self.pipe = Pipeline.from_export(
-            export,
+        options = PipelineOptions(
             provider=params.get("provider", "cpu"),
             threads=int(params.get("threads", "0")) or None,
             cache_dir=params.get("cache_dir") or None,
             cache_bytes=int(params.get("cache_mb", "2048")) << 20,
             backend=backend,
             engines=version / params["engines"] if params.get("engines") else None,
-            runners=runners,
         )
+        self.pipe = Pipeline.from_export(export, options, runners=runners)
         self.load_ms = (time.perf_counter() - t_load) * 1e3
         self.frames = int(params.get("frames", "8"))
         self.max_tokens = int(params.get("max_tokens", "32"))
@@ -106,7 +105,7 @@ class TritonPythonModel:
         self.answers = {o: answers.Metric(labels={"instance": self.instance, "outcome": o}) for o in OUTCOMES}
         self.cache_hits = hits.Metric(labels={"instance": self.instance})
         pb_utils.Logger.log_info(
-            f"{self.instance}: {manifest.data.get('preset', '?')} export, provider {self.pipe.provider}, frames {self.frames}, "
+            f"{self.instance}: {manifest.preset or '?'} export, provider {self.pipe.provider}, frames {self.frames}, "
             f"max_tokens {self.max_tokens}, stages via BLS: {', '.join(stages) or 'none'}"
         )
 
