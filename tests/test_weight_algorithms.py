@@ -49,16 +49,21 @@ def test_gptq_beats_round_to_nearest_on_the_calibration_activations(bits, block)
     assert held["gptq"] < 0.9 * held["rtn"], held  # measured 0.87-0.88
 
 
+def _q4_1_weight(rng, k: int, n: int, b: int) -> np.ndarray:
+    """A dequantized Q4_1 weight [k, n]: w = d * q + m per block of b along k, every block spanning its 16 levels."""
+    d = rng.uniform(0.01, 0.05, (n, k // b, 1))
+    m = rng.uniform(-0.3, -0.1, (n, k // b, 1))
+    q = rng.integers(0, 16, (n, k // b, b))
+    q[..., 0], q[..., 1] = 0, 15
+    return (d * q + m).reshape(n, k).T.astype(np.float32)
+
+
 def test_weights_already_on_the_grid_stay_exact():
     """A dequantized Q4_1 weight (w = d * q + m per block of 32): GPTQ and HQQ keep it exactly (static groups; HQQ
     keeps its best iterate), as round-to-nearest does."""
     rng = np.random.default_rng(1)
     k, n, b = 128, 16, 32
-    d = rng.uniform(0.01, 0.05, (n, k // b, 1))
-    m = rng.uniform(-0.3, -0.1, (n, k // b, 1))
-    q = rng.integers(0, 16, (n, k // b, b))
-    q[..., 0], q[..., 1] = 0, 15
-    w = (d * q + m).reshape(n, k).T.astype(np.float32)
+    w = _q4_1_weight(rng, k, n, b)
     _, grid = _minmax_grid(w, 4, b)
     h = (x := _activations(rng, 512, k)).astype(np.float64).T @ x
     for qq, g in ((gptq(w, grid, 4, b, h), grid), hqq_zero(w, grid, 4, b)):
@@ -129,11 +134,7 @@ def test_int8_asymmetric_keeps_a_q4_1_weight_exactly(tmp_path):
     written graph computes x @ w up to float noise; the symmetric int8 grid rounds it a second time."""
     rng = np.random.default_rng(6)
     k, n, b = 128, 24, 32
-    d = rng.uniform(0.01, 0.05, (n, k // b, 1))
-    m = rng.uniform(-0.3, -0.1, (n, k // b, 1))
-    q = rng.integers(0, 16, (n, k // b, b))
-    q[..., 0], q[..., 1] = 0, 15
-    w = (d * q + m).reshape(n, k).T.astype(np.float32)
+    w = _q4_1_weight(rng, k, n, b)
     x = _activations(rng, 64, k)
     src = _one_matmul(tmp_path, w)
     errs = {}
