@@ -334,10 +334,10 @@ def test_vision_targets_before_after_and_int8(tmp_path):
     assert {t["id"]: t["value"] for t in evaluate_targets(result) if t["compared"].startswith("after-int8 vs")}["vision_int8"] == 5.0
 
 
-def test_bench_cold_start_runs_a_fresh_ask(tiny_export, sample_video, tmp_path):
+def test_bench_cold_start_runs_a_fresh_ask(tiny_export, tmp_path):
     """--cold-start: one fresh `python -m ppllava_edge ask` of the export after the warm runs; the overhead is its
     wall time minus the warm answer (plus the warm TPOT for tokens it stopped short of), printed in the notes."""
-    res = CliRunner().invoke(cli, ["bench", str(tiny_export), "--video", str(sample_video), "--frames", "2", "--iterations", "1", "--warmup", "0",
+    res = CliRunner().invoke(cli, ["bench", str(tiny_export), "--synthetic", "--frames", "2", "--iterations", "1", "--warmup", "0",
                                    "--max-new-tokens", "3", "--no-hardware", "--provider", "cpu", "--cold-start", "--json", str(tmp_path / "b.json"), "--quiet"])
     assert res.exit_code == 0, res.output
     cold = json.loads((tmp_path / "b.json").read_text())["cold_start"]

@@ -811,6 +811,12 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
                     gc.collect()
         finally:
             sampler.stop()
+        cold = None  # before the --synthetic video is removed
+        ref = reference_entry(entries, head)
+        if opts.cold_start and ref and ref.get("kind") == "export" and ref.get("backend") == "ort" and opts.image is None:
+            if progress is not None:
+                progress(done, total, f"{ref['name']}: cold start (a fresh `ask` process)")
+            cold = cold_start(opts, ref, video)
     finally:
         for td in tmp:
             td.cleanup()
@@ -841,11 +847,7 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
         result[key] = ref.get(key) if ref else None
     result["decode_efficiency_by_variant"] = {e["name"]: e.get("decode_efficiency") for e in entries if not e.get("error") and e["frames"] == head}
     result["cache"] = (dict(ref["cache"], variant=ref["name"], frames=ref["frames"]) if ref and ref.get("cache") else None)
-    result["cold_start"] = None
-    if opts.cold_start and ref and ref.get("kind") == "export" and ref.get("backend") == "ort" and opts.image is None:
-        if progress is not None:
-            progress(done, total, f"{ref['name']}: cold start (a fresh `ask` process)")
-        result["cold_start"] = cold_start(opts, ref, video)
+    result["cold_start"] = cold
     from .report import evaluate_targets, targets_apply
 
     result["presets"] = sorted({str(s.manifest.data.get("preset")) for s in specs})
