@@ -252,7 +252,7 @@ def test_test_videos_are_reproducible(tiny_export, calib, videos, tmp_path):
 _QUANTIZE_POOL = """
 import sys
 from pathlib import Path
-from ppllava_edge.calibration.quantize import _quantize_static
+from ppllava_edge.calibration.convert import _quantize_static
 from ppllava_edge.calibration.readers import load_calibration
 from ppllava_edge.manifest import load_manifest
 export, calib, out = map(Path, sys.argv[1:])
@@ -358,7 +358,7 @@ def test_streamed_weight_only_equals_onnxruntime_quantizer(tiny_export, tmp_path
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from ppllava_edge.calibration.quantize import _quantize_nbits
+    from ppllava_edge.calibration.convert import _quantize_nbits
     from ppllava_edge.external_data import read_initializer
 
     src = tiny_export / "decoder.onnx"
@@ -386,7 +386,7 @@ def test_streamed_minmax_equals_onnxruntime_calibrator(tiny_export, calib, tmp_p
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     from ppllava_edge.calibration.minmax import minmax_ranges
-    from ppllava_edge.calibration.quantize import _WEIGHT_OPS, _preprocess
+    from ppllava_edge.calibration.convert import _WEIGHT_OPS, _preprocess
     from ppllava_edge.calibration.readers import make_reader
 
     cs = load_calibration(calib)

@@ -12,7 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from ppllava_edge.calibration.quantize import _quantize_nbits, minmax_blocks  # noqa: E402
+from ppllava_edge.calibration.convert import _quantize_nbits, minmax_blocks  # noqa: E402
 from ppllava_edge.calibration.weight_algorithms import (  # noqa: E402
     Grid, collect_hessians, dequantize, gptq, hqq_zero, pack, refine, unpack, unpack_zero_points)
 from ppllava_edge.errors import InputError  # noqa: E402

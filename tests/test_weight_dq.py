@@ -62,7 +62,7 @@ def test_asymmetric_blocks_reproduce_a_q4_1_grid():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from ppllava_edge.calibration.quantize import minmax_blocks
+    from ppllava_edge.calibration.convert import minmax_blocks
 
     rng = np.random.default_rng(1)
     k, n, b, bits = 96, 8, 32, 4
@@ -175,7 +175,7 @@ def test_asymmetric_decoder_graph_is_exact_and_uses_the_fast_kernel(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from ppllava_edge.calibration.quantize import _quantize_nbits, minmax_blocks
+    from ppllava_edge.calibration.convert import _quantize_nbits, minmax_blocks
 
     rng = np.random.default_rng(2)
     for k, rank in ((96, 3), (96, 2), (80, 3)):  # 80: not a multiple of 32

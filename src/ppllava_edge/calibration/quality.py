@@ -1,5 +1,5 @@
 """Answer-quality measures of a quantized export against fp32, meaningful on a trained LLM (the accuracy gate's
-`quality` rows; `quantize.evaluate_accuracy` adds them).
+`quality` rows; `gate.evaluate_accuracy` adds them).
 
 On every held-out (video, question) pair of CALIB, through the whole pipeline (each export's own vision graph,
 prompt_pool and decoder, so `--vision int8` counts too):
@@ -22,6 +22,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from .readers import CalibrationSet
+
+
+class VisionCache:
+    """Vision outputs per (pipeline, video) so the end-to-end checks run each vision graph once per video."""
+
+    def __init__(self, calib: CalibrationSet):
+        self.calib = calib
+        self.records = {r["video"]: r for r in calib.records("vision", "all")}
+        self.out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, pipe, video: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (id(pipe), video)
+        if key not in self.out:
+            px = self.calib.load(self.records[video])["pixel_values"]
+            values, keys = pipe.sessions["vision"].run(None, {"pixel_values": px})
+            self.out[key] = (values, keys)
+        return self.out[key]
 
 
 @dataclass
@@ -166,9 +185,7 @@ def _pairs(calib, max_pairs: int | None):
 
 def reference_answers(ref, calib, tokens: int = 32, max_pairs: int | None = None, progress=None) -> list[Reference]:
     """`reference_pair` on CALIB's held-out (video, question) pairs (all pairs when it has no held-out split)."""
-    from .quantize import _VisionCache
-
-    vision = _VisionCache(calib)
+    vision = VisionCache(calib)
     out = []
     for r, clip_ids, input_ids in _pairs(calib, max_pairs):
         out.append(reference_pair(ref, input_ids, clip_ids, r["video"], _visual_tokens(ref, vision, r["video"], clip_ids), tokens))
@@ -179,9 +196,7 @@ def reference_answers(ref, calib, tokens: int = 32, max_pairs: int | None = None
 
 def compare_answers(qs, calib, refs: list[Reference], progress=None) -> QualitySummary:
     """`compare_pair` of export Q on every fp32 `Reference` (from `reference_answers` on the same CALIB)."""
-    from .quantize import _VisionCache
-
-    vision = _VisionCache(calib)
+    vision = VisionCache(calib)
     traces = []
     for r in refs:
         traces.append(compare_pair(qs, r, _visual_tokens(qs, vision, r.video, r.clip_ids)))

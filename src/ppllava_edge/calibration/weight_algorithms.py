@@ -3,7 +3,7 @@
     hessians = collect_hessians(decoder_path, calib, work)        # GPTQ only: H = XᵀX per MatMul input, from CALIB
     q = refine("gptq", w, grid, bits, block_size, hessians[x_name])  # w [K, N] float32, grid from the writer
 
-The writer (`quantize._quantize_nbits`) first fixes each block's grid exactly as it always did - ONNX Runtime's
+The writer (`convert._quantize_nbits`) first fixes each block's grid exactly as it always did - ONNX Runtime's
 symmetric blocks (zero point 8 / 128), its uint8 zero points, or our min/max blocks with float zero points - and
 this module only changes what lands on that grid, so every algorithm is stored by the same kernel:
 

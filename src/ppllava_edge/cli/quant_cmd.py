@@ -134,7 +134,8 @@ def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_t
     require("onnx", "export", "quantize")
     import dataclasses
 
-    from ..calibration.quantize import default_thresholds, quantize_export
+    from ..calibration.gate import default_thresholds
+    from ..calibration.quantize import quantize_export
     from ..errors import AccuracyError
     from ..manifest import load_manifest
 
