@@ -345,7 +345,7 @@ def test_bench_cold_start_runs_a_fresh_ask(tiny_export, tmp_path):
     assert "-m ppllava_edge ask" in cold["command"] and str(tiny_export) in cold["command"] and cold["variant"] == e["name"]
     assert 1 <= cold["tokens"] <= 3 and cold["missing_tokens"] == 3 - cold["tokens"]
     assert cold["wall_ms"] > cold["fresh_e2e_ms"] > 0 and cold["warm_e2e_ms"] == e["stages"]["e2e"]["mean"]
-    want = cold["wall_ms"] - cold["warm_e2e_ms"] - cold["missing_tokens"] * e["stages"]["decode_step"]["mean"]
+    want = cold["wall_ms"] - (cold["warm_e2e_ms"] - cold["missing_tokens"] * e["stages"]["decode_step"]["mean"])
     assert cold["overhead_ms"] == pytest.approx(want)
     assert f"overhead {cold['overhead_ms'] / 1e3:.2f} s" in res.stdout
 

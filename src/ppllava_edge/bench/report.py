@@ -327,7 +327,7 @@ def markdown(result: dict) -> str:
     if cold:
         lines.append(f"- cold start ({cold['variant']}): `{cold['command']}` took {cold['wall_ms'] / 1e3:.2f} s (its answer {cold['fresh_e2e_ms'] / 1e3:.2f} s, "
                      f"{cold['tokens']} tokens), the warm answer {cold['warm_e2e_ms'] / 1e3:.2f} s: overhead {cold['overhead_ms'] / 1e3:.2f} s"
-                     + (f" (incl. {cold['missing_tokens']} tokens not generated before EOS at the warm TPOT)" if cold["missing_tokens"] else "")
+                     + (f" (the warm answer less {cold['missing_tokens']} tokens at the warm TPOT: the fresh one stopped at EOS)" if cold["missing_tokens"] else "")
                      if not cold.get("error") else f"- cold start: `{cold['command']}` failed ({cold['error']})")
     if ref:
         lines.append(f"- memory ({ref['name']}, {ref['frames']} {unit}): weights {_si(ref['weight_bytes'], 'B')}, KV cache {_si(ref['kv_cache_bytes'], 'B')} "

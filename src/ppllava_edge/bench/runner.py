@@ -860,7 +860,7 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
 def cold_start(opts: BenchOptions, entry: dict, video: Path) -> dict:
     """One fresh-process `python -m ppllava_edge ask EXPORT VIDEO QUESTION --json` on the entry's export (page cache and
     ort_cache warm, as a user's second command): its wall time minus the warm answer's mean e2e in this run. A fresh
-    answer that stops at EOS before max_new_tokens is charged the warm TPOT for each token it did not generate."""
+    answer that stops at EOS before max_new_tokens is compared with the warm answer less the warm TPOT per token it did not generate."""
     import subprocess
 
     cmd = [sys.executable, "-m", "ppllava_edge", "ask", str(entry["export"]), str(video), QUESTIONS[0], "--frames", str(entry["frames"]),
@@ -878,7 +878,7 @@ def cold_start(opts: BenchOptions, entry: dict, video: Path) -> dict:
     warm = entry["stages"]["e2e"]["mean"]
     tpot = (entry["stages"].get("decode_step") or {}).get("mean") or 0.0
     missing = max(0, opts.max_new_tokens - tokens)
-    overhead = wall_ms - warm - missing * tpot
+    overhead = wall_ms - (warm - missing * tpot)  # the warm answer cut to the tokens the fresh one generated
     return {"command": shlex.join(cmd), "variant": entry["name"], "wall_ms": wall_ms, "fresh_e2e_ms": (ans.get("timings_ms") or {}).get("e2e"),
             "warm_e2e_ms": warm, "tokens": tokens, "missing_tokens": missing, "overhead_ms": overhead}
 
