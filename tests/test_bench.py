@@ -334,3 +334,30 @@ def test_vision_targets_before_after_and_int8(tmp_path):
     assert got[("vision_int8_cosine", "after-int8")] == (0.995, True)
     variants[3]["quantized_from"] = None  # source not in the run: the first fp32 export
     assert {t["id"]: t["value"] for t in evaluate_targets(result) if t["compared"].startswith("after-int8 vs")}["vision_int8"] == 5.0
+
+
+def test_bench_cold_start_runs_a_fresh_ask(tiny_export, tmp_path):
+    """--cold-start: one fresh `python -m ppllava_edge ask` of the export after the warm runs; the overhead is its
+    wall time minus the warm answer (plus the warm TPOT for tokens it stopped short of), printed in the notes."""
+    res = CliRunner().invoke(cli, ["bench", str(tiny_export), "--synthetic", "--frames", "2", "--iterations", "1", "--warmup", "0",
+                                   "--max-new-tokens", "3", "--no-hardware", "--provider", "cpu", "--cold-start", "--json", str(tmp_path / "b.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    cold = json.loads((tmp_path / "b.json").read_text())["cold_start"]
+    e = json.loads((tmp_path / "b.json").read_text())["variants"][0]
+    assert "-m ppllava_edge ask" in cold["command"] and str(tiny_export) in cold["command"] and cold["variant"] == e["name"]
+    assert 1 <= cold["tokens"] <= 3 and cold["missing_tokens"] == 3 - cold["tokens"]
+    assert cold["wall_ms"] > cold["fresh_e2e_ms"] > 0 and cold["warm_e2e_ms"] == e["stages"]["e2e"]["mean"]
+    want = cold["wall_ms"] - (cold["warm_e2e_ms"] - cold["missing_tokens"] * e["stages"]["decode_step"]["mean"])
+    assert cold["overhead_ms"] == pytest.approx(want)
+    assert f"overhead {cold['overhead_ms'] / 1e3:.2f} s" in res.stdout
+
+
+def test_cold_start_target():
+    from ppllava_edge.bench.targets import evaluate_targets
+
+    e = {"name": "E", "kind": "export", "backend": "ort", "baseline": None, "frames": 32, "precision": "fp32", "llm_precision": "fp32",
+         "stages": {"e2e": {"mean": 5000.0}}, "error": None}
+    for overhead, passed in ((900.0, True), (1500.0, False)):
+        cold = {"variant": "E", "wall_ms": 5000.0 + overhead, "warm_e2e_ms": 5000.0, "overhead_ms": overhead}
+        got = [t for t in evaluate_targets({"variants": [e], "config": {"headline_frames": 32}, "cold_start": cold}) if t["id"] == "cold_start_s"]
+        assert [(t["value"], t["passed"]) for t in got] == [(overhead / 1e3, passed)]

@@ -536,3 +536,40 @@ def test_prompt_tokenizer_from_file_parses_the_tokenizer_once_for_full_and_head(
         assert loaded.prompt_ids(q) == real_prompt.prompt_ids(q)
         ids = loaded.prompt_ids(q)
         assert loaded.decode(ids) == real_prompt.decode(ids)
+
+
+def test_byte_level_tokenizer_loads_with_one_parse(tmp_path, monkeypatch):
+    """A byte-level BPE (SmolLM2, Qwen2: no dummy prefix) tokenizes the text after `<image>` like the text before, so
+    `from_file` parses the file once and uses that parse for both pieces (start-up of `ask`, issue 24); the ids equal
+    those of a tokenizer given by the caller (which is copied, head and tail parsed apart)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    import ppllava_edge.tokenization.prompt as prompt_mod
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["What is happening in the video?", "USER: ASSISTANT: describe  the moving shapes", "a b c  d\n e"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<image>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    parses = []
+
+    class Counting:
+        @staticmethod
+        def from_str(s):
+            parses.append(len(s))
+            return tokenizers.Tokenizer.from_str(s)
+
+    monkeypatch.setattr(prompt_mod, "Tokenizer", Counting)
+    loaded = LlamaPromptTokenizer.from_file(path, image_token_id=2)
+    assert len(parses) == 1 and loaded._tail is loaded._head
+    monkeypatch.undo()
+    given = LlamaPromptTokenizer(tokenizers.Tokenizer.from_file(str(path)), image_token_id=2)
+    fresh = tokenizers.Tokenizer.from_file(str(path))  # what the second parse gave the text after `<image>`
+    fresh.encode_special_tokens = True
+    for q in ("What is happening in the video?", " leading  and  double spaces ", "a </s> b <s> c\nnew line"):
+        assert loaded.prompt_ids(q) == given.prompt_ids(q) and loaded.prompt_ids(q).count(2) == 1
+        assert loaded._tail.encode(q, add_special_tokens=False).ids == fresh.encode(q, add_special_tokens=False).ids

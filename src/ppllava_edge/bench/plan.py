@@ -57,6 +57,7 @@ class BenchOptions:
     gemm_n: int = 1536
     workdir: Path | None = None  # where --synthetic writes its video (default: a temporary folder)
     raise_errors: bool = False  # re-raise a failing variant's exception instead of recording it
+    cold_start: bool = False  # after the runs: one fresh-process `ask` of the reference export (its wall minus the warm answer)
     command: str | None = None
 
 

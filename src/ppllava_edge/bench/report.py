@@ -205,6 +205,12 @@ def markdown(result: dict) -> str:
              if not e.get("error") and e["frames"] == cfg["headline_frames"] and e.get("load_ms") is not None and e.get("reload_ms") is not None]
     if loads:
         lines.append("- session load, first / second in this process (cold / warm: page cache, ONNX Runtime's optimised graphs): " + "; ".join(loads))
+    cold = result.get("cold_start")
+    if cold:
+        lines.append(f"- cold start ({cold['variant']}): `{cold['command']}` took {cold['wall_ms'] / 1e3:.2f} s (its answer {cold['fresh_e2e_ms'] / 1e3:.2f} s, "
+                     f"{cold['tokens']} tokens), the warm answer {cold['warm_e2e_ms'] / 1e3:.2f} s: overhead {cold['overhead_ms'] / 1e3:.2f} s"
+                     + (f" (the warm answer less {cold['missing_tokens']} tokens at the warm TPOT: the fresh one stopped at EOS)" if cold["missing_tokens"] else "")
+                     if not cold.get("error") else f"- cold start: `{cold['command']}` failed ({cold['error']})")
     if ref:
         lines.append(f"- memory ({ref['name']}, {ref['frames']} {unit}): weights {_si(ref['weight_bytes'], 'B')}, KV cache {_si(ref['kv_cache_bytes'], 'B')} "
                      f"used by a run ({ref['context_len']} + {ref['new_tokens'] - 1} positions)")

@@ -23,10 +23,14 @@ hit the feature cache: that is the feature-cache measure (second question vs fir
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import resource
+import shlex
+import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -291,6 +295,12 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
                     gc.collect()
         finally:
             sampler.stop()
+        cold = None  # before the --synthetic video is removed
+        ref = reference_entry(entries, head)
+        if opts.cold_start and ref and ref.get("kind") == "export" and ref.get("backend") == "ort" and opts.image is None:
+            if progress is not None:
+                progress(done, total, f"{ref['name']}: cold start (a fresh `ask` process)")
+            cold = cold_start(opts, ref, video)
     finally:
         for td in tmp:
             td.cleanup()
@@ -321,11 +331,38 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
         result[key] = ref.get(key) if ref else None
     result["decode_efficiency_by_variant"] = {e["name"]: e.get("decode_efficiency") for e in entries if not e.get("error") and e["frames"] == head}
     result["cache"] = (dict(ref["cache"], variant=ref["name"], frames=ref["frames"]) if ref and ref.get("cache") else None)
+    result["cold_start"] = cold
     result["presets"] = sorted({str(s.manifest.preset) for s in specs})
     result["targets"] = evaluate_targets(result)
     result["targets_apply"] = targets_apply(result)  # False on toy presets (tiny): the markdown does not print them
     result["failed"] = sum(1 for e in entries if e.get("error"))
     return result
+
+
+def cold_start(opts: BenchOptions, entry: dict, video: Path) -> dict:
+    """One fresh-process `python -m ppllava_edge ask EXPORT VIDEO QUESTION --json` on the entry's export (page cache and
+    ort_cache warm, as a user's second command): its wall time minus the warm answer's mean e2e in this run. A fresh
+    answer that stops at EOS before max_new_tokens is compared with the warm answer less the warm TPOT per token it did not generate."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "ppllava_edge", "ask", str(entry["export"]), str(video), QUESTIONS[0], "--frames", str(entry["frames"]),
+           "--max-new-tokens", str(opts.max_new_tokens), "--provider", opts.provider, "--json"]
+    if opts.threads is not None:
+        cmd += ["--threads", str(opts.threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    if proc.returncode != 0:
+        log.warning("cold start: `%s` exited %d: %s", shlex.join(cmd), proc.returncode, proc.stderr.strip()[-500:])
+        return {"command": shlex.join(cmd), "error": f"exit {proc.returncode}"}
+    ans = json.loads(proc.stdout)
+    tokens = len(ans.get("ids") or [])
+    warm = entry["stages"]["e2e"]["mean"]
+    tpot = (entry["stages"].get("decode_step") or {}).get("mean") or 0.0
+    missing = max(0, opts.max_new_tokens - tokens)
+    overhead = wall_ms - (warm - missing * tpot)  # the warm answer cut to the tokens the fresh one generated
+    return {"command": shlex.join(cmd), "variant": entry["name"], "wall_ms": wall_ms, "fresh_e2e_ms": (ans.get("timings_ms") or {}).get("e2e"),
+            "warm_e2e_ms": warm, "tokens": tokens, "missing_tokens": missing, "overhead_ms": overhead}
 
 
 def _add_ratios(entries: list[dict], head: int) -> None:

@@ -75,11 +75,12 @@ class _Progress:
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None, help="Write one CSV row per variant and frames.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG (stacked stages per variant, latency vs frames).")
 @click.option("-o", "--output", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True, help="Format printed on stdout.")
+@click.option("--cold-start", is_flag=True, help="After the runs: one fresh-process `ask` of the first ORT export; its wall time minus the warm answer (target <= 1.0 s).")
 @click.option("--no-hardware", is_flag=True, help="Skip the memory-bandwidth and GEMM probes (no efficiencies).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.pass_context
 def bench_command(ctx, exports, server_url, concurrency, num_requests, stream, api_key, video, synthetic, image, frames, questions, max_new_tokens,
-                  warmup, iterations, provider, threads, backends, baselines, engines, json_path, csv_path, plot_path, output, no_hardware, quiet):
+                  warmup, iterations, provider, threads, backends, baselines, engines, json_path, csv_path, plot_path, output, cold_start, no_hardware, quiet):
     """Benchmark EXPORT folders (and the PyTorch reference and the no-pooling baselines) on one video (or, with
     --image, one image: its anyres tiles stand in for the frames): per-stage
     latency (min/mean/p50/p90/p95/p99/stddev), tokens/s, memory, feature-cache gain, distance to the hardware limit.
@@ -106,7 +107,7 @@ def bench_command(ctx, exports, server_url, concurrency, num_requests, stream, a
     opts = BenchOptions(
         exports=list(exports), video=video, synthetic=synthetic, image=image, frames=frames, questions=questions, max_new_tokens=max_new_tokens,
         warmup=warmup, iterations=iterations, provider=provider, backends=backend_list, baselines=baseline_list, threads=threads,
-        engines=tuple(engines), hardware=not no_hardware, raise_errors=bool(ctx.obj and ctx.obj.get("debug")),
+        engines=tuple(engines), hardware=not no_hardware, cold_start=cold_start, raise_errors=bool(ctx.obj and ctx.obj.get("debug")),
         command=("ppllava-edge " + shlex.join(sys.argv[1:])) if "bench" in sys.argv[1:] else None,
     )
     progress = _Progress(quiet)

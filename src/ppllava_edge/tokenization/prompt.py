@@ -4,6 +4,7 @@ question tokenized so that a typed `<image>` or `</s>` stays text.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,8 +30,9 @@ def render_prompt(question: str) -> str:
     return TEMPLATE.format(question=question)
 
 
-def _tail_json(tok_json: dict[str, Any]) -> dict[str, Any]:
-    """The tokenizer for the text after `<image>`: no dummy prefix (Metaspace prepend_scheme "never")."""
+def _tail_json(pre_tokenizer: dict[str, Any] | None, tok_json: dict[str, Any]) -> dict[str, Any] | None:
+    """The tokenizer for the text after `<image>`: no dummy prefix (Metaspace prepend_scheme "never"); None when it
+    is the tokenizer itself. `pre_tokenizer` is a copy of tok_json's, changed here (tok_json is not modified)."""
     found = False
 
     def visit(node: Any) -> None:
@@ -43,15 +45,17 @@ def _tail_json(tok_json: dict[str, Any]) -> dict[str, Any]:
             for child in node.get("pretokenizers", []) or []:
                 visit(child)
 
-    visit(tok_json.get("pre_tokenizer"))
-    if not found and "Prepend" not in json.dumps(tok_json.get("normalizer")):
+    visit(pre_tokenizer)
+    if found:
+        return {**tok_json, "pre_tokenizer": pre_tokenizer}
+    if "Prepend" not in json.dumps(tok_json.get("normalizer")):
         if _is_byte_level(tok_json):
-            return tok_json  # byte-level BPE (GPT-2 style): no dummy prefix, every piece is tokenized alike
+            return None  # byte-level BPE (GPT-2 style): no dummy prefix, every piece is tokenized alike
         raise TokenizerError(
             "The tokenizer has no Metaspace pre-tokenizer, no Prepend normalizer and no ByteLevel pre-tokenizer; it is "
             "neither a sentencepiece-style (LLaMA) nor a byte-level BPE (GPT-2 style) tokenizer."
         )
-    return tok_json
+    return None
 
 
 def _is_byte_level(tok_json: Mapping[str, Any]) -> bool:
@@ -104,8 +108,12 @@ class LlamaPromptTokenizer:
         # ids and saves (the flag is not serialized). A caller's tokenizer is copied, never changed.
         self._head = tokenizer if _owned else Tokenizer.from_str(tokenizer.to_str())
         self._head.encode_special_tokens = True  # runtime-only flag: not serialized, so set on every load
-        self._tail = Tokenizer.from_str(json.dumps(_tail_json(tok_json)))
-        self._tail.encode_special_tokens = True
+        tail = _tail_json(copy.deepcopy(tok_json["pre_tokenizer"]) if isinstance(tok_json.get("pre_tokenizer"), dict) else None, tok_json)
+        if tail is None:  # nothing differs after `<image>` (byte-level BPE): the head serves (a parse saved at start-up)
+            self._tail = self._head
+        else:
+            self._tail = Tokenizer.from_str(json.dumps(tail))
+            self._tail.encode_special_tokens = True
         specials = sorted({a["content"] for a in tok_json.get("added_tokens", []) if a.get("special")}, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
         self._bos_token, self._eos_token = bos_token, eos_token
