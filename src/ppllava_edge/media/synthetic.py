@@ -121,15 +121,22 @@ def write_test_video(
             stream.codec_context.options = {"crf": "18", "x264-params": "mbtree=0"}
         else:
             stream.codec_context.bit_rate = max(2_000_000, w * h * fps // 2)
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(make_test_frame(i, size, num_frames), format="rgb24")
+        frames = (av.VideoFrame.from_ndarray(make_test_frame(i, size, num_frames), format="rgb24") for i in range(num_frames))
+        _encode(container, stream, frames, time_base)
+    return out
+
+
+def _encode(container, stream, frames, time_base=None) -> None:
+    """Encode `frames` into `stream` (frame i at pts i, or at the frame's own pts when time_base is None), mux every
+    packet, then flush the encoder."""
+    for i, frame in enumerate(frames):
+        if time_base is not None:
             frame.pts = i
             frame.time_base = time_base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
+        for packet in stream.encode(frame):
             container.mux(packet)
-    return out
+    for packet in stream.encode(None):
+        container.mux(packet)
 
 
 def write_test_audio(path: str | os.PathLike[str], seconds: float = 0.5, sample_rate: int = 16000) -> Path:
@@ -142,13 +149,13 @@ def write_test_audio(path: str | os.PathLike[str], seconds: float = 0.5, sample_
     with av.open(str(out), mode="w") as container:
         stream = container.add_stream("pcm_s16le" if wav else "aac", rate=sample_rate)
         stream.layout = "mono"
-        chunk = 1024
-        for start in range(0, n, chunk):
-            frame = av.AudioFrame.from_ndarray(tone[None, start:start + chunk], format="s16", layout="mono")
-            frame.sample_rate = sample_rate
-            frame.pts = start
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+        _encode(container, stream, _tone_frames(av, tone, sample_rate))
     return out
+
+
+def _tone_frames(av, tone: np.ndarray, sample_rate: int, chunk: int = 1024):
+    for start in range(0, len(tone), chunk):
+        frame = av.AudioFrame.from_ndarray(tone[None, start:start + chunk], format="s16", layout="mono")
+        frame.sample_rate = sample_rate
+        frame.pts = start
+        yield frame
