@@ -1,7 +1,7 @@
 """How the integer values of a weight-only (MatMulNBits) decoder are chosen: `quantize --weight-algorithm`.
 
-    hessians = collect_hessians(decoder_path, calib, work)        # GPTQ only: H = XᵀX per MatMul input, from CALIB
-    q = refine("gptq", w, grid, bits, block_size, hessians[x_name])  # w [K, N] float32, grid from the writer
+    hessians = collect_hessians(decoder_path, calib)                  # GPTQ only: {weight name: H = XᵀX}, from CALIB
+    q, grid = refine("gptq", w, grid, bits, block_size, hessians[weight_name])  # w [K, N] float32, grid from the writer
 
 The writer (`convert._quantize_nbits`) first fixes each block's grid exactly as it always did - ONNX Runtime's
 symmetric blocks (zero point 8 / 128), its uint8 zero points, or our min/max blocks with float zero points - and
@@ -51,15 +51,22 @@ def check_algorithm(name: str, bits: int, symmetric: bool) -> None:
                          f"(got {bits}-bit {'symmetric' if symmetric else 'asymmetric'}); use --weight-algorithm gptq or rtn")
 
 
+def _nibbles(a: np.ndarray) -> np.ndarray:
+    """uint8 [..., m] of two 4-bit values each -> [..., 2m], low nibble first (MatMulNBits' packing)."""
+    out = np.empty((*a.shape[:-1], a.shape[-1] * 2), np.uint8)
+    out[..., 0::2], out[..., 1::2] = a & 0x0F, a >> 4
+    return out
+
+
+def _per_row(a: np.ndarray, block_size: int, k: int) -> np.ndarray:
+    """A per-block array [N, blocks] -> one row per input k [K, N] (each block's value repeated over its rows)."""
+    return np.repeat(a.T, block_size, axis=0)[:k]
+
+
 def unpack(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
     """MatMulNBits' packed [N, blocks, B * bits / 8] -> q [K, N] uint8 (low nibble first)."""
     n = packed.shape[0]
-    if bits == 8:
-        q = packed.reshape(n, -1)
-    else:
-        q = np.empty((n, packed.shape[1], packed.shape[2] * 2), np.uint8)
-        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
-        q = q.reshape(n, -1)
+    q = (packed if bits == 8 else _nibbles(packed)).reshape(n, -1)
     return np.ascontiguousarray(q[:, :k].T)
 
 
@@ -75,18 +82,13 @@ def pack(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 def unpack_zero_points(zp: np.ndarray, bits: int, blocks: int) -> np.ndarray:
     """MatMulNBits' uint8 zero points [N, ceil(blocks * bits / 8)] -> [N, blocks] float32."""
-    if bits == 8:
-        return zp[:, :blocks].astype(np.float32)
-    z = np.empty((zp.shape[0], zp.shape[1] * 2), np.uint8)
-    z[:, 0::2], z[:, 1::2] = zp & 0x0F, zp >> 4
-    return z[:, :blocks].astype(np.float32)
+    return (zp if bits == 8 else _nibbles(zp))[:, :blocks].astype(np.float32)
 
 
 def dequantize(q: np.ndarray, grid: Grid, block_size: int) -> np.ndarray:
     """q [K, N] on `grid` -> float32 [K, N]: what MatMulNBits multiplies by."""
     k = q.shape[0]
-    s = np.repeat(grid.scale.T, block_size, axis=0)[:k]
-    z = np.repeat(grid.zero.T, block_size, axis=0)[:k]
+    s, z = _per_row(grid.scale, block_size, k), _per_row(grid.zero, block_size, k)
     return ((q.astype(np.float32) - z) * s).astype(np.float32)
 
 
@@ -139,8 +141,8 @@ def gptq(w: np.ndarray, grid: Grid, bits: int, block_size: int, h: np.ndarray, d
     w[dead] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H⁻¹ = Uᵀ U
-    s = np.repeat(grid.scale.T, block_size, axis=0)[:k].astype(np.float64)
-    z = np.repeat(grid.zero.T, block_size, axis=0)[:k].astype(np.float64)
+    s = _per_row(grid.scale, block_size, k).astype(np.float64)
+    z = _per_row(grid.zero, block_size, k).astype(np.float64)
     q = np.empty((k, n), np.uint8)
     for i0 in range(0, k, lazy):
         i1 = min(i0 + lazy, k)
@@ -166,9 +168,8 @@ def refine(algorithm: str, w: np.ndarray, grid: Grid, bits: int, block_size: int
         return gptq(w, grid, bits, block_size, h), grid
     if algorithm == "gptq":
         log.warning("gptq: no calibration activations for a weight of shape %s: round to nearest", w.shape)
-    s = np.repeat(grid.scale.T, block_size, axis=0)[: w.shape[0]]
-    z = np.repeat(grid.zero.T, block_size, axis=0)[: w.shape[0]]
-    return _round(w, s, z, (1 << bits) - 1).astype(np.uint8), grid
+    k = w.shape[0]
+    return _round(w, _per_row(grid.scale, block_size, k), _per_row(grid.zero, block_size, k), (1 << bits) - 1).astype(np.uint8), grid
 
 
 def _activation_source(model, x_name: str) -> str:
