@@ -30,9 +30,10 @@ def render_prompt(question: str) -> str:
     return TEMPLATE.format(question=question)
 
 
-def _tail_json(pre_tokenizer: dict[str, Any] | None, tok_json: dict[str, Any]) -> dict[str, Any] | None:
+def _tail_json(tok_json: dict[str, Any]) -> dict[str, Any] | None:
     """The tokenizer for the text after `<image>`: no dummy prefix (Metaspace prepend_scheme "never"); None when it
-    is the tokenizer itself. `pre_tokenizer` is a copy of tok_json's, changed here (tok_json is not modified)."""
+    is the tokenizer itself. Changes a copy of tok_json's pre-tokenizer (tok_json is not modified)."""
+    pre_tokenizer = copy.deepcopy(tok_json.get("pre_tokenizer"))
     found = False
 
     def visit(node: Any) -> None:
@@ -108,7 +109,7 @@ class LlamaPromptTokenizer:
         # ids and saves (the flag is not serialized). A caller's tokenizer is copied, never changed.
         self._head = tokenizer if _owned else Tokenizer.from_str(tokenizer.to_str())
         self._head.encode_special_tokens = True  # runtime-only flag: not serialized, so set on every load
-        tail = _tail_json(copy.deepcopy(tok_json["pre_tokenizer"]) if isinstance(tok_json.get("pre_tokenizer"), dict) else None, tok_json)
+        tail = _tail_json(tok_json)
         if tail is None:  # nothing differs after `<image>` (byte-level BPE): the head serves (a parse saved at start-up)
             self._tail = self._head
         else:
