@@ -9,11 +9,12 @@ from pathlib import Path
 
 from ..errors import ConfigError, InputError
 from ..manifest import ExportManifest, load_manifest
+from ..runtime.stages import TIMED_STAGES
 
 BACKENDS = ("ort", "trt", "torch")
 BASELINES = ("nopool", "avgpool")
-STAGES = ("decode_video", "preprocess", "vision", "pool", "prefill", "decode_step", "e2e")
-"""Timed stages (ms). `decode_step` pools every decode step of every run (TPOT)."""
+STAGES = TIMED_STAGES
+"""Timed stages (ms), the route's vocabulary (runtime/stages.py). `decode_step` pools every decode step of every run (TPOT)."""
 DERIVED_STAGES = ("ttft", "decode")
 """Per run: `ttft` = e2e minus the decode steps (time to first token); `decode` = all decode steps."""
 DEFAULT_FRAMES = (8, 16, 32, 64)
