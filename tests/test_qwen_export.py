@@ -36,7 +36,7 @@ def qwen2():
     vocabulary (embedding rows beyond the ids the prompt uses)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                       tie_word_embeddings=False)
     model = Qwen2ForCausalLM(cfg).eval()
@@ -124,3 +124,121 @@ def test_qwen2_decoder_equals_transformers_prefill_and_greedy(qwen2, qwen2_decod
         assert len(set(want)) > 2  # the random model does not collapse to one token (the comparison means something)
         # in-place contract: the cache buffer holds every position, written where it lies
         assert decoder.length == len(prompt) + STEPS and decoder.allocations == 1
+
+
+def _dequantized_qwen2(model, qpath, bits: int, block: int):
+    """A copy of `model` whose Linear weights are what the MatMulNBits graph multiplies by (its packed values and
+    scales read back and dequantized in numpy); biases, norms and embeddings untouched."""
+    import copy
+
+    from ppllava_edge.calibration.weight_algorithms import Grid, dequantize, unpack
+    from ppllava_edge.external_data import read_initializer
+
+    graph = onnx.load(str(qpath), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    packed_parts = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn.o_proj": ("self_attn.o_proj",),
+                    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj": ("mlp.down_proj",)}
+    for nd in (n for n in graph.node if n.op_type == "MatMulNBits"):
+        k = next(a.i for a in nd.attribute if a.name == "K")
+        q = unpack(np.asarray(read_initializer(inits[nd.input[1]], qpath.parent)), bits, k)
+        scale = np.asarray(read_initializer(inits[nd.input[2]], qpath.parent), np.float32)
+        w = dequantize(q, Grid(scale, np.full_like(scale, 1 << (bits - 1))), block).T  # [N, K], torch's layout
+        name = inits[nd.input[1]].name.removesuffix(f"_Q{bits}")
+        if name == "lm_head.weight":
+            targets = ["lm_head"]
+        else:
+            layer, packed = name.split(".")[1], name.split(".", 2)[2].removesuffix(".weight")
+            targets = [f"model.layers.{layer}.{p}" for p in packed_parts[packed]]
+        rows = 0
+        with torch.no_grad():
+            for t in targets:
+                p = params[t + ".weight"]
+                p.copy_(torch.from_numpy(w[rows : rows + p.shape[0]]))
+                rows += p.shape[0]
+        assert rows == w.shape[0]
+    return ref
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_qwen2_decoder_keeps_the_biases(qwen2, qwen2_decoder, tmp_path, bits):
+    """quantize --llm int8-weight / int4-weight on the Qwen2 graph: every weight MatMul becomes MatMulNBits, the q|k|v
+    bias Add stays after it with the float bias, and the graph computes transformers' Qwen2 with the dequantized
+    weights (its own biases): prefill logits and greedy ids."""
+    from ppllava_edge.calibration.convert import _quantize_nbits
+
+    path, _ = qwen2_decoder
+    block = 32
+    dst = tmp_path / "decoder.onnx"
+    info = _quantize_nbits(path, dst, bits, block, [], accuracy_level=0)
+    c = qwen2.config
+    assert info["nodes_quantized"] == 4 * c.num_hidden_layers + 1
+    graph = onnx.load(str(dst), load_external_data=False).graph
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    producers = {o: n for n in graph.node for o in n.output}
+    assert len(adds) == c.num_hidden_layers and all(producers[a.input[0]].op_type == "MatMulNBits" for a in adds)
+    assert {a.input[1] for a in adds} <= {t.name for t in graph.initializer}
+    ref = _dequantized_qwen2(qwen2, dst, bits, block)
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    decoder = InplaceKVDecoder(session, c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.max_position_embeddings)
+    table = qwen2.model.embed_tokens.weight.detach().numpy()
+    prompt = [8, 120, 33, 1, 77, 240]
+    ids, first = _greedy_ort(decoder, table, prompt, STEPS)
+    want, expected = _greedy_torch(ref, prompt, STEPS)
+    assert np.abs(first - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert ids == want
+    _, original = _greedy_torch(qwen2, prompt, 0)
+    assert np.abs(expected - original).max() > 1e-3 * np.abs(original).max()  # the quantization is really there
+
+
+@pytest.fixture(scope="module")
+def qwen2_decoder_trt(qwen2, tmp_path_factory):
+    from ppllava_edge.export.exporter import ExportOptions, export_concat_decoder
+
+    path = tmp_path_factory.mktemp("qwen2_trt") / "decoder_trt.onnx"
+    export_concat_decoder(qwen2, path, ExportOptions())
+    return path
+
+
+def _concat_decoder(path, model):
+    """The concat-contract runtime decoder over `path`, at accuracy level 0 (ONNX Runtime fuses DequantizeLinear +
+    MatMul into MatMulNBits itself, by default with int8 activations)."""
+    from ppllava_edge.runtime.decoder import ConcatKVDecoder
+
+    c = model.config
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ConcatKVDecoder(session, c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.max_position_embeddings)
+
+
+def test_qwen2_decoder_trt_graph_equals_transformers(qwen2, qwen2_decoder_trt):
+    """decoder_trt.onnx traced from Qwen2ForCausalLM: standard ONNX ops only (TensorRT's parser), the concat
+    contract under ONNX Runtime gives transformers' prefill logits and greedy ids."""
+    ops = {(n.domain or "ai.onnx") for n in onnx.load(str(qwen2_decoder_trt), load_external_data=False).graph.node}
+    assert ops == {"ai.onnx"}
+    table = qwen2.model.embed_tokens.weight.detach().numpy()
+    prompt = [5, 17, 42, 99, 3, 250, 7]
+    ids, first = _greedy_ort(_concat_decoder(qwen2_decoder_trt, qwen2), table, prompt, STEPS)
+    want, ref = _greedy_torch(qwen2, prompt, STEPS)
+    assert np.abs(first - ref).max() <= 1e-4 * np.abs(ref).max() and ids == want
+
+
+def test_int4_decoder_trt_equals_the_int4_decoder_for_qwen2(qwen2, qwen2_decoder, qwen2_decoder_trt, tmp_path):
+    """quantize --llm int4-weight on a --tensorrt export: decoder_trt's DequantizeLinear weights hold the MatMulNBits
+    quantizer's values, so the two int4 graphs (both with Qwen2's biases as float Adds) answer alike."""
+    from ppllava_edge.calibration.convert import _quantize_nbits
+    from ppllava_edge.calibration.weight_dq import quantize_dq
+
+    c = qwen2.config
+    info = quantize_dq(qwen2_decoder_trt, tmp_path / "decoder_trt.onnx", 4, 32, [])
+    assert info["nodes_quantized"] == 7 * c.num_hidden_layers + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    _quantize_nbits(qwen2_decoder[0], tmp_path / "decoder.onnx", 4, 32, [], accuracy_level=0)
+    session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    inplace = InplaceKVDecoder(session, c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.max_position_embeddings)
+    table = qwen2.model.embed_tokens.weight.detach().numpy()
+    prompt = [8, 120, 33, 1, 77, 240]
+    ids, first = _greedy_ort(_concat_decoder(tmp_path / "decoder_trt.onnx", qwen2), table, prompt, STEPS)
+    want, ref = _greedy_ort(inplace, table, prompt, STEPS)
+    assert np.abs(first - ref).max() <= 1e-4 * np.abs(ref).max() and ids == want

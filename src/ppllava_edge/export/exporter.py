@@ -274,8 +274,8 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
         with parts.llm(steps) as model:
             on_stage("decoder_trt.onnx")
             with steps.step("decoder_trt.onnx"):
-                prog = export_concat_decoder(model, tmp / "decoder_trt.onnx", opts)
-                lm_params = {k: v.detach().numpy() for k, v in ((checkpoint_name(f, keys), p) for f, p in DecoderGraph(model).named_parameters()) if k is not None}
+                prog = export_concat_decoder(model.language_model, tmp / "decoder_trt.onnx", opts)
+                lm_params = {k: v.detach().numpy() for k, v in ((checkpoint_name(f, keys), p) for f, p in DecoderGraph(model.language_model).named_parameters()) if k is not None}
                 used = [checkpoint_name(f, keys) for f in used_parameters(prog)]
                 maps["decoder_trt"] = map_traced_graph(tmp / "decoder_trt.onnx", lm_params, [u for u in used if u is not None], np_dtype)
                 del lm_params
@@ -313,29 +313,30 @@ def rotary_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def export_concat_decoder(model: PPLLaVAForConditionalGeneration, path: Path, opts: ExportOptions):
-    """decoder_trt.onnx: standard ONNX ops only (TensorRT's parser takes it), traced from transformers' LLaMA;
-    present = concat(past, new) each step."""
+def export_concat_decoder(lm: torch.nn.Module, path: Path, opts: ExportOptions):
+    """decoder_trt.onnx: standard ONNX ops only (TensorRT's parser takes it), traced from transformers' causal LM
+    (`model.language_model`: LlamaForCausalLM, or Qwen2ForCausalLM with its q/k/v biases); present = concat(past,
+    new) each step."""
     from torch.export import Dim
 
-    cfg = model.cfg
     dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
     gen = torch.Generator().manual_seed(0)
-    t = cfg.text
+    t = lm.config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     batch, seq = Dim("batch", min=1, max=64), Dim("seq", min=1, max=8192)
     past_len, total = Dim("past", min=0, max=8192), Dim("total", min=1, max=16384)
     B, S, Pl = 2, 2, 5  # trace with batch 2 and seq 2: batch/seq of 1 would be specialised (pitfall 6)
     emb = torch.randn(B, S, t.hidden_size, generator=gen).to(dtype)
     mask = torch.ones(B, Pl + S, dtype=torch.int64)
     pos = torch.arange(Pl, Pl + S, dtype=torch.int64)[None].repeat(B, 1)
-    past = tuple(torch.randn(B, t.num_key_value_heads, Pl, t.head_dim, generator=gen).to(dtype) for _ in range(2 * t.num_hidden_layers))
+    past = tuple(torch.randn(B, t.num_key_value_heads, Pl, head_dim, generator=gen).to(dtype) for _ in range(2 * t.num_hidden_layers))
     names, present = kv_names(t.num_hidden_layers)
     return _onnx_export(
-        DecoderGraph(model), (emb, mask, pos, past), path,
+        DecoderGraph(lm), (emb, mask, pos, past), path,
         ["inputs_embeds", "attention_mask", "position_ids", *names],
         ["logits", *present],
         ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in names)),
-        opts.opset, _param_bytes(model.language_model) > EXTERNAL_DATA_BYTES,
+        opts.opset, _param_bytes(lm) > EXTERNAL_DATA_BYTES,
     )
 
 

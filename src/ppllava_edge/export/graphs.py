@@ -61,12 +61,14 @@ class ProjectorHeadGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """One KV-cache graph for prefill (empty past) and decode; the transformers cache is flattened to tensors."""
+    """One KV-cache graph for prefill (empty past) and decode; the transformers cache is flattened to tensors.
 
-    def __init__(self, model: PPLLaVAForConditionalGeneration):
+    `lm` is the causal LM alone (transformers' LlamaForCausalLM or Qwen2ForCausalLM: `model.language_model`)."""
+
+    def __init__(self, lm: nn.Module):
         super().__init__()
-        self.lm = model.language_model
-        self.num_layers = model.cfg.text.num_hidden_layers
+        self.lm = lm
+        self.num_layers = lm.config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers import DynamicCache

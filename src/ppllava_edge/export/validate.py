@@ -219,7 +219,7 @@ def _ort_decoder_outputs(session, cases, layers: int, kv: int, hd: int, max_len:
 def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, cases, ort_out: list[dict], record) -> None:
     """Phase 2: the same cases through the PyTorch reference (its own past each step), compared with phase 1."""
     t = model.cfg.text
-    dg = DecoderGraph(model)
+    dg = DecoderGraph(model.language_model)
     names = kv_names(t.num_hidden_layers)[0]
     for (case, emb, L), got in zip(cases, ort_out):
         e = torch.from_numpy(emb)
