@@ -1,6 +1,7 @@
 """The Qwen2 + SigLIP family's ONNX graphs against transformers' own modules (random weights stored under the
 released checkpoint's tensor names): the Qwen2 decoder (in-place GQA graph, its weight-only quantization, the
-TensorRT graph)."""
+TensorRT graph) and the SigLIP vision tower in the fused vision graph (values, and keys through the MAP head's
+value path)."""
 
 from __future__ import annotations
 
@@ -242,3 +243,88 @@ def test_int4_decoder_trt_equals_the_int4_decoder_for_qwen2(qwen2, qwen2_decoder
     ids, first = _greedy_ort(_concat_decoder(tmp_path / "decoder_trt.onnx", qwen2), table, prompt, STEPS)
     want, ref = _greedy_ort(inplace, table, prompt, STEPS)
     assert np.abs(first - ref).max() <= 1e-4 * np.abs(ref).max() and ids == want
+
+
+VISION = "vision_tower."
+PROJ = "multi_modal_projector."
+
+
+class _SiglipHeadValuePath(torch.nn.Module):
+    """The authors' `SiglipPoolingHead_PatchCLS` as the projector uses it, written out directly: v = x W_v^T + b_v
+    (the V third of the MAP head's in_proj), then v + MLP(LayerNorm(v)); the probe attention is unused."""
+
+    def __init__(self, vcfg):
+        from transformers.models.siglip.modeling_siglip import SiglipMLP
+
+        super().__init__()
+        e = vcfg.hidden_size
+        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * e, e))
+        self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * e))
+        self.layernorm = torch.nn.LayerNorm(e, eps=vcfg.layer_norm_eps)
+        self.mlp = SiglipMLP(vcfg)
+
+    def forward(self, x):
+        e = x.shape[-1]
+        v = torch.nn.functional.linear(x, self.in_proj_weight[2 * e :], self.in_proj_bias[2 * e :])
+        return v + self.mlp(self.layernorm(v))
+
+
+@pytest.fixture(scope="module")
+def siglip():
+    """transformers' SiglipVisionModel (tiny: 3x3 patches of 14 px, tanh-GELU) + the projector parts the vision graph
+    reads, random, as a state dict under the released names."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    vcfg = SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=42,
+                              patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
+    tower = SiglipVisionModel(vcfg).eval()
+    parts = torch.nn.ModuleDict({
+        "linear_1": torch.nn.Linear(64, 48), "clip_visual_ln": torch.nn.LayerNorm(64, eps=1e-6), "clip_visual_head": _SiglipHeadValuePath(vcfg),
+    }).eval()
+    for i, m in enumerate((tower, parts)):
+        _randomize(m, 10 + i, std=0.1)
+    state = {VISION + "vision_model." + k.removeprefix("vision_model."): v for k, v in tower.state_dict().items()}
+    state |= {PROJ + k.replace("clip_visual_head.in_proj", "clip_visual_head.attention.in_proj"): v for k, v in parts.state_dict().items()}
+    return tower, parts, {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def _siglip_dims(tower):
+    from ppllava_edge.export.fusion import VisionDims
+
+    c = tower.config
+    return VisionDims(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.image_size, c.patch_size,
+                      c.num_channels, c.hidden_act, c.layer_norm_eps, 0, 0, 48, c.hidden_size, 1e-6, tower="siglip")
+
+
+def test_siglip_fused_vision_graph_equals_transformers(siglip, tmp_path):
+    """vision.onnx for the SigLIP tower: values = GELU(linear_1(hidden_states[-1])) and keys = l2norm of the head's
+    value path on clip_visual_ln(F), against transformers' SiglipVisionModel and the direct head, at 1, 2 and 5
+    frames; every initializer traced to its checkpoint tensor (the V slice included)."""
+    from ppllava_edge.export.fusion import build_vision
+    from ppllava_edge.export.weights_check import check_weights
+
+    tower, parts, state = siglip
+    path = tmp_path / "vision.onnx"
+    info = build_vision(lambda n: state[n], _siglip_dims(tower), path, external=True)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MultiHeadAttention") == 2 and ops.count("FastGelu") == 3 and "QuickGelu" not in ops and "Softmax" not in ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for frames in (1, 2, 5):
+        px = torch.randn(frames, 3, 42, 42, generator=torch.Generator().manual_seed(frames))
+        with torch.no_grad():
+            feats = tower(pixel_values=px, output_hidden_states=True).hidden_states[-1]  # [T, 9, 64], no post_layernorm
+            values = torch.nn.functional.gelu(parts["linear_1"](feats))
+            keys = parts["clip_visual_head"](parts["clip_visual_ln"](feats)).reshape(-1, 64)
+            keys = keys / keys.norm(dim=-1, keepdim=True)
+        got = sess.run(None, {"pixel_values": px.numpy()})
+        for name, r, g in zip(("values", "keys"), (values.numpy(), keys.numpy()), got):
+            assert g.shape == r.shape, (frames, name)
+            assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), (frames, name)
+    head = PROJ + "clip_visual_head.attention.in_proj_"
+    assert info["weights"].map[head + "weight.v"] == ("value_slice", [head + "weight"])
+    graphs = {"vision": {"file": "vision.onnx", "weights": info["weights"].to_json()}}
+    assert check_weights(tmp_path, graphs, lambda n: state[n], np.float32).passed
+    held = {s for _, srcs in info["weights"].map.values() for s in srcs}
+    unused = {k for k in state if "post_layernorm" in k}
+    assert held == set(state) - unused
