@@ -328,3 +328,138 @@ def test_siglip_fused_vision_graph_equals_transformers(siglip, tmp_path):
     held = {s for _, srcs in info["weights"].map.values() for s in srcs}
     unused = {k for k in state if "post_layernorm" in k}
     assert held == set(state) - unused
+
+
+CTX, KEEP = 196, 20
+
+
+def _authors_extended_table(pe64: torch.Tensor) -> torch.Tensor:
+    """`SiglipModelwithVideo.convert_text_position` (ppllava/models/siglip.py), line for line: 64 -> 196 rows."""
+    length, dim = pe64.shape
+    new = torch.zeros(4 * length - 3 * KEEP, dim)
+    for i in range(KEEP):
+        new[i] = pe64[i]
+    for i in range(length - 1 - KEEP):
+        for j in range(4):
+            new[4 * i + j + KEEP] = (4 - j) * pe64[i + KEEP] / 4 + j * pe64[i + 1 + KEEP] / 4
+    for j in range(4):
+        new[4 * length - 3 * KEEP - 4 + j] = pe64[length - 1] + j * (pe64[length - 1] - pe64[length - 2]) / 4
+    return new
+
+
+class _AuthorsExtendTextEmbeddings(torch.nn.Module):
+    """The authors' `ExtendTextEmbeddings` (ppllava/models/clip.py): positions < 20 from `position_embedding`, the
+    rest from `position_embedding_res`, selected by two masks."""
+
+    def __init__(self, token_embedding, pe, pe_res):
+        super().__init__()
+        self.token_embedding = token_embedding
+        self.pe, self.pe_res = pe, pe_res
+        self.mask1 = (torch.arange(len(pe)) < KEEP).float()[:, None]
+
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None):
+        x = self.token_embedding(input_ids)
+        n = x.shape[1]
+        return x + self.pe[:n] * self.mask1[:n] + self.pe_res[:n] * (1 - self.mask1[:n])
+
+
+class _Pooled(torch.nn.Module):
+    """transformers' SiglipTextModel as the pool graph's text_model: (ids, mask) -> pooler_output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask).pooler_output
+
+
+@pytest.fixture(scope="module")
+def siglip_text():
+    """(the authors' text tower: transformers' SiglipTextModel with their extended embeddings swapped in, the same
+    tower with the two tables folded into one 196-row position embedding)."""
+    from transformers import SiglipTextConfig, SiglipTextModel
+
+    cfg = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, projection_size=64,
+               pad_token_id=1, eos_token_id=1, bos_token_id=None)
+    authors = SiglipTextModel(SiglipTextConfig(max_position_embeddings=64, **cfg)).eval()
+    _randomize(authors, 20, std=0.1)
+    pe = _authors_extended_table(authors.embeddings.position_embedding.weight.detach())
+    pe_res = pe + 0.1 * torch.randn(pe.shape, generator=torch.Generator().manual_seed(21))  # trained apart (SFT)
+    authors.embeddings = _AuthorsExtendTextEmbeddings(authors.embeddings.token_embedding, pe, pe_res)
+    folded = SiglipTextModel(SiglipTextConfig(max_position_embeddings=CTX, **cfg)).eval()
+    state = {k: v for k, v in authors.state_dict().items() if not k.endswith(("pe", "pe_res"))}
+    state["embeddings.position_embedding.weight"] = torch.cat((pe[:KEEP], pe_res[KEEP:]))
+    missing = folded.load_state_dict(state, strict=False)
+    assert not missing.missing_keys, missing
+    return authors, folded
+
+
+def _clip_inputs(words: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and mask as the authors' SiglipTokenizer call gives them (padding="max_length" to 196): the words, the
+    EOS </s> (id 1), then pads (id 1, mask 0)."""
+    ids = torch.ones(1, CTX, dtype=torch.int64)
+    ids[0, :words] = torch.randint(3, 120, (words,), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(1, CTX, dtype=torch.int64)
+    mask[0, : words + 1] = 1
+    return ids, mask
+
+
+def _authors_pool(text, ids, mask, keys, values, linear_2, scale, bias, grid, kernel, temp):
+    """`LLaVASiglip3DMultiModalProjector.forward` after the tower, as a direct loop: g = softmax(cos * exp(scale) +
+    bias) over every token, H = linear_2(values) (the authors apply it before pooling), then per window
+    softmax(g / temp)-weighted sums of H in (t', row, col) order."""
+    with torch.no_grad():
+        q = text(input_ids=ids, attention_mask=mask).pooler_output
+        q = q / q.norm(dim=-1, keepdim=True)
+        g = torch.softmax((keys @ q[0]) * scale.exp() + bias, dim=0).reshape(values.shape[0], *grid)
+        h = linear_2(values).reshape(values.shape[0], *grid, -1)
+        kt, kh, kw = kernel
+        out = []
+        for t in range(values.shape[0] // kt):
+            for r in range(grid[0] // kh):
+                for c in range(grid[1] // kw):
+                    win = (slice(t * kt, t * kt + kt), slice(r * kh, r * kh + kh), slice(c * kw, c * kw + kw))
+                    a = torch.softmax(g[win].reshape(-1) / temp, dim=0)
+                    out.append((a[:, None] * h[win].reshape(-1, h.shape[-1])).sum(0))
+    return torch.stack(out), g
+
+
+@pytest.mark.parametrize("kernel", [(2, 3, 3), (1, 3, 3)])
+def test_siglip_pool_graph_equals_the_authors_projector(siglip_text, tmp_path, kernel):
+    """prompt_pool (kernel (2,3,3)) and image_pool ((1,3,3)) of the SigLIP family, traced: ORT == the authors'
+    projector maths (their extended embeddings in transformers' SiglipTextModel, logit_bias, a direct pooling loop)
+    at frame / tile counts other than the traced one; the padding mask changes the answer (it is an input)."""
+    from ppllava_edge.export.exporter import _onnx_export
+    from ppllava_edge.export.graphs import SiglipPoolGraph
+    from torch.export import Dim
+
+    authors, folded = siglip_text
+    gen = torch.Generator().manual_seed(5)
+    grid, e, d, temp = (6, 6), 64, 48, 0.01
+    linear_2 = torch.nn.Linear(d, d).eval()
+    scale, bias = torch.tensor(2.3), torch.tensor(-4.0)
+    graph = SiglipPoolGraph(_Pooled(folded), linear_2, torch.nn.Parameter(scale, requires_grad=False), grid, kernel, temp).eval()
+    p = grid[0] * grid[1]
+
+    def inputs(frames: int, words: int):
+        keys = torch.nn.functional.normalize(torch.randn(frames * p, e, generator=gen), dim=-1)
+        return (*_clip_inputs(words, frames), keys, torch.randn(frames, p, d, generator=gen))
+
+    frames = Dim("frames", min=1, max=64)
+    path = tmp_path / "pool.onnx"
+    _onnx_export(graph, inputs(4, 9), path, ["clip_ids", "clip_mask", "keys", "values"], ["visual_tokens", "relevance"],
+                 (None, None, {0: p * frames}, {0: frames}), 20, False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for count, words in ((2, 5), (6, 30), (5, 195)):  # 195 words: the EOS is the last position, no padding
+        ids, mask, keys, values = inputs(count, words)
+        tokens, g = sess.run(None, {"clip_ids": ids.numpy(), "clip_mask": mask.numpy(), "keys": keys.numpy(), "values": values.numpy()})
+        ref_tokens, ref_g = _authors_pool(authors, ids, mask, keys, values, linear_2, scale, bias, grid, kernel, temp)
+        assert tokens.shape == tuple(ref_tokens.shape) == (count // kernel[0] * 4, d)
+        assert np.abs(g - ref_g.numpy()).max() <= 1e-5 * ref_g.max().item(), (count, words)
+        assert np.abs(tokens - ref_tokens.numpy()).max() <= 1e-4 * ref_tokens.abs().max().item(), (count, words)
+    ids, mask, keys, values = inputs(3, 12)
+    g_mask = sess.run(None, {"clip_ids": ids.numpy(), "clip_mask": mask.numpy(), "keys": keys.numpy(), "values": values.numpy()})[1]
+    g_ones = sess.run(None, {"clip_ids": ids.numpy(), "clip_mask": np.ones_like(mask.numpy()), "keys": keys.numpy(), "values": values.numpy()})[1]
+    assert np.abs(g_mask - g_ones).max() > 1e-3 * g_mask.max()

@@ -4,6 +4,9 @@
 - PromptPoolGraph:  clip_ids [1,L], keys, values -> visual_tokens [T//2*(h/3)*(w/3), D_llm], relevance [T,h,w]
 - image_pool:       PromptPoolGraph(image=True): the same for N image tiles with the (1,3,3) kernel -> [N*(h/3)*(w/3), D];
                     the anyres assembly (unpadding, image_newline rows) is done by the caller (media/anyres.py)
+- SiglipPoolGraph:  the prompt_pool / image_pool of the Qwen2 + SigLIP family: clip_ids [1,L], clip_mask [1,L],
+                    keys, values -> visual_tokens, relevance (SigLIP text tower with the padding mask, no logit_bias:
+                    a constant shift under the softmax)
 - ProjectorHeadGraph: values [N,D_llm] -> linear_2(values) (baselines without prompt-guided pooling)
 - DecoderGraph:     inputs_embeds, attention_mask, position_ids, past.{i}.key/value -> logits [B,V], present.*
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.clip import l2_normalize
+from ..model.pooling import pool_windows, relevance
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 
 
@@ -46,6 +51,33 @@ class PromptPoolGraph(nn.Module):
     def forward(self, clip_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g, tokens = self.projector.pool(keys, values, clip_ids, image=self.image, position_table=self.position_table)
         return tokens, g
+
+
+class SiglipPoolGraph(nn.Module):
+    """The SigLIP family's pool: query = l2norm(text_model(clip_ids, clip_mask)) (the SigLIP text tower's pooled
+    output: final_layer_norm at the last position, then its `head` Linear), g = softmax over every token of
+    cos * exp(logit_scale) (+ logit_bias, the authors' `LLaVASiglip3DMultiModalProjector`: a scalar added to every
+    logit, which the softmax cancels exactly, so the graph leaves it out), then the windowed pooling and linear_2.
+
+    The mask is an input because SigLIP's text attention is bidirectional: the padding the authors' tokenization
+    adds (padding="max_length") is masked as keys, and the pooled position (the last, a pad when the question is
+    shorter than the context) reads every real token - so the mask changes the query, unlike CLIP's causal EOT.
+
+    Args:
+        text_model: (input_ids [1,L] int64, attention_mask [1,L] int64) -> pooled [1,E], extended positions folded.
+        grid: the patch grid (h, w) of one frame; kernel: (kt, kh, kw) (video (2,3,3), image tiles (1,3,3)).
+    """
+
+    def __init__(self, text_model: nn.Module, linear_2: nn.Module, logit_scale: torch.Tensor, grid: tuple[int, int],
+                 kernel: tuple[int, int, int], temperature: float):
+        super().__init__()
+        self.text_model, self.linear_2, self.logit_scale = text_model, linear_2, logit_scale
+        self.grid, self.kernel, self.temperature = tuple(grid), tuple(kernel), float(temperature)
+
+    def forward(self, clip_ids: torch.Tensor, clip_mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query = l2_normalize(self.text_model(clip_ids, clip_mask))
+        g = relevance(keys, query, self.logit_scale, values.shape[0], self.grid)
+        return self.linear_2(pool_windows(values, g, self.kernel, self.temperature)), g
 
 
 class ProjectorHeadGraph(nn.Module):
