@@ -463,3 +463,19 @@ def test_siglip_pool_graph_equals_the_authors_projector(siglip_text, tmp_path, k
     g_mask = sess.run(None, {"clip_ids": ids.numpy(), "clip_mask": mask.numpy(), "keys": keys.numpy(), "values": values.numpy()})[1]
     g_ones = sess.run(None, {"clip_ids": ids.numpy(), "clip_mask": np.ones_like(mask.numpy()), "keys": keys.numpy(), "values": values.numpy()})[1]
     assert np.abs(g_mask - g_ones).max() > 1e-3 * g_mask.max()
+
+
+def test_siglip_fused_vision_graph_in_fp16(siglip, tmp_path):
+    """fp16 exports write the SigLIP tower in fp16 (FastGelu, MultiHeadAttention and BiasGelu take it on the CPU
+    provider): fp16 in and out, close to the fp32 graph."""
+    from ppllava_edge.export.fusion import build_vision
+
+    tower, _, state = siglip
+    outs = {}
+    px = torch.randn(3, 3, 42, 42, generator=torch.Generator().manual_seed(3)).numpy()
+    for dtype, np_dtype in (("fp32", np.float32), ("fp16", np.float16)):
+        build_vision(lambda n: state[n], _siglip_dims(tower), tmp_path / f"{dtype}.onnx", dtype=dtype, external=False)
+        sess = ort.InferenceSession(str(tmp_path / f"{dtype}.onnx"), providers=["CPUExecutionProvider"])
+        outs[dtype] = sess.run(None, {"pixel_values": px.astype(np_dtype)})
+    assert all(o.dtype == np.float16 for o in outs["fp16"])
+    assert all(cosine(a.astype(np.float32), b) > 0.999 for a, b in zip(outs["fp16"], outs["fp32"]))
