@@ -463,6 +463,14 @@ def test_siglip_pool_graph_equals_the_authors_projector(siglip_text, tmp_path, k
     g_mask = sess.run(None, {"clip_ids": ids.numpy(), "clip_mask": mask.numpy(), "keys": keys.numpy(), "values": values.numpy()})[1]
     g_ones = sess.run(None, {"clip_ids": ids.numpy(), "clip_mask": np.ones_like(mask.numpy()), "keys": keys.numpy(), "values": values.numpy()})[1]
     assert np.abs(g_mask - g_ones).max() > 1e-3 * g_mask.max()
+    # the runtime's pool stage feeds the mask, and refuses to run this graph without one
+    from ppllava_edge.errors import InferenceError
+    from ppllava_edge.runtime.stages import pool
+
+    _, g_stage = pool(sess, ids.numpy()[0], keys.numpy(), values.numpy(), mask.numpy()[0])
+    assert np.array_equal(g_stage, g_mask)
+    with pytest.raises(InferenceError, match="clip_mask"):
+        pool(sess, ids.numpy(), keys.numpy(), values.numpy())
 
 
 def test_siglip_fused_vision_graph_in_fp16(siglip, tmp_path):
