@@ -276,7 +276,6 @@ def collect_calibration(
     # no decoder activations; the fp16 7B decoder would not fit in RAM on a CPU, see Pipeline's `decoder`)
     pipe = Pipeline.from_export(export_dir, provider="cpu", threads=threads, decoder=decode_steps > 0)
     m = manifest.model
-    clip_len = m["clip_text_length"]
     ctx = m["max_position_embeddings"]
     total = len(videos) + min(len(pairs), samples)
     done = 0
@@ -343,11 +342,12 @@ def collect_calibration(
             split = split_of(path, s)
             vid = video_ids[path]
             input_ids = np.asarray(pipe.llama.prompt_ids(q.question), dtype=np.int64)
-            clip_ids = pipe.clip.encode(q.question, clip_len)[None].astype(np.int64)
-            tokens, _ = pool(pipe.sessions["prompt_pool"], clip_ids, f["keys"], f["values"])
-            np.savez(tmp / f"prompt_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["keys"], values=f["values"])
+            ids, mask = pipe.relevance_query(q.question)
+            query = {"clip_ids": ids[None].astype(np.int64), **({} if mask is None else {"clip_mask": mask[None].astype(np.int64)})}
+            tokens, _ = pool(pipe.sessions["prompt_pool"], query["clip_ids"], f["keys"], f["values"], query.get("clip_mask"))
+            np.savez(tmp / f"prompt_pool/{s:04d}.npz", **query, keys=f["keys"], values=f["values"])
             records["prompt_pool"].append({"file": f"prompt_pool/{s:04d}.npz", "source": s, "video": vid, "split": split, "frames": f["frames"]})
-            np.savez(tmp / f"image_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["image_keys"], values=f["image_values"])
+            np.savez(tmp / f"image_pool/{s:04d}.npz", **query, keys=f["image_keys"], values=f["image_values"])
             records["image_pool"].append({"file": f"image_pool/{s:04d}.npz", "source": s, "video": vid, "split": split, "frames": 1})
             embeds = pipe.embed_prompt(input_ids, tokens)[None]  # [1, L, D]
             L = int(embeds.shape[1])

@@ -22,7 +22,7 @@ from ..jsonfile import read_json
 from ..runtime.decoder import adapt_feed
 from .collect import GRAPHS, INDEX_FORMAT, INDEX_NAME
 
-_POOL_INPUTS = ("clip_ids", "keys", "values")
+_POOL_INPUTS = ("clip_ids", "clip_mask", "keys", "values")  # clip_mask: SigLIP exports only
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class CalibrationSet:
         if graph == "vision":
             return {"pixel_values": a["pixel_values"]}
         if graph in ("prompt_pool", "image_pool"):
-            return {k: a[k] for k in _POOL_INPUTS}
+            return {k: a[k] for k in _POOL_INPUTS if k in a}
         past_names = sorted((k for k in a if k.startswith("past.")), key=_past_order)
         if record["kind"] == "prefill":
             e = a["inputs_embeds"]

@@ -64,18 +64,23 @@ class SiglipPoolGraph(nn.Module):
     shorter than the context) reads every real token - so the mask changes the query, unlike CLIP's causal EOT.
 
     Args:
-        text_model: (input_ids [1,L] int64, attention_mask [1,L] int64) -> pooled [1,E], extended positions folded.
+        text_model: (input_ids [1,L] int64, attention_mask [1,L] int64[, position_table]) -> pooled [1,E].
+        position_table: the folded extended position table [L, D] the text model is called with (held here as
+            `position_table`, which the weight map traces to the two checkpoint tables); None: the text model holds
+            its positions itself.
         grid: the patch grid (h, w) of one frame; kernel: (kt, kh, kw) (video (2,3,3), image tiles (1,3,3)).
     """
 
     def __init__(self, text_model: nn.Module, linear_2: nn.Module, logit_scale: torch.Tensor, grid: tuple[int, int],
-                 kernel: tuple[int, int, int], temperature: float):
+                 kernel: tuple[int, int, int], temperature: float, position_table: torch.Tensor | None = None):
         super().__init__()
         self.text_model, self.linear_2, self.logit_scale = text_model, linear_2, logit_scale
         self.grid, self.kernel, self.temperature = tuple(grid), tuple(kernel), float(temperature)
+        self.position_table = None if position_table is None else nn.Parameter(position_table.detach().clone(), requires_grad=False)
 
     def forward(self, clip_ids: torch.Tensor, clip_mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        query = l2_normalize(self.text_model(clip_ids, clip_mask))
+        table = () if self.position_table is None else (self.position_table,)
+        query = l2_normalize(self.text_model(clip_ids, clip_mask, *table))
         g = relevance(keys, query, self.logit_scale, values.shape[0], self.grid)
         return self.linear_2(pool_windows(values, g, self.kernel, self.temperature)), g
 

@@ -488,6 +488,11 @@ class Pipeline:
         return values, keys, VideoInput(key, "image", px)
 
     # ---- answer -----------------------------------------------------------------------------
+    def relevance_query(self, question: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The question for the pool graph's text tower: its ids [L] and, for a SigLIP pool, the padding mask [L]
+        (None for CLIP's causal tower)."""
+        return self.clip.encode(question, self.manifest.model["clip_text_length"]), None
+
     def ask(
         self,
         path: str | Path,
@@ -514,7 +519,7 @@ class Pipeline:
         else:
             prompt = self.llama.prompt_ids(question)
         input_ids = np.asarray(prompt, dtype=np.int64)
-        clip_ids = self.clip.encode(question, self.manifest.model["clip_text_length"])
+        clip_ids, clip_mask = self.relevance_query(question)
         kind = input_kind(Path(path))
         layout = self.image_layout(path) if kind == "image" else None
         frames = num_frames
@@ -537,7 +542,7 @@ class Pipeline:
         values, keys, vin = self.features(path, num_frames, t, need_pixels=keep_arrays)
         graph = "image_pool" if vin.kind == "image" else "prompt_pool"
         t0 = time.perf_counter()
-        tokens, relevance = pool(self.sessions[graph], clip_ids, keys, values)
+        tokens, relevance = pool(self.sessions[graph], clip_ids, keys, values, clip_mask)
         if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
             tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
@@ -552,6 +557,7 @@ class Pipeline:
             arrays = {
                 "pixel_values": vin.pixel_values.astype(np.float32),
                 "clip_ids": clip_ids,
+                **({} if clip_mask is None else {"clip_mask": clip_mask}),
                 "input_ids": input_ids,
                 "relevance": np.asarray(relevance, np.float32),
                 "visual_tokens": np.asarray(tokens, np.float32),
