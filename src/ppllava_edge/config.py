@@ -318,16 +318,35 @@ def _filled(section: dict, defaults: dict) -> dict:
     return out
 
 
+def _clip_candidates(clip_weight: str, checkpoint_dir: Path | None) -> list[Path]:
+    """Where a `clip_weight` folder may be: relative to the checkpoint folder, then as given."""
+    return ([Path(checkpoint_dir) / clip_weight] if checkpoint_dir is not None else []) + [Path(clip_weight)]
+
+
+def clip_weight_folder(clip_weight: str, checkpoint_dir: Path | None) -> Path:
+    """The local `clip_weight` folder (SigLIP's holds its tokenizer, `spiece.model`).
+
+    Raises:
+        ConfigError: no such folder (a hub id needs a local copy: the package keeps configs, not tokenizers).
+    """
+    candidates = _clip_candidates(clip_weight, checkpoint_dir)
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise ConfigError(
+        f"clip_weight {clip_weight!r}: no such folder (looked in: {', '.join(str(c) for c in candidates)}).\n"
+        "Hint: put a local copy of that model's folder (config.json and its tokenizer, e.g. SigLIP's spiece.model) in the "
+        "checkpoint folder under that name."
+    )
+
+
 def resolve_clip_config(clip_weight: str, checkpoint_dir: Path | None) -> dict:
     """Hyper-parameters of the separate CLIP model named by `clip_weight`.
 
     A known hub id uses the copy kept in this package; a folder (relative to the checkpoint folder
     or absolute) is read from its config.json, which is how users point at a local copy offline.
     """
-    candidates = []
-    if checkpoint_dir is not None:
-        candidates.append(Path(checkpoint_dir) / clip_weight)
-    candidates.append(Path(clip_weight))
+    candidates = _clip_candidates(clip_weight, checkpoint_dir)
     for folder in candidates:
         cfg = folder / "config.json"
         if folder.is_dir() and cfg.is_file():
