@@ -22,7 +22,8 @@ from .app import PRESET_NAMES, cli, frames_option
               help="Qwen2's tokenizer.json to copy into a qwen preset's folder (default: a synthetic byte-level BPE with Qwen2's special ids).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str | None, llm: Path | None, tokenizer: Path | None, force: bool) -> None:
-    """Write a random-weight checkpoint in the released layout (config.json, shards + index, tokenizer files).
+    """Write a random-weight checkpoint in the released layout (config.json, shards + index, tokenizer files):
+    the Vicuna + CLIP release, or the Qwen2 + SigLIP one with the qwen-* presets.
 
     With --llm the LLM is a trained model and the vision tower, projector and image_newline stay random.
     Tensors are generated and written one at a time (the 7b preset peaks below 1 GB of RAM); the folder is

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..media.anyres import default_pinpoints
 from .checkpoint import ProgressFn, build_skeleton, write_shards
 from .ppllava import PPLLaVAForConditionalGeneration
-from .qwen_presets import QWEN_PRESETS, qwen_preset_config, write_qwen_tokenizer_files, write_siglip_folder
+from .qwen_presets import QWEN_PRESETS, qwen_preset_config, write_qwen_tokenizer_files, write_siglip_tokenizer
 from .shards import TensorSpec
 
 RELEASED_TOP_LEVEL = {
@@ -300,12 +300,16 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _write_family_files(tmp: Path, preset: str, tokenizer: Path | None) -> dict:
-    """config.json, the `clip_weight` folder and the LLM tokenizer files of a preset; returns config.json's dict."""
+def _write_config_files(tmp: Path, preset: str, tokenizer: Path | None) -> dict:
+    """config.json's dict and the `clip_weight` folder's config.json of a preset (before the shards: the model is built
+    from them); a `--tokenizer` path is checked here, before any weight is generated."""
     if preset in QWEN_PRESETS:
         config, siglip = qwen_preset_config(preset)
-        write_siglip_folder(tmp / config["clip_weight"], siglip)
-        write_qwen_tokenizer_files(tmp, tokenizer)
+        if tokenizer is not None and not tokenizer.is_file():
+            raise ConfigError(f"--tokenizer {tokenizer}: no such file (expected Qwen2's tokenizer.json).")
+        folder = tmp / config["clip_weight"]
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(siglip, indent=2) + "\n")
         return config
     if tokenizer is not None:
         raise ConfigError("--tokenizer takes Qwen2's tokenizer.json for the qwen presets; the Vicuna presets write a LLaMA tokenizer.model.")
@@ -313,8 +317,16 @@ def _write_family_files(tmp: Path, preset: str, tokenizer: Path | None) -> dict:
     if clip is not None:
         (tmp / "clip").mkdir()
         (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
-    write_tokenizer_files(tmp)
     return config
+
+
+def _write_tokenizers(tmp: Path, preset: str, config: dict, tokenizer: Path | None) -> None:
+    """The LLM's tokenizer files and, for the qwen presets, SigLIP's `spiece.model` in the `clip_weight` folder."""
+    if preset in QWEN_PRESETS:
+        write_siglip_tokenizer(tmp / config["clip_weight"])
+        write_qwen_tokenizer_files(tmp, tokenizer)
+    else:
+        write_tokenizer_files(tmp)
 
 
 def make_random_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False, dtype: str = "bf16",
@@ -327,7 +339,8 @@ def make_random_checkpoint(preset: str, out: str | Path, seed: int = 0, force: b
     store = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
     out = Path(out)
     with AtomicDir(out, force=force) as tmp:
-        config = _write_family_files(tmp, preset, None if tokenizer is None else Path(tokenizer))
+        tokenizer = None if tokenizer is None else Path(tokenizer)
+        config = _write_config_files(tmp, preset, tokenizer)
         config["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         cfg = config_from_dict(config, tmp)
@@ -338,5 +351,6 @@ def make_random_checkpoint(preset: str, out: str | Path, seed: int = 0, force: b
         gen = {"_from_model_config": True, "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": cfg.pad_token_id,
                "transformers_version": config["transformers_version"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_tokenizers(tmp, preset, config, tokenizer)
         (tmp / "ppllava_edge.json").write_text(json.dumps({"preset": preset, "seed": seed}) + "\n")
     return out

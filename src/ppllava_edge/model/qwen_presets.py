@@ -1,7 +1,8 @@
 """The Qwen2 + SigLIP presets of `make-checkpoint` (`qwen-tiny`, `qwen-small`, `qwen-7b`): config.json as the authors'
 `LlavaOnevisionVidConfig` writes it (llava-onevision-qwen2-7b-si-hf's config plus the PPLLaVA keys `from_config`
 sets), the SigLIP model folder named by `clip_weight` (its config.json and `spiece.model`), and Qwen2's tokenizer
-files. Weights and shards are written by `presets.make_random_checkpoint`, as for the Vicuna presets.
+files. Weights and shards are written by `presets.make_random_checkpoint`, as for the Vicuna presets (the folder's
+config.json before the shards, the tokenizers after).
 """
 
 from __future__ import annotations
@@ -130,8 +131,6 @@ def write_qwen_tokenizer_files(folder: Path, tokenizer_json: Path | None = None)
     from ..tokenization.synthetic import QWEN2_FIRST_SPECIAL, QWEN2_SPECIALS
 
     if tokenizer_json is not None:
-        if not Path(tokenizer_json).is_file():
-            raise ConfigError(f"--tokenizer {tokenizer_json}: no such file (expected Qwen2's tokenizer.json).")
         shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
     else:
         (folder / "tokenizer.json").write_text(json.dumps(synthetic_qwen2_tokenizer_json(), ensure_ascii=False) + "\n", encoding="utf-8")
@@ -157,11 +156,9 @@ def write_qwen_tokenizer_files(folder: Path, tokenizer_json: Path | None = None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_siglip_folder(folder: Path, siglip_config: dict) -> None:
-    """The `clip_weight` folder: the SigLIP model's config.json and a sentencepiece `spiece.model` (the synthetic
-    SigLIP-like unigram vocabulary; a real checkpoint's folder holds SigLIP's own)."""
+def write_siglip_tokenizer(folder: Path) -> None:
+    """SigLIP's sentencepiece `spiece.model` in the `clip_weight` folder: the synthetic SigLIP-like unigram vocabulary
+    (a real checkpoint's folder holds SigLIP's own)."""
     from ..tokenization import SIGLIP_MODEL_NAME, synthetic_siglip_spm, write_spm_model
 
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(siglip_config, indent=2) + "\n")
     write_spm_model(folder / SIGLIP_MODEL_NAME, synthetic_siglip_spm())
