@@ -77,12 +77,10 @@ class PPLLaVAProjector(ProjectorMLP):
         return g, self.linear_2(pooled)
 
 
-def llama_config(cfg: PPLLaVAConfig):
-    """transformers' LlamaConfig of the checkpoint's LLM (the exporter also uses it for the rotary tables)."""
-    from transformers import LlamaConfig
-
+def _llm_kwargs(cfg: PPLLaVAConfig, extra_keys: set[str]) -> dict:
+    """The config keys LlamaConfig and Qwen2Config share, from the checkpoint's text config (plus `extra_keys` of it)."""
     t = cfg.text
-    return LlamaConfig(
+    return dict(
         vocab_size=t.vocab_size,
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
@@ -94,38 +92,27 @@ def llama_config(cfg: PPLLaVAConfig):
         rms_norm_eps=t.rms_norm_eps,
         rope_theta=t.rope_theta,
         tie_word_embeddings=t.tie_word_embeddings,
-        attention_bias=t.attention_bias,
-        mlp_bias=t.mlp_bias,
         bos_token_id=t.bos_token_id,
         eos_token_id=t.eos_token_id,
         pad_token_id=cfg.pad_token_id,
-        **{k: v for k, v in t.extra.items() if k in {"head_dim", "rope_scaling", "rope_parameters", "pretraining_tp"}},
+        **{k: v for k, v in t.extra.items() if k in extra_keys},
     )
+
+
+def llama_config(cfg: PPLLaVAConfig):
+    """transformers' LlamaConfig of the checkpoint's LLM (the exporter also uses it for the rotary tables)."""
+    from transformers import LlamaConfig
+
+    t = cfg.text
+    kwargs = _llm_kwargs(cfg, {"head_dim", "rope_scaling", "rope_parameters", "pretraining_tp"})
+    return LlamaConfig(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias, **kwargs)
 
 
 def qwen2_config(cfg: PPLLaVAConfig):
     """transformers' Qwen2Config of a qwen-siglip checkpoint's LLM (q/k/v biases, GQA, rope theta, untied head)."""
     from transformers import Qwen2Config
 
-    t = cfg.text
-    return Qwen2Config(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads,
-        hidden_act=t.hidden_act,
-        max_position_embeddings=t.max_position_embeddings,
-        rms_norm_eps=t.rms_norm_eps,
-        rope_theta=t.rope_theta,
-        tie_word_embeddings=t.tie_word_embeddings,
-        use_sliding_window=False,
-        bos_token_id=t.bos_token_id,
-        eos_token_id=t.eos_token_id,
-        pad_token_id=cfg.pad_token_id,
-        **{k: v for k, v in t.extra.items() if k in {"rope_scaling", "rope_parameters"}},
-    )
+    return Qwen2Config(use_sliding_window=False, **_llm_kwargs(cfg, {"rope_scaling", "rope_parameters"}))
 
 
 def llm_config(cfg: PPLLaVAConfig):

@@ -27,20 +27,13 @@ from ..media.anyres import default_pinpoints
 from .checkpoint import ProgressFn, build_skeleton, write_shards
 from .ppllava import PPLLaVAForConditionalGeneration
 from .qwen_presets import QWEN_PRESETS, qwen_preset_config, write_qwen_tokenizer_files, write_siglip_tokenizer
+from .release_keys import PPLLAVA_POOLING_KEYS
 from .shards import TensorSpec
 
 RELEASED_TOP_LEVEL = {
     "architectures": ["LlavaInterleaveForConditionalGeneration"],
     "model_type": "llava_next",
-    "pooling": "ppllava",
-    "pooling_kernel": [2, 3, 3],
-    "pooling_stride": [2, 3, 3],
-    "image_pooling_kernel": [1, 3, 3],
-    "image_pooling_stride": [1, 3, 3],
-    "pllava_pooling_shape": None,
-    "pooling_temp": 0.01,
-    "extend_clip": True,
-    "clip_post_pretrain": None,
+    **PPLLAVA_POOLING_KEYS,
     "btadapter": True,
     "btadapter_depth": 4,
     "max_T": 64,

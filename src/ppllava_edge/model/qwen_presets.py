@@ -13,21 +13,14 @@ from pathlib import Path
 
 from ..config import GOOGLE_SIGLIP_SO400M_384, onevision_pinpoints
 from ..errors import ConfigError
+from .release_keys import PPLLAVA_POOLING_KEYS
 
 SIGLIP_HUB_ID = "google/siglip-so400m-patch14-384"
 QWEN_RELEASED_TOP_LEVEL = {
     "architectures": ["LlavaInterleaveForConditionalGeneration"],
     "model_type": "llava_onevision",
     "qwen": True,
-    "pooling": "ppllava",
-    "pooling_kernel": [2, 3, 3],
-    "pooling_stride": [2, 3, 3],
-    "image_pooling_kernel": [1, 3, 3],
-    "image_pooling_stride": [1, 3, 3],
-    "pllava_pooling_shape": None,
-    "pooling_temp": 0.01,
-    "extend_clip": True,
-    "clip_post_pretrain": None,
+    **PPLLAVA_POOLING_KEYS,
     "btadapter": False,
     "btadapter_depth": 4,
     "max_T": 64,
