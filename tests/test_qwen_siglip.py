@@ -262,6 +262,17 @@ def test_plain_qwen_prompt_ids_equal_qwen2_tokenizer_of_the_rendered_prompt():
     assert typed.count(151645) == 1  # the typed <|im_end|> is text; only the template's is the special id
 
 
+def test_check_activations_streams_every_qwen_layer(qwen_ckpt):
+    from ppllava_edge.model.activations import check_activations
+
+    rows = check_activations(qwen_ckpt, dtype="fp16")
+    names = [r.module for r in rows]
+    assert [n for n in names if n.startswith("vision_tower.vision_model.encoder.layers.")] == [f"vision_tower.vision_model.encoder.layers.{i}" for i in range(2)]
+    assert sum(n.startswith("multi_modal_projector.clip_text_model.encoder.layers.") for n in names) == 2
+    assert sum(n.startswith("language_model.model.layers.") for n in names) == 2
+    assert "multi_modal_projector.clip_visual_head" in names and all(r.finite for r in rows)
+
+
 # ---- generate --------------------------------------------------------------------------------------------------------
 def test_generate_on_qwen_tiny_equals_a_direct_qwen2_loop(qwen_ckpt, qwen_model):
     from transformers import Qwen2ForCausalLM
