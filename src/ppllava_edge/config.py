@@ -154,7 +154,7 @@ _QWEN2_DEFAULTS = {
     "use_sliding_window": False,
 }
 # LlavaOnevisionConfig defaults the Qwen release relies on when a key is absent
-_ONEVISION_DEFAULTS = {"image_token_index": 151646, "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "pad_token_id": 151643}
+_ONEVISION_DEFAULTS = {"image_token_index": 151646, "pad_token_id": 151643}
 
 CLIP_KEEP_LEN = 20  # positions < 20 use `position_embedding`, >= 20 `position_embedding_res` (§5)
 EXTENDED_CLIP_LEN = 248  # 4 * 77 - 3 * 20
@@ -554,6 +554,11 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         raise ConfigError(
             f"CLIP model config: vision hidden_size {clip_text.clip_vision_hidden_size} != the tower's "
             f"{vision.hidden_size}; clip_visual_ln is applied to the tower's features."
+        )
+    if family == QWEN_SIGLIP and clip_text.projection_dim != vision.hidden_size:
+        raise ConfigError(
+            f"SigLIP model config: the text head's width {clip_text.projection_dim} != the tower's hidden_size "
+            f"{vision.hidden_size}; the relevance compares the text head's output with the patch value head's."
         )
     default_points = default_pinpoints(vision.image_size) if family == VICUNA_CLIP else onevision_pinpoints(vision.image_size)
     template = raw.get("conversation_template") or (PLAIN_QWEN.to_dict() if family == QWEN_SIGLIP else None)

@@ -25,7 +25,7 @@ def check_num_frames(num_frames: int, max_frames: int) -> None:
     if num_frames < 2 or num_frames > max_frames:
         raise InputError(
             f"num_frames={num_frames} is out of range: a video needs 2 <= T <= {max_frames} frames "
-            f"(the BT-Adapter time table has {max_frames} rows; T=1 gives no pooled token).\n"
+            f"(the config's max_T, the BT-Adapter time table's rows in the Vicuna release; T=1 gives no pooled token).\n"
             "Hint: pass an even frame count such as 8, 16 or 32; single images take the image path."
         )
     if num_frames % 2:
