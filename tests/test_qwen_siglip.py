@@ -93,6 +93,22 @@ def test_siglip_vision_tower_matches_transformers(qwen_model):
     assert (got - want).abs().max().item() < 1e-5
 
 
+def test_qwen2_llm_equals_transformers_built_from_the_text_config(qwen_ckpt, qwen_model):
+    """The LLM built through config.py equals Qwen2ForCausalLM built by transformers from config.json's text_config
+    alone (names, GQA, q/k/v biases, rope theta): same tensors load strictly and give the same logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    text_config = json.loads((qwen_ckpt / "config.json").read_text())["text_config"]
+    hf = Qwen2ForCausalLM(Qwen2Config(**text_config)).eval()
+    hf.load_state_dict(qwen_model.language_model.state_dict())
+    assert hf.config.num_key_value_heads == 2 and hf.model.layers[0].self_attn.q_proj.bias is not None
+    assert hf.model.layers[0].self_attn.o_proj.bias is None
+    ids = torch.randint(0, 151643, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diff = (hf(input_ids=ids).logits - qwen_model.language_model(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5
+
+
 def _hf_text(cfg, length):
     from transformers import SiglipTextConfig, SiglipTextModel
 
