@@ -52,9 +52,11 @@ class ReferenceModel:
         self.relevance = RelevanceTokenizer(self.cfg, self.checkpoint)
 
     def tokenize(self, question: str) -> tuple[np.ndarray, np.ndarray]:
-        clip_ids, _ = self.relevance.encode(question)
-        input_ids = np.asarray(self.llama.prompt_ids(question), dtype=np.int64)
-        return clip_ids, input_ids
+        """(relevance ids, LLM prompt ids)."""
+        return self.relevance.encode(question)[0], self.prompt_ids(question)
+
+    def prompt_ids(self, question: str) -> np.ndarray:
+        return np.asarray(self.llama.prompt_ids(question), dtype=np.int64)
 
     @torch.no_grad()
     def answer_pixels(
@@ -62,8 +64,8 @@ class ReferenceModel:
     ) -> Answer:
         """Answer from preprocessed pixels: a video's frames, or an image's anyres tiles with its (H, W) `image_size`
         (a lone tile without `image_size` takes the single-tile branch)."""
-        clip_ids, input_ids = self.tokenize(question)
-        _, clip_mask = self.relevance.encode(question)
+        clip_ids, clip_mask = self.relevance.encode(question)
+        input_ids = self.prompt_ids(question)
         mask = None if clip_mask is None else torch.from_numpy(clip_mask)[None]
         out = self.model.visual_tokens(torch.from_numpy(pixel_values), torch.from_numpy(clip_ids)[None], image=image, image_size=image_size, clip_mask=mask)
         embeds = self.model.embed_prompt(torch.from_numpy(input_ids), out.visual_tokens)
