@@ -487,3 +487,140 @@ def test_siglip_fused_vision_graph_in_fp16(siglip, tmp_path):
         outs[dtype] = sess.run(None, {"pixel_values": px.astype(np_dtype)})
     assert all(o.dtype == np.float16 for o in outs["fp16"])
     assert all(cosine(a.astype(np.float32), b) > 0.999 for a, b in zip(outs["fp16"], outs["fp32"]))
+
+
+# ---- the family end to end: make-checkpoint qwen-tiny -> export -> ask / quantize / bench / serve -------------------
+QUESTIONS = ("What is happening in this video?", "Describe the colours, please!")
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpt(tmp_path_factory):
+    from ppllava_edge.model.make import make_checkpoint
+
+    return make_checkpoint("qwen-tiny", tmp_path_factory.mktemp("qwen") / "Q")
+
+
+@pytest.fixture(scope="module")
+def qwen_export(qwen_ckpt, tmp_path_factory):
+    from ppllava_edge.export.exporter import ExportOptions, export_checkpoint
+
+    out = tmp_path_factory.mktemp("qwen_e") / "E"
+    export_checkpoint(qwen_ckpt, out, ExportOptions(frames=(2, 4, 8), tensorrt=True))
+    return out
+
+
+def test_qwen_tiny_export_writes_and_validates_every_graph(qwen_export):
+    """`export` on a Qwen2 + SigLIP checkpoint: every graph validated against the PyTorch model (the SigLIP pools
+    against the projector's own pool), every initializer traced to the checkpoint, the SigLIP contract recorded."""
+    from ppllava_edge.manifest import load_manifest
+
+    m = load_manifest(qwen_export)
+    v = m.data["validation"]
+    assert v["passed"] and v["mode"] == "full" and m.data["weights_check"]["passed"]
+    checked = {c["graph"] for c in v["checks"]}
+    assert checked == {"vision", "vision_trt", "prompt_pool", "image_pool", "projector_head", "decoder", "decoder_trt"}
+    for g in ("prompt_pool", "image_pool"):
+        assert [i["name"] for i in m.graph(g)["inputs"]] == ["clip_ids", "clip_mask", "keys", "values"]
+        assert m.graph(g)["contract"] == "clip-ids-mask-v1"
+    assert m.data["tokenizers"] == {"llama": "llama_tokenizer.json", "siglip": "siglip_spiece.model"}
+    assert m.model["clip_text_length"] == 196 and m.data["family"] == "qwen-siglip"
+    vision = onnx.load(str(m.path("vision")), load_external_data=False).graph
+    assert any(n.op_type == "FastGelu" for n in vision.node) and not any(n.op_type == "QuickGelu" for n in vision.node)
+    assert m.graph("vision")["weights"]["map"]["multi_modal_projector.clip_visual_head.attention.in_proj_weight.v"][0] == "value_slice"
+
+
+def test_ask_gives_generates_ids_on_a_qwen_export(qwen_ckpt, qwen_export, sample_video, tmp_path):
+    """`ask E clip.mp4 "…"` == `generate Q clip.mp4 "…"`: the same SigLIP ids and mask, visual tokens and output ids,
+    for a video and an image; and the CLI prints the answer."""
+    from PIL import Image
+    from click.testing import CliRunner
+
+    from ppllava_edge.cli.main import cli
+    from ppllava_edge.media import make_test_photo
+    from ppllava_edge.model.generate import ReferenceModel
+    from ppllava_edge.runtime.generation import GenerationConfig
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    pipe, ref = Pipeline.from_export(qwen_export, provider="cpu"), ReferenceModel(qwen_ckpt)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(make_test_photo(200, 150)).save(photo)
+    for path, question in ((sample_video, QUESTIONS[0]), (sample_video, QUESTIONS[1]), (photo, "What is in the picture?")):
+        a = pipe.ask(path, question, num_frames=4, generation=GenerationConfig(max_new_tokens=10), keep_arrays=True)
+        r = ref.answer(path, question, num_frames=4, max_new_tokens=10)
+        assert list(a.ids) == list(r.output_ids) and len(set(a.ids)) > 1, (path.name, question)
+        assert np.array_equal(a.arrays["clip_ids"], r.arrays["clip_ids"]) and np.array_equal(a.arrays["clip_mask"], r.arrays["clip_mask"])
+        assert 0 < a.arrays["clip_mask"].sum() < 196  # a padded question: the mask is what the pool used
+        np.testing.assert_allclose(a.arrays["visual_tokens"], r.arrays["visual_tokens"], atol=1e-4 * np.abs(r.arrays["visual_tokens"]).max())
+    res = CliRunner().invoke(cli, ["ask", str(qwen_export), str(sample_video), QUESTIONS[0], "--frames", "4", "--max-new-tokens", "10", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads(res.stdout)["ids"] == list(ref.answer(sample_video, QUESTIONS[0], num_frames=4, max_new_tokens=10).output_ids)
+
+
+def test_calibrate_quantize_and_gate_a_qwen_export(qwen_export, tmp_path):
+    """calibrate stores SigLIP's clip_mask beside clip_ids and feeds it; `quantize` with the defaults (int8 vision
+    and pools, int8-weight decoder / decoder_trt, q|k|v bias kept) passes the accuracy gate; the result answers."""
+    import json
+
+    from ppllava_edge.calibration.collect import collect_calibration
+    from ppllava_edge.calibration.quantize import quantize_export
+    from ppllava_edge.calibration.readers import load_calibration
+    from ppllava_edge.media import write_test_video
+    from ppllava_edge.runtime.generation import GenerationConfig
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, (n, size) in enumerate([(24, (96, 64)), (30, (64, 64)), (20, (80, 64))]):
+        write_test_video(videos / f"clip{i}.mp4", num_frames=n, size=size)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"question": q}) for q in QUESTIONS) + "\n")
+    collect_calibration(qwen_export, videos, questions, tmp_path / "calib", frames=[2, 4], samples=6, decode_steps=2)
+    calib = load_calibration(tmp_path / "calib")
+    feed = calib.feed("prompt_pool", calib.records("prompt_pool", "all")[0])
+    assert set(feed) == {"clip_ids", "clip_mask", "keys", "values"} and 0 < feed["clip_mask"].sum() < 196
+    res = quantize_export(qwen_export, tmp_path / "calib", tmp_path / "Q8", prefill_positions=3, greedy_tokens=4, quality_tokens=4)
+    assert res.report.passed
+    m = json.loads((tmp_path / "Q8" / "export.json").read_text())
+    assert m["graphs"]["decoder"]["precision"] == "int8-weight" and m["graphs"]["prompt_pool"]["precision"] == "int8"
+    decoder = onnx.load(str(tmp_path / "Q8" / m["graphs"]["decoder"]["file"]), load_external_data=False).graph
+    producers = {o: n for n in decoder.node for o in n.output}
+    biases = [n for n in decoder.node if n.op_type == "Add" and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "MatMulNBits"]
+    assert len(biases) == m["model"]["num_layers"]  # each layer's q|k|v bias, after its quantized MatMul
+    a = Pipeline.from_export(tmp_path / "Q8", provider="cpu").ask(videos / "clip0.mp4", QUESTIONS[0], num_frames=4, generation=GenerationConfig(max_new_tokens=4))
+    assert len(a.ids) == 4
+
+
+def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, tmp_path):
+    """The bench times the ORT export and the PyTorch reference (SigLIP mask included) on a Qwen export; the server
+    answers a chat completion with `ask`'s text."""
+    import json
+
+    import shutil
+
+    import openai
+    from click.testing import CliRunner
+
+    from ppllava_edge.cli.main import cli
+    from ppllava_edge.runtime.generation import GenerationConfig
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    from .serving import running_server
+
+    report = tmp_path / "bench.json"
+    res = CliRunner().invoke(cli, ["bench", str(qwen_export), "--video", str(sample_video), "--frames", "4", "--iterations", "1", "--warmup", "0",
+                                   "--max-new-tokens", "4", "--questions", "1", "--backend", "ort,torch", "--no-hardware", "--json", str(report)])
+    assert res.exit_code == 0, res.output
+    runs = json.loads(report.read_text())
+    want = Pipeline.from_export(qwen_export, provider="cpu").ask(sample_video, QUESTIONS[0], num_frames=4, generation=GenerationConfig(max_new_tokens=6))
+    media = tmp_path / "media"
+    media.mkdir()
+    shutil.copyfile(sample_video, media / "clip.mp4")  # (a symlink out of the folder is refused)
+    with running_server(qwen_export, "--media-dir", str(media), "--frames", "4") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        msg = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}}, {"type": "text", "text": QUESTIONS[0]}]}]
+        r = c.chat.completions.create(model=qwen_export.name, messages=msg, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == want.text
+    assert sorted(v["backend"] for v in runs["variants"]) == ["ort", "torch"]
+    assert all(v["visual_tokens"] == 8 and v["new_tokens"] == 4 for v in runs["variants"])  # 4 frames: 2 pairs x (6/3)^2

@@ -73,10 +73,11 @@ class DecoderDims:
     qkv_bias: bool = False  # Qwen2's: q, k and v biases, none on o_proj
 
     @classmethod
-    def from_config(cls, t: LlamaTextConfig, qkv_bias: bool = False) -> DecoderDims:
+    def from_config(cls, t: LlamaTextConfig) -> DecoderDims:
+        """Qwen2's q/k/v biases without `attention_bias` (LLaMA's, which biases o_proj too: refused by the builder)."""
         return cls(
-            t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
-            t.intermediate_size, t.vocab_size, t.rms_norm_eps, t.tie_word_embeddings, t.attention_bias, t.mlp_bias, qkv_bias,
+            t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size,
+            t.vocab_size, t.rms_norm_eps, t.tie_word_embeddings, t.attention_bias, t.mlp_bias, t.qkv_bias and not t.attention_bias,
         )
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import QWEN_SIGLIP
 from ..external_data import ExternalData
 from .decoder_builder import WeightSource
 from .weights_check import WeightMap, apply_transform
@@ -93,14 +94,17 @@ class VisionDims:
 
     @classmethod
     def from_config(cls, cfg) -> VisionDims:
-        """From a PPLLaVAConfig."""
+        """From a PPLLaVAConfig: the CLIP tower (keys through clip_visual_projection) or, for the Qwen2 + SigLIP
+        family, the SigLIP tower (keys of the tower's width through the MAP head's value path, its LayerNorm eps)."""
         v, ct = cfg.vision, cfg.clip_text
         if cfg.projector_hidden_act != "gelu":
             raise NotImplementedError(f"vision builder: projector_hidden_act {cfg.projector_hidden_act!r}")
+        siglip = cfg.family == QWEN_SIGLIP
         return cls(
             v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size, v.patch_size,
             v.num_channels, v.hidden_act, v.layer_norm_eps, v.btadapter_depth, v.max_t, cfg.text.hidden_size,
-            ct.projection_dim, ct.layer_norm_eps,
+            v.hidden_size if siglip else ct.projection_dim, v.layer_norm_eps if siglip else ct.layer_norm_eps,
+            "siglip" if siglip else "clip",
         )
 
 

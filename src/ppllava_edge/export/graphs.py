@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+CLIP_SOT, CLIP_EOT = 49406, 49407  # CLIP's <|startoftext|> / <|endoftext|>
+
+from ..config import QWEN_SIGLIP
 from ..model.clip import l2_normalize
 from ..model.pooling import pool_windows, relevance
 from ..model.ppllava import PPLLaVAForConditionalGeneration
@@ -83,6 +86,37 @@ class SiglipPoolGraph(nn.Module):
         query = l2_normalize(self.text_model(clip_ids, clip_mask, *table))
         g = relevance(keys, query, self.logit_scale, values.shape[0], self.grid)
         return self.linear_2(pool_windows(values, g, self.kernel, self.temperature)), g
+
+
+SIGLIP_EOS = 1  # `</s>`, SigLIP's EOS and pad id (the authors' SiglipTokenizer call pads with it)
+
+
+def pool_graph(model: PPLLaVAForConditionalGeneration, image: bool = False) -> nn.Module:
+    """prompt_pool (image=False) / image_pool of the checkpoint's family: PromptPoolGraph (CLIP; inputs clip_ids,
+    keys, values) or SiglipPoolGraph over the SigLIP projector's parts (clip_ids, clip_mask, keys, values)."""
+    if model.cfg.family != QWEN_SIGLIP:
+        return PromptPoolGraph(model, image=image)
+    cfg, proj = model.cfg, model.multi_modal_projector
+    table = proj.clip_text_model.embeddings.position_table()
+    kernel = cfg.image_pooling_kernel if image else cfg.pooling_kernel
+    return SiglipPoolGraph(proj.clip_text_model, proj.linear_2, proj.logit_scale, cfg.frame_shape, kernel, cfg.pooling_temp, table)
+
+
+def example_query(cfg, words: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+    """The pools' question inputs for `words` (token ids of the relevance tokenizer, without specials), laid out as
+    the family's tokenizer does: CLIP `<|startoftext|>` words `<|endoftext|>`, padded with EOT to the context;
+    SigLIP words `</s>`, padded with `</s>`, and the attention mask (1 up to and with `</s>`)."""
+    ctx, words = cfg.clip_text.context_length, torch.as_tensor(words, dtype=torch.int64)
+    if cfg.family != QWEN_SIGLIP:
+        ids = torch.full((1, ctx), CLIP_EOT, dtype=torch.int64)
+        ids[0, 0] = CLIP_SOT
+        ids[0, 1 : 1 + len(words)] = words
+        return {"clip_ids": ids}
+    ids = torch.full((1, ctx), SIGLIP_EOS, dtype=torch.int64)
+    ids[0, : len(words)] = words
+    mask = torch.zeros((1, ctx), dtype=torch.int64)
+    mask[0, : len(words) + 1] = 1
+    return {"clip_ids": ids, "clip_mask": mask}
 
 
 class ProjectorHeadGraph(nn.Module):

@@ -30,7 +30,7 @@ from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
 from ..integrity import check_files
 from ..manifest import ExportManifest, graph_files, load_manifest
 from ..media import input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
-from ..tokenization import ClipTokenizer
+from ..tokenization import ClipTokenizer, SiglipTextTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
@@ -271,7 +271,9 @@ class Pipeline:
         self.embed_table = _load_table(manifest.path("embeddings"), mmap=True)
         self.llama = manifest.llama_tokenizer()  # the export's conversation template
         self.eos_token_id = manifest.eos_token_id
-        self.clip = ClipTokenizer.from_file(manifest.path("clip"))
+        # the pools' text tower: SigLIP's sentencepiece model (Qwen2 + SigLIP exports) or CLIP's BPE
+        siglip = "siglip" in manifest.data["tokenizers"]
+        self.clip = SiglipTextTokenizer.from_file(manifest.path("siglip")) if siglip else ClipTokenizer.from_file(manifest.path("clip"))
         # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
         self.max_decoders = 1 if self.trt is not None else max_decoders
         self._pool = threading.Condition()
@@ -491,7 +493,10 @@ class Pipeline:
     def relevance_query(self, question: str) -> tuple[np.ndarray, np.ndarray | None]:
         """The question for the pool graph's text tower: its ids [L] and, for a SigLIP pool, the padding mask [L]
         (None for CLIP's causal tower)."""
-        return self.clip.encode(question, self.manifest.model["clip_text_length"]), None
+        length = self.manifest.model["clip_text_length"]
+        if isinstance(self.clip, SiglipTextTokenizer):
+            return self.clip.encode(question, length)
+        return self.clip.encode(question, length), None
 
     def ask(
         self,
