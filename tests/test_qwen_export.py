@@ -629,33 +629,21 @@ def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, tmp_path):
 def test_triton_bls_stages_on_a_qwen_export(qwen_export, sample_video, tmp_path):
     """Triton's GPU layout (vision and the pools as their own models, called by BLS; here on CPU stand-ins for the
     onnxruntime backend): the pools' config takes clip_mask [1,196] INT64, and the streamed answer is `ask`'s."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     from ppllava_edge.runtime.generation import GenerationConfig
     from ppllava_edge.runtime.pipeline import Pipeline
     from ppllava_edge.triton.client import ask_triton
     from ppllava_edge.triton.repository import RepositoryOptions, write_repository
     from ppllava_edge.triton.server import TritonServer
 
-    from .test_triton import ORT_STANDIN, dtype_name, free_ports, metric, metrics_when, http_get, need_triton, parse_config
+    from .test_triton import dtype_name, free_ports, http_get, metric, metrics_when, need_triton, parse_config, use_cpu_standins
 
     need_triton()
     repo = write_repository(qwen_export, tmp_path / "repo", RepositoryOptions(kind="gpu", max_tokens=6))
-    for cfg_path in repo.glob("*/config.pbtxt"):
-        cfg = parse_config(cfg_path)
-        if cfg.name in ("prompt_pool", "image_pool"):
-            assert [(i.name, dtype_name(i.data_type), list(i.dims)) for i in cfg.input][:2] == [
-                ("clip_ids", "TYPE_INT64", [1, 196]), ("clip_mask", "TYPE_INT64", [1, 196])]
-        for g in cfg.instance_group:
-            g.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-        if cfg.name == "ppllava":
-            cfg.parameters["provider"].string_value = "cpu"
-        else:  # the stand-in instead of the onnxruntime backend
-            cfg.backend, cfg.default_model_filename = "python", "model.py"
-            cfg.ClearField("optimization")
-            (cfg_path.parent / "1" / "model.py").write_text(ORT_STANDIN)
-        cfg_path.write_text(text_format.MessageToString(cfg))
+    for pool in ("prompt_pool", "image_pool"):
+        cfg = parse_config(repo / pool / "config.pbtxt")
+        assert [(i.name, dtype_name(i.data_type), list(i.dims)) for i in cfg.input][:2] == [
+            ("clip_ids", "TYPE_INT64", [1, 196]), ("clip_mask", "TYPE_INT64", [1, 196])]
+    use_cpu_standins(repo)
     want = Pipeline.from_export(qwen_export, provider="cpu").ask(sample_video, QUESTIONS[1], num_frames=8, generation=GenerationConfig(max_new_tokens=6))
     ports = free_ports()
     with open(tmp_path / "server.log", "w") as log, TritonServer(repo, *ports, log=log) as server:
