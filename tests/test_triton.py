@@ -262,9 +262,9 @@ def fabricated_engines(tiny_export: Path, folder: Path) -> Path:
     from ppllava_edge.engine.metadata import engine_entry, export_fingerprint, new_metadata, write_metadata
     from ppllava_edge.engine.profiles import resolve_limits
 
-    data = load_manifest(tiny_export).data
-    meta = new_metadata(trt_version="10.16.1.11", gpu={"name": "NVIDIA L4", "sm": 89}, export=export_fingerprint(tiny_export, data),
-                        limits=resolve_limits(data).as_dict(), options={})
+    manifest = load_manifest(tiny_export)
+    meta = new_metadata(trt_version="10.16.1.11", gpu={"name": "NVIDIA L4", "sm": 89}, export=export_fingerprint(manifest),
+                        limits=resolve_limits(manifest).as_dict(), options={})
     folder.mkdir()
     for stage in ("vision", "prompt_pool", "image_pool", "decoder"):
         name = f"{stage}.trt10.16.1.sm89.engine"
