@@ -269,7 +269,7 @@ def fabricated_engines(tiny_export: Path, folder: Path) -> Path:
     for stage in ("vision", "prompt_pool", "image_pool", "decoder"):
         name = f"{stage}.trt10.16.1.sm89.engine"
         (folder / name).write_bytes(b"not a real engine: " + stage.encode())
-        graph = data["backends"]["trt"][stage] if "trt" in data.get("backends", {}) else stage
+        graph = manifest.graph_for(stage, "trt")
         meta["engines"][stage] = engine_entry(file=name, graph=graph, onnx=f"{graph}.onnx", onnx_sha256={}, precision="fp16", strongly_typed=False,
                                               profiles=[], device="gpu", size_bytes=1, build_seconds=0.0, trtexec="")
     write_metadata(folder, meta)
