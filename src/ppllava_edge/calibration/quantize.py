@@ -64,7 +64,9 @@ def quantize_export(export_dir: str | Path, calib_dir: str | Path, out: str | Pa
         AccuracyError: the gate failed (the report is `exc.report`) and `options.accept_degraded` is False.
     """
     t_start = time.perf_counter()
-    options = replace(options or QuantizeOptions(), **overrides)
+    options = options or QuantizeOptions()
+    if overrides:
+        options = replace(options, **overrides)
     stage = on_stage or (lambda s: None)
     manifest = load_manifest(export_dir)
     _check_source(manifest, options, export_dir)
