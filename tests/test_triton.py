@@ -262,14 +262,14 @@ def fabricated_engines(tiny_export: Path, folder: Path) -> Path:
     from ppllava_edge.engine.metadata import engine_entry, export_fingerprint, new_metadata, write_metadata
     from ppllava_edge.engine.profiles import resolve_limits
 
-    data = load_manifest(tiny_export).data
-    meta = new_metadata(trt_version="10.16.1.11", gpu={"name": "NVIDIA L4", "sm": 89}, export=export_fingerprint(tiny_export, data),
-                        limits=resolve_limits(data).as_dict(), options={})
+    manifest = load_manifest(tiny_export)
+    meta = new_metadata(trt_version="10.16.1.11", gpu={"name": "NVIDIA L4", "sm": 89}, export=export_fingerprint(manifest),
+                        limits=resolve_limits(manifest).as_dict(), options={})
     folder.mkdir()
     for stage in ("vision", "prompt_pool", "image_pool", "decoder"):
         name = f"{stage}.trt10.16.1.sm89.engine"
         (folder / name).write_bytes(b"not a real engine: " + stage.encode())
-        graph = data["backends"]["trt"][stage] if "trt" in data.get("backends", {}) else stage
+        graph = manifest.graph_for(stage, "trt")
         meta["engines"][stage] = engine_entry(file=name, graph=graph, onnx=f"{graph}.onnx", onnx_sha256={}, precision="fp16", strongly_typed=False,
                                               profiles=[], device="gpu", size_bytes=1, build_seconds=0.0, trtexec="")
     write_metadata(folder, meta)

@@ -24,8 +24,8 @@ import torch
 from .. import __version__
 from ..atomic import AtomicDir, save_npy
 from ..errors import AccuracyError, ExportError, InputError
-from ..integrity import WEIGHTS_KEY, file_digests
-from ..manifest import MANIFEST_NAME, STAGES
+from ..integrity import file_digests
+from ..manifest import MANIFEST_NAME, STAGES, WEIGHTS_KEY
 from ..external_data import share_initializers
 from ..memory import StepRecorder
 from ..model.checkpoint import CheckpointReader, build_skeleton, checkpoint_hash, load_weights, release_weights

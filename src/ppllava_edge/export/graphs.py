@@ -21,6 +21,7 @@ CLIP_SOT, CLIP_EOT = 49406, 49407  # CLIP's <|startoftext|> / <|endoftext|>
 from ..config import QWEN_SIGLIP
 from ..model.clip import l2_normalize
 from ..model.pooling import pool_windows, relevance
+from ..runtime.stages import pool_query
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 
 
@@ -111,12 +112,12 @@ def example_query(cfg, words: list[int] | torch.Tensor) -> dict[str, torch.Tenso
         ids = torch.full((1, ctx), CLIP_EOT, dtype=torch.int64)
         ids[0, 0] = CLIP_SOT
         ids[0, 1 : 1 + len(words)] = words
-        return {"clip_ids": ids}
+        return pool_query(ids)
     ids = torch.full((1, ctx), SIGLIP_EOS, dtype=torch.int64)
     ids[0, : len(words)] = words
     mask = torch.zeros((1, ctx), dtype=torch.int64)
     mask[0, : len(words) + 1] = 1
-    return {"clip_ids": ids, "clip_mask": mask}
+    return pool_query(ids, mask)
 
 
 class ProjectorHeadGraph(nn.Module):
