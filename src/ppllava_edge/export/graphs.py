@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CLIP_SOT, CLIP_EOT = 49406, 49407  # CLIP's <|startoftext|> / <|endoftext|>
-
 from ..config import QWEN_SIGLIP
 from ..model.clip import l2_normalize
 from ..model.pooling import pool_windows, relevance
-from ..runtime.stages import pool_query
 from ..model.ppllava import PPLLaVAForConditionalGeneration
+from ..runtime.stages import pool_query
+
+CLIP_SOT, CLIP_EOT = 49406, 49407  # CLIP's <|startoftext|> / <|endoftext|>
 
 
 class VisionGraph(nn.Module):
