@@ -617,15 +617,13 @@ class TritonPythonModel:
 '''
 
 
-def test_gpu_layout_bls_requests_on_a_cpu_stand_in(tiny_export, sample_video, expected, tmp_path):
-    need_triton()
+def use_cpu_standins(repo: Path) -> Path:
+    """A GPU-layout repository made to run on this CPU host: every instance group on the CPU, the main model on the
+    cpu provider, and each stage model (onnxruntime backend) replaced by ORT_STANDIN (a Python model running its
+    model.onnx with ONNX Runtime)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from ppllava_edge.triton.client import ask_triton
-    from ppllava_edge.triton.server import TritonServer
-
-    repo = write_repository(tiny_export, tmp_path / "repo", RepositoryOptions(kind="gpu", max_tokens=MAX_TOKENS))
     for cfg_path in repo.glob("*/config.pbtxt"):
         cfg = parse_config(cfg_path)
         for g in cfg.instance_group:
@@ -637,6 +635,15 @@ def test_gpu_layout_bls_requests_on_a_cpu_stand_in(tiny_export, sample_video, ex
             cfg.ClearField("optimization")
             (cfg_path.parent / "1" / "model.py").write_text(ORT_STANDIN)
         cfg_path.write_text(text_format.MessageToString(cfg))
+    return repo
+
+
+def test_gpu_layout_bls_requests_on_a_cpu_stand_in(tiny_export, sample_video, expected, tmp_path):
+    need_triton()
+    from ppllava_edge.triton.client import ask_triton
+    from ppllava_edge.triton.server import TritonServer
+
+    repo = use_cpu_standins(write_repository(tiny_export, tmp_path / "repo", RepositoryOptions(kind="gpu", max_tokens=MAX_TOKENS)))
     ports = free_ports()
     with open(tmp_path / "server.log", "w") as log, TritonServer(repo, *ports, log=log) as server:
         for q in QUESTIONS[:2]:

@@ -14,7 +14,7 @@ a video with no question at all is an error.
 What is stored in CALIB (numpy only, no torch; `readers.py` turns it into ONNX Runtime data readers):
 
 - ``vision/NNNN.npz``: ``pixel_values [T,3,S,S]``, one per video (T cycles through ``frames``);
-- ``prompt_pool/NNNN.npz``: ``clip_ids [1,248]``, ``keys``, ``values`` (from the fp32 vision graph), one per
+- ``prompt_pool/NNNN.npz``: ``clip_ids [1,248]`` (and ``clip_mask [1,196]`` for a SigLIP export), ``keys``, ``values`` (from the fp32 vision graph), one per
   (video, question) pair;
 - ``image_pool/NNNN.npz``: the same for the video's first frame run as a single image;
 - ``decoder/NNNN.npz``: ``inputs_embeds [1,L,D]`` (the real prompt: text embeddings with the pooled visual tokens
@@ -425,10 +425,10 @@ def _write_feeds(tmp: Path, pipe, feats: dict[Path, ClipFeatures], pairs: list[t
     for s, (path, q) in enumerate(pairs):
         f, sp, vid = feats[path], split(path, s), video_ids[path]
         common = {"source": s, "video": vid, "split": sp}
-        input_ids, clip_ids, embeds = _prompt(pipe, q.question, f)
-        np.savez(tmp / f"prompt_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f.keys, values=f.values)
+        input_ids, query, embeds = _prompt(pipe, q.question, f)
+        np.savez(tmp / f"prompt_pool/{s:04d}.npz", **query, keys=f.keys, values=f.values)
         records["prompt_pool"].append({"file": f"prompt_pool/{s:04d}.npz", **common, "frames": f.frames})
-        np.savez(tmp / f"image_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f.image_keys, values=f.image_values)
+        np.savez(tmp / f"image_pool/{s:04d}.npz", **query, keys=f.image_keys, values=f.image_values)
         records["image_pool"].append({"file": f"image_pool/{s:04d}.npz", **common, "frames": 1})
         L = int(embeds.shape[1])
         steps = min(decode_steps, pipe.manifest.model["max_position_embeddings"] - L)
@@ -446,15 +446,16 @@ def _write_feeds(tmp: Path, pipe, feats: dict[Path, ClipFeatures], pairs: list[t
     return records, sources
 
 
-def _prompt(pipe, question: str, f: ClipFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, clip_ids [1, 248], inputs_embeds [1, L, D]): the real prompt, the clip's pooled visual tokens
-    spliced in at the image token."""
-    from ..runtime.stages import pool
+def _prompt(pipe, question: str, f: ClipFeatures) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(input_ids, the pools' question inputs {clip_ids [1, L] (, clip_mask [1, L]: SigLIP)}, inputs_embeds [1, L, D]):
+    the real prompt, the clip's pooled visual tokens spliced in at the image token."""
+    from ..runtime.stages import pool, pool_query
 
     input_ids = np.asarray(pipe.llama.prompt_ids(question), dtype=np.int64)
-    clip_ids = pipe.clip.encode(question, pipe.manifest.model["clip_text_length"])[None].astype(np.int64)
-    tokens, _ = pool(pipe.sessions["prompt_pool"], clip_ids, f.keys, f.values)
-    return input_ids, clip_ids, pipe.embed_prompt(input_ids, tokens)[None]
+    ids, mask = pipe.relevance_query(question)
+    ids, mask = ids[None].astype(np.int64), None if mask is None else mask[None].astype(np.int64)
+    tokens, _ = pool(pipe.sessions["prompt_pool"], ids, f.keys, f.values, mask)
+    return input_ids, pool_query(ids, mask), pipe.embed_prompt(input_ids, tokens)[None]
 
 
 def _greedy_steps(pipe, embeds: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray], dict[str, np.ndarray]]:

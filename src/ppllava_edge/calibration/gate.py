@@ -208,12 +208,12 @@ def _pipeline_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int
     cos, prefix, exact = [], [], 0
     prefills = [r for r in calib.eval_records("decoder") if r["kind"] == "prefill"]
     for r in prefills:
-        clip_ids = calib.load(pool_by_source[r["source"]])["clip_ids"]
+        query = calib.load(pool_by_source[r["source"]])
         input_ids = calib.load(r)["input_ids"]
         vts, ids = [], []
         for pipe in (ref, qs):
             values, keys = vision(pipe, r["video"])
-            vt, _ = pool(pipe.sessions["prompt_pool"], clip_ids, keys, values)
+            vt, _ = pool(pipe.sessions["prompt_pool"], query["clip_ids"], keys, values, query.get("clip_mask"))
             vts.append(vt)
             ids.append(list(generate(pipe.decoder, pipe.embed, pipe.embed_prompt(input_ids, vt), cfg).ids))
         cos.append(_cosine(*vts))

@@ -23,7 +23,7 @@ from ..runtime.decoder import adapt_feed
 from ..runtime.stages import decoder_feed, vision_feed
 from .collect import GRAPHS, INDEX_FORMAT, INDEX_NAME
 
-_POOL_INPUTS = ("clip_ids", "keys", "values")
+_POOL_INPUTS = ("clip_ids", "clip_mask", "keys", "values")  # clip_mask: SigLIP exports only
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class CalibrationSet:
         if graph == "vision":
             return vision_feed(a["pixel_values"])
         if graph in ("prompt_pool", "image_pool"):
-            return {k: a[k] for k in _POOL_INPUTS}
+            return {k: a[k] for k in _POOL_INPUTS if k in a}
         past = [a[k] for k in sorted((k for k in a if k.startswith("past.")), key=_past_order)]
         if record["kind"] == "prefill":  # the stored past is the prefill's output: the feed's cache is empty
             return decoder_feed(a["inputs_embeds"], [np.zeros((*p.shape[:2], 0, p.shape[3]), p.dtype) for p in past])

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import QWEN_SIGLIP
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..runtime.decoder import kv_names
 from ..runtime.stages import decoder_feed, empty_past, encode, pool, project
-from .graphs import DecoderGraph, PromptPoolGraph, VisionGraph
+from .graphs import DecoderGraph, VisionGraph, example_query, pool_graph
 
 
 @dataclass
@@ -124,6 +125,20 @@ def _recorder(checks: list[Check], thresholds: dict):
     return record
 
 
+def _reference_pool(model: PPLLaVAForConditionalGeneration, image: bool = False):
+    """The PyTorch side of a pool check, (query inputs..., keys, values) -> (tokens, relevance): the traced module
+    (PromptPoolGraph: the projector's own pool) for CLIP; for SigLIP the projector's own `pool` (logit_bias included)
+    rather than the SiglipPoolGraph that was traced, so the check covers how that graph re-assembles it."""
+    if model.cfg.family != QWEN_SIGLIP:
+        return pool_graph(model, image=image)
+
+    def run(clip_ids, clip_mask, keys, values):
+        g, tokens = model.multi_modal_projector.pool(keys, values, clip_ids, image=image, clip_mask=clip_mask)
+        return tokens, g
+
+    return run
+
+
 def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, manifest: dict, record) -> None:
     cfg = model.cfg
     np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
@@ -135,13 +150,15 @@ def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, man
     image_pool = _session(folder / "image_pool.onnx")
     vision_trt = _session(folder / manifest["graphs"]["vision_trt"]["file"]) if "vision_trt" in manifest["graphs"] else None
     fmin, _, fmax = manifest["frames"]["min"], None, manifest["frames"]["max"]
-    ctx = cfg.clip_text.context_length
-    short = torch.full((1, ctx), 49407, dtype=torch.int64)
-    short[0, :7] = torch.tensor([49406, 768, 533, 4284, 530, 518, 1455])
-    long = torch.full((1, ctx), 49407, dtype=torch.int64)
-    long[0, 0] = 49406
-    long[0, 1:61] = torch.randint(300, 40000, (60,), generator=gen)
-    vg, pg = VisionGraph(model), PromptPoolGraph(model)
+    vocab = cfg.clip_text.vocab_size
+    short = example_query(cfg, torch.tensor([768, 533, 4284, 530, 518, 1455]) % vocab)  # (a padded SigLIP question: the mask matters)
+    long = example_query(cfg, torch.randint(300, min(40000, vocab), (60,), generator=gen))
+
+    def run_pool(session, query: dict, keys: torch.Tensor, values: torch.Tensor):
+        mask = query.get("clip_mask")
+        return pool(session, query["clip_ids"].numpy(), keys.numpy().astype(np_dtype), values.numpy().astype(np_dtype), None if mask is None else mask.numpy())
+
+    vg, pg = VisionGraph(model), _reference_pool(model)
     with torch.no_grad():
         for T in _pick_frames(max(fmin, 2), fmax):
             px = torch.randn(T, 3, size, size, generator=gen)
@@ -152,12 +169,12 @@ def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, man
             if vision_trt is not None:  # the traced standard-ops graph TensorRT builds (export --tensorrt)
                 for name, ref, got in zip(("values", "keys"), (ref_values, ref_keys), encode(vision_trt, px.numpy().astype(np_dtype))):
                     record("vision_trt", f"T={T}", name, ref.numpy(), got)
-            for qname, ids in (("short q", short), ("long q", long)):
-                ref_tokens, ref_g = pg(ids, ref_keys, ref_values)
-                tokens, g = pool(prompt_pool, ids.numpy(), ref_keys.numpy().astype(np_dtype), ref_values.numpy().astype(np_dtype))
+            for qname, query in (("short q", short), ("long q", long)):
+                ref_tokens, ref_g = pg(*query.values(), ref_keys, ref_values)
+                tokens, g = run_pool(prompt_pool, query, ref_keys, ref_values)
                 record("prompt_pool", f"T={T} {qname}", "visual_tokens", ref_tokens.numpy(), tokens)
                 record("prompt_pool", f"T={T} {qname}", "relevance", ref_g.numpy(), g)
-        ipg = PromptPoolGraph(model, image=True)
+        ipg = _reference_pool(model, image=True)
         for tiles in (1, 3, 5):  # an image's anyres tiles, each through the vision graph with T = 1 (traced with 4)
             px = torch.randn(tiles, 3, size, size, generator=gen)
             outs = [vg(px[i : i + 1]) for i in range(tiles)]
@@ -166,8 +183,8 @@ def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, man
                 values, keys = encode(vision, px.numpy().astype(np_dtype))
                 record("vision", "T=1 (image tile)", "values", ref_values.numpy(), values)
                 record("vision", "T=1 (image tile)", "keys", ref_keys.numpy(), keys)
-            ref_tokens, ref_g = ipg(short, ref_keys, ref_values)
-            tokens, g = pool(image_pool, short.numpy(), ref_keys.numpy().astype(np_dtype), ref_values.numpy().astype(np_dtype))
+            ref_tokens, ref_g = ipg(*short.values(), ref_keys, ref_values)
+            tokens, g = run_pool(image_pool, short, ref_keys, ref_values)
             record("image_pool", f"{tiles} tiles", "visual_tokens", ref_tokens.numpy(), tokens)
             record("image_pool", f"{tiles} tiles", "relevance", ref_g.numpy(), g)
         head = _session(folder / "projector_head.onnx")
@@ -216,7 +233,7 @@ def _ort_decoder_outputs(session, cases, layers: int, kv: int, hd: int, max_len:
 def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, cases, ort_out: list[dict], record) -> None:
     """Phase 2: the same cases through the PyTorch reference (its own past each step), compared with phase 1."""
     t = model.cfg.text
-    dg = DecoderGraph(model)
+    dg = DecoderGraph(model.language_model)
     names = kv_names(t.num_hidden_layers)[0]
     for (case, emb, L), got in zip(cases, ort_out):
         e = torch.from_numpy(emb)

@@ -2,7 +2,7 @@
 
     frames = read_frames(path, num_frames, image_size)         # decode_video + preprocess -> pixel_values
     values, keys = encode(sessions["vision"], frames.pixel_values)     # vision
-    tokens, relevance = pool(sessions["prompt_pool"], clip_ids, keys, values)   # pool -> visual_tokens, relevance
+    tokens, relevance = pool(sessions["prompt_pool"], clip_ids, keys, values, clip_mask)   # pool -> visual_tokens, relevance
     embeds = splice(embed_table, input_ids, tokens, image_token_id, dtype)      # the prompt with the visual tokens
     out = generate(decoder, embed, embeds, config)              # prefill + decode steps -> output_ids
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InferenceError, InputError
 from .decoder import adapt_feed, kv_names
 from .generation import generate  # noqa: F401  (the last stage: prefill + decode steps, see generation.py)
 
@@ -90,10 +90,33 @@ def encode_tiles(session, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
-def pool(session, clip_ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """prompt_pool / image_pool: the question's CLIP ids ([L] or [1, L]) against the clip's keys and values ->
-    (visual_tokens, relevance)."""
-    tokens, relevance = session.run(None, {"clip_ids": np.atleast_2d(clip_ids), "keys": keys, "values": values})
+CLIP_MASK = "clip_mask"
+"""The pools' padding-mask input: graphs of the Qwen2 + SigLIP family take it (SigLIP's text attention is
+bidirectional), CLIP's causal ones do not; a session's declared inputs say which."""
+
+
+def takes_clip_mask(session) -> bool:
+    """Whether a pool graph (an ORT session, or a runner without `get_inputs`: assumed not) has a clip_mask input."""
+    get_inputs = getattr(session, "get_inputs", None)
+    return get_inputs is not None and any(i.name == CLIP_MASK for i in get_inputs())
+
+
+def pool_query(clip_ids, clip_mask=None) -> dict:
+    """The pools' question inputs by name (numpy or torch arrays): clip_ids, and clip_mask for a SigLIP pool (CLIP's
+    takes none) - what calibration stores beside keys and values and what the exporter traces the pools with."""
+    return {"clip_ids": clip_ids} if clip_mask is None else {"clip_ids": clip_ids, CLIP_MASK: clip_mask}
+
+
+def pool(session, clip_ids: np.ndarray, keys: np.ndarray, values: np.ndarray, clip_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """prompt_pool / image_pool: the question's relevance-tokenizer ids ([L] or [1, L]; and its padding mask for a
+    SigLIP pool) against the clip's keys and values -> (visual_tokens, relevance). The mask is fed when given (a
+    graph without the input is then refused by ONNX Runtime, naming it); a SigLIP pool run without one is refused here."""
+    feed = {"clip_ids": np.atleast_2d(clip_ids), "keys": keys, "values": values}
+    if clip_mask is not None:
+        feed[CLIP_MASK] = np.atleast_2d(np.asarray(clip_mask, dtype=np.int64))
+    elif takes_clip_mask(session):
+        raise InferenceError("pool: this export's pool graph takes the question's clip_mask (SigLIP's padding mask) and none was given")
+    tokens, relevance = session.run(None, feed)
     return tokens, relevance
 
 
