@@ -170,6 +170,14 @@ class ExportManifest:
 
         return LlamaPromptTokenizer.from_file(self.path("llama"), image_token_id=self.image_token_id, template=self.conversation)
 
+    def relevance_tokenizer(self):
+        """The pools' text-tower tokenizer: SigLIP's sentencepiece model (Qwen2 + SigLIP exports) or CLIP's BPE."""
+        from .tokenization import ClipTokenizer, SiglipTextTokenizer
+
+        if "siglip" in self.data["tokenizers"]:
+            return SiglipTextTokenizer.from_file(self.path("siglip"))
+        return ClipTokenizer.from_file(self.path("clip"))
+
     @property
     def llm_note(self) -> str | None:
         """'real LLM <name>, untrained vision weights' when the checkpoint's LLM is a trained model (make-checkpoint --llm)."""
