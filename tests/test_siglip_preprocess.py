@@ -112,3 +112,32 @@ def test_spec_named():
     assert spec_named(None) is CLIP and spec_named("siglip") is SIGLIP
     with pytest.raises(ConfigError, match="unknown preprocessing 'lanczos'"):
         spec_named("lanczos")
+
+
+@pytest.fixture(scope="module")
+def qwen_tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    from ppllava_edge.model.make import make_checkpoint
+
+    return make_checkpoint("qwen-tiny", tmp_path_factory.mktemp("qwen") / "Q")
+
+
+def test_generate_on_qwen_feeds_siglip_pixels(qwen_tiny, tmp_path):
+    """The PyTorch reference on a Qwen checkpoint: a 128x96 video's frames and a 200x150 photo's tiles are the SigLIP
+    spec's (padded, 0.5/0.5), not the CLIP squash; the config names the spec."""
+    from ppllava_edge.config import load_config
+    from ppllava_edge.media import load_video, make_test_photo, write_test_video
+    from ppllava_edge.model.generate import ReferenceModel
+
+    cfg = load_config(qwen_tiny)
+    assert cfg.preprocess is SIGLIP
+    ref = ReferenceModel(qwen_tiny)
+    video = write_test_video(tmp_path / "clip.mp4", num_frames=12)
+    got = ref.answer(video, "What is shown?", num_frames=4, max_new_tokens=1).arrays["pixel_values"]
+    want = preprocess_frames(load_video(video, 4).frames, cfg.vision.image_size, SIGLIP)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got[:, :, :5] == -1.0)  # 4:3 frames fitted into the square tile: black rows above
+    photo = tmp_path / "photo.png"
+    Image.fromarray(make_test_photo(200, 150)).save(photo)
+    got = ref.answer(photo, "What is shown?", max_new_tokens=1).arrays["pixel_values"]
+    np.testing.assert_array_equal(got, load_image_tiles(photo, cfg.vision.image_size, cfg.image_grid_pinpoints, spec=SIGLIP).pixel_values)
