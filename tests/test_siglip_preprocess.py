@@ -141,3 +141,33 @@ def test_generate_on_qwen_feeds_siglip_pixels(qwen_tiny, tmp_path):
     Image.fromarray(make_test_photo(200, 150)).save(photo)
     got = ref.answer(photo, "What is shown?", max_new_tokens=1).arrays["pixel_values"]
     np.testing.assert_array_equal(got, load_image_tiles(photo, cfg.vision.image_size, cfg.image_grid_pinpoints, spec=SIGLIP).pixel_values)
+
+
+def test_export_records_the_spec_and_old_exports_read_as_clip(qwen_tiny, tmp_path):
+    """export.json `image.preprocess` names the family's spec; the manifest reads it back (CLIP when absent)."""
+    from ppllava_edge.config import load_config
+    from ppllava_edge.export.exporter import ExportOptions, image_manifest
+    from ppllava_edge.manifest import ExportManifest
+
+    rules = image_manifest(load_config(qwen_tiny), ExportOptions())
+    assert rules["preprocess"]["name"] == "siglip" and rules["mean"] == [0.5, 0.5, 0.5]
+    assert ExportManifest(tmp_path, {"image": rules}).preprocess is SIGLIP
+    assert ExportManifest(tmp_path, {"image": {"tile_size": 84}}).preprocess is CLIP  # before specs were recorded
+    assert ExportManifest(tmp_path, {}).preprocess is CLIP  # before image tiles
+    with pytest.raises(ConfigError, match="export.json image.preprocess: unknown preprocessing 'x'"):
+        ExportManifest(tmp_path, {"image": {"preprocess": {"name": "x"}}}).preprocess
+
+
+def test_runtime_stages_take_the_spec(tmp_path):
+    """`read_frames` / `read_image_tiles` (ask, serve, Triton, bench, calibration) preprocess with the spec passed."""
+    from ppllava_edge.media import load_video, write_test_video
+    from ppllava_edge.runtime.stages import read_frames, read_image_tiles
+
+    video = write_test_video(tmp_path / "clip.mp4", num_frames=8)
+    frames = load_video(video, 2).frames
+    np.testing.assert_array_equal(read_frames(video, 2, S, SIGLIP).pixel_values, preprocess_frames(frames, S, SIGLIP))
+    np.testing.assert_array_equal(read_frames(video, 2, S).pixel_values, preprocess_frames(frames, S, CLIP))
+    photo = tmp_path / "p.png"
+    Image.fromarray(picture(70, 130)).save(photo)
+    pins = onevision_pinpoints(S)
+    np.testing.assert_array_equal(read_image_tiles(photo, S, pins, SIGLIP).pixel_values, load_image_tiles(photo, S, pins, spec=SIGLIP).pixel_values)

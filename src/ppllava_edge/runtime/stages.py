@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..media.spec import CLIP, PreprocessSpec
 from .generation import generate  # noqa: F401  (the last stage: prefill + decode steps, see generation.py)
 
 # stage -> (timing names, arrays it produces = --dump file names)
@@ -49,25 +50,26 @@ class Frames:
     shown: tuple[int, int] | None = None  # an image's (EXIF-oriented) size
 
 
-def read_frames(path: str | Path, num_frames: int, image_size: int) -> Frames:
-    """Decode `num_frames` frames of a video and preprocess them (CLIP resize / crop / normalise)."""
+def read_frames(path: str | Path, num_frames: int, image_size: int, spec: PreprocessSpec = CLIP) -> Frames:
+    """Decode `num_frames` frames of a video and preprocess them as the checkpoint's family does (`spec`, recorded in
+    export.json: `ExportManifest.preprocess`; CLIP's squash by default)."""
     from ..media import load_video, preprocess_frames
 
     t0 = time.perf_counter()
     video = load_video(path, num_frames)
     t1 = time.perf_counter()
-    px = preprocess_frames(video.frames, image_size)
+    px = preprocess_frames(video.frames, image_size, spec)
     return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, list(video.warnings))
 
 
-def read_image_tiles(path: str | Path, tile_size: int, grid_pinpoints) -> Frames:
-    """Read an image (EXIF-oriented) and cut it into its anyres tiles (base tile first), preprocessed."""
+def read_image_tiles(path: str | Path, tile_size: int, grid_pinpoints, spec: PreprocessSpec = CLIP) -> Frames:
+    """Read an image (EXIF-oriented) and cut it into its anyres tiles (base tile first), preprocessed by `spec`."""
     from ..media import preprocess_image, read_image
 
     t0 = time.perf_counter()
     img, shown = read_image(path)
     t1 = time.perf_counter()
-    px = preprocess_image(img, tile_size, grid_pinpoints, image_size=shown).pixel_values
+    px = preprocess_image(img, tile_size, grid_pinpoints, image_size=shown, spec=spec).pixel_values
     return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, shown=shown)
 
 
