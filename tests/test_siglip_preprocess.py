@@ -171,3 +171,15 @@ def test_runtime_stages_take_the_spec(tmp_path):
     Image.fromarray(picture(70, 130)).save(photo)
     pins = onevision_pinpoints(S)
     np.testing.assert_array_equal(read_image_tiles(photo, S, pins, SIGLIP).pixel_values, load_image_tiles(photo, S, pins, spec=SIGLIP).pixel_values)
+
+
+def test_relevance_thumbnails_undo_the_exports_spec():
+    """The chat page's and `ask --relevance-png`'s frames: SigLIP pixels un-normalised with SigLIP's mean/std give the
+    padded frame the model saw, level for level; CLIP's mean/std would not."""
+    from ppllava_edge.media.preprocess import fit_pad_frame
+    from ppllava_edge.relevance import frame_pixels
+
+    a = picture(50, 91)
+    px = preprocess_frames(a[None], S, SIGLIP)
+    np.testing.assert_array_equal(frame_pixels(px, SIGLIP)[0], fit_pad_frame(Image.fromarray(a), S))
+    assert np.abs(frame_pixels(px, CLIP)[0].astype(int) - fit_pad_frame(Image.fromarray(a), S)).max() > 50
