@@ -1,4 +1,4 @@
-"""The image path: LLaVA-NeXT anyres tiles (geometry in `anyres.py`)."""
+"""The image path: anyres tiles, LLaVA-NeXT's or LLaVA-OneVision's by the family's spec (geometry in `anyres.py`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ _SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 de
 
 @dataclass(frozen=True)
 class ImageTiles:
-    """An image preprocessed as transformers 4.45.2's `LlavaNextImageProcessor` does (anyres).
+    """An image preprocessed as transformers 4.45.2's `LlavaNextImageProcessor` (CLIP spec) or
+    `LlavaOnevisionImageProcessor` (SigLIP spec) does (anyres).
 
     Attributes:
         pixel_values: float32 `[tiles, 3, S, S]`: the base tile (whole image squashed to S×S), then the S×S crops of
