@@ -266,7 +266,9 @@ class TorchRunner(VariantRunner):
             feats = model.encode_tiles(torch.from_numpy(px)) if image else model.encode_video(torch.from_numpy(px))
             keys, values = proj.keys(feats), proj.values(feats)
             t3 = time.perf_counter()
-            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image)
+            _, clip_mask = self.ref.relevance.encode(question)  # SigLIP's padding mask (None for CLIP)
+            mask = {} if clip_mask is None else {"clip_mask": torch.from_numpy(clip_mask)[None]}
+            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image, **mask)
             if image:
                 tokens = model.assemble_image(tokens, model.image_layout(px.shape[0], shown))
             t4 = time.perf_counter()
