@@ -10,6 +10,7 @@ from .conversation import ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
 from .media.anyres import ImageLayout, image_layout, single_tile_layout
+from .media.spec import PreprocessSpec, spec_named
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "ppllava-edge-export"
@@ -136,6 +137,12 @@ class ExportManifest:
     def image_rules(self) -> dict | None:
         """The anyres rules (`image`), None for an export made before image tiles."""
         return self.data.get("image")
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        """How frames and image tiles become pixel values (`image.preprocess.name`); exports made before the
+        Qwen/SigLIP family recorded it are CLIP's."""
+        return spec_named(((self.data.get("image") or {}).get("preprocess") or {}).get("name"), f"{self.folder}/export.json image.preprocess")
 
     @property
     def quantization(self) -> dict:

@@ -193,7 +193,7 @@ class BaselineRunner(PipelineRunner):
         s: dict[str, float] = {}
         start = time.perf_counter()
         input_ids = np.asarray(pipe.llama.prompt_ids(question), dtype=np.int64)
-        px = read_frames(video, frames, pipe.manifest.model["image_size"])
+        px = read_frames(video, frames, pipe.manifest.model["image_size"], pipe.manifest.preprocess)
         t2 = time.perf_counter()
         values, _keys = encode(pipe.sessions["vision"], px.pixel_values.astype(pipe.dtype))
         t3 = time.perf_counter()
@@ -258,7 +258,8 @@ class TorchRunner(VariantRunner):
         steps: list[float] = []
         start = time.perf_counter()
         clip_ids, input_ids = self.ref.tokenize(question)
-        read = read_image_tiles(video, cfg.vision.image_size, cfg.image_grid_pinpoints) if image else read_frames(video, frames, cfg.vision.image_size)
+        spec = cfg.preprocess
+        read = read_image_tiles(video, cfg.vision.image_size, cfg.image_grid_pinpoints, spec) if image else read_frames(video, frames, cfg.vision.image_size, spec)
         px, shown = read.pixel_values, read.shown
         t2 = time.perf_counter()
         with torch.inference_mode():

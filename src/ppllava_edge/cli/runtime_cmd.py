@@ -94,7 +94,7 @@ def _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, 
         from ..relevance import relevance_kind, write_relevance_png
 
         rel = result.arrays["relevance"]
-        write_relevance_png(relevance_png, rel, result.arrays["pixel_values"], relevance_kind(input_path, rel), f"relevance to: {question}")
+        write_relevance_png(relevance_png, rel, result.arrays["pixel_values"], relevance_kind(input_path, rel), f"relevance to: {question}", pipe.manifest.preprocess)
         err_console.print(f"relevance map ({'x'.join(map(str, rel.shape))}) written to {relevance_png}")
     if dump is not None:
         from ..dump import write_dump

@@ -454,7 +454,7 @@ class Pipeline:
             if px.shape[0] > 1:
                 self._check_npy_frames(path, px.shape[0])
             return px
-        frames = read_frames(path, num_frames, size)
+        frames = read_frames(path, num_frames, size, self.manifest.preprocess)
         warnings.extend(frames.warnings)
         t.decode_video, t.preprocess = frames.decode_ms, frames.preprocess_ms
         return frames.pixel_values
@@ -509,7 +509,7 @@ class Pipeline:
             hit = self.cache.get(key)
             px = None
             if hit is None or need_pixels:
-                tiles = read_image_tiles(path, r["tile_size"], r["grid_pinpoints"])
+                tiles = read_image_tiles(path, r["tile_size"], r["grid_pinpoints"], self.manifest.preprocess)
                 px = tiles.pixel_values
                 t.decode_video, t.preprocess = tiles.decode_ms, tiles.preprocess_ms
             if hit is not None:

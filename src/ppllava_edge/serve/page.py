@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..media import IMAGE_EXTENSIONS
+from ..media import IMAGE_EXTENSIONS, PreprocessSpec
 from ..relevance import relevance_json, relevance_kind
 from .inputs import MIME_SUFFIX
 from .protocol import ApiError
@@ -70,10 +70,11 @@ def list_media(media_dirs: list[Path], inside: Callable[[Path], bool]) -> tuple[
     return sorted(seen.values(), key=lambda e: e["name"]), False
 
 
-def relevance_extra(result, path: Path) -> dict:
-    """{"relevance": ...} for a result asked with keep_arrays; frees the arrays afterwards."""
+def relevance_extra(result, path: Path, spec: PreprocessSpec) -> dict:
+    """{"relevance": ...} for a result asked with keep_arrays (thumbnails un-normalised by the export's `spec`); frees
+    the arrays afterwards."""
     rel = result.arrays["relevance"]
-    extra = {"relevance": relevance_json(rel, result.arrays.get("pixel_values"), relevance_kind(path, rel))}
+    extra = {"relevance": relevance_json(rel, result.arrays.get("pixel_values"), relevance_kind(path, rel), spec)}
     result.arrays.clear()
     return extra
 

@@ -186,7 +186,7 @@ class Server:
             gen = self._generation(req)
             result = self.pipe.ask(media.path, req.question, num_frames=frames, generation=gen, on_token=on_token,
                                    history=req.history, system=req.system, keep_arrays=req.return_relevance)
-            extra = relevance_extra(result, media.path) if req.return_relevance else {}
+            extra = relevance_extra(result, media.path, self.pipe.manifest.preprocess) if req.return_relevance else {}
         except BaseException as exc:
             job.emit(("error", self._map_error(exc, req, media)))
             self.metrics.chat_requests.labels(outcome="error").inc()
