@@ -7,6 +7,7 @@ model at a time, and `write_shards` streams tensors to disk without holding a sh
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -243,8 +244,11 @@ def tied_aliases(module: nn.Module) -> dict[str, str]:
 
 
 def release_weights(module: nn.Module) -> None:
-    """Send a materialised sub-module back to the meta device, freeing its weights (and returning them to the OS)."""
+    """Send a materialised sub-module back to the meta device, freeing its weights (and returning them to the OS).
+    The cycle collector runs first: a torch.onnx.export program traced from the module is cyclic garbage still
+    holding its parameters (0.86 GB of the SigLIP side at qwen-7b fp16 stayed resident until the next collection)."""
     module.to("meta")
+    gc.collect()
     trim_heap()
 
 
