@@ -217,7 +217,7 @@ class SafetensorsFile:
         self._read_into(name, memoryview(buf.numpy()), 0, len(buf))
         return buf.view(stored.spec.dtype).reshape(stored.spec.shape)
 
-    def blocks(self, name: str, block_bytes: int = READ_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    def blocks(self, name: str, block_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Tensor `name`'s elements in storage order as (first flat index, flat block in the stored dtype), at most
         `block_bytes` each, in one reused buffer: a reader that converts the tensor (bf16 -> fp32 / fp16) holds the
         converted copy and one block, never the stored copy beside it (1.1 GB for a 7B Qwen2 lm_head). Consume each
@@ -227,6 +227,7 @@ class SafetensorsFile:
         total = stored.end - stored.begin
         if total == 0:
             return
+        block_bytes = READ_BLOCK_BYTES if block_bytes is None else block_bytes
         buf = torch.empty(min(total, max(item, block_bytes // item * item)), dtype=torch.uint8)
         for begin in range(0, total, len(buf)):
             n = min(len(buf), total - begin)
