@@ -315,3 +315,29 @@ def test_activation_check_streams_one_layer_at_a_time_and_stays_finite(tiny_ckpt
     assert stages.count("vision") == 6 + 1 and stages.count("adapter") == 8 and stages.count("clip_text") == 2 + 1
     assert [r.module for r in rows if r.stage == "llm"] == [f"language_model.model.layers.{i}" for i in range(2)] + ["language_model.model.norm", "language_model.lm_head"]
     assert all(r.finite and 0 < r.max_abs < 1e3 for r in rows)
+
+
+def test_converting_reads_go_block_by_block_and_equal_whole_tensor_casts(tiny_ckpt, monkeypatch):
+    """read(name, dtype) and read_numpy(name, dtype) convert the stored bf16 tensor block by block (the 7B export's
+    memory bound: no stored copy beside the converted one, no fp32 copy beside an fp16 one); the values are those of
+    the whole-tensor conversion, byte for byte, and every stored byte is read exactly once."""
+    import numpy as np
+
+    from ppllava_edge.model import shards
+
+    monkeypatch.setattr(shards, "READ_BLOCK_BYTES", 1000)  # many blocks per matrix, a partial last one
+    with CheckpointReader(tiny_ckpt) as r:
+        name = "language_model.model.embed_tokens.weight"
+        stored = r._file(name).read(name)
+        assert stored.dtype == torch.bfloat16 and stored.numel() * 2 > 10 * 1000
+        assert len(list(r._file(name).blocks(name))) == math.ceil(stored.numel() * 2 / 1000)
+        for n in r.names()[:40] + [name]:
+            whole = r._file(n).read(n)
+            before = r.bytes_read
+            assert torch.equal(r.read(n, torch.float32), whole.to(torch.float32)), n
+            assert r.bytes_read - before == whole.numel() * whole.element_size()
+            assert torch.equal(r.read(n, torch.float16), whole.to(torch.float16)), n
+            for dt in (np.float32, np.float16):
+                got = r.read_numpy(n, dt)
+                want = whole.to(torch.float32).numpy().astype(dt)
+                assert got.dtype == dt and got.shape == want.shape and got.tobytes() == want.tobytes(), n

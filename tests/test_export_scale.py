@@ -18,7 +18,7 @@ import torch
 from ppllava_edge.config import load_config
 from ppllava_edge.export.exporter import ExportOptions, ModelParts, export_checkpoint
 from ppllava_edge.export.truncate import dropped_prefixes, truncated_config
-from ppllava_edge.export.weights_check import check_weights
+from ppllava_edge.export.weights_check import check_weights, digest
 from ppllava_edge.external_data import read_initializer
 from ppllava_edge.model.checkpoint import CheckpointReader
 
@@ -27,7 +27,7 @@ def _check(folder: Path, ckpt: Path):
     m = json.loads((folder / "export.json").read_text())
     with CheckpointReader(ckpt) as r:
         dtype = np.float16 if m["dtype"] == "fp16" else np.float32
-        return check_weights(folder, m["graphs"], lambda n: r.read(n, torch.float32).numpy(), dtype)
+        return check_weights(folder, m["graphs"], lambda n: r.read_numpy(n, dtype), dtype)
 
 
 def _defects(export: Path, ckpt: Path, tmp: Path) -> dict[str, list]:
@@ -142,3 +142,38 @@ def test_truncated_validation_mode_on_tiny(tiny_ckpt, tmp_path):
     assert not list(out.parent.glob(".validate-*")) and not list(out.glob(".validate-*"))
     for step in ("vision.onnx", "decoder.onnx", "weights check", "validate"):
         assert m["steps"][step]["seconds"] >= 0 and m["steps"][step]["peak_rss_mb"] > 50
+
+
+def test_digest_of_a_transposed_weight_is_hashed_in_row_blocks(monkeypatch):
+    """The weights check hashes a transposed lm_head without a contiguous copy: the streamed digest equals the
+    SHA-256 of the C-order bytes, for transposed, sliced and contiguous arrays."""
+    import hashlib
+
+    from ppllava_edge.export import weights_check
+
+    monkeypatch.setattr(weights_check, "DIGEST_BLOCK_BYTES", 500)
+    a = np.random.default_rng(0).standard_normal((37, 53)).astype(np.float16)
+    for arr in (a, a.T, a[5:, ::2], a[:, 7:].T):
+        assert digest(arr) == hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    assert digest(a.T) != digest(a)
+
+
+def test_validation_reference_llm_leaves_the_untied_embedding_table_unloaded(tiny_ckpt):
+    """Validation feeds the decoder rows of the exported table, so its PyTorch LLM does without embed_tokens (2.2 GB
+    in fp32 at 7B); the head and layers are the checkpoint's, and a run from inputs_embeds works."""
+    from ppllava_edge.export.graphs import DecoderGraph
+
+    cfg = load_config(tiny_ckpt)
+    assert not cfg.text.tie_word_embeddings
+    with CheckpointReader(tiny_ckpt) as reader:
+        parts = ModelParts(tiny_ckpt, cfg, torch.float32, "sdpa", reader)
+        with parts.llm(embeddings=False) as model, torch.no_grad():
+            lm = model.language_model
+            assert lm.model.embed_tokens.weight.is_meta
+            assert torch.equal(lm.lm_head.weight, reader.read("language_model.lm_head.weight", torch.float32))
+            t = cfg.text
+            past = tuple(torch.zeros(1, t.num_key_value_heads, 0, t.head_dim) for _ in range(2 * t.num_hidden_layers))
+            out = DecoderGraph(lm)(torch.randn(1, 5, t.hidden_size), torch.ones(1, 5, dtype=torch.int64), torch.arange(5)[None], past)
+            assert out[0].shape == (1, t.vocab_size) and torch.isfinite(out[0]).all()
+        with parts.llm() as model:
+            assert not model.language_model.model.embed_tokens.weight.is_meta

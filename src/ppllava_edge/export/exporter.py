@@ -52,6 +52,7 @@ THRESHOLDS = {
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
 IMAGE_MAX_TILES = 64  # the image_pool graph's tile range (a checkpoint's pinpoints may need more: then theirs)
 IMAGE_NEWLINE_FILE = "image_newline.npy"
+EMBED_TOKENS = "language_model.model.embed_tokens."
 
 
 @dataclass
@@ -149,18 +150,18 @@ class ModelParts:
         self.checkpoint, self.cfg, self.dtype, self.reader, self.exclude = checkpoint, cfg, dtype, reader, exclude
         self.model = build_skeleton(cfg, attn_implementation)
 
-    def _load(self, prefix: str) -> None:
-        load_weights(self.model, self.checkpoint, prefix, self.dtype, exclude=self.exclude, reader=self.reader)
+    def _load(self, prefix: str, skip: tuple[str, ...] = ()) -> None:
+        load_weights(self.model, self.checkpoint, prefix, self.dtype, exclude=self.exclude + skip, reader=self.reader)
 
     @contextlib.contextmanager
-    def _part(self, step: str, prefixes: tuple[str, ...], steps: StepRecorder | None, load_extra=lambda m: None):
-        """The model with the sub-modules under `prefixes` materialised from the shards (timed as `step`), released
-        again on exit."""
+    def _part(self, step: str, prefixes: tuple[str, ...], steps: StepRecorder | None, load_extra=lambda m: None, skip: tuple[str, ...] = ()):
+        """The model with the sub-modules under `prefixes` materialised from the shards (timed as `step`; tensors
+        under `skip` stay on the meta device), released again on exit."""
         m = self.model
         try:
             with steps.step(step) if steps is not None else contextlib.nullcontext():
                 for prefix in prefixes:
-                    self._load(prefix)
+                    self._load(prefix, skip)
                 load_extra(m)
             m.requires_grad_(False)
             m.eval()
@@ -182,8 +183,11 @@ class ModelParts:
             m.image_newline = torch.nn.Parameter(torch.empty(m.image_newline.shape, device="meta"), requires_grad=False)
 
     @contextlib.contextmanager
-    def llm(self, steps: StepRecorder | None = None):
-        with self._part("load LLM", ("language_model",), steps) as m:
+    def llm(self, steps: StepRecorder | None = None, embeddings: bool = True):
+        """The LLM; `embeddings=False` leaves its input embedding table on the meta device for a caller that feeds
+        `inputs_embeds` (validation: 2.2 GB in fp32 at 7B) - unless the head is tied to it."""
+        skip = () if embeddings or self.cfg.text.tie_word_embeddings else (EMBED_TOKENS,)
+        with self._part("load LLM", ("language_model",), steps, skip=skip) as m:
             yield m
 
 
@@ -263,7 +267,7 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
 
     on_stage("decoder.onnx")
     with steps.step("decoder.onnx"):
-        info = build_decoder(lambda name: parts.reader.read(name, torch.float32).numpy(), DecoderDims.from_config(cfg.text),
+        info = build_decoder(lambda name: parts.reader.read_numpy(name, np_dtype), DecoderDims.from_config(cfg.text),
                              *rotary_tables(cfg), tmp / "decoder.onnx", opts.dtype, opts.opset, on_layer=on_progress)
         maps["decoder"] = info["weights"]
     if opts.tensorrt:
@@ -544,7 +548,7 @@ def export_checkpoint(
                 manifest["graphs"][g]["weights"] = wm.to_json()
             on_stage("weights check")
             with steps.step("weights check"):
-                wreport = check_weights(tmp, manifest["graphs"], lambda n: reader.read(n, torch.float32).numpy(), np_dtype, on_progress)
+                wreport = check_weights(tmp, manifest["graphs"], lambda n: reader.read_numpy(n, np_dtype), np_dtype, on_progress)
             manifest["weights_check"] = wreport.to_json()
             if not wreport.passed:
                 raise AccuracyError("export weights check failed (nothing written to the output folder):\n" + wreport.text())

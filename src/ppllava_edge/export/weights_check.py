@@ -35,9 +35,20 @@ CLIP_KEEP_LEN = 20
 MIN_ELEMENTS = 8  # smaller float initializers (scalars, eps, shape-like constants) are not traced to the checkpoint
 
 
+DIGEST_BLOCK_BYTES = 64 << 20
+
+
 def digest(array: np.ndarray) -> str:
-    a = np.ascontiguousarray(array)
-    return hashlib.sha256(memoryview(a).cast("B")).hexdigest()
+    """SHA-256 of the array's bytes in C order. A non-contiguous array (a transposed weight) is hashed in blocks of
+    leading-axis rows, so a 1.1 GB transposed lm_head is not copied whole to be hashed."""
+    h = hashlib.sha256()
+    if array.flags.c_contiguous or array.ndim == 0 or array.size == 0:
+        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+        return h.hexdigest()
+    rows = max(1, DIGEST_BLOCK_BYTES // max(1, array[0].nbytes))
+    for i in range(0, array.shape[0], rows):
+        h.update(memoryview(np.ascontiguousarray(array[i : i + rows])).cast("B"))
+    return h.hexdigest()
 
 
 def apply_transform(transform: str, sources: list[np.ndarray]) -> np.ndarray:
@@ -114,7 +125,7 @@ def map_traced_graph(onnx_path: Path, params: dict[str, np.ndarray], used: Itera
         a = np.asarray(params[name]).astype(dtype)
         index.setdefault(digest(a), ("identity", name))
         if a.ndim == 2:
-            index.setdefault(digest(np.ascontiguousarray(a.T)), ("transpose", name))
+            index.setdefault(digest(a.T), ("transpose", name))
     for t in model.graph.initializer:
         arr = read_initializer(t, onnx_path.parent)
         if not np.issubdtype(arr.dtype, np.floating) or arr.size < MIN_ELEMENTS:
@@ -189,8 +200,9 @@ def check_weights(folder: Path, graphs: dict[str, dict], read: Callable[[str], n
                 findings.append(Finding(g, "missing", name, f"(holds {', '.join(sources)}) is not in {entry['file']}"))
                 continue
             got = np.asarray(read_initializer(t, folder))
-            srcs = [read(s) for s in sources]
-            want = np.ascontiguousarray(apply_transform(transform, srcs)).astype(dtype)
+            # cast before the transform (a cast commutes with it) and hash without a contiguous copy: the check of
+            # a 7B lm_head holds its source in the export dtype and the mapped initializer, nothing in fp32
+            want = apply_transform(transform, [np.asarray(read(s)).astype(dtype, copy=False) for s in sources])
             checked += 1
             nbytes += got.nbytes
             if got.shape == want.shape and digest(got) == digest(want):
@@ -198,7 +210,7 @@ def check_weights(folder: Path, graphs: dict[str, dict], read: Callable[[str], n
                     present_sources.setdefault(s, name)
             else:
                 flipped = {"identity": "transpose", "transpose": "identity"}.get(transform)
-                if flipped and got.ndim == 2 and digest(np.ascontiguousarray(got.T)) == digest(want):
+                if flipped and got.ndim == 2 and digest(got.T) == digest(want):
                     findings.append(Finding(g, "transposed", name, f"holds {sources[0]} transposed (expected {transform})"))
                 else:
                     findings.append(Finding(g, "mismatch", name, f"does not equal {transform}({', '.join(sources)}) cast to {np.dtype(dtype).name}"))
@@ -213,10 +225,10 @@ def check_weights(folder: Path, graphs: dict[str, dict], read: Callable[[str], n
         if extra:
             index = {}
             for s in present_sources:
-                a = read(s).astype(dtype)
+                a = np.asarray(read(s)).astype(dtype, copy=False)
                 index[digest(a)] = s
                 if a.ndim == 2:
-                    index[digest(np.ascontiguousarray(a.T))] = s
+                    index[digest(a.T)] = s
             for t in extra:
                 arr = np.asarray(read_initializer(t, folder))
                 src = index.get(digest(arr)) if np.issubdtype(arr.dtype, np.floating) else None

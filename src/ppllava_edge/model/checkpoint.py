@@ -7,12 +7,14 @@ model at a time, and `write_shards` streams tensors to disk without holding a sh
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -88,10 +90,31 @@ class CheckpointReader:
         return self._stored(name).spec
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tensor `name`; floating tensors are converted to `dtype` when given."""
-        self._stored(name)
-        t = self._file(name).read(name)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        """Tensor `name`; floating tensors are converted to `dtype` when given, block by block (the same values as
+        `.to(dtype)` of the stored tensor, without holding the stored copy beside the converted one)."""
+        spec = self._stored(name).spec
+        f = self._file(name)
+        if dtype is None or dtype == spec.dtype or not spec.dtype.is_floating_point:
+            return f.read(name)
+        out = torch.empty(spec.shape, dtype=dtype)
+        flat = out.view(-1)
+        for start, block in f.blocks(name):
+            flat[start : start + block.numel()] = block
+        return out
+
+    def read_numpy(self, name: str, dtype) -> np.ndarray:
+        """Tensor `name` as a numpy array of `dtype` (float32 / float16): each block converted to float32 by torch
+        and cast by numpy, the values of `read(name, torch.float32).numpy().astype(dtype)`, but without the whole
+        float32 copy (2.2 GB for a 7B Qwen2 lm_head, 4x the fp16 result). Non-floating tensors as stored."""
+        spec = self._stored(name).spec
+        f = self._file(name)
+        if not spec.dtype.is_floating_point:
+            return f.read(name).numpy()
+        out = np.empty(spec.shape, dtype)
+        flat = out.reshape(-1)
+        for start, block in f.blocks(name):
+            flat[start : start + block.numel()] = block.to(torch.float32).numpy()
+        return out
 
     @property
     def bytes_read(self) -> int:
@@ -221,8 +244,11 @@ def tied_aliases(module: nn.Module) -> dict[str, str]:
 
 
 def release_weights(module: nn.Module) -> None:
-    """Send a materialised sub-module back to the meta device, freeing its weights (and returning them to the OS)."""
+    """Send a materialised sub-module back to the meta device, freeing its weights (and returning them to the OS).
+    The cycle collector runs first: a torch.onnx.export program traced from the module is cyclic garbage still
+    holding its parameters (0.86 GB of the SigLIP side at qwen-7b fp16 stayed resident until the next collection)."""
     module.to("meta")
+    gc.collect()
     trim_heap()
 
 
