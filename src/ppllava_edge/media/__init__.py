@@ -18,7 +18,7 @@ tiles of transformers 4.45.2's `LlavaNextImageProcessor`, the authors' pinned ve
 
 from __future__ import annotations
 
-from .image import IMAGE_DECODE_PIXELS, ImageTiles, load_image_tiles, preprocess_image, read_image, read_image_size
+from .image import IMAGE_DECODE_PIXELS, MAX_IMAGES, ImageTiles, check_image_paths, check_num_images, load_image_tiles, load_images_as_frames, preprocess_image, read_image, read_image_size
 from .preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -49,6 +49,7 @@ __all__ = [
     "CLIP_STD",
     "IMAGE_DECODE_PIXELS",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGES",
     "SEEK_COST_FRAMES",
     "SEEK_MIN_GAIN",
     "SEQUENTIAL_MAX_FRAMES",
@@ -58,9 +59,12 @@ __all__ = [
     "MediaInfo",
     "MediaKind",
     "VideoFrames",
+    "check_image_paths",
+    "check_num_images",
     "input_kind",
     "load_image",
     "load_image_tiles",
+    "load_images_as_frames",
     "load_npy_pixel_values",
     "load_pixel_values",
     "load_video",

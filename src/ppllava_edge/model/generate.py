@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..media import input_kind, load_image_tiles, load_pixel_values
+from ..media import check_image_paths, check_num_images, input_kind, load_image_tiles, load_images_as_frames, load_pixel_values
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 from .checkpoint import load_model
 from .ppllava import PPLLaVAForConditionalGeneration
-
 
 
 @dataclass
@@ -34,20 +34,24 @@ class ReferenceModel:
                                           template=self.cfg.conversation)
         self.clip = ClipTokenizer()
 
-    def tokenize(self, question: str) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, question: str, images: int = 1) -> tuple[np.ndarray, np.ndarray]:
         clip_ids = self.clip.encode(question, length=self.cfg.clip_text.context_length)
-        input_ids = np.asarray(self.llama.prompt_ids(question), dtype=np.int64)
+        input_ids = np.asarray(self.llama.prompt_ids(question, images=images), dtype=np.int64)
         return clip_ids, input_ids
 
     @torch.no_grad()
     def answer_pixels(
-        self, pixel_values: np.ndarray, question: str, image: bool, max_new_tokens: int = 64, num_beams: int = 1, image_size: tuple[int, int] | None = None
+        self, pixel_values: np.ndarray, question: str, image: bool, max_new_tokens: int = 64, num_beams: int = 1, image_size: tuple[int, int] | None = None,
+        multi_image: bool = False,
     ) -> Answer:
-        """Answer from preprocessed pixels: a video's frames, or an image's anyres tiles with its (H, W) `image_size`
-        (a lone tile without `image_size` takes the single-tile branch)."""
-        clip_ids, input_ids = self.tokenize(question)
-        out = self.model.visual_tokens(torch.from_numpy(pixel_values), torch.from_numpy(clip_ids)[None], image=image, image_size=image_size)
-        embeds = self.model.embed_prompt(torch.from_numpy(input_ids), out.visual_tokens)
+        """Answer from preprocessed pixels: a video's frames, an image's anyres tiles with its (H, W) `image_size`
+        (a lone tile without `image_size` takes the single-tile branch), or (`multi_image`) one frame per image of a
+        multi-image question, each at its own `<image>` slot."""
+        slots = pixel_values.shape[0] if multi_image else 1
+        clip_ids, input_ids = self.tokenize(question, images=slots)
+        out = self.model.visual_tokens(torch.from_numpy(pixel_values), torch.from_numpy(clip_ids)[None], image=image, image_size=image_size,
+                                       multi_image=multi_image)
+        embeds = self.model.embed_prompt(torch.from_numpy(input_ids), out.visual_tokens, slots=slots)
         ids = self.model.generate(embeds, max_new_tokens=max_new_tokens, num_beams=num_beams)
         arrays = {
             "pixel_values": pixel_values.astype(np.float32),
@@ -58,11 +62,21 @@ class ReferenceModel:
             "visual_tokens": out.visual_tokens.float().numpy(),
             "output_ids": np.asarray(ids, dtype=np.int64),
         }
-        return Answer(text=self.llama.decode(ids), output_ids=ids, arrays=arrays, kind="image" if image else "video")
+        kind = "images" if multi_image else "image" if image else "video"
+        return Answer(text=self.llama.decode(ids), output_ids=ids, arrays=arrays, kind=kind)
 
-    def answer(self, path: str | Path, question: str, num_frames: int = 8, max_new_tokens: int = 64, num_beams: int = 1) -> Answer:
+    def answer(self, path: str | Path | Sequence[str | Path], question: str, num_frames: int = 8, max_new_tokens: int = 64, num_beams: int = 1) -> Answer:
+        """Answer about a video, an image, a .npy, or (a list of several paths) several images in one question."""
+        if not isinstance(path, (str, Path)):
+            paths = check_image_paths(path)
+            if len(paths) > 1:
+                check_num_images(len(paths), self.cfg.max_frames)  # before any image is decoded
+                pixel_values = load_images_as_frames(paths, self.cfg.vision.image_size)
+                return self.answer_pixels(pixel_values, question, image=False, max_new_tokens=max_new_tokens, num_beams=num_beams, multi_image=True)
+            path = paths[0]
         if input_kind(path) == "image":
             tiles = load_image_tiles(path, self.cfg.vision.image_size, self.cfg.image_grid_pinpoints)
             return self.answer_pixels(tiles.pixel_values, question, image=True, max_new_tokens=max_new_tokens, num_beams=num_beams, image_size=tiles.image_size)
         pixel_values, _, _ = load_pixel_values(path, num_frames, self.cfg.vision.image_size)  # a video, or a .npy (one row: one tile)
         return self.answer_pixels(pixel_values, question, image=pixel_values.shape[0] == 1, max_new_tokens=max_new_tokens, num_beams=num_beams)
+

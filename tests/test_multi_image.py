@@ -1,0 +1,122 @@
+"""Several images in one question, as the authors' multi-image path does it (`media_type` "multi-image"):
+
+- the prompt: one `<image>` slot per image, each followed by "\\n" (their `user_query` makes every `<image>` of a
+  multi-image question `<image>\\n`), tokenized as the authors' fast tokenizer tokenizes the rendered text;
+- the images: each squashed to S x S like a video frame, through the tower as one video of T = N frames
+  (`encode_video(..., multi_image=True)`), one relevance softmax over all of them, kernel (1,3,3), g*g tokens per
+  image, no newline;
+- the splice: their `_merge_input_ids_with_image_features` (written out below as a loop) puts image k's tokens at
+  the k-th slot;
+- `ask` on the export == `generate` (greedy ids exact, visual tokens <= 1e-4) for 2 and 3 images of different sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ppllava_edge.cli.main import cli
+from ppllava_edge.errors import InputError
+from ppllava_edge.media import MAX_IMAGES, load_images_as_frames, make_test_photo, preprocess_frames, read_image
+
+from .conftest import REAL_LLAMA_TOKENIZER
+
+SIZES = [(200, 120), (90, 150), (100, 100)]  # W x H: landscape, portrait, square (different anyres layouts too)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("photos")
+    out = []
+    for i, (w, h) in enumerate(SIZES):
+        out.append(d / f"photo{i}.png")
+        Image.fromarray(make_test_photo(w, h, seed=10 + i)).save(out[-1])
+    return out
+
+
+# ---- the prompt ----------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not REAL_LLAMA_TOKENIZER.is_dir(), reason="needs ../shared/data/llama-tokenizer")
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_prompt_has_one_slot_per_image_as_the_authors_tokenizer_reads_it(n):
+    from ppllava_edge.tokenization import LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
+
+    tok = load_llama_tokenizer_from_checkpoint(REAL_LLAMA_TOKENIZER)
+    q = "Which picture is brighter?"
+    ids = LlamaPromptTokenizer(tok).prompt_ids(q, images=n)
+    assert ids == tok.encode("USER: " + "<image>\n" * n + q + " ASSISTANT: ").ids  # the full tokenizer on the text
+    assert ids.count(32000) == n and ids[ids.index(32000) + 1] == 13  # "\n" (<0x0A>) after each slot
+
+
+# ---- the PyTorch model is the authors' multi-image path ----------------------------------------------------------
+def authors_merge(embed, input_ids, image_features):
+    """The authors' `_merge_input_ids_with_image_features` for one row, as a loop: every image token is replaced by
+    as many rows as each image has (`num_image_patches`), filled with the images' rows in order."""
+    import torch
+
+    rows, k = [], 0
+    for i in input_ids.tolist():
+        if i == 32000:
+            rows.extend(image_features[k])
+            k += 1
+        else:
+            rows.append(embed(torch.tensor(i)))
+    return torch.stack(rows)[None]
+
+
+def test_model_runs_the_images_as_one_video_with_the_image_kernel(tiny_model, photos):
+    import torch
+
+    torch.manual_seed(0)
+    px = torch.from_numpy(load_images_as_frames(photos, 84))
+    clip_ids = torch.randint(1, 400, (1, tiny_model.cfg.clip_text.context_length))
+    out = tiny_model.visual_tokens(px, clip_ids, multi_image=True)
+    with torch.no_grad():
+        video = tiny_model.encode_video(px)  # T = 3 through the BT-Adapter: the images attend to each other
+        one_by_one = tiny_model.encode_tiles(px)
+    assert torch.equal(out.features, video) and not torch.allclose(video, one_by_one, atol=1e-3)
+    g = tiny_model.cfg.image_pooled_grid
+    assert out.visual_tokens.shape == (3 * g * g, tiny_model.cfg.text.hidden_size) and out.layout is None  # no newline
+    assert out.relevance.shape == (3, 6, 6) and abs(float(out.relevance.sum()) - 1) < 1e-5  # one softmax over all
+
+
+def test_pixels_are_each_image_squashed_like_a_video_frame(photos):
+    px = load_images_as_frames(photos, 84)
+    want = [preprocess_frames(np.asarray(read_image(p)[0])[None], 84)[0] for p in photos]
+    np.testing.assert_array_equal(px, np.stack(want))
+
+
+def test_splice_puts_each_image_at_its_own_slot_like_the_authors_merge(tiny_model):
+    import torch
+
+    torch.manual_seed(1)
+    d = tiny_model.cfg.text.hidden_size
+    ids = torch.tensor([1, 661, 32000, 13, 32000, 13, 32000, 13, 500, 600])
+    feats = torch.randn(3, 4, d)
+    got = tiny_model.embed_prompt(ids, feats.reshape(-1, d), slots=3)
+    want = authors_merge(tiny_model.language_model.get_input_embeddings(), ids, feats)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(InputError, match="must hold 2 image token"):
+        tiny_model.embed_prompt(ids, feats.reshape(-1, d), slots=2)
+
+
+def test_image_count_bounds(tiny_model):
+    import torch
+
+    one = torch.zeros(1, 3, 84, 84)
+    with pytest.raises(InputError, match="takes 2 to 32 images"):
+        tiny_model.visual_tokens(one, torch.ones(1, 8, dtype=torch.long), multi_image=True)
+    assert MAX_IMAGES == 32
+
+
+def test_generate_cli_takes_several_images_and_refuses_a_video_among_them(tiny_ckpt, photos, sample_video, tmp_path):
+    res = CliRunner().invoke(cli, ["generate", str(tiny_ckpt), str(photos[0]), str(photos[1]), "What differs?", "--max-new-tokens", "3",
+                                   "--dump", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    ids = np.load(tmp_path / "d" / "input_ids.npy")
+    assert list(ids).count(32000) == 2 and np.load(tmp_path / "d" / "visual_tokens.npy").shape[0] == 2 * 4
+    res = CliRunner().invoke(cli, ["generate", str(tiny_ckpt), str(photos[0]), str(sample_video), "What differs?"])
+    assert res.exit_code == 1 and "several inputs must all be images" in res.output and str(sample_video) in res.output
