@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ppllava_edge.cli.main import cli
-from ppllava_edge.errors import InputError
-from ppllava_edge.media import MAX_IMAGES, load_images_as_frames, make_test_photo, preprocess_frames, read_image
+from ppllava_edge.errors import InputError, VideoError
+from ppllava_edge.media import MAX_IMAGES, images_as_frames, make_test_photo, preprocess_frames, read_image, read_images
+from ppllava_edge.runtime.generation import GenerationConfig
+from ppllava_edge.runtime.pipeline import Pipeline
 
 from .conftest import REAL_LLAMA_TOKENIZER
 
@@ -71,7 +74,7 @@ def test_model_runs_the_images_as_one_video_with_the_image_kernel(tiny_model, ph
     import torch
 
     torch.manual_seed(0)
-    px = torch.from_numpy(load_images_as_frames(photos, 84))
+    px = torch.from_numpy(images_as_frames(read_images(photos), 84))
     clip_ids = torch.randint(1, 400, (1, tiny_model.cfg.clip_text.context_length))
     out = tiny_model.visual_tokens(px, clip_ids, multi_image=True)
     with torch.no_grad():
@@ -84,7 +87,7 @@ def test_model_runs_the_images_as_one_video_with_the_image_kernel(tiny_model, ph
 
 
 def test_pixels_are_each_image_squashed_like_a_video_frame(photos):
-    px = load_images_as_frames(photos, 84)
+    px = images_as_frames(read_images(photos), 84)
     want = [preprocess_frames(np.asarray(read_image(p)[0])[None], 84)[0] for p in photos]
     np.testing.assert_array_equal(px, np.stack(want))
 
@@ -120,3 +123,80 @@ def test_generate_cli_takes_several_images_and_refuses_a_video_among_them(tiny_c
     assert list(ids).count(32000) == 2 and np.load(tmp_path / "d" / "visual_tokens.npy").shape[0] == 2 * 4
     res = CliRunner().invoke(cli, ["generate", str(tiny_ckpt), str(photos[0]), str(sample_video), "What differs?"])
     assert res.exit_code == 1 and "several inputs must all be images" in res.output and str(sample_video) in res.output
+
+
+# ---- the torch-free runtime == the PyTorch reference -------------------------------------------------------------
+def _same_answer(pipe, reference, paths, question="Which picture is brighter?"):
+    want = reference.answer(paths, question, max_new_tokens=10)
+    got = pipe.ask(paths, question, generation=GenerationConfig(max_new_tokens=10), keep_arrays=True)
+    assert got.ids == want.output_ids
+    for name in ("pixel_values", "clip_ids", "input_ids"):
+        np.testing.assert_array_equal(got.arrays[name], want.arrays[name], err_msg=name)
+    assert got.arrays["visual_tokens"].shape == want.arrays["visual_tokens"].shape
+    assert np.abs(got.arrays["visual_tokens"] - want.arrays["visual_tokens"]).max() <= 1e-4
+    assert np.abs(got.arrays["relevance"] - want.arrays["relevance"]).max() <= 1e-4
+    return got
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ask_equals_generate_on_several_images_tiny(pipe, reference, photos, n):
+    got = _same_answer(pipe, reference, photos[:n])
+    g = pipe.image_spec["pooled_grid"]
+    assert got.visual_tokens == n * g * g and list(got.arrays["input_ids"]).count(32000) == n
+    assert got.context_len == len(got.arrays["input_ids"]) - n + n * g * g
+
+
+@pytest.fixture(scope="module")
+def small_widths(tmp_path_factory, photos):
+    """The small preset's widths (336 px tiles, 24x24 patches, g = 8, LLM 768) at the truncated-validation depth, its
+    export, the runtime and the PyTorch reference on it."""
+    pytest.importorskip("torch")
+    from ppllava_edge.export.exporter import ExportOptions, export_checkpoint
+    from ppllava_edge.export.truncate import write_truncated_checkpoint
+    from ppllava_edge.model.generate import ReferenceModel
+    from ppllava_edge.model.make import make_checkpoint
+
+    root = tmp_path_factory.mktemp("small")
+    cut = write_truncated_checkpoint(make_checkpoint("small", root / "small"), root / "cut")
+    export_checkpoint(cut, root / "export", ExportOptions(frames=(2, 4, 8)))
+    return Pipeline.from_export(root / "export", provider="cpu"), ReferenceModel(cut)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ask_equals_generate_on_several_images_small_widths(small_widths, photos, n):
+    pipe, reference = small_widths
+    got = _same_answer(pipe, reference, photos[:n])
+    assert got.visual_tokens == n * 64 and got.arrays["pixel_values"].shape == (n, 3, 336, 336)
+
+
+def test_several_images_are_cached_as_an_ordered_set(tiny_export, photos):
+    p = Pipeline.from_export(tiny_export, provider="cpu")
+    gen = GenerationConfig(max_new_tokens=2)
+    first = p.ask(photos[:2], "What differs?", generation=gen)
+    again = p.ask(photos[:2], "Which is darker?", generation=gen)
+    swapped = p.ask(photos[1::-1], "What differs?", generation=gen)
+    assert (first.timings.cache_hit, again.timings.cache_hit, swapped.timings.cache_hit) == (False, True, False)
+    assert p.vision_runs == 2  # the order is part of the key: the tower sees the images as an ordered clip
+
+
+def test_runtime_refuses_bad_image_sets_clearly(pipe, photos, sample_video, tmp_path):
+    with pytest.raises(InputError, match="several inputs must all be images"):
+        pipe.ask([photos[0], sample_video], "q")
+    with pytest.raises(InputError, match=r"17 image\(s\) in one question: a multi-image question takes 2 to 16 images"):
+        pipe.ask([photos[0]] * 17, "q")  # the export's frame range (2:8:16) bounds the clip
+    with pytest.raises(VideoError, match="missing.png"):
+        pipe.ask([photos[0], tmp_path / "missing.png"], "q")
+
+
+def test_ask_cli_on_several_images_equals_generate_cli(tiny_ckpt, tiny_export, photos, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["ask", str(tiny_export), *map(str, photos), "What differs?", "--max-new-tokens", "6", "--json",
+                              "--relevance-png", str(tmp_path / "rel.png")])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    gen = runner.invoke(cli, ["generate", str(tiny_ckpt), *map(str, photos), "What differs?", "--max-new-tokens", "6", "--dump", str(tmp_path / "d")])
+    assert gen.exit_code == 0, gen.output
+    assert got["ids"] == np.load(tmp_path / "d" / "output_ids.npy").tolist() and got["visual_tokens"] == 3 * 4
+    assert Image.open(tmp_path / "rel.png").width > 0
+    bad = runner.invoke(cli, ["ask", str(tiny_export), str(photos[0]), "clip.mp4", "q"])
+    assert bad.exit_code == 1 and "several inputs must all be images" in bad.output

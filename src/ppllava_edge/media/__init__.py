@@ -18,7 +18,7 @@ tiles of transformers 4.45.2's `LlavaNextImageProcessor`, the authors' pinned ve
 
 from __future__ import annotations
 
-from .image import IMAGE_DECODE_PIXELS, MAX_IMAGES, ImageTiles, check_image_paths, check_num_images, load_image_tiles, load_images_as_frames, preprocess_image, read_image, read_image_size
+from .image import IMAGE_DECODE_PIXELS, MAX_IMAGES, ImageTiles, check_image_paths, check_num_images, images_as_frames, load_image_tiles, preprocess_image, read_image, read_image_size, read_images
 from .preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -61,10 +61,10 @@ __all__ = [
     "VideoFrames",
     "check_image_paths",
     "check_num_images",
+    "images_as_frames",
     "input_kind",
     "load_image",
     "load_image_tiles",
-    "load_images_as_frames",
     "load_npy_pixel_values",
     "load_pixel_values",
     "load_video",
@@ -75,6 +75,7 @@ __all__ = [
     "read_frame_marker",
     "read_image",
     "read_image_size",
+    "read_images",
     "read_npy_shape",
     "segment_centre_indices",
     "write_test_audio",

@@ -180,15 +180,20 @@ def load_image_tiles(path: str | os.PathLike[str], tile: int, pinpoints, max_pix
     return preprocess_image(img, tile, pinpoints, image_size=shown)
 
 
-def load_images_as_frames(paths, image_size: int, max_pixels: int = IMAGE_DECODE_PIXELS) -> np.ndarray:
-    """Several images of one question as the authors' multi-image path reads them: each decoded upright in RGB
-    (`read_image`) and preprocessed as a video frame (squashed to S x S, `preprocess_frames`): float32 [N, 3, S, S],
-    in the order given (their `rawframe` reader and video processor; no anyres tiles).
+def read_images(paths: Sequence[str | os.PathLike[str]], max_pixels: int = IMAGE_DECODE_PIXELS) -> list[np.ndarray]:
+    """Several images of one question, each decoded upright in RGB (`read_image`): uint8 [H, W, 3] each.
 
     Raises:
         VideoError: an image cannot be read (the message names the file).
     """
-    return np.concatenate([preprocess_frames(np.asarray(read_image(p, max_pixels)[0])[None], image_size) for p in paths])
+    return [np.asarray(read_image(p, max_pixels)[0]) for p in paths]
+
+
+def images_as_frames(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """The authors' multi-image preprocessing: each image (any size) squashed to S x S as a video frame
+    (`preprocess_frames`; their rawframe reader feeds the video processor), in the order given: float32 [N, 3, S, S].
+    No anyres tiles."""
+    return np.concatenate([preprocess_frames(img[None], image_size) for img in images])
 
 
 MAX_IMAGES = 32

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..media import check_image_paths, check_num_images, input_kind, load_image_tiles, load_images_as_frames, load_pixel_values
+from ..media import check_image_paths, check_num_images, images_as_frames, input_kind, load_image_tiles, load_pixel_values, read_images
 from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
 from .checkpoint import load_model
 from .ppllava import PPLLaVAForConditionalGeneration
@@ -71,7 +71,7 @@ class ReferenceModel:
             paths = check_image_paths(path)
             if len(paths) > 1:
                 check_num_images(len(paths), self.cfg.max_frames)  # before any image is decoded
-                pixel_values = load_images_as_frames(paths, self.cfg.vision.image_size)
+                pixel_values = images_as_frames(read_images(paths), self.cfg.vision.image_size)
                 return self.answer_pixels(pixel_values, question, image=False, max_new_tokens=max_new_tokens, num_beams=num_beams, multi_image=True)
             path = paths[0]
         if input_kind(path) == "image":
