@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -200,3 +201,83 @@ def test_ask_cli_on_several_images_equals_generate_cli(tiny_ckpt, tiny_export, p
     assert Image.open(tmp_path / "rel.png").width > 0
     bad = runner.invoke(cli, ["ask", str(tiny_export), str(photos[0]), "clip.mp4", "q"])
     assert bad.exit_code == 1 and "several inputs must all be images" in bad.output
+
+
+# ---- the server: several image_url parts in one user message --------------------------------------------------------
+def _b64(path: Path, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _content(*parts: dict, question: str = "Which picture is brighter?") -> list[dict]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+def _image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_protocol_takes_several_images_and_bounds_them(photos):
+    from ppllava_edge.serve.protocol import ApiError, parse_chat_request
+
+    body = {"model": "m", "messages": _content(*(_image(str(p)) for p in photos))}
+    req = parse_chat_request(body, "m", max_images=3)
+    assert [m.url for m in req.media] == [str(p) for p in photos] and req.question == "Which picture is brighter?"
+    with pytest.raises(ApiError) as e:
+        parse_chat_request(body, "m", max_images=2)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "messages[0].content[2].image_url.url", "too_many_media")
+    assert "at most 2 image_url parts per request" in str(e.value)
+    mixed = {"model": "m", "messages": _content(_image(str(photos[0])), {"type": "video_url", "video_url": {"url": "clip.mp4"}})}
+    with pytest.raises(ApiError) as e:
+        parse_chat_request(mixed, "m")
+    assert (e.value.param, e.value.code) == ("messages[0].content[1].video_url.url", "too_many_media") and "a video goes alone" in str(e.value)
+
+
+def test_a_refused_part_leaves_no_upload_of_the_request_behind(photos, tmp_path):
+    from ppllava_edge.serve.inputs import MediaPolicy
+    from ppllava_edge.serve.protocol import ApiError, MediaPart
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    policy = MediaPolicy([], 1 << 20, uploads)
+    parts = [MediaPart(_b64(photos[0]), "image_url", "p0"), MediaPart("data:image/png;base64,@@@@", "image_url", "p1")]
+    with pytest.raises(ApiError, match="'p1': the data: URL payload is not valid base64"):
+        policy.resolve_all(parts)
+    assert list(uploads.iterdir()) == []
+    files = policy.resolve_all(parts[:1] * 2)
+    assert len(list(uploads.iterdir())) == 2
+    for f in files:
+        f.cleanup()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export, photos):
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from .serving import running_server
+
+    with running_server(tiny_export, "--media-dir", str(photos[0].parent), "--max-images", "3") as s:
+        yield s
+
+
+def test_server_answer_on_several_images_equals_ask(served, pipe, photos, tiny_export):
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    for n in (2, 3):
+        want = pipe.ask(photos[:n], "Which picture is brighter?", generation=GenerationConfig(max_new_tokens=8))
+        parts = [_image(_b64(photos[0])), *(_image(f"file://{p}") for p in photos[1:n])]  # an upload and media-dir paths
+        r = client.chat.completions.create(model=tiny_export.name, messages=_content(*parts), max_tokens=8, temperature=0,
+                                           extra_body={"return_token_ids": True, "return_relevance": True})
+        assert r.choices[0].model_extra["token_ids"] == want.ids and r.choices[0].message.content == want.text
+        assert r.usage.prompt_tokens == want.context_len
+        rel = r.model_extra["relevance"]
+        assert rel["kind"] == "images" and rel["shape"][0] == n and len(rel["thumbnails"]) == n
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=tiny_export.name, messages=_content(*(_image(_b64(p)) for p in [*photos, photos[0]])), max_tokens=2)
+    err = e.value.body
+    assert (err["param"], err["code"]) == ("messages[0].content[3].image_url.url", "too_many_media")
+    bad = _content(_image(_b64(photos[0])), _image("data:image/png;base64," + base64.b64encode(b"not a picture").decode()))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=tiny_export.name, messages=bad, max_tokens=2)
+    assert (e.value.body["param"], e.value.body["code"]) == ("messages[0].content[1].image_url.url", "invalid_media")
+    assert "upload-" not in e.value.body["message"]  # the temporary file is named by its part, never by its path
