@@ -281,3 +281,21 @@ def test_server_answer_on_several_images_equals_ask(served, pipe, photos, tiny_e
         client.chat.completions.create(model=tiny_export.name, messages=bad, max_tokens=2)
     assert (e.value.body["param"], e.value.body["code"]) == ("messages[0].content[1].image_url.url", "invalid_media")
     assert "upload-" not in e.value.body["message"]  # the temporary file is named by its part, never by its path
+
+
+# ---- the bench -------------------------------------------------------------------------------------------------------
+def test_bench_times_a_question_about_several_images(tiny_export, photos):
+    args = ["bench", str(tiny_export), *(a for p in photos for a in ("--image", str(p))), "--iterations", "1", "--warmup", "0",
+            "--max-new-tokens", "2", "--no-hardware", "--quiet"]
+    res = CliRunner().invoke(cli, [*args, "--backend", "ort,torch", "-o", "json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["config"]["video"] is None and (data["config"]["image"]["images"], data["config"]["image"]["tokens"]) == (3, 12)
+    for v in data["variants"]:  # the runtime and the PyTorch reference, each with its row
+        assert v["error"] is None and v["visual_tokens"] == 12 and v["frames"] == 3, v["name"]
+    ort = next(v for v in data["variants"] if v["backend"] == "ort")
+    assert ort["cache"]["second_hits"] == 1  # the second question on the same images skips the vision graph
+    md = CliRunner().invoke(cli, [*args, "--questions", "1"])
+    assert md.exit_code == 0 and "3 images in one question" in md.stdout and "12 visual tokens" in md.stdout
+    too_many = CliRunner().invoke(cli, ["bench", str(tiny_export), *(a for _ in range(17) for a in ("--image", str(photos[0]))), "--no-hardware"])
+    assert too_many.exit_code == 1 and "17 image(s) in one question" in too_many.output

@@ -155,8 +155,10 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"- {_env_line(result)}")
     img = cfg.get("image")
-    unit = "tiles" if img else "frames"  # an image's anyres tiles stand in for the frames
-    if img:
+    unit = "images" if img and img.get("images") else "tiles" if img else "frames"  # what stands in for the frames
+    if img and img.get("images"):
+        src = f"{img['images']} images in one question ({img['path']}; {img['tokens']} visual tokens; 'video ms' = image decode)"
+    elif img:
         h, w = img["image_size"]
         src = (f"image {img['path']} ({w}x{h} px -> best resolution {img['best_resolution'][1]}x{img['best_resolution'][0]}, "
                f"{img['tiles']} tiles, {img['tokens']} visual tokens; 'video ms' = image decode)")
