@@ -184,7 +184,7 @@ def markdown(result: dict) -> str:
         if c:
             lines.append(
                 f"- feature cache ({ref['name']}, {ref['frames']} {unit}): first question {c['first_ms']:.1f} ms, "
-                f"second question on the same {'image' if img else 'video'} {c['second_ms']:.1f} ms ({c['ratio']:.2f}×; vision {c['second_stages']['vision']:.1f} ms on a hit)"
+                f"second question on the same {'images' if unit == 'images' else 'image' if img else 'video'} {c['second_ms']:.1f} ms ({c['ratio']:.2f}×; vision {c['second_stages']['vision']:.1f} ms on a hit)"
             )
         parts = []
         if ref.get("vision_efficiency") is not None:
