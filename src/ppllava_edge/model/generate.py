@@ -79,4 +79,3 @@ class ReferenceModel:
             return self.answer_pixels(tiles.pixel_values, question, image=True, max_new_tokens=max_new_tokens, num_beams=num_beams, image_size=tiles.image_size)
         pixel_values, _, _ = load_pixel_values(path, num_frames, self.cfg.vision.image_size)  # a video, or a .npy (one row: one tile)
         return self.answer_pixels(pixel_values, question, image=pixel_values.shape[0] == 1, max_new_tokens=max_new_tokens, num_beams=num_beams)
-
