@@ -55,6 +55,29 @@ def test_prompt_has_one_slot_per_image_as_the_authors_tokenizer_reads_it(n):
     assert ids.count(32000) == n and ids[ids.index(32000) + 1] == 13  # "\n" (<0x0A>) after each slot
 
 
+def authors_prompt(roles: tuple[str, str], seps: tuple[str, str], question: str) -> str:
+    """The authors' `Conversation.user_query(question, is_mm=True)` + `get_prompt()` (conv.py, system ""): every
+    `<image>` of a question becomes `<image>\\n`, then role + message + separator + the assistant's role."""
+    mm = "<image>\n"
+    if mm not in question:
+        question = question.replace("<image>", mm) if "<image>" in question else mm + question
+    return roles[0] + question + seps[0] + roles[1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_prompt_text_is_the_authors_multi_image_prompt_for_both_templates(n):
+    from ppllava_edge.conversation import PLAIN_V1, ConversationTemplate, render_text
+
+    q = "Which picture is brighter?"
+    msgs = [{"role": "user", "content": q}]
+    assert render_text(PLAIN_V1, msgs, image=n) == authors_prompt(("USER: ", "ASSISTANT: "), (" ", "</s>"), "<image>" * n + q)
+    plain_qwen = ConversationTemplate(name="plain_qwen", system="<|im_start|>system\n{content}<|im_end|>\n",
+                                      user="<|im_start|>user\n{content}<|im_end|>\n", assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
+                                      generation="<|im_start|>assistant\n")  # conv.py's conv_plain_qwen as data
+    assert render_text(plain_qwen, msgs, image=n) == authors_prompt(("<|im_start|>user\n", "<|im_start|>assistant\n"),
+                                                                    ("<|im_end|>\n", "<|im_end|>\n"), "<image>" * n + q)
+
+
 # ---- the PyTorch model is the authors' multi-image path ----------------------------------------------------------
 def authors_merge(embed, input_ids, image_features):
     """The authors' `_merge_input_ids_with_image_features` for one row, as a loop: every image token is replaced by
