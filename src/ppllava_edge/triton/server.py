@@ -126,10 +126,15 @@ def prepare_backends(files: ServerFiles, folder: Path) -> Path:
 
 
 def prepare_stub_env(files: ServerFiles, folder: Path) -> Path:
-    """A package-less venv for the stubs: numpy 1.x from the server files first, then the project venv."""
+    """A package-less venv for the stubs: numpy 1.x from the server files first, then the project venv. When the
+    running ppllava_edge comes from elsewhere (PYTHONPATH, another checkout: the stub ignores PYTHONPATH), its folder
+    goes first, so the stubs run the code that started the server (unless that folder also holds a numpy)."""
     venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
     site_dir = folder / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     project = Path(sysconfig.get_paths()["purelib"])
+    source = Path(__file__).resolve().parents[2]  # the folder holding the ppllava_edge package that runs now
+    if source != project.resolve() and not (source / "numpy").exists():
+        (site_dir / "_0_ppllava_edge_source.pth").write_text(f"import sys; sys.path.insert(0, {str(source)!r})\n")
     (site_dir / "_a_triton_server_files.pth").write_text(f"import site; site.addsitedir({str(files.site.resolve())!r})\n")
     (site_dir / "_b_project_venv.pth").write_text(f"import site; site.addsitedir({str(project)!r})\n")
     return folder
