@@ -73,3 +73,16 @@ def test_the_checker_finds_a_cycle_and_an_upward_import(arch, tmp_path):
     assert g["ppllava_edge.low.b"] == {"ppllava_edge.high.c", "ppllava_edge.low.a"}
     assert arch.cycles(g) == [["ppllava_edge.high.c", "ppllava_edge.low.a", "ppllava_edge.low.b"]]
     assert arch.upward(g, arch.read_layers(readme)) == [("ppllava_edge.low.b", "ppllava_edge.high.c")]
+
+
+def test_graph_feeds_are_built_by_the_runtime_only(arch, tmp_path):
+    """A graph's feed is built by the stage functions (runtime/stages.py) or by the runners that bind their own inputs
+    (the KV decoders, the native TensorRT runner); a dict that also holds what the route produces is a record of a
+    run (--dump arrays), not a feed. The PyTorch reference (model/) runs no graph: its inputs only share the names."""
+    allowed = {"ppllava_edge.runtime.stages", "ppllava_edge.runtime.decoder", "ppllava_edge.runtime.trt_backend"}
+    assert {m for m in arch.feed_builders(SRC) if not m.startswith("ppllava_edge.model.")} <= allowed
+    pkg = tmp_path / "ppllava_edge"
+    pkg.mkdir()
+    (pkg / "m.py").write_text('def f(s, px, ids):\n    s.run(None, {"pixel_values": px})\n'
+                              '    return {"pixel_values": px, "output_ids": ids}\n')
+    assert arch.feed_builders(pkg) == {"ppllava_edge.m": 1}

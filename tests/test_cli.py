@@ -54,7 +54,7 @@ def test_make_checkpoint_progress_goes_to_stderr_and_lists_every_preset(tmp_path
     from ppllava_edge.model.presets import PRESETS
 
     assert PRESET_NAMES == tuple(PRESETS)
-    assert "[tiny|small|vision-l|mid|7b]" in CliRunner().invoke(cli, ["make-checkpoint", "--help"]).output
+    assert "[tiny|small|vision-l|mid|7b|qwen-tiny|qwen-small|qwen-7b]" in CliRunner().invoke(cli, ["make-checkpoint", "--help"]).output
     res = CliRunner().invoke(cli, ["make-checkpoint", "--preset", "tiny", str(tmp_path / "T")])
     assert res.exit_code == 0, res.output
     assert res.stdout == f"{tmp_path / 'T'}  (tiny preset, 12.8 MB)\n"  # the result only

@@ -99,7 +99,7 @@ def make_manifest(image=336, patch=14, hidden=768, layers=16, kv=12, head_dim=64
     }
 
 
-SMALL = make_manifest()
+SMALL = ExportManifest(Path("small-export"), make_manifest())
 
 
 def fake_export(tmp_path: Path, data: dict) -> ExportManifest:
@@ -126,11 +126,11 @@ def test_eval_dim_expressions():
 
 
 def test_tiny_export_profiles(tiny_export):
-    data = load_manifest(tiny_export).data  # exported with frames 2:8:16
-    limits = resolve_limits(data)
+    manifest = load_manifest(tiny_export)  # exported with frames 2:8:16
+    limits = resolve_limits(manifest)
     assert limits.frames == (2, 8, 16) and limits.max_seq_len == 4096
     assert limits.max_input_len == 8 * 4 + 256  # visual tokens at 16 frames + text headroom
-    prof = graph_profiles(data, limits)
+    prof = graph_profiles(manifest, limits)
     assert prof["vision"] == [{"pixel_values": ((1, 3, 84, 84), (8, 3, 84, 84), (16, 3, 84, 84))}]  # min 1: the image path
     pool = prof["prompt_pool"][0]
     assert pool["keys"] == ((72, 32), (288, 32), (576, 32)) and pool["values"] == ((2, 36, 64), (8, 36, 64), (16, 36, 64))
@@ -184,10 +184,10 @@ def test_bad_limits_are_rejected(kwargs, match):
 
 
 def test_export_starting_above_two_frames_has_no_image_profile():
-    data = make_manifest(frames=(4, 8, 16))
+    manifest = ExportManifest(Path("export"), make_manifest(frames=(4, 8, 16)))
     with pytest.raises(InputError, match="frame range 4..16"):
-        resolve_limits(data, frames=(2, 8, 16))
-    assert graph_profiles(data, resolve_limits(data))["vision"][0]["pixel_values"][0][0] == 4
+        resolve_limits(manifest, frames=(2, 8, 16))
+    assert graph_profiles(manifest, resolve_limits(manifest))["vision"][0]["pixel_values"][0][0] == 4
 
 
 def test_profile_selection_and_json_round_trip():
@@ -262,8 +262,8 @@ def test_compatibility_checks():
     with pytest.raises(EngineBuildError, match=r"built on a Jetson AGX Orin, this is a Jetson Orin Nano \(same GPU architecture, another number of SMs, and no DLA\)"):
         check_compatible(agx, "10.3.0", 87, "Orin", "Jetson Orin Nano")
     check_export(_meta(), SMALL)
-    with pytest.raises(EngineBuildError, match="another export"):
-        check_export(_meta(), {**SMALL, "checkpoint": {"sha256": "cd" * 32}})
+    with pytest.raises(EngineBuildError, match="another export(.|\n)*ppllava-edge build small-export --out ENGINES"):
+        check_export(_meta(), ExportManifest(SMALL.folder, {**SMALL.data, "checkpoint": {"sha256": "cd" * 32}}))
 
 
 def test_check_engine_dir_needs_a_decoder():
@@ -581,11 +581,11 @@ def test_build_option_errors_come_before_the_dependency_check(tiny_export, tmp_p
 def _fake_engine_dir(folder: Path, export_dir: Path) -> Path:
     from ppllava_edge.engine.metadata import export_fingerprint
 
-    data = load_manifest(export_dir).data
-    meta = new_metadata(trt_version="10.3.0", gpu={"name": "Orin", "compute_capability": "8.7", "sm": 87}, export=export_fingerprint(export_dir, data),
+    manifest = load_manifest(export_dir)
+    meta = new_metadata(trt_version="10.3.0", gpu={"name": "Orin", "compute_capability": "8.7", "sm": 87}, export=export_fingerprint(manifest),
                         limits={"frames": [2, 8, 16], "max_input_len": 288, "max_seq_len": 4096, "max_batch": 1}, options={})
     folder.mkdir()
-    for g in data["graphs"]:
+    for g in manifest.graph_names:
         name = engine_file_name(g, "10.3.0", 87)
         (folder / name).write_bytes(b"not a real engine")
         meta["engines"][g] = engine_entry(file=name, onnx=f"{g}.onnx", onnx_sha256={}, precision="fp32", strongly_typed=True, profiles=[], device="gpu",

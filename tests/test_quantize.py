@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -16,12 +17,13 @@ from click.testing import CliRunner
 pytest.importorskip("onnx")
 
 from ppllava_edge.calibration.collect import collect_calibration  # noqa: E402
+from ppllava_edge.calibration.options import QuantizeOptions  # noqa: E402
 from ppllava_edge.calibration.quantize import quantize_export  # noqa: E402
 from ppllava_edge.calibration.readers import histogram_shape_fix, load_calibration  # noqa: E402
 from ppllava_edge.errors import AccuracyError, CalibrationError, InputError  # noqa: E402
 
 # a cheaper gate for tests (fewer prefix cuts and greedy tokens); thresholds are the defaults
-FAST = {"prefill_positions": 3, "greedy_tokens": 4, "quality_tokens": 4}
+FAST = QuantizeOptions(prefill_positions=3, greedy_tokens=4, quality_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_default_int8_passes_gate_and_answers(tiny_export, calib, videos, tmp_pa
     from ppllava_edge.cli.main import cli
 
     out = tmp_path / "q"
-    res = quantize_export(tiny_export, calib, out, trt_cache=True, llm_trt="int8", **FAST)
+    res = quantize_export(tiny_export, calib, out, trt_cache=True, llm_trt="int8", options=FAST)
     assert res.report.passed
     manifest = json.loads((out / "export.json").read_text())
     assert {g: manifest["graphs"][g]["precision"] for g in manifest["graphs"]} == {
@@ -179,7 +181,7 @@ def test_prefill_only_calibration_never_opens_the_decoder(tiny_export, calib, vi
         for k in fa:
             np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
     monkeypatch.undo()
-    res = quantize_export(tiny_export, out, tmp_path / "w8", vision="fp32", pool="fp32", llm="int8-weight", **FAST)
+    res = quantize_export(tiny_export, out, tmp_path / "w8", vision="fp32", pool="fp32", llm="int8-weight", options=FAST)
     assert res.report.passed
     with pytest.raises(InputError, match="decoder=False"):
         pl.Pipeline.from_export(tiny_export, provider="cpu", decoder=False).ask(videos / "clip1.mp4", "Why?", num_frames=2)
@@ -189,7 +191,7 @@ def test_weight_only_and_fp16(tiny_export, calib, videos, tmp_path):
     import onnx
 
     out = tmp_path / "w8"
-    res = quantize_export(tiny_export, calib, out, vision="fp16", pool="fp32", llm="int8-weight", **FAST)
+    res = quantize_export(tiny_export, calib, out, vision="fp16", pool="fp32", llm="int8-weight", options=FAST)
     assert res.report.passed
     m = json.loads((out / "export.json").read_text())
     assert m["graphs"]["vision"]["precision"] == "fp16" and m["graphs"]["decoder"]["precision"] == "int8-weight"
@@ -202,7 +204,7 @@ def test_weight_only_and_fp16(tiny_export, calib, videos, tmp_path):
     assert len(_ask(out, videos / "clip1.mp4").ids) == 4
     # int4 weight-only on a 64-wide random model is measurably degraded: written only with accept_degraded
     out4 = tmp_path / "w4"
-    res4 = quantize_export(tiny_export, calib, out4, vision="fp32", pool="fp32", llm="int4-weight", block_size=16, accept_degraded=True, **FAST)
+    res4 = quantize_export(tiny_export, calib, out4, vision="fp32", pool="fp32", llm="int4-weight", block_size=16, accept_degraded=True, options=FAST)
     m4 = json.loads((out4 / "export.json").read_text())
     assert m4["graphs"]["decoder"]["precision"] == "int4-weight" and m4["quantization"]["block_size"] == 16
     assert json.loads((out4 / "accuracy.json").read_text())["passed"] == res4.report.passed
@@ -216,7 +218,7 @@ def test_gate_fails_on_degraded_decoder(tiny_export, calib, tmp_path):
 
     out = tmp_path / "broken"
     with pytest.raises(AccuracyError, match="decoder logits cosine") as info:
-        quantize_export(tiny_export, calib, out, vision="fp32", pool="fp32", llm="int4-weight", block_size=16, **FAST)
+        quantize_export(tiny_export, calib, out, vision="fp32", pool="fp32", llm="int4-weight", block_size=16, options=FAST)
     assert not out.exists()
     assert not info.value.report.passed
     # the CLI: exit 1, the table and the error on stderr, no traceback, nothing written
@@ -232,9 +234,24 @@ def test_static_int8_decoder_is_refused(tiny_export, calib, tmp_path):
     fp32) is refused with one error naming int8-weight; nothing is written."""
     out = tmp_path / "s8"
     with pytest.raises(InputError, match="int8-weight"):
-        quantize_export(tiny_export, calib, out, llm="int8", **FAST)
+        quantize_export(tiny_export, calib, out, llm="int8", options=FAST)
     r = _run(["quantize", str(tiny_export), "--calib", str(calib), "--out", str(out), "--llm", "int8"])
     assert r.exit_code == 1 and "--llm int8-weight" in r.stderr and "--llm-trt int8" in r.stderr
+    assert not out.exists()
+
+
+def test_impossible_options_are_refused_once_before_the_export_is_read(tmp_path):
+    """QuantizeOptions refuses a combination that can never work when it is built: the CLI builds it first, so a
+    missing export is not even opened (one error naming the option, exit 1, nothing written)."""
+    with pytest.raises(InputError, match="block_size must be a power of two >= 16, got 24"):
+        QuantizeOptions(llm="int4-weight", block_size=24)
+    with pytest.raises(InputError, match="llm_trt must be one of auto, int8, int8-weight, int4-weight, fp32; got 'int3'"):
+        dataclasses.replace(FAST, llm_trt="int3")
+    missing, out = tmp_path / "no-export", tmp_path / "q"
+    r = _run(["quantize", str(missing), "--calib", str(missing), "--out", str(out), "--llm", "int8"])
+    assert r.exit_code == 1 and "--llm int8 (static Q/DQ) is not offered" in r.stderr and str(missing) not in r.stderr
+    r = _run(["quantize", str(missing), "--calib", str(missing), "--out", str(out), "--llm", "int8-weight", "--weight-algorithm", "hqq"])
+    assert r.exit_code == 1 and "hqq re-fits float zero points" in r.stderr and "8-bit" in r.stderr
     assert not out.exists()
 
 
@@ -281,7 +298,7 @@ def test_mixed_shapes_histogram_methods(tiny_export, calib, videos, tmp_path, me
 
     original = HistogramCollector.collect
     out = tmp_path / method
-    res = quantize_export(tiny_export, calib, out, method=method, accept_degraded=True, **kw, **FAST)
+    res = quantize_export(tiny_export, calib, out, method=method, accept_degraded=True, **kw, options=FAST)
     assert HistogramCollector.collect is original
     m = json.loads((out / "export.json").read_text())
     assert m["quantization"]["method"] == method

@@ -149,7 +149,7 @@ def test_quality_rows_on_trained_weights(llm_export, llm_pipe, sample_videos, tm
     passes the trained-LLM thresholds."""
     from ppllava_edge.calibration.collect import collect_calibration
     from ppllava_edge.calibration.quality import measure_quality
-    from ppllava_edge.calibration.gate import TRAINED
+    from ppllava_edge.calibration.options import TRAINED
     from ppllava_edge.calibration.quantize import quantize_export
     from ppllava_edge.calibration.readers import load_calibration
 

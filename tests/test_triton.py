@@ -278,14 +278,14 @@ def fabricated_engines(tiny_export: Path, folder: Path) -> Path:
     from ppllava_edge.engine.metadata import engine_entry, export_fingerprint, new_metadata, write_metadata
     from ppllava_edge.engine.profiles import resolve_limits
 
-    data = load_manifest(tiny_export).data
-    meta = new_metadata(trt_version="10.16.1.11", gpu={"name": "NVIDIA L4", "sm": 89}, export=export_fingerprint(tiny_export, data),
-                        limits=resolve_limits(data).as_dict(), options={})
+    manifest = load_manifest(tiny_export)
+    meta = new_metadata(trt_version="10.16.1.11", gpu={"name": "NVIDIA L4", "sm": 89}, export=export_fingerprint(manifest),
+                        limits=resolve_limits(manifest).as_dict(), options={})
     folder.mkdir()
     for stage in ("vision", "prompt_pool", "image_pool", "decoder"):
         name = f"{stage}.trt10.16.1.sm89.engine"
         (folder / name).write_bytes(b"not a real engine: " + stage.encode())
-        graph = data["backends"]["trt"][stage] if "trt" in data.get("backends", {}) else stage
+        graph = manifest.graph_for(stage, "trt")
         meta["engines"][stage] = engine_entry(file=name, graph=graph, onnx=f"{graph}.onnx", onnx_sha256={}, precision="fp16", strongly_typed=False,
                                               profiles=[], device="gpu", size_bytes=1, build_seconds=0.0, trtexec="")
     write_metadata(folder, meta)
@@ -658,15 +658,13 @@ class TritonPythonModel:
 '''
 
 
-def test_gpu_layout_bls_requests_on_a_cpu_stand_in(tiny_export, sample_video, expected, tmp_path):
-    need_triton()
+def use_cpu_standins(repo: Path) -> Path:
+    """A GPU-layout repository made to run on this CPU host: every instance group on the CPU, the main model on the
+    cpu provider, and each stage model (onnxruntime backend) replaced by ORT_STANDIN (a Python model running its
+    model.onnx with ONNX Runtime)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from ppllava_edge.triton.client import ask_triton
-    from ppllava_edge.triton.server import TritonServer
-
-    repo = write_repository(tiny_export, tmp_path / "repo", RepositoryOptions(kind="gpu", max_tokens=MAX_TOKENS))
     for cfg_path in repo.glob("*/config.pbtxt"):
         cfg = parse_config(cfg_path)
         for g in cfg.instance_group:
@@ -678,6 +676,15 @@ def test_gpu_layout_bls_requests_on_a_cpu_stand_in(tiny_export, sample_video, ex
             cfg.ClearField("optimization")
             (cfg_path.parent / "1" / "model.py").write_text(ORT_STANDIN)
         cfg_path.write_text(text_format.MessageToString(cfg))
+    return repo
+
+
+def test_gpu_layout_bls_requests_on_a_cpu_stand_in(tiny_export, sample_video, expected, tmp_path):
+    need_triton()
+    from ppllava_edge.triton.client import ask_triton
+    from ppllava_edge.triton.server import TritonServer
+
+    repo = use_cpu_standins(write_repository(tiny_export, tmp_path / "repo", RepositoryOptions(kind="gpu", max_tokens=MAX_TOKENS)))
     ports = free_ports()
     with open(tmp_path / "server.log", "w") as log, TritonServer(repo, *ports, log=log) as server:
         for q in QUESTIONS[:2]:

@@ -284,9 +284,9 @@ class FakeHostBuffer:
 def engine_folder(sim: StandIn, tmp_path: Path, data: dict, logits: str = "FLOAT") -> tuple[Path, ExportManifest]:
     """An engine folder for `data` (vision + decoder) whose engine files the stand-in deserializes."""
     manifest = fake_export(tmp_path / "export", data)
-    limits = resolve_limits(data, max_input_len=64, max_seq_len=128)
-    profiles = graph_profiles(data, limits, ["vision", "decoder"])
-    meta = new_metadata(trt_version=sim.version, gpu=dict(GPU), export=export_fingerprint(manifest.folder, data), limits=limits.as_dict(), options={})
+    limits = resolve_limits(manifest, max_input_len=64, max_seq_len=128)
+    profiles = graph_profiles(manifest, limits, ["vision", "decoder"])
+    meta = new_metadata(trt_version=sim.version, gpu=dict(GPU), export=export_fingerprint(manifest), limits=limits.as_dict(), options={})
     folder = tmp_path / "engines"
     folder.mkdir()
     hidden, vocab = 64, 100

@@ -19,8 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "ppllava_edge"
 LAYERS_MARK = "<!-- layers -->"  # the README's layer list follows this line, one layer a line, bottom first
-# the graph inputs a feed dict is built from (a literal dict with one of these keys = a feed built by hand)
+# the graph inputs a feed dict is built from (a literal dict with one of these keys = a feed built by hand) ...
 FEED_KEYS = ("pixel_values", "clip_ids", "inputs_embeds")
+# ... unless it also holds what the route produces: then it is a record of a run (the --dump arrays), not a feed
+RECORD_KEYS = ("relevance", "visual_tokens", "output_ids")
 
 
 def modules(src: Path) -> dict[str, Path]:
@@ -162,11 +164,15 @@ def functions(src: Path) -> list[tuple[int, str]]:
 
 
 def feed_builders(src: Path) -> dict[str, int]:
-    """Module -> count of literal dicts keyed by a graph input (FEED_KEYS): feeds built by hand."""
+    """Module -> count of literal dicts keyed by a graph input (FEED_KEYS) and no route output (RECORD_KEYS): feeds
+    built by hand."""
+    def keys(node: ast.Dict) -> set:
+        return {k.value for k in node.keys if isinstance(k, ast.Constant)}
+
     out = {}
     for mod, f in modules(src).items():
         n = sum(1 for node in ast.walk(ast.parse(f.read_text(), str(f))) if isinstance(node, ast.Dict)
-                and any(isinstance(k, ast.Constant) and k.value in FEED_KEYS for k in node.keys))
+                and keys(node) & set(FEED_KEYS) and not keys(node) & set(RECORD_KEYS))
         if n:
             out[mod] = n
     return out

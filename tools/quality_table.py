@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
+from ppllava_edge.calibration.options import QuantizeOptions
 from ppllava_edge.calibration.quality import compare_answers, reference_answers
 from ppllava_edge.calibration.quantize import quantize_export
 from ppllava_edge.calibration.readers import load_calibration
@@ -111,9 +112,10 @@ def _quantize(args, name: str, vision: str, llm: str, block: int, level: int | N
     out = args.work / name
     t0 = time.perf_counter()
     if not (out / "export.json").is_file():
-        quantize_export(args.export, args.calib, out, vision=vision, pool="fp32", llm=llm, block_size=block, accept_degraded=True,
-                        prefill_positions=1, greedy_tokens=1, quality_tokens=0, force=True, accuracy_level=level, asymmetric=asym,
-                        llm_trt="fp32", weight_algorithm=algorithm)
+        options = QuantizeOptions(vision=vision, pool="fp32", llm=llm, llm_trt="fp32", block_size=block, accuracy_level=level,
+                                  asymmetric=asym, weight_algorithm=algorithm, accept_degraded=True, prefill_positions=1,
+                                  greedy_tokens=1, quality_tokens=0)
+        quantize_export(args.export, args.calib, out, options, force=True)
     mb = round(sum(f.stat().st_size for f in out.glob("decoder*")) / 1e6, 1)
     return Pipeline.from_export(out, provider="cpu"), time.perf_counter() - t0, mb
 

@@ -66,7 +66,7 @@ def main(frames: int, iters: int, exports: list[str], wall_threads: int = 0) -> 
         sessions = [create_session(m.path(m.graph_for("vision")), "cpu", threads=wall_threads, arena="shrink") for m in manifests]
     else:
         sessions = [ort.InferenceSession(str(m.path(m.graph_for("vision"))), _options(), providers=["CPUExecutionProvider"]) for m in manifests]
-    size = manifests[0].data["model"]["image_size"]
+    size = manifests[0].model["image_size"]
     px = np.random.default_rng(0).standard_normal((frames, 3, size, size), dtype=np.float32)
     outs = [s.run(None, {"pixel_values": px}) for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]
@@ -75,7 +75,7 @@ def main(frames: int, iters: int, exports: list[str], wall_threads: int = 0) -> 
             t0 = clock()
             s.run(None, {"pixel_values": px})
             times[j].append(clock() - t0)
-    flops = vision_flops(manifests[0].data["model"], frames)
+    flops = vision_flops(manifests[0].model, frames)
     base = float(np.median(times[0]))
     for m, t, o in zip(manifests, times, outs):
         med = float(np.median(t))

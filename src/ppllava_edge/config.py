@@ -1,10 +1,18 @@
 """Model configuration read from a released checkpoint's config.json (no torch).
 
-The released PPLLaVA Vicuna checkpoints store a LLaVA-NeXT style config.json: top-level PPLLaVA keys
-(`pooling`, `pooling_kernel`, `extend_clip`, `clip_weight`, `btadapter`, ...), a `vision_config` and a
-`text_config` that record only the values that differ from the HF class defaults. Missing values are
-filled with the defaults of transformers' `CLIPVisionConfig` / `LlamaConfig`, exactly as
-`from_pretrained` does, so a real checkpoint gets the real dims.
+The released PPLLaVA checkpoints come in two families (`PPLLaVAConfig.family`, derived from `model_type` here and
+nowhere else):
+
+- "vicuna-clip" (`model_type` llava_next): a LLaVA-NeXT style config.json with a BT-Adapter CLIP tower, a LLaMA
+  (Vicuna) LLM and the OpenAI CLIP text tower for the relevance;
+- "qwen-siglip" (`model_type` llava_onevision, the authors' `LlavaOnevisionVidConfig`): a SigLIP vision tower
+  (no CLS, `vision_feature_layer` -1 / strategy "full"), a Qwen2 LLM and SigLIP's text tower for the relevance.
+
+Both store top-level PPLLaVA keys (`pooling`, `pooling_kernel`, `extend_clip`, `clip_weight`, `btadapter`, ...), a
+`vision_config` and a `text_config` that record only the values that differ from the HF class defaults. Missing
+values are filled with the defaults of transformers' `CLIPVisionConfig` / `LlamaConfig` (vicuna-clip) or
+`SiglipVisionConfig` / `Qwen2Config` (qwen-siglip), exactly as `from_pretrained` does, so a real checkpoint gets the
+real dims.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .conversation import ConversationTemplate
+from .conversation import PLAIN_QWEN, ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
 from .media.anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, default_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
@@ -47,7 +55,27 @@ OPENAI_CLIP_L14_336 = {
     "projection_dim": 768,
     "logit_scale_init_value": 2.6592,
 }
-KNOWN_CLIP_CONFIGS = {"openai/clip-vit-large-patch14-336": OPENAI_CLIP_L14_336}
+# The SigLIP model named by `clip_weight` in the Qwen release (google/siglip-so400m-patch14-384), as its config.json
+# records it (keys that differ from SiglipTextConfig / SiglipVisionConfig defaults): text tower 27 x 1152, MLP 4304,
+# 16 heads, 64 positions, vocab 32000 (SiglipTextConfig defaults); vision tower 27 x 1152 at 384 px, patch 14.
+GOOGLE_SIGLIP_SO400M_384 = {
+    "model_type": "siglip",
+    "text_config": {"hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_text_model", "num_attention_heads": 16, "num_hidden_layers": 27},
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 384,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+    },
+}
+KNOWN_CLIP_CONFIGS = {"openai/clip-vit-large-patch14-336": OPENAI_CLIP_L14_336, "google/siglip-so400m-patch14-384": GOOGLE_SIGLIP_SO400M_384}
+
+VICUNA_CLIP = "vicuna-clip"
+QWEN_SIGLIP = "qwen-siglip"
+FAMILIES = {"llava_next": VICUNA_CLIP, "llava_onevision": QWEN_SIGLIP}  # config.json model_type -> family
 
 # Defaults of transformers' config classes for the keys a LLaVA-NeXT config.json may omit.
 _CLIP_VISION_DEFAULTS = {
@@ -79,6 +107,54 @@ _LLAMA_DEFAULTS = {
     "eos_token_id": 2,
     "pad_token_id": None,
 }
+
+# transformers' SiglipVisionConfig / SiglipTextConfig defaults (4.45.2 and 5.24 agree)
+_SIGLIP_VISION_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+    "num_channels": 3,
+}
+_SIGLIP_TEXT_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 64,
+    "vocab_size": 32000,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+    "pad_token_id": 1,
+    "eos_token_id": 49407,
+    "projection_size": None,  # the text `head` width; None: hidden_size
+}
+# transformers 4.45.2's Qwen2Config defaults (Qwen2Config takes no bos/eos: PretrainedConfig's None)
+_QWEN2_DEFAULTS = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,  # Qwen2 has no such key: its q/k/v always have biases, o_proj never (`qkv_bias`)
+    "mlp_bias": False,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "use_sliding_window": False,
+}
+# LlavaOnevisionConfig defaults the Qwen release relies on when a key is absent
+_ONEVISION_DEFAULTS = {"image_token_index": 151646, "pad_token_id": 151643}
 
 CLIP_KEEP_LEN = 20  # positions < 20 use `position_embedding`, >= 20 `position_embedding_res` (§5)
 EXTENDED_CLIP_LEN = 248  # 4 * 77 - 3 * 20
@@ -142,14 +218,20 @@ class LlamaTextConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     mlp_bias: bool
-    bos_token_id: int
+    bos_token_id: int | None
     eos_token_id: int
     pad_token_id: int | None
     extra: dict = field(default_factory=dict)  # other keys, passed through to LlamaConfig
+    model_type: str = "llama"  # "llama" (Vicuna) or "qwen2"
 
     @property
     def head_dim(self) -> int:
         return self.extra.get("head_dim") or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q/k/v projections carry biases: always in Qwen2, with `attention_bias` in LLaMA (which also biases o_proj)."""
+        return self.model_type == "qwen2" or self.attention_bias
 
 
 @dataclass(frozen=True)
@@ -172,9 +254,16 @@ class PPLLaVAConfig:
     use_image_newline_parameter: bool
     torch_dtype: str
     image_grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_PINPOINTS  # (H, W) pairs, whole tiles
-    # the LLM's conversation template (config.json `conversation_template`; released checkpoints: the authors' plain_v1)
+    # the LLM's conversation template (config.json `conversation_template`; released checkpoints: the authors'
+    # plain_v1 for vicuna-clip, plain_qwen for qwen-siglip)
     conversation: ConversationTemplate = field(default_factory=lambda: ConversationTemplate.from_dict(None))
+    family: str = VICUNA_CLIP  # VICUNA_CLIP or QWEN_SIGLIP (from model_type, `FAMILIES`)
     raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def has_cls(self) -> bool:
+        """The tower's features carry a CLS token to drop (CLIP, strategy "default"); SigLIP has none ("full")."""
+        return self.family == VICUNA_CLIP
 
     @property
     def max_frames(self) -> int:
@@ -229,16 +318,35 @@ def _filled(section: dict, defaults: dict) -> dict:
     return out
 
 
+def _clip_candidates(clip_weight: str, checkpoint_dir: Path | None) -> list[Path]:
+    """Where a `clip_weight` folder may be: relative to the checkpoint folder, then as given."""
+    return ([Path(checkpoint_dir) / clip_weight] if checkpoint_dir is not None else []) + [Path(clip_weight)]
+
+
+def clip_weight_folder(clip_weight: str, checkpoint_dir: Path | None) -> Path:
+    """The local `clip_weight` folder (SigLIP's holds its tokenizer, `spiece.model`).
+
+    Raises:
+        ConfigError: no such folder (a hub id needs a local copy: the package keeps configs, not tokenizers).
+    """
+    candidates = _clip_candidates(clip_weight, checkpoint_dir)
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise ConfigError(
+        f"clip_weight {clip_weight!r}: no such folder (looked in: {', '.join(str(c) for c in candidates)}).\n"
+        "Hint: put a local copy of that model's folder (config.json and its tokenizer, e.g. SigLIP's spiece.model) in the "
+        "checkpoint folder under that name."
+    )
+
+
 def resolve_clip_config(clip_weight: str, checkpoint_dir: Path | None) -> dict:
     """Hyper-parameters of the separate CLIP model named by `clip_weight`.
 
     A known hub id uses the copy kept in this package; a folder (relative to the checkpoint folder
     or absolute) is read from its config.json, which is how users point at a local copy offline.
     """
-    candidates = []
-    if checkpoint_dir is not None:
-        candidates.append(Path(checkpoint_dir) / clip_weight)
-    candidates.append(Path(clip_weight))
+    candidates = _clip_candidates(clip_weight, checkpoint_dir)
     for folder in candidates:
         cfg = folder / "config.json"
         if folder.is_dir() and cfg.is_file():
@@ -253,11 +361,11 @@ def resolve_clip_config(clip_weight: str, checkpoint_dir: Path | None) -> dict:
     )
 
 
-def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVAConfig:
-    """Build a PPLLaVAConfig from a released config.json dict.
+def _check_pooling(raw: dict) -> None:
+    """The released prompt-guided pooling keys (both families).
 
     Raises:
-        ConfigError: legacy keys (`long_clip`, pooling `clipST_3d`), unsupported pooling, bad values.
+        ConfigError: legacy keys (`long_clip`, pooling `clipST_3d`), another pooling, `pllava_pooling_shape`.
     """
     if "long_clip" in raw:
         raise ConfigError(
@@ -275,17 +383,50 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
             f"config.json: pooling={pooling!r} is not supported; ppllava-edge runs the prompt-guided "
             "pooling model (\"pooling\": \"ppllava\")."
         )
-    if not raw.get("btadapter", False):
-        raise ConfigError("config.json: btadapter is false; only the BT-Adapter vision tower of the released Vicuna checkpoints is supported.")
-    model_type = raw.get("model_type", "llava_next")
-    if model_type != "llava_next":
-        raise ConfigError(f"config.json: model_type {model_type!r} is not supported (expected 'llava_next', the Vicuna/CLIP release).")
     if raw.get("pllava_pooling_shape") is not None:
         raise ConfigError("config.json: pllava_pooling_shape is set; only kernel/stride pooling (the released setting) is supported.")
 
-    vraw = _filled(raw.get("vision_config", {}), _CLIP_VISION_DEFAULTS)
-    depth = int(raw.get("btadapter_depth", vraw.get("depth", 4)))
-    max_t = int(raw.get("max_T", vraw.get("max_T", 64)))
+
+def checkpoint_family(raw: dict) -> str:
+    """VICUNA_CLIP or QWEN_SIGLIP from config.json's `model_type` (the one place the family is decided).
+
+    Raises:
+        ConfigError: a model_type of neither release, or a combination of keys we cannot run.
+    """
+    model_type = raw.get("model_type", "llava_next")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ConfigError(
+            f"config.json: model_type {model_type!r} is not supported (expected 'llava_next', the Vicuna/CLIP release, "
+            "or 'llava_onevision', the Qwen2/SigLIP release)."
+        )
+    btadapter = bool(raw.get("btadapter", False))
+    if family == VICUNA_CLIP and not btadapter:
+        raise ConfigError(
+            "config.json: btadapter is false with model_type 'llava_next'; of the Vicuna/CLIP family only the BT-Adapter "
+            "vision tower of the released Vicuna checkpoints is supported."
+        )
+    if family == QWEN_SIGLIP and btadapter:
+        raise ConfigError("config.json: btadapter is true with model_type 'llava_onevision'; the Qwen2/SigLIP release has a plain SigLIP tower (btadapter false).")
+    if family == QWEN_SIGLIP and raw.get("valuew_plus", False):
+        raise ConfigError("config.json: valuew_plus is true; only the released value false (relevance without the MAP head's probe attention) is supported.")
+    return family
+
+
+def _feature_layer(raw: dict, family: str) -> int:
+    """The released feature selection: hidden_states[-2] without CLS (CLIP) or hidden_states[-1], all tokens (SigLIP)."""
+    layer, strategy = (-2, "default") if family == VICUNA_CLIP else (-1, "full")
+    got = int(raw.get("vision_feature_layer", layer))
+    if got != layer:
+        raise ConfigError(f"config.json: vision_feature_layer={got}; only {layer} (the released value of this family) is supported.")
+    if raw.get("vision_feature_select_strategy", strategy) != strategy:
+        raise ConfigError(f"config.json: vision_feature_select_strategy must be {strategy!r} (the released value of this family).")
+    return layer
+
+
+def _vision_config(raw: dict, family: str) -> VisionConfig:
+    vraw = _filled(raw.get("vision_config", {}), _CLIP_VISION_DEFAULTS if family == VICUNA_CLIP else _SIGLIP_VISION_DEFAULTS)
+    depth = int(raw.get("btadapter_depth", vraw.get("depth", 4))) if family == VICUNA_CLIP else 0
     vision = VisionConfig(
         hidden_size=int(vraw["hidden_size"]),
         intermediate_size=int(vraw["intermediate_size"]),
@@ -296,24 +437,28 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         hidden_act=str(vraw["hidden_act"]),
         layer_norm_eps=float(vraw["layer_norm_eps"]),
         btadapter_depth=depth,
-        max_t=max_t,
+        max_t=int(raw.get("max_T", vraw.get("max_T", 64))),
         num_channels=int(vraw.get("num_channels", 3)),
     )
-    if depth < 1 or depth > vision.num_hidden_layers:
+    if family == VICUNA_CLIP and (depth < 1 or depth > vision.num_hidden_layers):
         raise ConfigError(f"config.json: btadapter_depth={depth} must be in 1..{vision.num_hidden_layers}")
-    layer = int(raw.get("vision_feature_layer", -2))
-    if layer != -2:
-        raise ConfigError(f"config.json: vision_feature_layer={layer}; only -2 (the released value) is supported.")
-    if raw.get("vision_feature_select_strategy", "default") != "default":
-        raise ConfigError("config.json: vision_feature_select_strategy must be 'default' (drop CLS).")
+    return vision
 
-    traw = _filled(raw.get("text_config", {}), _LLAMA_DEFAULTS)
+
+def _text_config(raw: dict, family: str) -> LlamaTextConfig:
+    """The LLM's config: LlamaConfig defaults (vicuna-clip) or Qwen2Config defaults (qwen-siglip)."""
+    defaults, model_type = (_LLAMA_DEFAULTS, "llama") if family == VICUNA_CLIP else (_QWEN2_DEFAULTS, "qwen2")
+    traw = _filled(raw.get("text_config", {}), defaults)
     check_rope(traw, "config.json: text_config")
     if traw.get("num_key_value_heads") is None:
         traw["num_key_value_heads"] = traw["num_attention_heads"]
-    known = set(_LLAMA_DEFAULTS)
+    if traw.get("use_sliding_window"):
+        raise ConfigError("config.json: text_config.use_sliding_window is true; only full attention (the released Qwen2 setting) is supported.")
+    if traw.get("eos_token_id") is None:
+        raise ConfigError("config.json: text_config has no eos_token_id; generation needs it to stop.")
+    known = set(defaults)
     extra = {k: v for k, v in traw.items() if k not in known and k not in {"architectures", "_name_or_path", "model_type", "torch_dtype"}}
-    text = LlamaTextConfig(
+    return LlamaTextConfig(
         vocab_size=int(traw["vocab_size"]),
         hidden_size=int(traw["hidden_size"]),
         intermediate_size=int(traw["intermediate_size"]),
@@ -327,21 +472,29 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         tie_word_embeddings=bool(traw["tie_word_embeddings"]),
         attention_bias=bool(traw["attention_bias"]),
         mlp_bias=bool(traw["mlp_bias"]),
-        bos_token_id=int(traw["bos_token_id"]),
+        bos_token_id=None if traw["bos_token_id"] is None else int(traw["bos_token_id"]),
         eos_token_id=int(traw["eos_token_id"]),
         pad_token_id=traw["pad_token_id"],
         extra=extra,
+        model_type=model_type,
     )
 
-    extend_clip = bool(raw.get("extend_clip", False))
-    clip_weight = raw.get("clip_weight")
-    if not clip_weight:
-        raise ConfigError("config.json: 'clip_weight' is missing; it names the CLIP model whose text encoder the projector holds.")
-    craw = resolve_clip_config(str(clip_weight), checkpoint_dir)
-    ct = _filled(craw.get("text_config", {}), OPENAI_CLIP_L14_336["text_config"])
-    cv = _filled(craw.get("vision_config", {}), OPENAI_CLIP_L14_336["vision_config"])
+
+def _relevance_text_config(raw: dict, family: str, extend_clip: bool, clip_weight: str, checkpoint_dir: Path | None) -> ClipTextConfig:
+    """The text tower of the model named by `clip_weight` (CLIP or SigLIP), with the extended context length."""
+    craw = resolve_clip_config(clip_weight, checkpoint_dir)
+    if family == VICUNA_CLIP:
+        ct = _filled(craw.get("text_config", {}), OPENAI_CLIP_L14_336["text_config"])
+        cv = _filled(craw.get("vision_config", {}), OPENAI_CLIP_L14_336["vision_config"])
+        projection = int(craw.get("projection_dim", ct.get("projection_dim", 768)))
+        eos = int(ct.get("eos_token_id", 2))
+    else:
+        ct = _filled(craw.get("text_config", {}), _SIGLIP_TEXT_DEFAULTS)
+        cv = _filled(craw.get("vision_config", {}), _SIGLIP_VISION_DEFAULTS)
+        projection = int(ct["projection_size"] or ct["hidden_size"])  # the text `head`: Linear(hidden, projection_size)
+        eos = int(ct["eos_token_id"])
     n_pos = int(ct["max_position_embeddings"])
-    clip_text = ClipTextConfig(
+    return ClipTextConfig(
         hidden_size=int(ct["hidden_size"]),
         intermediate_size=int(ct["intermediate_size"]),
         num_hidden_layers=int(ct["num_hidden_layers"]),
@@ -350,11 +503,37 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         vocab_size=int(ct["vocab_size"]),
         hidden_act=str(ct["hidden_act"]),
         layer_norm_eps=float(ct["layer_norm_eps"]),
-        eos_token_id=int(ct.get("eos_token_id", 2)),
-        projection_dim=int(craw.get("projection_dim", ct.get("projection_dim", 768))),
+        eos_token_id=eos,
+        projection_dim=projection,
         clip_vision_hidden_size=int(cv["hidden_size"]),
         context_length=4 * n_pos - 3 * CLIP_KEEP_LEN if extend_clip else n_pos,
     )
+
+
+def onevision_pinpoints(tile: int) -> tuple[tuple[int, int], ...]:
+    """LlavaOnevisionConfig's default `image_grid_pinpoints`: every (i, j) grid of 1..6 x 1..6 tiles."""
+    return tuple((i * tile, j * tile) for i in range(1, 7) for j in range(1, 7))
+
+
+def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVAConfig:
+    """Build a PPLLaVAConfig from a released config.json dict (either family, see the module doc).
+
+    Raises:
+        ConfigError: legacy keys (`long_clip`, pooling `clipST_3d`), unsupported pooling or family, bad values.
+    """
+    _check_pooling(raw)
+    family = checkpoint_family(raw)
+    top = dict(_ONEVISION_DEFAULTS) if family == QWEN_SIGLIP else {}
+    top.update({k: v for k, v in raw.items() if v is not None})
+    vision = _vision_config(raw, family)
+    layer = _feature_layer(raw, family)
+    text = _text_config(raw, family)
+
+    extend_clip = bool(raw.get("extend_clip", False))
+    clip_weight = raw.get("clip_weight")
+    if not clip_weight:
+        raise ConfigError("config.json: 'clip_weight' is missing; it names the CLIP model whose text encoder the projector holds.")
+    clip_text = _relevance_text_config(raw, family, extend_clip, str(clip_weight), checkpoint_dir)
 
     kernel = _triple(raw.get("pooling_kernel"), "pooling_kernel")
     stride = _triple(raw.get("pooling_stride", kernel), "pooling_stride")
@@ -376,6 +555,13 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
             f"CLIP model config: vision hidden_size {clip_text.clip_vision_hidden_size} != the tower's "
             f"{vision.hidden_size}; clip_visual_ln is applied to the tower's features."
         )
+    if family == QWEN_SIGLIP and clip_text.projection_dim != vision.hidden_size:
+        raise ConfigError(
+            f"SigLIP model config: the text head's width {clip_text.projection_dim} != the tower's hidden_size "
+            f"{vision.hidden_size}; the relevance compares the text head's output with the patch value head's."
+        )
+    default_points = default_pinpoints(vision.image_size) if family == VICUNA_CLIP else onevision_pinpoints(vision.image_size)
+    template = raw.get("conversation_template") or (PLAIN_QWEN.to_dict() if family == QWEN_SIGLIP else None)
 
     return PPLLaVAConfig(
         vision=vision,
@@ -390,13 +576,14 @@ def config_from_dict(raw: dict, checkpoint_dir: Path | None = None) -> PPLLaVACo
         extend_clip=extend_clip,
         clip_weight=str(clip_weight),
         vision_feature_layer=layer,
-        image_token_index=int(raw.get("image_token_index", 32000)),
-        pad_token_id=int(raw.get("pad_token_id", 0) or 0),
+        image_token_index=int(top.get("image_token_index", 32000)),
+        pad_token_id=int(top.get("pad_token_id", 0) or 0),
         projector_hidden_act=str(raw.get("projector_hidden_act", "gelu")),
         use_image_newline_parameter=bool(raw.get("use_image_newline_parameter", True)),
         torch_dtype=str(raw.get("torch_dtype", "float32")),
-        image_grid_pinpoints=check_pinpoints(raw.get("image_grid_pinpoints") or default_pinpoints(vision.image_size), vision.image_size, "config.json: image_grid_pinpoints"),
-        conversation=ConversationTemplate.from_dict(raw.get("conversation_template")),
+        image_grid_pinpoints=check_pinpoints(raw.get("image_grid_pinpoints") or default_points, vision.image_size, "config.json: image_grid_pinpoints"),
+        conversation=ConversationTemplate.from_dict(template),
+        family=family,
         raw=raw,
     )
 

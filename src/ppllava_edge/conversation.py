@@ -2,9 +2,10 @@
 
 A template is a handful of strings with one `{content}` slot each, recorded in the checkpoint's config.json
 (`conversation_template`) and in export.json, so `generate`, `export`, `ask`, `chat` and the server render the same
-prompt. Released PPLLaVA checkpoints have none and use the authors' `plain_v1` (Vicuna):
+prompt. Released PPLLaVA checkpoints have none and use the authors' `plain_v1` (Vicuna) or `plain_qwen` (Qwen2):
 
     USER: <image>\\n{question} ASSISTANT:                      (BOS first; earlier turns end with </s>)
+    <|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n      (no BOS)
 
 `make-checkpoint --llm` derives the template from the LLM's own chat template (a Jinja string: the GGUF's
 `tokenizer.chat_template` or tokenizer_config.json's `chat_template`) by rendering probe conversations, and keeps it
@@ -105,6 +106,20 @@ PLAIN_V1 = ConversationTemplate(
     generation="ASSISTANT: ",
     bos=True,
     source="the authors' plain_v1 (Vicuna)",
+)
+
+# The authors' plain_qwen (ppllava/conversation/conv.py, the Qwen2 release): system "" (a system text would be written
+# bare, followed by the user separator), roles "<|im_start|>user\n" / "<|im_start|>assistant\n", separators
+# "<|im_end|>\n" for both, mm_token "<image>\n"; Qwen2's tokenizer adds no BOS. One question:
+# "<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n".
+PLAIN_QWEN = ConversationTemplate(
+    name="plain_qwen",
+    system=SLOT + "<|im_end|>\n",
+    user="<|im_start|>user\n" + SLOT + "<|im_end|>\n",
+    assistant="<|im_start|>assistant\n" + SLOT + "<|im_end|>\n",
+    generation="<|im_start|>assistant\n",
+    bos=False,
+    source="the authors' plain_qwen (Qwen2)",
 )
 
 

@@ -17,25 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .manifest import ExportManifest, graph_files, load_manifest
-
-WEIGHTS_KEY = "weights"
-
-
-def export_files(folder: str | os.PathLike, data: dict) -> list[Path]:
-    """Every file of an export that export.json names or that a graph reads (external data), sorted."""
-    manifest = ExportManifest(Path(folder), data)
-    files = set(manifest.data_files())
-    for graph in data["graphs"]:
-        files.update(graph_files(manifest.path(graph)))
-    return sorted(files)
+from .manifest import ExportManifest, load_manifest
 
 
 def file_digests(folder: str | os.PathLike, data: dict) -> dict[str, dict]:
-    """export.json's `weights` entry for the files in `folder` (reads every byte once)."""
+    """export.json's `weights` entry for the files in `folder` that the manifest `data` being written names (reads
+    every byte once)."""
     from .digest import file_digest, sha256_file
 
-    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p), "sampled_sha256": file_digest(p)} for p in export_files(folder, data)}
+    files = ExportManifest(Path(folder), data).files()
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p), "sampled_sha256": file_digest(p)} for p in files}
 
 
 def quick_problem(path: Path, record: dict | None) -> str | None:
@@ -63,7 +54,7 @@ def damaged(path: Path, problem: str, error=ConfigError):
 
 def check_files(manifest: ExportManifest, paths: list[Path], error=ConfigError) -> None:
     """Refuse the first of `paths` whose size or sampled digest differs from export.json's `weights`."""
-    records = manifest.data.get(WEIGHTS_KEY) or {}
+    records = manifest.weights or {}
     for path in paths:
         problem = quick_problem(path, records.get(path.name))
         if problem is not None:
@@ -93,8 +84,8 @@ def verify_export(folder: str | os.PathLike, progress=None) -> VerifyReport:
     from .digest import sha256_file
 
     manifest = load_manifest(folder)
-    records = manifest.data.get(WEIGHTS_KEY)
-    files = export_files(manifest.folder, manifest.data)
+    records = manifest.weights
+    files = manifest.files()
     out = []
     for i, path in enumerate(files):
         record = (records or {}).get(path.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ GRAPHS = ("vision", "prompt_pool", "image_pool", "projector_head", "decoder")
 STAGES = GRAPHS
 BACKENDS = ("ort", "trt")
 SHARED_DATA = ("pools.onnx.data",)  # external data shared by several graphs (exporter.POOL_DATA)
+WEIGHTS_KEY = "weights"  # export.json: file name -> {"bytes", "sha256", "sampled_sha256"} (integrity.py)
 
 
 def graph_files(path: Path) -> list[Path]:
@@ -49,7 +51,22 @@ class ExportManifest:
         return [self.path(n) for n in names]
 
     def graph(self, name: str) -> dict:
+        """A graph's entry: file, inputs / outputs with their dims, precision, contract, ops, quantization."""
         return self.data["graphs"][name]
+
+    def has_graph(self, name: str) -> bool:
+        return name in self.data["graphs"]
+
+    def files(self) -> list[Path]:
+        """Every file of the export that export.json names or that a graph reads (external data), sorted."""
+        files = set(self.data_files())
+        for graph in self.data["graphs"]:
+            files.update(graph_files(self.path(graph)))
+        return sorted(files)
+
+    def to_dict(self) -> dict:
+        """A deep copy of export.json's content: the start of a derived export's manifest (`quantize`)."""
+        return json.loads(json.dumps(self.data))
 
     def graph_for(self, stage: str, backend: str = "ort") -> str:
         """The graph (a key of `graphs`) that `backend` ('ort' or 'trt') runs for `stage`.
@@ -58,14 +75,14 @@ class ExportManifest:
         as GroupQueryAttention) and one of standard ONNX ops that TensorRT's parser takes. `export.json` records
         the choice under `backends`; exports without that entry use the stage's own graph for every backend.
         """
-        return graph_for(self.data, stage, backend)
+        return self.data.get("backends", {}).get(backend, {}).get(stage, stage)
 
     def backend_graphs(self, backend: str = "ort") -> dict[str, str]:
         """stage -> graph for every stage this export has, as `backend` runs them."""
         out = {}
         for stage in STAGES:
             graph = self.graph_for(stage, backend)
-            if graph in self.data["graphs"]:
+            if self.has_graph(graph):
                 out[stage] = graph
         return out
 
@@ -104,6 +121,16 @@ class ExportManifest:
     @property
     def image_token_id(self) -> int:
         return int(self.data["image_token_id"])
+
+    @property
+    def weights(self) -> dict | None:
+        """`weights`: each file's size and digests (integrity.py); None for an export made before they were recorded."""
+        return self.data.get(WEIGHTS_KEY)
+
+    @property
+    def image_tokens(self) -> int:
+        """Visual tokens of the largest image (anyres tiles), 0 for an export made before image tiles."""
+        return int(self.data.get("image_tokens", 0))
 
     @property
     def image_rules(self) -> dict | None:
@@ -176,11 +203,6 @@ class ExportManifest:
 
     def visual_tokens(self, num_frames: int) -> int:
         return (num_frames // self.data["pooling"]["kernel"][0]) * self.data["visual_tokens_per_frame_pair"]
-
-
-def graph_for(data: dict, stage: str, backend: str = "ort") -> str:
-    """`ExportManifest.graph_for` on a raw export.json dict."""
-    return data.get("backends", {}).get(backend, {}).get(stage, stage)
 
 
 def load_manifest(folder: str | Path) -> ExportManifest:

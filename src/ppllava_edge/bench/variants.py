@@ -259,7 +259,8 @@ class TorchRunner(VariantRunner):
         s: dict[str, float] = {}
         steps: list[float] = []
         start = time.perf_counter()
-        clip_ids, input_ids = self.ref.tokenize(question, images=slots)
+        clip_ids, clip_mask = self.ref.relevance.encode(question)  # SigLIP's padding mask (None for CLIP)
+        input_ids = self.ref.prompt_ids(question, images=slots)
         if slots > 1:
             read = read_images(video, cfg.vision.image_size)
         else:
@@ -270,7 +271,8 @@ class TorchRunner(VariantRunner):
             feats = model.encode_tiles(torch.from_numpy(px)) if image else model.encode_video(torch.from_numpy(px))  # several images: one clip
             keys, values = proj.keys(feats), proj.values(feats)
             t3 = time.perf_counter()
-            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image or slots > 1)
+            mask = {} if clip_mask is None else {"clip_mask": torch.from_numpy(clip_mask)[None]}
+            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image or slots > 1, **mask)
             if image:
                 tokens = model.assemble_image(tokens, model.image_layout(px.shape[0], shown))
             t4 = time.perf_counter()

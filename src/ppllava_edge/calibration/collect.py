@@ -14,7 +14,7 @@ a video with no question at all is an error.
 What is stored in CALIB (numpy only, no torch; `readers.py` turns it into ONNX Runtime data readers):
 
 - ``vision/NNNN.npz``: ``pixel_values [T,3,S,S]``, one per video (T cycles through ``frames``);
-- ``prompt_pool/NNNN.npz``: ``clip_ids [1,248]``, ``keys``, ``values`` (from the fp32 vision graph), one per
+- ``prompt_pool/NNNN.npz``: ``clip_ids [1,248]`` (and ``clip_mask [1,196]`` for a SigLIP export), ``keys``, ``values`` (from the fp32 vision graph), one per
   (video, question) pair;
 - ``image_pool/NNNN.npz``: the same for the video's first frame run as a single image;
 - ``decoder/NNNN.npz``: ``inputs_embeds [1,L,D]`` (the real prompt: text embeddings with the pooled visual tokens
@@ -232,176 +232,29 @@ def collect_calibration(
         CalibrationError: empty folder, unreadable videos with on_bad_video="fail" (or all unreadable), malformed
             JSONL (line numbers), bad options.
     """
-    from ..runtime.decoder import kv_names
-    from ..runtime.pipeline import Pipeline, Timings
-    from ..runtime.stages import encode, pool
+    from ..runtime.pipeline import Pipeline
 
     t_start = time.perf_counter()
-    if on_bad_video not in ("skip", "fail"):
-        raise CalibrationError(f"on_bad_video must be 'skip' or 'fail', got {on_bad_video!r}")
-    if samples < 1:
-        raise CalibrationError(f"samples must be >= 1, got {samples}")
-    if decode_steps < 0:
-        raise CalibrationError(f"decode_steps must be >= 0, got {decode_steps}")
-    if not 0.0 <= holdout < 1.0:
-        raise CalibrationError(f"holdout must be in [0, 1), got {holdout}")
-    manifest = load_manifest(export_dir)
-    dtype = manifest.dtype
-    precisions = {g: manifest.precision(g) for g in manifest.graph_names}
-    if any(p != dtype for p in precisions.values()):
-        raise CalibrationError(
-            f"{export_dir}: calibration needs an export as written by `ppllava-edge export` (fp32 or fp16), but it holds {precisions}.\n"
-            "Hint: point calibrate at the folder written by `ppllava-edge export`, not a quantized one."
-        )
-    fmin, fopt, fmax = manifest.frames
-    frame_list = [fopt] if frames is None else ([int(frames)] if isinstance(frames, (int, np.integer)) else [int(f) for f in frames])
-    bad_frames = [f for f in frame_list if not max(fmin, 2) <= f <= fmax]
-    if not frame_list or bad_frames:
-        raise CalibrationError(f"frames {bad_frames or frame_list} outside this export's frame range {max(fmin, 2)}..{fmax}")
-
+    _check_options(on_bad_video, samples, decode_steps, holdout)
+    manifest = _source_export(export_dir)
+    frame_list = _frame_list(frames, manifest)
     videos_dir, qpath = Path(videos_dir), Path(questions)
-    qs = read_questions(qpath)
-    videos = list_videos(videos_dir)
-    if not videos:
-        raise CalibrationError(
-            f"{videos_dir}: no video files in this folder (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})."
-        )
-    pairs = _pairs(videos, qs, videos_dir, qpath)
-    videos = sorted({p for p, _ in pairs} | set(videos))
-    lonely = [p.name for p in videos if not any(v == p for v, _ in pairs)]
-    if lonely:
-        raise CalibrationError(f"{qpath}: no question applies to video(s) {', '.join(lonely[:_MAX_LISTED])}.\nHint: add a line without \"video\" to ask it about every video.")
-
+    videos, pairs = _video_questions(videos_dir, qpath)
     # --decode-steps 0: prefill feeds only, taken from the prompt without running the decoder (a weight-only LLM needs
     # no decoder activations; the fp16 7B decoder would not fit in RAM on a CPU, see Pipeline's `decoder`)
     pipe = Pipeline.from_export(export_dir, provider="cpu", threads=threads, decoder=decode_steps > 0)
-    m = manifest.model
-    clip_len = m["clip_text_length"]
-    ctx = m["max_position_embeddings"]
-    total = len(videos) + min(len(pairs), samples)
-    done = 0
-
-    # 1) vision: one clip per video (also rejects unreadable videos before any pair runs)
-    feats: dict[Path, dict] = {}
-    skipped: list[tuple[str, str]] = []
-    for i, path in enumerate(videos):
-        t = frame_list[i % len(frame_list)]
-        try:
-            values, keys, vin = pipe.features(path, t, Timings(), need_pixels=True)
-        except VideoError as exc:
-            skipped.append((str(path), str(exc).splitlines()[0]))
-            log.info("skipping unreadable video %s: %s", path, exc)
-        else:
-            px = vin.pixel_values
-            iv, ik = encode(pipe.sessions["vision"], np.ascontiguousarray(px[:1]))
-            feats[path] = {"frames": t, "pixel_values": px, "values": values, "keys": keys, "image_values": iv, "image_keys": ik}
-        done += 1
-        if progress:
-            progress(done, total)
-    if skipped and (on_bad_video == "fail" or not feats):
-        listed = "\n".join(f"  {v}: {r}" for v, r in skipped[:_MAX_LISTED])
-        more = f"\n  ... and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
-        why = "no readable video left" if not feats else "--on-bad-video fail"
-        raise CalibrationError(
-            f"{len(skipped)} of {len(videos)} video(s) could not be read ({why}):\n{listed}{more}"
-            + ("\nHint: --on-bad-video skip leaves them out." if feats else "")
-        )
+    counter = _Counter(progress, len(videos) + min(len(pairs), samples))
+    feats, skipped = _encode_videos(pipe, videos, frame_list, counter)
+    _refuse_unreadable(skipped, feats, len(videos), on_bad_video)
     pairs = _select([pq for pq in pairs if pq[0] in feats], samples)
-    total = done + len(pairs)
-    good_videos = sorted(feats)
-
-    # split: held-out videos (>= 2 videos) or held-out pairs (1 video)
-    notes: list[str] = []
-    if holdout == 0 or len(pairs) < 2:
-        held_video: set[Path] = set()
-        held_pair: set[int] = set()
-        notes.append("no held-out samples: the accuracy gate measures on calibration samples")
-    elif len(good_videos) >= 2:
-        n = min(len(good_videos) - 1, max(1, math.ceil(holdout * len(good_videos))))
-        held_video, held_pair = set(good_videos[-n:]), set()
-    else:
-        n = min(len(pairs) - 1, max(1, math.ceil(holdout * len(pairs))))
-        held_video, held_pair = set(), set(range(len(pairs) - n, len(pairs)))
-
-    def split_of(video: Path, pair: int | None) -> str:
-        return "holdout" if video in held_video or (pair is not None and pair in held_pair) else "calib"
-
+    counter.total = counter.done + len(pairs)
+    split = _Split.of(sorted(feats), pairs, holdout)
     with AtomicDir(out, force) as tmp:
-        for g in GRAPHS:
-            (tmp / g).mkdir()
-        records: dict[str, list[dict]] = {g: [] for g in GRAPHS}
-        video_ids = {p: k for k, p in enumerate(good_videos)}
-        for p in good_videos:
-            k = video_ids[p]
-            f = feats[p]
-            name = f"vision/{k:04d}.npz"
-            np.savez(tmp / name, pixel_values=f["pixel_values"])
-            records["vision"].append({"file": name, "video": k, "source": None, "split": split_of(p, None), "frames": f["frames"]})
-        sources = []
-        for s, (path, q) in enumerate(pairs):
-            f = feats[path]
-            split = split_of(path, s)
-            vid = video_ids[path]
-            input_ids = np.asarray(pipe.llama.prompt_ids(q.question), dtype=np.int64)
-            clip_ids = pipe.clip.encode(q.question, clip_len)[None].astype(np.int64)
-            tokens, _ = pool(pipe.sessions["prompt_pool"], clip_ids, f["keys"], f["values"])
-            np.savez(tmp / f"prompt_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["keys"], values=f["values"])
-            records["prompt_pool"].append({"file": f"prompt_pool/{s:04d}.npz", "source": s, "video": vid, "split": split, "frames": f["frames"]})
-            np.savez(tmp / f"image_pool/{s:04d}.npz", clip_ids=clip_ids, keys=f["image_keys"], values=f["image_values"])
-            records["image_pool"].append({"file": f"image_pool/{s:04d}.npz", "source": s, "video": vid, "split": split, "frames": 1})
-            embeds = pipe.embed_prompt(input_ids, tokens)[None]  # [1, L, D]
-            L = int(embeds.shape[1])
-            steps = min(decode_steps, ctx - L)
-            if steps < 0:
-                raise CalibrationError(f"{q.question!r} on {path.name}: the prompt of {L} tokens exceeds the LLM context of {ctx}; use fewer frames")
-            ids, step_embeds = [], []
-            if steps > 0:
-                dec = pipe.decoder
-                dec.reset(1)
-                logits = dec.forward(embeds)
-                for j in range(steps):
-                    tok = int(np.argmax(logits[0]))
-                    ids.append(tok)
-                    step_embeds.append(pipe.embed(np.asarray([tok]))[0])
-                    if j < steps - 1:
-                        logits = dec.forward(step_embeds[-1][None])
-                past = {n: np.array(a) for n, a in zip(dec.past_names, dec.past())}  # [1, KV, L+steps-1 (or L), HD]
-            else:  # the prefill feed's empty past, shaped by the model
-                past = {n: np.zeros((1, m["num_kv_heads"], 0, m["head_dim"]), np.float32) for n in kv_names(m["num_layers"])[0]}
-            d = pipe.embed_table.shape[1]
-            np.savez(
-                tmp / f"decoder/{s:04d}.npz", inputs_embeds=embeds.astype(np.float32), input_ids=input_ids,
-                step_ids=np.asarray(ids, np.int64), step_embeds=np.asarray(step_embeds, np.float32).reshape(steps, 1, d), **past,
-            )
-            records["decoder"].append({"file": f"decoder/{s:04d}.npz", "source": s, "video": vid, "split": split, "kind": "prefill", "seq": L})
-            for j in range(steps):
-                records["decoder"].append({"file": f"decoder/{s:04d}.npz", "source": s, "video": vid, "split": split, "kind": "decode", "step": j, "past": L + j})
-            sources.append({"id": s, "video_index": vid, "video": str(path.relative_to(videos_dir)) if path.is_relative_to(videos_dir) else str(path),
-                            "question": q.question, "line": q.line, "frames": f["frames"], "prompt_tokens": L, "split": split})
-            done += 1
-            if progress:
-                progress(done, total)
-
-        feeds = {
-            "vision": len(records["vision"]),
-            "prompt_pool": len(records["prompt_pool"]),
-            "image_pool": len(records["image_pool"]),
-            "decoder (prefill)": sum(r["kind"] == "prefill" for r in records["decoder"]),
-            "decoder (decode)": sum(r["kind"] == "decode" for r in records["decoder"]),
-        }
-        shapes = {
-            "vision": _range([r["frames"] for r in records["vision"]], "T"),
-            "prompt_pool": _range([r["frames"] for r in records["prompt_pool"]], "T"),
-            "image_pool": "T 1",
-            "decoder (prefill)": _range([r["seq"] for r in records["decoder"] if r["kind"] == "prefill"], "L"),
-        }
-        if feeds["decoder (decode)"]:
-            shapes["decoder (decode)"] = _range([r["past"] for r in records["decoder"] if r["kind"] == "decode"], "past")
-        nbytes = sum(p.stat().st_size for p in tmp.rglob("*.npz"))
+        records, sources = _write_feeds(tmp, pipe, feats, pairs, split, decode_steps, videos_dir, counter)
         summary = CalibrationSummary(
-            folder=Path(out), videos=len(good_videos), skipped=skipped, sources=len(sources),
-            holdout_sources=sum(s["split"] == "holdout" for s in sources), feeds=feeds, shapes=shapes,
-            bytes=nbytes, seconds=time.perf_counter() - t_start, notes=notes,
+            folder=Path(out), videos=len(feats), skipped=skipped, sources=len(sources),
+            holdout_sources=sum(s["split"] == "holdout" for s in sources), feeds=_feed_counts(records), shapes=_feed_shapes(records),
+            bytes=sum(p.stat().st_size for p in tmp.rglob("*.npz")), seconds=time.perf_counter() - t_start, notes=split.notes,
         )
         index = {
             "format": INDEX_FORMAT,
@@ -420,3 +273,234 @@ def collect_calibration(
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
     return summary
+
+
+def _check_options(on_bad_video: str, samples: int, decode_steps: int, holdout: float) -> None:
+    if on_bad_video not in ("skip", "fail"):
+        raise CalibrationError(f"on_bad_video must be 'skip' or 'fail', got {on_bad_video!r}")
+    if samples < 1:
+        raise CalibrationError(f"samples must be >= 1, got {samples}")
+    if decode_steps < 0:
+        raise CalibrationError(f"decode_steps must be >= 0, got {decode_steps}")
+    if not 0.0 <= holdout < 1.0:
+        raise CalibrationError(f"holdout must be in [0, 1), got {holdout}")
+
+
+def _source_export(export_dir: str | Path):
+    """The export to calibrate on: one as `ppllava-edge export` wrote it (no graph quantized)."""
+    manifest = load_manifest(export_dir)
+    precisions = {g: manifest.precision(g) for g in manifest.graph_names}
+    if any(p != manifest.dtype for p in precisions.values()):
+        raise CalibrationError(
+            f"{export_dir}: calibration needs an export as written by `ppllava-edge export` (fp32 or fp16), but it holds {precisions}.\n"
+            "Hint: point calibrate at the folder written by `ppllava-edge export`, not a quantized one."
+        )
+    return manifest
+
+
+def _frame_list(frames: int | Sequence[int] | None, manifest) -> list[int]:
+    """The frame counts cycled over videos (default: the export's opt), each inside the export's range."""
+    fmin, fopt, fmax = manifest.frames
+    frame_list = [fopt] if frames is None else ([int(frames)] if isinstance(frames, (int, np.integer)) else [int(f) for f in frames])
+    bad_frames = [f for f in frame_list if not max(fmin, 2) <= f <= fmax]
+    if not frame_list or bad_frames:
+        raise CalibrationError(f"frames {bad_frames or frame_list} outside this export's frame range {max(fmin, 2)}..{fmax}")
+    return frame_list
+
+
+def _video_questions(videos_dir: Path, qpath: Path) -> tuple[list[Path], list[tuple[Path, Question]]]:
+    """(every video, the (video, question) pairs); refuses an empty folder and a video no question applies to."""
+    qs = read_questions(qpath)
+    videos = list_videos(videos_dir)
+    if not videos:
+        raise CalibrationError(
+            f"{videos_dir}: no video files in this folder (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})."
+        )
+    pairs = _pairs(videos, qs, videos_dir, qpath)
+    videos = sorted({p for p, _ in pairs} | set(videos))
+    lonely = [p.name for p in videos if not any(v == p for v, _ in pairs)]
+    if lonely:
+        raise CalibrationError(f"{qpath}: no question applies to video(s) {', '.join(lonely[:_MAX_LISTED])}.\nHint: add a line without \"video\" to ask it about every video.")
+    return videos, pairs
+
+
+@dataclass
+class _Counter:
+    """progress(done, total) after each video and each pair."""
+
+    progress: Progress | None
+    total: int
+    done: int = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
+@dataclass
+class ClipFeatures:
+    """One video's vision side, computed once and stored for every graph: its pixels, the vision graph's values /
+    keys of the clip, and of its first frame run alone (the image_pool feeds)."""
+
+    frames: int
+    pixel_values: np.ndarray
+    values: np.ndarray
+    keys: np.ndarray
+    image_values: np.ndarray
+    image_keys: np.ndarray
+
+
+def _encode_videos(pipe, videos: list[Path], frame_list: list[int], counter: _Counter) -> tuple[dict[Path, ClipFeatures], list[tuple[str, str]]]:
+    """The vision graph on one clip per video (video i at frame_list[i % n]); unreadable videos are returned as
+    (video, reason) instead, before any pair runs."""
+    from ..runtime.pipeline import Timings
+    from ..runtime.stages import encode
+
+    feats: dict[Path, ClipFeatures] = {}
+    skipped: list[tuple[str, str]] = []
+    for i, path in enumerate(videos):
+        t = frame_list[i % len(frame_list)]
+        try:
+            values, keys, vin = pipe.features(path, t, Timings(), need_pixels=True)
+        except VideoError as exc:
+            skipped.append((str(path), str(exc).splitlines()[0]))
+            log.info("skipping unreadable video %s: %s", path, exc)
+        else:
+            px = vin.pixel_values
+            iv, ik = encode(pipe.sessions["vision"], np.ascontiguousarray(px[:1]))
+            feats[path] = ClipFeatures(t, px, values, keys, iv, ik)
+        counter.tick()
+    return feats, skipped
+
+
+def _refuse_unreadable(skipped: list[tuple[str, str]], feats: dict, videos: int, on_bad_video: str) -> None:
+    """One CalibrationError listing the unreadable videos with --on-bad-video fail, or when none is left."""
+    if not skipped or (on_bad_video != "fail" and feats):
+        return
+    listed = "\n".join(f"  {v}: {r}" for v, r in skipped[:_MAX_LISTED])
+    more = f"\n  ... and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
+    why = "no readable video left" if not feats else "--on-bad-video fail"
+    raise CalibrationError(
+        f"{len(skipped)} of {videos} video(s) could not be read ({why}):\n{listed}{more}"
+        + ("\nHint: --on-bad-video skip leaves them out." if feats else "")
+    )
+
+
+@dataclass
+class _Split:
+    """Which samples the accuracy gate keeps out of calibration: held-out videos (>= 2 videos) or held-out pairs
+    (1 video)."""
+
+    videos: set[Path]
+    pairs: set[int]
+    notes: list[str]
+
+    @classmethod
+    def of(cls, good_videos: list[Path], pairs: list, holdout: float) -> _Split:
+        if holdout == 0 or len(pairs) < 2:
+            return cls(set(), set(), ["no held-out samples: the accuracy gate measures on calibration samples"])
+        if len(good_videos) >= 2:
+            n = min(len(good_videos) - 1, max(1, math.ceil(holdout * len(good_videos))))
+            return cls(set(good_videos[-n:]), set(), [])
+        n = min(len(pairs) - 1, max(1, math.ceil(holdout * len(pairs))))
+        return cls(set(), set(range(len(pairs) - n, len(pairs))), [])
+
+    def __call__(self, video: Path, pair: int | None) -> str:
+        return "holdout" if video in self.videos or (pair is not None and pair in self.pairs) else "calib"
+
+
+def _write_feeds(tmp: Path, pipe, feats: dict[Path, ClipFeatures], pairs: list[tuple[Path, Question]], split: _Split, decode_steps: int,
+                 videos_dir: Path, counter: _Counter) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Every graph's feeds into `tmp` (module docstring); (records per graph, sources) for index.json."""
+    for g in GRAPHS:
+        (tmp / g).mkdir()
+    records: dict[str, list[dict]] = {g: [] for g in GRAPHS}
+    video_ids = {p: k for k, p in enumerate(sorted(feats))}
+    for p, k in video_ids.items():
+        name = f"vision/{k:04d}.npz"
+        np.savez(tmp / name, pixel_values=feats[p].pixel_values)
+        records["vision"].append({"file": name, "video": k, "source": None, "split": split(p, None), "frames": feats[p].frames})
+    sources = []
+    for s, (path, q) in enumerate(pairs):
+        f, sp, vid = feats[path], split(path, s), video_ids[path]
+        common = {"source": s, "video": vid, "split": sp}
+        input_ids, query, embeds = _prompt(pipe, q.question, f)
+        np.savez(tmp / f"prompt_pool/{s:04d}.npz", **query, keys=f.keys, values=f.values)
+        records["prompt_pool"].append({"file": f"prompt_pool/{s:04d}.npz", **common, "frames": f.frames})
+        np.savez(tmp / f"image_pool/{s:04d}.npz", **query, keys=f.image_keys, values=f.image_values)
+        records["image_pool"].append({"file": f"image_pool/{s:04d}.npz", **common, "frames": 1})
+        L = int(embeds.shape[1])
+        steps = min(decode_steps, pipe.manifest.model["max_position_embeddings"] - L)
+        if steps < 0:
+            raise CalibrationError(f"{q.question!r} on {path.name}: the prompt of {L} tokens exceeds the LLM context of "
+                                   f"{pipe.manifest.model['max_position_embeddings']}; use fewer frames")
+        ids, step_embeds, past = _greedy_steps(pipe, embeds, steps)
+        np.savez(tmp / f"decoder/{s:04d}.npz", inputs_embeds=embeds.astype(np.float32), input_ids=input_ids, step_ids=np.asarray(ids, np.int64),
+                 step_embeds=np.asarray(step_embeds, np.float32).reshape(steps, 1, pipe.embed_table.shape[1]), **past)
+        records["decoder"].append({"file": f"decoder/{s:04d}.npz", **common, "kind": "prefill", "seq": L})
+        records["decoder"] += [{"file": f"decoder/{s:04d}.npz", **common, "kind": "decode", "step": j, "past": L + j} for j in range(steps)]
+        sources.append({"id": s, "video_index": vid, "video": str(path.relative_to(videos_dir)) if path.is_relative_to(videos_dir) else str(path),
+                        "question": q.question, "line": q.line, "frames": f.frames, "prompt_tokens": L, "split": sp})
+        counter.tick()
+    return records, sources
+
+
+def _prompt(pipe, question: str, f: ClipFeatures) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(input_ids, the pools' question inputs {clip_ids [1, L] (, clip_mask [1, L]: SigLIP)}, inputs_embeds [1, L, D]):
+    the real prompt, the clip's pooled visual tokens spliced in at the image token."""
+    from ..runtime.stages import pool, pool_query
+
+    input_ids = np.asarray(pipe.llama.prompt_ids(question), dtype=np.int64)
+    ids, mask = pipe.relevance_query(question)
+    ids, mask = ids[None].astype(np.int64), None if mask is None else mask[None].astype(np.int64)
+    tokens, _ = pool(pipe.sessions["prompt_pool"], ids, f.keys, f.values, mask)
+    return input_ids, pool_query(ids, mask), pipe.embed_prompt(input_ids, tokens)[None]
+
+
+def _greedy_steps(pipe, embeds: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray], dict[str, np.ndarray]]:
+    """The fp32 greedy continuation of the prompt: (ids, their embeddings [1, D] each, the KV cache after the prefill
+    and the first steps-1 steps, [1, KV, L+steps-1, HD] per past.* name). No steps: the prefill feed's empty past,
+    shaped by the model (the decoder is not run)."""
+    from ..runtime.decoder import kv_names
+    from ..runtime.stages import empty_past
+
+    m = pipe.manifest.model
+    if steps == 0:
+        return [], [], dict(zip(kv_names(m["num_layers"])[0], empty_past(m["num_layers"], m["num_kv_heads"], m["head_dim"], np.float32)))
+    ids, step_embeds = [], []
+    dec = pipe.decoder
+    dec.reset(1)
+    logits = dec.forward(embeds)
+    for j in range(steps):
+        tok = int(np.argmax(logits[0]))
+        ids.append(tok)
+        step_embeds.append(pipe.embed(np.asarray([tok]))[0])
+        if j < steps - 1:
+            logits = dec.forward(step_embeds[-1][None])
+    return ids, step_embeds, {n: np.array(a) for n, a in zip(dec.past_names, dec.past())}
+
+
+def _feed_counts(records: dict[str, list[dict]]) -> dict[str, int]:
+    """graph -> feeds stored (the decoder's prefill and decode-step feeds counted apart)."""
+    return {
+        "vision": len(records["vision"]),
+        "prompt_pool": len(records["prompt_pool"]),
+        "image_pool": len(records["image_pool"]),
+        "decoder (prefill)": sum(r["kind"] == "prefill" for r in records["decoder"]),
+        "decoder (decode)": sum(r["kind"] == "decode" for r in records["decoder"]),
+    }
+
+
+def _feed_shapes(records: dict[str, list[dict]]) -> dict[str, str]:
+    """graph -> the range of its varying dimension (frames, prompt length, cached positions)."""
+    shapes = {
+        "vision": _range([r["frames"] for r in records["vision"]], "T"),
+        "prompt_pool": _range([r["frames"] for r in records["prompt_pool"]], "T"),
+        "image_pool": "T 1",
+        "decoder (prefill)": _range([r["seq"] for r in records["decoder"] if r["kind"] == "prefill"], "L"),
+    }
+    decode = [r["past"] for r in records["decoder"] if r["kind"] == "decode"]
+    if decode:
+        shapes["decoder (decode)"] = _range(decode, "past")
+    return shapes

@@ -36,14 +36,12 @@ import numpy as np
 from ..errors import CalibrationError
 from ..external_data import ExternalData, external_files, read_initializer
 from ..memory import trim_heap
+from .options import WEIGHT_ONLY, QuantizeOptions
 from .readers import CalibrationSet, histogram_shape_fix, make_reader
 from .weight_algorithms import collect_hessians, refine_packed, unpack_zero_points
 
 log = logging.getLogger(__name__)
 
-ACCURACY_LEVEL = {8: 4, 4: 4}  # MatMulNBits accuracy_level per bit width when not given (README: measured on SmolLM2)
-ASYMMETRIC = {8: False, 4: True}  # min/max blocks per bit width when not given (int4 b32 on SmolLM2: +2.0 % vs +62.6 %)
-WEIGHT_ALGORITHM = {8: "rtn", 4: "rtn"}  # --weight-algorithm auto per bit width (README "Quantization quality on trained weights")
 TRT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
 _WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 _POOLS = ("prompt_pool", "image_pool")
@@ -421,12 +419,13 @@ def _to_fp16(src: Path, dst: Path, excludes: list[str]) -> dict:
     return {"scheme": "fp16 (convert_float_to_float16, keep_io_types=True)", "unknown_excludes": [e for e in excludes if e not in names]}
 
 
-def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSet, method: str, op_types: str, excl: list[str],
-                    block_size: int, llm: str, llm_activations: str, work: Path, trt_dir: Path | None,
-                    accuracy_level: int | None = None, asymmetric: bool | None = None, weight_algorithm: str = "auto") -> dict:
-    """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied)."""
+def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSet, options: QuantizeOptions, work: Path,
+                    trt_dir: Path | None) -> dict:
+    """One graph of the export to `dst` at `prec` ("fp32" = unchanged: the export's own precision, copied), with the
+    conversion settings of `options`."""
     src = manifest.path(g)
     src_dtype = manifest.dtype
+    excl = _split_excludes(options.exclude_nodes, g)
     if prec == "fp32":
         copy_graph(src, dst)
         info = {"scheme": f"{src_dtype} (copied)"}
@@ -441,23 +440,20 @@ def _quantize_graph(manifest, g: str, prec: str, dst: Path, calib: CalibrationSe
         else:  # vision_trt: TensorRT's traced standard-ops graph
             fp32 = trace_vision_graph(ckpt, work / f"{g}.fp32.onnx", manifest.frames, opset=opset)
             source = "an fp32 trace of the checkpoint's vision tower (the export is fp16)"
-        info = _quantize_static(fp32, dst, calib, g, method, op_types, excl, work, trt_dir)
+        info = _quantize_static(fp32, dst, calib, g, options.method, options.op_types, excl, work, trt_dir)
         info["source"] = source
         return info
     if prec == "int8":
-        return _quantize_static(src, dst, calib, g, method, op_types, excl, work, trt_dir)
-    if prec in ("int8-weight", "int4-weight") and g == "decoder_trt":
+        return _quantize_static(src, dst, calib, g, options.method, options.op_types, excl, work, trt_dir)
+    if prec in WEIGHT_ONLY and g == "decoder_trt":
         from .weight_dq import quantize_dq
 
-        return quantize_dq(src, dst, 8 if prec == "int8-weight" else 4, block_size, excl)
-    if prec in ("int8-weight", "int4-weight"):
-        upcast = src_dtype == "fp16" and llm_activations == "fp32"
+        return quantize_dq(src, dst, 8 if prec == "int8-weight" else 4, options.block_size, excl)
+    if prec in WEIGHT_ONLY:
         bits = 8 if prec == "int8-weight" else 4
-        level = ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level
-        asym = ASYMMETRIC[bits] if asymmetric is None else asymmetric
-        algorithm = WEIGHT_ALGORITHM[bits] if weight_algorithm == "auto" else weight_algorithm
+        algorithm = options.algorithm_for(bits)
         hessians = collect_hessians(src, calib) if algorithm == "gptq" else None
-        return _quantize_nbits(src, dst, bits, block_size, excl, upcast=upcast, accuracy_level=level, symmetric=not asym,
+        return _quantize_nbits(src, dst, bits, options.block_size, excl, **options.weight_only(bits, src_dtype),
                                algorithm=algorithm, hessians=hessians)
     return _to_fp16(src, dst, excl)
 

@@ -32,43 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
 from ..manifest import load_manifest
-from ..runtime.decoder import adapt_feed
-from ..runtime.stages import pool
-from .convert import ACCURACY_LEVEL, ASYMMETRIC, _quantize_nbits, _split_excludes
+from ..runtime.stages import decoder_feed, empty_past, pool
+from .convert import _quantize_nbits, _split_excludes
+from .options import QuantizeOptions, Thresholds, default_thresholds
 from .quality import VisionCache, measure_quality
 from .readers import CalibrationSet
 
 ACCURACY_NAME = "accuracy.json"
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Gate thresholds. None = reported only. The defaults suit the random-weight presets; `TRAINED` (chosen from the
-    measurements on SmolLM2-135M-Instruct, README "Quantization quality on trained weights") applies when the
-    export's LLM is a trained model (`export.json` llm.trained)."""
-
-    cosine: float = 0.99  # vision / pool outputs
-    decoder_cosine: float = 0.98  # last-position logits
-    top1: float = 0.60  # prefill positions and teacher-forced decode steps (see the module doc)
-    greedy: float | None = None  # mean fraction of greedy tokens before the first divergence
-    # quality rows (calibration/quality.py), through the whole pipeline; higher is better unless noted
-    quality_top1: float | None = None  # next-token top-1 agreement, prefill positions and decode steps
-    quality_kl: float | None = None  # mean KL(fp32 || Q) in nats, lower is better
-    quality_ppl: float | None = None  # relative perplexity change of the fp32 answers under Q, lower is better
-    profile: str = "random-weight LLM"
-
-
-# Set from the measurements on SmolLM2-135M-Instruct (README "Quantization quality on trained weights"; int8-weight:
-# top-1 0.97 / 0.95, KL 0.005 / 0.006 nats, perplexity +1.5 %): the quality rows gate, with margin for the
-# weight-only modes; the decoder rows keep the random-weight values (not re-measured on trained weights).
-TRAINED = Thresholds(quality_top1=0.90, quality_kl=0.05, quality_ppl=0.10, profile="trained LLM")
-
-
-def default_thresholds(manifest) -> Thresholds:
-    """TRAINED when the export's LLM is a trained model (make-checkpoint --llm), else the random-weight defaults."""
-    return TRAINED if manifest.trained_llm else Thresholds()
 
 
 @dataclass(frozen=True)
@@ -161,16 +132,6 @@ def _graph_checks(graph: str, precision: str, ref, qs, calib: CalibrationSet, th
     return checks
 
 
-def _decoder_feed(embeds: np.ndarray, kv: tuple[int, int], names: list[str], session) -> dict:
-    """A prefill feed (empty past) in the contract of `session`'s graph."""
-    n = embeds.shape[1]
-    feed = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32), "attention_mask": np.ones((1, n), np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None]}
-    for k in names:
-        feed[k] = np.zeros((1, kv[0], 0, kv[1]), np.float32)
-    return adapt_feed(feed, _inputs(session))
-
-
 def _inputs(session) -> list[str]:
     return [i.name for i in session.get_inputs()]
 
@@ -178,7 +139,7 @@ def _inputs(session) -> list[str]:
 def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Thresholds, positions: int, tokens: int) -> list[Check]:
     """Logits cosine, top-1 over prefill positions and over teacher-forced decode steps (decoder graph alone)."""
     m = ref.model
-    kv = (m["num_kv_heads"], m["head_dim"])
+    empty = empty_past(m["num_layers"], m["num_kv_heads"], m["head_dim"], np.float32)
     recs = calib.eval_records("decoder")
     # 1) last-position logits on the stored feeds (prefill + decode steps)
     cos = []
@@ -194,8 +155,9 @@ def _decoder_checks(precision: str, ref, qs, calib: CalibrationSet, th: Threshol
         e = calib.load(r)["inputs_embeds"]
         L = e.shape[1]
         for p in sorted({int(round(x)) for x in np.linspace(max(2, L // 8), L, positions)}):
-            a = rs.run(["logits"], _decoder_feed(e[:, :p], kv, ref.decoder.past_names, rs))[0]
-            b = qd.run(["logits"], _decoder_feed(e[:, :p], kv, ref.decoder.past_names, qd))[0]
+            prefix = np.ascontiguousarray(e[:, :p], np.float32)
+            a = rs.run(["logits"], decoder_feed(prefix, empty, _inputs(rs)))[0]
+            b = qd.run(["logits"], decoder_feed(prefix, empty, _inputs(qd)))[0]
             agree += int(np.argmax(a[0]) == np.argmax(b[0]))
             total += 1
     checks.append(Check("decoder", precision, "top-1 prefill positions", agree / max(total, 1), th.top1, total))
@@ -246,12 +208,12 @@ def _pipeline_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int
     cos, prefix, exact = [], [], 0
     prefills = [r for r in calib.eval_records("decoder") if r["kind"] == "prefill"]
     for r in prefills:
-        clip_ids = calib.load(pool_by_source[r["source"]])["clip_ids"]
+        query = calib.load(pool_by_source[r["source"]])
         input_ids = calib.load(r)["input_ids"]
         vts, ids = [], []
         for pipe in (ref, qs):
             values, keys = vision(pipe, r["video"])
-            vt, _ = pool(pipe.sessions["prompt_pool"], clip_ids, keys, values)
+            vt, _ = pool(pipe.sessions["prompt_pool"], query["clip_ids"], keys, values, query.get("clip_mask"))
             vts.append(vt)
             ids.append(list(generate(pipe.decoder, pipe.embed, pipe.embed_prompt(input_ids, vt), cfg).ids))
         cos.append(_cosine(*vts))
@@ -296,14 +258,12 @@ def _quality_checks(ref, qs, calib: CalibrationSet, th: Thresholds, tokens: int,
     return checks, asdict(q) | {"ppl_change": q.ppl_change}, notes
 
 
-GATE_MODES = ("auto", "full", "truncated")
 GATE_LAYERS = 2
 FULL_GATE_FRACTION = 0.25  # auto: the full gate when the source decoder takes at most this fraction of RAM
 
 
 def _gate_mode(mode: str, manifest) -> str:
-    if mode not in GATE_MODES:
-        raise InputError(f"--gate {mode!r}: choose one of {', '.join(GATE_MODES)}")
+    """--gate auto resolved against the export: "full" when the source decoder fits in a quarter of RAM."""
     if mode != "auto":
         return mode
     import psutil
@@ -346,13 +306,12 @@ class GateSide:
 
 
 def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, precisions: dict[str, str], thresholds: Thresholds,
-                                prefill_positions: int, greedy_tokens: int, block_size: int, excludes: list[str],
-                                llm_activations: str, work: Path, accuracy_level: int | None = None,
-                                asymmetric: bool | None = None) -> AccuracyReport:
+                                options: QuantizeOptions, work: Path) -> AccuracyReport:
     """The gate at a scale where the source decoder does not fit: the vision / pool graphs against the source's as
     usual; the decoder as a depth-truncated pair (its first GATE_LAYERS layers and the real head, written from the
     checkpoint in the export's dtype, and the same quantization of it) on CALIB's held-out prompts. The end-to-end
-    greedy comparison needs both full decoders and is not run (said in the report)."""
+    greedy comparison needs both full decoders and is not run (said in the report). `options`: the decoder's
+    weight-only settings and the gate's prefix cuts / tokens."""
     from ..export.exporter import decoder_copy
     from ..runtime.session import create_session
 
@@ -376,12 +335,10 @@ def evaluate_accuracy_truncated(manifest, q_dir: Path, calib: CalibrationSet, pr
             ref_path = decoder_copy(manifest.checkpoint["path"], work / "decoder.ref.onnx", src_dtype, GATE_LAYERS)
             q_path = work / "decoder.q.onnx"
             bits = 8 if prec == "int8-weight" else 4
-            _quantize_nbits(ref_path, q_path, bits, block_size, _split_excludes(excludes, "decoder"),
-                            upcast=src_dtype == "fp16" and llm_activations == "fp32",
-                            accuracy_level=ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level,
-                            symmetric=not (ASYMMETRIC[bits] if asymmetric is None else asymmetric))
+            _quantize_nbits(ref_path, q_path, bits, options.block_size, _split_excludes(options.exclude_nodes, "decoder"),
+                            **options.weight_only(bits, src_dtype))
             ref, qs = GateSide.truncated_decoder(manifest, ref_path, GATE_LAYERS), GateSide.truncated_decoder(manifest, q_path, GATE_LAYERS)
-            checks += _decoder_checks(prec, ref, qs, calib, thresholds, prefill_positions, greedy_tokens)
+            checks += _decoder_checks(prec, ref, qs, calib, thresholds, options.prefill_positions, options.greedy_tokens)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return AccuracyReport(checks, calib.has_holdout(), thresholds, notes)

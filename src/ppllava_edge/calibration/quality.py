@@ -88,7 +88,7 @@ class Reference:
     """The fp32 side of one pair, computed once and compared with any number of quantized exports."""
 
     input_ids: np.ndarray
-    clip_ids: np.ndarray
+    query: dict[str, np.ndarray]  # the pool's question inputs: clip_ids (and clip_mask, SigLIP)
     video: int
     first_text: int  # the first text position after the visual tokens
     logp: list[np.ndarray]  # float32 log-probabilities predicting each position from first_text on (prompt, then answer)
@@ -99,12 +99,12 @@ class Reference:
         return len(self.logp) - len(self.answer)
 
 
-def _visual_tokens(pipe, vision, video: int, clip_ids: np.ndarray) -> np.ndarray:
+def _visual_tokens(pipe, vision, video: int, query: dict[str, np.ndarray]) -> np.ndarray:
     values, keys = vision(pipe, video)
-    return pool(pipe.sessions["prompt_pool"], clip_ids, keys, values)[0]
+    return pool(pipe.sessions["prompt_pool"], query["clip_ids"], keys, values, query.get("clip_mask"))[0]
 
 
-def reference_pair(ref, input_ids: np.ndarray, clip_ids: np.ndarray, video: int, ref_tokens: np.ndarray, tokens: int) -> Reference:
+def reference_pair(ref, input_ids: np.ndarray, query: dict[str, np.ndarray], video: int, ref_tokens: np.ndarray, tokens: int) -> Reference:
     """The fp32 export reads the prompt and answers `tokens` tokens greedily, keeping its distribution everywhere."""
     image = int(np.flatnonzero(input_ids == ref.manifest.image_token_id)[0])
     prompt = ref.embed_prompt(input_ids, ref_tokens)
@@ -116,7 +116,7 @@ def reference_pair(ref, input_ids: np.ndarray, clip_ids: np.ndarray, video: int,
         if len(answer) == tokens:
             break
         p.append(log_softmax(ref.decoder.forward(ref.embed(np.asarray(answer[-1:], np.int64)))[0]))
-    return Reference(input_ids, clip_ids, video, first_text, [x.astype(np.float32) for x in p], answer)
+    return Reference(input_ids, query, video, first_text, [x.astype(np.float32) for x in p], answer)
 
 
 def compare_pair(qs, r: Reference, q_tokens: np.ndarray) -> PairTrace:
@@ -181,15 +181,16 @@ def summarize(traces: list[PairTrace], tokens: int) -> QualitySummary:
 def _pairs(calib, max_pairs: int | None):
     pool_by_source = {r["source"]: r for r in calib.records("prompt_pool", "all")}
     for r in [r for r in calib.eval_records("decoder") if r["kind"] == "prefill"][:max_pairs]:
-        yield r, calib.load(pool_by_source[r["source"]])["clip_ids"], calib.load(r)["input_ids"]
+        query = calib.load(pool_by_source[r["source"]])
+        yield r, {k: query[k] for k in ("clip_ids", "clip_mask") if k in query}, calib.load(r)["input_ids"]
 
 
 def reference_answers(ref, calib, tokens: int = 32, max_pairs: int | None = None, progress=None) -> list[Reference]:
     """`reference_pair` on CALIB's held-out (video, question) pairs (all pairs when it has no held-out split)."""
     vision = VisionCache(calib)
     out = []
-    for r, clip_ids, input_ids in _pairs(calib, max_pairs):
-        out.append(reference_pair(ref, input_ids, clip_ids, r["video"], _visual_tokens(ref, vision, r["video"], clip_ids), tokens))
+    for r, query, input_ids in _pairs(calib, max_pairs):
+        out.append(reference_pair(ref, input_ids, query, r["video"], _visual_tokens(ref, vision, r["video"], query), tokens))
         if progress:
             progress(len(out))
     return out
@@ -200,7 +201,7 @@ def compare_answers(qs, calib, refs: list[Reference], progress=None) -> QualityS
     vision = VisionCache(calib)
     traces = []
     for r in refs:
-        traces.append(compare_pair(qs, r, _visual_tokens(qs, vision, r.video, r.clip_ids)))
+        traces.append(compare_pair(qs, r, _visual_tokens(qs, vision, r.video, r.query)))
         if progress:
             progress(len(traces))
     return summarize(traces, len(refs[0].answer) if refs else 0)

@@ -20,9 +20,10 @@ import numpy as np
 from ..errors import CalibrationError
 from ..jsonfile import read_json
 from ..runtime.decoder import adapt_feed
+from ..runtime.stages import decoder_feed, vision_feed
 from .collect import GRAPHS, INDEX_FORMAT, INDEX_NAME
 
-_POOL_INPUTS = ("clip_ids", "keys", "values")
+_POOL_INPUTS = ("clip_ids", "clip_mask", "keys", "values")  # clip_mask: SigLIP exports only
 
 
 @dataclass(frozen=True)
@@ -70,23 +71,14 @@ class CalibrationSet:
 
     def _feed(self, graph: str, record: dict, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph == "vision":
-            return {"pixel_values": a["pixel_values"]}
+            return vision_feed(a["pixel_values"])
         if graph in ("prompt_pool", "image_pool"):
-            return {k: a[k] for k in _POOL_INPUTS}
-        past_names = sorted((k for k in a if k.startswith("past.")), key=_past_order)
-        if record["kind"] == "prefill":
-            e = a["inputs_embeds"]
-            n = e.shape[1]
-            feed = {"inputs_embeds": e, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n, dtype=np.int64)[None]}
-            for k in past_names:
-                shp = a[k].shape
-                feed[k] = np.zeros((shp[0], shp[1], 0, shp[3]), a[k].dtype)
-            return feed
+            return {k: a[k] for k in _POOL_INPUTS if k in a}
+        past = [a[k] for k in sorted((k for k in a if k.startswith("past.")), key=_past_order)]
+        if record["kind"] == "prefill":  # the stored past is the prefill's output: the feed's cache is empty
+            return decoder_feed(a["inputs_embeds"], [np.zeros((*p.shape[:2], 0, p.shape[3]), p.dtype) for p in past])
         j, p = record["step"], record["past"]
-        feed = {"inputs_embeds": a["step_embeds"][j:j + 1], "attention_mask": np.ones((1, p + 1), np.int64), "position_ids": np.asarray([[p]], np.int64)}
-        for k in past_names:
-            feed[k] = np.ascontiguousarray(a[k][:, :, :p])
-        return feed
+        return decoder_feed(a["step_embeds"][j:j + 1], [np.ascontiguousarray(x[:, :, :p]) for x in past])
 
     def feeds(self, graph: str, split: str = "calib") -> Iterator[dict[str, np.ndarray]]:
         for r in self.records(graph, split):

@@ -16,7 +16,7 @@ import click
 from .. import __version__
 from ..errors import InputError, PPLLaVAEdgeError, disk_full_cause, disk_full_error
 
-PRESET_NAMES = ("tiny", "small", "vision-l", "mid", "7b")  # model.presets.PRESETS (not imported here: it needs torch)
+PRESET_NAMES = ("tiny", "small", "vision-l", "mid", "7b", "qwen-tiny", "qwen-small", "qwen-7b")  # model.presets.PRESETS (not imported here: it needs torch)
 
 
 def _terminate(signum, frame) -> None:

@@ -68,7 +68,7 @@ def build_command(export_dir, out, fp16, int8, frames, max_input_len, max_seq_le
     )
     if dry_run:
         manifest = load_manifest(export_dir)
-        limits = resolve_limits(manifest.data, frames, max_input_len, max_seq_len, max_batch)
+        limits = resolve_limits(manifest, frames, max_input_len, max_seq_len, max_batch)
         version, sm = _target_for_dry_run()
         plans = plan_build(manifest, out, opts, version, sm, limits)
         err_console.print(

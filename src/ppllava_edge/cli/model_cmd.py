@@ -12,14 +12,18 @@ from .app import PRESET_NAMES, cli, frames_option
 @cli.command("make-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True,
-              help="tiny / small: small dims for tests and CPU benchmarks; mid: the released widths with 4 LLM layers; 7b: the released model.")
+              help="tiny / small: small dims for tests and CPU benchmarks; mid: the released widths with 4 LLM layers; 7b: the released model; "
+                   "qwen-tiny / qwen-small / qwen-7b: the same for the Qwen2 + SigLIP release.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Storage dtype (default: bf16 as the release; fp32 with --llm).")
 @click.option("--llm", "llm", type=click.Path(path_type=Path), default=None,
               help="A trained LLaMA-architecture LLM (a .gguf file or a Hugging Face folder): its weights, dims, tokenizer and chat template replace the preset's LLM (tiny/small only; vision stays random).")
+@click.option("--tokenizer", "tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Qwen2's tokenizer.json to copy into a qwen preset's folder (default: a synthetic byte-level BPE with Qwen2's special ids).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str | None, llm: Path | None, force: bool) -> None:
-    """Write a random-weight checkpoint in the released layout (config.json, shards + index, tokenizer files).
+def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str | None, llm: Path | None, tokenizer: Path | None, force: bool) -> None:
+    """Write a random-weight checkpoint in the released layout (config.json, shards + index, tokenizer files):
+    the Vicuna + CLIP release, or the Qwen2 + SigLIP one with the qwen-* presets.
 
     With --llm the LLM is a trained model and the vision tower, projector and image_newline stay random.
     Tensors are generated and written one at a time (the 7b preset peaks below 1 GB of RAM); the folder is
@@ -36,7 +40,7 @@ def make_checkpoint_cmd(out: Path, preset: str, seed: int, dtype: str | None, ll
 
     with stages(f"make-checkpoint {preset}") as log:
         log(f"trained LLM from {llm}, random vision side" if llm is not None else "random weights, tensor by tensor")
-        folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype, progress=log.progress, llm=llm)
+        folder = make_checkpoint(preset, out, seed=seed, force=force, dtype=dtype, progress=log.progress, llm=llm, tokenizer=tokenizer)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     what = f"{preset} preset with the trained LLM {llm.name} (vision weights random, untrained)" if llm is not None else f"{preset} preset"
     click.echo(f"{folder}  ({what}, {size / 1e6:.1f} MB)")

@@ -85,6 +85,20 @@ def calibrate_command(export_dir, videos, questions, out, frames, samples, decod
     out_console.print(str(out))
 
 
+def _thresholds(export_dir: Path, given: dict):
+    """The gate thresholds with the --min-* / --max-* options given on top of the export's defaults (None: none given,
+    the export's defaults)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    import dataclasses
+
+    from ..calibration.options import default_thresholds
+    from ..manifest import load_manifest
+
+    return dataclasses.replace(default_thresholds(load_manifest(export_dir)), **given)
+
+
 @cli.command("quantize")
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path), help="CALIB folder from `ppllava-edge calibrate`.")
@@ -129,27 +143,27 @@ def quantize_command(export_dir, calib_dir, out, vision, pool, llm, method, op_t
                      prefill_positions, llm_activations, gate, trt_cache, accept_degraded, force, llm_trt, accuracy_level, asymmetric,
                      weight_algorithm):
     """Write a quantized copy of the fp32 or fp16 EXPORT to --out (same manifest format; `ask` runs it) and gate its accuracy."""
-    from .._deps import require
-
-    require("onnx", "export", "quantize")
-    import dataclasses
-
-    from ..calibration.gate import default_thresholds
-    from ..calibration.quantize import quantize_export
-    from ..errors import AccuracyError
-    from ..manifest import load_manifest
+    from ..calibration.options import QuantizeOptions
 
     given = {"cosine": min_cosine, "decoder_cosine": min_logits_cosine, "top1": min_top1, "greedy": min_greedy,
              "quality_top1": min_quality_top1, "quality_kl": max_quality_kl, "quality_ppl": max_ppl_change}
-    th = dataclasses.replace(default_thresholds(load_manifest(export_dir)), **{k: v for k, v in given.items() if v is not None})
+    # built once, here: a combination that can never work (--llm int8, hqq on int8 ...) is refused before the export
+    # is read (only --min-* / --max-* read its defaults first)
+    options = QuantizeOptions(vision=vision, pool=pool, llm=llm, llm_trt=llm_trt, method=method, op_types=op_types,
+                              exclude_nodes=exclude_nodes, block_size=block_size, accuracy_level=accuracy_level, asymmetric=asymmetric,
+                              weight_algorithm=weight_algorithm, llm_activations=llm_activations, trt_cache=trt_cache, gate=gate,
+                              thresholds=_thresholds(export_dir, given), prefill_positions=prefill_positions,
+                              greedy_tokens=greedy_tokens, quality_tokens=quality_tokens, quality_pairs=quality_pairs,
+                              accept_degraded=accept_degraded)
+    from .._deps import require
+
+    require("onnx", "export", "quantize")
+    from ..calibration.quantize import quantize_export
+    from ..errors import AccuracyError
+
     try:
         with stages("quantize") as log:
-            result = quantize_export(export_dir, calib_dir, out, vision=vision, pool=pool, llm=llm, method=method, exclude_nodes=exclude_nodes,
-                                     op_types=op_types, block_size=block_size, accept_degraded=accept_degraded, thresholds=th,
-                                     greedy_tokens=greedy_tokens, quality_tokens=quality_tokens, quality_pairs=quality_pairs,
-                                     prefill_positions=prefill_positions, trt_cache=trt_cache, force=force,
-                                     on_stage=log, llm_activations=llm_activations, gate=gate, llm_trt=llm_trt,
-                                     accuracy_level=accuracy_level, asymmetric=asymmetric, weight_algorithm=weight_algorithm)
+            result = quantize_export(export_dir, calib_dir, out, options, force=force, on_stage=log)
     except AccuracyError as exc:
         report = getattr(exc, "report", None)
         if report is not None:

@@ -267,7 +267,7 @@ def build_engines(
     opts = opts or BuildOptions()
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = load_manifest(export_dir)
-    limits = resolve_limits(manifest.data, opts.frames, opts.max_input_len, opts.max_seq_len, opts.max_batch)
+    limits = resolve_limits(manifest, opts.frames, opts.max_input_len, opts.max_seq_len, opts.max_batch)
     plan_build(manifest, out_dir, opts, "unknown", "unknown", limits)  # option errors before the dependency check
     if out_dir.exists() and any(out_dir.iterdir()) and not opts.force:
         raise InputError(f"{out_dir} exists and is not empty.\nHint: pass --force to replace it, or choose another folder.")
@@ -283,7 +283,7 @@ def build_engines(
     meta = new_metadata(
         trt_version=trt.__version__,
         gpu=gpu,
-        export=export_fingerprint(export_dir, manifest.data),
+        export=export_fingerprint(manifest),
         limits=limits.as_dict(),
         options={"fp16": opts.fp16, "int8": opts.int8, "workspace_mb": opts.workspace_mb, "builder_level": opts.builder_level,
                  "dla_core": opts.dla_core, "timing_cache": str(opts.timing_cache) if opts.timing_cache else None},

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import ConfigError, EngineBuildError
 from ..digest import sha256_file
 from ..jsonfile import read_json
+from ..manifest import MANIFEST_NAME, ExportManifest
 
 ENGINES_JSON = "engines.json"
 FORMAT = "ppllava-edge-engines"
@@ -126,14 +127,14 @@ def engine_entry(
     return entry
 
 
-def export_fingerprint(export_dir: Path, data: dict) -> dict:
+def export_fingerprint(manifest: ExportManifest) -> dict:
     """What identifies the export the engines come from (checked again at load time)."""
     return {
-        "folder": str(export_dir),
-        "manifest_sha256": sha256_file(export_dir / "export.json"),
-        "created": data.get("created", ""),
-        "checkpoint_sha256": data.get("checkpoint", {}).get("sha256", ""),
-        "dtype": data.get("dtype", ""),
+        "folder": str(manifest.folder),
+        "manifest_sha256": sha256_file(manifest.folder / MANIFEST_NAME),
+        "created": manifest.created or "",
+        "checkpoint_sha256": manifest.checkpoint["sha256"],
+        "dtype": manifest.dtype,
     }
 
 
@@ -200,13 +201,13 @@ def check_compatible(meta: dict, trt_version: str, sm: int | None, gpu_name: str
         )
 
 
-def check_export(meta: dict, data: dict, export_dir: Path | None = None) -> None:
+def check_export(meta: dict, manifest: ExportManifest) -> None:
     """Refuse engines built from a different export (checkpoint or export run) than the one being served."""
     exp = meta.get("export", {})
-    mine = {"checkpoint_sha256": data.get("checkpoint", {}).get("sha256", ""), "created": data.get("created", "")}
+    mine = {"checkpoint_sha256": manifest.checkpoint["sha256"], "created": manifest.created or ""}
     bad = [k for k, v in mine.items() if exp.get(k) and v and exp[k] != v]
     if bad:
-        where = export_dir or exp.get("folder", "EXPORT")
+        where = manifest.folder
         raise EngineBuildError(
             f"the engines were built from another export ({', '.join(f'{k} {exp[k][:16]} != {mine[k][:16]}' for k in bad)}).\n"
             f"Hint: rebuild them from this export: ppllava-edge build {where} --out ENGINES --force"

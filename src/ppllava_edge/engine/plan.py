@@ -220,8 +220,7 @@ def _check_precision_sm(stage: str, precision: str, sm: int | str) -> None:
 def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_version: str, sm: int | str, limits: BuildLimits | None = None) -> list[EnginePlan]:
     """One EnginePlan per stage: the graph TensorRT builds for it, file name, precision/typing, device, profiles.
     Raises on inconsistent options, before anything needs TensorRT."""
-    data = manifest.data
-    limits = limits or resolve_limits(data, opts.frames, opts.max_input_len, opts.max_seq_len, opts.max_batch)
+    limits = limits or resolve_limits(manifest, opts.frames, opts.max_input_len, opts.max_seq_len, opts.max_batch)
     stages = manifest.backend_graphs("trt")  # stage -> graph TensorRT builds (export.json `backends`)
     names = list(opts.graphs or stages)
     unknown = [g for g in names if g not in stages]
@@ -229,15 +228,16 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         raise InputError(f"graphs {unknown} are not in this export (it has: {', '.join(stages)})")
     refused = []  # every graph TensorRT's parser cannot take, in one error
     for g in names:
-        if data["graphs"][stages[g]].get("contract") == "gqa-inplace-v1":
+        entry = manifest.graph(stages[g])
+        if entry.get("contract") == "gqa-inplace-v1":
             refused.append(
                 f"{g}: this export's {stages[g]}.onnx uses com.microsoft GroupQueryAttention (ONNX Runtime's in-place KV cache), "
                 "which TensorRT's ONNX parser does not take, and the export has no standard-ops decoder for TensorRT.\n"
                 "Hint: re-export with `ppllava-edge export CHECKPOINT OUT --tensorrt` (adds decoder_trt.onnx)."
             )
-        elif "ONNX Runtime only" in data["graphs"][stages[g]].get("ops", ""):  # e.g. the fused vision graph
+        elif "ONNX Runtime only" in entry.get("ops", ""):  # e.g. the fused vision graph
             refused.append(
-                f"{g}: this export's {stages[g]}.onnx uses com.microsoft operators ({data['graphs'][stages[g]]['ops']}), which "
+                f"{g}: this export's {stages[g]}.onnx uses com.microsoft operators ({entry['ops']}), which "
                 f"TensorRT's ONNX parser does not take, and the export has no standard-ops {g} graph for TensorRT.\n"
                 f"Hint: re-export with `ppllava-edge export CHECKPOINT OUT --tensorrt` (adds {g}_trt.onnx)."
             )
@@ -257,17 +257,17 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         raise InputError(f"--workspace {opts.workspace_mb}: must be a positive number of MiB")
     _check_dla(opts, limits, trt_version)
     on_dla = tuple(g for g in names if opts.dla_core is not None and g in DLA_GRAPHS)
-    profiles = graph_profiles(data, limits, names, sources, static_frames=on_dla)
+    profiles = graph_profiles(manifest, limits, names, sources, static_frames=on_dla)
     plans = []
     for g in names:
         src = sources[g]
-        spec = data["graphs"][src]
+        spec = manifest.graph(src)
         check_io_dtypes(g, src, spec)
         onnx, cache, int8_flag, algorithm = manifest.path(src), None, False, None
         dq_weights = "DequantizeLinear" in str(spec.get("quantization", {}).get("scheme", ""))
         if precisions[g] in ("int8-weight", "int4-weight") and dq_weights:
             # weight-only DequantizeLinear weights (calibration/weight_dq.py): the activations keep the export's dtype
-            act, strongly, fp16_flag = resolve_precision(data.get("dtype", "fp32"), opts.fp16, trt_version)
+            act, strongly, fp16_flag = resolve_precision(manifest.dtype, opts.fp16, trt_version)
             precision = f"{precisions[g]}+{act}"
         elif precisions[g] in ("int8-weight", "int4-weight"):
             raise EngineBuildError(
@@ -285,7 +285,7 @@ def plan_build(manifest: ExportManifest, out_dir: Path, opts: BuildOptions, trt_
         if g in on_dla:
             precision, strongly, fp16_flag = dla_precision(g, precisions[g], precision, strongly, fp16_flag, int8_flag, trt_version)
             device, prefer = f"dla:{opts.dla_core}", not strongly
-        ranges = symbol_ranges(g, data, limits, g in on_dla)
+        ranges = symbol_ranges(g, manifest, limits, g in on_dla)
         plans.append(
             EnginePlan(
                 graph=g,

@@ -14,8 +14,8 @@ Every dynamic dimension in the manifest is a symbol or a small integer expressio
                    context    seq 1..max_input_len, past 0,              total = seq
                    generation seq 1,                past 1..max_seq_len-1, total = past + 1
 
-    limits = resolve_limits(manifest.data, frames=(2, 8, 16))
-    profiles = graph_profiles(manifest.data, limits)   # {"decoder": [{"inputs_embeds": ((1,1,64), ...)}, ...]}
+    limits = resolve_limits(manifest, frames=(2, 8, 16))   # manifest: manifest.ExportManifest
+    profiles = graph_profiles(manifest, limits)   # {"decoder": [{"inputs_embeds": ((1,1,64), ...)}, ...]}
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import ast
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError, InputError
-from ..manifest import STAGES, graph_for
+from ..manifest import ExportManifest
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
@@ -105,31 +105,26 @@ def shape_of(dims: list, env: dict[str, int]) -> Shape:
 
 
 # ---- limits -----------------------------------------------------------------------------------------
-def visual_tokens(data: dict, num_frames: int) -> int:
-    return (num_frames // data["pooling"]["kernel"][0]) * data["visual_tokens_per_frame_pair"]
-
-
-def export_frame_range(data: dict) -> tuple[int, int]:
+def export_frame_range(manifest: ExportManifest) -> tuple[int, int]:
     """(lowest, highest) frame count the export's vision graph accepts (the exporter lets T=1 through when MIN <= 2)."""
-    f = data["frames"]
-    return (1 if f["min"] <= 2 else f["min"]), f["max"]
+    fmin, _, fmax = manifest.frames
+    return (1 if fmin <= 2 else fmin), fmax
 
 
 def resolve_limits(
-    data: dict,
+    manifest: ExportManifest,
     frames: tuple[int, int, int] | None = None,
     max_input_len: int | None = None,
     max_seq_len: int | None = None,
     max_batch: int = 1,
 ) -> BuildLimits:
-    """Defaults and checks for the build options. `data` is the parsed export.json.
+    """Defaults and checks for the build options of `manifest`'s export.
 
     Defaults: frames = the export's range; max_seq_len = the LLM context (max_position_embeddings);
     max_input_len = visual tokens at MAX frames + DEFAULT_TEXT_TOKENS (capped at max_seq_len).
     """
-    f = data["frames"]
-    lo, hi = export_frame_range(data)
-    fr = tuple(frames) if frames is not None else (f["min"], f["opt"], f["max"])
+    lo, hi = export_frame_range(manifest)
+    fr = tuple(frames) if frames is not None else manifest.frames
     if not (1 <= fr[0] <= fr[1] <= fr[2]):
         raise InputError(f"--frames {fr[0]}:{fr[1]}:{fr[2]}: expected 1 <= MIN <= OPT <= MAX")
     if fr[0] < lo or fr[2] > hi:
@@ -139,11 +134,11 @@ def resolve_limits(
         )
     if fr[2] < 2:
         raise InputError(f"--frames {fr[0]}:{fr[1]}:{fr[2]}: MAX must be >= 2 (prompt-guided pooling works on frame pairs)")
-    context = int(data["model"]["max_position_embeddings"])
+    context = int(manifest.model["max_position_embeddings"])
     seq = context if max_seq_len is None else int(max_seq_len)
     if not (2 <= seq <= context):
         raise InputError(f"--max-seq-len {seq}: must be in 2..{context} (the LLM context, max_position_embeddings)")
-    need = max(visual_tokens(data, fr[2]), int(data.get("image_tokens", 0)))
+    need = max(manifest.visual_tokens(fr[2]), manifest.image_tokens)
     inp = min(seq, need + DEFAULT_TEXT_TOKENS) if max_input_len is None else int(max_input_len)
     if not (1 <= inp <= seq):
         raise InputError(f"--max-input-len {inp}: must be in 1..--max-seq-len ({seq})")
@@ -153,7 +148,7 @@ def resolve_limits(
 
 
 # ---- symbol ranges per graph ------------------------------------------------------------------------
-def symbol_ranges(graph: str, data: dict, limits: BuildLimits, static_frames: bool = False) -> list[tuple[str, dict[str, tuple[int, int, int]]]]:
+def symbol_ranges(graph: str, manifest: ExportManifest, limits: BuildLimits, static_frames: bool = False) -> list[tuple[str, dict[str, tuple[int, int, int]]]]:
     """[(profile name, {symbol: (min, opt, max)})] for one stage of the manifest.
 
     `static_frames` pins the vision profile to exactly the frame count of `limits` (MIN = OPT = MAX), as DLA
@@ -170,15 +165,15 @@ def symbol_ranges(graph: str, data: dict, limits: BuildLimits, static_frames: bo
     if graph == "prompt_pool":
         lo = max(2, fmin)
         return [("frames", {"frames": (lo, max(lo, fopt), fmax)})]
-    if graph == "image_pool" and data.get("image"):
-        n = int(data["image"]["max_tiles"])
+    if graph == "image_pool" and manifest.image_rules:
+        n = int(manifest.image_rules["max_tiles"])
         return [("tiles", {"tiles": (1, n, n)})]
     if graph == "projector_head":
-        p = int(data["model"]["patches_per_frame"])
+        p = int(manifest.model["patches_per_frame"])
         return [("tokens", {"tokens": (1, fopt * p, fmax * p)})]
     if graph == "decoder":
         b = limits.max_batch
-        ctx_opt = max(1, min(limits.max_input_len, visual_tokens(data, fopt) + OPT_TEXT_TOKENS))
+        ctx_opt = max(1, min(limits.max_input_len, manifest.visual_tokens(fopt) + OPT_TEXT_TOKENS))
         gen_max = limits.max_seq_len - 1
         gen_opt = max(1, min(gen_max, ctx_opt + OPT_NEW_TOKENS))
         context = {"batch": (1, 1, b), "seq": (1, ctx_opt, limits.max_input_len), "past": (0, 0, 0), "total": (1, ctx_opt, limits.max_input_len)}
@@ -188,7 +183,7 @@ def symbol_ranges(graph: str, data: dict, limits: BuildLimits, static_frames: bo
 
 
 def graph_profiles(
-    data: dict,
+    manifest: ExportManifest,
     limits: BuildLimits,
     graphs: list[str] | None = None,
     sources: dict[str, str] | None = None,
@@ -202,11 +197,11 @@ def graph_profiles(
     inputs are all static gets one profile with min == opt == max.
     """
     out: dict[str, list[Profile]] = {}
-    for name in graphs or [s for s in STAGES if graph_for(data, s, "trt") in data["graphs"]]:
-        spec = data["graphs"][(sources or {}).get(name, graph_for(data, name, "trt"))]  # engines are named by stage
+    for name in graphs or list(manifest.backend_graphs("trt")):
+        spec = manifest.graph((sources or {}).get(name, manifest.graph_for(name, "trt")))  # engines are named by stage
         used = set().union(*(dim_symbols(d) for i in spec["inputs"] for d in i["dims"]))
         profiles = []
-        for pname, ranges in symbol_ranges(name, data, limits, name in static_frames):
+        for pname, ranges in symbol_ranges(name, manifest, limits, name in static_frames):
             missing = used - set(ranges)
             if missing:
                 raise ConfigError(
@@ -217,10 +212,6 @@ def graph_profiles(
             profiles.append({i["name"]: tuple(shape_of(i["dims"], env) for env in corners) for i in spec["inputs"]})  # type: ignore[misc]
         out[name] = profiles
     return out
-
-
-def profile_names(graph: str, data: dict, limits: BuildLimits) -> list[str]:
-    return [name for name, _ in symbol_ranges(graph, data, limits)]
 
 
 def is_static(profile: Profile) -> bool:

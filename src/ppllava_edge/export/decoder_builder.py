@@ -1,12 +1,18 @@
-"""The LLaMA decoder written directly as an ONNX graph for ONNX Runtime, with an in-place KV cache.
+"""The LLaMA / Qwen2 decoder written directly as an ONNX graph for ONNX Runtime, with an in-place KV cache.
 
 One graph serves prefill and decode. Per layer:
 
-    SimplifiedLayerNorm -> MatMul (packed q|k|v) -> GroupQueryAttention (RoPE fused, past/present share one buffer)
+    SimplifiedLayerNorm -> MatMul (packed q|k|v) [-> Add (packed q|k|v bias, Qwen2)] -> GroupQueryAttention (RoPE fused, past/present share one buffer)
     -> MatMul (o) -> SkipSimplifiedLayerNorm (residual) -> MatMul (packed gate|up) -> Split -> SiLU * up -> MatMul (down)
     -> SkipSimplifiedLayerNorm (residual + next layer's input norm, or the final norm)
 
 then the last position only: Gather -> MatMul (lm_head) -> logits [B, V].
+
+Qwen2 is the same graph with a q|k|v bias (`qkv_bias`: an Add after the packed MatMul; GroupQueryAttention takes no
+bias input, and keeping it a separate Add leaves the MatMul a plain weight MatMul for the weight-only quantizers,
+which rewrite MatMul nodes only), its own rope theta (in the cos/sin tables the caller passes), GQA and an untied
+head over the padded vocabulary (V = the embedding rows, more than the tokenizer's ids: the logits keep every row,
+as transformers' do).
 
 Contract (the runtime's `InplaceKVDecoder` binds it):
 
@@ -62,14 +68,16 @@ class DecoderDims:
     vocab_size: int
     rms_norm_eps: float
     tied: bool
-    attention_bias: bool
+    attention_bias: bool  # LLaMA's: q, k, v and o biases (not supported)
     mlp_bias: bool
+    qkv_bias: bool = False  # Qwen2's: q, k and v biases, none on o_proj
 
     @classmethod
     def from_config(cls, t: LlamaTextConfig) -> DecoderDims:
+        """Qwen2's q/k/v biases without `attention_bias` (LLaMA's, which biases o_proj too: refused by the builder)."""
         return cls(
-            t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
-            t.intermediate_size, t.vocab_size, t.rms_norm_eps, t.tie_word_embeddings, t.attention_bias, t.mlp_bias,
+            t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size,
+            t.vocab_size, t.rms_norm_eps, t.tie_word_embeddings, t.attention_bias, t.mlp_bias, t.qkv_bias and not t.attention_bias,
         )
 
 
@@ -134,6 +142,11 @@ def build_decoder(
         array = np.concatenate(parts, axis=0).T if len(parts) > 1 else parts[0].T
         return weight(name, array, "concat_transpose" if len(parts) > 1 else "transpose", [PREFIX + n for n in srcs])
 
+    def packed_bias(name: str, *srcs: str) -> str:
+        """The q|k|v biases concatenated (the weight map's concat_transpose on 1-D tensors: the concatenation)."""
+        array = np.concatenate([np.asarray(source(PREFIX + n), dtype=np.float32) for n in srcs])
+        return weight(name, array, "concat_transpose", [PREFIX + n for n in srcs])
+
     def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
 
@@ -155,10 +168,15 @@ def build_decoder(
         p = f"model.layers.{i}."
         n = f"/layers.{i}"
         qkv = linear(f"layers.{i}.attn.qkv_proj.weight", *(p + f"self_attn.{k}_proj.weight" for k in "qkv"))
-        node("MatMul", [norm, qkv], [f"{n}/attn/qkv"], f"{n}/attn/qkv_proj")
+        packed = f"{n}/attn/qkv"
+        node("MatMul", [norm, qkv], [packed], f"{n}/attn/qkv_proj")
+        if dims.qkv_bias:
+            bias = packed_bias(f"layers.{i}.attn.qkv_proj.bias", *(p + f"self_attn.{k}_proj.bias" for k in "qkv"))
+            node("Add", [packed, bias], [f"{n}/attn/qkv_biased"], f"{n}/attn/qkv_bias")
+            packed = f"{n}/attn/qkv_biased"
         node(
             "GroupQueryAttention",
-            [f"{n}/attn/qkv", "", "", pasts[2 * i], pasts[2 * i + 1], "seqlens_k", "total_sequence_length", cos_name, sin_name],
+            [packed, "", "", pasts[2 * i], pasts[2 * i + 1], "seqlens_k", "total_sequence_length", cos_name, sin_name],
             [f"{n}/attn/out", presents[2 * i], presents[2 * i + 1]],
             f"{n}/attn/GroupQueryAttention", domain="com.microsoft",
             num_heads=H, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(HD) ** -0.5,

@@ -24,19 +24,19 @@ import torch
 from .. import __version__
 from ..atomic import AtomicDir, save_npy
 from ..errors import AccuracyError, ExportError, InputError
-from ..integrity import WEIGHTS_KEY, file_digests
-from ..manifest import MANIFEST_NAME, STAGES
-from ..config import load_config
+from ..integrity import file_digests
+from ..manifest import MANIFEST_NAME, STAGES, WEIGHTS_KEY
 from ..external_data import share_initializers
 from ..memory import StepRecorder
 from ..model.checkpoint import CheckpointReader, build_skeleton, checkpoint_hash, load_weights, release_weights
-from ..model.ppllava import llama_config
+from ..config import QWEN_SIGLIP, clip_weight_folder, load_config
+from ..model.ppllava import llm_config
 from ..model.ppllava import PPLLaVAForConditionalGeneration
-from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
+from ..tokenization import SIGLIP_MODEL_NAME, ClipTokenizer, LlamaPromptTokenizer, SiglipTextTokenizer, load_llama_tokenizer_from_checkpoint
 from ..runtime.decoder import CONCAT, INPLACE, kv_names
 from .decoder_builder import DecoderDims, build_decoder
 from .fusion import FUSED_OPS, TRT_OPS, VisionDims, build_vision
-from .graphs import DecoderGraph, ProjectorHeadGraph, PromptPoolGraph, VisionGraph
+from .graphs import DecoderGraph, ProjectorHeadGraph, VisionGraph, example_query, pool_graph
 from .truncate import describe as describe_truncation
 from .truncate import dropped_prefixes, truncated_config
 from .validate import ValidationReport, validate_export
@@ -115,13 +115,6 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names, 
             )
         except Exception as exc:  # the exporter raises many types; wrap with the graph name
             raise ExportError(f"exporting {path.name} failed: {type(exc).__name__}: {str(exc)[:2000]}") from exc
-
-
-def example_clip_ids(length: int, n_words: int = 6) -> torch.Tensor:
-    ids = torch.full((1, length), 49407, dtype=torch.int64)
-    ids[0, 0] = 49406
-    ids[0, 1 : 1 + n_words] = torch.arange(320, 320 + n_words)
-    return ids
 
 
 def graph_io(path: Path) -> dict:
@@ -218,7 +211,6 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     fmin, _, fmax = opts.frames
     frames = Dim("frames", min=1 if fmin <= 2 else fmin, max=fmax)  # min 1 so the image path (one tile) runs too
-    ctx = cfg.clip_text.context_length
     gen = torch.Generator().manual_seed(0)
     keys = set(parts.reader.names())
     maps: dict[str, WeightMap] = {}
@@ -232,6 +224,8 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
             composites = []
             if "position_table" in fqns:
                 composites.append(("clip_positions", [POSITIONS + "position_embedding", POSITIONS + "position_embedding_res"]))
+            if any(f.endswith(VALUE_HEAD_FQN) for f in fqns):  # SigLIP's head: the traced V slice is folded to a constant
+                composites += [("value_slice", [VALUE_HEAD + p]) for p in ("weight", "bias")]
             used = [checkpoint_name(f, keys) for f in fqns]
             maps[name] = map_traced_graph(tmp / f"{name}.onnx", params, [u for u in used if u is not None], np_dtype, composites)
 
@@ -250,12 +244,14 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
         # example pool inputs of the tower's output shapes (read from the fused graph): running the tower here would
         # cost minutes at CLIP-L width in fp16 on a CPU, and tracing needs only shapes and dtypes
         values, vkeys = _example_vision_outputs(tmp / "vision.onnx", 4, dtype, gen)
-        traced("prompt_pool", PromptPoolGraph(model), (example_clip_ids(ctx), vkeys, values), ["clip_ids", "keys", "values"],
-               ["visual_tokens", "relevance"], (None, {0: P * frames}, {0: frames}), params)
+        query = example_query(cfg, torch.arange(320, 326) % cfg.clip_text.vocab_size)
+        fixed = (None,) * len(query)  # [1, context]: clip_ids (and SigLIP's clip_mask)
+        traced("prompt_pool", pool_graph(model), (*query.values(), vkeys, values), [*query, "keys", "values"],
+               ["visual_tokens", "relevance"], (*fixed, {0: P * frames}, {0: frames}), params)
         # an image's anyres tiles (base + crops), one relevance softmax over all of them; traced with 4 tiles (1 would specialise)
         tiles = Dim("tiles", min=1, max=max(IMAGE_MAX_TILES, cfg.image_max_tiles()))
-        traced("image_pool", PromptPoolGraph(model, image=True), (example_clip_ids(ctx), vkeys, values), ["clip_ids", "keys", "values"],
-               ["visual_tokens", "relevance"], (None, {0: P * tiles}, {0: tiles}), params)
+        traced("image_pool", pool_graph(model, image=True), (*query.values(), vkeys, values), [*query, "keys", "values"],
+               ["visual_tokens", "relevance"], (*fixed, {0: P * tiles}, {0: tiles}), params)
         tokens = Dim("tokens", min=1, max=65536)
         traced("projector_head", ProjectorHeadGraph(model), (values.reshape(-1, values.shape[-1])[:8],), ["values"], ["tokens"], ({0: tokens},), params)
         if cfg.use_image_newline_parameter:
@@ -274,8 +270,8 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
         with parts.llm(steps) as model:
             on_stage("decoder_trt.onnx")
             with steps.step("decoder_trt.onnx"):
-                prog = export_concat_decoder(model, tmp / "decoder_trt.onnx", opts)
-                lm_params = {k: v.detach().numpy() for k, v in ((checkpoint_name(f, keys), p) for f, p in DecoderGraph(model).named_parameters()) if k is not None}
+                prog = export_concat_decoder(model.language_model, tmp / "decoder_trt.onnx", opts)
+                lm_params = {k: v.detach().numpy() for k, v in ((checkpoint_name(f, keys), p) for f, p in DecoderGraph(model.language_model).named_parameters()) if k is not None}
                 used = [checkpoint_name(f, keys) for f in used_parameters(prog)]
                 maps["decoder_trt"] = map_traced_graph(tmp / "decoder_trt.onnx", lm_params, [u for u in used if u is not None], np_dtype)
                 del lm_params
@@ -283,6 +279,11 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
 
 
 POSITIONS = "multi_modal_projector.clip_text_model.embeddings."
+POOL_IDS, POOL_MASKED = "clip-ids-v1", "clip-ids-mask-v1"
+"""The pools' question inputs: clip_ids (CLIP's causal text tower; exports without a `contract` entry are this one),
+or clip_ids + clip_mask (SigLIP's bidirectional text tower under the tokenizer's padding mask)."""
+VALUE_HEAD_FQN = "clip_visual_head.attention.in_proj_weight"
+VALUE_HEAD = "multi_modal_projector.clip_visual_head.attention.in_proj_"
 POOL_DATA = "pools.onnx.data"  # the initializers of prompt_pool, image_pool and projector_head, each stored once
 
 
@@ -305,7 +306,7 @@ def rotary_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     t = cfg.text
-    rotary = LlamaRotaryEmbedding(llama_config(cfg))
+    rotary = LlamaRotaryEmbedding(llm_config(cfg))  # the default rope of LLaMA and Qwen2 alike, at the config's theta
     positions = torch.arange(ROTARY_HEADROOM * t.max_position_embeddings)[None]
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
@@ -313,29 +314,30 @@ def rotary_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def export_concat_decoder(model: PPLLaVAForConditionalGeneration, path: Path, opts: ExportOptions):
-    """decoder_trt.onnx: standard ONNX ops only (TensorRT's parser takes it), traced from transformers' LLaMA;
-    present = concat(past, new) each step."""
+def export_concat_decoder(lm: torch.nn.Module, path: Path, opts: ExportOptions):
+    """decoder_trt.onnx: standard ONNX ops only (TensorRT's parser takes it), traced from transformers' causal LM
+    (`model.language_model`: LlamaForCausalLM, or Qwen2ForCausalLM with its q/k/v biases); present = concat(past,
+    new) each step."""
     from torch.export import Dim
 
-    cfg = model.cfg
     dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
     gen = torch.Generator().manual_seed(0)
-    t = cfg.text
+    t = lm.config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     batch, seq = Dim("batch", min=1, max=64), Dim("seq", min=1, max=8192)
     past_len, total = Dim("past", min=0, max=8192), Dim("total", min=1, max=16384)
     B, S, Pl = 2, 2, 5  # trace with batch 2 and seq 2: batch/seq of 1 would be specialised (pitfall 6)
     emb = torch.randn(B, S, t.hidden_size, generator=gen).to(dtype)
     mask = torch.ones(B, Pl + S, dtype=torch.int64)
     pos = torch.arange(Pl, Pl + S, dtype=torch.int64)[None].repeat(B, 1)
-    past = tuple(torch.randn(B, t.num_key_value_heads, Pl, t.head_dim, generator=gen).to(dtype) for _ in range(2 * t.num_hidden_layers))
+    past = tuple(torch.randn(B, t.num_key_value_heads, Pl, head_dim, generator=gen).to(dtype) for _ in range(2 * t.num_hidden_layers))
     names, present = kv_names(t.num_hidden_layers)
     return _onnx_export(
-        DecoderGraph(model), (emb, mask, pos, past), path,
+        DecoderGraph(lm), (emb, mask, pos, past), path,
         ["inputs_embeds", "attention_mask", "position_ids", *names],
         ["logits", *present],
         ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in names)),
-        opts.opset, _param_bytes(model.language_model) > EXTERNAL_DATA_BYTES,
+        opts.opset, _param_bytes(lm) > EXTERNAL_DATA_BYTES,
     )
 
 
@@ -394,6 +396,8 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
             "kv_cache": {"dtype": kv_dtype, "layout": "[batch, kv_heads, past, head_dim]", "shared_past_present": False},
             "ops": "standard ONNX ops (TensorRT's parser takes them)",
         })
+    for g in ("prompt_pool", "image_pool"):  # which question inputs the pools take (see runtime/stages.pool)
+        graphs[g]["contract"] = POOL_MASKED if cfg.family == QWEN_SIGLIP else POOL_IDS
     graphs["vision"]["ops"] = FUSED_OPS
     backends = {"ort": {s: s for s in STAGES}}
     if opts.tensorrt:
@@ -404,6 +408,7 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
         "format": "ppllava-edge-export",
         "format_version": 1,
         "preset": preset,
+        "family": cfg.family,
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": checkpoint_hash(checkpoint)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "export_seconds": round(sum(timings.values()), 3),
@@ -445,9 +450,30 @@ def build_manifest(model: PPLLaVAForConditionalGeneration, checkpoint: Path, tmp
             "llm_params": sum(p.numel() for p in model.language_model.parameters()),
         },
         "embeddings": {"file": "embed_tokens.npy", "shape": [t.vocab_size, t.hidden_size], "dtype": "float16" if opts.dtype == "fp16" else "float32"},
-        "tokenizers": {"llama": "llama_tokenizer.json", "clip": "clip_tokenizer.json"},
+        "tokenizers": {"llama": "llama_tokenizer.json", **relevance_tokenizer_entry(cfg)},
         "validation": None,
     }
+
+
+SIGLIP_TOKENIZER_FILE = "siglip_spiece.model"
+
+
+def relevance_tokenizer_entry(cfg) -> dict[str, str]:
+    """export.json `tokenizers` entry of the pools' text tower: `clip` (CLIP's BPE as a tokenizers file) or `siglip`
+    (SigLIP's sentencepiece model, copied from the checkpoint's clip_weight folder; the runtime reads it without
+    sentencepiece, tokenization/siglip.py)."""
+    return {"siglip": SIGLIP_TOKENIZER_FILE} if cfg.family == QWEN_SIGLIP else {"clip": "clip_tokenizer.json"}
+
+
+def save_relevance_tokenizer(cfg, checkpoint: Path, tmp: Path) -> None:
+    if cfg.family != QWEN_SIGLIP:
+        ClipTokenizer().save(tmp / "clip_tokenizer.json")
+        return
+    import shutil
+
+    src = clip_weight_folder(cfg.clip_weight, checkpoint) / SIGLIP_MODEL_NAME
+    SiglipTextTokenizer.from_file(src)  # a clear error now for a missing or unusable model, not at the first question
+    shutil.copyfile(src, tmp / SIGLIP_TOKENIZER_FILE)
 
 
 VALIDATION_MODES = ("auto", "full", "truncated", "none")
@@ -510,7 +536,7 @@ def export_checkpoint(
                 save_npy(tmp / "embed_tokens.npy", reader.read("language_model.model.embed_tokens.weight", dtype).numpy())
                 LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(checkpoint), image_token_id=cfg.image_token_index,
                                      template=cfg.conversation).save(tmp / "llama_tokenizer.json")
-                ClipTokenizer().save(tmp / "clip_tokenizer.json")
+                save_relevance_tokenizer(cfg, checkpoint, tmp)
             timings = {k.removesuffix(".onnx"): v["seconds"] for k, v in steps.as_dict().items() if k.endswith(".onnx")}
             manifest = build_manifest(parts.model, checkpoint, tmp, opts, timings)
             for g, wm in maps.items():

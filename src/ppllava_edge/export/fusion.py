@@ -17,6 +17,17 @@ keys [T*P,E]), built from the checkpoint's tensors with ONNX Runtime's fused ope
     F = (main patches + adapter patches) / 2
     values = BiasGelu(F @ linear_1)     keys = l2norm(LayerNorm_clip(F) @ clip_visual_projection)
 
+The SigLIP tower (the Qwen2 family, `VisionDims.tower == "siglip"`):
+
+    Conv + bias (patch embedding) -> Transpose -> + positions (no CLS, no pre-layernorm)
+    per SigLIP layer (every layer: the features are hidden_states[-1], strategy "full"): the CLIP layer above with
+        FastGelu (com.microsoft, fc1's bias fused; SigLIP's gelu_pytorch_tanh) instead of QuickGelu
+    F = the last layer's output (no post_layernorm)
+    values = BiasGelu(F @ linear_1)
+    keys = l2norm(v + MLP(LayerNorm_head(v))) with v = LayerNorm_clip(F) @ W_v + b_v: the value path of SigLIP's
+           MAP head (`SiglipPoolingHead_PatchCLS`: the V slice of `clip_visual_head.attention.in_proj_*`, its
+           layernorm and MLP with a residual; no probe attention, no out_proj)
+
 MultiHeadAttention's CPU kernel runs fp32 self-attention without a mask as MLAS flash attention: the
 [heads, S, S] score matrix of a frame is never materialised (577 x 577 per head and frame at 336 px), and the
 head split/merge transposes of the traced graph disappear into the kernel.
@@ -45,9 +56,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import QWEN_SIGLIP
 from ..external_data import ExternalData
 from .decoder_builder import WeightSource
-from .weights_check import WeightMap
+from .weights_check import WeightMap, apply_transform
 
 TOWER = "vision_tower.vision_model."
 PROJECTOR = "multi_modal_projector."
@@ -68,8 +80,9 @@ class VisionDims:
     btadapter_depth: int
     max_t: int
     values_size: int  # linear_1 output (the LLM width)
-    keys_size: int  # clip_visual_projection output
+    keys_size: int  # clip_visual_projection output (SigLIP: the head's width, hidden_size)
     clip_ln_eps: float  # clip_visual_ln
+    tower: str = "clip"  # clip (CLS, pre-layernorm, BT-Adapter, features of layer -2) | siglip (see the module doc)
 
     @property
     def grid(self) -> int:
@@ -81,14 +94,17 @@ class VisionDims:
 
     @classmethod
     def from_config(cls, cfg) -> VisionDims:
-        """From a PPLLaVAConfig."""
+        """From a PPLLaVAConfig: the CLIP tower (keys through clip_visual_projection) or, for the Qwen2 + SigLIP
+        family, the SigLIP tower (keys of the tower's width through the MAP head's value path, its LayerNorm eps)."""
         v, ct = cfg.vision, cfg.clip_text
         if cfg.projector_hidden_act != "gelu":
             raise NotImplementedError(f"vision builder: projector_hidden_act {cfg.projector_hidden_act!r}")
+        siglip = cfg.family == QWEN_SIGLIP
         return cls(
             v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size, v.patch_size,
             v.num_channels, v.hidden_act, v.layer_norm_eps, v.btadapter_depth, v.max_t, cfg.text.hidden_size,
-            ct.projection_dim, ct.layer_norm_eps,
+            v.hidden_size if siglip else ct.projection_dim, v.layer_norm_eps if siglip else ct.layer_norm_eps,
+            "siglip" if siglip else "clip",
         )
 
 
@@ -159,6 +175,18 @@ class _Writer:
             self._done[name] = name
         return name
 
+    def value_slice(self, src: str) -> str:
+        """The V third (rows [2E, 3E)) of a packed in-projection weight [3E, E] as a MatMul operand [E, E], or of
+        its bias [3E] as [E]."""
+        name = src + ".v"
+        if name not in self._done:
+            array = apply_transform("value_slice", [np.asarray(self.source(src), dtype=np.float32)])
+            self.inits.append(self.data.add(name, np.ascontiguousarray(array).astype(self.np_dtype)))
+            self.wmap.map[name] = ("value_slice", [src])
+            self.wmap.expected.append(src)
+            self._done[name] = name
+        return name
+
     def packed_bias(self, *srcs: str) -> str:
         name = srcs[0].replace("q_proj.", "qkv_proj.")
         if name not in self._done:
@@ -201,6 +229,10 @@ class _VisionBuilder:
 
     def mlp(self, x: str, prefix: str, name: str) -> str:
         w = self.w
+        if self.d.hidden_act == "gelu_pytorch_tanh":  # SigLIP: FastGelu adds fc1's bias itself
+            h = w.node("MatMul", [x, w.linear_weight(prefix + "fc1.weight")], name + "/fc1/MatMul")
+            h = w.node("FastGelu", [h, w.tensor(prefix + "fc1.bias")], name + "/act", domain="com.microsoft")
+            return self.linear(h, prefix + "fc2.", name + "/fc2")
         h = self.linear(x, prefix + "fc1.", name + "/fc1")
         if self.d.hidden_act == "quick_gelu":
             h = w.node("QuickGelu", [h], name + "/act", domain="com.microsoft", alpha=1.702)
@@ -278,14 +310,50 @@ class _VisionBuilder:
         return out[0], out[1]
 
     # ---- the graph ------------------------------------------------------------------------------------
-    def build(self) -> None:
+    def patches(self) -> str:
+        """pixel_values -> patch embeddings [T, P, D] (Conv, flatten, transpose)."""
         w, d = self.w, self.d
-        D, S = d.hidden_size, d.num_patches + 1
-        frames = w.node("Shape", ["pixel_values"], "/frames", start=0, end=1)  # [T]
-        x = w.node("Conv", ["pixel_values", w.tensor(TOWER + "embeddings.patch_embedding.weight")], "/embeddings/patch_embedding",
+        bias = [w.tensor(TOWER + "embeddings.patch_embedding.bias")] if d.tower == "siglip" else []
+        x = w.node("Conv", ["pixel_values", w.tensor(TOWER + "embeddings.patch_embedding.weight"), *bias], "/embeddings/patch_embedding",
                    kernel_shape=[d.patch_size, d.patch_size], strides=[d.patch_size, d.patch_size])  # [T, D, g, g]
-        x = w.node("Reshape", [x, w.const("shape.conv", [0, D, -1])], "/embeddings/flatten")
-        x = w.node("Transpose", [x], "/embeddings/transpose", perm=[0, 2, 1])  # [T, P, D]
+        x = w.node("Reshape", [x, w.const("shape.conv", [0, d.hidden_size, -1])], "/embeddings/flatten")
+        return w.node("Transpose", [x], "/embeddings/transpose", perm=[0, 2, 1])
+
+    def values(self, feats: str) -> None:
+        """values = GELU(linear_1(F)) [T,P,D_llm] (projector_hidden_act 'gelu', both families)."""
+        w = self.w
+        v = w.node("MatMul", [feats, w.linear_weight(PROJECTOR + "linear_1.weight")], "/values/linear_1")
+        w.node("BiasGelu", [v, w.tensor(PROJECTOR + "linear_1.bias")], "/values/gelu", outputs=["values"], domain="com.microsoft")
+
+    def l2_keys(self, k: str) -> None:
+        """keys = the rows of k flattened to [T*P, E], each divided by its L2 norm."""
+        w = self.w
+        k = w.node("Reshape", [k, w.const("shape.keys", [-1, self.d.keys_size])], "/keys/flatten")
+        sq = w.node("ReduceSum", [w.node("Mul", [k, k], "/keys/square"), w.const("axis.-1", [-1])], "/keys/sum", keepdims=1)
+        inv = w.node("Reciprocal", [w.node("Sqrt", [sq], "/keys/norm")], "/keys/inv_norm")
+        w.node("Mul", [k, inv], "/keys/normalize", outputs=["keys"])
+
+    def build_siglip(self) -> None:
+        """The SigLIP tower, then values and the MAP head's value path as keys (see the module doc)."""
+        w, d = self.w, self.d
+        x = w.node("Add", [self.patches(), w.tensor(TOWER + "embeddings.position_embedding.weight")], "/embeddings/positions")
+        for idx in range(d.num_layers):
+            x = self.encoder_layer(x, f"{TOWER}encoder.layers.{idx}.", f"/layers.{idx}")
+        self.values(x)
+        head = PROJECTOR + "clip_visual_head."
+        k = self.layer_norm(x, PROJECTOR + "clip_visual_ln.", "/keys/clip_visual_ln", d.clip_ln_eps)
+        k = w.node("MatMul", [k, w.value_slice(head + "attention.in_proj_weight")], "/keys/head/v_proj")
+        v = w.node("Add", [k, w.value_slice(head + "attention.in_proj_bias")], "/keys/head/v_bias")
+        h = self.layer_norm(v, head + "layernorm.", "/keys/head/layernorm", d.layer_norm_eps)
+        self.l2_keys(w.node("Add", [v, self.mlp(h, head + "mlp.", "/keys/head/mlp")], "/keys/head/residual"))
+
+    def build(self) -> None:
+        if self.d.tower == "siglip":
+            return self.build_siglip()
+        w, d = self.w, self.d
+        D = d.hidden_size
+        frames = w.node("Shape", ["pixel_values"], "/frames", start=0, end=1)  # [T]
+        x = self.patches()  # [T, P, D]
         cls = w.node("Reshape", [w.tensor(TOWER + "embeddings.class_embedding"), w.const("shape.cls", [1, 1, D])], "/embeddings/cls")
         shape = w.node("Concat", [frames, w.const("one.one_D", [1, D])], "/embeddings/cls_shape", axis=0)
         x = w.node("Concat", [w.node("Expand", [cls, shape], "/embeddings/cls_per_frame"), x], "/embeddings/tokens", axis=1)
@@ -310,14 +378,9 @@ class _VisionBuilder:
         if a_patches is not None:
             feats = w.node("Div", [w.node("Add", [feats, a_patches], "/features/merge_sum"), w.scalar("two", 2.0)], "/features/merge")
         # heads: values = GELU(linear_1(F)) [T,P,D_llm]; keys = l2norm(clip_visual_projection(clip_visual_ln(F))) [T*P,E]
-        v = w.node("MatMul", [feats, w.linear_weight(PROJECTOR + "linear_1.weight")], "/values/linear_1")
-        w.node("BiasGelu", [v, w.tensor(PROJECTOR + "linear_1.bias")], "/values/gelu", outputs=["values"], domain="com.microsoft")
+        self.values(feats)
         k = self.layer_norm(feats, PROJECTOR + "clip_visual_ln.", "/keys/clip_visual_ln", d.clip_ln_eps)
-        k = w.node("MatMul", [k, w.linear_weight(PROJECTOR + "clip_visual_projection.weight")], "/keys/projection")
-        k = w.node("Reshape", [k, w.const("shape.keys", [-1, d.keys_size])], "/keys/flatten")
-        sq = w.node("ReduceSum", [w.node("Mul", [k, k], "/keys/square"), w.const("axis.-1", [-1])], "/keys/sum", keepdims=1)
-        inv = w.node("Reciprocal", [w.node("Sqrt", [sq], "/keys/norm")], "/keys/inv_norm")
-        w.node("Mul", [k, inv], "/keys/normalize", outputs=["keys"])
+        self.l2_keys(w.node("MatMul", [k, w.linear_weight(PROJECTOR + "clip_visual_projection.weight")], "/keys/projection"))
 
 
 def build_vision(

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import QWEN_SIGLIP
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..runtime.decoder import kv_names
-from .graphs import DecoderGraph, PromptPoolGraph, VisionGraph
+from ..runtime.stages import decoder_feed, empty_past, encode, pool, project
+from .graphs import DecoderGraph, VisionGraph, example_query, pool_graph
 
 
 @dataclass
@@ -123,6 +125,20 @@ def _recorder(checks: list[Check], thresholds: dict):
     return record
 
 
+def _reference_pool(model: PPLLaVAForConditionalGeneration, image: bool = False):
+    """The PyTorch side of a pool check, (query inputs..., keys, values) -> (tokens, relevance): the traced module
+    (PromptPoolGraph: the projector's own pool) for CLIP; for SigLIP the projector's own `pool` (logit_bias included)
+    rather than the SiglipPoolGraph that was traced, so the check covers how that graph re-assembles it."""
+    if model.cfg.family != QWEN_SIGLIP:
+        return pool_graph(model, image=image)
+
+    def run(clip_ids, clip_mask, keys, values):
+        g, tokens = model.multi_modal_projector.pool(keys, values, clip_ids, image=image, clip_mask=clip_mask)
+        return tokens, g
+
+    return run
+
+
 def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, manifest: dict, record) -> None:
     cfg = model.cfg
     np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
@@ -130,48 +146,50 @@ def _check_vision_side(model: PPLLaVAForConditionalGeneration, folder: Path, man
     gen = torch.Generator().manual_seed(1234)
     size = cfg.vision.image_size
     vision = _session(folder / "vision.onnx")
-    pool = _session(folder / "prompt_pool.onnx")
+    prompt_pool = _session(folder / "prompt_pool.onnx")
     image_pool = _session(folder / "image_pool.onnx")
     vision_trt = _session(folder / manifest["graphs"]["vision_trt"]["file"]) if "vision_trt" in manifest["graphs"] else None
     fmin, _, fmax = manifest["frames"]["min"], None, manifest["frames"]["max"]
-    ctx = cfg.clip_text.context_length
-    short = torch.full((1, ctx), 49407, dtype=torch.int64)
-    short[0, :7] = torch.tensor([49406, 768, 533, 4284, 530, 518, 1455])
-    long = torch.full((1, ctx), 49407, dtype=torch.int64)
-    long[0, 0] = 49406
-    long[0, 1:61] = torch.randint(300, 40000, (60,), generator=gen)
-    vg, pg = VisionGraph(model), PromptPoolGraph(model)
+    vocab = cfg.clip_text.vocab_size
+    short = example_query(cfg, torch.tensor([768, 533, 4284, 530, 518, 1455]) % vocab)  # (a padded SigLIP question: the mask matters)
+    long = example_query(cfg, torch.randint(300, min(40000, vocab), (60,), generator=gen))
+
+    def run_pool(session, query: dict, keys: torch.Tensor, values: torch.Tensor):
+        mask = query.get("clip_mask")
+        return pool(session, query["clip_ids"].numpy(), keys.numpy().astype(np_dtype), values.numpy().astype(np_dtype), None if mask is None else mask.numpy())
+
+    vg, pg = VisionGraph(model), _reference_pool(model)
     with torch.no_grad():
         for T in _pick_frames(max(fmin, 2), fmax):
             px = torch.randn(T, 3, size, size, generator=gen)
             ref_values, ref_keys = vg(px)
-            values, keys = vision.run(None, {"pixel_values": px.numpy().astype(np_dtype)})
+            values, keys = encode(vision, px.numpy().astype(np_dtype))
             record("vision", f"T={T}", "values", ref_values.numpy(), values)
             record("vision", f"T={T}", "keys", ref_keys.numpy(), keys)
             if vision_trt is not None:  # the traced standard-ops graph TensorRT builds (export --tensorrt)
-                for name, ref, got in zip(("values", "keys"), (ref_values, ref_keys), vision_trt.run(None, {"pixel_values": px.numpy().astype(np_dtype)})):
+                for name, ref, got in zip(("values", "keys"), (ref_values, ref_keys), encode(vision_trt, px.numpy().astype(np_dtype))):
                     record("vision_trt", f"T={T}", name, ref.numpy(), got)
-            for qname, ids in (("short q", short), ("long q", long)):
-                ref_tokens, ref_g = pg(ids, ref_keys, ref_values)
-                tokens, g = pool.run(None, {"clip_ids": ids.numpy(), "keys": ref_keys.numpy().astype(np_dtype), "values": ref_values.numpy().astype(np_dtype)})
+            for qname, query in (("short q", short), ("long q", long)):
+                ref_tokens, ref_g = pg(*query.values(), ref_keys, ref_values)
+                tokens, g = run_pool(prompt_pool, query, ref_keys, ref_values)
                 record("prompt_pool", f"T={T} {qname}", "visual_tokens", ref_tokens.numpy(), tokens)
                 record("prompt_pool", f"T={T} {qname}", "relevance", ref_g.numpy(), g)
-        ipg = PromptPoolGraph(model, image=True)
+        ipg = _reference_pool(model, image=True)
         for tiles in (1, 3, 5):  # an image's anyres tiles, each through the vision graph with T = 1 (traced with 4)
             px = torch.randn(tiles, 3, size, size, generator=gen)
             outs = [vg(px[i : i + 1]) for i in range(tiles)]
             ref_values, ref_keys = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
             if tiles == 1:
-                values, keys = vision.run(None, {"pixel_values": px.numpy().astype(np_dtype)})
+                values, keys = encode(vision, px.numpy().astype(np_dtype))
                 record("vision", "T=1 (image tile)", "values", ref_values.numpy(), values)
                 record("vision", "T=1 (image tile)", "keys", ref_keys.numpy(), keys)
-            ref_tokens, ref_g = ipg(short, ref_keys, ref_values)
-            tokens, g = image_pool.run(None, {"clip_ids": short.numpy(), "keys": ref_keys.numpy().astype(np_dtype), "values": ref_values.numpy().astype(np_dtype)})
+            ref_tokens, ref_g = ipg(*short.values(), ref_keys, ref_values)
+            tokens, g = run_pool(image_pool, short, ref_keys, ref_values)
             record("image_pool", f"{tiles} tiles", "visual_tokens", ref_tokens.numpy(), tokens)
             record("image_pool", f"{tiles} tiles", "relevance", ref_g.numpy(), g)
         head = _session(folder / "projector_head.onnx")
         flat = ref_values.reshape(-1, ref_values.shape[-1])
-        record("projector_head", f"N={flat.shape[0]}", "tokens", model.multi_modal_projector.linear_2(flat).numpy(), head.run(None, {"values": flat.numpy().astype(np_dtype)})[0])
+        record("projector_head", f"N={flat.shape[0]}", "tokens", model.multi_modal_projector.linear_2(flat).numpy(), project(head, flat.numpy().astype(np_dtype)))
 
 
 def decoder_cases(table: np.ndarray, vocab: int, seed: int = 4321) -> list[tuple[str, np.ndarray, int]]:
@@ -189,21 +207,17 @@ def decoder_cases(table: np.ndarray, vocab: int, seed: int = 4321) -> list[tuple
 def _ort_decoder_outputs(session, cases, layers: int, kv: int, hd: int, max_len: int, np_dtype) -> list[dict]:
     """Phase 1 (no PyTorch weights in memory): each case through ONNX Runtime, every step fed its own past. The
     concat graph runs with plain `run()`; the in-place graph additionally through the runtime's own binding."""
-    from ..runtime.decoder import InplaceKVDecoder, adapt_feed
+    from ..runtime.decoder import InplaceKVDecoder
 
-    names, _ = kv_names(layers)
     inputs = [i.name for i in session.get_inputs()]
     results = []
     for case, emb, L in cases:
-        past = [np.zeros((1, kv, 0, hd), np_dtype) for _ in names]
-        logits, length = [], 0
+        past = empty_past(layers, kv, hd, np_dtype)
+        logits = []
         for start, stop in [(0, L)] + [(j, j + 1) for j in range(L, emb.shape[1])]:
-            x = emb[:, start:stop]
-            feed = {"inputs_embeds": x.astype(np_dtype), "attention_mask": np.ones((1, stop), np.int64),
-                    "position_ids": np.arange(start, stop, dtype=np.int64)[None], **dict(zip(names, past))}
-            out = session.run(None, adapt_feed(feed, inputs))
+            out = session.run(None, decoder_feed(emb[:, start:stop].astype(np_dtype), past, inputs))
             logits.append(np.asarray(out[0], np.float32))
-            past, length = list(out[1:]), stop
+            past = list(out[1:])
         entry = {"case": case, "logits": logits, "cache": past}
         if "seqlens_k" in inputs:
             dec = InplaceKVDecoder(session, layers, kv, hd, max_len, dtype=np_dtype)
@@ -219,7 +233,7 @@ def _ort_decoder_outputs(session, cases, layers: int, kv: int, hd: int, max_len:
 def _check_decoder(model: PPLLaVAForConditionalGeneration, graph: str, cases, ort_out: list[dict], record) -> None:
     """Phase 2: the same cases through the PyTorch reference (its own past each step), compared with phase 1."""
     t = model.cfg.text
-    dg = DecoderGraph(model)
+    dg = DecoderGraph(model.language_model)
     names = kv_names(t.num_hidden_layers)[0]
     for (case, emb, L), got in zip(cases, ort_out):
         e = torch.from_numpy(emb)

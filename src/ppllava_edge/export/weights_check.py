@@ -6,7 +6,8 @@ At export time each graph gets a **weight map** (stored in export.json, `graphs.
   `identity` (the tensor as is), `transpose` (a Linear weight [out, in] stored as a MatMul operand [in, out]),
   `concat_transpose` (several Linear weights concatenated along `out`, then transposed: the decoder's packed q|k|v
   and gate|up) and `clip_positions` (the folded 248-row CLIP position table: rows < 20 of `position_embedding`,
-  the rest of `position_embedding_res`);
+  the rest of `position_embedding_res`) and `value_slice` (the last third of a packed q|k|v in-projection, rows
+  [2E, 3E), transposed when 2-D: the V slice of SigLIP's MAP head `clip_visual_head.attention.in_proj_*`);
 - `expected`: the checkpoint tensors the graph must hold (those the traced program uses, or the builder wrote);
 - `derived`: initializers computed at export (rotary tables, folded constants, small shape tensors), whose bytes
   are not checkpoint tensors.
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..external_data import read_initializer
 
-TRANSFORMS = ("identity", "transpose", "concat_transpose", "clip_positions")
+TRANSFORMS = ("identity", "transpose", "concat_transpose", "clip_positions", "value_slice")
 CLIP_KEEP_LEN = 20
 MIN_ELEMENTS = 8  # smaller float initializers (scalars, eps, shape-like constants) are not traced to the checkpoint
 
@@ -51,6 +52,10 @@ def apply_transform(transform: str, sources: list[np.ndarray]) -> np.ndarray:
     if transform == "clip_positions":
         pe, res = sources
         return np.concatenate((pe[:CLIP_KEEP_LEN], res[CLIP_KEEP_LEN:]), axis=0)
+    if transform == "value_slice":
+        (a,) = sources
+        v = a[2 * a.shape[0] // 3 :]
+        return v.T if v.ndim == 2 else v
     raise ValueError(f"unknown weight transform {transform!r}")
 
 

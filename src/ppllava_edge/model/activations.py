@@ -7,7 +7,9 @@ norms, projector heads) in memory, and each transformer layer, token table and l
 just before it runs and released right after (forward hooks), so a 7B checkpoint needs about one layer of memory.
 
 Inputs: `num_frames` random frames (N(0, 1) pixels, the scale of CLIP-normalised ones) and a question of random
-CLIP ids, pooled to visual tokens that go into a prompt of `num_tokens` random LLaMA ids around the image token.
+CLIP (or SigLIP) ids, pooled to visual tokens that go into a prompt of `num_tokens` random LLM ids around the image
+token. Both families: the BT-Adapter tower runs every layer and adapter pair (`hidden_states`), SigLIP's tower every
+layer (its feature is the last one).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import QWEN_SIGLIP, PPLLaVAConfig
 from .checkpoint import DTYPES, CheckpointReader, build_skeleton, load_weights, release_weights
 
 # module-name prefixes of the transformer layers that are streamed, and the big single modules streamed with them
@@ -40,6 +43,7 @@ RECORDED = (
     "vision_tower.vision_model.pre_layrnorm",
     "multi_modal_projector.linear_1",
     "multi_modal_projector.clip_visual_projection",
+    "multi_modal_projector.clip_visual_head",
     "multi_modal_projector.clip_text_model.final_layer_norm",
     "multi_modal_projector.linear_2",
     "language_model.model.norm",
@@ -65,6 +69,31 @@ class LayerActivation:
 
 def _first_tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else next(o for o in output if isinstance(o, torch.Tensor))
+
+
+def _features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """F with every tower layer run: SigLIP's feature is its last layer; the BT-Adapter tower's `hidden_states` runs
+    the last main layer and adapter pair too, whose output F (`hidden_states[-2]` without CLS) does not need."""
+    if model.cfg.family == QWEN_SIGLIP:
+        return model.vision_tower(pixels)
+    return model.vision_tower.vision_model.hidden_states(pixels)[-2][:, 1:]
+
+
+def _random_question(cfg: PPLLaVAConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """20 random word ids as the relevance text tower reads them: CLIP (start, words, end-of-text padding) or SigLIP
+    (words, `</s>`, `</s>` padding, with the padding mask)."""
+    length = cfg.clip_text.context_length
+    words = torch.randint(400, min(40000, cfg.clip_text.vocab_size), (20,), generator=gen)
+    if cfg.family == QWEN_SIGLIP:
+        clip_ids = torch.ones((1, length), dtype=torch.int64)  # `</s>` (id 1) ends the text and pads it
+        clip_ids[0, :20] = words
+        mask = torch.zeros((1, length), dtype=torch.int64)
+        mask[0, :21] = 1
+        return {"clip_ids": clip_ids, "clip_mask": mask}
+    clip_ids = torch.full((1, length), 49407)  # end-of-text after 20 random word ids
+    clip_ids[0, 0] = 49406
+    clip_ids[0, 1:21] = words
+    return {"clip_ids": clip_ids}
 
 
 def check_activations(
@@ -116,17 +145,15 @@ def check_activations(
             gen = torch.Generator().manual_seed(seed)
             size = cfg.vision.image_size
             pixels = torch.randn(num_frames, 3, size, size, generator=gen).to(torch_dtype)
-            states = model.vision_tower.vision_model.hidden_states(pixels)  # every layer and adapter pair runs
-            features = states[-2][:, 1:]
+            features = _features(model, pixels)
             proj = model.multi_modal_projector
-            length = cfg.clip_text.context_length
-            clip_ids = torch.full((1, length), 49407)  # end-of-text after 20 random word ids
-            clip_ids[0, 0] = 49406
-            clip_ids[0, 1:21] = torch.randint(400, 40000, (20,), generator=gen)
-            _, tokens = proj.pool(proj.keys(features), proj.values(features), clip_ids)
-            half = num_tokens // 2
+            question = _random_question(cfg, gen)
+            clip_ids = question.pop("clip_ids")
+            _, tokens = proj.pool(proj.keys(features), proj.values(features), clip_ids, **question)
             ids = torch.randint(3, 32000, (num_tokens,), generator=gen)
-            ids[0], ids[half] = cfg.text.bos_token_id, cfg.image_token_index
+            if cfg.family != QWEN_SIGLIP:  # Qwen2's prompt has no BOS
+                ids[0] = cfg.text.bos_token_id
+            ids[num_tokens // 2] = cfg.image_token_index
             embeds = model.embed_prompt(ids, tokens)
             model.language_model(inputs_embeds=embeds, use_cache=False)
         finally:

@@ -19,7 +19,12 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-_ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """transformers' `gelu_pytorch_tanh` (SigLIP's MLP)."""
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 class CLIPAttention(nn.Module):
@@ -32,12 +37,13 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: bool [B, 1, 1, N], True where a key may be attended (SigLIP's padded text), else all keys."""
         b, n, d = hidden_states.shape  # [B, N, D]
         q = self.q_proj(hidden_states).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -62,8 +68,8 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(hidden_size, intermediate_size, act)
         self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal=causal, mask=mask)
         return x + self.mlp(self.layer_norm2(x))
 
 

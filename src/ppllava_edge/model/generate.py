@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import QWEN_SIGLIP, PPLLaVAConfig, clip_weight_folder
 from ..media import check_image_paths, check_num_images, images_as_frames, input_kind, load_image_tiles, load_pixel_values, read_images
-from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, load_llama_tokenizer_from_checkpoint
+from ..tokenization import ClipTokenizer, LlamaPromptTokenizer, SiglipTextTokenizer, load_llama_tokenizer_from_checkpoint
 from .checkpoint import load_model
 from .ppllava import PPLLaVAForConditionalGeneration
 
@@ -23,6 +24,23 @@ class Answer:
     kind: str = "video"
 
 
+class RelevanceTokenizer:
+    """The question's ids (and SigLIP's padding mask) for the relevance text tower of the checkpoint's family: CLIP's
+    BPE (package asset; no mask, the causal tower ignores padding) or SigLIP's sentencepiece model from the
+    `clip_weight` folder."""
+
+    def __init__(self, cfg: PPLLaVAConfig, checkpoint: Path):
+        self.length = cfg.clip_text.context_length
+        self.siglip = SiglipTextTokenizer.from_file(clip_weight_folder(cfg.clip_weight, checkpoint)) if cfg.family == QWEN_SIGLIP else None
+        self.clip = None if self.siglip is not None else ClipTokenizer()
+
+    def encode(self, question: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids [L], attention mask [L] or None for CLIP)."""
+        if self.siglip is not None:
+            return self.siglip.encode(question, length=self.length)
+        return self.clip.encode(question, length=self.length), None
+
+
 class ReferenceModel:
     """The PyTorch model plus the tokenizers of its checkpoint folder."""
 
@@ -32,12 +50,11 @@ class ReferenceModel:
         self.cfg = self.model.cfg
         self.llama = LlamaPromptTokenizer(load_llama_tokenizer_from_checkpoint(self.checkpoint), image_token_id=self.cfg.image_token_index,
                                           template=self.cfg.conversation)
-        self.clip = ClipTokenizer()
+        self.relevance = RelevanceTokenizer(self.cfg, self.checkpoint)
 
-    def tokenize(self, question: str, images: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        clip_ids = self.clip.encode(question, length=self.cfg.clip_text.context_length)
-        input_ids = np.asarray(self.llama.prompt_ids(question, images=images), dtype=np.int64)
-        return clip_ids, input_ids
+    def prompt_ids(self, question: str, images: int = 1) -> np.ndarray:
+        """The LLM prompt's ids with `images` image slots."""
+        return np.asarray(self.llama.prompt_ids(question, images=images), dtype=np.int64)
 
     @torch.no_grad()
     def answer_pixels(
@@ -48,9 +65,11 @@ class ReferenceModel:
         (a lone tile without `image_size` takes the single-tile branch), or (`multi_image`) one frame per image of a
         multi-image question, each at its own `<image>` slot."""
         slots = pixel_values.shape[0] if multi_image else 1
-        clip_ids, input_ids = self.tokenize(question, images=slots)
+        clip_ids, clip_mask = self.relevance.encode(question)
+        input_ids = self.prompt_ids(question, images=slots)
+        mask = None if clip_mask is None else torch.from_numpy(clip_mask)[None]
         out = self.model.visual_tokens(torch.from_numpy(pixel_values), torch.from_numpy(clip_ids)[None], image=image, image_size=image_size,
-                                       multi_image=multi_image)
+                                       multi_image=multi_image, clip_mask=mask)
         embeds = self.model.embed_prompt(torch.from_numpy(input_ids), out.visual_tokens, slots=slots)
         ids = self.model.generate(embeds, max_new_tokens=max_new_tokens, num_beams=num_beams)
         arrays = {
@@ -62,6 +81,8 @@ class ReferenceModel:
             "visual_tokens": out.visual_tokens.float().numpy(),
             "output_ids": np.asarray(ids, dtype=np.int64),
         }
+        if clip_mask is not None:
+            arrays["clip_mask"] = clip_mask
         kind = "images" if multi_image else "image" if image else "video"
         return Answer(text=self.llama.decode(ids), output_ids=ids, arrays=arrays, kind=kind)
 

@@ -8,18 +8,24 @@ from __future__ import annotations
 import torch
 
 
-def relevance(keys: torch.Tensor, query: torch.Tensor, logit_scale: torch.Tensor, num_frames: int, grid: tuple[int, int]) -> torch.Tensor:
-    """g = softmax over all T*P tokens of exp(logit_scale) * <query, key>, computed in fp32.
+def relevance(
+    keys: torch.Tensor, query: torch.Tensor, logit_scale: torch.Tensor, num_frames: int, grid: tuple[int, int], logit_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """g = softmax over all T*P tokens of exp(logit_scale) * <query, key> (+ logit_bias: SigLIP), computed in fp32.
 
     Args:
         keys: [T*P, E] L2-normalised visual keys.
         query: [E] or [1, E] L2-normalised text query.
         logit_scale: scalar parameter (ln 100 in OpenAI CLIP; whatever the checkpoint stores).
+        logit_bias: SigLIP's scalar bias, added before the softmax as the authors' SigLIP projector does (a constant
+            shift, so it changes g only through fp32 rounding; kept for faithfulness).
     Returns:
         g: [T, h, w] float32, sums to 1 over the clip.
     """
     logits = keys.float() @ query.float().reshape(-1, 1)  # [T*P, 1]
     logits = logits.reshape(-1) * logit_scale.float().exp()
+    if logit_bias is not None:
+        logits = logits + logit_bias.float()
     return torch.softmax(logits, dim=0).reshape(num_frames, grid[0], grid[1])
 
 

@@ -1,4 +1,5 @@
-"""The PPLLaVA model (Vicuna / CLIP release): BT-Adapter tower, prompt-guided pooling projector, LLaMA LLM."""
+"""The PPLLaVA model of both releases (`cfg.family`): Vicuna / CLIP (BT-Adapter tower, CLIP relevance, LLaMA LLM) and
+Qwen2 / SigLIP (SigLIP tower, SigLIP relevance, Qwen2 LLM); the prompt-guided pooling and the splice are shared."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import PPLLaVAConfig
+from ..config import QWEN_SIGLIP, PPLLaVAConfig
 from ..errors import InputError
 from ..media.anyres import ImageLayout
 from ..media.image import check_num_images
 from .clip import CLIPTextTransformer, CLIPVisionTower, l2_normalize
 from .pooling import pool_windows, relevance
+from .projector import ProjectorMLP
+from .siglip import SiglipPPLLaVAProjector, SiglipVisionTower
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ def check_num_frames(num_frames: int, max_frames: int) -> None:
     if num_frames < 2 or num_frames > max_frames:
         raise InputError(
             f"num_frames={num_frames} is out of range: a video needs 2 <= T <= {max_frames} frames "
-            f"(the BT-Adapter time table has {max_frames} rows; T=1 gives no pooled token).\n"
+            f"(the config's max_T, the BT-Adapter time table's rows in the Vicuna release; T=1 gives no pooled token).\n"
             "Hint: pass an even frame count such as 8, 16 or 32; single images take the image path."
         )
     if num_frames % 2:
@@ -44,29 +46,17 @@ class VisualOutput:
     layout: ImageLayout | None = None  # images: where each token comes from (anyres assembly)
 
 
-class PPLLaVAProjector(nn.Module):
+class PPLLaVAProjector(ProjectorMLP):
     """`multi_modal_projector`: MLP (linear_1, GELU, linear_2) + CLIP text encoder / visual head for the relevance."""
 
     def __init__(self, cfg: PPLLaVAConfig):
-        super().__init__()
-        self.cfg = cfg
-        dv, dl, ct = cfg.vision.hidden_size, cfg.text.hidden_size, cfg.clip_text
-        self.linear_1 = nn.Linear(dv, dl)
-        self.linear_2 = nn.Linear(dl, dl)
+        super().__init__(cfg)
+        ct = cfg.clip_text
         self.clip_text_model = CLIPTextTransformer(ct, cfg.extend_clip)
         self.clip_text_projection = nn.Linear(ct.hidden_size, ct.projection_dim, bias=False)
         self.clip_visual_ln = nn.LayerNorm(ct.clip_vision_hidden_size, eps=ct.layer_norm_eps)
         self.clip_visual_projection = nn.Linear(ct.clip_vision_hidden_size, ct.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
-
-    def act(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.projector_hidden_act != "gelu":
-            raise NotImplementedError(self.cfg.projector_hidden_act)
-        return F.gelu(x)  # exact erf GELU
-
-    def values(self, features: torch.Tensor) -> torch.Tensor:
-        """GELU(linear_1(F)): [T, P, D_llm] (linear_2 runs after pooling, §6.1 rewrite)."""
-        return self.act(self.linear_1(features))
 
     def keys(self, features: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP visual projections of every patch: [T*P, E]."""
@@ -88,12 +78,10 @@ class PPLLaVAProjector(nn.Module):
         return g, self.linear_2(pooled)
 
 
-def llama_config(cfg: PPLLaVAConfig):
-    """transformers' LlamaConfig of the checkpoint's LLM (the exporter also uses it for the rotary tables)."""
-    from transformers import LlamaConfig
-
+def _llm_kwargs(cfg: PPLLaVAConfig, extra_keys: set[str]) -> dict:
+    """The config keys LlamaConfig and Qwen2Config share, from the checkpoint's text config (plus `extra_keys` of it)."""
     t = cfg.text
-    return LlamaConfig(
+    return dict(
         vocab_size=t.vocab_size,
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
@@ -105,30 +93,56 @@ def llama_config(cfg: PPLLaVAConfig):
         rms_norm_eps=t.rms_norm_eps,
         rope_theta=t.rope_theta,
         tie_word_embeddings=t.tie_word_embeddings,
-        attention_bias=t.attention_bias,
-        mlp_bias=t.mlp_bias,
         bos_token_id=t.bos_token_id,
         eos_token_id=t.eos_token_id,
         pad_token_id=cfg.pad_token_id,
-        **{k: v for k, v in t.extra.items() if k in {"head_dim", "rope_scaling", "rope_parameters", "pretraining_tp"}},
+        **{k: v for k, v in t.extra.items() if k in extra_keys},
     )
+
+
+def llama_config(cfg: PPLLaVAConfig):
+    """transformers' LlamaConfig of the checkpoint's LLM (the exporter also uses it for the rotary tables)."""
+    from transformers import LlamaConfig
+
+    t = cfg.text
+    kwargs = _llm_kwargs(cfg, {"head_dim", "rope_scaling", "rope_parameters", "pretraining_tp"})
+    return LlamaConfig(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias, **kwargs)
+
+
+def qwen2_config(cfg: PPLLaVAConfig):
+    """transformers' Qwen2Config of a qwen-siglip checkpoint's LLM (q/k/v biases, GQA, rope theta, untied head)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(use_sliding_window=False, **_llm_kwargs(cfg, {"rope_scaling", "rope_parameters"}))
+
+
+def llm_config(cfg: PPLLaVAConfig):
+    """The LLM's transformers config: Qwen2Config for qwen-siglip, LlamaConfig for vicuna-clip."""
+    return qwen2_config(cfg) if cfg.family == QWEN_SIGLIP else llama_config(cfg)
+
+
+def build_llm(cfg: PPLLaVAConfig, attn_implementation: str = "sdpa") -> nn.Module:
+    """transformers' Qwen2ForCausalLM or LlamaForCausalLM for the checkpoint's LLM (`language_model.*`)."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    config = llm_config(cfg)
+    config._attn_implementation = attn_implementation
+    return (Qwen2ForCausalLM if cfg.family == QWEN_SIGLIP else LlamaForCausalLM)(config)
 
 
 class PPLLaVAForConditionalGeneration(nn.Module):
     """Module tree mirrors the checkpoint: `vision_tower.vision_model.*`, `multi_modal_projector.*`,
-    `language_model.{model,lm_head}.*`, `image_newline`."""
+    `language_model.{model,lm_head}.*`, `image_newline`. The family picks the tower, the projector's relevance side
+    and the LLM."""
 
     def __init__(self, cfg: PPLLaVAConfig, attn_implementation: str = "sdpa"):
         super().__init__()
-        from transformers import LlamaForCausalLM
-
         self.cfg = cfg
         t = cfg.text
-        self.vision_tower = CLIPVisionTower(cfg.vision)
-        self.multi_modal_projector = PPLLaVAProjector(cfg)
-        llama_cfg = llama_config(cfg)
-        llama_cfg._attn_implementation = attn_implementation
-        self.language_model = LlamaForCausalLM(llama_cfg)
+        siglip = cfg.family == QWEN_SIGLIP
+        self.vision_tower = SiglipVisionTower(cfg.vision) if siglip else CLIPVisionTower(cfg.vision)
+        self.multi_modal_projector = SiglipPPLLaVAProjector(cfg) if siglip else PPLLaVAProjector(cfg)
+        self.language_model = build_llm(cfg, attn_implementation)
         self.image_newline = nn.Parameter(torch.zeros(t.hidden_size))
 
     # ---- vision side -------------------------------------------------------------------------
@@ -165,13 +179,14 @@ class PPLLaVAForConditionalGeneration(nn.Module):
 
     def visual_tokens(
         self, pixel_values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False, image_size: tuple[int, int] | None = None,
-        multi_image: bool = False,
+        multi_image: bool = False, clip_mask: torch.Tensor | None = None,
     ) -> VisualOutput:
         """Video: 2 <= T <= max_T frames, kernel (2,3,3). Image: anyres tiles (base first) of an image of
         `image_size` (H, W), each tile through the tower with T = 1, one relevance softmax over all tiles, kernel
         (1,3,3), then the anyres assembly with `image_newline`. `multi_image`: N images, each squashed to S x S like a
         video frame, through the tower as one video of T = N frames, one relevance softmax over all of them, kernel
-        (1,3,3), no newline: g*g tokens per image, in order (the authors' `encode_video(..., multi_image=True)`)."""
+        (1,3,3), no newline: g*g tokens per image, in order (the authors' `encode_video(..., multi_image=True)`).
+        `clip_mask` [1, L]: the SigLIP tokenizer's padding mask (qwen-siglip; CLIP's causal text tower needs none)."""
         num_frames = pixel_values.shape[0]
         layout = self.image_layout(num_frames, image_size) if image else None
         if multi_image:
@@ -187,7 +202,8 @@ class PPLLaVAForConditionalGeneration(nn.Module):
         features = self.encode_tiles(pixel_values.to(dtype)) if image else self.encode_video(pixel_values.to(dtype))
         proj = self.multi_modal_projector
         keys, values = proj.keys(features), proj.values(features)
-        g, tokens = proj.pool(keys, values, clip_ids, image=image or multi_image)
+        mask = {"clip_mask": clip_mask} if self.cfg.family == QWEN_SIGLIP else {}
+        g, tokens = proj.pool(keys, values, clip_ids, image=image or multi_image, **mask)
         if layout is not None:
             tokens = self.assemble_image(tokens, layout)
         return VisualOutput(features=features, relevance=g, visual_tokens=tokens, layout=layout)

@@ -26,20 +26,14 @@ from ..errors import ConfigError
 from ..media.anyres import default_pinpoints
 from .checkpoint import ProgressFn, build_skeleton, write_shards
 from .ppllava import PPLLaVAForConditionalGeneration
+from .qwen_presets import QWEN_PRESETS, qwen_preset_config, write_qwen_tokenizer_files, write_siglip_tokenizer
+from .release_keys import PPLLAVA_POOLING_KEYS
 from .shards import TensorSpec
 
 RELEASED_TOP_LEVEL = {
     "architectures": ["LlavaInterleaveForConditionalGeneration"],
     "model_type": "llava_next",
-    "pooling": "ppllava",
-    "pooling_kernel": [2, 3, 3],
-    "pooling_stride": [2, 3, 3],
-    "image_pooling_kernel": [1, 3, 3],
-    "image_pooling_stride": [1, 3, 3],
-    "pllava_pooling_shape": None,
-    "pooling_temp": 0.01,
-    "extend_clip": True,
-    "clip_post_pretrain": None,
+    **PPLLAVA_POOLING_KEYS,
     "btadapter": True,
     "btadapter_depth": 4,
     "max_T": 64,
@@ -86,6 +80,7 @@ PRESETS: dict[str, dict] = {
     "mid": {"released": True, "llm_layers": 4, "init_std": "fan_in"},
     # the released PPLLaVA-7B (Vicuna-7B): 7.26 B parameters, 14.5 GB in bf16
     "7b": {"released": True, "llm_layers": None, "init_std": "fan_in"},
+    **QWEN_PRESETS,  # the Qwen2 + SigLIP family (qwen_presets.py)
 }
 
 CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
@@ -127,8 +122,8 @@ def released_config(llm_layers: int | None = None) -> dict:
 
 def preset_config(name: str) -> tuple[dict, dict | None]:
     """(config.json dict, clip/config.json dict or None when `clip_weight` is the OpenAI hub id) for a preset."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    if name not in PRESETS or name in QWEN_PRESETS:
+        raise ConfigError(f"unknown Vicuna preset {name!r}; choose one of: {', '.join(set(PRESETS) - set(QWEN_PRESETS))}")
     p = PRESETS[name]
     if p.get("released"):
         return released_config(p["llm_layers"]), None
@@ -236,7 +231,7 @@ def random_tensors(model: PPLLaVAForConditionalGeneration, init_std: dict | str,
 
     def chunks(name: str, shape: tuple[int, ...], gen: torch.Generator, kept: dict) -> Iterator[torch.Tensor]:
         if name.endswith("logit_scale"):
-            yield torch.tensor(math.log(100.0)).to(dtype)
+            yield torch.full(shape, math.log(100.0)).to(dtype)
             return
         drawn = _normal_chunks(shape, gen, *_init_rule(name, shape, init_std), chunk)
         if name == table + "_res":
@@ -298,24 +293,57 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def make_random_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False, dtype: str = "bf16",
-                           progress: ProgressFn | None = None) -> Path:
-    """Write a random-weight checkpoint folder for `preset` (atomically), streaming tensor by tensor
-    (`make.make_checkpoint` is the entry point). `progress(bytes_done, bytes_total)` is called after each tensor."""
+def _write_config_files(tmp: Path, preset: str, tokenizer: Path | None) -> dict:
+    """config.json's dict and the `clip_weight` folder's config.json of a preset (before the shards: the model is built
+    from them); a `--tokenizer` path is checked here, before any weight is generated."""
+    if preset in QWEN_PRESETS:
+        config, siglip = qwen_preset_config(preset)
+        if tokenizer is not None and not tokenizer.is_file():
+            raise ConfigError(f"--tokenizer {tokenizer}: no such file (expected Qwen2's tokenizer.json).")
+        folder = tmp / config["clip_weight"]
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(siglip, indent=2) + "\n")
+        return config
+    if tokenizer is not None:
+        raise ConfigError("--tokenizer takes Qwen2's tokenizer.json for the qwen presets; the Vicuna presets write a LLaMA tokenizer.model.")
     config, clip = preset_config(preset)
+    if clip is not None:
+        (tmp / "clip").mkdir()
+        (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
+    return config
+
+
+def _write_tokenizers(tmp: Path, preset: str, config: dict, tokenizer: Path | None) -> None:
+    """The LLM's tokenizer files and, for the qwen presets, SigLIP's `spiece.model` in the `clip_weight` folder."""
+    if preset in QWEN_PRESETS:
+        write_siglip_tokenizer(tmp / config["clip_weight"])
+        write_qwen_tokenizer_files(tmp, tokenizer)
+    else:
+        write_tokenizer_files(tmp)
+
+
+def make_random_checkpoint(preset: str, out: str | Path, seed: int = 0, force: bool = False, dtype: str = "bf16",
+                           progress: ProgressFn | None = None, tokenizer: str | Path | None = None) -> Path:
+    """Write a random-weight checkpoint folder for `preset` (atomically), streaming tensor by tensor
+    (`make.make_checkpoint` is the entry point). `progress(bytes_done, bytes_total)` is called after each tensor.
+    `tokenizer`: Qwen2's tokenizer.json to copy (qwen presets; default: a synthetic byte-level BPE)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     store = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
-    config["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
     out = Path(out)
     with AtomicDir(out, force=force) as tmp:
-        if clip is not None:
-            (tmp / "clip").mkdir()
-            (tmp / "clip" / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
+        tokenizer = None if tokenizer is None else Path(tokenizer)
+        config = _write_config_files(tmp, preset, tokenizer)
+        config["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        model = build_skeleton(config_from_dict(config, tmp))
+        cfg = config_from_dict(config, tmp)
+        model = build_skeleton(cfg)
         specs, tensors = random_tensors(model, PRESETS[preset]["init_std"], seed, store)
         write_shards(tmp, specs, tensors, num_shards=3, progress=progress)
-        gen = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "transformers_version": "4.40.0"}
+        t = cfg.text
+        gen = {"_from_model_config": True, "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": cfg.pad_token_id,
+               "transformers_version": config["transformers_version"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        write_tokenizer_files(tmp)
+        _write_tokenizers(tmp, preset, config, tokenizer)
         (tmp / "ppllava_edge.json").write_text(json.dumps({"preset": preset, "seed": seed}) + "\n")
     return out

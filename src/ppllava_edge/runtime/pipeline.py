@@ -30,7 +30,7 @@ from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
 from ..integrity import check_files
 from ..manifest import ExportManifest, graph_files, load_manifest
 from ..media import check_image_paths, check_num_images, input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
-from ..tokenization import ClipTokenizer
+from ..tokenization import ClipTokenizer, SiglipTextTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
@@ -279,7 +279,9 @@ class Pipeline:
         self.embed_table = _load_table(manifest.path("embeddings"), mmap=True)
         self.llama = manifest.llama_tokenizer()  # the export's conversation template
         self.eos_token_id = manifest.eos_token_id
-        self.clip = ClipTokenizer.from_file(manifest.path("clip"))
+        # the pools' text tower: SigLIP's sentencepiece model (Qwen2 + SigLIP exports) or CLIP's BPE
+        siglip = "siglip" in manifest.data["tokenizers"]
+        self.clip = SiglipTextTokenizer.from_file(manifest.path("siglip")) if siglip else ClipTokenizer.from_file(manifest.path("clip"))
         # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
         self.max_decoders = 1 if self.trt is not None else max_decoders
         self._pool = threading.Condition()
@@ -515,6 +517,14 @@ class Pipeline:
         return values, keys, px
 
     # ---- answer -----------------------------------------------------------------------------
+    def relevance_query(self, question: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The question for the pool graph's text tower: its ids [L] and, for a SigLIP pool, the padding mask [L]
+        (None for CLIP's causal tower)."""
+        length = self.manifest.model["clip_text_length"]
+        if isinstance(self.clip, SiglipTextTokenizer):
+            return self.clip.encode(question, length)
+        return self.clip.encode(question, length), None
+
     def ask(
         self,
         path: str | Path | Sequence[str | Path],
@@ -546,7 +556,7 @@ class Pipeline:
         else:
             prompt = self.llama.prompt_ids(question, images=slots)
         input_ids = np.asarray(prompt, dtype=np.int64)
-        clip_ids = self.clip.encode(question, self.manifest.model["clip_text_length"])
+        clip_ids, clip_mask = self.relevance_query(question)
         n_vis, layout = self._visual_count(paths, num_frames)
         context = len(input_ids) - slots + n_vis
         limit = self.manifest.model["max_position_embeddings"]
@@ -563,7 +573,7 @@ class Pipeline:
             values, keys, vin = self.features(paths[0], num_frames, t, need_pixels=keep_arrays)
         graph = "prompt_pool" if vin.kind == "video" else "image_pool"
         t0 = time.perf_counter()
-        tokens, relevance = pool(self.sessions[graph], clip_ids, keys, values)
+        tokens, relevance = pool(self.sessions[graph], clip_ids, keys, values, clip_mask)
         if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
             tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
@@ -578,6 +588,7 @@ class Pipeline:
             arrays = {
                 "pixel_values": vin.pixel_values.astype(np.float32),
                 "clip_ids": clip_ids,
+                **({} if clip_mask is None else {"clip_mask": clip_mask}),
                 "input_ids": input_ids,
                 "relevance": np.asarray(relevance, np.float32),
                 "visual_tokens": np.asarray(tokens, np.float32),

@@ -3,13 +3,14 @@
     frames = read_frames(path, num_frames, image_size)         # decode_video + preprocess -> pixel_values
                                                                # (read_image_tiles: an image; read_images: several)
     values, keys = encode(sessions["vision"], frames.pixel_values)     # vision
-    tokens, relevance = pool(sessions["prompt_pool"], clip_ids, keys, values)   # pool -> visual_tokens, relevance
+    tokens, relevance = pool(sessions["prompt_pool"], clip_ids, keys, values, clip_mask)   # pool -> visual_tokens, relevance
     embeds = splice(embed_table, input_ids, tokens, image_token_id, dtype)      # the prompt with the visual tokens
     out = generate(decoder, embed, embeds, config)              # prefill + decode steps -> output_ids
 
 `Pipeline.ask` / `features` / `image_features`, the bench's baseline and PyTorch runners (their reading side),
-`collect_calibration`, the accuracy gate and the quality measures call these; a graph feed of the vision graph,
-the pools or projector_head is built here only. A session is anything with ONNX Runtime's
+`collect_calibration` and its readers, the accuracy gate, the quality measures and the export's validation call
+these; a graph feed of the vision graph, the pools or projector_head is built here only, and a decoder graph's feed
+outside a KV decoder object too (`decoder_feed`). A session is anything with ONNX Runtime's
 `run(output_names, feed) -> [arrays]` (ORT sessions, TensorRT stage runners, Triton's BLS requests).
 
 One vocabulary (`VOCABULARY`): each stage's name is its timing name in `Timings`, the bench's `STAGES` and the
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InferenceError, InputError
+from .decoder import adapt_feed, kv_names
 from .generation import generate  # noqa: F401  (the last stage: prefill + decode steps, see generation.py)
 
 # stage -> (timing names, arrays it produces = --dump file names)
@@ -85,9 +87,14 @@ def read_images(paths, image_size: int) -> Frames:
     return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
 
+def vision_feed(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    """The vision graph's feed (also what its calibration reader yields)."""
+    return {"pixel_values": pixel_values}
+
+
 def encode(session, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The vision graph on one clip: pixel_values [T, 3, S, S] -> (values, keys)."""
-    values, keys = session.run(None, {"pixel_values": pixel_values})
+    values, keys = session.run(None, vision_feed(pixel_values))
     return values, keys
 
 
@@ -97,11 +104,52 @@ def encode_tiles(session, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
-def pool(session, clip_ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """prompt_pool / image_pool: the question's CLIP ids ([L] or [1, L]) against the clip's keys and values ->
-    (visual_tokens, relevance)."""
-    tokens, relevance = session.run(None, {"clip_ids": np.atleast_2d(clip_ids), "keys": keys, "values": values})
+CLIP_MASK = "clip_mask"
+"""The pools' padding-mask input: graphs of the Qwen2 + SigLIP family take it (SigLIP's text attention is
+bidirectional), CLIP's causal ones do not; a session's declared inputs say which."""
+
+
+def takes_clip_mask(session) -> bool:
+    """Whether a pool graph (an ORT session, or a runner without `get_inputs`: assumed not) has a clip_mask input."""
+    get_inputs = getattr(session, "get_inputs", None)
+    return get_inputs is not None and any(i.name == CLIP_MASK for i in get_inputs())
+
+
+def pool_query(clip_ids, clip_mask=None) -> dict:
+    """The pools' question inputs by name (numpy or torch arrays): clip_ids, and clip_mask for a SigLIP pool (CLIP's
+    takes none) - what calibration stores beside keys and values and what the exporter traces the pools with."""
+    return {"clip_ids": clip_ids} if clip_mask is None else {"clip_ids": clip_ids, CLIP_MASK: clip_mask}
+
+
+def pool(session, clip_ids: np.ndarray, keys: np.ndarray, values: np.ndarray, clip_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """prompt_pool / image_pool: the question's relevance-tokenizer ids ([L] or [1, L]; and its padding mask for a
+    SigLIP pool) against the clip's keys and values -> (visual_tokens, relevance). The mask is fed when given (a
+    graph without the input is then refused by ONNX Runtime, naming it); a SigLIP pool run without one is refused here."""
+    feed = {"clip_ids": np.atleast_2d(clip_ids), "keys": keys, "values": values}
+    if clip_mask is not None:
+        feed[CLIP_MASK] = np.atleast_2d(np.asarray(clip_mask, dtype=np.int64))
+    elif takes_clip_mask(session):
+        raise InferenceError("pool: this export's pool graph takes the question's clip_mask (SigLIP's padding mask) and none was given")
+    tokens, relevance = session.run(None, feed)
     return tokens, relevance
+
+
+def empty_past(num_layers: int, kv_heads: int, head_dim: int, dtype, batch: int = 1) -> list[np.ndarray]:
+    """A decoder's cache before its first run: one [batch, kv_heads, 0, head_dim] array per `past.*` input."""
+    return [np.zeros((batch, kv_heads, 0, head_dim), dtype) for _ in kv_names(num_layers)[0]]
+
+
+def decoder_feed(inputs_embeds: np.ndarray, past: list[np.ndarray], input_names=None) -> dict[str, np.ndarray]:
+    """One run of a decoder graph without a KV decoder object (validation, the accuracy gate, calibration feeds):
+    `inputs_embeds` [B, S, D] after `past`, one [B, kv, P, hd] array per runtime/decoder.py `kv_names` input in that
+    order (P cached positions; `empty_past` for a prefill). The feed is the concat contract (mask and positions
+    P..P+S); with the graph's `input_names` it follows that graph's contract (in place: seqlens_k, `adapt_feed`)."""
+    b, s, _ = inputs_embeds.shape
+    start = past[0].shape[2] if past else 0
+    feed = {"inputs_embeds": inputs_embeds, "attention_mask": np.ones((b, start + s), np.int64),
+            "position_ids": np.repeat(np.arange(start, start + s, dtype=np.int64)[None], b, axis=0),
+            **dict(zip(kv_names(len(past) // 2)[0], past))}
+    return feed if input_names is None else adapt_feed(feed, input_names)
 
 
 def project(session, values: np.ndarray) -> np.ndarray:

@@ -111,7 +111,7 @@ def check_engine_dir(
     graphs present."""
     check_compatible(meta, trt_version, sm, gpu_name, module)
     if manifest is not None:
-        check_export(meta, manifest.data, manifest.folder)
+        check_export(meta, manifest)
     missing = [g for g in need if g not in meta.get("engines", {})]
     if missing:
         raise EngineBuildError(f"the engine folder has no {', '.join(missing)} engine(s) (has: {', '.join(meta.get('engines', {}))}).\nHint: rebuild it with `ppllava-edge build`.")

@@ -17,8 +17,17 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from ..runtime.stages import TIMED_STAGES
+
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-STAGES = ("queue", "decode_video", "preprocess", "vision", "pool", "prefill", "decode", "ttft", "e2e")
+# The answer's timed stages (runtime/stages.py TIMED_STAGES, read from Timings.as_dict()) -> their `stage` label. The
+# one renamed series, in this one place: "decode_step" is exported as "decode", the answer's decode steps summed
+# (Timings.as_dict()'s "decode"), the label value since the server's first release, so dashboards keep working. The
+# answer's own e2e is not exported: the server's e2e below also counts the queue.
+ANSWER_LABELS = {stage: {"decode_step": "decode"}.get(stage, stage) for stage in TIMED_STAGES if stage != "e2e"}
+BEFORE_ANSWER = ("queue",)  # server only: admitted, waiting for a worker
+AFTER_ANSWER = ("ttft", "e2e")  # server only: admission to the first token, admission to the last
+STAGES = (*BEFORE_ANSWER, *ANSWER_LABELS.values(), *AFTER_ANSWER)
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -43,9 +52,9 @@ class Metrics:
 
     def observe_answer(self, timings: dict, queue_s: float, ttft_s: float, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None:
         """One answered request: `timings` is the pipeline's Timings.as_dict() (ms)."""
-        seconds = {"queue": queue_s, "ttft": ttft_s, "e2e": e2e_s}
-        for stage in ("decode_video", "preprocess", "vision", "pool", "prefill", "decode"):
-            seconds[stage] = timings[stage] / 1e3
+        seconds = dict(zip((*BEFORE_ANSWER, *AFTER_ANSWER), (queue_s, ttft_s, e2e_s)))
+        for label in ANSWER_LABELS.values():  # Timings.as_dict() uses the label names ("decode": the steps summed)
+            seconds[label] = timings[label] / 1e3
         for stage, value in seconds.items():
             self.stage_seconds.labels(stage=stage).observe(value)
         self.generated_tokens.inc(completion_tokens)

@@ -11,6 +11,9 @@ sentencepiece or protobuf), so the runtime can tokenize on a device that has non
 - `prompt`: `LlamaPromptTokenizer`, the authors' prompt ids (`"USER: <image>\\n" + question + " ASSISTANT: "`), with
   the question tokenized so that a typed `<image>` or `</s>` stays text.
 - `clip`: `ClipTokenizer`, CLIP's BPE tokenizer (ids padded/truncated to 248 or 77), shipped as a package asset.
+- `siglip`: `SiglipTextTokenizer`, SigLIP's sentencepiece tokenization with the authors' rules (canonicalised text,
+  `</s>`, padded to 196 or 64, attention mask), for the Qwen2 + SigLIP family.
+- `synthetic` also makes the Qwen2-like byte-level BPE tokenizer.json and the SigLIP-like unigram model of the qwen presets.
 
 The conversation templates stay in `ppllava_edge.conversation` (config and manifest read them without `tokenizers`).
 """
@@ -34,7 +37,8 @@ from .codec import (
 )
 from .llama import build_llama_tokenizer, check_llama_merge_order, load_llama_tokenizer_from_checkpoint
 from .prompt import IMAGE_TOKEN_ID, PROMPT_HEAD, PROMPT_TAIL, TEMPLATE, LlamaPromptTokenizer, render_prompt
-from .synthetic import synthetic_llama_spm
+from .siglip import SIGLIP_LENGTH, SIGLIP_LENGTH_SHORT, SIGLIP_MODEL_NAME, SiglipTextTokenizer
+from .synthetic import synthetic_llama_spm, synthetic_qwen2_tokenizer_json, synthetic_siglip_spm
 
 __all__ = [
     "CLIP_BOS_ID",
@@ -51,9 +55,13 @@ __all__ = [
     "SPM_UNKNOWN",
     "SPM_UNUSED",
     "SPM_USER_DEFINED",
+    "SIGLIP_LENGTH",
+    "SIGLIP_LENGTH_SHORT",
+    "SIGLIP_MODEL_NAME",
     "TEMPLATE",
     "ClipTokenizer",
     "LlamaPromptTokenizer",
+    "SiglipTextTokenizer",
     "SpmModel",
     "build_llama_tokenizer",
     "check_llama_merge_order",
@@ -63,5 +71,7 @@ __all__ = [
     "render_prompt",
     "serialize_spm_model",
     "synthetic_llama_spm",
+    "synthetic_qwen2_tokenizer_json",
+    "synthetic_siglip_spm",
     "write_spm_model",
 ]

@@ -1,4 +1,6 @@
-"""`synthetic_llama_spm`: a deterministic LLaMA-like BPE vocabulary for the random-weight presets (test vocabularies)."""
+"""Deterministic test vocabularies for the random-weight presets: `synthetic_llama_spm` (LLaMA-like sentencepiece BPE),
+`synthetic_qwen2_tokenizer_json` (Qwen2-like byte-level BPE tokenizer.json) and `synthetic_siglip_spm` (a SigLIP-like
+sentencepiece unigram model)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 from ..errors import InputError
-from .codec import _SPACE, SPM_BYTE, SPM_CONTROL, SPM_NORMAL, SPM_UNKNOWN, SpmModel
+from .codec import _SPACE, SPM_BYTE, SPM_CONTROL, SPM_NORMAL, SPM_UNIGRAM, SPM_UNKNOWN, SpmModel
 
 _NEG_INF_SCORE = -1e9  # LLaMA gives its whitespace-run pieces this score (but low ids)
 # Run lengths of LLaMA's whitespace pieces in id order (259 `▁▁`, 268 `▁▁▁▁`, 308 `▁`x8, ...). All score -1e9, so
@@ -89,8 +91,9 @@ def _synthetic_pieces(n_merged: int, seed: int) -> tuple[str, ...]:
     return tuple(_train_bpe(freqs, n_merged, reserved=set(_CHARS)))
 
 
-def _train_bpe(word_freqs: Mapping[str, int], n_pieces: int, reserved: set[str]) -> list[str]:
-    """A small deterministic BPE trainer; returns `n_pieces` new pieces in merge order.
+def _train_bpe(word_freqs: Mapping[str, int], n_pieces: int, reserved: set[str], pairs: dict[str, tuple[str, str]] | None = None) -> list[str]:
+    """A small deterministic BPE trainer; returns `n_pieces` new pieces in merge order (`pairs`, when given, receives
+    each new piece's two halves).
 
     Pair counts are updated only around each merged occurrence, and the heap is lazy: an entry may hold a count
     that is too high (it is re-pushed when popped), never one that is too low. Ties go to the smaller pair.
@@ -120,6 +123,8 @@ def _train_bpe(word_freqs: Mapping[str, int], n_pieces: int, reserved: set[str])
         if merged not in seen:
             seen.add(merged)
             out.append(merged)
+            if pairs is not None:
+                pairs[merged] = (a, b)
         grown: set[tuple[str, str]] = set()
         for i in where.pop((a, b), ()):
             w, f = words[i], freqs[i]
@@ -191,3 +196,85 @@ def synthetic_llama_spm(vocab_size: int = 32000, seed: int = 0) -> SpmModel:
         pieces.append((c, score, SPM_NORMAL))
     assert len(pieces) == vocab_size and len({p for p, _, _ in pieces}) == vocab_size
     return SpmModel(pieces=pieces, vocab_size=vocab_size)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table (byte-level BPE's alphabet), in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+QWEN2_FIRST_SPECIAL = 151643  # `<|endoftext|>`; the others follow (llava-onevision-qwen2's added tokens)
+# Qwen2's pre-tokenizer split (tokenizer.json of the release)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def synthetic_qwen2_tokenizer_json(n_merges: int = 1500) -> dict:
+    """A Qwen2-like byte-level BPE tokenizer.json (we cannot ship Qwen2's): NFC, Qwen2's split regex, byte-level
+    alphabet (ids 0-255), `n_merges` merges trained on the built-in English words, and the five added tokens of
+    llava-onevision-qwen2 at their real ids (151643-151647), so `image_token_index` 151646 is the release's."""
+    chars = _byte_chars()
+    table = dict(zip(range(256), chars, strict=True))
+    freqs: dict[str, int] = {}
+    for rank, w in enumerate(dict.fromkeys(_WORDS)):
+        f = int(200_000 / (rank + 20))
+        for text, share in ((" " + w, f), (" " + w.capitalize(), max(1, f // 8)), (w, max(1, f // 16))):
+            key = "".join(table[b] for b in text.encode("utf-8"))
+            freqs[key] = freqs.get(key, 0) + share
+    pairs: dict[str, tuple[str, str]] = {}
+    pieces = _train_bpe(freqs, n_merges, reserved=set(chars), pairs=pairs)
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({p: 256 + i for i, p in enumerate(pieces)})
+    # unreachable fillers (no merge makes them) up to Qwen2's 151643 regular tokens: tokenizers numbers added tokens
+    # right after the model's vocabulary, so the specials land on their real ids only with a full-size vocabulary
+    vocab.update({f"<filler_{i}>": i for i in range(len(vocab), QWEN2_FIRST_SPECIAL)})
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    added = [
+        {"id": QWEN2_FIRST_SPECIAL + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        for i, t in enumerate(QWEN2_SPECIALS)
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _QWEN2_SPLIT}, "behavior": "Isolated", "invert": False}, level]},
+        "post_processor": dict(level),
+        "decoder": dict(level),
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False, "vocab": vocab, "merges": [list(pairs[p]) for p in pieces]},
+    }
+
+
+def synthetic_siglip_spm(vocab_size: int = 32000, seed: int = 0) -> SpmModel:
+    """A SigLIP-like sentencepiece unigram model (we cannot ship SigLIP's): `<pad>` 0, `</s>` 1, `<unk>` 2 as in
+    google/siglip-so400m-patch14-384, then lowercase word pieces (log-probability-like decreasing scores) and single
+    characters; no byte fallback, identity normalizer, dummy prefix and whitespace cleanup on."""
+    specials: list[tuple[str, float, int]] = [("<pad>", 0.0, SPM_CONTROL), ("</s>", 0.0, SPM_CONTROL), ("<unk>", 0.0, SPM_UNKNOWN)]
+    chars = [c for c in _CHARS if not c.isupper()]
+    n_merged = vocab_size - len(specials) - len(chars)
+    if n_merged < 0:
+        raise InputError(f"vocab_size={vocab_size} is too small: the synthetic SigLIP vocabulary needs at least {len(specials) + len(chars)}.")
+    llama_pieces = _synthetic_pieces(vocab_size - 3 - 256 - len(_SPACE_RUN_ORDER) - len(_CHARS), seed)  # cached with the LLaMA vocabulary's
+    lower = [p.lower() for p in llama_pieces]
+    words = [p for p in dict.fromkeys(lower + [_SPACE + p for p in lower if not p.startswith(_SPACE)]) if p not in chars][:n_merged]
+    if len(words) < n_merged:
+        raise InputError(f"the synthetic corpus has {len(words)} lowercase pieces; vocab_size={vocab_size} needs {n_merged}.")
+    pieces = list(specials)
+    pieces += [(w, -2.0 - 0.001 * i, SPM_NORMAL) for i, w in enumerate(words)]
+    pieces += [(c, -20.0 - 0.01 * i, SPM_NORMAL) for i, c in enumerate(chars)]
+    assert len({p for p, _, _ in pieces}) == vocab_size
+    return SpmModel(pieces=pieces, model_type=SPM_UNIGRAM, vocab_size=vocab_size, byte_fallback=False, unk_id=2, bos_id=-1, eos_id=1, pad_id=0,
+                    add_dummy_prefix=True, remove_extra_whitespaces=True)

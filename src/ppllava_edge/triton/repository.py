@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..atomic import AtomicDir
 from ..errors import ConfigError, InputError
-from ..manifest import MANIFEST_NAME, ExportManifest, graph_files, graph_for, load_manifest
+from ..manifest import MANIFEST_NAME, ExportManifest, graph_files, load_manifest
 from .pbtxt import Enum, string_parameters, to_pbtxt
 from .protocol import INPUTS, MODEL_NAME, OUTPUTS, TensorSpec
 
@@ -92,7 +92,7 @@ def write_repository(export_dir: str | Path, out: str | Path, options: Repositor
     if not (max(fmin, 2) <= opts.frames <= fmax):
         raise InputError(f"--frames {opts.frames} is outside this export's frame range {max(fmin, 2)}..{fmax}.")
     engines = _load_engines(manifest, opts) if opts.backend == "trt" else None
-    stages = [s for s in STAGE_MODELS if graph_for(manifest.data, s, "ort") in manifest.data["graphs"]] if opts.kind == "gpu" else []
+    stages = [s for s in STAGE_MODELS if manifest.has_graph(manifest.graph_for(s, "ort"))] if opts.kind == "gpu" else []
     if engines is not None:
         stages = [s for s in stages if s in engines["engines"]]
     for need in ("vision", "prompt_pool"):
@@ -115,7 +115,7 @@ def write_repository(export_dir: str | Path, out: str | Path, options: Repositor
             if engines is not None:
                 _link(_engine_dir(manifest, opts) / engines["engines"][stage]["file"], tmp / stage / "1" / "model.plan")
             else:
-                src = manifest.path(graph_for(manifest.data, stage, "ort"))
+                src = manifest.path(manifest.graph_for(stage, "ort"))
                 _link_onnx(src, tmp / stage / "1", "model.onnx")
             (tmp / stage / "config.pbtxt").write_text(_stage_config(manifest, opts, stage, engines))
     return out
@@ -179,10 +179,7 @@ def _link_onnx(src: Path, folder: Path, name: str) -> None:
 def _link_export(manifest: ExportManifest, dst: Path) -> None:
     """The files the runtime reads: export.json, every graph (+ external data), tokenizers, tables."""
     dst.mkdir()
-    files = {manifest.folder / MANIFEST_NAME, *manifest.data_files()}
-    for name in manifest.data["graphs"]:
-        files.update(graph_files(manifest.path(name)))
-    for f in sorted(files):
+    for f in sorted({manifest.folder / MANIFEST_NAME, *manifest.files()}):
         _link(f, dst / f.name)
 
 
@@ -194,7 +191,7 @@ def _load_engines(manifest: ExportManifest, opts: RepositoryOptions) -> dict:
     from ..engine.metadata import check_export, load_metadata
 
     meta = load_metadata(_engine_dir(manifest, opts))
-    check_export(meta, manifest.data, manifest.folder)
+    check_export(meta, manifest)
     if "decoder" not in meta["engines"]:
         raise ConfigError(f"{_engine_dir(manifest, opts)}: no decoder engine (the Python model runs the decoder with it).")
     return meta
@@ -261,10 +258,9 @@ def _python_model_config(manifest: ExportManifest, opts: RepositoryOptions, stag
         "instance_group": _instance_group(opts),
         "parameters": string_parameters(params),
     }
-    src = manifest.data
     comments = [
         f"written by `ppllava-edge triton-repo` from {manifest.folder.resolve()}",
-        f"export created {src.get('created', '?')}, checkpoint sha256 {src['checkpoint']['sha256'][:16]}, preset {src.get('preset', '?')}, dtype {src['dtype']}",
+        f"export created {manifest.created or '?'}, checkpoint sha256 {manifest.checkpoint['sha256'][:16]}, preset {manifest.preset or '?'}, dtype {manifest.dtype}",
         f"--kind {opts.kind} --instances {opts.instances} --backend {opts.backend}"
         + (f": {', '.join(stages)} run as their own models (BLS requests)" if stages else ": every stage runs in this Python model"),
         "decoupled: each request gets its answer as a stream of `text` deltas; the final response adds `stats` (JSON).",
@@ -275,7 +271,7 @@ def _python_model_config(manifest: ExportManifest, opts: RepositoryOptions, stag
 
 
 def _stage_config(manifest: ExportManifest, opts: RepositoryOptions, stage: str, engines: dict | None) -> str:
-    graph = manifest.graph(graph_for(manifest.data, stage, "trt" if engines is not None else "ort"))
+    graph = manifest.graph(manifest.graph_for(stage, "trt" if engines is not None else "ort"))
     config: dict = {"name": stage}
     if engines is not None:
         config.update(platform="tensorrt_plan", max_batch_size=0, default_model_filename="model.plan")
@@ -301,14 +297,13 @@ def _tensorrt_accelerator(manifest: ExportManifest, opts: RepositoryOptions, sta
     """onnxruntime backend: the TensorRT execution provider with an engine cache and the export's shape ranges."""
     from ..engine.profiles import graph_profiles, resolve_limits
 
-    data = manifest.data
-    profile = graph_profiles(data, resolve_limits(data), [stage], sources={stage: graph_for(data, stage, "ort")})[stage][0]
+    profile = graph_profiles(manifest, resolve_limits(manifest), [stage], sources={stage: manifest.graph_for(stage, "ort")})[stage][0]
 
     def shapes(corner: int) -> str:
         return ",".join(f"{name}:{'x'.join(str(d) for d in rng[corner])}" for name, rng in profile.items())
 
     params = {
-        "precision_mode": "FP16" if data["dtype"] == "fp16" else "FP32",
+        "precision_mode": "FP16" if manifest.dtype == "fp16" else "FP32",
         "max_workspace_size_bytes": str(1 << 30),
         "trt_engine_cache_enable": "1",
         "trt_engine_cache_path": f"{opts.trt_cache_dir}/{stage}",

@@ -8,9 +8,10 @@ Set-up, measured on this project's CPU hosts (README: Triton):
   first byte; fixed upstream in python_backend#384, Triton 24.11), and nvidia-pytriton declares numpy < 2, which
   pip cannot install beside the project's numpy 2 pin.
 - The stub's embedded Python runs isolated (PYTHONPATH is ignored) and takes its prefix from the first `python3`
-  on PATH. So each run makes a small venv without packages ("stub env") whose two `.pth` files add, in this order,
-  the server-files folder (numpy 1.26) and the project venv's site-packages (everything else, with its own .pth
-  files, e.g. an editable install); its `bin` goes first on PATH. The runtime gives identical ids on numpy 1.26.
+  on PATH. So each run makes a small venv without packages ("stub env") whose `.pth` files add, in this order,
+  the server-files folder (numpy 1.26), the folder of the `ppllava_edge` package this process runs (so the stubs
+  run the same code, also from a checkout on PYTHONPATH) and the project venv's site-packages (everything else,
+  with its own .pth files, e.g. an editable install); its `bin` goes first on PATH. The runtime gives identical ids on numpy 1.26.
 - The wheel has no `backends/python/triton_python_backend_stub`: the stub for this interpreter's version is copied
   from `python_backend_stubs/X.Y/` into a private backends folder, as PyTriton's own launcher does.
 - LD_LIBRARY_PATH holds the wheel's `nvidia_pytriton.libs` and the interpreter's LIBDIR (libpython3.X.so).
@@ -126,16 +127,13 @@ def prepare_backends(files: ServerFiles, folder: Path) -> Path:
 
 
 def prepare_stub_env(files: ServerFiles, folder: Path) -> Path:
-    """A package-less venv for the stubs: numpy 1.x from the server files first, then the project venv. When the
-    running ppllava_edge comes from elsewhere (PYTHONPATH, another checkout: the stub ignores PYTHONPATH), its folder
-    goes first, so the stubs run the code that started the server (unless that folder also holds a numpy)."""
+    """A package-less venv for the stubs: numpy 1.x from the server files first, then the project venv."""
     venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
     site_dir = folder / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     project = Path(sysconfig.get_paths()["purelib"])
-    source = Path(__file__).resolve().parents[2]  # the folder holding the ppllava_edge package that runs now
-    if source != project.resolve() and not (source / "numpy").exists():
-        (site_dir / "_0_ppllava_edge_source.pth").write_text(f"import sys; sys.path.insert(0, {str(source)!r})\n")
     (site_dir / "_a_triton_server_files.pth").write_text(f"import site; site.addsitedir({str(files.site.resolve())!r})\n")
+    # the ppllava_edge this process runs (a checkout on PYTHONPATH, which the venv's editable install would hide)
+    (site_dir / "_ab_this_package.pth").write_text(f"{Path(__file__).resolve().parents[2]}\n")
     (site_dir / "_b_project_venv.pth").write_text(f"import site; site.addsitedir({str(project)!r})\n")
     return folder
 
