@@ -558,6 +558,53 @@ def test_ask_gives_generates_ids_on_a_qwen_export(qwen_ckpt, qwen_export, sample
     assert json.loads(res.stdout)["ids"] == list(ref.answer(sample_video, QUESTIONS[0], num_frames=4, max_new_tokens=10).output_ids)
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three test photos of different sizes (landscape, portrait, square)."""
+    from PIL import Image
+
+    from ppllava_edge.media import make_test_photo
+
+    folder = tmp_path_factory.mktemp("qwen_photos")
+    out = []
+    for i, (w, h) in enumerate([(200, 120), (90, 150), (100, 100)]):
+        out.append(folder / f"photo{i}.png")
+        Image.fromarray(make_test_photo(w, h, seed=10 + i)).save(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ask_gives_generates_ids_on_several_images_on_a_qwen_export(qwen_ckpt, qwen_export, photos, n):
+    """Several images in one question on the Qwen2 + SigLIP family: the authors' multi-image path has no BT-Adapter
+    here, so each image is an independent frame through the SigLIP tower; one relevance softmax over all of them,
+    kernel (1,3,3), one `<image>\\n` slot per image in `plain_qwen`. `ask` == `generate`: ids exact, the same pixels,
+    SigLIP ids and mask and prompt ids, visual tokens and relevance <= 1e-4 (relative)."""
+    from tokenizers import Tokenizer
+
+    from ppllava_edge.model.generate import ReferenceModel
+    from ppllava_edge.runtime.generation import GenerationConfig
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    pipe, ref = Pipeline.from_export(qwen_export, provider="cpu"), ReferenceModel(qwen_ckpt)
+    question = "Which picture is brighter?"
+    a = pipe.ask(photos[:n], question, generation=GenerationConfig(max_new_tokens=10), keep_arrays=True)
+    r = ref.answer(photos[:n], question, max_new_tokens=10)
+    assert list(a.ids) == list(r.output_ids) and len(set(a.ids)) > 1
+    for name in ("pixel_values", "clip_ids", "clip_mask", "input_ids"):
+        np.testing.assert_array_equal(a.arrays[name], r.arrays[name], err_msg=name)
+    prompt = Tokenizer.from_file(str(qwen_export / "llama_tokenizer.json")).decode(a.arrays["input_ids"].tolist(), skip_special_tokens=False)
+    assert prompt == "<|im_start|>user\n" + "<image>\n" * n + question + "<|im_end|>\n<|im_start|>assistant\n"
+    g = pipe.image_spec["pooled_grid"]
+    assert a.visual_tokens == n * g * g and a.context_len == len(a.arrays["input_ids"]) - n + n * g * g
+    for name in ("visual_tokens", "relevance"):
+        want = r.arrays[name]
+        assert a.arrays[name].shape == want.shape and np.abs(a.arrays[name] - want).max() <= 1e-4 * np.abs(want).max(), name
+    assert r.arrays["relevance"].shape == (n, 6, 6) and abs(float(r.arrays["relevance"].sum()) - 1) < 1e-5  # one softmax
+    with torch.no_grad():  # no temporal mixing in SigLIP: the clip's features are each image's own
+        one_by_one = ref.model.encode_tiles(torch.from_numpy(r.arrays["pixel_values"])).numpy()
+    np.testing.assert_allclose(r.arrays["features"], one_by_one, atol=1e-5)
+
+
 def test_calibrate_quantize_and_gate_a_qwen_export(qwen_export, tmp_path):
     """calibrate stores SigLIP's clip_mask beside clip_ids and feeds it; `quantize` with the defaults (int8 vision
     and pools, int8-weight decoder / decoder_trt, q|k|v bias kept) passes the accuracy gate; the result answers."""
