@@ -639,9 +639,9 @@ def test_calibrate_quantize_and_gate_a_qwen_export(qwen_export, tmp_path):
     assert len(a.ids) == 4
 
 
-def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, tmp_path):
+def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, photos, tmp_path):
     """The bench times the ORT export and the PyTorch reference (SigLIP mask included) on a Qwen export; the server
-    answers a chat completion with `ask`'s text."""
+    answers a chat completion with `ask`'s text, for a video and for two images in one message."""
     import json
 
     import shutil
@@ -660,15 +660,24 @@ def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, tmp_path):
                                    "--max-new-tokens", "4", "--questions", "1", "--backend", "ort,torch", "--no-hardware", "--json", str(report)])
     assert res.exit_code == 0, res.output
     runs = json.loads(report.read_text())
-    want = Pipeline.from_export(qwen_export, provider="cpu").ask(sample_video, QUESTIONS[0], num_frames=4, generation=GenerationConfig(max_new_tokens=6))
+    pipe = Pipeline.from_export(qwen_export, provider="cpu")
+    want = pipe.ask(sample_video, QUESTIONS[0], num_frames=4, generation=GenerationConfig(max_new_tokens=6))
+    want_images = pipe.ask(photos[:2], QUESTIONS[1], generation=GenerationConfig(max_new_tokens=6))
     media = tmp_path / "media"
     media.mkdir()
     shutil.copyfile(sample_video, media / "clip.mp4")  # (a symlink out of the folder is refused)
+    for p in photos[:2]:
+        shutil.copyfile(p, media / p.name)
     with running_server(qwen_export, "--media-dir", str(media), "--frames", "4") as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         msg = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}}, {"type": "text", "text": QUESTIONS[0]}]}]
         r = c.chat.completions.create(model=qwen_export.name, messages=msg, max_tokens=6, temperature=0)
+        parts = [{"type": "image_url", "image_url": {"url": p.name}} for p in photos[:2]]
+        msg = [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTIONS[1]}]}]
+        ri = c.chat.completions.create(model=qwen_export.name, messages=msg, max_tokens=6, temperature=0, extra_body={"return_token_ids": True})
     assert r.choices[0].message.content == want.text
+    assert (ri.choices[0].model_extra["token_ids"], ri.choices[0].message.content) == (want_images.ids, want_images.text)
+    assert ri.usage.prompt_tokens == want_images.context_len
     assert sorted(v["backend"] for v in runs["variants"]) == ["ort", "torch"]
     assert all(v["visual_tokens"] == 8 and v["new_tokens"] == 4 for v in runs["variants"])  # 4 frames: 2 pairs x (6/3)^2
 
