@@ -524,6 +524,7 @@ def test_qwen_tiny_export_writes_and_validates_every_graph(qwen_export):
         assert m.graph(g)["contract"] == "clip-ids-mask-v1"
     assert m.data["tokenizers"] == {"llama": "llama_tokenizer.json", "siglip": "siglip_spiece.model"}
     assert m.model["clip_text_length"] == 196 and m.data["family"] == "qwen-siglip"
+    assert m.preprocess.name == "siglip" and m.image_rules["mean"] == [0.5, 0.5, 0.5]  # what ask's frames and tiles take
     vision = onnx.load(str(m.path("vision")), load_external_data=False).graph
     assert any(n.op_type == "FastGelu" for n in vision.node) and not any(n.op_type == "QuickGelu" for n in vision.node)
     assert m.graph("vision")["weights"]["map"]["multi_modal_projector.clip_visual_head.attention.in_proj_weight.v"][0] == "value_slice"
@@ -549,6 +550,7 @@ def test_ask_gives_generates_ids_on_a_qwen_export(qwen_ckpt, qwen_export, sample
         r = ref.answer(path, question, num_frames=4, max_new_tokens=10)
         assert list(a.ids) == list(r.output_ids) and len(set(a.ids)) > 1, (path.name, question)
         assert np.array_equal(a.arrays["clip_ids"], r.arrays["clip_ids"]) and np.array_equal(a.arrays["clip_mask"], r.arrays["clip_mask"])
+        np.testing.assert_array_equal(a.arrays["pixel_values"], r.arrays["pixel_values"])  # the SigLIP spec on both sides
         assert 0 < a.arrays["clip_mask"].sum() < 196  # a padded question: the mask is what the pool used
         np.testing.assert_allclose(a.arrays["visual_tokens"], r.arrays["visual_tokens"], atol=1e-4 * np.abs(r.arrays["visual_tokens"]).max())
     res = CliRunner().invoke(cli, ["ask", str(qwen_export), str(sample_video), QUESTIONS[0], "--frames", "4", "--max-new-tokens", "10", "--json"])

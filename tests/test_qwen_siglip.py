@@ -243,6 +243,44 @@ def test_siglip_ids_and_mask_equal_transformers_siglip_tokenizer(trained_spm, le
     assert mask.all() and ids[-1] == 1
 
 
+TYPED_SPECIALS = [
+    "what </s> is", "</s> start", "end </s>", "a</s>b", "x <unk> y", "<unk>", "</s>", "two </s></s> in a row",
+    " </s>  spaced  <unk>  ", "punct!</s>!punct", "hello▁</s>", "a\n</s>\tb", "ΟΔΟΣ </s> ΟΔΟΣ", "<pad> is text",
+    "what </S> is", "WHAT <UNK> IS", "</s>" * 70,
+]
+
+
+def lower_like_4452(text: str) -> str:
+    """transformers 4.45.2's `PreTrainedTokenizer.tokenize` with `do_lower_case` (SiglipTokenizer sets it): every
+    character but the exact special tokens lowercased before the split on special tokens; 5.24 dropped this step."""
+    import re
+
+    pattern = r"(</s>|<unk>)|(.+?)"
+    return re.sub(pattern, lambda m: m.groups()[0] or m.groups()[1].lower(), text, flags=re.S)
+
+
+@pytest.mark.filterwarnings("ignore:This sequence already has </s>")  # the reference's note on a typed final </s>
+@pytest.mark.parametrize("length", [196, 12])
+def test_typed_special_tokens_are_special_ids_as_in_siglip_tokenizer(trained_spm, length):
+    """`</s>` / `<unk>` typed in a question: their ids, the whitespace beside them dropped, the next word without `▁`,
+    no second `</s>` after a final one; `</S>` / `<UNK>` too under 4.45.2's lowercasing (5.24 keeps those as text)."""
+    from transformers import SiglipTokenizer
+
+    from ppllava_edge.tokenization import SiglipTextTokenizer
+
+    ref = SiglipTokenizer(str(trained_spm))
+    ours = SiglipTextTokenizer.from_file(trained_spm)
+    for q in TYPED_SPECIALS:
+        want = ref(lower_like_4452(q), padding="max_length", truncation=True, max_length=length)
+        ids, mask = ours.encode(q, length)
+        assert ids.tolist() == want["input_ids"], q
+        assert mask.tolist() == want["attention_mask"], q
+    ids, mask = ours.encode("what </s> is", length)
+    assert ids[:3].tolist() == [ref.convert_tokens_to_ids("▁what"), 1, ref.convert_tokens_to_ids("i")] and mask[:5].tolist() == [1] * 5
+    ids, _ = ours.encode("what </S> is", length)
+    assert 1 in ids[1:3] and ref("what </S> is")["input_ids"][1] != 1  # 5.24 alone keeps `</S>` as text
+
+
 def test_siglip_tokenizer_stays_torch_free():
     import subprocess
     import sys

@@ -645,6 +645,43 @@ def test_background_load_gives_the_same_answers_and_reports_each_load(tiny_expor
         bad.ask(sample_video, QUESTIONS[0], num_frames=8, generation=GenerationConfig(max_new_tokens=2))
 
 
+def test_background_load_parses_the_tokenizers_on_a_thread(tiny_export, pipe, monkeypatch):
+    """With `background_load` the tokenizers are parsed on a thread of their own (the constructor returns before
+    they exist, a fresh `ask` decodes the video meanwhile): the same ids as the eager pipeline's, and a tokenizer
+    that cannot be read raises its own error at first use, in the caller's thread; the eager constructor still
+    raises it itself."""
+    import threading
+
+    from ppllava_edge.errors import TokenizerError
+    from ppllava_edge.manifest import ExportManifest
+
+    parsed_on = []
+    real = ExportManifest.relevance_tokenizer
+
+    def spy(self):
+        parsed_on.append(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(ExportManifest, "relevance_tokenizer", spy)
+    bg = Pipeline.from_export(tiny_export, provider="cpu", background_load=True)
+    q = QUESTIONS[0]
+    assert bg.llama.prompt_ids(q) == pipe.llama.prompt_ids(q)
+    np.testing.assert_array_equal(bg.relevance_query(q)[0], pipe.relevance_query(q)[0])
+    assert parsed_on == ["ppllava-tokenizers"]
+    bg.close()
+
+    def broken(self):
+        raise TokenizerError("Cannot load tokenizer file clip_tokenizer.json: planted")
+
+    monkeypatch.setattr(ExportManifest, "relevance_tokenizer", broken)
+    late = Pipeline.from_export(tiny_export, provider="cpu", background_load=True)
+    with pytest.raises(TokenizerError, match="planted"):
+        late.clip
+    late.close()
+    with pytest.raises(TokenizerError, match="planted"):
+        Pipeline.from_export(tiny_export, provider="cpu")
+
+
 def test_export_records_digests_and_verify_checks_them(tiny_export, tmp_path, sample_video):
     """export.json records size + sha256 of every file the runtime reads; `verify` hashes every byte (a flipped
     byte anywhere is found), loading checks size + a sampled digest (a zeroed or truncated file is refused with one

@@ -25,6 +25,7 @@ from .conversation import PLAIN_QWEN, ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
 from .media.anyres import LLAVA_NEXT_PINPOINTS, ImageLayout, check_pinpoints, default_pinpoints, image_layout, max_image_tokens, max_tiles, single_tile_layout
+from .media.spec import SPECS, PreprocessSpec
 
 # Known config of the separate CLIP model named by `clip_weight` in the released checkpoints
 # (openai/clip-vit-large-patch14-336), kept here so no hub access is needed.
@@ -268,6 +269,11 @@ class PPLLaVAConfig:
     @property
     def max_frames(self) -> int:
         return self.vision.max_t
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        """How this family's processor makes pixel values from frames and images (media/spec.py)."""
+        return SPECS[self.family]
 
     def visual_tokens(self, num_frames: int) -> int:
         """Number of pooled visual tokens for a video of `num_frames` frames (no newline)."""

@@ -10,6 +10,7 @@ from .conversation import ConversationTemplate
 from .errors import ConfigError
 from .jsonfile import read_json
 from .media.anyres import ImageLayout, image_layout, single_tile_layout
+from .media.spec import PreprocessSpec, spec_named
 
 MANIFEST_NAME = "export.json"
 MANIFEST_FORMAT = "ppllava-edge-export"
@@ -138,6 +139,12 @@ class ExportManifest:
         return self.data.get("image")
 
     @property
+    def preprocess(self) -> PreprocessSpec:
+        """How frames and image tiles become pixel values (`image.preprocess.name`); exports made before the
+        Qwen/SigLIP family recorded it are CLIP's."""
+        return spec_named(((self.data.get("image") or {}).get("preprocess") or {}).get("name"), f"{self.folder}/export.json image.preprocess")
+
+    @property
     def quantization(self) -> dict:
         """The `quantization` block of a quantized export ({} for an fp32 / fp16 export)."""
         return self.data.get("quantization") or {}
@@ -169,6 +176,14 @@ class ExportManifest:
         from .tokenization import LlamaPromptTokenizer
 
         return LlamaPromptTokenizer.from_file(self.path("llama"), image_token_id=self.image_token_id, template=self.conversation)
+
+    def relevance_tokenizer(self):
+        """The pools' text-tower tokenizer: SigLIP's sentencepiece model (Qwen2 + SigLIP exports) or CLIP's BPE."""
+        from .tokenization import ClipTokenizer, SiglipTextTokenizer
+
+        if "siglip" in self.data["tokenizers"]:
+            return SiglipTextTokenizer.from_file(self.path("siglip"))
+        return ClipTokenizer.from_file(self.path("clip"))
 
     @property
     def llm_note(self) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .media import CLIP_MEAN, CLIP_STD
+from .media.spec import CLIP, PreprocessSpec
 
 # (position in 0..1, RGB): a dark-to-bright "inferno"-like ramp; app.js holds the same stops
 COLORMAP_STOPS = ((0.0, (0, 0, 4)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)), (0.75, (249, 142, 9)), (1.0, (252, 255, 164)))
@@ -49,10 +49,11 @@ def heat_rgb(relevance: np.ndarray) -> np.ndarray:
     return COLORMAP[levels(relevance)]
 
 
-def frame_pixels(pixel_values: np.ndarray) -> np.ndarray:
-    """CLIP-normalised [T, 3, S, S] float pixels -> [T, S, S, 3] uint8 (the frames the model saw)."""
+def frame_pixels(pixel_values: np.ndarray, spec: PreprocessSpec = CLIP) -> np.ndarray:
+    """[T, 3, S, S] float pixels normalised by `spec` (the export's, `ExportManifest.preprocess`) -> [T, S, S, 3]
+    uint8 (the frames the model saw)."""
     px = np.asarray(pixel_values, np.float32).transpose(0, 2, 3, 1)
-    rgb = px * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32)
+    rgb = px * np.asarray(spec.std, np.float32) + np.asarray(spec.mean, np.float32)
     return np.clip(np.floor(rgb * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
@@ -112,7 +113,7 @@ class StripLayout:
         return width, self.bar_y + self.bar + self.label + self.margin
 
 
-def strip_image(relevance: np.ndarray, pixel_values: np.ndarray | None = None, kind: str = "video", title: str = "") -> Image.Image:
+def strip_image(relevance: np.ndarray, pixel_values: np.ndarray | None = None, kind: str = "video", title: str = "", spec: PreprocessSpec = CLIP) -> Image.Image:
     """One column per sampled frame (per tile for an image): the frame with its heat map blended over it (when
     `pixel_values` are given), then the heat map alone with exact colours (nearest-neighbour blocks), and a colour
     bar from 0 to the largest value."""
@@ -125,7 +126,7 @@ def strip_image(relevance: np.ndarray, pixel_values: np.ndarray | None = None, k
     font = ImageFont.load_default()
     draw.text((lay.margin, lay.margin), title[:160], fill=(0, 0, 0), font=font)
     heat = heat_rgb(relevance)
-    frames = frame_pixels(pixel_values) if pixel_values is not None else None
+    frames = frame_pixels(pixel_values, spec) if pixel_values is not None else None
     name = {"image": "tile", "images": "image"}.get(kind, "frame")  # an image's tiles, several images, a video's frames
     for t in range(t_count):
         x = lay.column_x(t)
@@ -145,10 +146,12 @@ def strip_image(relevance: np.ndarray, pixel_values: np.ndarray | None = None, k
     return img
 
 
-def write_relevance_png(path: str | Path, relevance: np.ndarray, pixel_values: np.ndarray | None = None, kind: str = "video", title: str = "") -> Path:
+def write_relevance_png(
+    path: str | Path, relevance: np.ndarray, pixel_values: np.ndarray | None = None, kind: str = "video", title: str = "", spec: PreprocessSpec = CLIP
+) -> Path:
     """`strip_image` saved as PNG (temp file in the same folder + rename: no half-written file)."""
     path = Path(path)
-    img = strip_image(relevance, pixel_values, kind, title)
+    img = strip_image(relevance, pixel_values, kind, title, spec)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -164,7 +167,7 @@ def write_relevance_png(path: str | Path, relevance: np.ndarray, pixel_values: n
 THUMBNAIL_PX = 96
 
 
-def relevance_json(relevance: np.ndarray, pixel_values: np.ndarray | None, kind: str) -> dict:
+def relevance_json(relevance: np.ndarray, pixel_values: np.ndarray | None, kind: str, spec: PreprocessSpec = CLIP) -> dict:
     """The response's `relevance` object: `shape` [frames, h, w], `values` (nested lists, 6 significant digits),
     `max`, `kind` ("video" or "image": then the frames are the anyres tiles) and `thumbnails`: one small JPEG
     data: URL per frame, the pixels the model saw (empty when there are no pixels)."""
@@ -173,7 +176,7 @@ def relevance_json(relevance: np.ndarray, pixel_values: np.ndarray | None, kind:
     values = [[[float(f"{v:.6g}") for v in row] for row in frame] for frame in relevance.tolist()]
     thumbs = []
     if pixel_values is not None:
-        for frame in frame_pixels(pixel_values):
+        for frame in frame_pixels(pixel_values, spec):
             buf = io.BytesIO()
             Image.fromarray(frame).resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=80)
             thumbs.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())

@@ -193,7 +193,7 @@ class BaselineRunner(PipelineRunner):
         s: dict[str, float] = {}
         start = time.perf_counter()
         input_ids = np.asarray(pipe.llama.prompt_ids(question), dtype=np.int64)
-        px = read_frames(video, frames, pipe.manifest.model["image_size"])
+        px = read_frames(video, frames, pipe.manifest.model["image_size"], pipe.manifest.preprocess)
         t2 = time.perf_counter()
         values, _keys = encode(pipe.sessions["vision"], px.pixel_values.astype(pipe.dtype))
         t3 = time.perf_counter()
@@ -261,10 +261,11 @@ class TorchRunner(VariantRunner):
         start = time.perf_counter()
         clip_ids, clip_mask = self.ref.relevance.encode(question)  # SigLIP's padding mask (None for CLIP)
         input_ids = self.ref.prompt_ids(question, images=slots)
+        spec = cfg.preprocess
         if slots > 1:
-            read = read_images(video, cfg.vision.image_size)
+            read = read_images(video, cfg.vision.image_size, spec)
         else:
-            read = read_image_tiles(video, cfg.vision.image_size, cfg.image_grid_pinpoints) if image else read_frames(video, frames, cfg.vision.image_size)
+            read = read_image_tiles(video, cfg.vision.image_size, cfg.image_grid_pinpoints, spec) if image else read_frames(video, frames, cfg.vision.image_size, spec)
         px, shown = read.pixel_values, read.shown
         t2 = time.perf_counter()
         with torch.inference_mode():

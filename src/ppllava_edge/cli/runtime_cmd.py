@@ -100,7 +100,7 @@ def _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, 
 
         rel = result.arrays["relevance"]
         kind = "images" if isinstance(input_path, list) else relevance_kind(input_path, rel)
-        write_relevance_png(relevance_png, rel, result.arrays["pixel_values"], kind, f"relevance to: {question}")
+        write_relevance_png(relevance_png, rel, result.arrays["pixel_values"], kind, f"relevance to: {question}", pipe.manifest.preprocess)
         err_console.print(f"relevance map ({'x'.join(map(str, rel.shape))}) written to {relevance_png}")
     if dump is not None:
         from ..dump import write_dump

@@ -356,9 +356,9 @@ def _versions() -> dict[str, str]:
 
 
 def image_manifest(cfg, opts: ExportOptions) -> dict:
-    """What the runtime needs for images (export.json `image`): LLaVA-NeXT anyres preprocessing and assembly."""
-    from ..media import CLIP_MEAN, CLIP_STD
-
+    """What the runtime needs for images (export.json `image`): anyres preprocessing and assembly, and the family's
+    preprocessing spec (`preprocess`, read back by `ExportManifest.preprocess` for frames and tiles)."""
+    spec = cfg.preprocess
     return {
         "tile_size": cfg.vision.image_size,
         "grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints],
@@ -367,8 +367,9 @@ def image_manifest(cfg, opts: ExportOptions) -> dict:
         "max_tiles": cfg.image_max_tiles(),
         "max_tokens": cfg.image_max_tokens(),
         "resample": "bicubic",
-        "mean": list(CLIP_MEAN),
-        "std": list(CLIP_STD),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "preprocess": spec.as_dict(),
     }
 
 

@@ -4,14 +4,16 @@ Used by both the PyTorch reference and the torch-free runtime, so it imports onl
 library, numpy and Pillow at module top; PyAV (`av`) is imported inside the functions that need it.
 
 Sampling and preprocessing follow the authors' inference code (see ppllava-model.md §2):
-segment-centre frame indices, each frame squashed to S×S with bicubic resampling (no aspect ratio,
-no crop), then `x/255` and CLIP mean/std normalisation, giving float32 `[T, 3, S, S]`.
+segment-centre frame indices, then the family's video processor (`spec.py`): Vicuna/CLIP squashes each frame to
+S×S (bicubic, no crop) with CLIP mean/std; Qwen/SigLIP fits it into S×S with its aspect kept, pads with black and
+normalises with 0.5/0.5; float32 `[T, 3, S, S]` either way.
 
 Images take LLaVA-NeXT's anyres path instead (`read_image`, `preprocess_image`, `load_image_tiles`): the
 tiles of transformers 4.45.2's `LlavaNextImageProcessor`, the authors' pinned version (geometry in anyres.py), `[tiles, 3, S, S]`.
 
 - `video`: frame sampling and PyAV decoding (`load_video`).
-- `preprocess`: CLIP preprocessing of frames and the dispatch from a file to pixel values (`load_pixel_values`).
+- `spec`: one preprocessing spec per checkpoint family (CLIP: squash, CLIP mean/std; SigLIP: aspect kept + pad, 0.5).
+- `preprocess`: frame preprocessing by spec and the dispatch from a file to pixel values (`load_pixel_values`).
 - `image` + `anyres`: the image path (anyres tiles) and its geometry (best resolution, unpadding, token layout).
 - `synthetic`: test photos, frames that carry their index, test videos.
 """
@@ -20,8 +22,6 @@ from __future__ import annotations
 
 from .image import IMAGE_DECODE_PIXELS, MAX_IMAGES, ImageTiles, check_image_paths, check_num_images, images_as_frames, load_image_tiles, preprocess_image, read_image, read_image_size, read_images
 from .preprocess import (
-    CLIP_MEAN,
-    CLIP_STD,
     IMAGE_EXTENSIONS,
     MediaInfo,
     MediaKind,
@@ -32,6 +32,7 @@ from .preprocess import (
     preprocess_frames,
     read_npy_shape,
 )
+from .spec import CLIP, CLIP_MEAN, CLIP_STD, SIGLIP, SIGLIP_MEAN, SIGLIP_STD, SPECS, PreprocessSpec, spec_named
 from .synthetic import make_test_frame, make_test_photo, read_frame_marker, write_test_audio, write_test_video
 from .video import (
     SEEK_COST_FRAMES,
@@ -45,6 +46,7 @@ from .video import (
 )
 
 __all__ = [
+    "CLIP",
     "CLIP_MEAN",
     "CLIP_STD",
     "IMAGE_DECODE_PIXELS",
@@ -53,11 +55,16 @@ __all__ = [
     "SEEK_COST_FRAMES",
     "SEEK_MIN_GAIN",
     "SEQUENTIAL_MAX_FRAMES",
+    "SIGLIP",
+    "SIGLIP_MEAN",
+    "SIGLIP_STD",
+    "SPECS",
     "VIDEO_DECODE_PIXELS",
     "DecodeStrategy",
     "ImageTiles",
     "MediaInfo",
     "MediaKind",
+    "PreprocessSpec",
     "VideoFrames",
     "check_image_paths",
     "check_num_images",
@@ -78,6 +85,7 @@ __all__ = [
     "read_images",
     "read_npy_shape",
     "segment_centre_indices",
+    "spec_named",
     "write_test_audio",
     "write_test_video",
 ]

@@ -1,4 +1,4 @@
-"""The image path: LLaVA-NeXT anyres tiles (geometry in `anyres.py`)."""
+"""The image path: anyres tiles, LLaVA-NeXT's or LLaVA-OneVision's by the family's spec (geometry in `anyres.py`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError, VideoError
-from .anyres import Size, fitted_size, select_best_resolution
-from .preprocess import CLIP_MEAN, CLIP_STD, input_kind, preprocess_frames
+from .anyres import Size, select_best_resolution
+from .preprocess import fit_on_black, input_kind, normalize_u8, preprocess_frames
+from .spec import CLIP, PreprocessSpec
 from .video import _file_size
 
 IMAGE_DECODE_PIXELS = 16_000_000
@@ -27,7 +28,8 @@ _SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 de
 
 @dataclass(frozen=True)
 class ImageTiles:
-    """An image preprocessed as transformers 4.45.2's `LlavaNextImageProcessor` does (anyres).
+    """An image preprocessed as transformers 4.45.2's `LlavaNextImageProcessor` (CLIP spec) or
+    `LlavaOnevisionImageProcessor` (SigLIP spec) does (anyres).
 
     Attributes:
         pixel_values: float32 `[tiles, 3, S, S]`: the base tile (whole image squashed to S×S), then the S×S crops of
@@ -109,48 +111,48 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = IMAGE_DECODE_PIXE
     return rgb, shown
 
 
-def preprocess_image(img: Image.Image, tile: int, pinpoints, image_size: Size | None = None) -> ImageTiles:
-    """LLaVA-NeXT anyres preprocessing of an RGB image exactly as transformers **4.45.2**'s `LlavaNextImageProcessor`
-    (the authors' pinned version, which the released model was trained with; PIL backend).
+def preprocess_image(img: Image.Image, tile: int, pinpoints, image_size: Size | None = None, spec: PreprocessSpec = CLIP) -> ImageTiles:
+    """Anyres preprocessing of an RGB image exactly as transformers **4.45.2**'s `LlavaNextImageProcessor` (CLIP spec)
+    or `LlavaOnevisionImageProcessor` (SigLIP spec) (the authors' pinned version, which the released models were
+    trained with; PIL backend).
 
     1. best resolution: the pinpoint that keeps most of the image (`select_best_resolution` on `image_size`);
     2. the image resized into it with its aspect kept (PIL bicubic) and padded with black by `(target - new) // 2` on
-       both sides (`_pad_for_patching`): an odd remainder leaves the canvas one pixel short of the pinpoint;
+       both sides (`fit_on_black`): an odd remainder leaves the canvas one pixel short of the pinpoint;
     3. the canvas cut into S×S crops row by row (`divide_to_patches`); a crop of the short last row or column
-       (S-1 px) is resized so its short side is S (bicubic, long side `int(S * long / short)`) and centre-cropped to
-       S×S, as `_preprocess` does (transformers 5.x pads the remainder instead and differs there);
+       (S-1 px) is brought back to S×S as the family's `_preprocess` does (`_crop_to_tile`; transformers 5.x pads the
+       remainder instead and differs there);
     4. the base tile: the whole image resized to S×S (bicubic, aspect not kept);
-    5. every tile: `u8 * (1/255)` in float64 cast to float32, then CLIP mean/std in float32 (4.45's `rescale`,
-       `normalize`): bit-exact with the processor (tests/test_image_tf4452.py).
+    5. every tile: `u8 * (1/255)` in float64 cast to float32, then the spec's mean/std in float32 (4.45's `rescale`,
+       `normalize`): bit-exact with the processor (tests/test_image_tf4452.py, tests/test_siglip_preprocess.py).
 
     Args:
         img: RGB image (possibly decoded at a reduced scale, see `read_image`).
         tile: S, the tower's image size.
         pinpoints: `image_grid_pinpoints`, (H, W) pairs in whole tiles.
         image_size: (H, W) the geometry is computed from (default: the image's own size).
+        spec: the family's preprocessing (`spec.py`).
     """
     if img.mode != "RGB":
         raise InputError(f"preprocess_image needs an RGB image, got mode {img.mode}")
     decoded = (img.height, img.width)
     size = tuple(image_size) if image_size is not None else decoded
     best = select_best_resolution(size, pinpoints)
-    new_h, new_w = fitted_size(size, best)
-    pad_y, pad_x = (best[0] - new_h) // 2, (best[1] - new_w) // 2
-    canvas = Image.new("RGB", (new_w + 2 * pad_x, new_h + 2 * pad_y))  # one pixel short of `best` on an odd remainder
-    canvas.paste(img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC), (pad_x, pad_y))
+    canvas = fit_on_black(img, best, size)
     rows, cols = best[0] // tile, best[1] // tile
     out = np.empty((1 + rows * cols, tile, tile, 3), dtype=np.uint8)
     out[0] = np.asarray(img.resize((tile, tile), resample=Image.Resampling.BICUBIC))
     padded = np.asarray(canvas)
+    to_tile = _squash_to_tile if spec.tiles == "onevision" else _crop_to_tile
     for r in range(rows):
         for c in range(cols):
-            out[1 + r * cols + c] = _crop_to_tile(padded[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile], tile)
-    return ImageTiles(_clip_normalize_u8(out), size, best, (rows, cols), decoded)  # type: ignore[arg-type]
+            out[1 + r * cols + c] = to_tile(padded[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile], tile)
+    return ImageTiles(normalize_u8(out, spec), size, best, (rows, cols), decoded)  # type: ignore[arg-type]
 
 
 def _crop_to_tile(crop: np.ndarray, tile: int) -> np.ndarray:
-    """A crop of the canvas as 4.45's `_preprocess` leaves it: S×S as is; a short one (S-1 px on one side) resized so
-    its short side is S (`get_resize_output_image_size`, bicubic) and centre-cropped (`center_crop`)."""
+    """A crop of the canvas as 4.45's LLaVA-NeXT `_preprocess` leaves it: S×S as is; a short one (S-1 px on one side)
+    resized so its short side is S (`get_resize_output_image_size`, bicubic) and centre-cropped (`center_crop`)."""
     h, w = crop.shape[:2]
     if (h, w) == (tile, tile):
         return crop
@@ -161,23 +163,22 @@ def _crop_to_tile(crop: np.ndarray, tile: int) -> np.ndarray:
     return resized[top : top + tile, left : left + tile]
 
 
-def _clip_normalize_u8(tiles: np.ndarray) -> np.ndarray:
-    """uint8 `[N, S, S, 3]` -> float32 `[N, 3, S, S]` as transformers 4.45's `rescale` (the product in float64, cast to
-    float32) then `normalize` (float32 mean/std)."""
-    out = (tiles * (1 / 255)).astype(np.float32)
-    out -= np.asarray(CLIP_MEAN, dtype=np.float32)
-    out /= np.asarray(CLIP_STD, dtype=np.float32)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+def _squash_to_tile(crop: np.ndarray, tile: int) -> np.ndarray:
+    """A crop of the canvas as 4.45's LLaVA-OneVision `_preprocess` leaves it: resized to (S, S) (bicubic, aspect not
+    kept; an S×S crop is unchanged)."""
+    if crop.shape[:2] == (tile, tile):
+        return crop
+    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((tile, tile), resample=Image.Resampling.BICUBIC))
 
 
-def load_image_tiles(path: str | os.PathLike[str], tile: int, pinpoints, max_pixels: int = IMAGE_DECODE_PIXELS) -> ImageTiles:
-    """`read_image` + `preprocess_image`: the model-ready tiles of an image file.
+def load_image_tiles(path: str | os.PathLike[str], tile: int, pinpoints, max_pixels: int = IMAGE_DECODE_PIXELS, spec: PreprocessSpec = CLIP) -> ImageTiles:
+    """`read_image` + `preprocess_image`: the model-ready tiles of an image file, preprocessed by the family's `spec`.
 
     Raises:
         VideoError: the file cannot be read (the message names it).
     """
     img, shown = read_image(path, max_pixels)
-    return preprocess_image(img, tile, pinpoints, image_size=shown)
+    return preprocess_image(img, tile, pinpoints, image_size=shown, spec=spec)
 
 
 def read_images(paths: Sequence[str | os.PathLike[str]], max_pixels: int = IMAGE_DECODE_PIXELS) -> list[np.ndarray]:
@@ -189,11 +190,11 @@ def read_images(paths: Sequence[str | os.PathLike[str]], max_pixels: int = IMAGE
     return [np.asarray(read_image(p, max_pixels)[0]) for p in paths]
 
 
-def images_as_frames(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
-    """The authors' multi-image preprocessing: each image (any size) squashed to S x S as a video frame
-    (`preprocess_frames`; their rawframe reader feeds the video processor), in the order given: float32 [N, 3, S, S].
-    No anyres tiles."""
-    return np.concatenate([preprocess_frames(img[None], image_size) for img in images])
+def images_as_frames(images: Sequence[np.ndarray], image_size: int, spec: PreprocessSpec = CLIP) -> np.ndarray:
+    """The authors' multi-image preprocessing: each image (any size) goes through the family's video processor as a
+    video frame (`preprocess_frames` with `spec`: their rawframe reader feeds `LlavaNextVidProcessor` for CLIP,
+    `LlavaOnevisionVidProcessor` for SigLIP), in the order given: float32 [N, 3, S, S]. No anyres tiles."""
+    return np.concatenate([preprocess_frames(img[None], image_size, spec) for img in images])
 
 
 MAX_IMAGES = 32

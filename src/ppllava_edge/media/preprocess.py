@@ -1,4 +1,4 @@
-"""CLIP pixel preprocessing and the dispatch from any input file to model-ready pixel values."""
+"""Frame preprocessing (per family, `spec.py`) and the dispatch from any input file to model-ready pixel values."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError, VideoError
+from .anyres import fitted_size
+from .spec import CLIP, CLIP_MEAN, CLIP_STD, PreprocessSpec
 from .video import DecodeStrategy, _file_size, _positive_int, load_video
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 """Suffixes `input_kind` treats as still images. `.gif` is not one: PyAV reads it as a video."""
@@ -44,11 +43,13 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise VideoError(f"Cannot read image {spath}: {exc}") from exc
 
 
-def preprocess_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
-    """CLIP preprocessing of the authors' video processor: uint8 `[T, H, W, 3]` → float32 `[T, 3, S, S]`.
+def preprocess_frames(frames: np.ndarray, image_size: int, spec: PreprocessSpec = CLIP) -> np.ndarray:
+    """The video processor of the checkpoint's family (`spec`): uint8 `[T, H, W, 3]` → float32 `[T, 3, S, S]`.
 
-    Each frame is resized straight to (S, S) with Pillow BICUBIC (aspect ratio not kept, no crop),
-    then `x / 255` and `(x - CLIP_MEAN) / CLIP_STD` in float32, and HWC → CHW.
+    - "squash" (CLIP, the authors' `LlavaNextVidProcessor`): each frame resized straight to (S, S) with Pillow BICUBIC
+      (aspect ratio not kept, no crop), then `x / 255` and CLIP mean/std in float32;
+    - "fit_pad" (SigLIP, the authors' `LlavaOnevisionVidProcessor` under transformers 4.45.2): each frame fitted into
+      (S, S) with its aspect kept and padded with black (`fit_pad_frame`), then 4.45's `rescale` + `normalize`.
 
     Raises:
         InputError: `frames` is not uint8 `[T, H, W, 3]` with T >= 1, or `image_size < 1`.
@@ -59,6 +60,9 @@ def preprocess_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
     if frames.shape[0] < 1 or frames.shape[1] < 1 or frames.shape[2] < 1:
         raise InputError(f"frames must be non-empty uint8 [T, H, W, 3], got {list(frames.shape)}")
     s = _positive_int("image_size", image_size)
+    if spec.frames == "fit_pad":
+        tiles = np.stack([fit_pad_frame(Image.fromarray(np.ascontiguousarray(f)), s) for f in frames])
+        return normalize_u8(tiles, spec)
     out = np.empty((frames.shape[0], s, s, 3), dtype=np.float32)
     for t in range(frames.shape[0]):
         img = Image.fromarray(np.ascontiguousarray(frames[t]))
@@ -66,6 +70,37 @@ def preprocess_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
             img = img.resize((s, s), resample=Image.Resampling.BICUBIC)
         out[t] = np.asarray(img, dtype=np.float32)
     return _clip_normalize(out)
+
+
+def fit_pad_frame(img: Image.Image, s: int) -> np.ndarray:
+    """One frame as the authors' `LlavaOnevisionVidProcessor.get_image_patches` leaves it (best resolution pinned to
+    the tile), uint8 `[S, S, 3]`: `fit_on_black` into (S, S), and a canvas one pixel short squashed back to S×S
+    (bicubic) by `_preprocess`'s resize to the tile size."""
+    canvas = fit_on_black(img, (s, s))
+    if canvas.size != (s, s):
+        canvas = canvas.resize((s, s), resample=Image.Resampling.BICUBIC)
+    return np.asarray(canvas)
+
+
+def fit_on_black(img: Image.Image, target: tuple[int, int], image_size: tuple[int, int] | None = None) -> Image.Image:
+    """`img` resized into `target` (H, W) with its aspect kept (PIL bicubic, `ceil` rounding: `_resize_for_patching`)
+    and pasted on black with `(target - new) // 2` on **both** sides (transformers 4.45.2's `_pad_for_patching`), so an
+    odd remainder leaves the canvas one pixel short of `target` (5.x pads that pixel instead). The fitted size comes
+    from `image_size` (H, W) when given (a JPEG decoded at reduced scale keeps its full size's geometry)."""
+    new_h, new_w = fitted_size(image_size or (img.height, img.width), target)
+    pad_y, pad_x = (target[0] - new_h) // 2, (target[1] - new_w) // 2
+    canvas = Image.new("RGB", (new_w + 2 * pad_x, new_h + 2 * pad_y))
+    canvas.paste(img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC), (pad_x, pad_y))
+    return canvas
+
+
+def normalize_u8(tiles: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 `[N, S, S, 3]` -> float32 `[N, 3, S, S]` as transformers 4.45's `rescale` (the product in float64, cast to
+    float32) then `normalize` (float32 mean/std of `spec`)."""
+    out = (tiles * (1 / 255)).astype(np.float32)
+    out -= np.asarray(spec.mean, dtype=np.float32)
+    out /= np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
 def _clip_normalize(out: np.ndarray) -> np.ndarray:
@@ -195,10 +230,11 @@ def load_pixel_values(
     image_size: int,
     *,
     strategy: DecodeStrategy = "auto",
+    spec: PreprocessSpec = CLIP,
 ) -> tuple[np.ndarray, MediaKind, MediaInfo]:
     """Model-ready pixel values float32 `[T, 3, S, S]` from a video, an image or a `.npy` file.
 
-    - video: `num_frames` frames at segment centres, preprocessed (T = num_frames).
+    - video: `num_frames` frames at segment centres, preprocessed by the family's `spec` (T = num_frames).
     - image: one frame squashed like a video frame (T = 1; the authors' video processor on one image). The
       model's image path is `load_image_tiles` (anyres tiles).
     - .npy: already preprocessed `[T, 3, S, S]` float32, returned as stored (T is not checked
@@ -215,10 +251,10 @@ def load_pixel_values(
         return pv, kind, MediaInfo(spath, kind, None, (), None, None)
     if kind == "image":
         img = load_image(spath)
-        pv = preprocess_frames(img[None], image_size)
+        pv = preprocess_frames(img[None], image_size, spec)
         return pv, kind, MediaInfo(spath, kind, 1, (0,), None, (img.shape[0], img.shape[1]))
     vf = load_video(spath, num_frames, strategy=strategy)
-    pv = preprocess_frames(vf.frames, image_size)
+    pv = preprocess_frames(vf.frames, image_size, spec)
     info = MediaInfo(
         spath, kind, vf.num_total, tuple(vf.indices), vf.fps, (vf.frames.shape[1], vf.frames.shape[2]), vf.strategy
     )

@@ -92,11 +92,11 @@ class ReferenceModel:
             paths = check_image_paths(path)
             if len(paths) > 1:
                 check_num_images(len(paths), self.cfg.max_frames)  # before any image is decoded
-                pixel_values = images_as_frames(read_images(paths), self.cfg.vision.image_size)
+                pixel_values = images_as_frames(read_images(paths), self.cfg.vision.image_size, self.cfg.preprocess)
                 return self.answer_pixels(pixel_values, question, image=False, max_new_tokens=max_new_tokens, num_beams=num_beams, multi_image=True)
             path = paths[0]
         if input_kind(path) == "image":
-            tiles = load_image_tiles(path, self.cfg.vision.image_size, self.cfg.image_grid_pinpoints)
+            tiles = load_image_tiles(path, self.cfg.vision.image_size, self.cfg.image_grid_pinpoints, spec=self.cfg.preprocess)
             return self.answer_pixels(tiles.pixel_values, question, image=True, max_new_tokens=max_new_tokens, num_beams=num_beams, image_size=tiles.image_size)
-        pixel_values, _, _ = load_pixel_values(path, num_frames, self.cfg.vision.image_size)  # a video, or a .npy (one row: one tile)
+        pixel_values, _, _ = load_pixel_values(path, num_frames, self.cfg.vision.image_size, spec=self.cfg.preprocess)  # a video, or a .npy (one row: one tile)
         return self.answer_pixels(pixel_values, question, image=pixel_values.shape[0] == 1, max_new_tokens=max_new_tokens, num_beams=num_beams)

@@ -18,6 +18,7 @@ import functools
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
 from ..integrity import check_files
 from ..manifest import ExportManifest, graph_files, load_manifest
 from ..media import check_image_paths, check_num_images, input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
-from ..tokenization import ClipTokenizer, SiglipTextTokenizer
+from ..tokenization import SiglipTextTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
@@ -214,6 +215,31 @@ def _load_table(path: Path, mmap: bool = False) -> np.ndarray:
                           f"Hint: ppllava-edge verify {path.parent} lists the damaged files; re-export to replace them.") from exc
 
 
+def _open_tokenizers(manifest: ExportManifest) -> tuple:
+    """(the LLM's prompt tokenizer, the pools' text-tower tokenizer) of an export."""
+    return manifest.llama_tokenizer(), manifest.relevance_tokenizer()
+
+
+def _later(fn: Callable, background: bool) -> Future:
+    """`fn()` as a Future: computed now, or on a daemon thread of its own when `background` (its error is raised by
+    `result()`, in the caller's thread). The tokenizers' parse (0.2–0.6 s at start-up) then overlaps the video
+    decode; a daemon thread, since it only builds Python objects and holds no session."""
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result() in the caller's thread
+            fut.set_exception(exc)
+
+    if background:
+        threading.Thread(target=run, name="ppllava-tokenizers", daemon=True).start()
+    else:
+        run()
+        fut.result()  # raise a damaged tokenizer file's error from the constructor, as before
+    return fut
+
+
 class Pipeline:
     def __init__(self, manifest: ExportManifest, options: PipelineOptions | None = None, *, cache: FeatureCache | None = None,
                  runners: dict | None = None, **overrides):
@@ -277,11 +303,10 @@ class Pipeline:
         self._dtype_from_decoder = self.trt is None and decoder
         self._lazy = threading.RLock()  # re-entered: opening the decoder reads `dtype`
         self.embed_table = _load_table(manifest.path("embeddings"), mmap=True)
-        self.llama = manifest.llama_tokenizer()  # the export's conversation template
+        # the two tokenizers (the LLM's with the export's template, and the pools' text tower's) are parsed on a
+        # thread of their own with background_load: a fresh `ask` process decodes the video meanwhile
+        self._tokenizers = _later(functools.partial(_open_tokenizers, manifest), background_load)
         self.eos_token_id = manifest.eos_token_id
-        # the pools' text tower: SigLIP's sentencepiece model (Qwen2 + SigLIP exports) or CLIP's BPE
-        siglip = "siglip" in manifest.data["tokenizers"]
-        self.clip = SiglipTextTokenizer.from_file(manifest.path("siglip")) if siglip else ClipTokenizer.from_file(manifest.path("clip"))
         # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
         self.max_decoders = 1 if self.trt is not None else max_decoders
         self._pool = threading.Condition()
@@ -296,6 +321,16 @@ class Pipeline:
         has_newline = bool(self.image_spec and self.image_spec.get("newline"))
         self.image_newline = _load_table(manifest.path("image_newline")) if has_newline else None
         self.export_id = manifest.export_id
+
+    @property
+    def llama(self):
+        """The LLM's prompt tokenizer (tokenization.LlamaPromptTokenizer) with the export's conversation template."""
+        return self._tokenizers.result()[0]
+
+    @property
+    def clip(self):
+        """The pools' text-tower tokenizer: SigLIP's sentencepiece model (Qwen2 + SigLIP exports) or CLIP's BPE."""
+        return self._tokenizers.result()[1]
 
     @property
     def dtype(self):
@@ -427,7 +462,7 @@ class Pipeline:
             if px.shape[0] > 1:
                 self._check_npy_frames(path, px.shape[0])
             return px
-        frames = read_frames(path, num_frames, size)
+        frames = read_frames(path, num_frames, size, self.manifest.preprocess)
         warnings.extend(frames.warnings)
         t.decode_video, t.preprocess = frames.decode_ms, frames.preprocess_ms
         return frames.pixel_values
@@ -475,13 +510,13 @@ class Pipeline:
         r = self.image_spec
         path = Path(path)
         key = content_key(file_digest(path), "anyres-image", self.export_id)
-        values, keys, px = self._cached_features(key, lambda: read_image_tiles(path, r["tile_size"], r["grid_pinpoints"]),
+        values, keys, px = self._cached_features(key, lambda: read_image_tiles(path, r["tile_size"], r["grid_pinpoints"], self.manifest.preprocess),
                                                  lambda px: encode_tiles(self.sessions["vision"], px), t, need_pixels)
         return values, keys, VideoInput(key, "image", px)
 
     def images_features(self, paths: Sequence[str | Path], t: Timings, need_pixels: bool = False) -> tuple[np.ndarray, np.ndarray, VideoInput]:
-        """(values, keys) of several images of one question (the authors' multi-image path): each squashed like a
-        video frame, all through the vision graph as one clip (T = N: the BT-Adapter's temporal attention sees them
+        """(values, keys) of several images of one question (the authors' multi-image path): each preprocessed as a
+        video frame by the export's spec, all through the vision graph as one clip (T = N: the BT-Adapter's temporal attention sees them
         together, so the features belong to the ordered set, not to each image); cached by the files' contents in
         order."""
         self.manifest.image_layout(None)  # an export from before image tiles has no image_pool: a clear error
@@ -489,7 +524,7 @@ class Pipeline:
         for p in paths:
             _check_file(p)
         key = content_key(*(file_digest(p) for p in paths), "multi-image", self.export_id)
-        values, keys, px = self._cached_features(key, lambda: read_images(paths, self.manifest.model["image_size"]),
+        values, keys, px = self._cached_features(key, lambda: read_images(paths, self.manifest.model["image_size"], self.manifest.preprocess),
                                                  lambda px: encode(self.sessions["vision"], px), t, need_pixels)
         return values, keys, VideoInput(key, "images", px)
 

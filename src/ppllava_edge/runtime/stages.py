@@ -1,6 +1,6 @@
 """The route video → answer as free functions, one place each (torch-free; gpt-fast's generate.py shape):
 
-    frames = read_frames(path, num_frames, image_size)         # decode_video + preprocess -> pixel_values
+    frames = read_frames(path, num_frames, image_size, spec)   # decode_video + preprocess (the family's spec) -> pixel_values
                                                                # (read_image_tiles: an image; read_images: several)
     values, keys = encode(sessions["vision"], frames.pixel_values)     # vision
     tokens, relevance = pool(sessions["prompt_pool"], clip_ids, keys, values, clip_mask)   # pool -> visual_tokens, relevance
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InferenceError, InputError
+from ..media.spec import CLIP, PreprocessSpec
 from .decoder import adapt_feed, kv_names
 from .generation import generate  # noqa: F401  (the last stage: prefill + decode steps, see generation.py)
 
@@ -52,38 +53,39 @@ class Frames:
     shown: tuple[int, int] | None = None  # an image's (EXIF-oriented) size
 
 
-def read_frames(path: str | Path, num_frames: int, image_size: int) -> Frames:
-    """Decode `num_frames` frames of a video and preprocess them (CLIP resize / crop / normalise)."""
+def read_frames(path: str | Path, num_frames: int, image_size: int, spec: PreprocessSpec = CLIP) -> Frames:
+    """Decode `num_frames` frames of a video and preprocess them as the checkpoint's family does (`spec`, recorded in
+    export.json: `ExportManifest.preprocess`; CLIP's squash by default)."""
     from ..media import load_video, preprocess_frames
 
     t0 = time.perf_counter()
     video = load_video(path, num_frames)
     t1 = time.perf_counter()
-    px = preprocess_frames(video.frames, image_size)
+    px = preprocess_frames(video.frames, image_size, spec)
     return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, list(video.warnings))
 
 
-def read_image_tiles(path: str | Path, tile_size: int, grid_pinpoints) -> Frames:
-    """Read an image (EXIF-oriented) and cut it into its anyres tiles (base tile first), preprocessed."""
+def read_image_tiles(path: str | Path, tile_size: int, grid_pinpoints, spec: PreprocessSpec = CLIP) -> Frames:
+    """Read an image (EXIF-oriented) and cut it into its anyres tiles (base tile first), preprocessed by `spec`."""
     from ..media import preprocess_image, read_image
 
     t0 = time.perf_counter()
     img, shown = read_image(path)
     t1 = time.perf_counter()
-    px = preprocess_image(img, tile_size, grid_pinpoints, image_size=shown).pixel_values
+    px = preprocess_image(img, tile_size, grid_pinpoints, image_size=shown, spec=spec).pixel_values
     return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, shown=shown)
 
 
-def read_images(paths, image_size: int) -> Frames:
-    """Several images of one question (the authors' multi-image path): each decoded upright and squashed to S x S as
-    a video frame, [N, 3, S, S] in the order given."""
+def read_images(paths, image_size: int, spec: PreprocessSpec = CLIP) -> Frames:
+    """Several images of one question (the authors' multi-image path): each decoded upright and preprocessed as a
+    video frame by the family's `spec` (as `read_frames` does), [N, 3, S, S] in the order given."""
     from ..media import images_as_frames
     from ..media import read_images as decode_images
 
     t0 = time.perf_counter()
     images = decode_images(paths)
     t1 = time.perf_counter()
-    px = images_as_frames(images, image_size)
+    px = images_as_frames(images, image_size, spec)
     return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
 

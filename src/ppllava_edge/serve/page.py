@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..media import IMAGE_EXTENSIONS
+from ..media import IMAGE_EXTENSIONS, PreprocessSpec
 from ..relevance import relevance_json, relevance_kind
 from .inputs import MIME_SUFFIX
 from .protocol import ApiError
@@ -70,12 +70,12 @@ def list_media(media_dirs: list[Path], inside: Callable[[Path], bool]) -> tuple[
     return sorted(seen.values(), key=lambda e: e["name"]), False
 
 
-def relevance_extra(result, paths: list[Path]) -> dict:
-    """{"relevance": ...} for a result asked with keep_arrays (kind "images" for several images); frees the arrays
-    afterwards."""
+def relevance_extra(result, paths: list[Path], spec: PreprocessSpec) -> dict:
+    """{"relevance": ...} for a result asked with keep_arrays (kind "images" for several images; thumbnails
+    un-normalised by the export's `spec`); frees the arrays afterwards."""
     rel = result.arrays["relevance"]
     kind = "images" if len(paths) > 1 else relevance_kind(paths[0], rel)
-    extra = {"relevance": relevance_json(rel, result.arrays.get("pixel_values"), kind)}
+    extra = {"relevance": relevance_json(rel, result.arrays.get("pixel_values"), kind, spec)}
     result.arrays.clear()
     return extra
 

@@ -188,7 +188,7 @@ class Server:
             paths = [m.path for m in media]
             result = self.pipe.ask(paths[0] if len(paths) == 1 else paths, req.question, num_frames=frames, generation=gen, on_token=on_token,
                                    history=req.history, system=req.system, keep_arrays=req.return_relevance)
-            extra = relevance_extra(result, paths) if req.return_relevance else {}
+            extra = relevance_extra(result, paths, self.pipe.manifest.preprocess) if req.return_relevance else {}
         except BaseException as exc:
             job.emit(("error", self._map_error(exc, req, media)))
             self.metrics.chat_requests.labels(outcome="error").inc()
