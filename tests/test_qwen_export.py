@@ -579,10 +579,12 @@ def photos(tmp_path_factory):
 def test_ask_gives_generates_ids_on_several_images_on_a_qwen_export(qwen_ckpt, qwen_export, photos, n):
     """Several images in one question on the Qwen2 + SigLIP family: the authors' multi-image path has no BT-Adapter
     here, so each image is an independent frame through the SigLIP tower; one relevance softmax over all of them,
-    kernel (1,3,3), one `<image>\\n` slot per image in `plain_qwen`. `ask` == `generate`: ids exact, the same pixels,
-    SigLIP ids and mask and prompt ids, visual tokens and relevance <= 1e-4 (relative)."""
+    kernel (1,3,3), one `<image>\\n` slot per image in `plain_qwen`. `ask` == `generate`: ids exact, the same pixels
+    (each image through the SigLIP spec's frame preprocessing, as the authors' LlavaOnevisionVidProcessor), SigLIP ids
+    and mask and prompt ids, visual tokens and relevance <= 1e-4 (relative)."""
     from tokenizers import Tokenizer
 
+    from ppllava_edge.media import CLIP, SIGLIP, preprocess_frames, read_image
     from ppllava_edge.model.generate import ReferenceModel
     from ppllava_edge.runtime.generation import GenerationConfig
     from ppllava_edge.runtime.pipeline import Pipeline
@@ -594,6 +596,11 @@ def test_ask_gives_generates_ids_on_several_images_on_a_qwen_export(qwen_ckpt, q
     assert list(a.ids) == list(r.output_ids) and len(set(a.ids)) > 1
     for name in ("pixel_values", "clip_ids", "clip_mask", "input_ids"):
         np.testing.assert_array_equal(a.arrays[name], r.arrays[name], err_msg=name)
+    size = pipe.manifest.model["image_size"]
+    upright = [np.asarray(read_image(p)[0])[None] for p in photos[:n]]  # the authors' rawframe reader: one frame each
+    siglip_frames = np.concatenate([preprocess_frames(img, size, SIGLIP) for img in upright])
+    np.testing.assert_array_equal(a.arrays["pixel_values"], siglip_frames)  # LlavaOnevisionVidProcessor's frames
+    assert np.abs(siglip_frames - np.concatenate([preprocess_frames(img, size, CLIP) for img in upright])).max() > 0.1  # not CLIP's
     prompt = Tokenizer.from_file(str(qwen_export / "llama_tokenizer.json")).decode(a.arrays["input_ids"].tolist(), skip_special_tokens=False)
     assert prompt == "<|im_start|>user\n" + "<image>\n" * n + question + "<|im_end|>\n<|im_start|>assistant\n"
     g = pipe.image_spec["pooled_grid"]
