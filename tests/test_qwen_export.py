@@ -560,6 +560,60 @@ def test_ask_gives_generates_ids_on_a_qwen_export(qwen_ckpt, qwen_export, sample
     assert json.loads(res.stdout)["ids"] == list(ref.answer(sample_video, QUESTIONS[0], num_frames=4, max_new_tokens=10).output_ids)
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three test photos of different sizes (landscape, portrait, square)."""
+    from PIL import Image
+
+    from ppllava_edge.media import make_test_photo
+
+    folder = tmp_path_factory.mktemp("qwen_photos")
+    out = []
+    for i, (w, h) in enumerate([(200, 120), (90, 150), (100, 100)]):
+        out.append(folder / f"photo{i}.png")
+        Image.fromarray(make_test_photo(w, h, seed=10 + i)).save(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ask_gives_generates_ids_on_several_images_on_a_qwen_export(qwen_ckpt, qwen_export, photos, n):
+    """Several images in one question on the Qwen2 + SigLIP family: the authors' multi-image path has no BT-Adapter
+    here, so each image is an independent frame through the SigLIP tower; one relevance softmax over all of them,
+    kernel (1,3,3), one `<image>\\n` slot per image in `plain_qwen`. `ask` == `generate`: ids exact, the same pixels
+    (each image through the SigLIP spec's frame preprocessing, as the authors' LlavaOnevisionVidProcessor), SigLIP ids
+    and mask and prompt ids, visual tokens and relevance <= 1e-4 (relative)."""
+    from tokenizers import Tokenizer
+
+    from ppllava_edge.media import CLIP, SIGLIP, preprocess_frames, read_image
+    from ppllava_edge.model.generate import ReferenceModel
+    from ppllava_edge.runtime.generation import GenerationConfig
+    from ppllava_edge.runtime.pipeline import Pipeline
+
+    pipe, ref = Pipeline.from_export(qwen_export, provider="cpu"), ReferenceModel(qwen_ckpt)
+    question = "Which picture is brighter?"
+    a = pipe.ask(photos[:n], question, generation=GenerationConfig(max_new_tokens=10), keep_arrays=True)
+    r = ref.answer(photos[:n], question, max_new_tokens=10)
+    assert list(a.ids) == list(r.output_ids) and len(set(a.ids)) > 1
+    for name in ("pixel_values", "clip_ids", "clip_mask", "input_ids"):
+        np.testing.assert_array_equal(a.arrays[name], r.arrays[name], err_msg=name)
+    size = pipe.manifest.model["image_size"]
+    upright = [np.asarray(read_image(p)[0])[None] for p in photos[:n]]  # the authors' rawframe reader: one frame each
+    siglip_frames = np.concatenate([preprocess_frames(img, size, SIGLIP) for img in upright])
+    np.testing.assert_array_equal(a.arrays["pixel_values"], siglip_frames)  # LlavaOnevisionVidProcessor's frames
+    assert np.abs(siglip_frames - np.concatenate([preprocess_frames(img, size, CLIP) for img in upright])).max() > 0.1  # not CLIP's
+    prompt = Tokenizer.from_file(str(qwen_export / "llama_tokenizer.json")).decode(a.arrays["input_ids"].tolist(), skip_special_tokens=False)
+    assert prompt == "<|im_start|>user\n" + "<image>\n" * n + question + "<|im_end|>\n<|im_start|>assistant\n"
+    g = pipe.image_spec["pooled_grid"]
+    assert a.visual_tokens == n * g * g and a.context_len == len(a.arrays["input_ids"]) - n + n * g * g
+    for name in ("visual_tokens", "relevance"):
+        want = r.arrays[name]
+        assert a.arrays[name].shape == want.shape and np.abs(a.arrays[name] - want).max() <= 1e-4 * np.abs(want).max(), name
+    assert r.arrays["relevance"].shape == (n, 6, 6) and abs(float(r.arrays["relevance"].sum()) - 1) < 1e-5  # one softmax
+    with torch.no_grad():  # no temporal mixing in SigLIP: the clip's features are each image's own
+        one_by_one = ref.model.encode_tiles(torch.from_numpy(r.arrays["pixel_values"])).numpy()
+    np.testing.assert_allclose(r.arrays["features"], one_by_one, atol=1e-5)
+
+
 def test_calibrate_quantize_and_gate_a_qwen_export(qwen_export, tmp_path):
     """calibrate stores SigLIP's clip_mask beside clip_ids and feeds it; `quantize` with the defaults (int8 vision
     and pools, int8-weight decoder / decoder_trt, q|k|v bias kept) passes the accuracy gate; the result answers."""
@@ -594,9 +648,9 @@ def test_calibrate_quantize_and_gate_a_qwen_export(qwen_export, tmp_path):
     assert len(a.ids) == 4
 
 
-def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, tmp_path):
+def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, photos, tmp_path):
     """The bench times the ORT export and the PyTorch reference (SigLIP mask included) on a Qwen export; the server
-    answers a chat completion with `ask`'s text."""
+    answers a chat completion with `ask`'s text, for a video and for two images in one message."""
     import json
 
     import shutil
@@ -615,15 +669,24 @@ def test_bench_and_serve_a_qwen_export(qwen_export, sample_video, tmp_path):
                                    "--max-new-tokens", "4", "--questions", "1", "--backend", "ort,torch", "--no-hardware", "--json", str(report)])
     assert res.exit_code == 0, res.output
     runs = json.loads(report.read_text())
-    want = Pipeline.from_export(qwen_export, provider="cpu").ask(sample_video, QUESTIONS[0], num_frames=4, generation=GenerationConfig(max_new_tokens=6))
+    pipe = Pipeline.from_export(qwen_export, provider="cpu")
+    want = pipe.ask(sample_video, QUESTIONS[0], num_frames=4, generation=GenerationConfig(max_new_tokens=6))
+    want_images = pipe.ask(photos[:2], QUESTIONS[1], generation=GenerationConfig(max_new_tokens=6))
     media = tmp_path / "media"
     media.mkdir()
     shutil.copyfile(sample_video, media / "clip.mp4")  # (a symlink out of the folder is refused)
+    for p in photos[:2]:
+        shutil.copyfile(p, media / p.name)
     with running_server(qwen_export, "--media-dir", str(media), "--frames", "4") as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         msg = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}}, {"type": "text", "text": QUESTIONS[0]}]}]
         r = c.chat.completions.create(model=qwen_export.name, messages=msg, max_tokens=6, temperature=0)
+        parts = [{"type": "image_url", "image_url": {"url": p.name}} for p in photos[:2]]
+        msg = [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTIONS[1]}]}]
+        ri = c.chat.completions.create(model=qwen_export.name, messages=msg, max_tokens=6, temperature=0, extra_body={"return_token_ids": True})
     assert r.choices[0].message.content == want.text
+    assert (ri.choices[0].model_extra["token_ids"], ri.choices[0].message.content) == (want_images.ids, want_images.text)
+    assert ri.usage.prompt_tokens == want_images.context_len
     assert sorted(v["backend"] for v in runs["variants"]) == ["ort", "torch"]
     assert all(v["visual_tokens"] == 8 and v["new_tokens"] == 4 for v in runs["variants"])  # 4 frames: 2 pairs x (6/3)^2
 

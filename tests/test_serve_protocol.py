@@ -109,7 +109,7 @@ def test_conversation_turns_and_sampling_fields():
     assert req.history == [("q", "a1")] and req.question == "u2\nu2b" and req.system == "sys"
     assert (req.do_sample, req.temperature, req.top_p, req.seed, req.stop, req.max_tokens, req.frames, req.stream) == (True, 0.7, 0.9, 5, ["END"], 9, 16, True)
     greedy = parse_chat_request(body(temperature=0), "m")
-    assert not greedy.do_sample and greedy.max_tokens is None and greedy.media.param == "messages[0].content[0].video_url.url"
+    assert not greedy.do_sample and greedy.max_tokens is None and greedy.media[0].param == "messages[0].content[0].video_url.url"
 
 
 def test_media_policy_paths(tmp_path):

@@ -156,6 +156,21 @@ def test_parse_request_defaults_and_errors():
             parse_request(get(values), 8, 32)
 
 
+def test_parse_request_takes_images_instead_of_a_video():
+    def get(values):
+        return lambda name: None if values.get(name) is None else np.array(values[name], dtype=np.object_)
+
+    opts = parse_request(get({"images": [b"a", b"bb"], "question": [b"q"]}), 8, 32)
+    assert (opts.images, opts.video, opts.question) == ((b"a", b"bb"), b"", "q")
+    for values, needle in [
+        ({"images": [b"a"], "video": [b"v"], "question": [b"q"]}, "either the 'video' input or the 'images' input, not both"),
+        ({"images": [b"a", b""], "question": [b"q"]}, "the 'images' input holds no image or an empty one (element 1)"),
+        ({"images": [], "question": [b"q"]}, "the 'images' input holds no image or an empty one"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(needle)):
+            parse_request(get(values), 8, 32)
+
+
 # ---- repository (no server) --------------------------------------------------------------------------------------
 def test_cpu_repository_configs_parse_and_link_the_export(tiny_export, tmp_path):
     pytest.importorskip("tritonclient.grpc")
@@ -164,7 +179,8 @@ def test_cpu_repository_configs_parse_and_link_the_export(tiny_export, tmp_path)
     cfg = parse_config(repo / "ppllava" / "config.pbtxt")
     assert (cfg.name, cfg.backend, cfg.max_batch_size, cfg.model_transaction_policy.decoupled) == ("ppllava", "python", 0, True)
     assert [(i.name, dtype_name(i.data_type), list(i.dims), i.optional) for i in cfg.input] == [
-        ("video", "TYPE_STRING", [1], False), ("question", "TYPE_STRING", [1], False), ("max_tokens", "TYPE_INT32", [1], True),
+        ("video", "TYPE_STRING", [1], True), ("images", "TYPE_STRING", [-1], True), ("question", "TYPE_STRING", [1], False),
+        ("max_tokens", "TYPE_INT32", [1], True),
         ("frames", "TYPE_INT32", [1], True), ("temperature", "TYPE_FP32", [1], True), ("seed", "TYPE_INT64", [1], True),
     ]
     assert [(o.name, dtype_name(o.data_type)) for o in cfg.output] == [("text", "TYPE_STRING"), ("stats", "TYPE_STRING")]
@@ -323,7 +339,7 @@ def test_cli_triton_repo_errors_are_one_line(tiny_export, tmp_path):
     res = runner.invoke(cli, ["triton-repo", str(tiny_export), str(tmp_path / "full")])
     assert res.exit_code == 1 and "--force" in res.stderr and (tmp_path / "full" / "keep").read_text() == "x"
     res = runner.invoke(cli, ["ask", "--triton", "127.0.0.1:1", "v.mp4"])
-    assert res.exit_code == 2 and "with --triton give VIDEO QUESTION" in res.stderr
+    assert res.exit_code == 2 and "with --triton give INPUT... QUESTION" in res.stderr
     res = runner.invoke(cli, ["ask", "--triton", "127.0.0.1:1", "v.mp4", "q", "--num-beams", "3"])
     assert res.exit_code == 2 and "--num-beams" in res.stderr
 
@@ -573,6 +589,31 @@ def test_cli_ask_triton_prints_what_a_local_ask_prints(served, tiny_export, samp
     assert as_json["text"] == local.stdout.strip() and len(as_json["ids"]) == 9
     res = runner.invoke(cli, ["ask", "--triton", f"127.0.0.1:{free_ports(1)[0]}", str(sample_video), "q"])
     assert res.exit_code == 1 and "no Triton server answers at" in res.stderr and "Traceback" not in res.output
+
+
+def test_images_are_answered_as_a_local_ask_answers_them(served, tiny_export, tmp_path):
+    """One image (anyres) and several images (one question about all of them) over Triton == `ask` on the export."""
+    from PIL import Image
+
+    from ppllava_edge.media import make_test_photo
+    from ppllava_edge.runtime.pipeline import Pipeline
+    from ppllava_edge.triton.client import ask_triton
+
+    photos = []
+    for i, (w, h) in enumerate([(200, 120), (90, 150), (100, 100)]):
+        photos.append(tmp_path / f"p{i}.png")
+        Image.fromarray(make_test_photo(w, h, seed=20 + i)).save(photos[-1])
+    pipe = Pipeline.from_export(tiny_export, provider="cpu")
+    for inputs in ([photos[0]], photos[:2], photos):
+        want = pipe.ask(inputs[0] if len(inputs) == 1 else inputs, QUESTIONS[1], generation=GenerationConfig(max_new_tokens=MAX_TOKENS))
+        got = ask_triton(served.url, list(inputs), QUESTIONS[1], timeout=120)
+        assert (got.ids, got.text, got.stats["visual_tokens"]) == (want.ids, want.text, want.visual_tokens), len(inputs)
+    with pytest.raises(InferenceError, match=r"Cannot open image <image input 1, 13 bytes>: the file is corrupt or not an image"):
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not a picture")
+        ask_triton(served.url, [photos[0], bad], QUESTIONS[1], timeout=120)
+    with pytest.raises(InferenceError, match=r"17 image\(s\) in one question"):
+        ask_triton(served.url, [photos[0]] * 17, QUESTIONS[1], timeout=120)
 
 
 def test_ctrl_c_stops_the_server_and_its_stubs(served):

@@ -143,11 +143,13 @@ def _piece(fmt: str, content: str | None) -> list[Segment]:
     return out
 
 
-def render(template: ConversationTemplate, messages: Sequence[Mapping], add_generation_prompt: bool = True, image: bool = True) -> list[Segment]:
+def render(template: ConversationTemplate, messages: Sequence[Mapping], add_generation_prompt: bool = True, image: int = 1) -> list[Segment]:
     """Segments of a conversation: [{'role': 'system'|'user'|'assistant', 'content': str}, ...], oldest first.
 
-    The image placeholder joins the first user message (`template.image`) unless `image` is False; the default system
-    message is added when the conversation has no system message; `add_generation_prompt` opens the answer.
+    `image` placeholders join the first user message (`template.image`'s text around the slot once per image, so
+    several images read "<image>\\n<image>\\n{content}" as the authors' `user_query` makes every `<image>` of a
+    multi-image question `<image>\\n`); 0 (or False): none. The default system message is added when the
+    conversation has no system message; `add_generation_prompt` opens the answer.
     """
     _check_messages(messages)
     segs: list[Segment] = [Segment("text", template.prelude)] if template.prelude else []
@@ -161,9 +163,9 @@ def render(template: ConversationTemplate, messages: Sequence[Mapping], add_gene
             img_before, _, img_after = template.image.partition(SLOT)
             before, _, after = fmt.partition(SLOT)
             parts = [Segment("text", before)] if before else []
-            parts += _image_segments(img_before)
+            parts += _image_segments(img_before) * int(image)
             parts.append(Segment("content", m["content"]))
-            parts += _image_segments(img_after)
+            parts += _image_segments(img_after) * int(image)
             if after:
                 parts.append(Segment("text", after))
             segs += parts

@@ -127,7 +127,7 @@ def strip_image(relevance: np.ndarray, pixel_values: np.ndarray | None = None, k
     draw.text((lay.margin, lay.margin), title[:160], fill=(0, 0, 0), font=font)
     heat = heat_rgb(relevance)
     frames = frame_pixels(pixel_values, spec) if pixel_values is not None else None
-    name = "tile" if kind == "image" else "frame"
+    name = {"image": "tile", "images": "image"}.get(kind, "frame")  # an image's tiles, several images, a video's frames
     for t in range(t_count):
         x = lay.column_x(t)
         draw.text((x, lay.margin + lay.title), f"{name} {t + 1}", fill=(60, 60, 60), font=font)

@@ -40,7 +40,7 @@ STATS = ("p50", "p90", "p99")
 class LoadTestOptions:
     url: str
     video: Path | None = None
-    image: Path | None = None  # ask about this image (an image_url part) instead of a video
+    image: tuple[Path, ...] = ()  # ask about this image (an image_url part) instead of a video; several: one part each
     synthetic: bool = False
     workdir: Path | None = None  # where the synthetic video goes (default: a temporary folder)
     concurrency: list[int] = field(default_factory=lambda: [1])
@@ -161,15 +161,17 @@ MIME = {".mp4": "video/mp4", ".mkv": "video/x-matroska", ".webm": "video/webm", 
         ".tiff": "image/tiff"}
 
 
-def _payloads(opts: LoadTestOptions, model: str, media: Path) -> list[bytes]:
-    kind = "image_url" if opts.image is not None else "video_url"
-    mime = MIME.get(media.suffix.lower(), "image/png" if opts.image is not None else "video/mp4")
-    url = f"data:{mime};base64," + base64.b64encode(media.read_bytes()).decode()
+def _payloads(opts: LoadTestOptions, model: str, media: Path | list[Path]) -> list[bytes]:
+    kind = "image_url" if opts.image else "video_url"
+    parts = []
+    for path in media if isinstance(media, list) else [media]:  # several --image: one image_url part each, in order
+        mime = MIME.get(path.suffix.lower(), "image/png" if opts.image else "video/mp4")
+        parts.append({"type": kind, kind: {"url": f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()}})
     out = []
     for q in QUESTIONS[: max(1, opts.questions)]:
         body = {
             "model": model, "max_tokens": opts.max_new_tokens, "temperature": 0, "ignore_eos": True, "stream": opts.stream,
-            "messages": [{"role": "user", "content": [{"type": kind, kind: {"url": url}}, {"type": "text", "text": q}]}],
+            "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": q}]}],
         }
         if opts.stream:
             body["stream_options"] = {"include_usage": True}
@@ -232,8 +234,9 @@ def run_loadtest(opts: LoadTestOptions, progress: ProgressFn | None = None) -> d
         model = opts.model or models["data"][0]["id"]
     finally:
         probe.close()
-    if opts.image is not None and not Path(opts.image).is_file():
-        raise InputError(f"--image {opts.image}: no such file")
+    for image in opts.image:
+        if not Path(image).is_file():
+            raise InputError(f"--image {image}: no such file")
     tmp: list = []
     try:
         video, video_info = _video(opts, [opts.frames or 8], tmp)  # the bench's rule: --image, --video or a synthetic clip

@@ -41,7 +41,7 @@ ProgressFn = Callable[[int, int, str], None]
 class BenchOptions:
     exports: list[Path]
     video: Path | None = None
-    image: Path | None = None  # bench an image instead of a video (its anyres tiles play the frames' part)
+    image: tuple[Path, ...] = ()  # bench an image instead of a video (its anyres tiles play the frames' part); several: one question about all
     synthetic: bool = False
     frames: list[int] | None = None  # None: DEFAULT_FRAMES within every export's range
     questions: int = 2
@@ -137,10 +137,10 @@ def _check_frames(manifest: ExportManifest, frames: list[int], what: str) -> Non
         )
 
 
-def _prompt_len(manifest: ExportManifest, questions: int) -> int:
-    """Longest prompt (text ids, image token excluded) of the first `questions` questions."""
+def _prompt_len(manifest: ExportManifest, questions: int, images: int = 1) -> int:
+    """Longest prompt (text ids, image tokens excluded) of the first `questions` questions with `images` image slots."""
     tok = manifest.llama_tokenizer()
-    return max(len(tok.prompt_ids(q)) - 1 for q in QUESTIONS[:questions])
+    return max(len(tok.prompt_ids(q, images=images)) - images for q in QUESTIONS[:questions])
 
 
 def plan(opts: BenchOptions) -> list[VariantSpec]:
@@ -154,7 +154,7 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
         raise InputError(f"--questions must be <= {len(QUESTIONS)}, got {opts.questions}")
     if opts.video is not None and opts.synthetic:
         raise InputError("give either --video FILE or --synthetic, not both")
-    if opts.image is not None and (opts.video is not None or opts.synthetic):
+    if opts.image and (opts.video is not None or opts.synthetic):
         raise InputError("give either --image FILE or a video (--video / --synthetic), not both")
     if opts.threads is not None and opts.threads < 1:
         raise InputError(f"--threads must be >= 1, got {opts.threads}")
@@ -186,7 +186,7 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
 
         resolve_provider(opts.provider)  # unknown / unavailable provider -> InferenceError
 
-    if opts.image is not None:
+    if opts.image:
         frames = _image_frames(opts, manifests, baselines)
     else:
         if opts.frames is None:
@@ -235,18 +235,22 @@ def plan(opts: BenchOptions) -> list[VariantSpec]:
 
 
 def _image_frames(opts: BenchOptions, manifests: list[ExportManifest], baselines: tuple[str, ...]) -> list[int]:
-    """--image: the image's tile count stands in for the frames (one entry per variant); checks the options."""
+    """--image: the image's tile count stands in for the frames (one entry per variant); several --image: their
+    number does. Checks the options."""
     from ..media import input_kind, read_image_size
 
     if opts.frames is not None:
         raise InputError("--frames is for videos; an image's tiles follow from its size and the export's image_grid_pinpoints")
     if baselines:
         raise InputError("--baseline nopool/avgpool are video baselines; drop --baseline with --image")
-    image = Path(opts.image)
-    if not image.is_file():
-        raise InputError(f"--image {image}: no such file")
-    if input_kind(image) != "image":
-        raise InputError(f"--image {image}: not an image file (by its extension)")
+    for image in map(Path, opts.image):
+        if not image.is_file():
+            raise InputError(f"--image {image}: no such file")
+        if input_kind(image) != "image":
+            raise InputError(f"--image {image}: not an image file (by its extension)")
+    if len(opts.image) > 1:
+        return [_images_count(opts, manifests)]
+    image = Path(opts.image[0])
     size = read_image_size(image)
     tiles = set()
     for m in manifests:
@@ -262,6 +266,24 @@ def _image_frames(opts: BenchOptions, manifests: list[ExportManifest], baselines
     if len(tiles) != 1:
         raise InputError(f"--image {image}: the exports cut it into different tile counts ({sorted(tiles)}); bench them separately")
     return [tiles.pop()]
+
+
+def _images_count(opts: BenchOptions, manifests: list[ExportManifest]) -> int:
+    """Several --image: one question about all of them (g*g visual tokens each); checks their number and the context."""
+    from ..media import check_num_images
+
+    n = len(opts.image)
+    for m in manifests:
+        check_num_images(n, m.frames[2])  # they go through the vision graph as one clip
+        m.image_layout(None)  # an export from before image tiles: a clear error
+        tokens = n * m.image_rules["pooled_grid"] ** 2
+        longest = _prompt_len(m, opts.questions, images=n) + tokens + opts.max_new_tokens
+        if longest > m.model["max_position_embeddings"]:
+            raise InputError(
+                f"{n} images ({tokens} visual tokens) + prompt + --max-new-tokens {opts.max_new_tokens} = {longest} positions exceed "
+                f"the LLM context of {m.model['max_position_embeddings']} ({m.folder}).\nHint: bench fewer images or fewer new tokens."
+            )
+    return n
 
 
 def headline_frames(frames: list[int]) -> int:

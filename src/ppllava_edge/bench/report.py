@@ -155,8 +155,10 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"- {_env_line(result)}")
     img = cfg.get("image")
-    unit = "tiles" if img else "frames"  # an image's anyres tiles stand in for the frames
-    if img:
+    unit = "images" if img and img.get("images") else "tiles" if img else "frames"  # what stands in for the frames
+    if img and img.get("images"):
+        src = f"{img['images']} images in one question ({img['path']}; {img['tokens']} visual tokens; 'video ms' = image decode)"
+    elif img:
         h, w = img["image_size"]
         src = (f"image {img['path']} ({w}x{h} px -> best resolution {img['best_resolution'][1]}x{img['best_resolution'][0]}, "
                f"{img['tiles']} tiles, {img['tokens']} visual tokens; 'video ms' = image decode)")
@@ -182,7 +184,7 @@ def markdown(result: dict) -> str:
         if c:
             lines.append(
                 f"- feature cache ({ref['name']}, {ref['frames']} {unit}): first question {c['first_ms']:.1f} ms, "
-                f"second question on the same {'image' if img else 'video'} {c['second_ms']:.1f} ms ({c['ratio']:.2f}×; vision {c['second_stages']['vision']:.1f} ms on a hit)"
+                f"second question on the same {'images' if unit == 'images' else 'image' if img else 'video'} {c['second_ms']:.1f} ms ({c['ratio']:.2f}×; vision {c['second_stages']['vision']:.1f} ms on a hit)"
             )
         parts = []
         if ref.get("vision_efficiency") is not None:

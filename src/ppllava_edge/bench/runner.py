@@ -184,11 +184,14 @@ def _environment(provider: str, threads: int | None) -> dict:
     return env
 
 
-def _video(opts: BenchOptions, frames: list[int], tmp: list) -> tuple[Path, dict]:
+def _video(opts: BenchOptions, frames: list[int], tmp: list) -> tuple[Path | list[Path], dict]:
+    """What every run answers about: --image (one path; several --image: the list), --video, or a synthetic clip."""
     from ..media import input_kind, write_test_video
 
-    if opts.image is not None:
-        return Path(opts.image), {"path": str(opts.image), "image": True, "bytes": Path(opts.image).stat().st_size}
+    if opts.image:
+        paths = [Path(p) for p in opts.image]
+        info = {"path": ", ".join(map(str, paths)), "image": True, "bytes": sum(p.stat().st_size for p in paths)}
+        return (paths[0], info) if len(paths) == 1 else (paths, {**info, "images": len(paths)})
     if opts.video is not None:
         video = Path(opts.video)
         if not video.is_file():
@@ -226,10 +229,12 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
 
     try:
         video, video_info = _video(opts, all_frames, tmp)
-        if opts.image is not None:  # what the image turns into: size, best resolution, tiles, visual tokens
+        if len(opts.image) == 1:  # what the image turns into: size, best resolution, tiles, visual tokens
             from ..media import read_image_size
 
             video_info.update(specs[0].manifest.image_layout(read_image_size(video)).as_dict())
+        elif opts.image:  # several images: g*g visual tokens each
+            video_info["tokens"] = len(opts.image) * specs[0].manifest.image_rules["pooled_grid"] ** 2
         provider = specs[0].backend
         if any(s.backend in ("ort", "trt") for s in specs):
             from ..runtime.session import resolve_provider
@@ -297,7 +302,7 @@ def run_bench(opts: BenchOptions, progress: ProgressFn | None = None) -> dict:
             sampler.stop()
         cold = None  # before the --synthetic video is removed
         ref = reference_entry(entries, head)
-        if opts.cold_start and ref and ref.get("kind") == "export" and ref.get("backend") == "ort" and opts.image is None:
+        if opts.cold_start and ref and ref.get("kind") == "export" and ref.get("backend") == "ort" and not opts.image:
             if progress is not None:
                 progress(done, total, f"{ref['name']}: cold start (a fresh `ask` process)")
             cold = cold_start(opts, ref, video)

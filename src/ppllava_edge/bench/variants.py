@@ -246,33 +246,38 @@ class TorchRunner(VariantRunner):
     def kv_allocated_bytes(self) -> int | None:
         return None  # DynamicCache grows with the context
 
-    def run(self, video: Path, question: str, frames: int) -> RunRecord:
-        """One answer on a video (`frames` frames) or an image (its anyres tiles; `frames` is their count)."""
+    def run(self, video: Path | list[Path], question: str, frames: int) -> RunRecord:
+        """One answer on a video (`frames` frames), an image (its anyres tiles; `frames` is their count) or several
+        images (a list: one question about all of them, `frames` is their number)."""
         from ..media import input_kind
-        from ..runtime.stages import read_frames, read_image_tiles
+        from ..runtime.stages import read_frames, read_image_tiles, read_images
 
         torch, model = self.torch, self.model
         proj, lm, cfg = model.multi_modal_projector, model.language_model, model.cfg
-        image = input_kind(video) == "image"
+        slots = len(video) if isinstance(video, list) else 1
+        image = slots == 1 and input_kind(video) == "image"
         s: dict[str, float] = {}
         steps: list[float] = []
         start = time.perf_counter()
-        clip_ids, input_ids = self.ref.tokenize(question)
+        clip_ids, clip_mask = self.ref.relevance.encode(question)  # SigLIP's padding mask (None for CLIP)
+        input_ids = self.ref.prompt_ids(question, images=slots)
         spec = cfg.preprocess
-        read = read_image_tiles(video, cfg.vision.image_size, cfg.image_grid_pinpoints, spec) if image else read_frames(video, frames, cfg.vision.image_size, spec)
+        if slots > 1:
+            read = read_images(video, cfg.vision.image_size, spec)
+        else:
+            read = read_image_tiles(video, cfg.vision.image_size, cfg.image_grid_pinpoints, spec) if image else read_frames(video, frames, cfg.vision.image_size, spec)
         px, shown = read.pixel_values, read.shown
         t2 = time.perf_counter()
         with torch.inference_mode():
-            feats = model.encode_tiles(torch.from_numpy(px)) if image else model.encode_video(torch.from_numpy(px))
+            feats = model.encode_tiles(torch.from_numpy(px)) if image else model.encode_video(torch.from_numpy(px))  # several images: one clip
             keys, values = proj.keys(feats), proj.values(feats)
             t3 = time.perf_counter()
-            _, clip_mask = self.ref.relevance.encode(question)  # SigLIP's padding mask (None for CLIP)
             mask = {} if clip_mask is None else {"clip_mask": torch.from_numpy(clip_mask)[None]}
-            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image, **mask)
+            _g, tokens = proj.pool(keys, values, torch.from_numpy(clip_ids)[None], image=image or slots > 1, **mask)
             if image:
                 tokens = model.assemble_image(tokens, model.image_layout(px.shape[0], shown))
             t4 = time.perf_counter()
-            embeds = model.embed_prompt(torch.from_numpy(input_ids), tokens)  # [1, L, D]
+            embeds = model.embed_prompt(torch.from_numpy(input_ids), tokens, slots)  # [1, L, D]
             t5 = time.perf_counter()
             out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())

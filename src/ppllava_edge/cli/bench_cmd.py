@@ -60,7 +60,8 @@ class _Progress:
 @click.option("--api-key", default=None, envvar="PPLLAVA_API_KEY", help="With --server: bearer key (also $PPLLAVA_API_KEY).")
 @click.option("--video", type=click.Path(path_type=Path), default=None, help="Video to sample frames from (the same for every variant).")
 @click.option("--synthetic", is_flag=True, help="Use a generated 640x360 clip (the default when --video is not given).")
-@click.option("--image", type=click.Path(path_type=Path), default=None, help="Bench an image instead of a video (anyres tiles; reports its tiles and visual tokens).")
+@click.option("--image", multiple=True, type=click.Path(path_type=Path),
+              help="Bench an image instead of a video (anyres tiles; reports its tiles and visual tokens); repeat it for one question about several images.")
 @click.option("--frames", "frames", default=None, metavar="LIST", help="Even frame counts, e.g. 8,16,32,64 (default: those of 8,16,32,64 every export supports).")
 @click.option("--questions", type=int, default=2, show_default=True, help="Questions per iteration on the same video; questions 2.. hit the feature cache.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens every run generates (EOS ignored).")
@@ -82,7 +83,8 @@ class _Progress:
 def bench_command(ctx, exports, server_url, concurrency, num_requests, stream, api_key, video, synthetic, image, frames, questions, max_new_tokens,
                   warmup, iterations, provider, threads, backends, baselines, engines, json_path, csv_path, plot_path, output, cold_start, no_hardware, quiet):
     """Benchmark EXPORT folders (and the PyTorch reference and the no-pooling baselines) on one video (or, with
-    --image, one image: its anyres tiles stand in for the frames): per-stage
+    --image, one image: its anyres tiles stand in for the frames; several --image: one question about all of them, the
+    images stand in for the frames): per-stage
     latency (min/mean/p50/p90/p95/p99/stddev), tokens/s, memory, feature-cache gain, distance to the hardware limit.
 
     With --server URL: load-test a running `ppllava-edge serve` (requests/s, TTFT and end-to-end p50/p90/p99,
@@ -105,7 +107,7 @@ def bench_command(ctx, exports, server_url, concurrency, num_requests, stream, a
     backend_list = parse_choices(backends, BACKENDS, "backend") if backends is not None else (("ort", "trt") if engines else ("ort",))
     baseline_list = parse_choices(baselines, BASELINES, "baseline") if baselines is not None else ()
     opts = BenchOptions(
-        exports=list(exports), video=video, synthetic=synthetic, image=image, frames=frames, questions=questions, max_new_tokens=max_new_tokens,
+        exports=list(exports), video=video, synthetic=synthetic, image=tuple(image), frames=frames, questions=questions, max_new_tokens=max_new_tokens,
         warmup=warmup, iterations=iterations, provider=provider, backends=backend_list, baselines=baseline_list, threads=threads,
         engines=tuple(engines), hardware=not no_hardware, cold_start=cold_start, raise_errors=bool(ctx.obj and ctx.obj.get("debug")),
         command=("ppllava-edge " + shlex.join(sys.argv[1:])) if "bench" in sys.argv[1:] else None,
@@ -159,7 +161,7 @@ def _loadtest(ctx, url, concurrency, num_requests, stream, api_key, video, image
         if len(frame_list) != 1:
             raise InputError("--frames: a load test uses one frame count")
     opts = loadtest.LoadTestOptions(
-        url=url, video=video, image=image, synthetic=synthetic, concurrency=levels, requests=num_requests, warmup=warmup, stream=stream,
+        url=url, video=video, image=tuple(image), synthetic=synthetic, concurrency=levels, requests=num_requests, warmup=warmup, stream=stream,
         max_new_tokens=max_new_tokens, frames=frame_list[0] if frame_list else None, questions=questions,
         api_key=api_key, command=("ppllava-edge " + shlex.join(sys.argv[1:])) if "bench" in sys.argv[1:] else None,
     )

@@ -82,23 +82,27 @@ def check_activations_cmd(checkpoint: Path, dtype: str, num_frames: int, num_tok
 
 @cli.command("generate")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_paths", metavar="INPUT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("question")
 @frames_option()
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--num-beams", type=int, default=1, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="Compute dtype of the PyTorch reference.")
 @click.option("--dump", type=click.Path(path_type=Path), default=None, help="Write the intermediate arrays as .npy into this folder.")
-def generate_cmd(checkpoint: Path, input_path: Path, question: str, num_frames: int, max_new_tokens: int, num_beams: int, dtype: str, dump: Path | None) -> None:
-    """Greedy answer from the PyTorch reference model. INPUT: a video, an image, or a .npy of preprocessed frames [T,3,H,W]."""
+def generate_cmd(checkpoint: Path, input_paths: tuple[Path, ...], question: str, num_frames: int, max_new_tokens: int, num_beams: int, dtype: str,
+                 dump: Path | None) -> None:
+    """Greedy answer from the PyTorch reference model. INPUT: a video, an image, or a .npy of preprocessed frames
+    [T,3,H,W]; or several images (one question about all of them, each at its own <image> slot)."""
     from .._deps import require
+    from ..media import check_image_paths
 
+    check_image_paths(input_paths)  # a video among several inputs: refused before the model loads
     require("torch", "export", "generate (the PyTorch reference)")
     require("transformers", "export", "generate (the PyTorch reference)")
     from ..model.generate import ReferenceModel
 
     ref = ReferenceModel(checkpoint, dtype=dtype)
-    ans = ref.answer(input_path, question, num_frames=num_frames, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    ans = ref.answer(input_paths, question, num_frames=num_frames, max_new_tokens=max_new_tokens, num_beams=num_beams)
     if dump is not None:
         from ..dump import write_dump
 

@@ -41,7 +41,7 @@ def _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_b
 
 
 @cli.command("ask")
-@click.argument("args", nargs=-1, required=True, metavar="EXPORT INPUT QUESTION")
+@click.argument("args", nargs=-1, required=True, metavar="EXPORT INPUT... QUESTION")
 @frames_option()
 @generation_options
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
@@ -50,25 +50,30 @@ def _config(pipe, max_new_tokens, temperature, top_k, top_p, sample, seed, num_b
 @click.option("--relevance-png", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write what the question looked at as a PNG: the pooling's relevance over each sampled frame (each image tile).")
 @click.option("--triton", "triton_url", default=None, metavar="HOST:PORT",
-              help="Ask the `ppllava` model of a Triton server (its gRPC address) instead; then give only VIDEO QUESTION.")
+              help="Ask the `ppllava` model of a Triton server (its gRPC address) instead; then give only INPUT... QUESTION.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --triton: seconds to wait for the answer.")
 @click.pass_context
 def ask_command(ctx, args, num_frames, max_new_tokens, temperature, top_k, top_p, sample, seed, num_beams, provider, backend, engines, threads, cache_dir, stream, as_json, dump, relevance_png, triton_url, timeout):
     """Answer QUESTION about INPUT (video, image or .npy of preprocessed frames) with the torch-free runtime.
+    Several INPUT images: one question about all of them (the authors' multi-image path, one <image> slot each).
 
-    With --triton HOST:PORT (`ask --triton URL VIDEO QUESTION`) a Triton server running `ppllava-edge triton-repo`'s
+    With --triton HOST:PORT (`ask --triton URL INPUT... QUESTION`) a Triton server running `ppllava-edge triton-repo`'s
     model answers instead, streamed over gRPC; the output is the same.
     """
     if triton_url is not None:
-        if len(args) != 2:
-            raise click.UsageError("with --triton give VIDEO QUESTION (the export is on the server)")
+        if len(args) < 2:
+            raise click.UsageError("with --triton give INPUT... QUESTION (the export is on the server)")
         unused = [f"--{name.replace('_', '-')}" for name in TRITON_UNUSED if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if unused:
             raise click.UsageError(f"{', '.join(unused)} do(es) not apply with --triton (the server's repository decides)")
-        return _ask_triton(triton_url, Path(args[0]), args[1], num_frames, max_new_tokens, temperature if sample else None, seed if sample else None, stream, as_json, timeout)
-    if len(args) != 3:
-        raise click.UsageError("give EXPORT INPUT QUESTION (or --triton HOST:PORT VIDEO QUESTION)")
-    export_dir, input_path, question = Path(args[0]), Path(args[1]), args[2]
+        return _ask_triton(triton_url, [Path(a) for a in args[:-1]], args[-1], num_frames, max_new_tokens, temperature if sample else None, seed if sample else None, stream, as_json, timeout)
+    if len(args) < 3:
+        raise click.UsageError("give EXPORT INPUT... QUESTION (or --triton HOST:PORT INPUT... QUESTION)")
+    from ..media import check_image_paths
+
+    export_dir, question = Path(args[0]), args[-1]
+    input_path = check_image_paths(args[1:-1])  # several inputs: images only, refused before the export opens
+    input_path = input_path[0] if len(input_path) == 1 else input_path
     if relevance_png is not None and not relevance_png.parent.is_dir():
         raise InputError(f"--relevance-png {relevance_png}: no such folder {relevance_png.parent}")
     from ..runtime.pipeline import Pipeline, PipelineOptions
@@ -94,7 +99,8 @@ def _ask_local(pipe, input_path, question, load_ms, num_frames, max_new_tokens, 
         from ..relevance import relevance_kind, write_relevance_png
 
         rel = result.arrays["relevance"]
-        write_relevance_png(relevance_png, rel, result.arrays["pixel_values"], relevance_kind(input_path, rel), f"relevance to: {question}", pipe.manifest.preprocess)
+        kind = "images" if isinstance(input_path, list) else relevance_kind(input_path, rel)
+        write_relevance_png(relevance_png, rel, result.arrays["pixel_values"], kind, f"relevance to: {question}", pipe.manifest.preprocess)
         err_console.print(f"relevance map ({'x'.join(map(str, rel.shape))}) written to {relevance_png}")
     if dump is not None:
         from ..dump import write_dump

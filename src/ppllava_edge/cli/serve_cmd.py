@@ -25,6 +25,8 @@ from .app import cli
 @click.option("--media-dir", "media_dirs", multiple=True, type=click.Path(path_type=Path), help="Folder whose files requests may name (file:// or a path); repeatable. Without it, no path access at all.")
 @click.option("--api-key", default=None, envvar="PPLLAVA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (also read from $PPLLAVA_API_KEY).")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True, help="Largest inline (base64) upload, decoded size.")
+@click.option("--max-images", type=click.IntRange(1, 32), default=8, show_default=True,
+              help="image_url parts one request may hold (several images: one question about all of them; at most 32, and the export's frame range).")
 @click.option("--frames", "num_frames", type=int, default=8, show_default=True, help="Frames sampled from a video when a request does not say ('frames' field).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=8, show_default=True, help="Requests that may wait for a worker; more get 503 with Retry-After.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Requests answered at once (one KV-cache decoder each; see README for the measured trade-off).")
@@ -38,7 +40,7 @@ from .app import cli
 @click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True, help="Seconds a client has to send a whole request body (408 after).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 @click.pass_context
-def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_mb, num_frames, max_queue, workers, decoders, cache_dir, max_tokens, model_name, provider, threads, read_timeout, body_timeout, access_log):
+def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_mb, max_images, num_frames, max_queue, workers, decoders, cache_dir, max_tokens, model_name, provider, threads, read_timeout, body_timeout, access_log):
     """Serve EXPORT over HTTP with the OpenAI chat-completions API (video_url / image_url content parts)."""
     from ..errors import InputError
     from ..manifest import load_manifest
@@ -58,7 +60,7 @@ def serve_command(ctx, export_dir, host, port, media_dirs, api_key, max_upload_m
         err_console.print(f"warning: --host {host} without --api-key: anyone who can reach this address can use the model")
     opts = ServeOptions(
         export=Path(export_dir), host=host, port=port, media_dirs=tuple(Path(os.path.abspath(d)) for d in media_dirs), api_key=api_key,
-        max_upload_mb=max_upload_mb, frames=num_frames, max_queue=max_queue, workers=workers, decoders=decoders, cache_dir=cache_dir, provider=provider,
+        max_upload_mb=max_upload_mb, max_images=max_images, frames=num_frames, max_queue=max_queue, workers=workers, decoders=decoders, cache_dir=cache_dir, provider=provider,
         threads=threads, model_name=model_name, max_tokens=max_tokens, read_timeout=read_timeout, body_timeout=body_timeout,
     )
     verbose = bool(ctx.obj and ctx.obj.get("verbose"))

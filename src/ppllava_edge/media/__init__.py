@@ -20,7 +20,7 @@ tiles of transformers 4.45.2's `LlavaNextImageProcessor`, the authors' pinned ve
 
 from __future__ import annotations
 
-from .image import IMAGE_DECODE_PIXELS, ImageTiles, load_image_tiles, preprocess_image, read_image, read_image_size
+from .image import IMAGE_DECODE_PIXELS, MAX_IMAGES, ImageTiles, check_image_paths, check_num_images, images_as_frames, load_image_tiles, preprocess_image, read_image, read_image_size, read_images
 from .preprocess import (
     IMAGE_EXTENSIONS,
     MediaInfo,
@@ -51,6 +51,7 @@ __all__ = [
     "CLIP_STD",
     "IMAGE_DECODE_PIXELS",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGES",
     "SEEK_COST_FRAMES",
     "SEEK_MIN_GAIN",
     "SEQUENTIAL_MAX_FRAMES",
@@ -65,6 +66,9 @@ __all__ = [
     "MediaKind",
     "PreprocessSpec",
     "VideoFrames",
+    "check_image_paths",
+    "check_num_images",
+    "images_as_frames",
     "input_kind",
     "load_image",
     "load_image_tiles",
@@ -78,6 +82,7 @@ __all__ = [
     "read_frame_marker",
     "read_image",
     "read_image_size",
+    "read_images",
     "read_npy_shape",
     "segment_centre_indices",
     "spec_named",

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError, VideoError
 from .anyres import Size, select_best_resolution
-from .preprocess import fit_on_black, normalize_u8
+from .preprocess import fit_on_black, input_kind, normalize_u8, preprocess_frames
 from .spec import CLIP, PreprocessSpec
 from .video import _file_size
 
@@ -178,3 +179,52 @@ def load_image_tiles(path: str | os.PathLike[str], tile: int, pinpoints, max_pix
     """
     img, shown = read_image(path, max_pixels)
     return preprocess_image(img, tile, pinpoints, image_size=shown, spec=spec)
+
+
+def read_images(paths: Sequence[str | os.PathLike[str]], max_pixels: int = IMAGE_DECODE_PIXELS) -> list[np.ndarray]:
+    """Several images of one question, each decoded upright in RGB (`read_image`): uint8 [H, W, 3] each.
+
+    Raises:
+        VideoError: an image cannot be read (the message names the file).
+    """
+    return [np.asarray(read_image(p, max_pixels)[0]) for p in paths]
+
+
+def images_as_frames(images: Sequence[np.ndarray], image_size: int, spec: PreprocessSpec = CLIP) -> np.ndarray:
+    """The authors' multi-image preprocessing: each image (any size) goes through the family's video processor as a
+    video frame (`preprocess_frames` with `spec`: their rawframe reader feeds `LlavaNextVidProcessor` for CLIP,
+    `LlavaOnevisionVidProcessor` for SigLIP), in the order given: float32 [N, 3, S, S]. No anyres tiles."""
+    return np.concatenate([preprocess_frames(img[None], image_size, spec) for img in images])
+
+
+MAX_IMAGES = 32
+"""Most images in one question: the authors' multi-image reader (`read_frames_rawframes`, num_frames -1) takes at most
+32 and samples that many from a longer list, which would leave `<image>` slots without an image."""
+
+
+def check_num_images(num_images: int, max_frames: int) -> None:
+    """Several images in one question: 2 <= N <= min(MAX_IMAGES, max_T) (they go through the tower as a video's frames,
+    so the BT-Adapter time table bounds them too; one image takes the anyres image path)."""
+    most = min(MAX_IMAGES, max_frames)
+    if not 2 <= num_images <= most:
+        raise InputError(
+            f"{num_images} image(s) in one question: a multi-image question takes 2 to {most} images "
+            "(the authors' multi-image reader takes at most 32, and they go through the vision tower as frames).\n"
+            "Hint: one image takes the anyres image path; ask about fewer images at a time."
+        )
+
+
+def check_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """The inputs of one question: one file of any kind, or several images. The authors' multi-image path reads images
+    only (one media type per question: `media_type` "multi-image" goes through their rawframe image reader), so a
+    video or a .npy among several inputs is refused."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("no input: give a video, an image or a .npy, or several images.")
+    others = [str(p) for p in paths if input_kind(p) != "image"]
+    if len(paths) > 1 and others:
+        raise InputError(
+            f"several inputs must all be images; {', '.join(others)} is not (a video or a .npy goes alone).\n"
+            "Hint: the authors' model takes one video, or one or more images, per question."
+        )
+    return paths

@@ -12,6 +12,7 @@ from torch import nn
 from ..config import QWEN_SIGLIP, PPLLaVAConfig
 from ..errors import InputError
 from ..media.anyres import ImageLayout
+from ..media.image import check_num_images
 from .clip import CLIPTextTransformer, CLIPVisionTower, l2_normalize
 from .pooling import pool_windows, relevance
 from .projector import ProjectorMLP
@@ -178,15 +179,19 @@ class PPLLaVAForConditionalGeneration(nn.Module):
 
     def visual_tokens(
         self, pixel_values: torch.Tensor, clip_ids: torch.Tensor, image: bool = False, image_size: tuple[int, int] | None = None,
-        clip_mask: torch.Tensor | None = None,
+        multi_image: bool = False, clip_mask: torch.Tensor | None = None,
     ) -> VisualOutput:
         """Video: 2 <= T <= max_T frames, kernel (2,3,3). Image: anyres tiles (base first) of an image of
         `image_size` (H, W), each tile through the tower with T = 1, one relevance softmax over all tiles, kernel
-        (1,3,3), then the anyres assembly with `image_newline`. `clip_mask` [1, L]: the SigLIP tokenizer's padding
-        mask (qwen-siglip; CLIP's causal text tower needs none)."""
+        (1,3,3), then the anyres assembly with `image_newline`. `multi_image`: N images, each squashed to S x S like a
+        video frame, through the tower as one video of T = N frames, one relevance softmax over all of them, kernel
+        (1,3,3), no newline: g*g tokens per image, in order (the authors' `encode_video(..., multi_image=True)`).
+        `clip_mask` [1, L]: the SigLIP tokenizer's padding mask (qwen-siglip; CLIP's causal text tower needs none)."""
         num_frames = pixel_values.shape[0]
         layout = self.image_layout(num_frames, image_size) if image else None
-        if not image:
+        if multi_image:
+            check_num_images(num_frames, self.cfg.max_frames)
+        elif not image:
             check_num_frames(num_frames, self.cfg.max_frames)
         size = self.cfg.vision.image_size
         if tuple(pixel_values.shape[1:]) != (self.cfg.vision.num_channels, size, size):
@@ -197,22 +202,30 @@ class PPLLaVAForConditionalGeneration(nn.Module):
         features = self.encode_tiles(pixel_values.to(dtype)) if image else self.encode_video(pixel_values.to(dtype))
         proj = self.multi_modal_projector
         keys, values = proj.keys(features), proj.values(features)
-        g, tokens = proj.pool(keys, values, clip_ids, image=image, **({"clip_mask": clip_mask} if self.cfg.family == QWEN_SIGLIP else {}))
+        mask = {"clip_mask": clip_mask} if self.cfg.family == QWEN_SIGLIP else {}
+        g, tokens = proj.pool(keys, values, clip_ids, image=image or multi_image, **mask)
         if layout is not None:
             tokens = self.assemble_image(tokens, layout)
         return VisualOutput(features=features, relevance=g, visual_tokens=tokens, layout=layout)
 
     # ---- LLM side ----------------------------------------------------------------------------
-    def embed_prompt(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with the single image token replaced by the visual tokens: [1, L - 1 + N, D]."""
+    def embed_prompt(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, slots: int = 1) -> torch.Tensor:
+        """Text embeddings with the image tokens replaced by the visual tokens: [1, L - slots + N, D]. The prompt must
+        hold `slots` image tokens; each takes the next N / slots rows, in order (the authors'
+        `_merge_input_ids_with_image_features`: every image token of a row takes as many rows as each image has)."""
         ids = input_ids.reshape(-1)
-        where = (ids == self.cfg.image_token_index).nonzero().flatten()
-        if where.numel() != 1:
-            raise InputError(f"the prompt must hold exactly one image token ({self.cfg.image_token_index}); found {where.numel()}")
-        i = int(where[0])
+        where = [int(i) for i in (ids == self.cfg.image_token_index).nonzero().flatten()]
+        if len(where) != slots or visual_tokens.shape[0] % slots:
+            raise InputError(f"the prompt must hold {slots} image token(s) ({self.cfg.image_token_index}) for "
+                             f"{visual_tokens.shape[0]} visual tokens; found {len(where)}")
         emb = self.language_model.get_input_embeddings()
-        before, after = emb(ids[:i]), emb(ids[i + 1 :])
-        return torch.cat((before, visual_tokens.to(before.dtype), after), dim=0)[None]
+        per_slot = visual_tokens.shape[0] // slots
+        parts, start = [], 0
+        for k, i in enumerate(where):
+            parts += [emb(ids[start:i]), visual_tokens[k * per_slot : (k + 1) * per_slot].to(emb.weight.dtype)]
+            start = i + 1
+        parts.append(emb(ids[start:]))
+        return torch.cat(parts, dim=0)[None]
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> list[int]:

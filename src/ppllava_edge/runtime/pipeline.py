@@ -30,13 +30,13 @@ from ..media.anyres import ImageLayout, assemble_tokens
 from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
 from ..integrity import check_files
 from ..manifest import ExportManifest, graph_files, load_manifest
-from ..media import input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
+from ..media import check_image_paths, check_num_images, input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
 from ..tokenization import SiglipTextTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import graph_dtype, open_decoder
 from .generation import GenerationConfig, generate
 from .session import create_session, resolve_provider
-from .stages import encode, encode_tiles, pool, read_frames, read_image_tiles, splice
+from .stages import Frames, encode, encode_tiles, pool, read_frames, read_image_tiles, read_images, splice
 
 # stands for the input file's path in cached warnings (memory and .npz), so each request sees its own file named
 _CACHED_INPUT = "\x1finput\x1f"
@@ -196,6 +196,14 @@ def _open_graph(manifest: ExportManifest, path: Path, *args, **kwargs):
     InferenceError naming it, raised where a graph that does not load raises)."""
     check_files(manifest, graph_files(path), InferenceError)
     return create_session(path, *args, **kwargs)
+
+
+def _check_file(path: Path) -> None:
+    """A missing input or a folder: a VideoError naming it."""
+    if not path.is_file():
+        from ..errors import VideoError
+
+        raise VideoError(f"{path}: " + ("a folder, not a video, image or .npy file." if path.is_dir() else "no such file."))
 
 
 def _load_table(path: Path, mmap: bool = False) -> np.ndarray:
@@ -465,10 +473,7 @@ class Pipeline:
         kind = input_kind(path)
         if kind == "video":
             self._check_frames(num_frames)
-        if not path.is_file():
-            from ..errors import VideoError
-
-            raise VideoError(f"{path}: " + ("a folder, not a video, image or .npy file." if path.is_dir() else "no such file."))
+        _check_file(path)
         if kind == "image":
             return self.image_features(path, t, need_pixels)
         frames_key = num_frames if kind == "video" else 1
@@ -505,24 +510,46 @@ class Pipeline:
         r = self.image_spec
         path = Path(path)
         key = content_key(file_digest(path), "anyres-image", self.export_id)
-        with self._key_lock(key):  # as for videos: concurrent first questions on one image run the tiles once
+        values, keys, px = self._cached_features(key, lambda: read_image_tiles(path, r["tile_size"], r["grid_pinpoints"], self.manifest.preprocess),
+                                                 lambda px: encode_tiles(self.sessions["vision"], px), t, need_pixels)
+        return values, keys, VideoInput(key, "image", px)
+
+    def images_features(self, paths: Sequence[str | Path], t: Timings, need_pixels: bool = False) -> tuple[np.ndarray, np.ndarray, VideoInput]:
+        """(values, keys) of several images of one question (the authors' multi-image path): each preprocessed as a
+        video frame by the export's spec, all through the vision graph as one clip (T = N: the BT-Adapter's temporal attention sees them
+        together, so the features belong to the ordered set, not to each image); cached by the files' contents in
+        order."""
+        self.manifest.image_layout(None)  # an export from before image tiles has no image_pool: a clear error
+        paths = [Path(p) for p in paths]
+        for p in paths:
+            _check_file(p)
+        key = content_key(*(file_digest(p) for p in paths), "multi-image", self.export_id)
+        values, keys, px = self._cached_features(key, lambda: read_images(paths, self.manifest.model["image_size"], self.manifest.preprocess),
+                                                 lambda px: encode(self.sessions["vision"], px), t, need_pixels)
+        return values, keys, VideoInput(key, "images", px)
+
+    def _cached_features(self, key: str, read: Callable[[], Frames], run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                         t: Timings, need_pixels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(values, keys, pixels or None) from the feature cache, or `read()` then `run(pixels)` once per key at a time
+        (concurrent first questions on one image or image set run the vision graph once; the others hit)."""
+        with self._key_lock(key):
             hit = self.cache.get(key)
             px = None
             if hit is None or need_pixels:
-                tiles = read_image_tiles(path, r["tile_size"], r["grid_pinpoints"], self.manifest.preprocess)
-                px = tiles.pixel_values
-                t.decode_video, t.preprocess = tiles.decode_ms, tiles.preprocess_ms
+                frames = read()
+                px = frames.pixel_values
+                t.decode_video, t.preprocess = frames.decode_ms, frames.preprocess_ms
             if hit is not None:
                 t.cache_hit = True
                 values, keys = hit
             else:
                 t0 = time.perf_counter()
-                values, keys = encode_tiles(self.sessions["vision"], px)
+                values, keys = run(px)
                 t.vision = (time.perf_counter() - t0) * 1e3
                 with self._pool:
                     self.vision_runs += 1
                 self.cache.put(key, values, keys)
-        return values, keys, VideoInput(key, "image", px)
+        return values, keys, px
 
     # ---- answer -----------------------------------------------------------------------------
     def relevance_query(self, question: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -535,7 +562,7 @@ class Pipeline:
 
     def ask(
         self,
-        path: str | Path,
+        path: str | Path | Sequence[str | Path],
         question: str,
         num_frames: int = 8,
         generation: GenerationConfig | None = None,
@@ -544,7 +571,8 @@ class Pipeline:
         history: Sequence[tuple[str, str]] = (),
         system: str | None = None,
     ) -> AskResult:
-        """Answer `question` about the video / image / .npy at `path`. Thread-safe.
+        """Answer `question` about the video / image / .npy at `path`, or about several images (a list of paths: the
+        authors' multi-image path, one `<image>` slot per image, `images_features`). Thread-safe.
 
         `history` holds earlier (user, assistant) turns and `system` a system prompt, rendered with the checkpoint's
         conversation template (`LlamaPromptTokenizer.chat_prompt_ids`); the relevance query (CLIP text) is
@@ -554,23 +582,18 @@ class Pipeline:
         gen = generation or self.generation_config()
         t = Timings()
         start = time.perf_counter()
+        paths = [Path(path)] if isinstance(path, (str, Path)) else check_image_paths(path)
+        slots = len(paths)
+        if slots > 1:
+            check_num_images(slots, self.frame_range()[1])
         if history or system:
-            prompt = self.llama.chat_prompt_ids(question, history, system)
+            prompt = self.llama.chat_prompt_ids(question, history, system, images=slots)
         else:
-            prompt = self.llama.prompt_ids(question)
+            prompt = self.llama.prompt_ids(question, images=slots)
         input_ids = np.asarray(prompt, dtype=np.int64)
         clip_ids, clip_mask = self.relevance_query(question)
-        kind = input_kind(Path(path))
-        layout = self.image_layout(path) if kind == "image" else None
-        frames = num_frames
-        if kind == "npy":  # the file brings its own frame count: read from its header, before any compute
-            frames = read_npy_shape(path, self.manifest.model["image_size"])[0]
-            if frames == 1:
-                layout = self.image_layout(None)
-            else:
-                self._check_npy_frames(Path(path), frames)
-        n_vis = layout.num_tokens if layout is not None else self.manifest.visual_tokens(frames)
-        context = len(input_ids) - 1 + n_vis
+        n_vis, layout = self._visual_count(paths, num_frames)
+        context = len(input_ids) - slots + n_vis
         limit = self.manifest.model["max_position_embeddings"]
         if context + gen.max_new_tokens - 1 > limit:  # the last new token is never fed back
             raise ContextLengthError(
@@ -579,15 +602,18 @@ class Pipeline:
                 "Hint: use fewer frames, a shorter question or fewer new tokens.",
                 prompt_too_long=context > limit,
             )
-        values, keys, vin = self.features(path, num_frames, t, need_pixels=keep_arrays)
-        graph = "image_pool" if vin.kind == "image" else "prompt_pool"
+        if slots > 1:
+            values, keys, vin = self.images_features(paths, t, need_pixels=keep_arrays)
+        else:
+            values, keys, vin = self.features(paths[0], num_frames, t, need_pixels=keep_arrays)
+        graph = "prompt_pool" if vin.kind == "video" else "image_pool"
         t0 = time.perf_counter()
         tokens, relevance = pool(self.sessions[graph], clip_ids, keys, values, clip_mask)
         if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
             tokens = assemble_tokens(np.asarray(tokens), self.image_newline, layout or self.image_layout(None))
         t.pool = (time.perf_counter() - t0) * 1e3
         del values, keys  # the feature cache keeps its own reference if it holds them; prefill does not need them
-        embeds = self.embed_prompt(input_ids, tokens)
+        embeds = self.embed_prompt(input_ids, tokens, slots)
         with self._borrow_decoder() as decoder:
             out = generate(decoder, self.embed, embeds, gen, on_token=on_token)
         t.prefill, t.decode_steps = out.prefill_ms, list(out.step_ms)
@@ -608,6 +634,24 @@ class Pipeline:
             warnings=list(vin.warnings), stopped=out.stopped,
         )
 
+    def _visual_count(self, paths: list[Path], num_frames: int) -> tuple[int, ImageLayout | None]:
+        """(visual tokens, image layout or None) of a question's inputs, from file headers before any compute: a
+        video's pooled frames, an image's anyres layout, a .npy's rows, or g*g per image of several images."""
+        if len(paths) > 1:
+            self.manifest.image_layout(None)  # an export from before image tiles: a clear error
+            return len(paths) * self.image_spec["pooled_grid"] ** 2, None
+        path = paths[0]
+        kind = input_kind(path)
+        layout = self.image_layout(path) if kind == "image" else None
+        frames = num_frames
+        if kind == "npy":  # the file brings its own frame count: read from its header, before any compute
+            frames = read_npy_shape(path, self.manifest.model["image_size"])[0]
+            if frames == 1:
+                layout = self.image_layout(None)
+            else:
+                self._check_npy_frames(path, frames)
+        return (layout.num_tokens if layout is not None else self.manifest.visual_tokens(frames)), layout
+
     def generation_config(self, **options) -> GenerationConfig:
         """GenerationConfig with this export's EOS id (options as GenerationConfig's)."""
         return GenerationConfig(**{"eos_token_id": self.eos_token_id, **options})
@@ -616,6 +660,6 @@ class Pipeline:
         """[B] ids -> [B, 1, D] embeddings (a gather on the exported table)."""
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=self.dtype)[:, None, :]
 
-    def embed_prompt(self, input_ids: np.ndarray, visual_tokens: np.ndarray) -> np.ndarray:
-        """[L-1+N, D]: text embeddings with the single image token replaced by the visual tokens."""
-        return splice(self.embed_table, input_ids, visual_tokens, self.manifest.image_token_id, self.dtype)
+    def embed_prompt(self, input_ids: np.ndarray, visual_tokens: np.ndarray, slots: int = 1) -> np.ndarray:
+        """[L-slots+N, D]: text embeddings with the `slots` image tokens replaced by the visual tokens (`splice`)."""
+        return splice(self.embed_table, input_ids, visual_tokens, self.manifest.image_token_id, self.dtype, slots)

@@ -1,6 +1,7 @@
 """The route video → answer as free functions, one place each (torch-free; gpt-fast's generate.py shape):
 
     frames = read_frames(path, num_frames, image_size, spec)   # decode_video + preprocess (the family's spec) -> pixel_values
+                                                               # (read_image_tiles: an image; read_images: several)
     values, keys = encode(sessions["vision"], frames.pixel_values)     # vision
     tokens, relevance = pool(sessions["prompt_pool"], clip_ids, keys, values, clip_mask)   # pool -> visual_tokens, relevance
     embeds = splice(embed_table, input_ids, tokens, image_token_id, dtype)      # the prompt with the visual tokens
@@ -75,6 +76,19 @@ def read_image_tiles(path: str | Path, tile_size: int, grid_pinpoints, spec: Pre
     return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, shown=shown)
 
 
+def read_images(paths, image_size: int, spec: PreprocessSpec = CLIP) -> Frames:
+    """Several images of one question (the authors' multi-image path): each decoded upright and preprocessed as a
+    video frame by the family's `spec` (as `read_frames` does), [N, 3, S, S] in the order given."""
+    from ..media import images_as_frames
+    from ..media import read_images as decode_images
+
+    t0 = time.perf_counter()
+    images = decode_images(paths)
+    t1 = time.perf_counter()
+    px = images_as_frames(images, image_size, spec)
+    return Frames(px, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+
+
 def vision_feed(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
     """The vision graph's feed (also what its calibration reader yields)."""
     return {"pixel_values": pixel_values}
@@ -146,11 +160,17 @@ def project(session, values: np.ndarray) -> np.ndarray:
     return tokens
 
 
-def splice(table: np.ndarray, input_ids: np.ndarray, visual_tokens: np.ndarray, image_token_id: int, dtype) -> np.ndarray:
-    """[L-1+N, D]: the prompt's text embeddings (rows of `table`) with its single image token replaced by the
-    visual tokens."""
+def splice(table: np.ndarray, input_ids: np.ndarray, visual_tokens: np.ndarray, image_token_id: int, dtype, slots: int = 1) -> np.ndarray:
+    """[L-slots+N, D]: the prompt's text embeddings (rows of `table`) with its `slots` image tokens replaced by the
+    visual tokens, N / slots rows each in order (several images: image k's tokens at the k-th slot, as the authors'
+    `_merge_input_ids_with_image_features` does)."""
     where = np.flatnonzero(input_ids == image_token_id)
-    if where.size != 1:
-        raise InputError(f"the prompt must hold exactly one image token; found {where.size}")
-    i = int(where[0])
-    return np.concatenate([table[input_ids[:i]], visual_tokens.astype(table.dtype), table[input_ids[i + 1 :]]], axis=0).astype(dtype)
+    if where.size != slots or visual_tokens.shape[0] % slots:
+        raise InputError(f"the prompt must hold {slots} image token(s) for {visual_tokens.shape[0]} visual tokens; found {where.size}")
+    per_slot = visual_tokens.shape[0] // slots
+    parts, start = [], 0
+    for k, i in enumerate(where):
+        parts += [table[input_ids[start:i]], visual_tokens[k * per_slot : (k + 1) * per_slot].astype(table.dtype)]
+        start = i + 1
+    parts.append(table[input_ids[start:]])
+    return np.concatenate(parts, axis=0).astype(dtype)

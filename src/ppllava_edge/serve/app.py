@@ -166,9 +166,9 @@ def create_app(server: Server) -> Starlette:
         except RecursionError:
             raise bad(None, "the request body is nested too deeply", "invalid_json") from None
         del text
-        req = parse_chat_request(data, server.model_id)
-        frames = req.frames if req.frames is not None else opts.frames
         fmin, fmax = server.pipe.frame_range()
+        req = parse_chat_request(data, server.model_id, max_images=min(opts.max_images, fmax))  # images go through the tower as frames
+        frames = req.frames if req.frames is not None else opts.frames
         if not fmin <= frames <= fmax:
             raise bad("frames", f"'frames' {frames} is outside this model's frame range {fmin}..{fmax}")
         return req, frames
@@ -190,8 +190,8 @@ def create_app(server: Server) -> Starlette:
                 read = True
                 req, frames = await asyncio.to_thread(prepare, body)
                 del body
-                media = await asyncio.to_thread(server.policy.resolve, req.media)
-                req.media = dataclasses.replace(req.media, url="")  # the payload is in the file now: drop it
+                media = await asyncio.to_thread(server.policy.resolve_all, req.media)
+                req.media = [dataclasses.replace(m, url="") for m in req.media]  # the payloads are in the files now: drop them
             except BaseException:
                 server.release(job, started=False)
                 raise

@@ -1,4 +1,4 @@
-"""Where a request's video comes from, under the server's security rules.
+"""Where a request's video or images come from, under the server's security rules (each media part alike).
 
 - `data:<mime>;base64,<payload>` (the scheme in any case): decoded piecewise straight into a private temporary folder
   (deleted after the answer; a failed write leaves nothing behind and answers 507). A payload over the upload limit
@@ -71,6 +71,19 @@ class MediaPolicy:
                 "unsupported_url",
             )
         return self._path(url, part)
+
+    def resolve_all(self, parts: list[MediaPart]) -> list[MediaFile]:
+        """`resolve` for each part of a request, in order; when one fails, the uploads already written for the
+        request are removed before the error leaves (nothing of a refused request stays on disk)."""
+        files: list[MediaFile] = []
+        try:
+            for part in parts:
+                files.append(self.resolve(part))
+        except BaseException:
+            for f in files:
+                f.cleanup()
+            raise
+        return files
 
     # ---- paths -----------------------------------------------------------------------------------------------
     def _inside(self, real: Path) -> bool:

@@ -70,11 +70,12 @@ def list_media(media_dirs: list[Path], inside: Callable[[Path], bool]) -> tuple[
     return sorted(seen.values(), key=lambda e: e["name"]), False
 
 
-def relevance_extra(result, path: Path, spec: PreprocessSpec) -> dict:
-    """{"relevance": ...} for a result asked with keep_arrays (thumbnails un-normalised by the export's `spec`); frees
-    the arrays afterwards."""
+def relevance_extra(result, paths: list[Path], spec: PreprocessSpec) -> dict:
+    """{"relevance": ...} for a result asked with keep_arrays (kind "images" for several images; thumbnails
+    un-normalised by the export's `spec`); frees the arrays afterwards."""
     rel = result.arrays["relevance"]
-    extra = {"relevance": relevance_json(rel, result.arrays.get("pixel_values"), relevance_kind(path, rel), spec)}
+    kind = "images" if len(paths) > 1 else relevance_kind(paths[0], rel)
+    extra = {"relevance": relevance_json(rel, result.arrays.get("pixel_values"), kind, spec)}
     result.arrays.clear()
     return extra
 

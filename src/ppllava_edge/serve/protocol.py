@@ -55,9 +55,13 @@ def _check_text(text: str, param: str) -> str:
     return text
 
 
+DEFAULT_MAX_IMAGES = 8
+"""image_url parts one request may hold by default (`serve --max-images`; at most the runtime's limit, 32)."""
+
+
 @dataclass(frozen=True)
 class MediaPart:
-    """The one video/image of a request: its URL and where it was in the request."""
+    """A video/image of a request: its URL and where it was in the request."""
 
     url: str
     kind: str  # "video_url" or "image_url"
@@ -72,7 +76,7 @@ class ChatRequest:
     question: str  # the latest user turn: the LLM's last turn and the relevance (CLIP) query
     history: list[tuple[str, str]]  # earlier (user, assistant) turns
     system: str | None
-    media: MediaPart
+    media: list[MediaPart]  # one video_url, or 1..max_images image_url parts in message order (one <image> slot each)
     max_tokens: int | None
     do_sample: bool
     temperature: float
@@ -161,7 +165,19 @@ def _text_of(content: Any, where: str, media: list[MediaPart], allow_media: bool
     return "\n".join(texts)
 
 
-def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
+def _check_media(media: list[MediaPart], max_images: int) -> None:
+    """One video_url part, or 1..max_images image_url parts (several images: one question about all of them, the
+    authors' multi-image path); a video goes alone, as in the authors' model (one media type per question)."""
+    if not media:
+        raise bad("messages", "a user message needs one video_url (or image_url) content part: the video to ask about", "missing_media")
+    if len(media) > 1 and any(m.kind == "video_url" for m in media):  # the second part makes the request mixed
+        raise bad(media[1].param, f"a video goes alone: one video_url part, or up to {max_images} image_url parts, per request; found "
+                               f"{len(media)} media parts ({', '.join(m.param for m in media)})", "too_many_media")
+    if len(media) > max_images:
+        raise bad(media[max_images].param, f"at most {max_images} image_url parts per request on this server; found {len(media)}", "too_many_media")
+
+
+def parse_chat_request(body: Any, model_id: str, max_images: int = DEFAULT_MAX_IMAGES) -> ChatRequest:
     """Validate a chat-completions body. Raises ApiError (400, or 404 for an unknown model)."""
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
@@ -202,10 +218,7 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
             turns.append([role, text])
     if not turns or turns[-1][0] != "user":
         raise bad("messages", "the last message must be a user message (the question to answer)")
-    if not media:
-        raise bad("messages", "a user message needs one video_url (or image_url) content part: the video to ask about", "missing_media")
-    if len(media) > 1:
-        raise bad(media[1].param, f"one video or image per request; found {len(media)} ({', '.join(m.param for m in media)})", "too_many_media")
+    _check_media(media, max_images)
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
 
     max_tokens = _opt_int(body, "max_completion_tokens", 1)
@@ -246,7 +259,7 @@ def parse_chat_request(body: Any, model_id: str) -> ChatRequest:
     include_usage = bool(options and options.get("include_usage"))
     frames = _opt_int(body, "frames", 1)
     return ChatRequest(
-        model=model, question=turns[-1][1], history=history, system="\n".join(system) if system else None, media=media[0],
+        model=model, question=turns[-1][1], history=history, system="\n".join(system) if system else None, media=media,
         max_tokens=max_tokens, do_sample=temperature is not None and temperature > 0,
         temperature=float(temperature) if temperature else 1.0, top_p=float(top_p) if top_p is not None else 1.0,
         top_k=max(int(top_k or 0), 0), seed=seed, stop=stops, stream=stream, include_usage=include_usage, frames=frames,

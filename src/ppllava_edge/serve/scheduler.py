@@ -22,7 +22,7 @@ from ..errors import ContextLengthError, InputError, PPLLaVAEdgeError
 from .inputs import MediaFile, MediaPolicy
 from .metrics import Metrics
 from .page import relevance_extra
-from .protocol import ApiError, ChatRequest, StreamText
+from .protocol import DEFAULT_MAX_IMAGES, ApiError, ChatRequest, StreamText
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class ServeOptions:
     port: int = 8000
     media_dirs: tuple[Path, ...] = ()
     api_key: str | None = None
-    max_upload_mb: float = 64.0
+    max_upload_mb: float = 64.0  # one upload; the uploads of one request share the body limit (max_body_bytes)
+    max_images: int = DEFAULT_MAX_IMAGES  # image_url parts per request (several images: one question about all)
     frames: int = 8
     max_queue: int = 8
     workers: int = 1
@@ -159,7 +160,7 @@ class Server:
             seed=req.seed, ignore_eos=req.ignore_eos,
         )
 
-    def run_job(self, job: Job, req: ChatRequest, media: MediaFile, frames: int) -> None:
+    def run_job(self, job: Job, req: ChatRequest, media: list[MediaFile], frames: int) -> None:
         with self._lock:
             self.waiting -= 1
             self.running += 1
@@ -184,15 +185,17 @@ class Server:
                 return stop
 
             gen = self._generation(req)
-            result = self.pipe.ask(media.path, req.question, num_frames=frames, generation=gen, on_token=on_token,
+            paths = [m.path for m in media]
+            result = self.pipe.ask(paths[0] if len(paths) == 1 else paths, req.question, num_frames=frames, generation=gen, on_token=on_token,
                                    history=req.history, system=req.system, keep_arrays=req.return_relevance)
-            extra = relevance_extra(result, media.path, self.pipe.manifest.preprocess) if req.return_relevance else {}
+            extra = relevance_extra(result, paths, self.pipe.manifest.preprocess) if req.return_relevance else {}
         except BaseException as exc:
             job.emit(("error", self._map_error(exc, req, media)))
             self.metrics.chat_requests.labels(outcome="error").inc()
             return
         finally:
-            media.cleanup()
+            for m in media:
+                m.cleanup()
             self.release(job, started=True)
         end = time.perf_counter()
         if job.cancel.is_set():
@@ -208,16 +211,20 @@ class Server:
         warnings = [self._hide_paths(w, media) for w in result.warnings]
         job.emit(("done", result, text.text(), text.finish(), finish, warnings, extra))
 
-    def _hide_paths(self, text: str, media: MediaFile) -> str:
-        """`text` naming this request's media by its label, and no upload temp file of any request."""
-        return self._uploads.sub(media.label if media.temporary else "an uploaded file", text.replace(str(media.path), media.label))
+    def _hide_paths(self, text: str, media: list[MediaFile]) -> str:
+        """`text` naming this request's media by their labels, and no upload temp file of any request."""
+        for m in media:
+            text = text.replace(str(m.path), m.label)
+        only = media[0] if len(media) == 1 and media[0].temporary else None
+        return self._uploads.sub(only.label if only is not None else "an uploaded file", text)
 
-    def _map_error(self, exc: BaseException, req: ChatRequest, media: MediaFile) -> ApiError:
+    def _map_error(self, exc: BaseException, req: ChatRequest, media: list[MediaFile]) -> ApiError:
         msg = self._hide_paths(str(exc), media)
         if isinstance(exc, ContextLengthError):
             return ApiError(400, msg, "messages" if exc.prompt_too_long else "max_tokens", "context_length_exceeded")
         if isinstance(exc, InputError):  # VideoError included: the media could not be used
-            return ApiError(400, msg, req.media.param, "invalid_media")
+            named = [p.param for p, m in zip(req.media, media) if m.label in msg]  # the part the message names
+            return ApiError(400, msg, (named or [req.media[0].param])[0], "invalid_media")
         if isinstance(exc, PPLLaVAEdgeError):
             log.error("request failed: %s", exc)
             return ApiError(500, f"inference failed: {msg}", None, "inference_error")

@@ -187,20 +187,20 @@ class LlamaPromptTokenizer:
         flush()
         return ids
 
-    def conversation_ids(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def conversation_ids(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, images: int = 1) -> list[int]:
         """Ids of a conversation ([{'role': 'system'|'user'|'assistant', 'content': str}, ...], oldest first) in the
-        template, with the image placeholder in the first user message."""
-        return self.encode_segments(render(self.template, messages, add_generation_prompt))
+        template, with `images` image placeholders in the first user message (`conversation.render`)."""
+        return self.encode_segments(render(self.template, messages, add_generation_prompt, images))
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """Ids of a one-question prompt (plain_v1: the authors' ids for `render_prompt(question)`), with exactly one
-        `image_token_id`."""
+    def prompt_ids(self, question: str, images: int = 1) -> list[int]:
+        """Ids of a one-question prompt (plain_v1: the authors' ids for `render_prompt(question)`), with `images`
+        `image_token_id`s (several images: "USER: <image>\\n<image>\\n{question} ASSISTANT: ")."""
         if not isinstance(question, str):
             raise InputError(f"question must be a str, got {type(question).__name__}.")
-        return self.conversation_ids([{"role": "user", "content": question}])
+        return self.conversation_ids([{"role": "user", "content": question}], images=images)
 
     def chat_prompt_ids(
-        self, question: str, history: Sequence[tuple[str, str]] = (), system: str | None = None
+        self, question: str, history: Sequence[tuple[str, str]] = (), system: str | None = None, images: int = 1
     ) -> list[int]:
         """Ids of a conversation in the checkpoint's template, with the image placeholder in the first user turn;
         for plain_v1:
@@ -209,9 +209,9 @@ class LlamaPromptTokenizer:
 
         `history` holds the earlier (user, assistant) turns, oldest first. Without history and system this equals
         `prompt_ids(question)`. Special tokens between turns (`</s>`, `<|im_end|>`) are their ids; text typed by the
-        user (a literal `</s>` or `<image>` included) stays text.
+        user (a literal `</s>` or `<image>` included) stays text. `images`: placeholders in the first user turn.
         """
-        return self.conversation_ids(history_messages(question, history, system))
+        return self.conversation_ids(history_messages(question, history, system), images=images)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (the image placeholder and BOS/EOS are dropped unless `skip_special_tokens=False`)."""

@@ -44,6 +44,10 @@ def grpc_address(url: str) -> str:
     return url.rstrip("/")
 
 
+def _as_bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
 def request_inputs(grpcclient, values: dict[str, object]) -> list:
     """InferInput tensors for the values given (None: not sent; the model then uses the repository's default)."""
     inputs = []
@@ -53,7 +57,7 @@ def request_inputs(grpcclient, values: dict[str, object]) -> list:
             continue
         datatype, dtype = WIRE_TYPES[spec.data_type]
         if dtype is np.object_:
-            value = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            value = [_as_bytes(v) for v in value] if isinstance(value, list) else _as_bytes(value)
         arr = np.array([value], dtype=dtype).reshape(spec.dims)
         tensor = grpcclient.InferInput(spec.name, list(arr.shape), datatype)
         tensor.set_data_from_numpy(arr)
@@ -63,7 +67,7 @@ def request_inputs(grpcclient, values: dict[str, object]) -> list:
 
 def ask_triton(
     url: str,
-    video: str | Path | bytes,
+    video: str | Path | bytes | list[str | Path],
     question: str,
     frames: int | None = None,
     max_tokens: int | None = None,
@@ -73,7 +77,8 @@ def ask_triton(
     timeout: float = 600.0,
     model: str = MODEL_NAME,
 ) -> TritonAnswer:
-    """Ask the `ppllava` model of a Triton server over one gRPC stream; `on_text` gets each text delta.
+    """Ask the `ppllava` model of a Triton server over one gRPC stream; `on_text` gets each text delta. `video`: a
+    video (or one image) file or its bytes, or a list of image files (one question about all of them, `images`).
 
     Raises:
         InferenceError: the server is unreachable, answered with an error (its message is kept), or went quiet
@@ -83,8 +88,7 @@ def ask_triton(
     from tritonclient.utils import InferenceServerException
 
     address = grpc_address(url)
-    data = video if isinstance(video, bytes) else _read(Path(video))
-    values = {"video": data, "question": question, "max_tokens": max_tokens, "frames": frames, "temperature": temperature, "seed": seed}
+    values = {**_media_values(video), "question": question, "max_tokens": max_tokens, "frames": frames, "temperature": temperature, "seed": seed}
     client = grpcclient.InferenceServerClient(address)
     done = False
     try:
@@ -133,6 +137,19 @@ def ask_triton(
     if stats is None:
         raise InferenceError(f"the stream from {address} ended without the final stats (was the request cancelled?)")
     return TritonAnswer(stats["text"], stats["ids"], stats, first, total, deltas)
+
+
+def _media_values(media: str | Path | bytes | list[str | Path]) -> dict[str, object]:
+    """{"video": bytes} for a video file or bytes, {"images": [bytes, ...]} for one or more image files (the model
+    then takes the image path: anyres for one image, the multi-image path for several)."""
+    from ..media import check_image_paths, input_kind
+
+    if isinstance(media, bytes):
+        return {"video": media}
+    paths = check_image_paths(media if isinstance(media, list) else [media])
+    if input_kind(paths[0]) == "image":
+        return {"images": [_read(p) for p in paths]}
+    return {"video": _read(paths[0])}
 
 
 def _read(path: Path) -> bytes:

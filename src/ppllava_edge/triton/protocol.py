@@ -27,7 +27,8 @@ class TensorSpec:
 
 
 INPUTS = (
-    TensorSpec("video", "TYPE_STRING", (1,)),  # the video file's bytes (any container FFmpeg reads)
+    TensorSpec("video", "TYPE_STRING", (1,), optional=True),  # the video file's bytes (any container FFmpeg reads), or:
+    TensorSpec("images", "TYPE_STRING", (-1,), optional=True),  # image files' bytes: one question about all of them
     TensorSpec("question", "TYPE_STRING", (1,)),  # UTF-8
     TensorSpec("max_tokens", "TYPE_INT32", (1,), optional=True),  # default: the repository's --max-tokens
     TensorSpec("frames", "TYPE_INT32", (1,), optional=True),  # default: the repository's --frames
@@ -49,12 +50,13 @@ WIRE_TYPES = {
 
 @dataclass(frozen=True)
 class RequestOptions:
-    video: bytes
+    video: bytes  # b"" when the request sent `images`
     question: str
     max_tokens: int
     frames: int
     temperature: float | None = None
     seed: int | None = None
+    images: tuple[bytes, ...] = ()  # several images: one question about all of them (the authors' multi-image path)
 
     def generation(self) -> GenerationConfig:
         """Greedy unless a temperature > 0 was sent (then sampling, as `ask --sample --temperature T --seed S`)."""
@@ -78,9 +80,13 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_frames: int, 
     Raises:
         InputError: naming the input and the rule it breaks.
     """
-    video = _scalar(get, "video")
-    if video is None or len(video) == 0:
-        raise InputError("the 'video' input is empty: send the video file's bytes")
+    video, images = _scalar(get, "video"), _images(get)
+    if images and video is not None:
+        raise InputError("send either the 'video' input or the 'images' input, not both (a video goes alone)")
+    if images:
+        video = b""
+    elif video is None or len(video) == 0:
+        raise InputError("the 'video' input is empty: send the video file's bytes (or image files' bytes as 'images')")
     raw_question = _scalar(get, "question")
     if raw_question is None:
         raise InputError("the 'question' input is missing")
@@ -105,7 +111,19 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_frames: int, 
         seed = int(seed)
         if seed < 0:
             raise InputError(f"the 'seed' input must be >= 0, got {seed}")
-    return RequestOptions(bytes(video), question, max_tokens, frames, temperature, seed)
+    return RequestOptions(bytes(video), question, max_tokens, frames, temperature, seed, images)
+
+
+def _images(get: Callable[[str], np.ndarray | None]) -> tuple[bytes, ...]:
+    """The 'images' input: each element one image file's bytes (their number is checked by the runtime's rules)."""
+    arr = get("images")
+    if arr is None:
+        return ()
+    images = tuple(bytes(x) for x in np.asarray(arr).reshape(-1))
+    empty = [i for i, x in enumerate(images) if not x]
+    if not images or empty:
+        raise InputError(f"the 'images' input holds no image or an empty one (element {empty[0] if empty else 0}): send each image file's bytes")
+    return images
 
 
 def answer_stats(result, provider: str, instance: str, load_ms: float, peak_rss_mb: float) -> dict:

@@ -93,8 +93,8 @@ class TritonPythonModel:
         self.frames = int(params.get("frames", "8"))
         self.max_tokens = int(params.get("max_tokens", "32"))
         self.tmp = Path(tempfile.mkdtemp(prefix=f"ppllava-triton-{os.getpid()}-"))
-        # our temporary copies of request videos, as messages and (cached) warnings name them
-        self._tmp_name = re.compile(re.escape(str(self.tmp)) + r"/video-[0-9a-f]{32}\.mp4|video-[0-9a-f]{32}\.mp4")
+        # our temporary copies of request videos and images, as messages and (cached) warnings name them
+        self._tmp_name = re.compile(re.escape(str(self.tmp)) + r"/(?:video|image)-[0-9a-f]{32}\.(?:mp4|png)|(?:video|image)-[0-9a-f]{32}\.(?:mp4|png)")
         # on the server's metrics endpoint next to Triton's own counters, which count a streamed request as a
         # success however its answer ended (an error response included)
         answers = pb_utils.MetricFamily(name="ppllava_answers_total", kind=pb_utils.MetricFamily.COUNTER,
@@ -126,16 +126,23 @@ class TritonPythonModel:
     def _string(self, name: str, text: str):
         return self.pb.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
 
+    def _write_media(self, opts, paths: list[Path]) -> None:
+        """The request's video, or each of its images, in a private temporary file (appended to `paths` as written,
+        so the caller removes what exists whatever fails); the suffix picks the runtime's path, FFmpeg and Pillow
+        read the content."""
+        for data, name in ([(img, f"image-{uuid.uuid4().hex}.png") for img in opts.images] or [(opts.video, f"video-{uuid.uuid4().hex}.mp4")]):
+            paths.append(self.tmp / name)
+            paths[-1].write_bytes(data)
+
     def _answer(self, request) -> None:
         pb = self.pb
         sender = request.get_response_sender()
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        path: Path | None = None
+        paths: list[Path] = []
         outcome, cache_hit, last = "error", False, None
         try:
             opts = parse_request(lambda name: self._input(request, name), self.frames, self.max_tokens)
-            path = self.tmp / f"video-{uuid.uuid4().hex}.mp4"  # FFmpeg finds the container from the content
-            path.write_bytes(opts.video)
+            self._write_media(opts, paths)
             deltas = StreamText(self.pipe.llama.decode, [])
 
             def on_token(token: int) -> bool:
@@ -146,18 +153,20 @@ class TritonPythonModel:
                     sender.send(pb.InferenceResponse(output_tensors=[self._string("text", delta)]))
                 return False
 
-            result = self.pipe.ask(path, opts.question, num_frames=opts.frames, generation=opts.generation(), on_token=on_token)
+            result = self.pipe.ask(paths[0] if len(paths) == 1 else paths, opts.question, num_frames=opts.frames, generation=opts.generation(), on_token=on_token)
             if result.stopped:
                 outcome = "cancelled"
             else:
-                result.warnings = [self._tmp_name.sub("<video input>", w) for w in result.warnings]
+                result.warnings = [self._tmp_name.sub("<media input>" if opts.images else "<video input>", w) for w in result.warnings]
                 stats = json.dumps(answer_stats(result, self.pipe.provider, self.instance, self.load_ms, peak_rss_mb()))
                 last = pb.InferenceResponse(output_tensors=[self._string("text", deltas.finish()), self._string("stats", stats)])
                 outcome, cache_hit = "ok", result.timings.cache_hit
         except PPLLaVAEdgeError as exc:
             message = str(exc)
-            if path is not None:  # name the input, not our temporary file
-                message = self._tmp_name.sub("<video input>", message.replace(str(path), f"<video input, {len(opts.video)} bytes>"))
+            for k, path in enumerate(paths):  # name the input, not our temporary file
+                what = f"<image input {k}, {len(opts.images[k])} bytes>" if opts.images else f"<video input, {len(opts.video)} bytes>"
+                message = message.replace(str(path), what)
+            message = self._tmp_name.sub("<media input>" if opts.images else "<video input>", message) if paths else message
             code = pb.TritonError.INVALID_ARG if isinstance(exc, InputError) else pb.TritonError.INTERNAL
             last = pb.InferenceResponse(error=pb.TritonError(message, code))
             outcome = "invalid_input" if isinstance(exc, InputError) else "error"
@@ -165,7 +174,7 @@ class TritonPythonModel:
             pb.Logger.log_error(f"{self.instance}: {traceback.format_exc()}")
             last = pb.InferenceResponse(error=pb.TritonError(f"internal error in {self.instance}: {type(exc).__name__}: {exc}"))
         finally:
-            if path is not None:
+            for path in paths:
                 path.unlink(missing_ok=True)
         # counted before the final response goes out: a client that has its answer sees it in the metrics
         self.answers[outcome].increment(1)

@@ -187,7 +187,7 @@ function renderRelevance(li, rel, question) {
   const strip = document.createElement("div");
   strip.className = "relevance";
   strip.dataset.cells = String(n);
-  const name = rel.kind === "image" ? "tile" : "frame";
+  const name = { image: "tile", images: "image" }[rel.kind] || "frame";
   for (let t = 0; t < n; t++) {
     const fig = document.createElement("figure");
     if (rel.thumbnails[t]) {
