@@ -137,3 +137,25 @@ def test_failed_validation_fails_the_export_and_writes_nothing(tiny_ckpt, tmp_pa
         export_checkpoint(tiny_ckpt, out, ExportOptions(frames=(2, 4, 8)))
     assert "FAIL" in str(err.value)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fp16_validation_runs_the_decoder_without_prepacking(tiny_ckpt, tmp_path, monkeypatch):
+    """An fp16 export's decoder is validated in a session without pre-packed weights (the CPU provider upcasts fp16
+    weights it has no kernels for; pre-packing would keep a further copy: the qwen-7b export's peak), and its
+    checks still pass."""
+    from ppllava_edge.export import validate
+
+    seen = []
+    real = validate._session
+
+    def spy(path, prepack=True):
+        seen.append((path.name, prepack))
+        return real(path, prepack)
+
+    monkeypatch.setattr(validate, "_session", spy)
+    report = export_checkpoint(tiny_ckpt, tmp_path / "e16", ExportOptions(frames=(2, 4, 8), dtype="fp16"))
+    data = json.loads((tmp_path / "e16" / "export.json").read_text())
+    assert data["dtype"] == "fp16" and data["validation"]["passed"], report
+    assert ("decoder.onnx", False) in seen
+    decoder_checks = [c for c in data["validation"]["checks"] if c["graph"] == "decoder"]
+    assert decoder_checks and all(c["passed"] for c in decoder_checks)
