@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..config import QWEN_SIGLIP
+from ..memory import trim_heap
 from ..model.ppllava import PPLLaVAForConditionalGeneration
 from ..runtime.decoder import kv_names
 from ..runtime.stages import decoder_feed, empty_past, encode, pool, project
@@ -97,11 +98,8 @@ def validate_export(parts, folder: Path, manifest: dict, thresholds: dict, on_pr
     holds one part of the reference at a time: the vision side for the vision / pool graphs, then the LLM."""
     checks: list[Check] = []
     record = _recorder(checks, thresholds)
-    with parts.vision_side() as model:
-        _check_vision_side(model, folder, manifest, record)
-    if on_progress is not None:
-        on_progress(1, 2)
-    # the decoder graphs run first and are closed before the PyTorch LLM is loaded: the two never share memory
+    # the decoder graphs run first, while nothing else is loaded (their CPU session is validation's largest
+    # allocation), and are closed before any PyTorch part is loaded: the two never share memory
     np_dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
     m = manifest["model"]
     table = np.load(folder / manifest["embeddings"]["file"], mmap_mode="r")
@@ -113,6 +111,11 @@ def validate_export(parts, folder: Path, manifest: dict, thresholds: dict, on_pr
             ort_out[graph] = _ort_decoder_outputs(session, cases, m["num_layers"], m["num_kv_heads"], m["head_dim"], m["max_position_embeddings"], np_dtype)
             del session
     del table
+    trim_heap()
+    with parts.vision_side() as model:
+        _check_vision_side(model, folder, manifest, record)
+    if on_progress is not None:
+        on_progress(1, 2)
     with parts.llm(embeddings=False) as model, torch.no_grad():  # the checks feed rows of the exported table
         for graph, out in ort_out.items():
             _check_decoder(model, graph, cases, out, record)
