@@ -225,6 +225,9 @@ def _later(fn: Callable, background: bool) -> Future:
     `result()`, in the caller's thread). The tokenizers' parse (0.2–0.6 s at start-up) then overlaps the video
     decode; a daemon thread, since it only builds Python objects and holds no session."""
     fut: Future = Future()
+    if not background:
+        fut.set_result(fn())  # a damaged tokenizer file raises from the constructor, as before
+        return fut
 
     def run() -> None:
         try:
@@ -232,11 +235,7 @@ def _later(fn: Callable, background: bool) -> Future:
         except BaseException as exc:  # noqa: BLE001 - re-raised by result() in the caller's thread
             fut.set_exception(exc)
 
-    if background:
-        threading.Thread(target=run, name="ppllava-tokenizers", daemon=True).start()
-    else:
-        run()
-        fut.result()  # raise a damaged tokenizer file's error from the constructor, as before
+    threading.Thread(target=run, name="ppllava-tokenizers", daemon=True).start()
     return fut
 
 
