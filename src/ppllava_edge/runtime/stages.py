@@ -127,12 +127,10 @@ def pool(session, clip_ids: np.ndarray, keys: np.ndarray, values: np.ndarray, cl
     """prompt_pool / image_pool: the question's relevance-tokenizer ids ([L] or [1, L]; and its padding mask for a
     SigLIP pool) against the clip's keys and values -> (visual_tokens, relevance). The mask is fed when given (a
     graph without the input is then refused by ONNX Runtime, naming it); a SigLIP pool run without one is refused here."""
-    feed = {"clip_ids": np.atleast_2d(clip_ids), "keys": keys, "values": values}
-    if clip_mask is not None:
-        feed[CLIP_MASK] = np.atleast_2d(np.asarray(clip_mask, dtype=np.int64))
-    elif takes_clip_mask(session):
+    if clip_mask is None and takes_clip_mask(session):
         raise InferenceError("pool: this export's pool graph takes the question's clip_mask (SigLIP's padding mask) and none was given")
-    tokens, relevance = session.run(None, feed)
+    mask = None if clip_mask is None else np.atleast_2d(np.asarray(clip_mask, dtype=np.int64))
+    tokens, relevance = session.run(None, {**pool_query(np.atleast_2d(clip_ids), mask), "keys": keys, "values": values})
     return tokens, relevance
 
 
