@@ -131,11 +131,34 @@ def test_truncated_validation_uses_the_checkpoint_weights(tiny_ckpt, small_cut):
                 assert torch.equal(w, reader.read("language_model.model.layers.1.mlp.down_proj.weight", torch.float32))
 
 
-def test_truncated_validation_mode_on_tiny(tiny_ckpt, tmp_path):
-    """--validate truncated: the report says what was kept, every graph is checked, nothing of it stays in OUT."""
+def test_first_rows_view_reads_only_the_first_rows(tiny_ckpt):
+    """CheckpointReader.first_rows: the named tensor is its first rows (spec, read in any dtype, read_numpy), only
+    their bytes are read, other tensors and the original reader are unchanged."""
+    name = "language_model.lm_head.weight"
+    with CheckpointReader(tiny_ckpt) as reader:
+        full = reader.read(name)
+        view = reader.first_rows({name: 5})
+        before = view.bytes_read
+        assert view.spec(name).shape == (5, full.shape[1]) and reader.spec(name).shape == tuple(full.shape)
+        head = view.read(name)
+        assert torch.equal(head, full[:5]) and head.dtype == full.dtype
+        assert view.bytes_read - before == 5 * full.shape[1] * full.element_size()  # those rows' bytes only
+        assert torch.equal(view.read(name, torch.float32), full[:5].float())
+        np.testing.assert_array_equal(view.read_numpy(name, np.float16), full[:5].float().numpy().astype(np.float16))
+        other = "language_model.model.norm.weight"
+        assert torch.equal(view.read(other), reader.read(other)) and torch.equal(reader.read(name), full)
+
+
+def test_truncated_validation_mode_on_tiny(tiny_ckpt, tmp_path, monkeypatch):
+    """--validate truncated: the report says what was kept (the LM head's first rows too), every graph is checked,
+    nothing of it stays in OUT."""
+    from ppllava_edge.export import exporter
+
+    monkeypatch.setattr(exporter, "HEAD_ROWS", 1000)  # (tiny's vocabulary is larger; Qwen2-7B's 152064 > the default)
+    vocab = load_config(tiny_ckpt).text.vocab_size
     out = tmp_path / "e"
     res = export_checkpoint(tiny_ckpt, out, ExportOptions(frames=(2, 4, 8), validation="truncated"))
-    assert res.report.passed and res.report.mode.startswith("truncated: vision 5/6 layers, CLIP text 2/2, LLM 2/2")
+    assert res.report.passed and res.report.mode.startswith(f"truncated: vision 5/6 layers, CLIP text 2/2, LLM 2/2, LM head rows 1000/{vocab};")
     assert {c.graph for c in res.report.checks} == {"vision", "prompt_pool", "image_pool", "projector_head", "decoder"}
     m = json.loads((out / "export.json").read_text())
     assert m["validation"]["mode"] == res.report.mode

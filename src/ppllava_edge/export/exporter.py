@@ -38,7 +38,7 @@ from .decoder_builder import DecoderDims, build_decoder
 from .fusion import FUSED_OPS, TRT_OPS, VisionDims, build_vision
 from .graphs import DecoderGraph, ProjectorHeadGraph, VisionGraph, example_query, pool_graph
 from .truncate import describe as describe_truncation
-from .truncate import dropped_prefixes, truncated_config
+from .truncate import HEAD_ROWS, dropped_prefixes, head_limits, truncated_config
 from .validate import ValidationReport, validate_export
 from .weights_check import WeightMap, check_weights, checkpoint_name, map_traced_graph
 
@@ -574,15 +574,17 @@ def validate(checkpoint: Path, cfg, reader: CheckpointReader, folder: Path, mani
              thresholds: dict, on_progress: Callable[[float, float], None]) -> ValidationReport:
     """Full depth: the export's own graphs against the fp32 SDPA reference, one part at a time. Truncated: the same
     export code writes a depth-truncated copy (first layers of each tower and of the LLM, same widths, the
-    checkpoint's tensors for them) beside OUT, which is validated against the truncated reference and deleted."""
+    checkpoint's tensors for them; the LM head's first HEAD_ROWS vocabulary rows) beside OUT, which is validated
+    against the truncated reference and deleted."""
     import tempfile
 
     if mode == "full":
         report = validate_export(ModelParts(checkpoint, cfg, torch.float32, "sdpa", reader), folder, manifest, thresholds, on_progress)
         report.mode = "full"
         return report
-    cut = truncated_config(cfg)
+    cut = truncated_config(cfg, head_rows=HEAD_ROWS)
     drop = dropped_prefixes(cfg, cut)
+    reader = reader.first_rows(head_limits(cut))  # the head's first rows only (HEAD_ROWS: the fp16 session's peak)
     with tempfile.TemporaryDirectory(prefix=".validate-", dir=folder.parent) as td:
         sub = Path(td)
         sub_opts = ExportOptions(frames=opts.frames, dtype=opts.dtype, opset=opts.opset, tensorrt=opts.tensorrt)

@@ -3,7 +3,11 @@
 A truncated copy keeps the widths and the first layers of each tower (vision: the first `btadapter_depth + 1` main
 layers, so every BT-Adapter pair still runs; CLIP text and the LLM: the first two layers) with the checkpoint's
 own tensors for them (the same names, read from the same shards); the later layers are simply not built. Exporting
-and validating such a copy checks every graph's maths at the real widths and with real weights.
+and validating such a copy checks every graph's maths at the real widths and with real weights. For validation the
+LLM's head may also keep only its first `HEAD_ROWS` vocabulary rows (`head_rows`): the same MatMul over fewer output
+rows. At Qwen2-7B's 152064 x 3584 untied head, ONNX Runtime's CPU session for the fp16 copy upcasts the whole head to
+fp32 (2.2 GB, the export's peak); every byte of the full head is still checked against the checkpoint by the
+weights check (weights_check.py).
 """
 
 from __future__ import annotations
@@ -16,18 +20,28 @@ from ..config import PPLLaVAConfig
 VISION_LAYERS = "vision_tower.vision_model.encoder.layers."
 TEXT_LAYERS = "multi_modal_projector.clip_text_model.encoder.layers."
 LLM_LAYERS = "language_model.model.layers."
+HEAD_TENSORS = ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight")  # (a tied head reads the second)
+HEAD_ROWS = 32768
 
 
-def truncated_config(cfg: PPLLaVAConfig, text_layers: int = 2, llm_layers: int = 2, vision_layers: int | None = None) -> PPLLaVAConfig:
-    """`cfg` with fewer layers (never more than it has)."""
+def truncated_config(cfg: PPLLaVAConfig, text_layers: int = 2, llm_layers: int = 2, vision_layers: int | None = None,
+                     head_rows: int | None = None) -> PPLLaVAConfig:
+    """`cfg` with fewer layers (never more than it has) and, with `head_rows`, at most that many vocabulary rows
+    (read them with `head_limits`)."""
     v = cfg.vision
     keep_v = vision_layers if vision_layers is not None else v.btadapter_depth + 1
     return replace(
         cfg,
         vision=replace(v, num_hidden_layers=min(v.num_hidden_layers, max(keep_v, v.btadapter_depth + 1))),
         clip_text=replace(cfg.clip_text, num_hidden_layers=min(cfg.clip_text.num_hidden_layers, text_layers)),
-        text=replace(cfg.text, num_hidden_layers=min(cfg.text.num_hidden_layers, llm_layers)),
+        text=replace(cfg.text, num_hidden_layers=min(cfg.text.num_hidden_layers, llm_layers),
+                     vocab_size=min(cfg.text.vocab_size, head_rows or cfg.text.vocab_size)),
     )
+
+
+def head_limits(cut: PPLLaVAConfig) -> dict[str, int]:
+    """`CheckpointReader.first_rows` limits that give the head and embedding tensors `cut`'s vocabulary rows."""
+    return {name: cut.text.vocab_size for name in HEAD_TENSORS}
 
 
 def dropped_prefixes(full: PPLLaVAConfig, cut: PPLLaVAConfig) -> tuple[str, ...]:
@@ -43,8 +57,9 @@ def dropped_prefixes(full: PPLLaVAConfig, cut: PPLLaVAConfig) -> tuple[str, ...]
 
 
 def describe(full: PPLLaVAConfig, cut: PPLLaVAConfig) -> str:
+    head = "" if cut.text.vocab_size == full.text.vocab_size else f", LM head rows {cut.text.vocab_size}/{full.text.vocab_size}"
     return (f"vision {cut.vision.num_hidden_layers}/{full.vision.num_hidden_layers} layers, CLIP text "
-            f"{cut.clip_text.num_hidden_layers}/{full.clip_text.num_hidden_layers}, LLM {cut.text.num_hidden_layers}/{full.text.num_hidden_layers}; "
+            f"{cut.clip_text.num_hidden_layers}/{full.clip_text.num_hidden_layers}, LLM {cut.text.num_hidden_layers}/{full.text.num_hidden_layers}{head}; "
             "full widths, the checkpoint's weights")
 
 

@@ -7,6 +7,7 @@ model at a time, and `write_shards` streams tensors to disk without holding a sh
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
@@ -22,7 +23,7 @@ from ..config import PPLLaVAConfig, load_config
 from ..errors import CheckpointError
 from ..memory import trim_heap
 from .ppllava import PPLLaVAForConditionalGeneration
-from .shards import SafetensorsFile, SafetensorsWriter, TensorSpec, plan_shards
+from .shards import READ_BLOCK_BYTES, SafetensorsFile, SafetensorsWriter, TensorSpec, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,15 @@ class CheckpointReader:
         self.folder = Path(folder)
         self.weight_map = shard_files(self.folder)
         self._files: dict[str, SafetensorsFile] = {}
+        self._rows: dict[str, int] = {}
+
+    def first_rows(self, limits: dict[str, int]) -> CheckpointReader:
+        """A view of this reader (sharing its open shards; close the original, not the view) in which each tensor
+        named in `limits` holds only its first rows: `spec`, `read` and `read_numpy` give `[rows, ...]` and read only
+        those bytes. Validation of a depth-truncated copy uses it for a large vocabulary's head."""
+        view = copy.copy(self)
+        view._rows = {**self._rows, **limits}
+        return view
 
     def names(self, prefix: str = "") -> list[str]:
         """Tensor names starting with `prefix`, in file and data order (sequential reads)."""
@@ -87,33 +97,42 @@ class CheckpointReader:
         return f.tensors[name]
 
     def spec(self, name: str) -> TensorSpec:
-        return self._stored(name).spec
+        spec = self._stored(name).spec
+        rows = self._rows.get(name)
+        if rows is None or not spec.shape or rows >= spec.shape[0]:
+            return spec
+        return TensorSpec(spec.name, (rows, *spec.shape[1:]), spec.dtype)
+
+    def _fill(self, name: str, flat) -> None:
+        """The first `len(flat)` stored elements of `name` into `flat` (a torch or numpy 1-D array), block by block."""
+        n, to_numpy = len(flat), isinstance(flat, np.ndarray)
+        item = self._stored(name).spec.dtype.itemsize
+        for start, block in self._file(name).blocks(name, min(READ_BLOCK_BYTES, max(n, 1) * item)):
+            block = block[: n - start]
+            flat[start : start + block.numel()] = block.to(torch.float32).numpy() if to_numpy else block
+            if start + block.numel() >= n:
+                break  # (before the generator reads a block past the rows)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor `name`; floating tensors are converted to `dtype` when given, block by block (the same values as
         `.to(dtype)` of the stored tensor, without holding the stored copy beside the converted one)."""
-        spec = self._stored(name).spec
-        f = self._file(name)
-        if dtype is None or dtype == spec.dtype or not spec.dtype.is_floating_point:
-            return f.read(name)
-        out = torch.empty(spec.shape, dtype=dtype)
-        flat = out.view(-1)
-        for start, block in f.blocks(name):
-            flat[start : start + block.numel()] = block
+        spec = self.spec(name)
+        whole = spec is self._stored(name).spec
+        if whole and (dtype is None or dtype == spec.dtype or not spec.dtype.is_floating_point):
+            return self._file(name).read(name)
+        out = torch.empty(spec.shape, dtype=dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype)
+        self._fill(name, out.view(-1))
         return out
 
     def read_numpy(self, name: str, dtype) -> np.ndarray:
         """Tensor `name` as a numpy array of `dtype` (float32 / float16): each block converted to float32 by torch
         and cast by numpy, the values of `read(name, torch.float32).numpy().astype(dtype)`, but without the whole
         float32 copy (2.2 GB for a 7B Qwen2 lm_head, 4x the fp16 result). Non-floating tensors as stored."""
-        spec = self._stored(name).spec
-        f = self._file(name)
+        spec = self.spec(name)
         if not spec.dtype.is_floating_point:
-            return f.read(name).numpy()
+            return self.read(name).numpy()
         out = np.empty(spec.shape, dtype)
-        flat = out.reshape(-1)
-        for start, block in f.blocks(name):
-            flat[start : start + block.numel()] = block.to(torch.float32).numpy()
+        self._fill(name, out.reshape(-1))
         return out
 
     @property
