@@ -167,6 +167,19 @@ def test_truncated_validation_mode_on_tiny(tiny_ckpt, tmp_path, monkeypatch):
         assert m["steps"][step]["seconds"] >= 0 and m["steps"][step]["peak_rss_mb"] > 50
 
 
+def test_truncated_validation_of_a_qwen_checkpoint_keeps_the_head_rows(tmp_path, monkeypatch):
+    """Qwen2's pad id (151643) lies past the kept head rows: the truncated copy still builds, and validates."""
+    from ppllava_edge.export import exporter
+    from ppllava_edge.model.make import make_checkpoint
+
+    monkeypatch.setattr(exporter, "HEAD_ROWS", 1000)
+    ckpt = make_checkpoint("qwen-tiny", tmp_path / "Q")
+    vocab = load_config(ckpt).text.vocab_size
+    res = export_checkpoint(ckpt, tmp_path / "e", ExportOptions(frames=(2, 4, 8), validation="truncated"))
+    assert res.report.passed and f", LM head rows 1000/{vocab};" in res.report.mode
+    assert {c.graph for c in res.report.checks} >= {"vision", "prompt_pool", "decoder"}
+
+
 def test_digest_of_a_transposed_weight_is_hashed_in_row_blocks(monkeypatch):
     """The weights check hashes a transposed lm_head without a contiguous copy: the streamed digest equals the
     SHA-256 of the C-order bytes, for transposed, sliced and contiguous arrays."""

@@ -30,12 +30,15 @@ def truncated_config(cfg: PPLLaVAConfig, text_layers: int = 2, llm_layers: int =
     (read them with `head_limits`)."""
     v = cfg.vision
     keep_v = vision_layers if vision_layers is not None else v.btadapter_depth + 1
+    rows = min(cfg.text.vocab_size, head_rows or cfg.text.vocab_size)
     return replace(
         cfg,
+        # a pad id past the kept rows (Qwen2's 151643) would be an out-of-range padding_idx; nothing pads here
+        pad_token_id=cfg.pad_token_id if cfg.pad_token_id is None or cfg.pad_token_id < rows else None,
         vision=replace(v, num_hidden_layers=min(v.num_hidden_layers, max(keep_v, v.btadapter_depth + 1))),
         clip_text=replace(cfg.clip_text, num_hidden_layers=min(cfg.clip_text.num_hidden_layers, text_layers)),
         text=replace(cfg.text, num_hidden_layers=min(cfg.text.num_hidden_layers, llm_layers),
-                     vocab_size=min(cfg.text.vocab_size, head_rows or cfg.text.vocab_size)),
+                     vocab_size=rows),
     )
 
 
