@@ -50,6 +50,11 @@ THRESHOLDS = {
     "fp16": {"rel_max_abs": 5e-2, "min_cosine": 0.999},
 }
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
+TRACED_INLINE_MAX_BYTES = 128 << 20
+"""Traced graphs (the pools, projector_head, vision_trt) with more parameter bytes than this are written with external
+data: torch.onnx serialises an inline model in memory several times over (qwen-7b's prompt_pool, 0.8 GB of SigLIP text
+tower in fp16, took the export from 2.1 to 6.0 GB for its duration: the whole export's peak). share_initializers moves
+the pools' tensors into pools.onnx.data either way."""
 IMAGE_MAX_TILES = 64  # the image_pool graph's tile range (a checkpoint's pinpoints may need more: then theirs)
 IMAGE_NEWLINE_FILE = "image_newline.npy"
 EMBED_TOKENS = "language_model.model.embed_tokens."
@@ -222,7 +227,7 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
     def traced(name: str, module: torch.nn.Module, args: tuple, inputs, outputs, shapes, params: dict) -> None:
         on_stage(f"{name}.onnx")
         with steps.step(f"{name}.onnx"):
-            external = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+            external = sum(p.numel() * p.element_size() for p in module.parameters()) > TRACED_INLINE_MAX_BYTES
             prog = _onnx_export(module, args, tmp / f"{name}.onnx", inputs, outputs, shapes, opts.opset, external)
             fqns = used_parameters(prog)
             composites = []
