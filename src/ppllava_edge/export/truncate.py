@@ -31,14 +31,17 @@ def truncated_config(cfg: PPLLaVAConfig, text_layers: int = 2, llm_layers: int =
     v = cfg.vision
     keep_v = vision_layers if vision_layers is not None else v.btadapter_depth + 1
     rows = min(cfg.text.vocab_size, head_rows or cfg.text.vocab_size)
+
+    def kept(token_id):  # special ids past the kept rows (Qwen2's pad 151643): an out-of-range padding_idx and
+        return token_id if token_id is None or token_id < rows else None  # transformers' warnings; nothing generates here
+
     return replace(
         cfg,
-        # a pad id past the kept rows (Qwen2's 151643) would be an out-of-range padding_idx; nothing pads here
-        pad_token_id=cfg.pad_token_id if cfg.pad_token_id is None or cfg.pad_token_id < rows else None,
+        pad_token_id=kept(cfg.pad_token_id),
         vision=replace(v, num_hidden_layers=min(v.num_hidden_layers, max(keep_v, v.btadapter_depth + 1))),
         clip_text=replace(cfg.clip_text, num_hidden_layers=min(cfg.clip_text.num_hidden_layers, text_layers)),
-        text=replace(cfg.text, num_hidden_layers=min(cfg.text.num_hidden_layers, llm_layers),
-                     vocab_size=rows),
+        text=replace(cfg.text, num_hidden_layers=min(cfg.text.num_hidden_layers, llm_layers), vocab_size=rows,
+                     bos_token_id=kept(cfg.text.bos_token_id), eos_token_id=kept(cfg.text.eos_token_id)),
     )
 
 
