@@ -75,8 +75,9 @@ def _session(path: Path, prepack: bool = True):
     """A CPU session for a check. `prepack=False` for an fp16 decoder: the CPU provider has no fp16 MatMul, so it
     runs the graph's weights as fp32 copies and, by default, also keeps a pre-packed copy of each (an untied
     152064 x 3584 head is 1.09 GB in the file, 2.18 GB upcast and as much again pre-packed: +6.0 GiB at the Qwen2-7B
-    widths, the export's peak). Without pre-packing the same math runs with unpacked operands (+4.9 GiB; logits
-    within 4e-3 of the pre-packed kernels', far inside the checks' tolerance)."""
+    widths with the whole head; a truncated copy now keeps 32768 rows, see truncate.py). Without pre-packing the same
+    math runs with unpacked operands (+4.9 GiB; logits within 4e-3 of the pre-packed kernels', far inside the checks'
+    tolerance)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
