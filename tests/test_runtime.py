@@ -645,6 +645,37 @@ def test_background_load_gives_the_same_answers_and_reports_each_load(tiny_expor
         bad.ask(sample_video, QUESTIONS[0], num_frames=8, generation=GenerationConfig(max_new_tokens=2))
 
 
+def test_background_load_creates_the_decoder_beside_the_vision_side(tiny_export, pipe, sample_video, monkeypatch):
+    """The decoder's session (the slowest to create: its weights are pre-packed) loads on a thread of its own, beside
+    the vision and pool sessions rather than after them: here the vision session's creation cannot finish until the
+    decoder's has started (one loader thread, vision first, would wait forever). The answer is the eager pipeline's."""
+    import threading
+
+    from ppllava_edge.runtime import pipeline as P
+
+    decoder_started = threading.Event()
+    real = P._open_graph
+    waited = []
+
+    def gated(manifest, path, *args, **kwargs):
+        if path.name == "decoder.onnx":
+            decoder_started.set()
+        elif path.name == "vision.onnx":
+            waited.append(decoder_started.wait(20))
+        return real(manifest, path, *args, **kwargs)
+
+    monkeypatch.setattr(P, "_open_graph", gated)
+    bg = Pipeline.from_export(tiny_export, provider="cpu", background_load=True)
+    try:
+        gen = GenerationConfig(max_new_tokens=6)
+        got = bg.ask(sample_video, QUESTIONS[0], num_frames=8, generation=gen)
+        assert waited == [True]  # the decoder's load began while the vision session was still being created
+        assert got.ids == pipe.ask(sample_video, QUESTIONS[0], num_frames=8, generation=gen).ids
+    finally:
+        decoder_started.set()
+        bg.close()
+
+
 def test_background_load_parses_the_tokenizers_on_a_thread(tiny_export, pipe, monkeypatch):
     """With `background_load` the tokenizers are parsed on a thread of their own (the constructor returns before
     they exist, a fresh `ask` decodes the video meanwhile): the same ids as the eager pipeline's, and a tokenizer

@@ -137,7 +137,7 @@ class LazySessions(dict):
         self._stage_locks: dict[str, threading.Lock] = {}
         self._errors: dict[str, BaseException] = {}
         self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.load_ms: dict[str, float] = {}
         self.wait_ms = 0.0  # time callers spent waiting for a stage another thread (preload) was creating
 
@@ -159,12 +159,12 @@ class LazySessions(dict):
             self[stage] = session
             return session
 
-    def preload(self, stages: Sequence[str]) -> None:
-        """Create `stages` on one background thread, in order; an access meanwhile waits for that stage only. A
-        failure is kept and raised by the first access to the stage. `close()` stops and joins the thread."""
-        todo = [s for s in stages if s in self._factories and not dict.__contains__(self, s)]
+    def preload(self, *groups: Sequence[str]) -> None:
+        """Create each group's stages on a background thread of its own, in order; an access meanwhile waits for
+        that stage only. A failure is kept and raised by the first access to the stage. `close()` stops and joins
+        the threads."""
 
-        def run() -> None:
+        def run(todo: list[str]) -> None:
             for stage in todo:
                 if self._cancel.is_set():
                     return
@@ -173,19 +173,22 @@ class LazySessions(dict):
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread by __missing__
                     self._errors[stage] = exc
 
-        if todo:
-            # not a daemon: the interpreter waits for it at exit. A process that exits while this thread is inside
-            # ONNX Runtime's session creation aborts ("terminate called without an active exception", signal 6)
-            self._thread = threading.Thread(target=run, name="ppllava-preload")
-            self._thread.start()
+        for group in groups:
+            todo = [s for s in group if s in self._factories and not dict.__contains__(self, s)]
+            if todo:
+                # not a daemon: the interpreter waits for it at exit. A process that exits while this thread is
+                # inside ONNX Runtime's session creation aborts ("terminate called without an active exception")
+                thread = threading.Thread(target=run, args=(todo,), name="ppllava-preload")
+                self._threads.append(thread)
+                thread.start()
 
     def close(self) -> None:
         """Stop a background load after the stage it is creating (ONNX Runtime cannot be interrupted inside one)
         and wait for it; what the thread created stays usable."""
         self._cancel.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     def available(self) -> list[str]:
         return sorted(set(self) | set(self._factories))
@@ -215,28 +218,27 @@ def _load_table(path: Path, mmap: bool = False) -> np.ndarray:
                           f"Hint: ppllava-edge verify {path.parent} lists the damaged files; re-export to replace them.") from exc
 
 
-def _open_tokenizers(manifest: ExportManifest) -> tuple:
-    """(the LLM's prompt tokenizer, the pools' text-tower tokenizer) of an export."""
-    return manifest.llama_tokenizer(), manifest.relevance_tokenizer()
-
-
-def _later(fn: Callable, background: bool) -> Future:
-    """`fn()` as a Future: computed now, or on a daemon thread of its own when `background` (its error is raised by
-    `result()`, in the caller's thread). The tokenizers' parse (0.2–0.6 s at start-up) then overlaps the video
-    decode; a daemon thread, since it only builds Python objects and holds no session."""
-    fut: Future = Future()
+def _later(fns: Sequence[Callable], background: bool) -> list[Future]:
+    """Each `fn()` as a Future: computed now, or in order on one daemon thread when `background` (an error is raised
+    by that future's `result()`, in the caller's thread). The tokenizers (0.2–0.6 s at start-up, most of it holding
+    the GIL inside `tokenizers`' parser, so one thread after the other is as fast as two) then overlap the session
+    loads: `ask` waits for the LLM's tokenizer (the prompt's length is checked before any work) and gets the pools'
+    text tower's while the video is decoded. A daemon thread: it only builds Python objects and holds no session."""
+    futures: list[Future] = [Future() for _ in fns]
     if not background:
-        fut.set_result(fn())  # a damaged tokenizer file raises from the constructor, as before
-        return fut
+        for fut, fn in zip(futures, fns):
+            fut.set_result(fn())  # a damaged tokenizer file raises from the constructor, as before
+        return futures
 
     def run() -> None:
-        try:
-            fut.set_result(fn())
-        except BaseException as exc:  # noqa: BLE001 - re-raised by result() in the caller's thread
-            fut.set_exception(exc)
+        for fut, fn in zip(futures, fns):
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result() in the caller's thread
+                fut.set_exception(exc)
 
     threading.Thread(target=run, name="ppllava-tokenizers", daemon=True).start()
-    return fut
+    return futures
 
 
 class Pipeline:
@@ -284,7 +286,10 @@ class Pipeline:
         if not decoder:
             factories.pop("decoder", None)
         if background_load and self.trt is None:
-            self.sessions.preload([s for s in EAGER_STAGES if s in factories])
+            # the decoder on a thread of its own: its session (weights pre-packed; 0.55 s for SmolLM2's 540 MB,
+            # 15-20 s at 7B) then overlaps the tokenizers and the video decode rather than the vision run, and the
+            # vision session (from ort_cache) does not queue behind it
+            self.sessions.preload(["decoder"], [s for s in EAGER_STAGES if s != "decoder"])
         else:
             for stage in EAGER_STAGES:
                 if stage in factories:
@@ -304,7 +309,7 @@ class Pipeline:
         self.embed_table = _load_table(manifest.path("embeddings"), mmap=True)
         # the two tokenizers (the LLM's with the export's template, and the pools' text tower's) are parsed on a
         # thread of their own with background_load: a fresh `ask` process decodes the video meanwhile
-        self._tokenizers = _later(functools.partial(_open_tokenizers, manifest), background_load)
+        self._llama, self._clip = _later([manifest.llama_tokenizer, manifest.relevance_tokenizer], background_load)
         self.eos_token_id = manifest.eos_token_id
         # decoder pool (see the module docstring); the TensorRT backend has one execution context, so one decoder
         self.max_decoders = 1 if self.trt is not None else max_decoders
@@ -324,12 +329,12 @@ class Pipeline:
     @property
     def llama(self):
         """The LLM's prompt tokenizer (tokenization.LlamaPromptTokenizer) with the export's conversation template."""
-        return self._tokenizers.result()[0]
+        return self._llama.result()
 
     @property
     def clip(self):
         """The pools' text-tower tokenizer: SigLIP's sentencepiece model (Qwen2 + SigLIP exports) or CLIP's BPE."""
-        return self._tokenizers.result()[1]
+        return self._clip.result()
 
     @property
     def dtype(self):
@@ -590,7 +595,6 @@ class Pipeline:
         else:
             prompt = self.llama.prompt_ids(question, images=slots)
         input_ids = np.asarray(prompt, dtype=np.int64)
-        clip_ids, clip_mask = self.relevance_query(question)
         n_vis, layout = self._visual_count(paths, num_frames)
         context = len(input_ids) - slots + n_vis
         limit = self.manifest.model["max_position_embeddings"]
@@ -606,6 +610,7 @@ class Pipeline:
         else:
             values, keys, vin = self.features(paths[0], num_frames, t, need_pixels=keep_arrays)
         graph = "prompt_pool" if vin.kind == "video" else "image_pool"
+        clip_ids, clip_mask = self.relevance_query(question)  # (its tokenizer may still be parsing on a fresh start)
         t0 = time.perf_counter()
         tokens, relevance = pool(self.sessions[graph], clip_ids, keys, values, clip_mask)
         if vin.kind == "image":  # base tile, then the unpadded crop map with image_newline rows
