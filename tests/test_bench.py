@@ -337,8 +337,9 @@ def test_vision_targets_before_after_and_int8(tmp_path):
 
 
 def test_bench_cold_start_runs_a_fresh_ask(tiny_export, tmp_path):
-    """--cold-start: one fresh `python -m ppllava_edge ask` of the export after the warm runs; the overhead is its
-    wall time minus the warm answer (plus the warm TPOT for tokens it stopped short of), printed in the notes."""
+    """--cold-start: three fresh `python -m ppllava_edge ask` processes of the export after the warm runs; the overhead
+    is the median one's wall time minus the warm answer (plus the warm TPOT for tokens it stopped short of), printed
+    in the notes with every process's wall time."""
     res = CliRunner().invoke(cli, ["bench", str(tiny_export), "--synthetic", "--frames", "2", "--iterations", "1", "--warmup", "0",
                                    "--max-new-tokens", "3", "--no-hardware", "--provider", "cpu", "--cold-start", "--json", str(tmp_path / "b.json"), "--quiet"])
     assert res.exit_code == 0, res.output
@@ -347,9 +348,11 @@ def test_bench_cold_start_runs_a_fresh_ask(tiny_export, tmp_path):
     assert "-m ppllava_edge ask" in cold["command"] and str(tiny_export) in cold["command"] and cold["variant"] == e["name"]
     assert 1 <= cold["tokens"] <= 3 and cold["missing_tokens"] == 3 - cold["tokens"]
     assert cold["wall_ms"] > cold["fresh_e2e_ms"] > 0 and cold["warm_e2e_ms"] == e["stages"]["e2e"]["mean"]
+    assert len(cold["walls_ms"]) == 3 and cold["wall_ms"] == sorted(cold["walls_ms"])[1]  # the median process counts
+    assert set(cold["session_load_ms"]) >= {"vision", "prompt_pool", "decoder"}
     want = cold["wall_ms"] - (cold["warm_e2e_ms"] - cold["missing_tokens"] * e["stages"]["decode_step"]["mean"])
     assert cold["overhead_ms"] == pytest.approx(want)
-    assert f"overhead {cold['overhead_ms'] / 1e3:.2f} s" in res.stdout
+    assert f"overhead {cold['overhead_ms'] / 1e3:.2f} s" in res.stdout and "the median of 3 processes: " in res.stdout
 
 
 def test_cold_start_target():
