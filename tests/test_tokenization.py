@@ -573,3 +573,26 @@ def test_byte_level_tokenizer_loads_with_one_parse(tmp_path, monkeypatch):
     for q in ("What is happening in the video?", " leading  and  double spaces ", "a </s> b <s> c\nnew line"):
         assert loaded.prompt_ids(q) == given.prompt_ids(q) and loaded.prompt_ids(q).count(2) == 1
         assert loaded._tail.encode(q, add_special_tokens=False).ids == fresh.encode(q, add_special_tokens=False).ids
+
+
+def test_header_json_is_the_file_without_its_model(tmp_path):
+    """header_json: the sections before "model" of a tokenizer.json as `tokenizers` writes it (compact or indented),
+    equal to the full parse without "model"; None when "model" is not the last top-level key (the caller parses the
+    whole file). A byte-level tokenizer loaded through it gives the same prompt ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ppllava_edge.tokenization.prompt import LlamaPromptTokenizer, header_json
+
+    tok = Tokenizer(models.BPE(vocab={"model": 0, "a": 1, "b": 2, "ab": 3, '"model":': 4}, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens(["<image>", "</s>"])
+    for pretty in (True, False):
+        text = tok.to_str(pretty=pretty)
+        full = json.loads(text)
+        assert header_json(text) == {k: v for k, v in full.items() if k != "model"}
+    reordered = json.dumps({"model": full["model"], **{k: v for k, v in full.items() if k != "model"}})
+    assert header_json(reordered) is None
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tok.to_str(pretty=True))
+    head, whole = LlamaPromptTokenizer.from_file(path, image_token_id=5), LlamaPromptTokenizer(tok, image_token_id=5)
+    assert head.prompt_ids("ab a b") == whole.prompt_ids("ab a b")
