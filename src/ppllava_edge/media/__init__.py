@@ -25,6 +25,7 @@ from .preprocess import (
     IMAGE_EXTENSIONS,
     MediaInfo,
     MediaKind,
+    check_input_file,
     input_kind,
     load_image,
     load_npy_pixel_values,

@@ -111,6 +111,12 @@ def _clip_normalize(out: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
+def check_input_file(path: Path) -> None:
+    """A missing input or a folder: a VideoError naming it."""
+    if not path.is_file():
+        raise VideoError(f"{path}: " + ("a folder, not a video, image or .npy file." if path.is_dir() else "no such file."))
+
+
 def input_kind(path: str | os.PathLike[str]) -> MediaKind:
     """"npy" for `.npy`, "image" for IMAGE_EXTENSIONS, otherwise "video" (by extension, case-insensitive)."""
     suffix = Path(path).suffix.lower()

@@ -30,7 +30,7 @@ from ..media.anyres import ImageLayout, assemble_tokens
 from ..errors import ConfigError, ContextLengthError, InferenceError, InputError
 from ..integrity import check_files
 from ..manifest import ExportManifest, graph_files, load_manifest
-from ..media import check_image_paths, check_num_images, input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
+from ..media import check_image_paths, check_input_file, check_num_images, input_kind, load_npy_pixel_values, read_image_size, read_npy_shape
 from ..tokenization import SiglipTextTokenizer
 from .cache import FeatureCache, content_key, file_digest
 from .decoder import graph_dtype, open_decoder
@@ -199,14 +199,6 @@ def _open_graph(manifest: ExportManifest, path: Path, *args, **kwargs):
     InferenceError naming it, raised where a graph that does not load raises)."""
     check_files(manifest, graph_files(path), InferenceError)
     return create_session(path, *args, **kwargs)
-
-
-def _check_file(path: Path) -> None:
-    """A missing input or a folder: a VideoError naming it."""
-    if not path.is_file():
-        from ..errors import VideoError
-
-        raise VideoError(f"{path}: " + ("a folder, not a video, image or .npy file." if path.is_dir() else "no such file."))
 
 
 def _load_table(path: Path, mmap: bool = False) -> np.ndarray:
@@ -477,7 +469,7 @@ class Pipeline:
         kind = input_kind(path)
         if kind == "video":
             self._check_frames(num_frames)
-        _check_file(path)
+        check_input_file(path)
         if kind == "image":
             return self.image_features(path, t, need_pixels)
         frames_key = num_frames if kind == "video" else 1
@@ -526,7 +518,7 @@ class Pipeline:
         self.manifest.image_layout(None)  # an export from before image tiles has no image_pool: a clear error
         paths = [Path(p) for p in paths]
         for p in paths:
-            _check_file(p)
+            check_input_file(p)
         key = content_key(*(file_digest(p) for p in paths), "multi-image", self.export_id)
         values, keys, px = self._cached_features(key, lambda: read_images(paths, self.manifest.model["image_size"], self.manifest.preprocess),
                                                  lambda px: encode(self.sessions["vision"], px), t, need_pixels)

@@ -153,8 +153,7 @@ def _media_values(media: str | Path | bytes | list[str | Path]) -> dict[str, obj
 
 
 def _read(path: Path) -> bytes:
-    from ..errors import VideoError
+    from ..media import check_input_file
 
-    if not path.is_file():
-        raise VideoError(f"{path}: no such file.")
+    check_input_file(path)
     return path.read_bytes()
