@@ -208,14 +208,14 @@ def markdown(result: dict) -> str:
     if loads:
         lines.append("- session load, first / second in this process (cold / warm: page cache, ONNX Runtime's optimised graphs): " + "; ".join(loads))
     cold = result.get("cold_start")
-    if cold:
-        runs = cold.get("walls_ms") or [cold.get("wall_ms")]
-        took = "" if cold.get("error") else f"took {cold['wall_ms'] / 1e3:.2f} s" if len(runs) == 1 else (
-            f"took {cold['wall_ms'] / 1e3:.2f} s (the median of {len(runs)} processes: {' / '.join(f'{w / 1e3:.2f}' for w in runs)} s)")
-        lines.append(f"- cold start ({cold['variant']}): `{cold['command']}` {took} (its answer {cold['fresh_e2e_ms'] / 1e3:.2f} s, "
+    if cold and cold.get("error"):
+        lines.append(f"- cold start: `{cold['command']}` failed ({cold['error']})")
+    elif cold:
+        runs = cold.get("walls_ms") or [cold["wall_ms"]]
+        each = f" (the median of {len(runs)} processes: {' / '.join(f'{w / 1e3:.2f}' for w in runs)} s)" if len(runs) > 1 else ""
+        lines.append(f"- cold start ({cold['variant']}): `{cold['command']}` took {cold['wall_ms'] / 1e3:.2f} s{each} (its answer {cold['fresh_e2e_ms'] / 1e3:.2f} s, "
                      f"{cold['tokens']} tokens), the warm answer {cold['warm_e2e_ms'] / 1e3:.2f} s: overhead {cold['overhead_ms'] / 1e3:.2f} s"
-                     + (f" (the warm answer less {cold['missing_tokens']} tokens at the warm TPOT: the fresh one stopped at EOS)" if cold["missing_tokens"] else "")
-                     if not cold.get("error") else f"- cold start: `{cold['command']}` failed ({cold['error']})")
+                     + (f" (the warm answer less {cold['missing_tokens']} tokens at the warm TPOT: the fresh one stopped at EOS)" if cold["missing_tokens"] else ""))
     if ref:
         lines.append(f"- memory ({ref['name']}, {ref['frames']} {unit}): weights {_si(ref['weight_bytes'], 'B')}, KV cache {_si(ref['kv_cache_bytes'], 'B')} "
                      f"used by a run ({ref['context_len']} + {ref['new_tokens'] - 1} positions)")

@@ -353,7 +353,6 @@ def cold_start(opts: BenchOptions, entry: dict, video: Path, runs: int = COLD_RU
     minus the warm answer's mean e2e in this run. A fresh answer that stops at EOS before max_new_tokens is compared
     with the warm answer less the warm TPOT per token it did not generate. The median, since the first process after
     the bench's own runs measured up to 1.2 s slower on this VM (a host effect: the bench process is idle then)."""
-    import statistics
     import subprocess
 
     cmd = [sys.executable, "-m", "ppllava_edge", "ask", str(entry["export"]), str(video), QUESTIONS[0], "--frames", str(entry["frames"]),
@@ -370,7 +369,7 @@ def cold_start(opts: BenchOptions, entry: dict, video: Path, runs: int = COLD_RU
             return {"command": shlex.join(cmd), "error": f"exit {proc.returncode}"}
         samples.append((wall_ms, json.loads(proc.stdout)))
     walls = [w for w, _ in samples]
-    wall_ms, ans = min(samples, key=lambda s: abs(s[0] - statistics.median(walls)))
+    wall_ms, ans = sorted(samples, key=lambda s: s[0])[len(samples) // 2]  # the median process (runs is odd)
     tokens = len(ans.get("ids") or [])
     warm = entry["stages"]["e2e"]["mean"]
     tpot = (entry["stages"].get("decode_step") or {}).get("mean") or 0.0

@@ -227,7 +227,7 @@ def export_graphs(parts: ModelParts, tmp: Path, opts: ExportOptions, steps: Step
     def traced(name: str, module: torch.nn.Module, args: tuple, inputs, outputs, shapes, params: dict) -> None:
         on_stage(f"{name}.onnx")
         with steps.step(f"{name}.onnx"):
-            external = sum(p.numel() * p.element_size() for p in module.parameters()) > TRACED_INLINE_MAX_BYTES
+            external = _param_bytes(module) > TRACED_INLINE_MAX_BYTES
             prog = _onnx_export(module, args, tmp / f"{name}.onnx", inputs, outputs, shapes, opts.opset, external)
             fqns = used_parameters(prog)
             composites = []
@@ -623,7 +623,7 @@ def trace_vision_graph(checkpoint: str | Path, dst: Path, frames: tuple[int, int
             dim = Dim("frames", min=1 if fmin <= 2 else fmin, max=fmax)
             size = cfg.vision.image_size
             px = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
-            external = sum(p.numel() * p.element_size() for p in model.vision_tower.parameters()) > EXTERNAL_DATA_BYTES
+            external = _param_bytes(model.vision_tower) > EXTERNAL_DATA_BYTES
             _onnx_export(VisionGraph(model), (px,), dst, ["pixel_values"], ["values", "keys"], ({0: dim},), opset, external)
     return dst
 

@@ -117,7 +117,7 @@ class CheckpointReader:
         """Tensor `name`; floating tensors are converted to `dtype` when given, block by block (the same values as
         `.to(dtype)` of the stored tensor, without holding the stored copy beside the converted one)."""
         spec = self.spec(name)
-        whole = spec is self._stored(name).spec
+        whole = spec.shape == self._stored(name).spec.shape  # (not cut to its first rows by `first_rows`)
         if whole and (dtype is None or dtype == spec.dtype or not spec.dtype.is_floating_point):
             return self._file(name).read(name)
         out = torch.empty(spec.shape, dtype=dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype)
